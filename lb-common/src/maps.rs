@@ -1,0 +1,160 @@
+//! Map names, limits, keys and values. The XDP program declares the maps with these
+//! names; the agent opens them by the same names under the pin path.
+
+/// Map names (also the file names under the pin directory).
+pub const MAP_SERVICES: &str = "XLB_SERVICES";
+pub const MAP_BACKENDS: &str = "XLB_BACKENDS";
+pub const MAP_MAGLEV: &str = "XLB_MAGLEV";
+pub const MAP_CONNTRACK: &str = "XLB_CONNTRACK";
+pub const MAP_REVERSE_NAT: &str = "XLB_REVERSE_NAT";
+pub const MAP_GLOBAL_STATS: &str = "XLB_GLOBAL_STATS";
+pub const MAP_SERVICE_STATS: &str = "XLB_SERVICE_STATS";
+pub const MAP_BACKEND_STATS: &str = "XLB_BACKEND_STATS";
+pub const MAP_CONFIG: &str = "XLB_CONFIG";
+/// Name of the XDP program in the object file.
+pub const PROGRAM_NAME: &str = "xlb";
+
+/// Limits. The maps are sized from these at load time.
+pub const MAX_SERVICES: u32 = 256;
+pub const MAX_BACKENDS: u32 = 16384;
+/// Largest Maglev table the datapath can hold per service (a value of the MAGLEV map).
+/// Userspace accepts any prime up to this; 16381 is the default.
+pub const MAGLEV_MAX_TABLE_SIZE: usize = 65537;
+pub const CONNTRACK_MAX: u32 = 262_144;
+
+pub const FAMILY_V4: u8 = 4;
+pub const FAMILY_V6: u8 = 6;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// An IPv4 or IPv6 address as four network-order words; IPv4 uses word 0, the rest are 0.
+pub type Addr = [u32; 4];
+
+/// SERVICES key: what a client addresses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub vip: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+pub const MODE_NAT: u8 = 0;
+
+/// Hash flows on the client address only (sessionAffinity: ClientIP).
+pub const SVC_F_CLIENT_AFFINITY: u8 = 1;
+
+/// SERVICES value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Index into SERVICE_STATS and key of MAGLEV.
+    pub id: u32,
+    /// Prime M of this service's Maglev table; 0 while the service has no backends.
+    pub table_size: u32,
+    pub mode: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// MAGLEV value: backend id per slot. Only the first `table_size` entries are used.
+/// The whole value is replaced in one map update, which the kernel publishes with RCU:
+/// a packet sees either the old table or the new one, never a mix.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    pub slots: [u32; MAGLEV_MAX_TABLE_SIZE],
+}
+
+/// BACKENDS value, keyed by a backend id (u32) that stays stable while the backend exists.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Backend {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub flags: u8,
+    pub service_id: u32,
+}
+
+/// A 5-tuple as it appears on the wire, used for conntrack keys and the flow hash.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Conntrack state bits.
+pub const CT_F_FIN_SEEN: u8 = 1;
+pub const CT_F_RST_SEEN: u8 = 2;
+
+/// CONNTRACK value: what the forward path needs to repeat its decision.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnValue {
+    pub backend_id: u32,
+    /// Source port after SNAT, network byte order.
+    pub nat_port: u16,
+    pub flags: u8,
+    pub _pad: u8,
+    /// Source address after SNAT.
+    pub nat_addr: Addr,
+    /// bpf_ktime_get_ns of the last packet, for idle timeouts.
+    pub last_seen_ns: u64,
+}
+
+/// REVERSE_NAT value, keyed by the reply's 5-tuple (backend → SNAT address:port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReverseNat {
+    pub client: Addr,
+    pub vip: Addr,
+    pub client_port: u16,
+    pub vip_port: u16,
+    pub service_id: u32,
+    pub backend_id: u32,
+    pub _pad: u32,
+    pub last_seen_ns: u64,
+}
+
+/// XLB_CONFIG value (an array of one): settings the agent gives the datapath.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// SNAT source address for IPv4 (0 = the egress interface's address is unknown: pass).
+    pub snat_v4: Addr,
+    pub snat_v6: Addr,
+    /// SNAT source port range, host byte order, inclusive. Kept apart from
+    /// ip_local_port_range so replies to the host's own sockets are never taken for NAT.
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    pub tcp_idle_timeout_s: u32,
+    pub udp_idle_timeout_s: u32,
+    pub tcp_closing_timeout_s: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are #[repr(C)] with explicit padding fields and no pointers,
+    // so every byte pattern is a valid value.
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for ConnValue {}
+    unsafe impl aya::Pod for ReverseNat {}
+    unsafe impl aya::Pod for DatapathConfig {}
+}

@@ -1,0 +1,132 @@
+//! Per-CPU counters. The XDP program adds to its own CPU's copy; userspace sums the copies.
+
+/// One counter: packets and bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Per service and per backend: traffic plus new flows.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TrafficStats {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Index into GLOBAL_STATS. Every packet bumps exactly one of the `Seen*` protocol
+/// counters and exactly one verdict reason, so the totals always add up.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatIndex {
+    // What the parser saw.
+    SeenIpv4Tcp = 0,
+    SeenIpv4Udp,
+    SeenIpv4Icmp,
+    SeenIpv4Other,
+    SeenIpv6Tcp,
+    SeenIpv6Udp,
+    SeenIpv6Icmp,
+    SeenIpv6Other,
+    SeenNonIp,
+    // Why a packet was passed to the kernel untouched.
+    PassNotIp,
+    PassNotVip,
+    PassFragment,
+    PassVlan,
+    PassParseError,
+    PassIcmpNotRelated,
+    PassUnsupportedProto,
+    // Forwarded or passed after translation.
+    FwdForward,
+    FwdReverse,
+    PassNeighbourUnknown,
+    PassNatReplyLocal,
+    PassTtlExceeded,
+    // Dropped.
+    DropNoBackend,
+    DropPortAlloc,
+    DropFibFailure,
+    DropNoSnatAddress,
+    // ICMP errors translated.
+    IcmpTranslated,
+    /// Keep last: the number of counters.
+    Count,
+}
+
+pub const STAT_COUNT: u32 = StatIndex::Count as u32;
+
+impl StatIndex {
+    pub const ALL: [StatIndex; STAT_COUNT as usize] = [
+        StatIndex::SeenIpv4Tcp,
+        StatIndex::SeenIpv4Udp,
+        StatIndex::SeenIpv4Icmp,
+        StatIndex::SeenIpv4Other,
+        StatIndex::SeenIpv6Tcp,
+        StatIndex::SeenIpv6Udp,
+        StatIndex::SeenIpv6Icmp,
+        StatIndex::SeenIpv6Other,
+        StatIndex::SeenNonIp,
+        StatIndex::PassNotIp,
+        StatIndex::PassNotVip,
+        StatIndex::PassFragment,
+        StatIndex::PassVlan,
+        StatIndex::PassParseError,
+        StatIndex::PassIcmpNotRelated,
+        StatIndex::PassUnsupportedProto,
+        StatIndex::FwdForward,
+        StatIndex::FwdReverse,
+        StatIndex::PassNeighbourUnknown,
+        StatIndex::PassNatReplyLocal,
+        StatIndex::PassTtlExceeded,
+        StatIndex::DropNoBackend,
+        StatIndex::DropPortAlloc,
+        StatIndex::DropFibFailure,
+        StatIndex::DropNoSnatAddress,
+        StatIndex::IcmpTranslated,
+    ];
+
+    /// Stable snake_case name, used in `xlb status --json` and metric labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            StatIndex::SeenIpv4Tcp => "seen_ipv4_tcp",
+            StatIndex::SeenIpv4Udp => "seen_ipv4_udp",
+            StatIndex::SeenIpv4Icmp => "seen_ipv4_icmp",
+            StatIndex::SeenIpv4Other => "seen_ipv4_other",
+            StatIndex::SeenIpv6Tcp => "seen_ipv6_tcp",
+            StatIndex::SeenIpv6Udp => "seen_ipv6_udp",
+            StatIndex::SeenIpv6Icmp => "seen_ipv6_icmp",
+            StatIndex::SeenIpv6Other => "seen_ipv6_other",
+            StatIndex::SeenNonIp => "seen_non_ip",
+            StatIndex::PassNotIp => "pass_not_ip",
+            StatIndex::PassNotVip => "pass_not_vip",
+            StatIndex::PassFragment => "pass_fragment",
+            StatIndex::PassVlan => "pass_vlan",
+            StatIndex::PassParseError => "pass_parse_error",
+            StatIndex::PassIcmpNotRelated => "pass_icmp_not_related",
+            StatIndex::PassUnsupportedProto => "pass_unsupported_proto",
+            StatIndex::FwdForward => "fwd_forward",
+            StatIndex::FwdReverse => "fwd_reverse",
+            StatIndex::PassNeighbourUnknown => "pass_neighbour_unknown",
+            StatIndex::PassNatReplyLocal => "pass_nat_reply_local",
+            StatIndex::PassTtlExceeded => "pass_ttl_exceeded",
+            StatIndex::DropNoBackend => "drop_no_backend",
+            StatIndex::DropPortAlloc => "drop_port_alloc",
+            StatIndex::DropFibFailure => "drop_fib_failure",
+            StatIndex::DropNoSnatAddress => "drop_no_snat_address",
+            StatIndex::IcmpTranslated => "icmp_translated",
+            StatIndex::Count => "count",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain #[repr(C)] integers.
+    unsafe impl aya::Pod for Counter {}
+    unsafe impl aya::Pod for TrafficStats {}
+}

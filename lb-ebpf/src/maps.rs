@@ -1,0 +1,39 @@
+//! The maps, declared once. Sizes and names come from lb-common, so the agent opens
+//! exactly these. All are pinned by name, so a restarted agent finds them again.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use lb_common::{
+    Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevTable, ReverseNat, ServiceKey,
+    ServiceValue, TrafficStats, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, STAT_COUNT,
+};
+
+#[map(name = "XLB_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
+
+#[map(name = "XLB_BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
+
+/// BPF_F_NO_PREALLOC: a table is 256 KiB, so only services that exist take memory.
+#[map(name = "XLB_MAGLEV")]
+pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(MAX_SERVICES, 1);
+
+#[map(name = "XLB_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<FlowKey, ConnValue> = LruHashMap::pinned(CONNTRACK_MAX, 0);
+
+#[map(name = "XLB_REVERSE_NAT")]
+pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> = LruHashMap::pinned(CONNTRACK_MAX, 0);
+
+#[map(name = "XLB_CONFIG")]
+pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+
+#[map(name = "XLB_GLOBAL_STATS")]
+pub static GLOBAL_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(STAT_COUNT, 0);
+
+#[map(name = "XLB_SERVICE_STATS")]
+pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+#[map(name = "XLB_BACKEND_STATS")]
+pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);

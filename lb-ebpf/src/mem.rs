@@ -1,0 +1,34 @@
+//! The only place that touches packet memory through raw pointers. Every access is
+//! bounds-checked against `data_end` in the form the verifier recognises.
+
+use aya_ebpf::programs::XdpContext;
+
+/// A pointer to a `T` at `offset` bytes into the packet, if the whole `T` is inside it.
+#[inline(always)]
+fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() > end {
+        return None;
+    }
+    Some((start + offset) as *mut T)
+}
+
+/// Copies a header out of the packet.
+#[inline(always)]
+pub fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
+    // SAFETY: ptr_at checked that size_of::<T>() bytes at offset are inside the packet;
+    // read_unaligned because packet headers have no alignment guarantee.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+}
+
+/// Mutable access to a header in the packet.
+///
+/// The header types used here (network-types) are byte arrays with alignment 1 or 2,
+/// which the BPF target accesses bytewise/halfword-wise, so no alignment fault exists.
+#[inline(always)]
+pub fn header_mut<T>(ctx: &XdpContext, offset: usize) -> Option<&mut T> {
+    // SAFETY: bounds checked by ptr_at; the packet buffer is owned by this program for
+    // the duration of the call and no other reference to these bytes is live.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { &mut *p })
+}

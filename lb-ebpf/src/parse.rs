@@ -1,0 +1,208 @@
+//! Stage 1: parse Ethernet, IPv4 (any IHL) or IPv6 (skipping extension headers), then
+//! TCP or UDP. Anything else is classified with the reason it will be passed for.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{FlowKey, StatIndex, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use network_types::{
+    eth::EthHdr,
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
+
+use crate::mem::load;
+
+pub const ETH_LEN: usize = EthHdr::LEN;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_ICMPV6: u8 = 58;
+const IPV6_HOPOPTS: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_AH: u8 = 51;
+const IPV6_DSTOPTS: u8 = 60;
+/// How many IPv6 extension headers we walk before giving up (a bounded loop).
+const IPV6_MAX_EXT_HEADERS: usize = 4;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+
+/// A TCP or UDP packet we may balance.
+#[derive(Clone, Copy)]
+pub struct Packet {
+    /// The 5-tuple as it is on the wire (source = sender).
+    pub key: FlowKey,
+    /// Offset of the IP header (after Ethernet).
+    pub l3_off: usize,
+    /// Offset of the TCP/UDP header.
+    pub l4_off: usize,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+}
+
+/// An IP packet's network layer, before the transport is examined.
+struct Network {
+    family: u8,
+    proto: u8,
+    src: [u32; 4],
+    dst: [u32; 4],
+    l4_off: usize,
+    fragment: bool,
+}
+
+/// What the packet is (the `Seen*` counter) and, unless it is to be passed untouched
+/// at once, the parsed packet. The error is the pass reason.
+#[inline(always)]
+pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Packet, StatIndex>) {
+    let Some(eth) = load::<EthHdr>(ctx, 0) else {
+        return (StatIndex::SeenNonIp, Err(StatIndex::PassParseError));
+    };
+    let net = match u16::from_be(eth.ether_type) {
+        ETH_P_IP => parse_ipv4(ctx),
+        ETH_P_IPV6 => parse_ipv6(ctx),
+        ETH_P_8021Q | ETH_P_8021AD => {
+            return (StatIndex::SeenNonIp, Err(StatIndex::PassVlan));
+        }
+        _ => return (StatIndex::SeenNonIp, Err(StatIndex::PassNotIp)),
+    };
+    let net = match net {
+        Ok(n) => n,
+        Err(family) => {
+            let seen = if family == FAMILY_V4 {
+                StatIndex::SeenIpv4Other
+            } else {
+                StatIndex::SeenIpv6Other
+            };
+            return (seen, Err(StatIndex::PassParseError));
+        }
+    };
+    let seen = seen_counter(net.family, net.proto);
+    if net.fragment {
+        return (seen, Err(StatIndex::PassFragment));
+    }
+    (seen, parse_transport(ctx, &net))
+}
+
+#[inline(always)]
+fn seen_counter(family: u8, proto: u8) -> StatIndex {
+    match (family == FAMILY_V4, proto) {
+        (true, PROTO_TCP) => StatIndex::SeenIpv4Tcp,
+        (true, PROTO_UDP) => StatIndex::SeenIpv4Udp,
+        (true, IPPROTO_ICMP) => StatIndex::SeenIpv4Icmp,
+        (true, _) => StatIndex::SeenIpv4Other,
+        (false, PROTO_TCP) => StatIndex::SeenIpv6Tcp,
+        (false, PROTO_UDP) => StatIndex::SeenIpv6Udp,
+        (false, IPPROTO_ICMPV6) => StatIndex::SeenIpv6Icmp,
+        (false, _) => StatIndex::SeenIpv6Other,
+    }
+}
+
+/// Err carries the family, for the `Seen*` counter of a malformed header.
+#[inline(always)]
+fn parse_ipv4(ctx: &XdpContext) -> Result<Network, u8> {
+    let ip = load::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(FAMILY_V4)?;
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return Err(FAMILY_V4);
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    Ok(Network {
+        family: FAMILY_V4,
+        proto: ip.proto as u8,
+        src: [u32::from_ne_bytes(ip.src_addr), 0, 0, 0],
+        dst: [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0],
+        l4_off: ETH_LEN + ihl,
+        // More-fragments set, or a non-zero offset.
+        fragment: frags & 0x3fff != 0,
+    })
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
+    let ip = load::<Ipv6Hdr>(ctx, ETH_LEN).ok_or(FAMILY_V6)?;
+    if ip.vcf[0] >> 4 != 6 {
+        return Err(FAMILY_V6);
+    }
+    let mut next = ip.next_hdr as u8;
+    let mut off = ETH_LEN + Ipv6Hdr::LEN;
+    let mut fragment = false;
+    for _ in 0..IPV6_MAX_EXT_HEADERS {
+        match next {
+            IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH => {
+                let ext = load::<[u8; 2]>(ctx, off).ok_or(FAMILY_V6)?;
+                // AH counts its length in 4-byte units, the others in 8-byte units.
+                let is_ah = next == IPV6_AH;
+                next = ext[0];
+                off += if is_ah {
+                    (ext[1] as usize + 2) * 4
+                } else {
+                    (ext[1] as usize + 1) * 8
+                };
+            }
+            IPV6_FRAGMENT => {
+                fragment = true;
+                let ext = load::<[u8; 2]>(ctx, off).ok_or(FAMILY_V6)?;
+                next = ext[0];
+                off += 8;
+                break;
+            }
+            _ => break,
+        }
+    }
+    let words = |a: [u8; 16]| {
+        [
+            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+        ]
+    };
+    Ok(Network {
+        family: FAMILY_V6,
+        proto: next,
+        src: words(ip.src_addr),
+        dst: words(ip.dst_addr),
+        l4_off: off,
+        fragment,
+    })
+}
+
+#[inline(always)]
+fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Packet, StatIndex> {
+    let mut key = FlowKey {
+        src: net.src,
+        dst: net.dst,
+        sport: 0,
+        dport: 0,
+        proto: net.proto,
+        family: net.family,
+        _pad: [0; 2],
+    };
+    let tcp_flags = match net.proto {
+        PROTO_TCP => {
+            let tcp = load::<TcpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
+            key.sport = u16::from_ne_bytes(tcp.source);
+            key.dport = u16::from_ne_bytes(tcp.dest);
+            load::<u8>(ctx, net.l4_off + 13).ok_or(StatIndex::PassParseError)?
+        }
+        PROTO_UDP => {
+            let udp = load::<UdpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
+            key.sport = u16::from_ne_bytes(udp.src);
+            key.dport = u16::from_ne_bytes(udp.dst);
+            0
+        }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => return Err(StatIndex::PassIcmpNotRelated),
+        _ => return Err(StatIndex::PassUnsupportedProto),
+    };
+    Ok(Packet {
+        key,
+        l3_off: ETH_LEN,
+        l4_off: net.l4_off,
+        tcp_flags,
+    })
+}
