@@ -1,1 +1,34 @@
+//! Test support for xlb: network namespaces, a BPF_PROG_TEST_RUN runner, a packet
+//! builder, and a handle on a running `xlb` process.
 
+pub mod agent;
+pub mod netns;
+pub mod packet;
+pub mod testrun;
+pub mod traffic;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// Privileged tests (BPF, netns) need root. Outside CI they skip loudly; with
+/// `CI=true` a missing privilege is a failure, never a skip.
+pub fn privileged() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("privileged test needs root, and CI=true forbids skipping it");
+    }
+    eprintln!("\n!!!! SKIPPED: privileged test needs root (BPF, netns). Run as root to test the datapath. !!!!\n");
+    false
+}
+
+/// A name unique across parallel tests and processes, short enough for an interface
+/// name (15 bytes): `{prefix}{pid % 100000}{n}`.
+pub fn unique_name(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let name = format!("{prefix}{}x{n}", std::process::id() % 100_000);
+    assert!(name.len() <= 15, "name {name} too long for an interface");
+    name
+}

@@ -1,0 +1,51 @@
+//! Command-line interface. The flags here are a stable interface (see DESIGN.md).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::DEFAULT_PIN_PATH;
+
+#[derive(Parser, Debug)]
+#[command(name = "xlb", version, about = "XDP Maglev L4 load balancer")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Load the XDP program, attach it to interfaces and keep it running.
+    Run(RunArgs),
+    /// Show services, backends and counters from the pinned maps.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Interfaces to attach to, comma separated or repeated.
+    #[arg(long = "iface", value_delimiter = ',', required = true)]
+    pub ifaces: Vec<String>,
+    /// XDP attach mode. `auto` tries native and falls back to generic.
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    pub xdp_mode: XdpModeArg,
+    /// bpffs directory for the maps (mounted if bpffs is not there yet).
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpModeArg {
+    Auto,
+    Native,
+    Generic,
+}

@@ -1,0 +1,14 @@
+//! The xlb agent: loads the XDP program, fills its maps, and reports on them.
+//!
+//! One module per concern: `cli` (arguments), `dataplane` (load, attach, pin, maps),
+//! `status` (reading the pinned maps back).
+
+pub mod cli;
+pub mod dataplane;
+pub mod status;
+
+/// The XDP object built by build.rs from lb-ebpf.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
+
+/// Where maps and links are pinned unless `--pin-path` says otherwise.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/xlb";

@@ -1,0 +1,124 @@
+//! A real `xlb run` process, started inside a namespace and stopped (by its PID) on drop.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{netns::Netns, unique_name};
+
+/// The xlb binary next to the test executable (target/<profile>/xlb), or $XLB_BIN.
+pub fn xlb_bin() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("XLB_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("xlb"))
+        .context("locating target dir")?;
+    if !bin.exists() {
+        bail!("{} not found: build it first (cargo build --bins) or set XLB_BIN", bin.display());
+    }
+    Ok(bin)
+}
+
+pub struct Agent {
+    child: Child,
+    pub pin_path: PathBuf,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Agent {
+    /// Starts `xlb run --pin-path <unique> ARGS...` in `ns` and waits until it says it runs.
+    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
+        let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
+        let bin = xlb_bin()?;
+        let mut cmd = ns.command(bin.to_str().context("utf-8 path")?);
+        cmd.arg("run")
+            .arg("--pin-path")
+            .arg(&pin_path)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().context("spawning xlb")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().context("stderr")?;
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let mut agent = Self { child, pin_path, log };
+        agent.wait_for_log("xlb running", Duration::from_secs(30))?;
+        Ok(agent)
+    }
+
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits (bounded) for a log line containing `needle`; fails early if xlb exits.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("xlb exited with {status} before logging {needle:?}:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        bail!("timed out waiting for {needle:?} from xlb:\n{}", self.logs())
+    }
+
+    /// Sends `sig` and waits (bounded) for the process to exit.
+    pub fn stop_with(&mut self, sig: i32) -> Result<std::process::ExitStatus> {
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(st) = self.child.try_wait()? {
+                return Ok(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.child.kill()?;
+        bail!("xlb did not exit within 10s of signal {sig}:\n{}", self.logs())
+    }
+
+    /// `xlb status --json` for this agent's pin path.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        status_json(&self.pin_path)
+    }
+}
+
+pub fn status_json(pin_path: &std::path::Path) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(xlb_bin()?)
+        .args(["status", "--json", "--pin-path"])
+        .arg(pin_path)
+        .output()?;
+    if !out.status.success() {
+        bail!("xlb status failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop_with(libc::SIGTERM);
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_path);
+    }
+}

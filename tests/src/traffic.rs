@@ -1,0 +1,123 @@
+//! Real kernel TCP and UDP traffic: echo servers that answer with their own name, and
+//! clients. Every loop is bounded by a count and a deadline.
+
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::netns::Netns;
+
+/// The reply an echo server sends: `"{name}|{request}"`.
+pub fn reply(name: &str, request: &[u8]) -> Vec<u8> {
+    let mut v = format!("{name}|").into_bytes();
+    v.extend_from_slice(request);
+    v
+}
+
+/// Splits a reply into (server name, echoed request).
+pub fn parse_reply(reply: &[u8]) -> Option<(String, Vec<u8>)> {
+    let bar = reply.iter().position(|&b| b == b'|')?;
+    Some((String::from_utf8_lossy(&reply[..bar]).into_owned(), reply[bar + 1..].to_vec()))
+}
+
+/// A TCP echo server in `ns` on `addr`; it serves connections until `lifetime` passes
+/// and returns how many it served. Binding happens before this returns.
+pub fn tcp_echo(ns: &Netns, addr: SocketAddr, name: &str, lifetime: Duration) -> Result<JoinHandle<usize>> {
+    let name = name.to_owned();
+    let listener = ns.run(move || -> Result<TcpListener> {
+        let l = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    })??;
+    Ok(std::thread::spawn(move || {
+        let deadline = Instant::now() + lifetime;
+        let mut served = 0;
+        while Instant::now() < deadline {
+            match listener.accept() {
+                Ok((stream, _)) => {
+                    let name = name.clone();
+                    served += 1;
+                    std::thread::spawn(move || serve_tcp(stream, &name));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        served
+    }))
+}
+
+/// Echoes each chunk the client sends, prefixed with the server's name, until EOF or
+/// a 30 s idle timeout. Long-lived connections send many chunks.
+fn serve_tcp(mut stream: TcpStream, name: &str) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let mut buf = [0u8; 2048];
+    for _ in 0..100_000 {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stream.write_all(&reply(name, &buf[..n])).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// A UDP echo server in `ns`, answering until `lifetime` passes.
+pub fn udp_echo(ns: &Netns, addr: SocketAddr, name: &str, lifetime: Duration) -> Result<JoinHandle<usize>> {
+    let name = name.to_owned();
+    let sock = ns.run(move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok(s)
+    })??;
+    Ok(std::thread::spawn(move || {
+        let deadline = Instant::now() + lifetime;
+        let mut served = 0;
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline {
+            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                served += 1;
+                let _ = sock.send_to(&reply(&name, &buf[..n]), peer);
+            }
+        }
+        served
+    }))
+}
+
+/// One TCP request: connect, send, half-close, read the whole reply.
+pub fn tcp_request(ns: &Netns, to: SocketAddr, payload: &[u8]) -> Result<Vec<u8>> {
+    let payload = payload.to_vec();
+    ns.run(move || -> Result<Vec<u8>> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).with_context(|| format!("connect {to}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(&payload)?;
+        s.shutdown(Shutdown::Write)?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out)?;
+        Ok(out)
+    })?
+}
+
+/// One UDP request from a fresh socket; waits up to 2 s for the answer.
+pub fn udp_request(ns: &Netns, to: SocketAddr, payload: &[u8]) -> Result<Vec<u8>> {
+    let payload = payload.to_vec();
+    ns.run(move || -> Result<Vec<u8>> {
+        let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let s = UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send_to(&payload, to)?;
+        let mut buf = [0u8; 2048];
+        let (n, from) = s.recv_from(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
+        if from != to {
+            bail!("UDP answer came from {from}, not {to}");
+        }
+        Ok(buf[..n].to_vec())
+    })?
+}
