@@ -21,14 +21,3 @@ pub fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     // read_unaligned because packet headers have no alignment guarantee.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
-
-/// Mutable access to a header in the packet.
-///
-/// The header types used here (network-types) are byte arrays with alignment 1 or 2,
-/// which the BPF target accesses bytewise/halfword-wise, so no alignment fault exists.
-#[inline(always)]
-pub fn header_mut<T>(ctx: &XdpContext, offset: usize) -> Option<&mut T> {
-    // SAFETY: bounds checked by ptr_at; the packet buffer is owned by this program for
-    // the duration of the call and no other reference to these bytes is live.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { &mut *p })
-}

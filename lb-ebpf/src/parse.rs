@@ -28,12 +28,9 @@ const IPV6_DSTOPTS: u8 = 60;
 /// How many IPv6 extension headers we walk before giving up (a bounded loop).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-
 /// A TCP or UDP packet we may balance.
 #[derive(Clone, Copy)]
+#[expect(dead_code, reason = "read by the forward path, which comes next")]
 pub struct Packet {
     /// The 5-tuple as it is on the wire (source = sender).
     pub key: FlowKey,
@@ -113,7 +110,7 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Network, u8> {
     let frags = u16::from_be_bytes(ip.frags);
     Ok(Network {
         family: FAMILY_V4,
-        proto: ip.proto as u8,
+        proto: ip.proto,
         src: [u32::from_ne_bytes(ip.src_addr), 0, 0, 0],
         dst: [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0],
         l4_off: ETH_LEN + ihl,
@@ -128,7 +125,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
     if ip.vcf[0] >> 4 != 6 {
         return Err(FAMILY_V6);
     }
-    let mut next = ip.next_hdr as u8;
+    let mut next = ip.next_hdr;
     let mut off = ETH_LEN + Ipv6Hdr::LEN;
     let mut fragment = false;
     for _ in 0..IPV6_MAX_EXT_HEADERS {

@@ -32,13 +32,20 @@ impl Dataplane {
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
             .load(crate::EBPF_OBJECT)
-            .with_context(|| format!("loading the XDP program (maps pinned in {})", pin_path.display()))?;
+            .with_context(|| {
+                format!(
+                    "loading the XDP program (maps pinned in {})",
+                    pin_path.display()
+                )
+            })?;
         let mut dp = Self {
             ebpf,
             pin_path: pin_path.to_owned(),
             attached: Vec::new(),
         };
-        dp.program()?.load().context("the kernel rejected the XDP program")?;
+        dp.program()?
+            .load()
+            .context("the kernel rejected the XDP program")?;
         Ok(dp)
     }
 
@@ -98,9 +105,13 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
         mount_bpffs(root)?;
         info!("mounted bpffs at /sys/fs/bpf");
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating pin directory {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating pin directory {}", dir.display()))?;
     if !is_bpffs(dir) {
-        bail!("{} is not on a bpf filesystem; choose a --pin-path under a bpffs mount", dir.display());
+        bail!(
+            "{} is not on a bpf filesystem; choose a --pin-path under a bpffs mount",
+            dir.display()
+        );
     }
     Ok(())
 }
@@ -121,10 +132,20 @@ fn mount_bpffs(path: &Path) -> Result<()> {
     let fstype = CString::new("bpf")?;
     // SAFETY: all pointers are valid C strings that outlive the call.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
     if rc != 0 {
-        bail!("mounting bpffs at {}: {}", path.display(), std::io::Error::last_os_error());
+        bail!(
+            "mounting bpffs at {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }

@@ -24,7 +24,10 @@ pub fn xlb_bin() -> Result<PathBuf> {
         .map(|dir| dir.join("xlb"))
         .context("locating target dir")?;
     if !bin.exists() {
-        bail!("{} not found: build it first (cargo build --bins) or set XLB_BIN", bin.display());
+        bail!(
+            "{} not found: build it first (cargo build --bins) or set XLB_BIN",
+            bin.display()
+        );
     }
     Ok(bin)
 }
@@ -58,7 +61,11 @@ impl Agent {
                 sink.lock().unwrap().push(line);
             }
         });
-        let mut agent = Self { child, pin_path, log };
+        let mut agent = Self {
+            child,
+            pin_path,
+            log,
+        };
         agent.wait_for_log("xlb running", Duration::from_secs(30))?;
         Ok(agent)
     }
@@ -75,11 +82,17 @@ impl Agent {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {
-                bail!("xlb exited with {status} before logging {needle:?}:\n{}", self.logs());
+                bail!(
+                    "xlb exited with {status} before logging {needle:?}:\n{}",
+                    self.logs()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        bail!("timed out waiting for {needle:?} from xlb:\n{}", self.logs())
+        bail!(
+            "timed out waiting for {needle:?} from xlb:\n{}",
+            self.logs()
+        )
     }
 
     /// Sends `sig` and waits (bounded) for the process to exit.
@@ -94,7 +107,10 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.child.kill()?;
-        bail!("xlb did not exit within 10s of signal {sig}:\n{}", self.logs())
+        bail!(
+            "xlb did not exit within 10s of signal {sig}:\n{}",
+            self.logs()
+        )
     }
 
     /// `xlb status --json` for this agent's pin path.
@@ -109,7 +125,10 @@ pub fn status_json(pin_path: &std::path::Path) -> Result<serde_json::Value> {
         .arg(pin_path)
         .output()?;
     if !out.status.success() {
-        bail!("xlb status failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "xlb status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
 }

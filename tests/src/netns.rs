@@ -68,7 +68,9 @@ impl Netns {
         let mut c = Command::new(cmd);
         // SAFETY: the closure only calls setns(2) on an fd that is already open.
         unsafe {
-            c.pre_exec(move || setns(&ns_file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from));
+            c.pre_exec(move || {
+                setns(&ns_file, CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)
+            });
         }
         c
     }
@@ -111,7 +113,9 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // Deleting the namespace destroys every veth end inside it, and with it the peer.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -127,12 +131,20 @@ pub struct VethEnd {
 /// For native XDP on veth (see DESIGN.md): GRO is turned on at both ends so that the
 /// receiving side has NAPI for redirected frames, and TX checksum offload is turned off
 /// so packets that XDP redirects carry real checksums.
-pub fn veth_pair(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) -> Result<(VethEnd, VethEnd)> {
+pub fn veth_pair(
+    a: &Netns,
+    a_addrs: &[&str],
+    b: &Netns,
+    b_addrs: &[&str],
+) -> Result<(VethEnd, VethEnd)> {
     let an = unique_name("va");
     let bn = unique_name("vb");
     sh(
         "ip",
-        &["link", "add", &an, "netns", &a.name, "type", "veth", "peer", "name", &bn, "netns", &b.name],
+        &[
+            "link", "add", &an, "netns", &a.name, "type", "veth", "peer", "name", &bn, "netns",
+            &b.name,
+        ],
     )?;
     for (ns, name, addrs) in [(a, &an, a_addrs), (b, &bn, b_addrs)] {
         for addr in addrs {
@@ -147,7 +159,13 @@ pub fn veth_pair(a: &Netns, a_addrs: &[&str], b: &Netns, b_addrs: &[&str]) -> Re
         ns.exec("ethtool", &["-K", name, "tx", "off", "gro", "on"])?;
     }
     Ok((
-        VethEnd { ns: a.name.clone(), name: an },
-        VethEnd { ns: b.name.clone(), name: bn },
+        VethEnd {
+            ns: a.name.clone(),
+            name: an,
+        },
+        VethEnd {
+            ns: b.name.clone(),
+            name: bn,
+        },
     ))
 }

@@ -23,8 +23,18 @@ pub struct TcpFlags {
     pub rst: bool,
 }
 
-pub const SYN: TcpFlags = TcpFlags { syn: true, ack: false, fin: false, rst: false };
-pub const ACK: TcpFlags = TcpFlags { syn: false, ack: true, fin: false, rst: false };
+pub const SYN: TcpFlags = TcpFlags {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+};
+pub const ACK: TcpFlags = TcpFlags {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+};
 
 /// One frame: Ethernet + IPv4/IPv6 + TCP/UDP, with valid checksums.
 #[derive(Clone, Debug)]
@@ -132,13 +142,25 @@ pub fn decode(frame: &[u8]) -> Result<Decoded> {
         Some(NetSlice::Ipv4(ip)) => {
             let h = ip.header().to_header();
             if h.calc_header_checksum() != h.header_checksum {
-                bail!("bad IPv4 header checksum {:#06x}, want {:#06x}", h.header_checksum, h.calc_header_checksum());
+                bail!(
+                    "bad IPv4 header checksum {:#06x}, want {:#06x}",
+                    h.header_checksum,
+                    h.calc_header_checksum()
+                );
             }
-            (IpAddr::from(h.source), IpAddr::from(h.destination), h.time_to_live)
+            (
+                IpAddr::from(h.source),
+                IpAddr::from(h.destination),
+                h.time_to_live,
+            )
         }
         Some(NetSlice::Ipv6(ip)) => {
             let h = ip.header();
-            (IpAddr::from(h.source_addr()), IpAddr::from(h.destination_addr()), h.hop_limit())
+            (
+                IpAddr::from(h.source_addr()),
+                IpAddr::from(h.destination_addr()),
+                h.hop_limit(),
+            )
         }
         _ => bail!("no IP header"),
     };
@@ -146,8 +168,12 @@ pub fn decode(frame: &[u8]) -> Result<Decoded> {
         (Some(TransportSlice::Tcp(t)), Some(net)) => {
             let h = t.to_header();
             let want = match net {
-                NetSlice::Ipv4(ip) => h.calc_checksum_ipv4(&ip.header().to_header(), t.payload())?,
-                NetSlice::Ipv6(ip) => h.calc_checksum_ipv6(&ip.header().to_header(), t.payload())?,
+                NetSlice::Ipv4(ip) => {
+                    h.calc_checksum_ipv4(&ip.header().to_header(), t.payload())?
+                }
+                NetSlice::Ipv6(ip) => {
+                    h.calc_checksum_ipv6(&ip.header().to_header(), t.payload())?
+                }
                 _ => unreachable!(),
             };
             if want != h.checksum {
@@ -159,8 +185,12 @@ pub fn decode(frame: &[u8]) -> Result<Decoded> {
             let h = u.to_header();
             let want = match net {
                 NetSlice::Ipv4(_) if h.checksum == 0 => 0,
-                NetSlice::Ipv4(ip) => h.calc_checksum_ipv4(&ip.header().to_header(), u.payload())?,
-                NetSlice::Ipv6(ip) => h.calc_checksum_ipv6(&ip.header().to_header(), u.payload())?,
+                NetSlice::Ipv4(ip) => {
+                    h.calc_checksum_ipv4(&ip.header().to_header(), u.payload())?
+                }
+                NetSlice::Ipv6(ip) => {
+                    h.calc_checksum_ipv6(&ip.header().to_header(), u.payload())?
+                }
                 _ => unreachable!(),
             };
             if want != h.checksum {

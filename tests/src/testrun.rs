@@ -43,7 +43,12 @@ impl Fixture {
     }
 
     fn program(&mut self) -> Result<&mut Xdp> {
-        Ok(self.dp.ebpf.program_mut(PROGRAM_NAME).context("no program")?.try_into()?)
+        Ok(self
+            .dp
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("no program")?
+            .try_into()?)
     }
 
     /// Runs `frame` once through the program.
@@ -60,7 +65,10 @@ impl Fixture {
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat;
-        let res = self.program()?.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+        let res = self
+            .program()?
+            .test_run(opts)
+            .context("BPF_PROG_TEST_RUN")?;
         out.truncate(res.data_size_out as usize);
         Ok(RunResult {
             verdict: res.return_value,

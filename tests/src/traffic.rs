@@ -22,12 +22,20 @@ pub fn reply(name: &str, request: &[u8]) -> Vec<u8> {
 /// Splits a reply into (server name, echoed request).
 pub fn parse_reply(reply: &[u8]) -> Option<(String, Vec<u8>)> {
     let bar = reply.iter().position(|&b| b == b'|')?;
-    Some((String::from_utf8_lossy(&reply[..bar]).into_owned(), reply[bar + 1..].to_vec()))
+    Some((
+        String::from_utf8_lossy(&reply[..bar]).into_owned(),
+        reply[bar + 1..].to_vec(),
+    ))
 }
 
 /// A TCP echo server in `ns` on `addr`; it serves connections until `lifetime` passes
 /// and returns how many it served. Binding happens before this returns.
-pub fn tcp_echo(ns: &Netns, addr: SocketAddr, name: &str, lifetime: Duration) -> Result<JoinHandle<usize>> {
+pub fn tcp_echo(
+    ns: &Netns,
+    addr: SocketAddr,
+    name: &str,
+    lifetime: Duration,
+) -> Result<JoinHandle<usize>> {
     let name = name.to_owned();
     let listener = ns.run(move || -> Result<TcpListener> {
         let l = TcpListener::bind(addr).with_context(|| format!("bind tcp {addr}"))?;
@@ -70,7 +78,12 @@ fn serve_tcp(mut stream: TcpStream, name: &str) {
 }
 
 /// A UDP echo server in `ns`, answering until `lifetime` passes.
-pub fn udp_echo(ns: &Netns, addr: SocketAddr, name: &str, lifetime: Duration) -> Result<JoinHandle<usize>> {
+pub fn udp_echo(
+    ns: &Netns,
+    addr: SocketAddr,
+    name: &str,
+    lifetime: Duration,
+) -> Result<JoinHandle<usize>> {
     let name = name.to_owned();
     let sock = ns.run(move || -> Result<UdpSocket> {
         let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
@@ -95,7 +108,8 @@ pub fn udp_echo(ns: &Netns, addr: SocketAddr, name: &str, lifetime: Duration) ->
 pub fn tcp_request(ns: &Netns, to: SocketAddr, payload: &[u8]) -> Result<Vec<u8>> {
     let payload = payload.to_vec();
     ns.run(move || -> Result<Vec<u8>> {
-        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5)).with_context(|| format!("connect {to}"))?;
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(5))
+            .with_context(|| format!("connect {to}"))?;
         s.set_read_timeout(Some(Duration::from_secs(5)))?;
         s.write_all(&payload)?;
         s.shutdown(Shutdown::Write)?;
@@ -114,7 +128,9 @@ pub fn udp_request(ns: &Netns, to: SocketAddr, payload: &[u8]) -> Result<Vec<u8>
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.send_to(&payload, to)?;
         let mut buf = [0u8; 2048];
-        let (n, from) = s.recv_from(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
+        let (n, from) = s
+            .recv_from(&mut buf)
+            .with_context(|| format!("no UDP answer from {to}"))?;
         if from != to {
             bail!("UDP answer came from {from}, not {to}");
         }

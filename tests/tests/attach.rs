@@ -16,7 +16,9 @@ const TCP_CONNS: usize = 20;
 const UDP_DATAGRAMS: usize = 50;
 
 fn nft_counts(ns: &Netns) -> (u64, u64) {
-    let out = ns.exec("nft", &["list", "table", "netdev", "xlbcount"]).expect("nft list");
+    let out = ns
+        .exec("nft", &["list", "table", "netdev", "xlbcount"])
+        .expect("nft list");
     let text = String::from_utf8_lossy(&out.stdout);
     let count = |proto: &str| -> u64 {
         let line = text
@@ -31,22 +33,53 @@ fn nft_counts(ns: &Netns) -> (u64, u64) {
 
 fn xlb_counts(agent: &Agent, family: &str) -> (u64, u64) {
     let st = agent.status().expect("xlb status --json");
-    let get = |k: &str| st["counters"][k]["packets"].as_u64().unwrap_or_else(|| panic!("no counter {k}"));
-    (get(&format!("seen_{family}_tcp")), get(&format!("seen_{family}_udp")))
+    let get = |k: &str| {
+        st["counters"][k]["packets"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no counter {k}"))
+    };
+    (
+        get(&format!("seen_{family}_tcp")),
+        get(&format!("seen_{family}_udp")),
+    )
 }
 
 fn traffic_is_counted_exactly(mode: &str) {
     let client = Netns::new("xc").unwrap();
     let server = Netns::new("xs").unwrap();
-    let (_c, s) = veth_pair(&client, &["10.77.0.1/24", "fd77::1/64"], &server, &["10.77.0.2/24", "fd77::2/64"]).unwrap();
-    let chain = format!("{{ type filter hook ingress device {} priority 0; }}", s.name);
-    server.exec("nft", &["add", "table", "netdev", "xlbcount"]).unwrap();
-    server.exec("nft", &["add", "chain", "netdev", "xlbcount", "in", &chain]).unwrap();
+    let (_c, s) = veth_pair(
+        &client,
+        &["10.77.0.1/24", "fd77::1/64"],
+        &server,
+        &["10.77.0.2/24", "fd77::2/64"],
+    )
+    .unwrap();
+    let chain = format!(
+        "{{ type filter hook ingress device {} priority 0; }}",
+        s.name
+    );
+    server
+        .exec("nft", &["add", "table", "netdev", "xlbcount"])
+        .unwrap();
+    server
+        .exec("nft", &["add", "chain", "netdev", "xlbcount", "in", &chain])
+        .unwrap();
     for proto in ["tcp", "udp"] {
-        server.exec("nft", &["add", "rule", "netdev", "xlbcount", "in", "meta", "l4proto", proto, "counter"]).unwrap();
+        server
+            .exec(
+                "nft",
+                &[
+                    "add", "rule", "netdev", "xlbcount", "in", "meta", "l4proto", proto, "counter",
+                ],
+            )
+            .unwrap();
     }
     let agent = Agent::start(&server, &["--iface", &s.name, "--xdp-mode", mode]).unwrap();
-    assert!(agent.logs().contains(&format!("mode=\"{mode}\"")), "attach mode: {}", agent.logs());
+    assert!(
+        agent.logs().contains(&format!("mode=\"{mode}\"")),
+        "attach mode: {}",
+        agent.logs()
+    );
 
     for (family, srv) in [("ipv4", "10.77.0.2"), ("ipv6", "[fd77::2]")] {
         let tcp_addr: SocketAddr = format!("{srv}:7000").parse().unwrap();
@@ -58,13 +91,23 @@ fn traffic_is_counted_exactly(mode: &str) {
 
         for i in 0..TCP_CONNS {
             let msg = format!("tcp-{family}-{i}").into_bytes();
-            let (name, echoed) = parse_reply(&tcp_request(&client, tcp_addr, &msg).unwrap()).unwrap();
-            assert_eq!((name.as_str(), echoed), ("srv", msg), "TCP echo must be intact");
+            let (name, echoed) =
+                parse_reply(&tcp_request(&client, tcp_addr, &msg).unwrap()).unwrap();
+            assert_eq!(
+                (name.as_str(), echoed),
+                ("srv", msg),
+                "TCP echo must be intact"
+            );
         }
         for i in 0..UDP_DATAGRAMS {
             let msg = format!("udp-{family}-{i}").into_bytes();
-            let (name, echoed) = parse_reply(&udp_request(&client, udp_addr, &msg).unwrap()).unwrap();
-            assert_eq!((name.as_str(), echoed), ("srv", msg), "UDP echo must be intact");
+            let (name, echoed) =
+                parse_reply(&udp_request(&client, udp_addr, &msg).unwrap()).unwrap();
+            assert_eq!(
+                (name.as_str(), echoed),
+                ("srv", msg),
+                "UDP echo must be intact"
+            );
         }
 
         // The last FIN/ACKs may still be in flight: read until both sides are stable.
@@ -74,7 +117,10 @@ fn traffic_is_counted_exactly(mode: &str) {
             std::thread::sleep(Duration::from_millis(100));
             let n = nft_counts(&server);
             let x = xlb_counts(&agent, family);
-            let now = ((n.0 - nft_before.0, n.1 - nft_before.1), (x.0 - xlb_before.0, x.1 - xlb_before.1));
+            let now = (
+                (n.0 - nft_before.0, n.1 - nft_before.1),
+                (x.0 - xlb_before.0, x.1 - xlb_before.1),
+            );
             if last == Some(now) {
                 result = Some(now);
                 break;
@@ -82,11 +128,24 @@ fn traffic_is_counted_exactly(mode: &str) {
             last = Some(now);
         }
         let (nft, xlb) = result.expect("counters never settled");
-        assert_eq!(xlb.1, UDP_DATAGRAMS as u64, "{family}: UDP datagrams counted by xlb");
-        assert_eq!(nft.1, UDP_DATAGRAMS as u64, "{family}: UDP datagrams seen by nftables");
+        assert_eq!(
+            xlb.1, UDP_DATAGRAMS as u64,
+            "{family}: UDP datagrams counted by xlb"
+        );
+        assert_eq!(
+            nft.1, UDP_DATAGRAMS as u64,
+            "{family}: UDP datagrams seen by nftables"
+        );
         // At least SYN, data, FIN and the final ACK per connection.
-        assert!(xlb.0 >= 3 * TCP_CONNS as u64, "{family}: too few TCP packets counted: {}", xlb.0);
-        assert_eq!(xlb.0, nft.0, "{family}: xlb and nftables disagree on TCP packets");
+        assert!(
+            xlb.0 >= 3 * TCP_CONNS as u64,
+            "{family}: too few TCP packets counted: {}",
+            xlb.0
+        );
+        assert_eq!(
+            xlb.0, nft.0,
+            "{family}: xlb and nftables disagree on TCP packets"
+        );
         drop((tcp_srv, udp_srv));
     }
 }
@@ -117,11 +176,20 @@ fn privileged_sigint_and_sigterm_detach() {
     let (va, _) = veth_pair(&a, &["10.78.0.1/24"], &b, &["10.78.0.2/24"]).unwrap();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         let mut agent = Agent::start(&a, &["--iface", &va.name, "--xdp-mode", "generic"]).unwrap();
-        let shown = String::from_utf8_lossy(&a.ip(&["link", "show", &va.name]).unwrap().stdout).into_owned();
+        let shown = String::from_utf8_lossy(&a.ip(&["link", "show", &va.name]).unwrap().stdout)
+            .into_owned();
         assert!(shown.contains("xdpgeneric"), "attached: {shown}");
         let status = agent.stop_with(sig).unwrap();
-        assert!(status.success(), "xlb exit status after signal {sig}: {status}\n{}", agent.logs());
-        let shown = String::from_utf8_lossy(&a.ip(&["link", "show", &va.name]).unwrap().stdout).into_owned();
-        assert!(!shown.contains("xdp"), "still attached after signal {sig}: {shown}");
+        assert!(
+            status.success(),
+            "xlb exit status after signal {sig}: {status}\n{}",
+            agent.logs()
+        );
+        let shown = String::from_utf8_lossy(&a.ip(&["link", "show", &va.name]).unwrap().stdout)
+            .into_owned();
+        assert!(
+            !shown.contains("xdp"),
+            "still attached after signal {sig}: {shown}"
+        );
     }
 }

@@ -137,8 +137,8 @@ fn privileged_ipv4_options_are_skipped() {
     ip[2..4].copy_from_slice(&tot.to_be_bytes());
     with_opts.extend_from_slice(&ip);
     with_opts.extend_from_slice(&[1, 1, 1, 1, 1, 1, 1, 0]); // NOPs + EOL
-    // Truncate the TCP header: if options were not skipped, the "TCP header" would be
-    // read from the options and would parse; skipped, it is cut short.
+                                                            // Truncate the TCP header: if options were not skipped, the "TCP header" would be
+                                                            // read from the options and would parse; skipped, it is cut short.
     with_opts.extend_from_slice(&plain[34..34 + 12]);
     assert_passed_and_counted(&with_opts, &["seen_ipv4_tcp", "pass_parse_error"]);
     with_opts.truncate(14 + 28);

@@ -1,1 +1,76 @@
-fn main(){}
+//! Developer and CI commands: `cargo xtask build-ebpf | demo`.
+
+mod demo;
+
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the XDP object (release, bpfel-unknown-none) and copy it to target/bpf/xlb.o.
+    BuildEbpf,
+    /// Run the demo: a netns topology with xlb and live traffic (needs root).
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().cmd {
+        Cmd::BuildEbpf => {
+            let obj = build_ebpf()?;
+            println!("{}", obj.display());
+            Ok(())
+        }
+        Cmd::Demo(args) => demo::run(args),
+    }
+}
+
+/// The eBPF object is built by lb-userspace's build.rs (the single build path); this
+/// runs that build and copies the object out of its OUT_DIR.
+fn build_ebpf() -> Result<PathBuf> {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "lb-userspace",
+            "--message-format=json",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running cargo build")?;
+    if !out.status.success() {
+        bail!("cargo build of lb-userspace failed");
+    }
+    let out_dir = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| {
+            m["reason"] == "build-script-executed"
+                && m["package_id"]
+                    .as_str()
+                    .is_some_and(|p| p.contains("lb-userspace"))
+        })
+        .find_map(|m| m["out_dir"].as_str().map(PathBuf::from))
+        .context("no build-script output for lb-userspace")?;
+    let target = workspace_root().join("target/bpf");
+    std::fs::create_dir_all(&target)?;
+    let dst = target.join("xlb.o");
+    std::fs::copy(out_dir.join("xlb"), &dst).context("copying the eBPF object")?;
+    Ok(dst)
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what xlb's build and tests need on a fresh Debian machine. Idempotent: each
+# step checks first and does nothing when it is already satisfied.
+set -euo pipefail
+
+step() { printf '[setup] %s\n' "$*"; }
+fail() { printf '[setup] FAILED at step "%s": %s\n' "$1" "$2" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || fail "root" "run as root (apt, BPF and network namespaces need it)"
+
+# 1. Debian packages the tests and demo use.
+PKGS=(iproute2 ethtool nftables iptables python3)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  step "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null || fail "apt-get update" "cannot reach the Debian mirror"
+  apt-get install -y -q "${missing[@]}" >/dev/null || fail "apt-get install" "could not install ${missing[*]}"
+fi
+
+# 2. Rust: nightly with rust-src (the eBPF target is built with -Z build-std=core).
+command -v rustup >/dev/null || fail "rustup" "rustup not found; this machine kind ships it"
+if ! rustup toolchain list | grep -q '^nightly'; then
+  step "installing the nightly toolchain"
+  rustup toolchain install nightly --profile minimal || fail "nightly" "rustup could not install nightly"
+fi
+if ! rustup component list --toolchain nightly --installed 2>/dev/null | grep -q '^rust-src'; then
+  step "adding rust-src to nightly"
+  rustup component add rust-src --toolchain nightly || fail "rust-src" "rustup component add failed"
+fi
+
+# 3. bpf-linker, linked against nightly's own libLLVM (plain cargo install fails here).
+if ! bpf-linker --version >/dev/null 2>&1; then
+  step "building bpf-linker against nightly's libLLVM (about 1-2 minutes)"
+  sysroot=$(rustc +nightly --print sysroot)
+  llvm_dir="$HOME/.cargo/bpf-linker-llvm22"
+  mkdir -p "$llvm_dir/lib"
+  lib=$(ls "$sysroot"/lib/libLLVM.so.* 2>/dev/null | head -n1) || true
+  [ -n "$lib" ] || fail "bpf-linker" "no libLLVM.so.* in $sysroot/lib"
+  cp -f "$sysroot"/lib/libLLVM* "$llvm_dir/lib/"
+  ln -sf "$(basename "$lib")" "$llvm_dir/lib/libLLVM.so"
+  LLVM_PREFIX="$llvm_dir" cargo install bpf-linker --locked --no-default-features --features llvm-22 \
+    || fail "bpf-linker" "cargo install bpf-linker failed (see above)"
+fi
+
+# 4. cargo-nextest, the test runner (preinstalled on this machine kind).
+if ! cargo nextest --version >/dev/null 2>&1; then
+  step "installing cargo-nextest"
+  cargo install cargo-nextest --locked || fail "cargo-nextest" "cargo install failed"
+fi
+
+step "ok: packages, nightly+rust-src, bpf-linker $(bpf-linker --version | awk '{print $2}'), nextest"

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: set up, lint, build, run every test (privileged ones included),
+# and report how many privileged tests ran. With CI=true a privileged test that cannot
+# run is a failure, not a skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/setup.sh
+echo "[test] cargo fmt --check"
+cargo fmt --all --check
+echo "[test] cargo clippy -D warnings (userspace crates)"
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "[test] building binaries"
+cargo build --workspace --bins --quiet
+echo "[test] running tests"
+status=0
+cargo nextest run --workspace --profile ci --no-fail-fast || status=$?
+python3 scripts/junit_summary.py target/nextest/ci/junit.xml || status=1
+exit $status
