@@ -19,6 +19,21 @@ pub enum Command {
     Run(RunArgs),
     /// Show services, backends and counters from the pinned maps.
     Status(StatusArgs),
+    /// Build a Maglev table and print it (--json) or a summary of its balance.
+    Maglev(MaglevArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MaglevArgs {
+    /// Table size M: a prime between 251 and 131071.
+    #[arg(long, default_value_t = crate::maglev::DEFAULT_TABLE_SIZE)]
+    pub table_size: u32,
+    /// A backend as ADDR:PORT[=WEIGHT] (IPv6 as [ADDR]:PORT); repeat for each backend.
+    #[arg(long = "backend", value_parser = crate::maglev::parse_backend_spec)]
+    pub backends: Vec<crate::maglev::WeightedBackend>,
+    /// Print {"table_size", "backends", "table"} as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]

@@ -1,10 +1,11 @@
 //! The xlb agent: loads the XDP program, fills its maps, and reports on them.
 //!
 //! One module per concern: `cli` (arguments), `dataplane` (load, attach, pin, maps),
-//! `status` (reading the pinned maps back).
+//! `maglev` (the table builder), `status` (reading the pinned maps back).
 
 pub mod cli;
 pub mod dataplane;
+pub mod maglev;
 pub mod status;
 
 /// The XDP object built by build.rs from lb-ebpf.

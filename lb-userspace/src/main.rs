@@ -4,13 +4,24 @@ use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
 use tracing_subscriber::EnvFilter;
 use xlb::{
-    cli::{Cli, Command, RunArgs, StatusArgs},
+    cli::{Cli, Command, MaglevArgs, RunArgs, StatusArgs},
     dataplane::Dataplane,
-    status,
+    maglev, status,
 };
 
+fn main() -> std::process::ExitCode {
+    // Errors are for people: one line per cause, no backtrace.
+    match real_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn real_main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -20,6 +31,7 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run(args) => run(args).await,
         Command::Status(args) => status_cmd(args),
+        Command::Maglev(args) => maglev_cmd(args),
     }
 }
 
@@ -47,5 +59,71 @@ fn status_cmd(args: StatusArgs) -> Result<()> {
     } else {
         print!("{}", status::render_text(&st));
     }
+    Ok(())
+}
+
+fn maglev_cmd(args: MaglevArgs) -> Result<()> {
+    let table = maglev::build(&args.backends, args.table_size)?;
+    if args.json {
+        #[derive(serde::Serialize)]
+        struct Backend {
+            address: String,
+            weight: u32,
+        }
+        #[derive(serde::Serialize)]
+        struct Out {
+            table_size: u32,
+            backends: Vec<Backend>,
+            table: Vec<u32>,
+        }
+        let backends = args
+            .backends
+            .iter()
+            .map(|b| Backend {
+                address: b.addr.to_string(),
+                weight: b.weight,
+            })
+            .collect();
+        let out = Out {
+            table_size: args.table_size,
+            backends,
+            table,
+        };
+        println!("{}", serde_json::to_string(&out)?);
+        return Ok(());
+    }
+    let counts = maglev::slot_counts(&table, args.backends.len());
+    let active: Vec<_> = counts
+        .iter()
+        .zip(&args.backends)
+        .filter(|(_, b)| b.weight > 0)
+        .collect();
+    let total_weight: u64 = active.iter().map(|(_, b)| b.weight as u64).sum();
+    println!(
+        "Maglev table: M={} slots, {} backends ({} active)",
+        args.table_size,
+        args.backends.len(),
+        active.len()
+    );
+    println!(
+        "{:<44} {:>6} {:>8} {:>8} {:>9}",
+        "backend", "weight", "slots", "share", "vs ideal"
+    );
+    let mut worst: f64 = 0.0;
+    for (b, &c) in args.backends.iter().zip(&counts) {
+        let share = c as f64 / args.table_size as f64;
+        let ideal = b.weight as f64 / total_weight as f64;
+        let ratio = if ideal > 0.0 { share / ideal } else { 0.0 };
+        worst = worst.max(ratio);
+        println!(
+            "{:<44} {:>6} {:>8} {:>7.3}% {:>8.4}x",
+            b.addr.to_string(),
+            b.weight,
+            c,
+            share * 100.0,
+            ratio
+        );
+    }
+    println!("max/average share (weighted): {worst:.4}");
     Ok(())
 }
