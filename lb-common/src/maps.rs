@@ -32,7 +32,7 @@ pub type Addr = [u32; 4];
 
 /// SERVICES key: what a client addresses.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     pub vip: Addr,
     /// Network byte order.

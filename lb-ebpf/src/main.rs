@@ -1,29 +1,163 @@
-//! xlb's XDP program. The pipeline reads top to bottom: parse, look the service up,
-//! then translate and forward (see DESIGN.md). Each stage is a module.
+//! xlb's XDP program. The pipeline reads top to bottom (see DESIGN.md):
+//! parse → service lookup → conntrack / Maglev → NAT rewrite → FIB forward, with the
+//! reverse path for replies. Each stage is a module; this file only wires them.
 // On the host (cargo clippy/build --workspace) this compiles as an empty binary, so
 // the code is still type-checked and linted; the real build is for target_arch = "bpf".
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod conntrack;
+mod forward;
+mod lookup;
+mod maglev;
 mod maps;
 mod mem;
+mod nat;
 mod parse;
 mod stats;
 
-use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::StatIndex;
+use aya_ebpf::{
+    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+};
+use lb_common::{ConnValue, DatapathConfig, ReverseNat, ServiceValue, StatIndex, FAMILY_V4};
+
+use crate::{nat::Rewrite, parse::Packet};
+
+type Verdict = (u32, StatIndex);
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let (seen, parsed) = parse::parse(&ctx);
     stats::count(seen, len);
-    let verdict = match parsed {
-        Ok(_pkt) => StatIndex::PassNotVip,
-        Err(reason) => reason,
+    let (action, reason) = match parsed {
+        Ok(pkt) => balance(&ctx, &pkt, len),
+        Err(reason) => (xdp_action::XDP_PASS, reason),
     };
-    stats::count(verdict, len);
-    xdp_action::XDP_PASS
+    stats::count(reason, len);
+    action
+}
+
+#[inline(always)]
+fn balance(ctx: &XdpContext, pkt: &Packet, len: u64) -> Verdict {
+    let Some(cfg) = maps::CONFIG.get(0).copied() else {
+        return (xdp_action::XDP_PASS, StatIndex::PassNotVip);
+    };
+    if let Some(svc) = lookup::service(&pkt.key) {
+        return forward_path(ctx, pkt, &svc, &cfg, len);
+    }
+    if let Some(rev) = lookup::reverse(&pkt.key) {
+        return reverse_path(ctx, pkt, rev, len);
+    }
+    (xdp_action::XDP_PASS, StatIndex::PassNotVip)
+}
+
+/// Client → VIP: keep the flow's backend, or pick one by Maglev; DNAT + SNAT; send.
+#[inline(always)]
+fn forward_path(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    svc: &ServiceValue,
+    cfg: &DatapathConfig,
+    len: u64,
+) -> Verdict {
+    // Untouched, so the kernel answers with ICMP time exceeded from the right address.
+    if pkt.ttl <= 1 {
+        return (xdp_action::XDP_PASS, StatIndex::PassTtlExceeded);
+    }
+    let key = &pkt.key;
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (ct, backend, new_flow) = match conntrack::lookup(key, pkt.tcp_flags, now, cfg) {
+        Some((ct, backend)) => (ct, backend, false),
+        None => {
+            let Some((backend_id, backend)) = maglev::pick(svc, key) else {
+                return (xdp_action::XDP_DROP, StatIndex::DropNoBackend);
+            };
+            let snat = if key.family == FAMILY_V4 {
+                cfg.snat_v4
+            } else {
+                cfg.snat_v6
+            };
+            if snat == [0; 4] {
+                return (xdp_action::XDP_DROP, StatIndex::DropNoSnatAddress);
+            }
+            let rev = ReverseNat {
+                client: key.src,
+                vip: key.dst,
+                client_port: key.sport,
+                vip_port: key.dport,
+                service_id: svc.id,
+                backend_id,
+                _pad: 0,
+                last_seen_ns: now,
+            };
+            let Some(nat_port) = nat::alloc_port(key, backend.addr, backend.port, snat, cfg, &rev)
+            else {
+                return (xdp_action::XDP_DROP, StatIndex::DropPortAlloc);
+            };
+            let ct = ConnValue {
+                backend_id,
+                nat_port,
+                flags: conntrack::flags_from_tcp(pkt.tcp_flags),
+                _pad: 0,
+                nat_addr: snat,
+                last_seen_ns: now,
+            };
+            conntrack::insert(key, &ct);
+            (ct, backend, true)
+        }
+    };
+    let to = Rewrite {
+        src: ct.nat_addr,
+        dst: backend.addr,
+        sport: ct.nat_port,
+        dport: backend.port,
+    };
+    if nat::rewrite(ctx, pkt, &to).is_none() {
+        return (xdp_action::XDP_PASS, StatIndex::PassParseError);
+    }
+    stats::count_flow(svc.id, ct.backend_id, len, new_flow);
+    forward::forward(
+        ctx,
+        key.family,
+        key.proto,
+        &to.src,
+        &to.dst,
+        pkt.ip_len,
+        StatIndex::FwdForward,
+    )
+}
+
+/// Backend → SNAT address: translate back to VIP → client and send.
+#[inline(always)]
+fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) -> Verdict {
+    if pkt.ttl <= 1 {
+        return (xdp_action::XDP_PASS, StatIndex::PassTtlExceeded);
+    }
+    // SAFETY: a valid map value pointer for the duration of this run.
+    let rev = unsafe { &mut *rev };
+    // SAFETY: a plain helper call.
+    rev.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    let to = Rewrite {
+        src: rev.vip,
+        dst: rev.client,
+        sport: rev.vip_port,
+        dport: rev.client_port,
+    };
+    if nat::rewrite(ctx, pkt, &to).is_none() {
+        return (xdp_action::XDP_PASS, StatIndex::PassParseError);
+    }
+    stats::count_flow(rev.service_id, rev.backend_id, len, false);
+    forward::forward(
+        ctx,
+        pkt.key.family,
+        pkt.key.proto,
+        &to.src,
+        &to.dst,
+        pkt.ip_len,
+        StatIndex::FwdReverse,
+    )
 }
 
 #[cfg(target_arch = "bpf")]

@@ -21,3 +21,10 @@ pub fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
     // read_unaligned because packet headers have no alignment guarantee.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
 }
+
+/// Writes a header back into the packet.
+#[inline(always)]
+pub fn store<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
+    // SAFETY: bounds checked by ptr_at; the frame is ours to modify during the call.
+    ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::write_unaligned(p, value) })
+}

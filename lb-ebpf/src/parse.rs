@@ -18,6 +18,9 @@ const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_RST: u8 = 0x04;
+
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
 const IPV6_HOPOPTS: u8 = 0;
@@ -30,16 +33,17 @@ const IPV6_MAX_EXT_HEADERS: usize = 4;
 
 /// A TCP or UDP packet we may balance.
 #[derive(Clone, Copy)]
-#[expect(dead_code, reason = "read by the forward path, which comes next")]
 pub struct Packet {
     /// The 5-tuple as it is on the wire (source = sender).
     pub key: FlowKey,
-    /// Offset of the IP header (after Ethernet).
-    pub l3_off: usize,
     /// Offset of the TCP/UDP header.
     pub l4_off: usize,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
+    /// TTL or hop limit.
+    pub ttl: u8,
+    /// Length of the IP packet (for the FIB's MTU check).
+    pub ip_len: u16,
 }
 
 /// An IP packet's network layer, before the transport is examined.
@@ -50,6 +54,8 @@ struct Network {
     dst: [u32; 4],
     l4_off: usize,
     fragment: bool,
+    ttl: u8,
+    ip_len: u16,
 }
 
 /// What the packet is (the `Seen*` counter) and, unless it is to be passed untouched
@@ -116,6 +122,8 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Network, u8> {
         l4_off: ETH_LEN + ihl,
         // More-fragments set, or a non-zero offset.
         fragment: frags & 0x3fff != 0,
+        ttl: ip.ttl,
+        ip_len: u16::from_be_bytes(ip.tot_len),
     })
 }
 
@@ -166,6 +174,8 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
         dst: words(ip.dst_addr),
         l4_off: off,
         fragment,
+        ttl: ip.hop_limit,
+        ip_len: u16::from_be_bytes(ip.payload_len).wrapping_add(Ipv6Hdr::LEN as u16),
     })
 }
 
@@ -185,7 +195,8 @@ fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Packet, StatIndex>
             let tcp = load::<TcpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
             key.sport = u16::from_ne_bytes(tcp.source);
             key.dport = u16::from_ne_bytes(tcp.dest);
-            load::<u8>(ctx, net.l4_off + 13).ok_or(StatIndex::PassParseError)?
+            // From the copy: a second packet load here loses the verifier's range.
+            (tcp.fin() as u8 * TCP_FIN) | (tcp.rst() as u8 * TCP_RST)
         }
         PROTO_UDP => {
             let udp = load::<UdpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
@@ -198,8 +209,9 @@ fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Packet, StatIndex>
     };
     Ok(Packet {
         key,
-        l3_off: ETH_LEN,
         l4_off: net.l4_off,
         tcp_flags,
+        ttl: net.ttl,
+        ip_len: net.ip_len,
     })
 }

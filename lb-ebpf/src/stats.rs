@@ -16,7 +16,6 @@ pub fn count(idx: StatIndex, bytes: u64) {
 }
 
 #[inline(always)]
-#[expect(dead_code, reason = "called by the forward path, which comes next")]
 pub fn count_flow(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
     let n = new_flow as u64;
     if let Some(s) = SERVICE_STATS.get_ptr_mut(service_id) {

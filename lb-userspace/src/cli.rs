@@ -47,6 +47,9 @@ pub struct RunArgs {
     /// bpffs directory for the maps (mounted if bpffs is not there yet).
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
+    /// Static YAML config: services, backends, SNAT (see README).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]

@@ -23,6 +23,10 @@ pub struct Dataplane {
     pub ebpf: Ebpf,
     pub pin_path: PathBuf,
     pub attached: Vec<(String, XdpMode)>,
+    /// The Maglev table last written per service id (backend ids per slot), so an
+    /// unchanged table is not rewritten. Empty after a restart: the first apply
+    /// rewrites every table, with identical contents, which is harmless.
+    written_tables: BTreeMap<u32, Vec<u32>>,
 }
 
 impl Dataplane {
@@ -42,6 +46,7 @@ impl Dataplane {
             ebpf,
             pin_path: pin_path.to_owned(),
             attached: Vec::new(),
+            written_tables: BTreeMap::new(),
         };
         dp.program()?
             .load()
@@ -148,4 +153,241 @@ fn mount_bpffs(path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// Programming the maps from a config.
+// ---------------------------------------------------------------------------------
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+};
+
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
+use lb_common::{
+    Addr, Backend, DatapathConfig, MaglevTable, ServiceKey, ServiceValue, FAMILY_V4, FAMILY_V6,
+    MAP_BACKENDS, MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, MODE_NAT,
+    PROTO_TCP, PROTO_UDP,
+};
+
+use crate::{
+    config::{Config, Protocol},
+    maglev,
+};
+
+pub fn addr_to_words(ip: IpAddr) -> (Addr, u8) {
+    match ip {
+        IpAddr::V4(v4) => ([u32::from_ne_bytes(v4.octets()), 0, 0, 0], FAMILY_V4),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            ([w(0), w(4), w(8), w(12)], FAMILY_V6)
+        }
+    }
+}
+
+pub fn words_to_addr(words: &Addr, family: u8) -> IpAddr {
+    if family == FAMILY_V4 {
+        IpAddr::from(words[0].to_ne_bytes())
+    } else {
+        let mut o = [0u8; 16];
+        for (i, w) in words.iter().enumerate() {
+            o[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+        }
+        IpAddr::from(o)
+    }
+}
+
+pub fn service_key(vip: IpAddr, port: u16, proto: Protocol) -> ServiceKey {
+    let (vip, family) = addr_to_words(vip);
+    ServiceKey {
+        vip,
+        port: port.to_be(),
+        proto: match proto {
+            Protocol::Tcp => PROTO_TCP,
+            Protocol::Udp => PROTO_UDP,
+        },
+        family,
+    }
+}
+
+pub fn backend_addr(b: &Backend) -> SocketAddr {
+    SocketAddr::new(words_to_addr(&b.addr, b.family), u16::from_be(b.port))
+}
+
+/// What one `apply` changed, for logs and tests.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub tables_written: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+}
+
+impl Dataplane {
+    fn hash_map<K: aya::Pod, V: aya::Pod>(
+        &mut self,
+        name: &str,
+    ) -> Result<BpfHashMap<&mut MapData, K, V>> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("map {name} missing"))?;
+        Ok(BpfHashMap::try_from(map)?)
+    }
+
+    /// Programs the maps to match `cfg`, changing only what differs. Ids of services
+    /// and backends that already exist (also ones adopted from pinned maps left by an
+    /// earlier agent) are kept, so conntrack entries stay valid. Each new Maglev table
+    /// is written whole before the service entry that points at it, and a removed
+    /// backend is deleted only after no table refers to it any more.
+    pub fn apply(&mut self, cfg: &Config) -> Result<ApplySummary> {
+        let mut summary = ApplySummary::default();
+        let dp_cfg = DatapathConfig {
+            snat_v4: cfg
+                .snat
+                .ipv4
+                .map(|a| addr_to_words(a.into()).0)
+                .unwrap_or_default(),
+            snat_v6: cfg
+                .snat
+                .ipv6
+                .map(|a| addr_to_words(a.into()).0)
+                .unwrap_or_default(),
+            snat_port_min: cfg.snat.port_min,
+            snat_port_max: cfg.snat.port_max,
+            tcp_idle_timeout_s: cfg.timeouts.tcp_idle,
+            udp_idle_timeout_s: cfg.timeouts.udp_idle,
+            tcp_closing_timeout_s: cfg.timeouts.tcp_closing,
+        };
+        let mut config_map: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
+        config_map.set(0, dp_cfg, 0)?;
+
+        // What is programmed now.
+        let services_now: BTreeMap<ServiceKey, ServiceValue> = {
+            let m = self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?;
+            m.iter().collect::<Result<_, _>>()?
+        };
+        let backends_now: BTreeMap<u32, Backend> = {
+            let m = self.hash_map::<u32, Backend>(MAP_BACKENDS)?;
+            m.iter().collect::<Result<_, _>>()?
+        };
+        let mut used_service_ids: BTreeSet<u32> = services_now.values().map(|v| v.id).collect();
+        let mut used_backend_ids: BTreeSet<u32> = backends_now.keys().copied().collect();
+        let backend_id_of: BTreeMap<(u32, SocketAddr), u32> = backends_now
+            .iter()
+            .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
+            .collect();
+
+        let mut wanted_keys = BTreeSet::new();
+        let mut wanted_backend_ids = BTreeSet::new();
+        for svc in &cfg.services {
+            let key = service_key(svc.vip, svc.port, svc.protocol);
+            wanted_keys.insert(key);
+            let old = services_now.get(&key).copied();
+            let id = match old {
+                Some(v) => v.id,
+                None => {
+                    let id = lowest_free(&used_service_ids, MAX_SERVICES)
+                        .context("no free service id")?;
+                    used_service_ids.insert(id);
+                    summary.services_added += 1;
+                    id
+                }
+            };
+            // Backends: keep ids of known ones, allocate the rest.
+            let mut ids = Vec::with_capacity(svc.backends.len());
+            for b in &svc.backends {
+                let bid = match backend_id_of.get(&(id, b.address)) {
+                    Some(bid) => *bid,
+                    None => {
+                        let bid = lowest_free(&used_backend_ids, MAX_BACKENDS)
+                            .context("no free backend id")?;
+                        used_backend_ids.insert(bid);
+                        let (addr, family) = addr_to_words(b.address.ip());
+                        let value = Backend {
+                            addr,
+                            port: b.address.port().to_be(),
+                            family,
+                            flags: 0,
+                            service_id: id,
+                        };
+                        self.hash_map::<u32, Backend>(MAP_BACKENDS)?
+                            .insert(bid, value, 0)?;
+                        summary.backends_added += 1;
+                        bid
+                    }
+                };
+                wanted_backend_ids.insert(bid);
+                ids.push(bid);
+            }
+            let weighted: Vec<_> = svc
+                .backends
+                .iter()
+                .map(|b| maglev::WeightedBackend {
+                    addr: b.address,
+                    weight: b.weight,
+                })
+                .collect();
+            let table_size = match maglev::build(&weighted, cfg.maglev_table_size) {
+                Ok(table) => {
+                    let slots: Vec<u32> = table.iter().map(|idx| ids[*idx as usize]).collect();
+                    if self.written_tables.get(&id) != Some(&slots) {
+                        // 256 KiB: built on the heap, never on a thread's stack.
+                        // SAFETY: MaglevTable is plain u32s, for which all-zero is valid.
+                        let mut t: Box<MaglevTable> = unsafe { Box::new_zeroed().assume_init() };
+                        t.slots[..slots.len()].copy_from_slice(&slots);
+                        // By reference: passing the value would copy 256 KiB onto the stack.
+                        let table: &MaglevTable = &t;
+                        self.hash_map::<u32, MaglevTable>(MAP_MAGLEV)?
+                            .insert(id, table, 0)?;
+                        self.written_tables.insert(id, slots);
+                        summary.tables_written += 1;
+                    }
+                    cfg.maglev_table_size
+                }
+                // No backends, or all draining: established flows keep going through
+                // conntrack, new ones are dropped and counted.
+                Err(maglev::MaglevError::NoBackends | maglev::MaglevError::AllDrained) => 0,
+                Err(e) => return Err(e).with_context(|| format!("service {}", svc.name)),
+            };
+            let value = ServiceValue {
+                id,
+                table_size,
+                mode: MODE_NAT,
+                flags: 0,
+                _pad: [0; 2],
+            };
+            if old != Some(value) {
+                self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
+                    .insert(key, value, 0)?;
+            }
+        }
+        // Removals come last: nothing points at them any more.
+        for (key, value) in &services_now {
+            if !wanted_keys.contains(key) {
+                self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
+                    .remove(key)?;
+                let _ = self
+                    .hash_map::<u32, MaglevTable>(MAP_MAGLEV)?
+                    .remove(&value.id);
+                self.written_tables.remove(&value.id);
+                summary.services_removed += 1;
+            }
+        }
+        for id in backends_now.keys() {
+            if !wanted_backend_ids.contains(id) {
+                self.hash_map::<u32, Backend>(MAP_BACKENDS)?.remove(id)?;
+                summary.backends_removed += 1;
+            }
+        }
+        Ok(summary)
+    }
+}
+
+fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
+    (0..limit).find(|i| !used.contains(i))
 }

@@ -4,6 +4,7 @@
 //! `maglev` (the table builder), `status` (reading the pinned maps back).
 
 pub mod cli;
+pub mod config;
 pub mod dataplane;
 pub mod maglev;
 pub mod status;

@@ -36,7 +36,17 @@ async fn real_main() -> Result<()> {
 }
 
 async fn run(args: RunArgs) -> Result<()> {
+    // A bad file stops us before anything is touched.
+    let config = args
+        .config
+        .as_deref()
+        .map(xlb::config::Config::load)
+        .transpose()?;
     let mut dp = Dataplane::load(&args.pin_path)?;
+    if let Some(cfg) = &config {
+        let summary = dp.apply(cfg)?;
+        info!(?summary, services = cfg.services.len(), "config applied");
+    }
     for iface in &args.ifaces {
         dp.attach(iface, args.xdp_mode)?;
     }

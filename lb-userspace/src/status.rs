@@ -3,8 +3,13 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{Map, MapData, PerCpuArray};
-use lb_common::{Counter, StatIndex, MAP_GLOBAL_STATS};
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use lb_common::{
+    Backend, Counter, ServiceKey, ServiceValue, StatIndex, TrafficStats, MAP_BACKENDS,
+    MAP_BACKEND_STATS, MAP_GLOBAL_STATS, MAP_SERVICES, MAP_SERVICE_STATS, PROTO_TCP,
+};
+
+use crate::dataplane::{backend_addr, words_to_addr};
 use serde::Serialize;
 
 #[derive(Serialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -13,9 +18,35 @@ pub struct CounterView {
     pub bytes: u64,
 }
 
+#[derive(Serialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TrafficView {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct ServiceView {
+    pub id: u32,
+    pub vip: String,
+    pub port: u16,
+    pub protocol: &'static str,
+    pub table_size: u32,
+    pub stats: TrafficView,
+    pub backends: Vec<BackendView>,
+}
+
+#[derive(Serialize, Debug)]
+pub struct BackendView {
+    pub id: u32,
+    pub address: String,
+    pub stats: TrafficView,
+}
+
 #[derive(Serialize, Debug)]
 pub struct Status {
     pub pin_path: String,
+    pub services: Vec<ServiceView>,
     /// Datapath counters by reason, summed over CPUs.
     pub counters: BTreeMap<&'static str, CounterView>,
 }
@@ -51,16 +82,85 @@ pub fn read_global_counters(pin_path: &Path) -> Result<BTreeMap<&'static str, Co
     Ok(out)
 }
 
+fn traffic(map: &PerCpuArray<MapData, TrafficStats>, idx: u32) -> Result<TrafficView> {
+    Ok(map
+        .get(&idx, 0)?
+        .iter()
+        .fold(TrafficView::default(), |a, s| TrafficView {
+            packets: a.packets + s.packets,
+            bytes: a.bytes + s.bytes,
+            new_flows: a.new_flows + s.new_flows,
+        }))
+}
+
+pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
+    let services = HashMap::<_, ServiceKey, ServiceValue>::try_from(Map::HashMap(open_pinned(
+        pin_path,
+        MAP_SERVICES,
+    )?))?;
+    let backends =
+        HashMap::<_, u32, Backend>::try_from(Map::HashMap(open_pinned(pin_path, MAP_BACKENDS)?))?;
+    let svc_stats =
+        PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_path, MAP_SERVICE_STATS)?))?;
+    let be_stats =
+        PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_path, MAP_BACKEND_STATS)?))?;
+    let all_backends: Vec<(u32, Backend)> = backends.iter().collect::<Result<_, _>>()?;
+    let mut out = Vec::new();
+    for entry in services.iter() {
+        let (k, v) = entry?;
+        let mut bes = Vec::new();
+        for (id, b) in all_backends.iter().filter(|(_, b)| b.service_id == v.id) {
+            bes.push(BackendView {
+                id: *id,
+                address: backend_addr(b).to_string(),
+                stats: traffic(&be_stats, *id)?,
+            });
+        }
+        bes.sort_by_key(|b| b.id);
+        out.push(ServiceView {
+            id: v.id,
+            vip: words_to_addr(&k.vip, k.family).to_string(),
+            port: u16::from_be(k.port),
+            protocol: if k.proto == PROTO_TCP { "tcp" } else { "udp" },
+            table_size: v.table_size,
+            stats: traffic(&svc_stats, v.id)?,
+            backends: bes,
+        });
+    }
+    out.sort_by_key(|s| s.id);
+    Ok(out)
+}
+
 pub fn read(pin_path: &Path) -> Result<Status> {
     Ok(Status {
         pin_path: pin_path.display().to_string(),
+        services: read_services(pin_path)?,
         counters: read_global_counters(pin_path)?,
     })
 }
 
 /// The human view: non-zero counters, one per line.
 pub fn render_text(status: &Status) -> String {
-    let mut s = format!("xlb status ({})\ncounters:\n", status.pin_path);
+    let mut s = format!("xlb status ({})\n", status.pin_path);
+    for svc in &status.services {
+        s.push_str(&format!(
+            "service #{} {}:{}/{} (M={}): {} pkts, {} new flows\n",
+            svc.id,
+            svc.vip,
+            svc.port,
+            svc.protocol,
+            svc.table_size,
+            svc.stats.packets,
+            svc.stats.new_flows
+        ));
+        for b in &svc.backends {
+            s.push_str(&format!(
+                "  backend #{} {:<40} {:>10} pkts {:>8} new flows\n",
+                b.id, b.address, b.stats.packets, b.stats.new_flows
+            ));
+        }
+    }
+    s.push_str("counters:\n");
     for (name, c) in &status.counters {
         if c.packets > 0 {
             s.push_str(&format!(

@@ -73,8 +73,11 @@ impl Frame {
         }
     }
 
+    /// Sets the TCP flags; a UDP frame is left as it is.
     pub fn flags(mut self, flags: TcpFlags) -> Self {
-        self.l4 = L4::Tcp { flags };
+        if let L4::Tcp { .. } = self.l4 {
+            self.l4 = L4::Tcp { flags };
+        }
         self
     }
 

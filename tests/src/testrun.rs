@@ -59,12 +59,30 @@ impl Fixture {
     /// Runs `frame` `repeat` times (the kernel reports the mean duration). Beware: the
     /// program sees its own output from the second run on (see DESIGN.md).
     pub fn run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<RunResult> {
+        self.run_full(frame, repeat, None)
+    }
+
+    /// Runs `frame` as if it arrived on interface `ifindex` (of the calling thread's
+    /// network namespace), so that bpf_fib_lookup routes it from there.
+    pub fn run_on(&mut self, frame: &[u8], ifindex: u32) -> Result<RunResult> {
+        self.run_full(frame, 1, Some(ifindex))
+    }
+
+    fn run_full(&mut self, frame: &[u8], repeat: u32, ifindex: Option<u32>) -> Result<RunResult> {
         // Room for encapsulation the program might add later.
         let mut out = vec![0u8; frame.len() + 256];
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex.unwrap_or(0), 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
         let mut opts = TestRunOptions::new();
         opts.data_in = Some(frame);
         opts.data_out = Some(&mut out);
         opts.repeat = repeat;
+        if ifindex.is_some() {
+            opts.ctx_in = Some(&ctx);
+        }
         let res = self
             .program()?
             .test_run(opts)

@@ -1,0 +1,68 @@
+//! Connection tracking for the forward path.
+//!
+//! Idle timeouts are checked here, in the datapath, against `last_seen_ns`: an entry
+//! older than its timeout counts as a miss and the flow is balanced afresh. No sweeper
+//! is needed; the LRU map reclaims old entries under pressure. TCP entries that saw
+//! FIN or RST use the short closing timeout.
+
+use lb_common::{
+    Backend, ConnValue, DatapathConfig, FlowKey, CT_F_FIN_SEEN, CT_F_RST_SEEN, PROTO_TCP,
+};
+
+use crate::{
+    maps::{BACKENDS, CONNTRACK},
+    parse::{TCP_FIN, TCP_RST},
+};
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn flags_from_tcp(tcp_flags: u8) -> u8 {
+    let mut f = 0;
+    if tcp_flags & TCP_FIN != 0 {
+        f |= CT_F_FIN_SEEN;
+    }
+    if tcp_flags & TCP_RST != 0 {
+        f |= CT_F_RST_SEEN;
+    }
+    f
+}
+
+#[inline(always)]
+fn timeout_ns(proto: u8, flags: u8, cfg: &DatapathConfig) -> u64 {
+    let s = if proto != PROTO_TCP {
+        cfg.udp_idle_timeout_s
+    } else if flags & (CT_F_FIN_SEEN | CT_F_RST_SEEN) != 0 {
+        cfg.tcp_closing_timeout_s
+    } else {
+        cfg.tcp_idle_timeout_s
+    };
+    s as u64 * NS_PER_S
+}
+
+/// An established flow whose backend still exists: its entry (refreshed) and backend.
+#[inline(always)]
+pub fn lookup(
+    key: &FlowKey,
+    tcp_flags: u8,
+    now: u64,
+    cfg: &DatapathConfig,
+) -> Option<(ConnValue, Backend)> {
+    let entry = CONNTRACK.get_ptr_mut(key)?;
+    // SAFETY: a valid map value pointer for the duration of this program run.
+    let ct = unsafe { &mut *entry };
+    if now.saturating_sub(ct.last_seen_ns) > timeout_ns(key.proto, ct.flags, cfg) {
+        return None;
+    }
+    // SAFETY: copied out at once (see lookup::service).
+    let backend = unsafe { BACKENDS.get(ct.backend_id) }.copied()?;
+    ct.last_seen_ns = now;
+    ct.flags |= flags_from_tcp(tcp_flags);
+    Some((*ct, backend))
+}
+
+#[inline(always)]
+pub fn insert(key: &FlowKey, value: &ConnValue) {
+    // Failure only means the LRU could not take it now; the next packet retries.
+    let _ = CONNTRACK.insert(key, value, 0);
+}

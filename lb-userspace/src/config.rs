@@ -1,0 +1,274 @@
+//! The static YAML config (see DESIGN.md) and its validation. A file is accepted whole
+//! or rejected whole; every error names the file, and the field by its path.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::Path,
+};
+
+use anyhow::{bail, Context, Result};
+use lb_common::{MAGLEV_MAX_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES};
+use serde::Deserialize;
+
+use crate::maglev;
+
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub services: Vec<ServiceConfig>,
+    #[serde(default)]
+    pub snat: SnatConfig,
+    #[serde(default = "default_table_size")]
+    pub maglev_table_size: u32,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+}
+
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub vip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub mode: Mode,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub address: SocketAddr,
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Nat,
+}
+
+/// Source addresses for SNAT and the port range, kept apart from the host's
+/// ip_local_port_range (32768-60999 by default) so that replies to the host's own
+/// connections are never taken for NAT replies.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SnatConfig {
+    pub ipv4: Option<Ipv4Addr>,
+    pub ipv6: Option<Ipv6Addr>,
+    #[serde(default = "default_port_min")]
+    pub port_min: u16,
+    #[serde(default = "default_port_max")]
+    pub port_max: u16,
+}
+
+impl Default for SnatConfig {
+    fn default() -> Self {
+        Self {
+            ipv4: None,
+            ipv6: None,
+            port_min: default_port_min(),
+            port_max: default_port_max(),
+        }
+    }
+}
+
+/// Idle timeouts in seconds, checked by the datapath on each packet.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Timeouts {
+    pub tcp_idle: u32,
+    pub tcp_closing: u32,
+    pub udp_idle: u32,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            tcp_idle: 3600,
+            tcp_closing: 10,
+            udp_idle: 60,
+        }
+    }
+}
+
+fn default_table_size() -> u32 {
+    maglev::DEFAULT_TABLE_SIZE
+}
+fn one() -> u32 {
+    1
+}
+fn default_port_min() -> u16 {
+    20000
+}
+fn default_port_max() -> u16 {
+    32767
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::parse(&text).with_context(|| format!("{}: invalid config", path.display()))
+    }
+
+    pub fn parse(text: &str) -> Result<Self> {
+        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what the types cannot: uniqueness, families, ranges, map capacities.
+    pub fn validate(&self) -> Result<()> {
+        let m = self.maglev_table_size;
+        maglev::validate_table_size(m).context("field maglev_table_size")?;
+        if m as usize > MAGLEV_MAX_TABLE_SIZE {
+            bail!("field maglev_table_size: {m} is larger than the datapath holds ({MAGLEV_MAX_TABLE_SIZE})");
+        }
+        if self.services.len() > MAX_SERVICES as usize {
+            bail!(
+                "field services: {} services, the maps hold {MAX_SERVICES}",
+                self.services.len()
+            );
+        }
+        if self.snat.port_min == 0 || self.snat.port_min > self.snat.port_max {
+            bail!(
+                "field snat: port range {}-{} is empty or starts at 0",
+                self.snat.port_min,
+                self.snat.port_max
+            );
+        }
+        let mut seen = BTreeSet::new();
+        let mut names = BTreeSet::new();
+        let mut total_backends = 0;
+        for (i, s) in self.services.iter().enumerate() {
+            let at = format!("services[{i}] ({})", s.name);
+            if !names.insert(&s.name) {
+                bail!("{at}: field name: duplicate service name {:?}", s.name);
+            }
+            if !seen.insert((s.vip, s.port, s.protocol)) {
+                bail!(
+                    "{at}: duplicate service {}:{}/{:?}",
+                    s.vip,
+                    s.port,
+                    s.protocol
+                );
+            }
+            if s.port == 0 {
+                bail!("{at}: field port: port 0 is not a service port");
+            }
+            let mut addrs = BTreeSet::new();
+            for (j, b) in s.backends.iter().enumerate() {
+                if b.address.is_ipv4() != s.vip.is_ipv4() {
+                    bail!(
+                        "{at}: backends[{j}].address: {} is {} but the VIP {} is {}",
+                        b.address,
+                        family(b.address.ip()),
+                        s.vip,
+                        family(s.vip)
+                    );
+                }
+                if b.address.port() == 0 {
+                    bail!("{at}: backends[{j}].address: port 0 is not a backend port");
+                }
+                if !addrs.insert(b.address) {
+                    bail!(
+                        "{at}: backends[{j}].address: duplicate backend {}",
+                        b.address
+                    );
+                }
+            }
+            total_backends += s.backends.len();
+            let snat_missing = match s.vip {
+                IpAddr::V4(_) => self.snat.ipv4.is_none(),
+                IpAddr::V6(_) => self.snat.ipv6.is_none(),
+            };
+            if snat_missing {
+                bail!(
+                    "{at}: mode nat needs snat.{} (the LB's address towards the backends)",
+                    if s.vip.is_ipv4() { "ipv4" } else { "ipv6" }
+                );
+            }
+        }
+        if total_backends > MAX_BACKENDS as usize {
+            bail!("field services: {total_backends} backends in all, the maps hold {MAX_BACKENDS}");
+        }
+        Ok(())
+    }
+}
+
+fn family(ip: IpAddr) -> &'static str {
+    if ip.is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "
+snat:
+  ipv4: 10.0.0.1
+services:
+  - name: web
+    vip: 192.0.2.10
+    port: 80
+    protocol: tcp
+    backends:
+      - address: 198.51.100.2:8080
+        weight: 2
+      - address: 198.51.100.3:8080
+";
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.services[0].backends[0].weight, 2);
+        assert_eq!(c.services[0].backends[1].weight, 1);
+        assert_eq!(c.services[0].mode, Mode::Nat);
+        assert_eq!(c.maglev_table_size, 16381);
+    }
+
+    fn err(text: &str) -> String {
+        format!("{:#}", Config::parse(text).unwrap_err())
+    }
+
+    #[test]
+    fn errors_are_specific() {
+        let e = err(&GOOD.replace("protocol: tcp", "protocol: sctp"));
+        assert!(e.contains("sctp") && e.contains("line"), "{e}");
+        let e = err(&GOOD.replace("198.51.100.3:8080", "198.51.100.3"));
+        assert!(e.contains("line"), "{e}");
+        let e = err(&GOOD.replace("198.51.100.3:8080", "\"[2001:db8::1]:80\""));
+        assert!(
+            e.contains("backends[1].address") && e.contains("IPv6"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("port: 80", "port: 0"));
+        assert!(e.contains("field port"), "{e}");
+        let e = err(&format!("maglev_table_size: 1000\n{GOOD}"));
+        assert!(
+            e.contains("maglev_table_size") && e.contains("not prime"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("198.51.100.3:8080", "198.51.100.2:8080"));
+        assert!(e.contains("duplicate backend"), "{e}");
+        let e = err(&GOOD.replace("snat:\n  ipv4: 10.0.0.1\n", ""));
+        assert!(e.contains("snat.ipv4"), "{e}");
+    }
+}

@@ -1,0 +1,431 @@
+//! BPF_PROG_TEST_RUN fixtures for the NAT datapath, Katran-tester style: map state in,
+//! packet in, then the verdict and the exact packet out (addresses, ports, MACs, TTL,
+//! checksums recomputed from scratch).
+//!
+//! The runs happen inside a namespace with two veth pairs (client side and backend
+//! side), static neighbours and forwarding on, so bpf_fib_lookup answers for real.
+
+use std::net::{IpAddr, SocketAddr};
+
+use lb_common::{flow_hash, FlowKey, PROTO_TCP, PROTO_UDP};
+use xlb::{
+    config::Config,
+    dataplane::addr_to_words,
+    maglev::{build, WeightedBackend},
+    status::read_global_counters,
+};
+use xlb_tests::{
+    netns::Netns,
+    packet::{decode, Frame, ACK},
+    privileged,
+    testrun::{Fixture, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+};
+
+const CLIENT_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
+const BACKEND_MACS: [[u8; 6]; 3] = [
+    [0x02, 0xbb, 0, 0, 0, 2],
+    [0x02, 0xbb, 0, 0, 0, 3],
+    [0x02, 0xbb, 0, 0, 0, 4],
+];
+const BACKENDS_V4: [&str; 3] = ["10.20.0.2:8080", "10.20.0.3:8080", "10.20.0.4:8080"];
+const BACKENDS_V6: [&str; 3] = ["[fd20::2]:8080", "[fd20::3]:8080", "[fd20::4]:8080"];
+const M: u32 = 251;
+
+struct Lab {
+    client_if: u32,
+    backend_if: u32,
+    client_side_mac: [u8; 6],
+    backend_side_mac: [u8; 6],
+}
+
+fn config(backends_v4: &[&str], backends_v6: &[&str]) -> Config {
+    let list = |bs: &[&str]| {
+        bs.iter()
+            .map(|b| format!("{{address: \"{b}\"}}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let svc = |name: &str, vip: &str, port: u16, proto: &str, bs: &[&str]| {
+        format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    backends: [{}]\n", list(bs))
+    };
+    let text = format!(
+        "maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n{}{}{}{}",
+        svc("web", "192.0.2.10", 80, "tcp", backends_v4),
+        svc("dns", "192.0.2.10", 53, "udp", backends_v4),
+        svc("web6", "2001:db8::10", 80, "tcp", backends_v6),
+        svc("dns6", "2001:db8::10", 53, "udp", backends_v6),
+    );
+    Config::parse(&text).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{text}"))
+}
+
+/// Builds the namespace, then runs `body` on a thread inside it.
+fn in_lab(body: impl FnOnce(&Lab) + Send + 'static) {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("xf").unwrap();
+    for (a, b, addrs) in [
+        ("cside", "cpeer", ["10.10.0.1/24", "fd10::1/64"]),
+        ("bside", "bpeer", ["10.20.0.1/24", "fd20::1/64"]),
+    ] {
+        ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
+            .unwrap();
+        for addr in addrs {
+            ns.ip(&["addr", "add", addr, "dev", a, "nodad"]).unwrap();
+        }
+        ns.ip(&["link", "set", a, "up"]).unwrap();
+        ns.ip(&["link", "set", b, "up"]).unwrap();
+    }
+    let mac = |m: [u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    for client in ["10.10.0.5", "fd10::5"] {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            client,
+            "lladdr",
+            &mac(CLIENT_MAC),
+            "dev",
+            "cside",
+            "nud",
+            "permanent",
+        ])
+        .unwrap();
+    }
+    for (i, m) in BACKEND_MACS.iter().enumerate() {
+        for b in [format!("10.20.0.{}", i + 2), format!("fd20::{}", i + 2)] {
+            ns.ip(&[
+                "neigh",
+                "replace",
+                &b,
+                "lladdr",
+                &mac(*m),
+                "dev",
+                "bside",
+                "nud",
+                "permanent",
+            ])
+            .unwrap();
+        }
+    }
+    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
+    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
+    let lab = Lab {
+        client_if: ns.ifindex("cside").unwrap(),
+        backend_if: ns.ifindex("bside").unwrap(),
+        client_side_mac: ns.mac("cside").unwrap(),
+        backend_side_mac: ns.mac("bside").unwrap(),
+    };
+    ns.run(move || body(&lab)).unwrap();
+}
+
+/// Which backend Maglev (as userspace computes it, with the shared flow hash) picks.
+fn predicted_backend(backends: &[&str], frame: &Frame, proto: u8) -> SocketAddr {
+    let bs: Vec<WeightedBackend> = backends
+        .iter()
+        .map(|b| WeightedBackend {
+            addr: b.parse().unwrap(),
+            weight: 1,
+        })
+        .collect();
+    let table = build(&bs, M).unwrap();
+    let (src, family) = addr_to_words(frame.src);
+    let (dst, _) = addr_to_words(frame.dst);
+    let key = FlowKey {
+        src,
+        dst,
+        sport: frame.sport.to_be(),
+        dport: frame.dport.to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    };
+    bs[table[(flow_hash(&key, false) % M) as usize] as usize].addr
+}
+
+fn backend_mac(addr: IpAddr) -> [u8; 6] {
+    let last = match addr {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    };
+    BACKEND_MACS[(last - 2) as usize]
+}
+
+fn counter(f: &Fixture, name: &str) -> u64 {
+    read_global_counters(f.pin_path()).unwrap()[name].packets
+}
+
+/// New flow, established flow, and the reply, for one service; returns the NAT port.
+fn new_flow_then_established_then_reply(
+    f: &mut Fixture,
+    lab: &Lab,
+    frame: Frame,
+    backends: &[&str],
+    proto: u8,
+) -> u16 {
+    let want = predicted_backend(backends, &frame, proto);
+    let snat: IpAddr = if frame.src.is_ipv4() {
+        "10.20.0.1"
+    } else {
+        "fd20::1"
+    }
+    .parse()
+    .unwrap();
+    let res = f.run_on(&frame.build(), lab.client_if).unwrap();
+    assert_eq!(
+        res.verdict, XDP_REDIRECT,
+        "client → VIP goes out on the backend side"
+    );
+    let out = decode(&res.data).expect("valid checksums after DNAT+SNAT");
+    assert_eq!(
+        (out.dst, out.dport),
+        (want.ip(), want.port()),
+        "Maglev's pick, as userspace predicts it"
+    );
+    assert_eq!(out.src, snat);
+    assert!(
+        (20000..=32767).contains(&out.sport),
+        "SNAT port {} in range",
+        out.sport
+    );
+    assert_eq!(out.ttl, frame.ttl - 1);
+    assert_eq!(
+        (out.src_mac, out.dst_mac),
+        (lab.backend_side_mac, backend_mac(want.ip()))
+    );
+    assert_eq!(out.payload, frame.payload);
+
+    // Established: same backend, same NAT port.
+    let again = decode(
+        &f.run_on(&frame.clone().flags(ACK).build(), lab.client_if)
+            .unwrap()
+            .data,
+    )
+    .unwrap();
+    assert_eq!(
+        (again.dst, again.dport, again.sport),
+        (out.dst, out.dport, out.sport)
+    );
+
+    // The reply, backend → SNAT address:port, becomes VIP → client.
+    let mut reply = frame.clone().flags(ACK);
+    reply.src = want.ip();
+    reply.sport = want.port();
+    reply.dst = snat;
+    reply.dport = out.sport;
+    reply.src_mac = backend_mac(want.ip());
+    reply.dst_mac = lab.backend_side_mac;
+    let res = f.run_on(&reply.build(), lab.backend_if).unwrap();
+    assert_eq!(
+        res.verdict, XDP_REDIRECT,
+        "reply goes out on the client side"
+    );
+    let back = decode(&res.data).expect("valid checksums after reverse NAT");
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (frame.dst, frame.dport, frame.src, frame.sport)
+    );
+    assert_eq!(
+        (back.src_mac, back.dst_mac),
+        (lab.client_side_mac, CLIENT_MAC)
+    );
+    assert_eq!(back.ttl, reply.ttl - 1);
+    out.sport
+}
+
+#[test]
+fn privileged_ipv4_tcp_and_udp_new_established_reply() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        new_flow_then_established_then_reply(
+            &mut f,
+            lab,
+            Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80),
+            &BACKENDS_V4,
+            PROTO_TCP,
+        );
+        new_flow_then_established_then_reply(
+            &mut f,
+            lab,
+            Frame::udp("10.10.0.5", 40001, "192.0.2.10", 53),
+            &BACKENDS_V4,
+            PROTO_UDP,
+        );
+        assert_eq!(counter(&f, "fwd_forward"), 4);
+        assert_eq!(counter(&f, "fwd_reverse"), 2);
+        let svc = xlb::status::read_services(f.pin_path()).unwrap();
+        let web = svc
+            .iter()
+            .find(|s| s.port == 80 && s.vip == "192.0.2.10")
+            .unwrap();
+        assert_eq!(
+            (web.stats.packets, web.stats.new_flows),
+            (3, 1),
+            "web: 2 forward + 1 reply, 1 new flow"
+        );
+    });
+}
+
+#[test]
+fn privileged_ipv6_tcp_and_udp_new_established_reply() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        new_flow_then_established_then_reply(
+            &mut f,
+            lab,
+            Frame::tcp("fd10::5", 40000, "2001:db8::10", 80),
+            &BACKENDS_V6,
+            PROTO_TCP,
+        );
+        new_flow_then_established_then_reply(
+            &mut f,
+            lab,
+            Frame::udp("fd10::5", 40001, "2001:db8::10", 53),
+            &BACKENDS_V6,
+            PROTO_UDP,
+        );
+        assert_eq!(counter(&f, "fwd_reverse"), 2);
+    });
+}
+
+#[test]
+fn privileged_many_flows_spread_as_predicted_and_ports_never_collide() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut per_backend = std::collections::BTreeMap::new();
+        for sport in 30000..30300u16 {
+            let frame = Frame::tcp("10.10.0.5", sport, "192.0.2.10", 80);
+            let out = decode(&f.run_on(&frame.build(), lab.client_if).unwrap().data).unwrap();
+            assert_eq!(
+                SocketAddr::new(out.dst, out.dport),
+                predicted_backend(&BACKENDS_V4, &frame, PROTO_TCP)
+            );
+            assert!(
+                seen.insert((out.dst, out.dport, out.sport)),
+                "reply 5-tuple reused"
+            );
+            *per_backend.entry(out.dst).or_insert(0) += 1;
+        }
+        assert_eq!(per_backend.len(), 3, "all backends used: {per_backend:?}");
+    });
+}
+
+/// A flow whose backend is removed is rebalanced; flows on the survivors stay put.
+#[test]
+fn privileged_removed_backend_rebalances_only_its_flows() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let mut before = Vec::new();
+        for sport in 31000..31060u16 {
+            let frame = Frame::tcp("10.10.0.5", sport, "192.0.2.10", 80);
+            let out = decode(&f.run_on(&frame.build(), lab.client_if).unwrap().data).unwrap();
+            before.push((frame, SocketAddr::new(out.dst, out.dport)));
+        }
+        let removed: SocketAddr = BACKENDS_V4[1].parse().unwrap();
+        let summary =
+            f.dp.apply(&config(&[BACKENDS_V4[0], BACKENDS_V4[2]], &BACKENDS_V6))
+                .unwrap();
+        // Backend ids are per service: it leaves both "web" and "dns".
+        assert_eq!(summary.backends_removed, 2);
+        let mut moved = 0;
+        for (frame, was) in &before {
+            let out = decode(
+                &f.run_on(&frame.clone().flags(ACK).build(), lab.client_if)
+                    .unwrap()
+                    .data,
+            )
+            .unwrap();
+            let now = SocketAddr::new(out.dst, out.dport);
+            if *was == removed {
+                assert_ne!(now, removed);
+                moved += 1;
+            } else {
+                assert_eq!(now, *was, "a flow on a surviving backend moved");
+            }
+        }
+        assert!(moved > 0, "some flows were on the removed backend");
+    });
+}
+
+#[test]
+fn privileged_service_without_backends_drops_and_counts() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&[], &BACKENDS_V6)).unwrap();
+        let res = f
+            .run_on(
+                &Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80).build(),
+                lab.client_if,
+            )
+            .unwrap();
+        assert_eq!(res.verdict, XDP_DROP);
+        assert_eq!(counter(&f, "drop_no_backend"), 1);
+    });
+}
+
+#[test]
+fn privileged_ttl_1_and_not_a_vip_pass_untouched() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let ttl1 = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80)
+            .ttl(1)
+            .build();
+        let res = f.run_on(&ttl1, lab.client_if).unwrap();
+        assert_eq!((res.verdict, &res.data), (XDP_PASS, &ttl1));
+        assert_eq!(counter(&f, "pass_ttl_exceeded"), 1);
+        // Same VIP, a port with no service; and a VIP-less address.
+        for frame in [
+            Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 81),
+            Frame::udp("10.10.0.5", 40000, "10.20.0.1", 53),
+        ] {
+            let bytes = frame.build();
+            let res = f.run_on(&bytes, lab.client_if).unwrap();
+            assert_eq!((res.verdict, &res.data), (XDP_PASS, &bytes));
+        }
+        assert_eq!(counter(&f, "pass_not_vip"), 2);
+    });
+}
+
+/// An IPv4 UDP checksum of 0 ("none") stays 0 through NAT.
+#[test]
+fn privileged_udp_zero_checksum_stays_zero() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let mut bytes = Frame::udp("10.10.0.5", 40002, "192.0.2.10", 53).build();
+        bytes[14 + 20 + 6] = 0;
+        bytes[14 + 20 + 7] = 0;
+        let res = f.run_on(&bytes, lab.client_if).unwrap();
+        assert_eq!(res.verdict, XDP_REDIRECT);
+        assert_eq!(&res.data[40..42], &[0, 0]);
+        decode(&res.data).expect("IPv4 header checksum still valid");
+    });
+}
+
+/// One-arm: client and backends behind the same interface → XDP_TX.
+#[test]
+fn privileged_one_arm_uses_xdp_tx() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let res = f
+            .run_on(
+                &Frame::tcp("10.10.0.5", 40003, "192.0.2.10", 80).build(),
+                lab.backend_if,
+            )
+            .unwrap();
+        assert_eq!(res.verdict, XDP_TX);
+        let out = decode(&res.data).unwrap();
+        assert_eq!(out.src_mac, lab.backend_side_mac);
+    });
+}
