@@ -15,7 +15,7 @@ pub fn service(key: &FlowKey) -> Option<ServiceValue> {
     };
     // SAFETY: the value is copied out at once; a concurrent update replaces the element
     // under RCU, so the copy is either the old or the new value.
-    unsafe { SERVICES.get(&sk) }.copied()
+    unsafe { SERVICES.get(sk) }.copied()
 }
 
 /// The NAT entry whose reply 5-tuple is exactly this packet's.

@@ -148,7 +148,7 @@ pub fn alloc_port(
             family: key.family,
             _pad: [0; 2],
         };
-        if REVERSE_NAT.insert(&rkey, rev, BPF_NOEXIST as u64).is_ok() {
+        if REVERSE_NAT.insert(rkey, rev, BPF_NOEXIST as u64).is_ok() {
             return Some(port.to_be());
         }
         i += 1;
