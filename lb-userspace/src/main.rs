@@ -1,7 +1,7 @@
 use anyhow::Result;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
-use tracing::info;
+use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use xlb::{
     cli::{Cli, Command, MaglevArgs, RunArgs, StatusArgs},
@@ -52,14 +52,31 @@ async fn run(args: RunArgs) -> Result<()> {
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     info!(pin_path = %args.pin_path.display(), "xlb running");
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: detaching"),
-        _ = int.recv() => info!("SIGINT: detaching"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: detaching"); break; }
+            _ = int.recv() => { info!("SIGINT: detaching"); break; }
+            _ = hup.recv() => reload(&mut dp, args.config.as_deref()),
+        }
     }
     drop(dp);
     info!("detached");
     Ok(())
+}
+
+/// Applies the config file again. A file that does not load or validate is rejected
+/// whole and the running state stays exactly as it was.
+fn reload(dp: &mut Dataplane, path: Option<&std::path::Path>) {
+    let Some(path) = path else {
+        warn!("SIGHUP: no --config to reload");
+        return;
+    };
+    match xlb::config::Config::load(path).and_then(|cfg| dp.apply(&cfg)) {
+        Ok(summary) => info!(?summary, "config reloaded"),
+        Err(e) => error!("config reload rejected, keeping the running state: {e:#}"),
+    }
 }
 
 fn status_cmd(args: StatusArgs) -> Result<()> {

@@ -95,6 +95,38 @@ impl Agent {
         )
     }
 
+    /// How many log lines so far contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// SIGHUP, then waits (bounded) for the reload's outcome: Ok if it was applied,
+    /// Err with the log if it was rejected.
+    pub fn reload(&mut self) -> Result<()> {
+        let (ok, bad) = (
+            self.count_log("config reloaded"),
+            self.count_log("config reload rejected"),
+        );
+        // SAFETY: signalling our own child by its PID.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if self.count_log("config reloaded") > ok {
+                return Ok(());
+            }
+            if self.count_log("config reload rejected") > bad {
+                bail!("reload rejected:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bail!("no reload outcome within 10s:\n{}", self.logs())
+    }
+
     /// Sends `sig` and waits (bounded) for the process to exit.
     pub fn stop_with(&mut self, sig: i32) -> Result<std::process::ExitStatus> {
         // SAFETY: signalling our own child by its PID.

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod netns;
 pub mod packet;
 pub mod testrun;
+pub mod topology;
 pub mod traffic;
 
 use std::sync::atomic::{AtomicU32, Ordering};

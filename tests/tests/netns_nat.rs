@@ -1,0 +1,270 @@
+//! xlb balancing real TCP and UDP through network namespaces: client → LB (xlb) → three
+//! backends, two-arm, in native and generic XDP mode, over IPv4 and IPv6.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use lb_common::{flow_hash, FlowKey, PROTO_TCP, PROTO_UDP};
+use xlb::{
+    dataplane::addr_to_words,
+    maglev::{build, WeightedBackend},
+};
+use xlb_tests::{
+    agent::Agent,
+    netns::Netns,
+    privileged,
+    topology::{backend_v4, backend_v6, LbLab, CLIENT4, CLIENT6, SNAT4, VIP4, VIP6},
+    traffic::{parse_reply, tcp_echo, udp_echo},
+};
+
+const M: u32 = 16381;
+
+/// The backend index Maglev picks for this flow, computed in userspace with the same
+/// flow hash as the datapath.
+fn predict(live: &[usize], client: IpAddr, sport: u16, vip: SocketAddr, proto: u8) -> usize {
+    let addr = |i: usize| {
+        if vip.is_ipv4() {
+            backend_v4(i)
+        } else {
+            backend_v6(i)
+        }
+    };
+    let bs: Vec<WeightedBackend> = live
+        .iter()
+        .map(|&i| WeightedBackend {
+            addr: addr(i),
+            weight: 1,
+        })
+        .collect();
+    let table = build(&bs, M).unwrap();
+    let (src, family) = addr_to_words(client);
+    let (dst, _) = addr_to_words(vip.ip());
+    let key = FlowKey {
+        src,
+        dst,
+        sport: sport.to_be(),
+        dport: vip.port().to_be(),
+        proto,
+        family,
+        _pad: [0; 2],
+    };
+    live[table[(flow_hash(&key, false) % M) as usize] as usize]
+}
+
+fn backend_index(name: &str) -> usize {
+    name.strip_prefix('b')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("reply from {name:?}"))
+}
+
+/// A TCP connection opened from the client namespace, kept open.
+struct Conn {
+    stream: TcpStream,
+    sport: u16,
+}
+
+fn connect(client: &Netns, vip: SocketAddr) -> Conn {
+    let stream = client
+        .run(move || TcpStream::connect_timeout(&vip, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect {vip}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        stream.peer_addr().unwrap(),
+        vip,
+        "the client sees the VIP as its peer"
+    );
+    let sport = stream.local_addr().unwrap().port();
+    Conn { stream, sport }
+}
+
+impl Conn {
+    /// One request/response; returns the backend index that answered.
+    fn exchange(&mut self, msg: &str) -> std::io::Result<usize> {
+        self.stream.write_all(msg.as_bytes())?;
+        let mut buf = [0u8; 256];
+        let n = self.stream.read(&mut buf)?;
+        let (name, echoed) = parse_reply(&buf[..n]).ok_or(std::io::ErrorKind::InvalidData)?;
+        assert_eq!(echoed, msg.as_bytes(), "payload intact");
+        Ok(backend_index(&name))
+    }
+}
+
+fn udp_exchange(client: &Netns, vip: SocketAddr, msg: &str) -> (u16, usize) {
+    let msg = msg.to_owned();
+    client
+        .run(move || {
+            let bind: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                .parse()
+                .unwrap();
+            let s = UdpSocket::bind(bind).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            s.send_to(msg.as_bytes(), vip).unwrap();
+            let mut buf = [0u8; 256];
+            let (n, from) = s
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("UDP to {vip}: {e}"));
+            assert_eq!(from, vip, "the UDP answer comes from the VIP");
+            let (name, echoed) = parse_reply(&buf[..n]).unwrap();
+            assert_eq!(echoed, msg.as_bytes());
+            (s.local_addr().unwrap().port(), backend_index(&name))
+        })
+        .unwrap()
+}
+
+fn balance_through_namespaces(mode: &str) {
+    let lab = LbLab::two_arm(3).unwrap();
+    lab.write_config(&[0, 1, 2]).unwrap();
+    let life = Duration::from_secs(60);
+    let mut servers = Vec::new();
+    for (i, b) in lab.backends.iter().enumerate() {
+        let name = format!("b{i}");
+        servers.push(tcp_echo(b, "[::]:8080".parse().unwrap(), &name, life).unwrap());
+        servers.push(udp_echo(b, "[::]:8080".parse().unwrap(), &name, life).unwrap());
+    }
+    let lb_server = tcp_echo(
+        &lab.lb,
+        format!("{SNAT4}:9000").parse().unwrap(),
+        "lb",
+        life,
+    )
+    .unwrap();
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let mut agent = Agent::start(
+        &lab.lb,
+        &[
+            "--iface",
+            &lab.iface_arg(),
+            "--xdp-mode",
+            mode,
+            "--config",
+            &cfg,
+        ],
+    )
+    .unwrap();
+
+    // Short flows over both families: every one succeeds (so the checksums are right),
+    // and lands where Maglev, computed in userspace, says it should.
+    let all = [0, 1, 2];
+    for (vip_ip, client_ip) in [(VIP4, CLIENT4), (VIP6, CLIENT6)] {
+        let client_ip: IpAddr = client_ip.parse().unwrap();
+        let tcp_vip = SocketAddr::new(vip_ip.parse().unwrap(), 80);
+        let udp_vip = SocketAddr::new(vip_ip.parse().unwrap(), 53);
+        let mut used = [0usize; 3];
+        for i in 0..30 {
+            let mut c = connect(&lab.client, tcp_vip);
+            let got = c.exchange(&format!("tcp-{i}")).unwrap();
+            assert_eq!(
+                got,
+                predict(&all, client_ip, c.sport, tcp_vip, PROTO_TCP),
+                "TCP flow from port {}",
+                c.sport
+            );
+            used[got] += 1;
+        }
+        for i in 0..30 {
+            let (sport, got) = udp_exchange(&lab.client, udp_vip, &format!("udp-{i}"));
+            assert_eq!(
+                got,
+                predict(&all, client_ip, sport, udp_vip, PROTO_UDP),
+                "UDP flow from port {sport}"
+            );
+            used[got] += 1;
+        }
+        assert!(
+            used.iter().all(|&n| n > 0),
+            "{vip_ip}: every backend got flows: {used:?}"
+        );
+    }
+
+    // Long-lived connections survive removing and re-adding a backend (config reload):
+    // only the removed backend's flows move.
+    let tcp_vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let mut long: Vec<(Conn, usize)> = (0..12)
+        .map(|i| {
+            let mut c = connect(&lab.client, tcp_vip);
+            let b = c.exchange(&format!("hello-{i}")).unwrap();
+            (c, b)
+        })
+        .collect();
+    assert!(
+        long.iter().any(|(_, b)| *b == 1) && long.iter().any(|(_, b)| *b != 1),
+        "need flows on b1 and elsewhere"
+    );
+    lab.write_config(&[0, 2]).unwrap();
+    agent.reload().unwrap();
+    for (c, b) in long.iter_mut().filter(|(_, b)| *b != 1) {
+        assert_eq!(
+            c.exchange("after-remove").unwrap(),
+            *b,
+            "an established flow moved"
+        );
+    }
+    let client4: IpAddr = CLIENT4.parse().unwrap();
+    for i in 0..15 {
+        let mut c = connect(&lab.client, tcp_vip);
+        let got = c.exchange(&format!("new-{i}")).unwrap();
+        assert_ne!(got, 1, "a removed backend got a new flow");
+        assert_eq!(got, predict(&[0, 2], client4, c.sport, tcp_vip, PROTO_TCP));
+    }
+    lab.write_config(&[0, 1, 2]).unwrap();
+    agent.reload().unwrap();
+    for (c, b) in long.iter_mut().filter(|(_, b)| *b != 1) {
+        assert_eq!(
+            c.exchange("after-add").unwrap(),
+            *b,
+            "an established flow moved when a backend came back"
+        );
+    }
+
+    // Traffic for the LB host itself is untouched.
+    let mut own = connect(&lab.client, format!("{SNAT4}:9000").parse().unwrap());
+    own.stream.write_all(b"own").unwrap();
+    let mut buf = [0u8; 64];
+    let n = own.stream.read(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"lb|own");
+
+    let st = agent.status().unwrap();
+    let tcp4 = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["vip"] == VIP4 && s["port"] == 80)
+        .unwrap();
+    let new_flows: u64 = tcp4["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["stats"]["new_flows"].as_u64().unwrap())
+        .sum();
+    // 30 short + 12 long + 15 new, plus the flows that were on b1 and got rebalanced
+    // when they spoke again (none: they stayed silent).
+    assert_eq!(
+        new_flows,
+        30 + 12 + 15,
+        "new flows counted per backend: {tcp4}"
+    );
+    assert!(st["counters"]["fwd_reverse"]["packets"].as_u64().unwrap() > 0);
+    drop((servers, lb_server));
+}
+
+#[test]
+fn privileged_two_arm_native_balances_tcp_udp_v4_v6() {
+    if !privileged() {
+        return;
+    }
+    balance_through_namespaces("native");
+}
+
+#[test]
+fn privileged_two_arm_generic_balances_tcp_udp_v4_v6() {
+    if !privileged() {
+        return;
+    }
+    balance_through_namespaces("generic");
+}
