@@ -19,9 +19,14 @@ mod stats;
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
-use lb_common::{ConnValue, DatapathConfig, ReverseNat, ServiceValue, StatIndex, FAMILY_V4};
+use lb_common::{
+    Backend, ConnValue, DatapathConfig, FlowKey, ReverseNat, ServiceValue, StatIndex, FAMILY_V4,
+};
 
-use crate::{nat::Rewrite, parse::Packet};
+use crate::{
+    nat::Rewrite,
+    parse::{IcmpError, Packet, Parsed},
+};
 
 type Verdict = (u32, StatIndex);
 
@@ -30,16 +35,23 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let (seen, parsed) = parse::parse(&ctx);
     stats::count(seen, len);
-    let (action, reason) = match parsed {
-        Ok(pkt) => balance(&ctx, &pkt, len),
-        Err(reason) => (xdp_action::XDP_PASS, reason),
-    };
-    stats::count(reason, len);
-    action
+    match parsed {
+        Ok(Parsed::Flow(pkt)) => balance(&ctx, &pkt, len),
+        Ok(Parsed::Icmp(outer)) => icmp_error(&ctx, &outer, len),
+        Err(reason) => {
+            stats::count(reason, len);
+            xdp_action::XDP_PASS
+        }
+    }
 }
 
 #[inline(always)]
-fn balance(ctx: &XdpContext, pkt: &Packet, len: u64) -> Verdict {
+fn balance(ctx: &XdpContext, pkt: &Packet, len: u64) -> u32 {
+    finish(balance_verdict(ctx, pkt, len), len)
+}
+
+#[inline(always)]
+fn balance_verdict(ctx: &XdpContext, pkt: &Packet, len: u64) -> Verdict {
     let Some(cfg) = maps::CONFIG.get(0).copied() else {
         return (xdp_action::XDP_PASS, StatIndex::PassNotVip);
     };
@@ -158,6 +170,113 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
         pkt.ip_len,
         StatIndex::FwdReverse,
     )
+}
+
+/// An ICMP error about a NAT flow is translated like the flow's own packets, so that
+/// Path MTU discovery and unreachables work through xlb:
+/// - quoting our forwarded packet (SNAT → backend): it goes back to the client, about
+///   client → VIP;
+/// - quoting our reply (VIP → client): it goes on to the backend, about backend → SNAT.
+///
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, outer: &Packet, len: u64) -> u32 {
+    let Some(scratch) = maps::ICMP_SCRATCH.get_ptr_mut(0) else {
+        return finish((xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated), len);
+    };
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
+    let scratch = unsafe { &mut *scratch };
+    if let Err(reason) = parse::parse_icmp_error(ctx, outer, &mut scratch.err) {
+        return finish((xdp_action::XDP_PASS, reason), len);
+    }
+    let e = &scratch.err;
+    if e.outer.ttl <= 1 {
+        return finish((xdp_action::XDP_PASS, StatIndex::PassTtlExceeded), len);
+    }
+    let q = &e.inner;
+    scratch.reply_key = FlowKey {
+        src: q.dst,
+        dst: q.src,
+        sport: q.dport,
+        dport: q.sport,
+        ..*q
+    };
+    let e = &scratch.err;
+    if let Some(rev) = lookup::reverse(&scratch.reply_key) {
+        // SAFETY: a valid map value pointer for the duration of this run.
+        return icmp_to_client(ctx, e, unsafe { &*rev }, len);
+    }
+    if let Some(cfg) = maps::CONFIG.get(0) {
+        // SAFETY: a plain helper call.
+        let now = unsafe { bpf_ktime_get_ns() };
+        if let Some((ct, backend)) = conntrack::lookup(&scratch.reply_key, 0, now, cfg) {
+            return icmp_to_backend(ctx, e, &ct, &backend, len);
+        }
+    }
+    finish((xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated), len)
+}
+
+#[inline(always)]
+fn icmp_to_client(ctx: &XdpContext, e: &IcmpError, rev: &ReverseNat, len: u64) -> u32 {
+    let inner = Rewrite {
+        src: rev.client,
+        dst: rev.vip,
+        sport: rev.client_port,
+        dport: rev.vip_port,
+    };
+    if nat::rewrite_icmp_error(ctx, e, &rev.vip, &rev.client, &inner).is_none() {
+        return finish((xdp_action::XDP_PASS, StatIndex::PassParseError), len);
+    }
+    let k = &e.outer.key;
+    finish(
+        forward::forward(
+            ctx,
+            k.family,
+            k.proto,
+            &rev.vip,
+            &rev.client,
+            e.outer.ip_len,
+            StatIndex::IcmpTranslated,
+        ),
+        len,
+    )
+}
+
+#[inline(always)]
+fn icmp_to_backend(
+    ctx: &XdpContext,
+    e: &IcmpError,
+    ct: &ConnValue,
+    backend: &Backend,
+    len: u64,
+) -> u32 {
+    let inner = Rewrite {
+        src: backend.addr,
+        dst: ct.nat_addr,
+        sport: backend.port,
+        dport: ct.nat_port,
+    };
+    if nat::rewrite_icmp_error(ctx, e, &ct.nat_addr, &backend.addr, &inner).is_none() {
+        return finish((xdp_action::XDP_PASS, StatIndex::PassParseError), len);
+    }
+    let k = &e.outer.key;
+    finish(
+        forward::forward(
+            ctx,
+            k.family,
+            k.proto,
+            &ct.nat_addr,
+            &backend.addr,
+            e.outer.ip_len,
+            StatIndex::IcmpTranslated,
+        ),
+        len,
+    )
+}
+
+#[inline(always)]
+fn finish((action, reason): Verdict, len: u64) -> u32 {
+    stats::count(reason, len);
+    action
 }
 
 #[cfg(target_arch = "bpf")]

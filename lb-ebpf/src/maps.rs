@@ -1,6 +1,7 @@
 //! The maps, declared once. Sizes and names come from lb-common, so the agent opens
 //! exactly these. All are pinned by name, so a restarted agent finds them again.
 
+use crate::parse::IcmpError;
 use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -37,3 +38,14 @@ pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SE
 
 #[map(name = "XLB_BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);
+
+/// Per-CPU scratch memory for the ICMP error path (not pinned: it holds no state
+/// between packets). Its state does not fit the 512-byte stack next to the rest.
+#[map(name = "XLB_ICMP_SCRATCH")]
+pub static ICMP_SCRATCH: PerCpuArray<IcmpScratch> = PerCpuArray::with_max_entries(1, 0);
+
+pub struct IcmpScratch {
+    pub err: IcmpError,
+    /// The quoted packet's reply 5-tuple: the REVERSE_NAT or CONNTRACK key.
+    pub reply_key: FlowKey,
+}

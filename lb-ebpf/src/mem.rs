@@ -3,11 +3,30 @@
 
 use aya_ebpf::programs::XdpContext;
 
+/// The deepest header offset the program reads (Ethernet + IPv6 + four extension
+/// headers of the largest size is far beyond any real packet; 4 KiB covers jumbo frames).
+pub const MAX_HEADER_OFFSET: usize = 4095;
+
 /// A pointer to a `T` at `offset` bytes into the packet, if the whole `T` is inside it.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    let start = ctx.data();
-    let end = ctx.data_end();
+    // SAFETY: ctx.ctx is the kernel's xdp_md for this run. The reads are volatile so
+    // that LLVM cannot promote the context pointer into plain integers when the caller
+    // is a separate BPF subprogram: the verifier rejects such integers as packet bounds.
+    let (start, end) = unsafe {
+        (
+            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
+            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
+        )
+    };
+    // Offsets handed between BPF subprograms reach the verifier unbounded; an explicit
+    // bound lets it accept pointer arithmetic with them. No header we read lies deeper.
+    if offset > MAX_HEADER_OFFSET {
+        return None;
+    }
+    // A no-op after the check above, but LLVM may do the arithmetic below on another
+    // copy of `offset` than the one it compared; the mask bounds whichever it uses.
+    let offset = offset & MAX_HEADER_OFFSET;
     if start + offset + core::mem::size_of::<T>() > end {
         return None;
     }
@@ -27,4 +46,17 @@ pub fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
 pub fn store<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
     // SAFETY: bounds checked by ptr_at; the frame is ours to modify during the call.
     ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::write_unaligned(p, value) })
+}
+
+/// Mutable access to `N` bytes of the packet, for several writes under one bounds
+/// check (separate checks let LLVM merge pointer arithmetic the verifier then rejects).
+#[inline(always)]
+#[expect(
+    clippy::mut_from_ref,
+    reason = "XdpContext only points at the frame; the frame itself is the program's to write"
+)]
+pub fn bytes_mut<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&mut [u8; N]> {
+    // SAFETY: bounds checked by ptr_at; [u8; N] has alignment 1; the frame is ours to
+    // modify while the context lives, and no other reference to these bytes is live.
+    ptr_at::<[u8; N]>(ctx, offset).map(|p| unsafe { &mut *p })
 }

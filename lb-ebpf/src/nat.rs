@@ -6,16 +6,22 @@
 //! loaded the same way.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::programs::XdpContext;
 use lb_common::{
     flow_hash, Addr, DatapathConfig, FlowKey, ReverseNat, FAMILY_V4, PROTO_TCP, PROTO_UDP,
 };
-use network_types::ip::{Ipv4Hdr, Ipv6Hdr};
+use network_types::ip::Ipv4Hdr;
 
 use crate::{
     maps::REVERSE_NAT,
-    mem::{load, store},
-    parse::{Packet, ETH_LEN},
+    mem::{bytes_mut, load, store},
+    parse::{IcmpError, Packet, ETH_LEN},
 };
+
+/// Offsets in the IPv6 header: next header (hop limit follows), source, destination.
+const IPV6_NEXT_HDR_OFF: usize = 6;
+const IPV6_SRC_OFF: usize = 8;
+const IPV6_DST_OFF: usize = 24;
 
 /// How many ports the allocator tries before it gives up (and counts a drop).
 const PORT_PROBES: u32 = 8;
@@ -57,31 +63,44 @@ pub struct Rewrite {
     pub dport: u16,
 }
 
-/// Rewrites addresses and ports, decrements TTL / hop limit, and fixes the IPv4 header
-/// checksum and the TCP/UDP checksum. None if the headers are no longer reachable.
+/// Rewrites the outer IP header's addresses, decrements TTL / hop limit and fixes the
+/// IPv4 header checksum.
 #[inline(always)]
-pub fn rewrite(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, to: &Rewrite) -> Option<()> {
-    let k = &pkt.key;
-    let words = if k.family == FAMILY_V4 { 1 } else { 4 };
-    if k.family == FAMILY_V4 {
+fn rewrite_ip(ctx: &XdpContext, family: u8, to_src: &Addr, to_dst: &Addr) -> Option<()> {
+    if family == FAMILY_V4 {
         let mut ip = load::<Ipv4Hdr>(ctx, ETH_LEN)?;
+        let from_src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
+        let from_dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
         let mut check = u16::from_ne_bytes(ip.check);
         let old_ttl = u16::from_ne_bytes([ip.ttl, ip.proto]);
         ip.ttl -= 1;
         check = csum_replace16(check, old_ttl, u16::from_ne_bytes([ip.ttl, ip.proto]));
-        check = csum_replace32(check, &k.src, &to.src, 1);
-        check = csum_replace32(check, &k.dst, &to.dst, 1);
+        check = csum_replace32(check, &from_src, to_src, 1);
+        check = csum_replace32(check, &from_dst, to_dst, 1);
         ip.check = check.to_ne_bytes();
-        ip.src_addr = to.src[0].to_ne_bytes();
-        ip.dst_addr = to.dst[0].to_ne_bytes();
-        store(ctx, ETH_LEN, ip)?;
+        ip.src_addr = to_src[0].to_ne_bytes();
+        ip.dst_addr = to_dst[0].to_ne_bytes();
+        store(ctx, ETH_LEN, ip)
     } else {
-        let mut ip = load::<Ipv6Hdr>(ctx, ETH_LEN)?;
-        ip.hop_limit -= 1;
-        ip.src_addr = addr_bytes(&to.src);
-        ip.dst_addr = addr_bytes(&to.dst);
-        store(ctx, ETH_LEN, ip)?;
+        // Field by field: a whole 40-byte header copy costs stack the ICMP path lacks.
+        let hop_limit = load::<[u8; 2]>(ctx, ETH_LEN + IPV6_NEXT_HDR_OFF)?;
+        store(
+            ctx,
+            ETH_LEN + IPV6_NEXT_HDR_OFF,
+            [hop_limit[0], hop_limit[1] - 1],
+        )?;
+        store(ctx, ETH_LEN + IPV6_SRC_OFF, *to_src)?;
+        store(ctx, ETH_LEN + IPV6_DST_OFF, *to_dst)
     }
+}
+
+/// Rewrites addresses and ports, decrements TTL / hop limit, and fixes the IPv4 header
+/// checksum and the TCP/UDP checksum. None if the headers are no longer reachable.
+#[inline(always)]
+pub fn rewrite(ctx: &XdpContext, pkt: &Packet, to: &Rewrite) -> Option<()> {
+    let k = &pkt.key;
+    let words = if k.family == FAMILY_V4 { 1 } else { 4 };
+    rewrite_ip(ctx, k.family, &to.src, &to.dst)?;
     // Ports, then the transport checksum (it covers the pseudo-header addresses too).
     store(ctx, pkt.l4_off, [to.sport, to.dport])?;
     let check_off = match k.proto {
@@ -103,18 +122,59 @@ pub fn rewrite(ctx: &aya_ebpf::programs::XdpContext, pkt: &Packet, to: &Rewrite)
     store(ctx, check_off, check)
 }
 
+/// Translates an ICMP error about a NAT flow: the outer header to `outer_src` →
+/// `outer_dst`, and the quoted packet to `inner`, fixing the quoted IPv4 header's
+/// checksum and the ICMP checksum (which for ICMPv6 covers the outer pseudo-header).
+/// The quoted transport checksum is left alone: it is usually truncated away, and
+/// no receiver checks it.
 #[inline(always)]
-fn addr_bytes(a: &Addr) -> [u8; 16] {
-    let (w0, w1, w2, w3) = (
-        a[0].to_ne_bytes(),
-        a[1].to_ne_bytes(),
-        a[2].to_ne_bytes(),
-        a[3].to_ne_bytes(),
-    );
-    [
-        w0[0], w0[1], w0[2], w0[3], w1[0], w1[1], w1[2], w1[3], w2[0], w2[1], w2[2], w2[3], w3[0],
-        w3[1], w3[2], w3[3],
-    ]
+pub fn rewrite_icmp_error(
+    ctx: &XdpContext,
+    e: &IcmpError,
+    outer_src: &Addr,
+    outer_dst: &Addr,
+    inner: &Rewrite,
+) -> Option<()> {
+    let family = e.outer.key.family;
+    let words = if family == FAMILY_V4 { 1 } else { 4 };
+    rewrite_ip(ctx, family, outer_src, outer_dst)?;
+    let mut icmp_check = load::<u16>(ctx, e.icmp_off + 2)?;
+    if family == FAMILY_V4 {
+        let mut ip = load::<Ipv4Hdr>(ctx, e.inner_ip_off)?;
+        let old = u16::from_ne_bytes(ip.check);
+        let mut check = csum_replace32(old, &e.inner.src, &inner.src, 1);
+        check = csum_replace32(check, &e.inner.dst, &inner.dst, 1);
+        ip.check = check.to_ne_bytes();
+        ip.src_addr = inner.src[0].to_ne_bytes();
+        ip.dst_addr = inner.dst[0].to_ne_bytes();
+        store(ctx, e.inner_ip_off, ip)?;
+        icmp_check = csum_replace16(icmp_check, old, check);
+    } else {
+        let addrs = bytes_mut::<32>(ctx, e.inner_ip_off + IPV6_SRC_OFF)?;
+        put_addr(&mut addrs[..16], &inner.src);
+        put_addr(&mut addrs[16..], &inner.dst);
+        icmp_check = csum_replace32(icmp_check, &e.outer.key.src, outer_src, 4);
+        icmp_check = csum_replace32(icmp_check, &e.outer.key.dst, outer_dst, 4);
+    }
+    icmp_check = csum_replace32(icmp_check, &e.inner.src, &inner.src, words);
+    icmp_check = csum_replace32(icmp_check, &e.inner.dst, &inner.dst, words);
+    icmp_check = csum_replace16(icmp_check, e.inner.sport, inner.sport);
+    icmp_check = csum_replace16(icmp_check, e.inner.dport, inner.dport);
+    store(ctx, e.inner_l4_off, [inner.sport, inner.dport])?;
+    store(ctx, e.icmp_off + 2, icmp_check)
+}
+
+#[inline(always)]
+fn put_addr(out: &mut [u8], a: &Addr) {
+    let mut i = 0;
+    while i < 4 {
+        let b = a[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
 }
 
 /// Picks a free SNAT source port towards `backend` and claims it by inserting the

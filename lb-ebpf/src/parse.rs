@@ -31,6 +31,36 @@ const IPV6_DSTOPTS: u8 = 60;
 /// How many IPv6 extension headers we walk before giving up (a bounded loop).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
+const ICMP_DEST_UNREACH: u8 = 3;
+const ICMP_TIME_EXCEEDED: u8 = 11;
+const ICMPV6_DEST_UNREACH: u8 = 1;
+const ICMPV6_PACKET_TOO_BIG: u8 = 2;
+const ICMPV6_TIME_EXCEEDED: u8 = 3;
+/// ICMP and ICMPv6 error headers are 8 bytes, then the packet that caused the error.
+const ICMP_ERROR_HDR_LEN: usize = 8;
+
+/// What the pipeline works on.
+pub enum Parsed {
+    /// TCP or UDP.
+    Flow(Packet),
+    /// An ICMP or ICMPv6 packet; `parse_icmp_error` looks inside it.
+    Icmp(Packet),
+}
+
+/// An ICMP error and the packet it quotes.
+#[derive(Clone, Copy)]
+pub struct IcmpError {
+    /// Outer addresses; the outer ports are unused.
+    pub outer: Packet,
+    /// Offset of the ICMP header.
+    pub icmp_off: usize,
+    /// Offset of the quoted IP header, and of its transport header.
+    pub inner_ip_off: usize,
+    pub inner_l4_off: usize,
+    /// The quoted packet's 5-tuple as it was sent.
+    pub inner: FlowKey,
+}
+
 /// A TCP or UDP packet we may balance.
 #[derive(Clone, Copy)]
 pub struct Packet {
@@ -61,7 +91,7 @@ struct Network {
 /// What the packet is (the `Seen*` counter) and, unless it is to be passed untouched
 /// at once, the parsed packet. The error is the pass reason.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Packet, StatIndex>) {
+pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Parsed, StatIndex>) {
     let Some(eth) = load::<EthHdr>(ctx, 0) else {
         return (StatIndex::SeenNonIp, Err(StatIndex::PassParseError));
     };
@@ -159,19 +189,11 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
             _ => break,
         }
     }
-    let words = |a: [u8; 16]| {
-        [
-            u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-            u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-            u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-            u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-        ]
-    };
     Ok(Network {
         family: FAMILY_V6,
         proto: next,
-        src: words(ip.src_addr),
-        dst: words(ip.dst_addr),
+        src: addr_words(ip.src_addr),
+        dst: addr_words(ip.dst_addr),
         l4_off: off,
         fragment,
         ttl: ip.hop_limit,
@@ -180,7 +202,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
 }
 
 #[inline(always)]
-fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Packet, StatIndex> {
+fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Parsed, StatIndex> {
     let mut key = FlowKey {
         src: net.src,
         dst: net.dst,
@@ -204,14 +226,96 @@ fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Packet, StatIndex>
             key.dport = u16::from_ne_bytes(udp.dst);
             0
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => return Err(StatIndex::PassIcmpNotRelated),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
+            let outer = Packet {
+                key,
+                l4_off: net.l4_off,
+                tcp_flags: 0,
+                ttl: net.ttl,
+                ip_len: net.ip_len,
+            };
+            return Ok(Parsed::Icmp(outer));
+        }
         _ => return Err(StatIndex::PassUnsupportedProto),
     };
-    Ok(Packet {
+    Ok(Parsed::Flow(Packet {
         key,
         l4_off: net.l4_off,
         tcp_flags,
         ttl: net.ttl,
         ip_len: net.ip_len,
-    })
+    }))
+}
+
+/// Destination unreachable (with fragmentation needed), packet too big and time
+/// exceeded, quoting a TCP or UDP packet of the same family. Other ICMP is not ours.
+/// Writes into `out` (per-CPU scratch memory: this path's state does not fit the
+/// 512-byte BPF stack next to everything else).
+#[inline(always)]
+pub fn parse_icmp_error(
+    ctx: &XdpContext,
+    outer: &Packet,
+    out: &mut IcmpError,
+) -> Result<(), StatIndex> {
+    let family = outer.key.family;
+    let icmp_off = outer.l4_off;
+    // Type and code together: a 1-byte bounds check compiles to `p >= end`, a form the
+    // verifier draws no range from.
+    let [icmp_type, _code] = load::<[u8; 2]>(ctx, icmp_off).ok_or(StatIndex::PassParseError)?;
+    let is_error = if family == FAMILY_V4 {
+        outer.key.proto == IPPROTO_ICMP
+            && (icmp_type == ICMP_DEST_UNREACH || icmp_type == ICMP_TIME_EXCEEDED)
+    } else {
+        outer.key.proto == IPPROTO_ICMPV6
+            && (icmp_type == ICMPV6_DEST_UNREACH
+                || icmp_type == ICMPV6_PACKET_TOO_BIG
+                || icmp_type == ICMPV6_TIME_EXCEEDED)
+    };
+    if !is_error {
+        return Err(StatIndex::PassIcmpNotRelated);
+    }
+    let inner_ip_off = icmp_off + ICMP_ERROR_HDR_LEN;
+    out.outer = *outer;
+    out.icmp_off = icmp_off;
+    out.inner_ip_off = inner_ip_off;
+    out.inner.family = family;
+    out.inner._pad = [0; 2];
+    if family == FAMILY_V4 {
+        let ip = load::<Ipv4Hdr>(ctx, inner_ip_off).ok_or(StatIndex::PassIcmpNotRelated)?;
+        let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+        if ihl < Ipv4Hdr::LEN {
+            return Err(StatIndex::PassIcmpNotRelated);
+        }
+        out.inner.src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
+        out.inner.dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
+        out.inner.proto = ip.proto;
+        out.inner_l4_off = inner_ip_off + ihl;
+    } else {
+        // Next header, then (after the hop limit) the two addresses.
+        let next = load::<[u8; 2]>(ctx, inner_ip_off + 6).ok_or(StatIndex::PassIcmpNotRelated)?;
+        out.inner.src =
+            load::<[u32; 4]>(ctx, inner_ip_off + 8).ok_or(StatIndex::PassIcmpNotRelated)?;
+        out.inner.dst =
+            load::<[u32; 4]>(ctx, inner_ip_off + 24).ok_or(StatIndex::PassIcmpNotRelated)?;
+        out.inner.proto = next[0];
+        out.inner_l4_off = inner_ip_off + Ipv6Hdr::LEN;
+    }
+    if out.inner.proto != PROTO_TCP && out.inner.proto != PROTO_UDP {
+        return Err(StatIndex::PassIcmpNotRelated);
+    }
+    // Only the ports are needed (every ICMP error quotes at least 8 transport bytes).
+    let ports = load::<[u16; 2]>(ctx, out.inner_l4_off).ok_or(StatIndex::PassIcmpNotRelated)?;
+    out.inner.sport = ports[0];
+    out.inner.dport = ports[1];
+    Ok(())
+}
+
+#[inline(always)]
+fn addr_words(a: [u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
 }

@@ -429,3 +429,205 @@ fn privileged_one_arm_uses_xdp_tx() {
         assert_eq!(out.src_mac, lab.backend_side_mac);
     });
 }
+
+/// One's-complement sum of 16-bit words, folded: 0xffff over data that includes its own
+/// correct checksum.
+fn ones_sum(chunks: &[&[u8]]) -> u16 {
+    let mut s: u64 = 0;
+    for c in chunks {
+        for w in c.chunks(2) {
+            s += u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]) as u64;
+        }
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    s as u16
+}
+
+fn icmp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: IpAddr,
+    dst: IpAddr,
+    quoted: &[u8],
+) -> Vec<u8> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type, PacketBuilder};
+    let eth = PacketBuilder::ethernet2(src_mac, dst_mac);
+    let mut buf = Vec::new();
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => eth
+            .ipv4(s.octets(), d.octets(), 64)
+            .icmpv4(Icmpv4Type::DestinationUnreachable(
+                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+            ))
+            .write(&mut buf, quoted)
+            .unwrap(),
+        (IpAddr::V6(s), IpAddr::V6(d)) => eth
+            .ipv6(s.octets(), d.octets(), 64)
+            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
+            .write(&mut buf, quoted)
+            .unwrap(),
+        _ => unreachable!(),
+    }
+    buf
+}
+
+/// Checks an ICMP error frame: outer addresses, outer and ICMP checksums, and the quoted
+/// packet's addresses, ports and (IPv4) header checksum.
+fn check_icmp(out: &[u8], outer: (IpAddr, IpAddr), quoted: (SocketAddr, SocketAddr)) {
+    let v4 = outer.0.is_ipv4();
+    let (ip_len, icmp_off) = if v4 { (20, 34) } else { (40, 54) };
+    let ip = &out[14..14 + ip_len];
+    let addr = |b: &[u8]| -> IpAddr {
+        if v4 {
+            IpAddr::from(<[u8; 4]>::try_from(b).unwrap())
+        } else {
+            IpAddr::from(<[u8; 16]>::try_from(b).unwrap())
+        }
+    };
+    let (s_off, alen) = if v4 { (12, 4) } else { (8, 16) };
+    assert_eq!(
+        (
+            addr(&ip[s_off..s_off + alen]),
+            addr(&ip[s_off + alen..s_off + 2 * alen])
+        ),
+        outer,
+        "outer addresses"
+    );
+    let icmp = &out[icmp_off..];
+    if v4 {
+        assert_eq!(ones_sum(&[ip]), 0xffff, "outer IPv4 header checksum");
+        assert_eq!(ones_sum(&[icmp]), 0xffff, "ICMP checksum");
+    } else {
+        let len = (icmp.len() as u32).to_be_bytes();
+        assert_eq!(
+            ones_sum(&[&ip[8..40], &len, &[0, 0, 0, 58], icmp]),
+            0xffff,
+            "ICMPv6 checksum"
+        );
+    }
+    let inner = &icmp[8..];
+    let inner_ip = &inner[..ip_len];
+    let ports = &inner[ip_len..ip_len + 4];
+    let got = (
+        SocketAddr::new(
+            addr(&inner_ip[s_off..s_off + alen]),
+            u16::from_be_bytes([ports[0], ports[1]]),
+        ),
+        SocketAddr::new(
+            addr(&inner_ip[s_off + alen..s_off + 2 * alen]),
+            u16::from_be_bytes([ports[2], ports[3]]),
+        ),
+    );
+    assert_eq!(got, quoted, "quoted packet");
+    if v4 {
+        assert_eq!(ones_sum(&[inner_ip]), 0xffff, "quoted IPv4 header checksum");
+    }
+}
+
+/// Path MTU discovery through xlb: a backend's "fragmentation needed" / "packet too
+/// big" about a forwarded packet reaches the client about its own client → VIP packet;
+/// a router's error about a reply reaches the backend about backend → SNAT.
+fn icmp_errors_are_translated(
+    client: &str,
+    vip: &str,
+    backends: &[&str],
+    snat: &str,
+    router: &str,
+) {
+    let (client, vip, snat, router): (IpAddr, IpAddr, IpAddr, IpAddr) = (
+        client.parse().unwrap(),
+        vip.parse().unwrap(),
+        snat.parse().unwrap(),
+        router.parse().unwrap(),
+    );
+    let backends: Vec<String> = backends.iter().map(|s| s.to_string()).collect();
+    in_lab(move |lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
+        let frame = Frame::tcp(&client.to_string(), 41000, &vip.to_string(), 80);
+        let backend = predicted_backend(&refs, &frame, PROTO_TCP);
+        let fwd = f.run_on(&frame.build(), lab.client_if).unwrap();
+        let ip_len = if client.is_ipv4() { 20 } else { 40 };
+        let nat_port = u16::from_be_bytes([fwd.data[14 + ip_len], fwd.data[14 + ip_len + 1]]);
+
+        // Backend → SNAT address, quoting the packet it received.
+        let quoted = &fwd.data[14..14 + ip_len + 8];
+        let err = icmp_frame(
+            backend_mac(backend.ip()),
+            lab.backend_side_mac,
+            backend.ip(),
+            snat,
+            quoted,
+        );
+        let res = f.run_on(&err, lab.backend_if).unwrap();
+        assert_eq!(res.verdict, XDP_REDIRECT, "error goes to the client side");
+        assert_eq!(&res.data[0..6], &CLIENT_MAC);
+        check_icmp(
+            &res.data,
+            (vip, client),
+            (SocketAddr::new(client, 41000), SocketAddr::new(vip, 80)),
+        );
+
+        // A router on the client side → VIP, quoting our reply VIP:80 → client:41000.
+        let mut reply = frame.clone().flags(ACK);
+        reply.src = vip;
+        reply.sport = 80;
+        reply.dst = client;
+        reply.dport = 41000;
+        let reply_bytes = reply.build();
+        let err = icmp_frame(
+            CLIENT_MAC,
+            lab.client_side_mac,
+            router,
+            vip,
+            &reply_bytes[14..14 + ip_len + 8],
+        );
+        let res = f.run_on(&err, lab.client_if).unwrap();
+        assert_eq!(res.verdict, XDP_REDIRECT, "error goes to the backend side");
+        check_icmp(
+            &res.data,
+            (snat, backend.ip()),
+            (backend, SocketAddr::new(snat, nat_port)),
+        );
+        assert_eq!(counter(&f, "icmp_translated"), 2);
+
+        // An error about a flow xlb never saw is not ours.
+        let mut stranger = reply_bytes.clone();
+        stranger[14 + ip_len + 2] ^= 0x55;
+        let err = icmp_frame(
+            CLIENT_MAC,
+            lab.client_side_mac,
+            router,
+            vip,
+            &stranger[14..14 + ip_len + 8],
+        );
+        let res = f.run_on(&err, lab.client_if).unwrap();
+        assert_eq!((res.verdict, &res.data), (XDP_PASS, &err));
+        assert_eq!(counter(&f, "pass_icmp_not_related"), 1);
+    });
+}
+
+#[test]
+fn privileged_icmpv4_frag_needed_is_translated_both_ways() {
+    icmp_errors_are_translated(
+        "10.10.0.5",
+        "192.0.2.10",
+        &BACKENDS_V4,
+        "10.20.0.1",
+        "10.10.0.9",
+    );
+}
+
+#[test]
+fn privileged_icmpv6_packet_too_big_is_translated_both_ways() {
+    icmp_errors_are_translated(
+        "fd10::5",
+        "2001:db8::10",
+        &BACKENDS_V6,
+        "fd20::1",
+        "fd10::9",
+    );
+}
