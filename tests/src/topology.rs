@@ -1,15 +1,22 @@
-//! The load-balancer topology used by the netns tests and the demo:
+//! The load-balancer topologies used by the netns tests and the demo.
 //!
+//! Two-arm:
 //! ```text
 //!  client ns ──veth── LB ns (xlb) ──veth── backend ns b0
 //!  10.30.0.2          10.30.0.1   ├─veth── backend ns b1     10.40.i.2 / fd40:i::2
 //!  fd30::2            fd30::1     └─veth── backend ns b2     (default route via LB)
 //! ```
+//! One-arm: client, LB and backends on one bridge (in a "switch" namespace),
+//! 10.60.0.0/24 and fd60::/64; the LB uses a single interface, so it answers with XDP_TX.
+//!
 //! VIPs 10.100.0.10 and fd00:100::10 are routed by the client to the LB and are not
 //! configured anywhere: only xlb answers for them. The LB's client-side address is the
 //! SNAT address. Neighbour entries are pinned so that bpf_fib_lookup always resolves.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
 
 use anyhow::Result;
 
@@ -20,27 +27,26 @@ use crate::{
 
 pub const VIP4: &str = "10.100.0.10";
 pub const VIP6: &str = "fd00:100::10";
-pub const CLIENT4: &str = "10.30.0.2";
-pub const CLIENT6: &str = "fd30::2";
-pub const SNAT4: &str = "10.30.0.1";
-pub const SNAT6: &str = "fd30::1";
 pub const BACKEND_PORT: u16 = 8080;
 
 pub struct LbLab {
     pub client: Netns,
     pub lb: Netns,
     pub backends: Vec<Netns>,
+    /// The bridge of the one-arm topology, and the LB's port on it. In native mode a
+    /// veth's XDP_TX needs an XDP program on the peer too (see DESIGN.md).
+    pub switch: Option<Netns>,
+    pub lb_switch_port: Option<String>,
     /// The LB's interfaces (client side first), for `--iface`.
     pub lb_ifaces: Vec<String>,
     pub config_path: PathBuf,
-}
-
-pub fn backend_v4(i: usize) -> SocketAddr {
-    format!("10.40.{i}.2:{BACKEND_PORT}").parse().unwrap()
-}
-
-pub fn backend_v6(i: usize) -> SocketAddr {
-    format!("[fd40:{i}::2]:{BACKEND_PORT}").parse().unwrap()
+    pub client4: IpAddr,
+    pub client6: IpAddr,
+    /// The LB's address towards the backends, used as the SNAT source.
+    pub snat4: IpAddr,
+    pub snat6: IpAddr,
+    backends4: Vec<IpAddr>,
+    backends6: Vec<IpAddr>,
 }
 
 fn pin_neighbour(
@@ -71,6 +77,86 @@ fn pin_neighbour(
 }
 
 impl LbLab {
+    /// Backend `i`'s service address, IPv4 or IPv6.
+    pub fn backend(&self, i: usize, v6: bool) -> SocketAddr {
+        SocketAddr::new(
+            if v6 {
+                self.backends6[i]
+            } else {
+                self.backends4[i]
+            },
+            BACKEND_PORT,
+        )
+    }
+
+    pub fn one_arm(n_backends: usize) -> Result<Self> {
+        let switch = Netns::new("ls")?;
+        switch.ip(&["link", "add", "br0", "type", "bridge"])?;
+        switch.ip(&["link", "set", "br0", "up"])?;
+        let attach = |host: &Netns, a4: &str, a6: &str| -> Result<(VethEnd, VethEnd)> {
+            let (h, s) = veth_pair(
+                host,
+                &[&format!("{a4}/24"), &format!("{a6}/64")],
+                &switch,
+                &[],
+            )?;
+            switch.ip(&["link", "set", &s.name, "master", "br0"])?;
+            Ok((h, s))
+        };
+        let client = Netns::new("lc")?;
+        let lb = Netns::new("ll")?;
+        let (c_end, _) = attach(&client, "10.60.0.2", "fd60::2")?;
+        let (l_end, l_port) = attach(&lb, "10.60.0.1", "fd60::1")?;
+        client.ip(&["route", "add", &format!("{VIP4}/32"), "via", "10.60.0.1"])?;
+        client.ip(&[
+            "-6",
+            "route",
+            "add",
+            &format!("{VIP6}/128"),
+            "via",
+            "fd60::1",
+        ])?;
+        for a in ["10.60.0.2", "fd60::2"] {
+            pin_neighbour(&lb, &l_end, a, &client, &c_end)?;
+        }
+        for a in ["10.60.0.1", "fd60::1"] {
+            pin_neighbour(&client, &c_end, a, &lb, &l_end)?;
+        }
+        lb.sysctl("net.ipv4.ip_forward", "1")?;
+        lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        let (mut backends, mut backends4, mut backends6) = (Vec::new(), Vec::new(), Vec::new());
+        for i in 0..n_backends {
+            let b = Netns::new("lb")?;
+            let (a4, a6) = (format!("10.60.0.{}", 10 + i), format!("fd60::{}", 10 + i));
+            let (b_end, _) = attach(&b, &a4, &a6)?;
+            for a in [&a4, &a6] {
+                pin_neighbour(&lb, &l_end, a, &b, &b_end)?;
+            }
+            for a in ["10.60.0.1", "fd60::1"] {
+                pin_neighbour(&b, &b_end, a, &lb, &l_end)?;
+            }
+            backends4.push(a4.parse()?);
+            backends6.push(a6.parse()?);
+            backends.push(b);
+        }
+        let config_path = std::env::temp_dir().join(format!("{}.yaml", unique_name("xlbcfg")));
+        Ok(Self {
+            client,
+            lb,
+            backends,
+            switch: Some(switch),
+            lb_switch_port: Some(l_port.name),
+            lb_ifaces: vec![l_end.name],
+            config_path,
+            client4: "10.60.0.2".parse()?,
+            client6: "fd60::2".parse()?,
+            snat4: "10.60.0.1".parse()?,
+            snat6: "fd60::1".parse()?,
+            backends4,
+            backends6,
+        })
+    }
+
     pub fn two_arm(n_backends: usize) -> Result<Self> {
         let client = Netns::new("lc")?;
         let lb = Netns::new("ll")?;
@@ -80,16 +166,16 @@ impl LbLab {
             &lb,
             &["10.30.0.1/24", "fd30::1/64"],
         )?;
-        client.ip(&["route", "add", "default", "via", SNAT4])?;
-        client.ip(&["-6", "route", "add", "default", "via", SNAT6])?;
-        pin_neighbour(&lb, &l_end, CLIENT4, &client, &c_end)?;
-        pin_neighbour(&lb, &l_end, CLIENT6, &client, &c_end)?;
-        pin_neighbour(&client, &c_end, SNAT4, &lb, &l_end)?;
-        pin_neighbour(&client, &c_end, SNAT6, &lb, &l_end)?;
+        client.ip(&["route", "add", "default", "via", "10.30.0.1"])?;
+        client.ip(&["-6", "route", "add", "default", "via", "fd30::1"])?;
+        pin_neighbour(&lb, &l_end, "10.30.0.2", &client, &c_end)?;
+        pin_neighbour(&lb, &l_end, "fd30::2", &client, &c_end)?;
+        pin_neighbour(&client, &c_end, "10.30.0.1", &lb, &l_end)?;
+        pin_neighbour(&client, &c_end, "fd30::1", &lb, &l_end)?;
         lb.sysctl("net.ipv4.ip_forward", "1")?;
         lb.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         let mut lb_ifaces = vec![l_end.name.clone()];
-        let mut backends = Vec::new();
+        let (mut backends, mut backends4, mut backends6) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..n_backends {
             let b = Netns::new("lb")?;
             let (lb_side, b_side) = veth_pair(
@@ -112,6 +198,8 @@ impl LbLab {
             pin_neighbour(&b, &b_side, &format!("10.40.{i}.1"), &lb, &lb_side)?;
             pin_neighbour(&b, &b_side, &format!("fd40:{i}::1"), &lb, &lb_side)?;
             lb_ifaces.push(lb_side.name);
+            backends4.push(format!("10.40.{i}.2").parse()?);
+            backends6.push(format!("fd40:{i}::2").parse()?);
             backends.push(b);
         }
         let config_path = std::env::temp_dir().join(format!("{}.yaml", unique_name("xlbcfg")));
@@ -119,8 +207,16 @@ impl LbLab {
             client,
             lb,
             backends,
+            switch: None,
+            lb_switch_port: None,
             lb_ifaces,
             config_path,
+            client4: "10.30.0.2".parse()?,
+            client6: "fd30::2".parse()?,
+            snat4: "10.30.0.1".parse()?,
+            snat6: "fd30::1".parse()?,
+            backends4,
+            backends6,
         })
     }
 
@@ -129,16 +225,14 @@ impl LbLab {
         let list = |v6: bool| {
             backends
                 .iter()
-                .map(|&i| {
-                    format!(
-                        "{{address: \"{}\"}}",
-                        if v6 { backend_v6(i) } else { backend_v4(i) }
-                    )
-                })
+                .map(|&i| format!("{{address: \"{}\"}}", self.backend(i, v6)))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut text = format!("snat: {{ipv4: {SNAT4}, ipv6: \"{SNAT6}\"}}\nservices:\n");
+        let mut text = format!(
+            "snat: {{ipv4: {}, ipv6: \"{}\"}}\nservices:\n",
+            self.snat4, self.snat6
+        );
         for (name, vip, v6) in [("v4", VIP4, false), ("v6", VIP6, true)] {
             for (proto, port) in [("tcp", 80), ("udp", 53)] {
                 text.push_str(&format!(

@@ -631,3 +631,24 @@ fn privileged_icmpv6_packet_too_big_is_translated_both_ways() {
         "fd10::9",
     );
 }
+
+/// A backend whose neighbour entry is unknown: the packet is rewritten, then passed to
+/// the kernel (XDP_PASS) to resolve the neighbour and forward it.
+#[test]
+fn privileged_unknown_neighbour_passes_the_rewritten_packet() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&["10.20.0.99:8080"], &BACKENDS_V6))
+            .unwrap();
+        let frame = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80);
+        let res = f.run_on(&frame.build(), lab.client_if).unwrap();
+        assert_eq!(res.verdict, XDP_PASS);
+        let out = decode(&res.data).expect("rewritten with valid checksums");
+        assert_eq!(
+            (out.dst, out.dport),
+            ("10.20.0.99".parse::<IpAddr>().unwrap(), 8080)
+        );
+        assert_eq!(out.src, "10.20.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(counter(&f, "pass_neighbour_unknown"), 1);
+    });
+}

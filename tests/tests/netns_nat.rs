@@ -16,7 +16,7 @@ use xlb_tests::{
     agent::Agent,
     netns::Netns,
     privileged,
-    topology::{backend_v4, backend_v6, LbLab, CLIENT4, CLIENT6, SNAT4, VIP4, VIP6},
+    topology::{LbLab, VIP4, VIP6},
     traffic::{parse_reply, tcp_echo, udp_echo},
 };
 
@@ -24,14 +24,15 @@ const M: u32 = 16381;
 
 /// The backend index Maglev picks for this flow, computed in userspace with the same
 /// flow hash as the datapath.
-fn predict(live: &[usize], client: IpAddr, sport: u16, vip: SocketAddr, proto: u8) -> usize {
-    let addr = |i: usize| {
-        if vip.is_ipv4() {
-            backend_v4(i)
-        } else {
-            backend_v6(i)
-        }
-    };
+fn predict(
+    lab: &LbLab,
+    live: &[usize],
+    client: IpAddr,
+    sport: u16,
+    vip: SocketAddr,
+    proto: u8,
+) -> usize {
+    let addr = |i: usize| lab.backend(i, vip.is_ipv6());
     let bs: Vec<WeightedBackend> = live
         .iter()
         .map(|&i| WeightedBackend {
@@ -117,8 +118,7 @@ fn udp_exchange(client: &Netns, vip: SocketAddr, msg: &str) -> (u16, usize) {
         .unwrap()
 }
 
-fn balance_through_namespaces(mode: &str) {
-    let lab = LbLab::two_arm(3).unwrap();
+fn balance_through_namespaces(lab: LbLab, mode: &str) {
     lab.write_config(&[0, 1, 2]).unwrap();
     let life = Duration::from_secs(60);
     let mut servers = Vec::new();
@@ -127,13 +127,15 @@ fn balance_through_namespaces(mode: &str) {
         servers.push(tcp_echo(b, "[::]:8080".parse().unwrap(), &name, life).unwrap());
         servers.push(udp_echo(b, "[::]:8080".parse().unwrap(), &name, life).unwrap());
     }
-    let lb_server = tcp_echo(
-        &lab.lb,
-        format!("{SNAT4}:9000").parse().unwrap(),
-        "lb",
-        life,
-    )
-    .unwrap();
+    let lb_server = tcp_echo(&lab.lb, SocketAddr::new(lab.snat4, 9000), "lb", life).unwrap();
+    // One-arm native: XDP_TX on a veth needs an XDP program on its peer; a second,
+    // config-less xlb there passes everything.
+    let _peer_xdp = match (&lab.switch, &lab.lb_switch_port, mode) {
+        (Some(sw), Some(port), "native") => {
+            Some(Agent::start(sw, &["--iface", port, "--xdp-mode", "native"]).unwrap())
+        }
+        _ => None,
+    };
     let cfg = lab.config_path.to_str().unwrap().to_owned();
     let mut agent = Agent::start(
         &lab.lb,
@@ -151,8 +153,7 @@ fn balance_through_namespaces(mode: &str) {
     // Short flows over both families: every one succeeds (so the checksums are right),
     // and lands where Maglev, computed in userspace, says it should.
     let all = [0, 1, 2];
-    for (vip_ip, client_ip) in [(VIP4, CLIENT4), (VIP6, CLIENT6)] {
-        let client_ip: IpAddr = client_ip.parse().unwrap();
+    for (vip_ip, client_ip) in [(VIP4, lab.client4), (VIP6, lab.client6)] {
         let tcp_vip = SocketAddr::new(vip_ip.parse().unwrap(), 80);
         let udp_vip = SocketAddr::new(vip_ip.parse().unwrap(), 53);
         let mut used = [0usize; 3];
@@ -161,7 +162,7 @@ fn balance_through_namespaces(mode: &str) {
             let got = c.exchange(&format!("tcp-{i}")).unwrap();
             assert_eq!(
                 got,
-                predict(&all, client_ip, c.sport, tcp_vip, PROTO_TCP),
+                predict(&lab, &all, client_ip, c.sport, tcp_vip, PROTO_TCP),
                 "TCP flow from port {}",
                 c.sport
             );
@@ -171,7 +172,7 @@ fn balance_through_namespaces(mode: &str) {
             let (sport, got) = udp_exchange(&lab.client, udp_vip, &format!("udp-{i}"));
             assert_eq!(
                 got,
-                predict(&all, client_ip, sport, udp_vip, PROTO_UDP),
+                predict(&lab, &all, client_ip, sport, udp_vip, PROTO_UDP),
                 "UDP flow from port {sport}"
             );
             used[got] += 1;
@@ -205,12 +206,15 @@ fn balance_through_namespaces(mode: &str) {
             "an established flow moved"
         );
     }
-    let client4: IpAddr = CLIENT4.parse().unwrap();
+    let client4 = lab.client4;
     for i in 0..15 {
         let mut c = connect(&lab.client, tcp_vip);
         let got = c.exchange(&format!("new-{i}")).unwrap();
         assert_ne!(got, 1, "a removed backend got a new flow");
-        assert_eq!(got, predict(&[0, 2], client4, c.sport, tcp_vip, PROTO_TCP));
+        assert_eq!(
+            got,
+            predict(&lab, &[0, 2], client4, c.sport, tcp_vip, PROTO_TCP)
+        );
     }
     lab.write_config(&[0, 1, 2]).unwrap();
     agent.reload().unwrap();
@@ -223,7 +227,7 @@ fn balance_through_namespaces(mode: &str) {
     }
 
     // Traffic for the LB host itself is untouched.
-    let mut own = connect(&lab.client, format!("{SNAT4}:9000").parse().unwrap());
+    let mut own = connect(&lab.client, SocketAddr::new(lab.snat4, 9000));
     own.stream.write_all(b"own").unwrap();
     let mut buf = [0u8; 64];
     let n = own.stream.read(&mut buf).unwrap();
@@ -258,7 +262,7 @@ fn privileged_two_arm_native_balances_tcp_udp_v4_v6() {
     if !privileged() {
         return;
     }
-    balance_through_namespaces("native");
+    balance_through_namespaces(LbLab::two_arm(3).unwrap(), "native");
 }
 
 #[test]
@@ -266,5 +270,21 @@ fn privileged_two_arm_generic_balances_tcp_udp_v4_v6() {
     if !privileged() {
         return;
     }
-    balance_through_namespaces("generic");
+    balance_through_namespaces(LbLab::two_arm(3).unwrap(), "generic");
+}
+
+#[test]
+fn privileged_one_arm_native_balances_tcp_udp_v4_v6() {
+    if !privileged() {
+        return;
+    }
+    balance_through_namespaces(LbLab::one_arm(3).unwrap(), "native");
+}
+
+#[test]
+fn privileged_one_arm_generic_balances_tcp_udp_v4_v6() {
+    if !privileged() {
+        return;
+    }
+    balance_through_namespaces(LbLab::one_arm(3).unwrap(), "generic");
 }
