@@ -48,9 +48,16 @@ impl Dataplane {
             attached: Vec::new(),
             written_tables: BTreeMap::new(),
         };
-        dp.program()?
-            .load()
-            .context("the kernel rejected the XDP program")?;
+        let prog = dp.program()?;
+        prog.load().context("the kernel rejected the XDP program")?;
+        match prog.info() {
+            Ok(info) => info!(
+                instructions = info.size_translated().map(|b| b / 8),
+                verified_instructions = info.verified_instruction_count(),
+                "XDP program loaded"
+            ),
+            Err(e) => warn!(error = %e, "XDP program loaded; its info is unavailable"),
+        }
         Ok(dp)
     }
 
