@@ -244,6 +244,14 @@ services:
         assert_eq!(c.maglev_table_size, 16381);
     }
 
+    #[test]
+    fn the_example_in_deploy_parses() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/xlb.example.yaml");
+        let c = Config::load(Path::new(path)).unwrap();
+        assert_eq!(c.services.len(), 3);
+        assert_eq!(c.services[0].backends[2].weight, 0);
+    }
+
     fn err(text: &str) -> String {
         format!("{:#}", Config::parse(text).unwrap_err())
     }
