@@ -20,7 +20,7 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
-    Backend, ConnValue, DatapathConfig, FlowKey, ReverseNat, ServiceValue, StatIndex, FAMILY_V4,
+    Addr, ConnValue, DatapathConfig, FlowKey, ReverseNat, ServiceValue, StatIndex, FAMILY_V4,
 };
 
 use crate::{
@@ -203,59 +203,44 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet, len: u64) -> u32 {
     let e = &scratch.err;
     if let Some(rev) = lookup::reverse(&scratch.reply_key) {
         // SAFETY: a valid map value pointer for the duration of this run.
-        return icmp_to_client(ctx, e, unsafe { &*rev }, len);
+        let rev = unsafe { &*rev };
+        // To the client, about its own client → VIP packet.
+        let inner = Rewrite {
+            src: rev.client,
+            dst: rev.vip,
+            sport: rev.client_port,
+            dport: rev.vip_port,
+        };
+        return icmp_translate(ctx, e, &rev.vip, &rev.client, &inner, len);
     }
     if let Some(cfg) = maps::CONFIG.get(0) {
         // SAFETY: a plain helper call.
         let now = unsafe { bpf_ktime_get_ns() };
         if let Some((ct, backend)) = conntrack::lookup(&scratch.reply_key, 0, now, cfg) {
-            return icmp_to_backend(ctx, e, &ct, &backend, len);
+            // To the backend, about its own backend → SNAT packet.
+            let inner = Rewrite {
+                src: backend.addr,
+                dst: ct.nat_addr,
+                sport: backend.port,
+                dport: ct.nat_port,
+            };
+            return icmp_translate(ctx, e, &ct.nat_addr, &backend.addr, &inner, len);
         }
     }
     finish((xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated), len)
 }
 
+/// Rewrites the error to come from `outer_src` to `outer_dst`, quoting `inner`, and sends it.
 #[inline(always)]
-fn icmp_to_client(ctx: &XdpContext, e: &IcmpError, rev: &ReverseNat, len: u64) -> u32 {
-    let inner = Rewrite {
-        src: rev.client,
-        dst: rev.vip,
-        sport: rev.client_port,
-        dport: rev.vip_port,
-    };
-    if nat::rewrite_icmp_error(ctx, e, &rev.vip, &rev.client, &inner).is_none() {
-        return finish((xdp_action::XDP_PASS, StatIndex::PassParseError), len);
-    }
-    let k = &e.outer.key;
-    finish(
-        forward::forward(
-            ctx,
-            k.family,
-            k.proto,
-            &rev.vip,
-            &rev.client,
-            e.outer.ip_len,
-            StatIndex::IcmpTranslated,
-        ),
-        len,
-    )
-}
-
-#[inline(always)]
-fn icmp_to_backend(
+fn icmp_translate(
     ctx: &XdpContext,
     e: &IcmpError,
-    ct: &ConnValue,
-    backend: &Backend,
+    outer_src: &Addr,
+    outer_dst: &Addr,
+    inner: &Rewrite,
     len: u64,
 ) -> u32 {
-    let inner = Rewrite {
-        src: backend.addr,
-        dst: ct.nat_addr,
-        sport: backend.port,
-        dport: ct.nat_port,
-    };
-    if nat::rewrite_icmp_error(ctx, e, &ct.nat_addr, &backend.addr, &inner).is_none() {
+    if nat::rewrite_icmp_error(ctx, e, outer_src, outer_dst, inner).is_none() {
         return finish((xdp_action::XDP_PASS, StatIndex::PassParseError), len);
     }
     let k = &e.outer.key;
@@ -264,8 +249,8 @@ fn icmp_to_backend(
             ctx,
             k.family,
             k.proto,
-            &ct.nat_addr,
-            &backend.addr,
+            outer_src,
+            outer_dst,
             e.outer.ip_len,
             StatIndex::IcmpTranslated,
         ),
