@@ -39,6 +39,11 @@ struct Lab {
 }
 
 fn config(backends_v4: &[&str], backends_v6: &[&str]) -> Config {
+    config_with("", backends_v4, backends_v6)
+}
+
+/// `extra` is YAML put before the rest (e.g. `timeouts:`).
+fn config_with(extra: &str, backends_v4: &[&str], backends_v6: &[&str]) -> Config {
     let list = |bs: &[&str]| {
         bs.iter()
             .map(|b| format!("{{address: \"{b}\"}}"))
@@ -49,7 +54,7 @@ fn config(backends_v4: &[&str], backends_v6: &[&str]) -> Config {
         format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    backends: [{}]\n", list(bs))
     };
     let text = format!(
-        "maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n{}{}{}{}",
+        "{extra}maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n{}{}{}{}",
         svc("web", "192.0.2.10", 80, "tcp", backends_v4),
         svc("dns", "192.0.2.10", 53, "udp", backends_v4),
         svc("web6", "2001:db8::10", 80, "tcp", backends_v6),
@@ -326,9 +331,13 @@ fn privileged_removed_backend_rebalances_only_its_flows() {
         f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let mut before = Vec::new();
         for sport in 31000..31060u16 {
-            let frame = Frame::tcp("10.10.0.5", sport, "192.0.2.10", 80);
-            let out = decode(&f.run_on(&frame.build(), lab.client_if).unwrap().data).unwrap();
-            before.push((frame, SocketAddr::new(out.dst, out.dport)));
+            for frame in [
+                Frame::tcp("10.10.0.5", sport, "192.0.2.10", 80),
+                Frame::udp("10.10.0.5", sport, "192.0.2.10", 53),
+            ] {
+                let out = decode(&f.run_on(&frame.build(), lab.client_if).unwrap().data).unwrap();
+                before.push((frame, SocketAddr::new(out.dst, out.dport)));
+            }
         }
         let removed: SocketAddr = BACKENDS_V4[1].parse().unwrap();
         let summary =
@@ -650,5 +659,103 @@ fn privileged_unknown_neighbour_passes_the_rewritten_packet() {
         );
         assert_eq!(out.src, "10.20.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(counter(&f, "pass_neighbour_unknown"), 1);
+    });
+}
+
+/// Idle timeouts are enforced by the datapath: within the timeout a flow keeps its
+/// backend even though the table changed; after it, the flow follows the new table.
+/// A TCP flow that saw FIN uses the (shorter) closing timeout.
+#[test]
+fn privileged_idle_and_closing_timeouts_expire_entries() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        let timeouts = "timeouts: {tcp_idle: 3600, tcp_closing: 1, udp_idle: 1}\n";
+        let two = [BACKENDS_V4[0], BACKENDS_V4[1]];
+        f.dp.apply(&config_with(timeouts, &two, &BACKENDS_V6))
+            .unwrap();
+        // Flows whose Maglev pick changes when the third backend is added.
+        let mut udp = None;
+        let mut tcp = None;
+        for sport in 32000..33000u16 {
+            let u = Frame::udp("10.10.0.5", sport, "192.0.2.10", 53);
+            if udp.is_none()
+                && predicted_backend(&two, &u, PROTO_UDP)
+                    != predicted_backend(&BACKENDS_V4, &u, PROTO_UDP)
+            {
+                udp = Some(u);
+            }
+            let t = Frame::tcp("10.10.0.5", sport, "192.0.2.10", 80);
+            if tcp.is_none()
+                && predicted_backend(&two, &t, PROTO_TCP)
+                    != predicted_backend(&BACKENDS_V4, &t, PROTO_TCP)
+            {
+                tcp = Some(t);
+            }
+        }
+        let (udp, tcp) = (
+            udp.expect("a UDP flow that moves"),
+            tcp.expect("a TCP flow that moves"),
+        );
+        let dst = |f: &mut Fixture, frame: &Frame| {
+            let out = decode(&f.run_on(&frame.build(), lab.client_if).unwrap().data).unwrap();
+            SocketAddr::new(out.dst, out.dport)
+        };
+        let udp_first = dst(&mut f, &udp);
+        let tcp_first = dst(&mut f, &tcp);
+        // The TCP flow closes: FIN.
+        let fin = tcp.clone().flags(xlb_tests::packet::TcpFlags {
+            fin: true,
+            ack: true,
+            ..Default::default()
+        });
+        assert_eq!(dst(&mut f, &fin), tcp_first);
+        f.dp.apply(&config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6))
+            .unwrap();
+        assert_eq!(
+            dst(&mut f, &udp),
+            udp_first,
+            "within the idle timeout the UDP flow keeps its backend"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2200));
+        assert_eq!(
+            dst(&mut f, &udp),
+            predicted_backend(&BACKENDS_V4, &udp, PROTO_UDP),
+            "expired UDP flow re-balanced"
+        );
+        assert_eq!(
+            dst(&mut f, &tcp),
+            predicted_backend(&BACKENDS_V4, &tcp, PROTO_TCP),
+            "closed TCP flow re-balanced"
+        );
+    });
+}
+
+/// IPv4 with options (IHL 7) through NAT: the transport header is found after the
+/// options, rewritten, and every checksum is still right.
+#[test]
+fn privileged_ipv4_with_options_is_translated() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let frame = Frame::tcp("10.10.0.5", 40100, "192.0.2.10", 80);
+        let plain = frame.build();
+        let mut ip = plain[14..34].to_vec();
+        ip[0] = 0x47;
+        let tot = u16::from_be_bytes([ip[2], ip[3]]) + 8;
+        ip[2..4].copy_from_slice(&tot.to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let mut opts_hdr = ip.clone();
+        opts_hdr.extend_from_slice(&[1, 1, 1, 1, 1, 1, 1, 0]);
+        let check = !ones_sum(&[&opts_hdr]);
+        opts_hdr[10..12].copy_from_slice(&check.to_be_bytes());
+        let mut with_opts = plain[..14].to_vec();
+        with_opts.extend_from_slice(&opts_hdr);
+        with_opts.extend_from_slice(&plain[34..]);
+        let res = f.run_on(&with_opts, lab.client_if).unwrap();
+        assert_eq!(res.verdict, XDP_REDIRECT);
+        let out = decode(&res.data).expect("checksums valid after NAT with options");
+        let want = predicted_backend(&BACKENDS_V4, &frame, PROTO_TCP);
+        assert_eq!((out.dst, out.dport), (want.ip(), want.port()));
+        assert_eq!(out.payload, frame.payload);
     });
 }
