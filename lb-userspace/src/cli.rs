@@ -21,6 +21,21 @@ pub enum Command {
     Status(StatusArgs),
     /// Build a Maglev table and print it (--json) or a summary of its balance.
     Maglev(MaglevArgs),
+    /// Remove everything xlb pinned: detach from every interface, delete the maps.
+    Detach(DetachArgs),
+    /// Validate a config file, as `xlb run` and reloads do, and say what is wrong.
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DetachArgs {
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CheckConfigArgs {
+    pub file: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -50,6 +65,10 @@ pub struct RunArgs {
     /// Static YAML config: services, backends, SNAT (see README).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
+    /// for a restart or an upgrade; SIGINT always detaches.
+    #[arg(long)]
+    pub detach_on_exit: bool,
 }
 
 #[derive(clap::Args, Debug)]

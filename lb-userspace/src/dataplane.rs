@@ -7,7 +7,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    programs::{Xdp, XdpMode},
+    programs::{
+        links::{FdLink, PinnedLink},
+        xdp::XdpLink,
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::PROGRAM_NAME;
@@ -17,12 +21,15 @@ use crate::cli::XdpModeArg;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
-/// The loaded program and its maps. Dropping it detaches the program from every
-/// interface; the pinned maps stay for the next agent.
+/// The loaded program and its maps. Maps and attachments (bpf links) are pinned under
+/// `pin_path`, so they outlive the agent: the datapath keeps forwarding while no agent
+/// runs, and the next agent adopts them (see `attach`). `detach` removes the links.
 pub struct Dataplane {
     pub ebpf: Ebpf,
     pub pin_path: PathBuf,
-    pub attached: Vec<(String, XdpMode)>,
+    /// Interface, and whether the attachment was adopted from an earlier agent.
+    pub attached: Vec<(String, bool)>,
+    links: Vec<PinnedLink>,
     /// The Maglev table last written per service id (backend ids per slot), so an
     /// unchanged table is not rewritten. Empty after a restart: the first apply
     /// rewrites every table, with identical contents, which is harmless.
@@ -46,6 +53,7 @@ impl Dataplane {
             ebpf,
             pin_path: pin_path.to_owned(),
             attached: Vec::new(),
+            links: Vec::new(),
             written_tables: BTreeMap::new(),
         };
         let prog = dp.program()?;
@@ -69,34 +77,115 @@ impl Dataplane {
             .try_into()?)
     }
 
-    /// Attaches to `iface`. In `auto` mode, native first, then generic with a log line.
-    pub fn attach(&mut self, iface: &str, mode: XdpModeArg) -> Result<XdpMode> {
+    fn link_pin(&self, iface: &str) -> PathBuf {
+        self.pin_path.join(format!("link_{iface}"))
+    }
+
+    /// Attaches to `iface` and pins the link. If an earlier agent left a pinned link
+    /// there, the new program replaces the old one on that link atomically
+    /// (bpf_link_update): there is no moment without a program, and the attach mode is
+    /// the link's. Otherwise, in `auto` mode, native first, then generic with a log line.
+    pub fn attach(&mut self, iface: &str, mode: XdpModeArg) -> Result<()> {
+        let pin = self.link_pin(iface);
+        if pin.exists() {
+            let fd_link: FdLink = PinnedLink::from_pin(&pin)
+                .with_context(|| format!("opening pinned link {}", pin.display()))?
+                .into();
+            let link = XdpLink::try_from(fd_link).context("pinned link is not an XDP link")?;
+            self.program()?
+                .attach_to_link(link)
+                .with_context(|| format!("replacing the program on {iface}'s existing link"))?;
+            info!(
+                iface,
+                "adopted the existing attachment: program replaced in place"
+            );
+            self.attached.push((iface.to_owned(), true));
+            return Ok(());
+        }
         let prog = self.program()?;
-        let used = match mode {
-            XdpModeArg::Native => {
+        let (id, used) = match mode {
+            XdpModeArg::Native => (
                 prog.attach(iface, XdpMode::Driver)
-                    .with_context(|| format!("attaching to {iface} in native mode"))?;
-                XdpMode::Driver
-            }
-            XdpModeArg::Generic => {
+                    .with_context(|| format!("attaching to {iface} in native mode"))?,
+                XdpMode::Driver,
+            ),
+            XdpModeArg::Generic => (
                 prog.attach(iface, XdpMode::Skb)
-                    .with_context(|| format!("attaching to {iface} in generic mode"))?;
-                XdpMode::Skb
-            }
+                    .with_context(|| format!("attaching to {iface} in generic mode"))?,
+                XdpMode::Skb,
+            ),
             XdpModeArg::Auto => match prog.attach(iface, XdpMode::Driver) {
-                Ok(_) => XdpMode::Driver,
+                Ok(id) => (id, XdpMode::Driver),
                 Err(e) => {
                     warn!(iface, error = %e, "native XDP unavailable, falling back to generic mode");
-                    prog.attach(iface, XdpMode::Skb)
+                    let id = prog
+                        .attach(iface, XdpMode::Skb)
                         .with_context(|| format!("attaching to {iface} in generic mode"))?;
-                    XdpMode::Skb
+                    (id, XdpMode::Skb)
                 }
             },
         };
+        let link = prog.take_link(id)?;
+        let fd_link = FdLink::try_from(link)
+            .context("the kernel attached without a bpf link; cannot pin it")?;
+        let pinned = fd_link
+            .pin(&pin)
+            .with_context(|| format!("pinning link at {}", pin.display()))?;
+        self.links.push(pinned);
         info!(iface, mode = mode_name(used), "attached");
-        self.attached.push((iface.to_owned(), used));
-        Ok(used)
+        self.attached.push((iface.to_owned(), false));
+        Ok(())
     }
+
+    /// Removes this agent's attachments (the pinned links). The maps stay pinned.
+    pub fn detach(&mut self) -> Result<()> {
+        for (iface, _) in std::mem::take(&mut self.attached) {
+            remove_link(&self.link_pin(&iface))?;
+        }
+        self.links.clear();
+        Ok(())
+    }
+}
+
+fn remove_link(pin: &Path) -> Result<()> {
+    if pin.exists() {
+        let fd_link = PinnedLink::from_pin(pin)
+            .with_context(|| format!("opening pinned link {}", pin.display()))?
+            .unpin()
+            .with_context(|| format!("unpinning {}", pin.display()))?;
+        // Closing the last reference to the link detaches the program.
+        drop(fd_link);
+    }
+    Ok(())
+}
+
+/// `xlb detach`: removes everything xlb pinned under `pin_path`: the links (which
+/// detaches the program from every interface), then the maps, then the directory.
+pub fn detach_all(pin_path: &Path) -> Result<Vec<String>> {
+    let mut removed = Vec::new();
+    let entries =
+        std::fs::read_dir(pin_path).with_context(|| format!("reading {}", pin_path.display()))?;
+    let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    paths.sort();
+    let (links, maps): (Vec<_>, Vec<_>) = paths.into_iter().partition(|p| {
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
+    for p in links.iter().chain(&maps) {
+        if links.contains(p) {
+            remove_link(p)?;
+        } else {
+            std::fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+        }
+        removed.push(
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    std::fs::remove_dir(pin_path).with_context(|| format!("removing {}", pin_path.display()))?;
+    Ok(removed)
 }
 
 pub fn mode_name(mode: XdpMode) -> &'static str {

@@ -32,6 +32,22 @@ async fn real_main() -> Result<()> {
         Command::Run(args) => run(args).await,
         Command::Status(args) => status_cmd(args),
         Command::Maglev(args) => maglev_cmd(args),
+        Command::Detach(args) => {
+            for name in xlb::dataplane::detach_all(&args.pin_path)? {
+                println!("removed {name}");
+            }
+            Ok(())
+        }
+        Command::CheckConfig(args) => {
+            let cfg = xlb::config::Config::load(&args.file)?;
+            let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
+            println!(
+                "{}: ok ({} services, {backends} backends)",
+                args.file.display(),
+                cfg.services.len()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -54,15 +70,19 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     info!(pin_path = %args.pin_path.display(), "xlb running");
-    loop {
+    let detach = loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: detaching"); break; }
-            _ = int.recv() => { info!("SIGINT: detaching"); break; }
+            _ = term.recv() => break args.detach_on_exit,
+            _ = int.recv() => break true,
             _ = hup.recv() => reload(&mut dp, args.config.as_deref()),
         }
+    };
+    if detach {
+        dp.detach()?;
+        info!("detached");
+    } else {
+        info!(pin_path = %args.pin_path.display(), "exiting; the datapath stays attached and pinned for the next agent (xlb detach removes it)");
     }
-    drop(dp);
-    info!("detached");
     Ok(())
 }
 

@@ -35,6 +35,9 @@ pub fn xlb_bin() -> Result<PathBuf> {
 pub struct Agent {
     child: Child,
     pub pin_path: PathBuf,
+    /// Whether dropping the agent removes the pin directory (not when the caller gave
+    /// the path, e.g. to restart an agent on the same pins).
+    owns_pin_path: bool,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -42,6 +45,14 @@ impl Agent {
     /// Starts `xlb run --pin-path <unique> ARGS...` in `ns` and waits until it says it runs.
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
+        let mut agent = Self::start_at(ns, &pin_path, args)?;
+        agent.owns_pin_path = true;
+        Ok(agent)
+    }
+
+    /// Like `start`, on a pin path the caller owns (and cleans up).
+    pub fn start_at(ns: &Netns, pin_path: &std::path::Path, args: &[&str]) -> Result<Self> {
+        let pin_path = pin_path.to_owned();
         let bin = xlb_bin()?;
         let mut cmd = ns.command(bin.to_str().context("utf-8 path")?);
         cmd.arg("run")
@@ -64,6 +75,7 @@ impl Agent {
         let mut agent = Self {
             child,
             pin_path,
+            owns_pin_path: false,
             log,
         };
         agent.wait_for_log("xlb running", Duration::from_secs(30))?;
@@ -151,6 +163,11 @@ impl Agent {
     }
 }
 
+/// Runs `xlb ARGS...` to completion and returns its output (status checked by caller).
+pub fn xlb_cmd(args: &[&str]) -> Result<std::process::Output> {
+    Ok(std::process::Command::new(xlb_bin()?).args(args).output()?)
+}
+
 pub fn status_json(pin_path: &std::path::Path) -> Result<serde_json::Value> {
     let out = std::process::Command::new(xlb_bin()?)
         .args(["status", "--json", "--pin-path"])
@@ -170,6 +187,9 @@ impl Drop for Agent {
         if self.child.try_wait().ok().flatten().is_none() {
             let _ = self.stop_with(libc::SIGTERM);
         }
-        let _ = std::fs::remove_dir_all(&self.pin_path);
+        if self.owns_pin_path {
+            // Unlinking the pinned links detaches the program; then the maps go.
+            let _ = std::fs::remove_dir_all(&self.pin_path);
+        }
     }
 }

@@ -137,3 +137,45 @@ pub fn udp_request(ns: &Netns, to: SocketAddr, payload: &[u8]) -> Result<Vec<u8>
         Ok(buf[..n].to_vec())
     })?
 }
+
+/// The index of a backend from its echo-server name `b{i}`.
+pub fn backend_index(name: &str) -> usize {
+    name.strip_prefix('b')
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("reply from {name:?}"))
+}
+
+/// A TCP connection opened from the client namespace, kept open.
+pub struct Conn {
+    pub stream: TcpStream,
+    pub sport: u16,
+}
+
+pub fn connect(client: &Netns, vip: SocketAddr) -> Conn {
+    let stream = client
+        .run(move || TcpStream::connect_timeout(&vip, Duration::from_secs(5)))
+        .unwrap()
+        .unwrap_or_else(|e| panic!("connect {vip}: {e}"));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert_eq!(
+        stream.peer_addr().unwrap(),
+        vip,
+        "the client sees the VIP as its peer"
+    );
+    let sport = stream.local_addr().unwrap().port();
+    Conn { stream, sport }
+}
+
+impl Conn {
+    /// One request/response; returns the backend index that answered.
+    pub fn exchange(&mut self, msg: &str) -> std::io::Result<usize> {
+        self.stream.write_all(msg.as_bytes())?;
+        let mut buf = [0u8; 256];
+        let n = self.stream.read(&mut buf)?;
+        let (name, echoed) = parse_reply(&buf[..n]).ok_or(std::io::ErrorKind::InvalidData)?;
+        assert_eq!(echoed, msg.as_bytes(), "payload intact");
+        Ok(backend_index(&name))
+    }
+}

@@ -166,30 +166,56 @@ fn privileged_generic_mode_counts_real_traffic_exactly() {
     traffic_is_counted_exactly("generic");
 }
 
+/// SIGINT detaches. SIGTERM leaves the datapath attached and pinned (for a restart or
+/// upgrade) unless --detach-on-exit; `xlb detach` then removes links, maps and the dir.
 #[test]
-fn privileged_sigint_and_sigterm_detach() {
+fn privileged_stopping_is_explicit() {
     if !privileged() {
         return;
     }
     let a = Netns::new("xd").unwrap();
     let b = Netns::new("xd").unwrap();
     let (va, _) = veth_pair(&a, &["10.78.0.1/24"], &b, &["10.78.0.2/24"]).unwrap();
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        let mut agent = Agent::start(&a, &["--iface", &va.name, "--xdp-mode", "generic"]).unwrap();
-        let shown = String::from_utf8_lossy(&a.ip(&["link", "show", &va.name]).unwrap().stdout)
-            .into_owned();
-        assert!(shown.contains("xdpgeneric"), "attached: {shown}");
+    let xdp_shown = || {
+        String::from_utf8_lossy(&a.ip(&["link", "show", &va.name]).unwrap().stdout).contains("xdp")
+    };
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", xlb_tests::unique_name("xlbs")));
+    let pin_s = pin.to_str().unwrap().to_owned();
+    for (sig, extra, stays) in [
+        (libc::SIGINT, None, false),
+        (libc::SIGTERM, Some("--detach-on-exit"), false),
+        (libc::SIGTERM, None, true),
+    ] {
+        let mut args = vec!["--iface", &va.name, "--xdp-mode", "generic"];
+        args.extend(extra);
+        let mut agent = Agent::start_at(&a, &pin, &args).unwrap();
+        assert!(xdp_shown(), "attached");
         let status = agent.stop_with(sig).unwrap();
         assert!(
             status.success(),
-            "xlb exit status after signal {sig}: {status}\n{}",
+            "exit after signal {sig}: {status}\n{}",
             agent.logs()
         );
-        let shown = String::from_utf8_lossy(&a.ip(&["link", "show", &va.name]).unwrap().stdout)
-            .into_owned();
-        assert!(
-            !shown.contains("xdp"),
-            "still attached after signal {sig}: {shown}"
+        assert_eq!(
+            xdp_shown(),
+            stays,
+            "after signal {sig} {extra:?}:\n{}",
+            agent.logs()
         );
+        assert_eq!(pin.join(format!("link_{}", va.name)).exists(), stays);
     }
+    // Still attached from the last round: xlb detach removes everything.
+    let out = xlb_tests::agent::xlb_cmd(&["detach", "--pin-path", &pin_s]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("link_{}", va.name)) && said.contains("XLB_CONNTRACK"),
+        "{said}"
+    );
+    assert!(!xdp_shown(), "xlb detach detached");
+    assert!(!pin.exists(), "xlb detach removed the pin directory");
 }

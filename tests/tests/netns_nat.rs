@@ -3,7 +3,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, UdpSocket},
     time::Duration,
 };
 
@@ -17,7 +17,7 @@ use xlb_tests::{
     netns::Netns,
     privileged,
     topology::{LbLab, VIP4, VIP6},
-    traffic::{parse_reply, tcp_echo, udp_echo},
+    traffic::{backend_index, connect, parse_reply, tcp_echo, udp_echo, Conn},
 };
 
 const M: u32 = 16381;
@@ -53,47 +53,6 @@ fn predict(
         _pad: [0; 2],
     };
     live[table[(flow_hash(&key, false) % M) as usize] as usize]
-}
-
-fn backend_index(name: &str) -> usize {
-    name.strip_prefix('b')
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("reply from {name:?}"))
-}
-
-/// A TCP connection opened from the client namespace, kept open.
-struct Conn {
-    stream: TcpStream,
-    sport: u16,
-}
-
-fn connect(client: &Netns, vip: SocketAddr) -> Conn {
-    let stream = client
-        .run(move || TcpStream::connect_timeout(&vip, Duration::from_secs(5)))
-        .unwrap()
-        .unwrap_or_else(|e| panic!("connect {vip}: {e}"));
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    assert_eq!(
-        stream.peer_addr().unwrap(),
-        vip,
-        "the client sees the VIP as its peer"
-    );
-    let sport = stream.local_addr().unwrap().port();
-    Conn { stream, sport }
-}
-
-impl Conn {
-    /// One request/response; returns the backend index that answered.
-    fn exchange(&mut self, msg: &str) -> std::io::Result<usize> {
-        self.stream.write_all(msg.as_bytes())?;
-        let mut buf = [0u8; 256];
-        let n = self.stream.read(&mut buf)?;
-        let (name, echoed) = parse_reply(&buf[..n]).ok_or(std::io::ErrorKind::InvalidData)?;
-        assert_eq!(echoed, msg.as_bytes(), "payload intact");
-        Ok(backend_index(&name))
-    }
 }
 
 fn udp_exchange(client: &Netns, vip: SocketAddr, msg: &str) -> (u16, usize) {

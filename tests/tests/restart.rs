@@ -1,0 +1,153 @@
+//! Hitless restart: the agent stops (SIGTERM leaves the datapath pinned and running),
+//! traffic keeps flowing with no agent at all, and a new agent adopts the pinned maps
+//! and links. The new agent's config adds a backend, so Maglev alone would move some
+//! flows: that none moves proves the conntrack entries survived the restart.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use xlb_tests::{
+    agent::Agent,
+    privileged,
+    topology::{LbLab, VIP4},
+    traffic::{backend_index, connect, parse_reply, tcp_echo, udp_echo, Conn},
+};
+
+enum Flow {
+    Tcp(Conn),
+    Udp(UdpSocket),
+}
+
+fn exchange(flow: &mut Flow, udp_vip: SocketAddr, msg: &str) -> Result<usize, String> {
+    match flow {
+        Flow::Tcp(c) => c
+            .exchange(msg)
+            .map_err(|e| format!("TCP :{}: {e}", c.sport)),
+        Flow::Udp(s) => {
+            s.send_to(msg.as_bytes(), udp_vip)
+                .map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 256];
+            let (n, _) = s.recv_from(&mut buf).map_err(|e| format!("UDP: {e}"))?;
+            let (name, _) = parse_reply(&buf[..n]).ok_or("bad reply")?;
+            Ok(backend_index(&name))
+        }
+    }
+}
+
+fn restart_keeps_every_flow(mode: &str) {
+    let lab = LbLab::two_arm(3).unwrap();
+    let life = Duration::from_secs(60);
+    let mut servers = Vec::new();
+    for (i, b) in lab.backends.iter().enumerate() {
+        servers.push(tcp_echo(b, "[::]:8080".parse().unwrap(), &format!("b{i}"), life).unwrap());
+        servers.push(udp_echo(b, "[::]:8080".parse().unwrap(), &format!("b{i}"), life).unwrap());
+    }
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", xlb_tests::unique_name("xlbr")));
+    struct RemovePins(std::path::PathBuf);
+    impl Drop for RemovePins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemovePins(pin.clone());
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let iface = lab.iface_arg();
+    let args = ["--iface", &iface, "--xdp-mode", mode, "--config", &cfg];
+
+    lab.write_config(&[0, 2]).unwrap();
+    let mut first = Agent::start_at(&lab.lb, &pin, &args).unwrap();
+    let tcp_vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let udp_vip: SocketAddr = format!("{VIP4}:53").parse().unwrap();
+    let mut flows = Vec::new();
+    for _ in 0..16 {
+        flows.push(Flow::Tcp(connect(&lab.client, tcp_vip)));
+        let s = lab
+            .client
+            .run(|| UdpSocket::bind("0.0.0.0:0").unwrap())
+            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        flows.push(Flow::Udp(s));
+    }
+    let backends: Vec<usize> = flows
+        .iter_mut()
+        .map(|f| exchange(f, udp_vip, "before").unwrap())
+        .collect();
+    assert!(!backends.contains(&1), "b1 is not configured yet");
+
+    // SIGTERM: the agent exits, the datapath stays.
+    let st = first.stop_with(libc::SIGTERM).unwrap();
+    assert!(st.success(), "{}", first.logs());
+    for (f, b) in flows.iter_mut().zip(&backends) {
+        assert_eq!(
+            exchange(f, udp_vip, "no-agent").unwrap(),
+            *b,
+            "with no agent running"
+        );
+    }
+
+    // The new agent (with b1 added) starts while the flows keep talking.
+    lab.write_config(&[0, 1, 2]).unwrap();
+    let mut second = std::thread::scope(|scope| {
+        let starter = scope.spawn(|| Agent::start_at(&lab.lb, &pin, &args));
+        let mut rounds = 0;
+        while !starter.is_finished() && rounds < 500 {
+            for (f, b) in flows.iter_mut().zip(&backends) {
+                assert_eq!(
+                    exchange(f, udp_vip, "during").unwrap(),
+                    *b,
+                    "during the restart"
+                );
+            }
+            rounds += 1;
+        }
+        // Loading and verifying the program takes far longer than one round.
+        assert!(
+            rounds > 0,
+            "no traffic was exchanged while the new agent started"
+        );
+        eprintln!(
+            "{rounds} rounds of {} flows during the restart",
+            flows.len()
+        );
+        starter.join().unwrap().unwrap()
+    });
+    assert!(
+        second.logs().contains("adopted the existing attachment"),
+        "{}",
+        second.logs()
+    );
+    for (f, b) in flows.iter_mut().zip(&backends) {
+        assert_eq!(
+            exchange(f, udp_vip, "after").unwrap(),
+            *b,
+            "a flow moved across the restart"
+        );
+    }
+    // New flows do use the new backend, so the new table is live.
+    let mut saw_b1 = false;
+    for _ in 0..30 {
+        saw_b1 |= connect(&lab.client, tcp_vip).exchange("new").unwrap() == 1;
+    }
+    assert!(saw_b1, "new flows reach the added backend");
+    let st = second.stop_with(libc::SIGINT).unwrap();
+    assert!(st.success());
+    drop(servers);
+}
+
+#[test]
+fn privileged_restart_native_keeps_every_flow() {
+    if !privileged() {
+        return;
+    }
+    restart_keeps_every_flow("native");
+}
+
+#[test]
+fn privileged_restart_generic_keeps_every_flow() {
+    if !privileged() {
+        return;
+    }
+    restart_keeps_every_flow("generic");
+}
