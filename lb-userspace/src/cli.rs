@@ -65,6 +65,9 @@ pub struct RunArgs {
     /// Static YAML config: services, backends, SNAT (see README).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Serve Prometheus metrics (/metrics), /healthz and /readyz here, e.g. 0.0.0.0:9090.
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
     /// for a restart or an upgrade; SIGINT always detaches.
     #[arg(long)]

@@ -7,6 +7,7 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod maglev;
+pub mod metrics;
 pub mod status;
 
 /// The XDP object built by build.rs from lb-ebpf.

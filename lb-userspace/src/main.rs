@@ -6,7 +6,9 @@ use tracing_subscriber::EnvFilter;
 use xlb::{
     cli::{Cli, Command, MaglevArgs, RunArgs, StatusArgs},
     dataplane::Dataplane,
-    maglev, status,
+    maglev,
+    metrics::AgentMetrics,
+    status,
 };
 
 fn main() -> std::process::ExitCode {
@@ -59,8 +61,18 @@ async fn run(args: RunArgs) -> Result<()> {
         .map(xlb::config::Config::load)
         .transpose()?;
     let mut dp = Dataplane::load(&args.pin_path)?;
+    let metrics = AgentMetrics::default();
+    if let Some(addr) = args.metrics_addr {
+        xlb::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await?;
+        info!(%addr, "serving /metrics, /healthz, /readyz");
+    }
     if let Some(cfg) = &config {
+        let started = std::time::Instant::now();
         let summary = dp.apply(cfg)?;
+        metrics
+            .map_update_seconds
+            .observe(started.elapsed().as_secs_f64());
+        metrics.applied(true);
         info!(?summary, services = cfg.services.len(), "config applied");
     }
     for iface in &args.ifaces {
@@ -69,12 +81,15 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     info!(pin_path = %args.pin_path.display(), "xlb running");
     let detach = loop {
         tokio::select! {
             _ = term.recv() => break args.detach_on_exit,
             _ = int.recv() => break true,
-            _ = hup.recv() => reload(&mut dp, args.config.as_deref()),
+            _ = hup.recv() => reload(&mut dp, args.config.as_deref(), &metrics),
         }
     };
     if detach {
@@ -88,14 +103,24 @@ async fn run(args: RunArgs) -> Result<()> {
 
 /// Applies the config file again. A file that does not load or validate is rejected
 /// whole and the running state stays exactly as it was.
-fn reload(dp: &mut Dataplane, path: Option<&std::path::Path>) {
+fn reload(dp: &mut Dataplane, path: Option<&std::path::Path>, metrics: &AgentMetrics) {
     let Some(path) = path else {
         warn!("SIGHUP: no --config to reload");
         return;
     };
+    let started = std::time::Instant::now();
     match xlb::config::Config::load(path).and_then(|cfg| dp.apply(&cfg)) {
-        Ok(summary) => info!(?summary, "config reloaded"),
-        Err(e) => error!("config reload rejected, keeping the running state: {e:#}"),
+        Ok(summary) => {
+            metrics
+                .map_update_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics.applied(true);
+            info!(?summary, "config reloaded");
+        }
+        Err(e) => {
+            metrics.applied(false);
+            error!("config reload rejected, keeping the running state: {e:#}");
+        }
     }
 }
 

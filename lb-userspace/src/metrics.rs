@@ -1,0 +1,217 @@
+//! Prometheus metrics at `--metrics-addr`: `/metrics` (text format, prometheus-client),
+//! `/healthz` (the agent is alive) and `/readyz` (the datapath is attached and the
+//! config applied).
+//!
+//! Datapath values are absolute sums over the per-CPU maps, read from the pinned maps
+//! at each scrape into a fresh registry; the agent's own metrics (reloads, map update
+//! latency) live in [`AgentMetrics`] and are shared into it.
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+};
+
+use anyhow::{Context, Result};
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use aya::maps::{HashMap, Map, MapData};
+use lb_common::{ConnValue, FlowKey, MAP_CONNTRACK};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{exponential_buckets, Histogram},
+    },
+    registry::Registry,
+};
+
+use crate::status;
+
+type Labels = Vec<(String, String)>;
+
+/// Metrics the agent itself updates.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    /// Config applications (start and reloads) by result: ok | rejected.
+    pub config_applies: Family<Labels, Counter>,
+    /// Time to program the maps for one config (seconds).
+    pub map_update_seconds: Histogram,
+    pub ready: Arc<AtomicBool>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        Self {
+            config_applies: Family::default(),
+            map_update_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            ready: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl AgentMetrics {
+    pub fn applied(&self, ok: bool) {
+        let result = if ok { "ok" } else { "rejected" };
+        self.config_applies
+            .get_or_create(&vec![("result".into(), result.into())])
+            .inc();
+    }
+}
+
+fn labels(pairs: &[(&str, String)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+/// The text exposition of every metric.
+pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String> {
+    let mut reg = Registry::with_prefix("xlb");
+
+    let build = Family::<Labels, Gauge>::default();
+    build
+        .get_or_create(&labels(&[("version", env!("CARGO_PKG_VERSION").into())]))
+        .set(1);
+    reg.register("build_info", "xlb build information", build);
+
+    let reasons = Family::<Labels, Counter>::default();
+    let reason_bytes = Family::<Labels, Counter>::default();
+    for (name, c) in status::read_global_counters(pin_path)? {
+        let l = labels(&[("reason", name.to_string())]);
+        reasons.get_or_create(&l).inc_by(c.packets);
+        reason_bytes.get_or_create(&l).inc_by(c.bytes);
+    }
+    reg.register(
+        "datapath_packets",
+        "Packets by what the datapath saw or did with them",
+        reasons,
+    );
+    reg.register(
+        "datapath_bytes",
+        "Bytes by what the datapath saw or did with them",
+        reason_bytes,
+    );
+
+    let (sp, sb, sn) = (
+        Family::<Labels, Counter>::default(),
+        Family::<Labels, Counter>::default(),
+        Family::<Labels, Counter>::default(),
+    );
+    let (bp, bb, bn) = (
+        Family::<Labels, Counter>::default(),
+        Family::<Labels, Counter>::default(),
+        Family::<Labels, Counter>::default(),
+    );
+    for svc in status::read_services(pin_path)? {
+        let s = [
+            ("vip", svc.vip.clone()),
+            ("port", svc.port.to_string()),
+            ("protocol", svc.protocol.to_string()),
+        ];
+        sp.get_or_create(&labels(&s)).inc_by(svc.stats.packets);
+        sb.get_or_create(&labels(&s)).inc_by(svc.stats.bytes);
+        sn.get_or_create(&labels(&s)).inc_by(svc.stats.new_flows);
+        for b in &svc.backends {
+            let mut l = labels(&s);
+            l.push(("backend".into(), b.address.clone()));
+            bp.get_or_create(&l).inc_by(b.stats.packets);
+            bb.get_or_create(&l).inc_by(b.stats.bytes);
+            bn.get_or_create(&l).inc_by(b.stats.new_flows);
+        }
+    }
+    reg.register(
+        "service_packets",
+        "Packets per service (both directions)",
+        sp,
+    );
+    reg.register("service_bytes", "Bytes per service (both directions)", sb);
+    reg.register("service_new_flows", "New flows per service", sn);
+    reg.register(
+        "backend_packets",
+        "Packets per backend (both directions)",
+        bp,
+    );
+    reg.register("backend_bytes", "Bytes per backend (both directions)", bb);
+    reg.register("backend_new_flows", "New flows per backend", bn);
+
+    let ct = Gauge::<i64>::default();
+    ct.set(conntrack_entries(pin_path)? as i64);
+    reg.register(
+        "conntrack_entries",
+        "Entries in the connection-tracking map (live and idle)",
+        ct,
+    );
+
+    reg.register(
+        "config_applies",
+        "Config applications (start and reloads) by result",
+        agent.config_applies.clone(),
+    );
+    reg.register(
+        "map_update_seconds",
+        "Time to program the maps for one config",
+        agent.map_update_seconds.clone(),
+    );
+
+    let mut out = String::new();
+    encode(&mut out, &reg).context("encoding metrics")?;
+    Ok(out)
+}
+
+/// Counts CONNTRACK entries by walking its keys (bounded by the map's size).
+fn conntrack_entries(pin_path: &std::path::Path) -> Result<usize> {
+    let data = MapData::from_pin(pin_path.join(MAP_CONNTRACK))?;
+    let map = HashMap::<_, FlowKey, ConnValue>::try_from(Map::LruHashMap(data))?;
+    Ok(map.keys().filter(|k| k.is_ok()).count())
+}
+
+#[derive(Clone)]
+struct Shared {
+    pin_path: PathBuf,
+    agent: AgentMetrics,
+}
+
+async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+    match tokio::task::spawn_blocking(move || render(&s.pin_path, &s.agent)).await {
+        Ok(Ok(text)) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
+    if s.agent.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// Binds `addr` (so a bad address fails `xlb run` at once) and serves in the background.
+pub async fn serve(addr: SocketAddr, pin_path: PathBuf, agent: AgentMetrics) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding metrics address {addr}"))?;
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(Shared { pin_path, agent });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    });
+    Ok(())
+}

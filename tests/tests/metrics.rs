@@ -1,0 +1,128 @@
+//! Metrics over real HTTP, checked against the traffic sent: per-service and
+//! per-backend new flows, datapath reasons, conntrack occupancy, config applies,
+//! /healthz and /readyz.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use xlb_tests::{
+    agent::Agent,
+    privileged,
+    topology::{LbLab, VIP4},
+    traffic::{connect, tcp_echo},
+};
+
+const METRICS: &str = "127.0.0.1:9464";
+
+/// GET `path` from the agent's metrics server, inside the LB namespace.
+fn get(lab: &LbLab, path: &str) -> (u16, String) {
+    let path = path.to_owned();
+    lab.lb
+        .run(move || {
+            let mut s =
+                TcpStream::connect_timeout(&METRICS.parse().unwrap(), Duration::from_secs(5))
+                    .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).unwrap();
+            let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+            let body = resp
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_owned())
+                .unwrap_or_default();
+            (code, body)
+        })
+        .unwrap()
+}
+
+/// The value of the sample whose line starts with `series` (name and labels).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(series))
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn privileged_metrics_agree_with_the_traffic_sent() {
+    if !privileged() {
+        return;
+    }
+    let lab = LbLab::two_arm(3).unwrap();
+    lab.write_config(&[0, 1, 2]).unwrap();
+    let life = Duration::from_secs(30);
+    let servers: Vec<_> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| tcp_echo(b, "[::]:8080".parse().unwrap(), &format!("b{i}"), life).unwrap())
+        .collect();
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let mut agent = Agent::start(
+        &lab.lb,
+        &[
+            "--iface",
+            &lab.iface_arg(),
+            "--xdp-mode",
+            "generic",
+            "--config",
+            &cfg,
+            "--metrics-addr",
+            METRICS,
+        ],
+    )
+    .unwrap();
+    assert_eq!(get(&lab, "/healthz").0, 200);
+    assert_eq!(get(&lab, "/readyz").0, 200);
+
+    const FLOWS: usize = 25;
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let mut per_backend = [0u64; 3];
+    for i in 0..FLOWS {
+        let b = connect(&lab.client, vip)
+            .exchange(&format!("m{i}"))
+            .unwrap();
+        per_backend[b] += 1;
+    }
+    // A rejected reload shows up too.
+    std::fs::write(&lab.config_path, "services: [").unwrap();
+    assert!(agent.reload().is_err());
+
+    let (code, text) = get(&lab, "/metrics");
+    assert_eq!(code, 200, "{text}");
+    let svc = format!("xlb_service_new_flows_total{{vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\"}}");
+    assert_eq!(value(&text, &svc), FLOWS as f64);
+    for (i, n) in per_backend.iter().enumerate() {
+        let series = format!(
+            "xlb_backend_new_flows_total{{vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\",backend=\"10.40.{i}.2:8080\"}}"
+        );
+        assert_eq!(value(&text, &series), *n as f64, "backend b{i}");
+    }
+    assert!(
+        value(&text, "xlb_datapath_packets_total{reason=\"fwd_forward\"}") >= 3.0 * FLOWS as f64
+    );
+    assert!(
+        value(&text, "xlb_datapath_packets_total{reason=\"fwd_reverse\"}") >= 2.0 * FLOWS as f64
+    );
+    assert!(value(&text, "xlb_conntrack_entries") >= FLOWS as f64);
+    assert_eq!(value(&text, "xlb_config_applies_total{result=\"ok\"}"), 1.0);
+    assert_eq!(
+        value(&text, "xlb_config_applies_total{result=\"rejected\"}"),
+        1.0
+    );
+    assert_eq!(value(&text, "xlb_map_update_seconds_count"), 1.0);
+    assert!(text.contains("xlb_build_info{version="), "{text}");
+    drop(servers);
+}
