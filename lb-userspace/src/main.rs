@@ -85,11 +85,24 @@ async fn run(args: RunArgs) -> Result<()> {
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
     info!(pin_path = %args.pin_path.display(), "xlb running");
+    // The config file is watched by content, once a second: robust to editors that
+    // replace the file, and a file being written is retried until it validates.
+    let read = |p: &std::path::Path| std::fs::read(p).ok();
+    let mut last_seen = args.config.as_deref().and_then(read);
+    let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
     let detach = loop {
         tokio::select! {
             _ = term.recv() => break args.detach_on_exit,
             _ = int.recv() => break true,
             _ = hup.recv() => reload(&mut dp, args.config.as_deref(), &metrics),
+            _ = watch.tick(), if args.config.is_some() => {
+                let now = args.config.as_deref().and_then(read);
+                if now.is_some() && now != last_seen {
+                    info!("config file changed");
+                    last_seen = now;
+                    reload(&mut dp, args.config.as_deref(), &metrics);
+                }
+            }
         }
     };
     if detach {

@@ -241,7 +241,15 @@ impl LbLab {
                 ));
             }
         }
-        std::fs::write(&self.config_path, text)?;
+        self.replace_config(&text)
+    }
+
+    /// Replaces the config file atomically (write, then rename), as config management
+    /// does: the agent's watcher never sees a half-written file.
+    pub fn replace_config(&self, text: &str) -> Result<()> {
+        let tmp = self.config_path.with_extension("tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &self.config_path)?;
         Ok(())
     }
 

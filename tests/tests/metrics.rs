@@ -90,15 +90,27 @@ fn privileged_metrics_agree_with_the_traffic_sent() {
     const FLOWS: usize = 25;
     let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let mut per_backend = [0u64; 3];
-    for i in 0..FLOWS {
+    for i in 0..FLOWS - 1 {
         let b = connect(&lab.client, vip)
             .exchange(&format!("m{i}"))
             .unwrap();
         per_backend[b] += 1;
     }
-    // A rejected reload shows up too.
-    std::fs::write(&lab.config_path, "services: [").unwrap();
-    assert!(agent.reload().is_err());
+    // The watched file: a broken write is rejected (the running state stays), the
+    // fixed file is applied, with no signal sent.
+    let good = std::fs::read_to_string(&lab.config_path).unwrap();
+    lab.replace_config("services: [").unwrap();
+    agent
+        .wait_for_log("config reload rejected", Duration::from_secs(10))
+        .unwrap();
+    // Still balancing with the state from before the bad file (the last of FLOWS flows).
+    per_backend[connect(&lab.client, vip)
+        .exchange("still")
+        .expect("running state kept")] += 1;
+    lab.replace_config(&good).unwrap();
+    agent
+        .wait_for_log("config reloaded", Duration::from_secs(10))
+        .unwrap();
 
     let (code, text) = get(&lab, "/metrics");
     assert_eq!(code, 200, "{text}");
@@ -117,12 +129,38 @@ fn privileged_metrics_agree_with_the_traffic_sent() {
         value(&text, "xlb_datapath_packets_total{reason=\"fwd_reverse\"}") >= 2.0 * FLOWS as f64
     );
     assert!(value(&text, "xlb_conntrack_entries") >= FLOWS as f64);
-    assert_eq!(value(&text, "xlb_config_applies_total{result=\"ok\"}"), 1.0);
+    assert_eq!(value(&text, "xlb_config_applies_total{result=\"ok\"}"), 2.0);
     assert_eq!(
         value(&text, "xlb_config_applies_total{result=\"rejected\"}"),
         1.0
     );
-    assert_eq!(value(&text, "xlb_map_update_seconds_count"), 1.0);
+    assert_eq!(value(&text, "xlb_map_update_seconds_count"), 2.0);
     assert!(text.contains("xlb_build_info{version="), "{text}");
+
+    // Every series the Grafana dashboard queries exists.
+    let dashboard = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    let mut checked = 0;
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for (i, _) in expr.match_indices("xlb_") {
+                let name: String = expr[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    text.lines().any(|l| l.starts_with(&name)),
+                    "dashboard queries {name}, which is not exported"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 9, "dashboard queries checked: {checked}");
     drop(servers);
 }
