@@ -68,6 +68,9 @@ pub struct MaglevTable {
     pub slots: [u32; MAGLEV_MAX_TABLE_SIZE],
 }
 
+/// Backend flag: failing its health check (out of the Maglev table; shown by status).
+pub const BACKEND_F_UNHEALTHY: u8 = 1;
+
 /// BACKENDS value, keyed by a backend id (u32) that stays stable while the backend exists.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -36,6 +36,61 @@ pub struct ServiceConfig {
     pub mode: Mode,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// Active health checks of this service's backends (static mode).
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+}
+
+/// An unhealthy backend leaves the Maglev table: no new flows. With
+/// `keep_established` (the default) its established flows stay, as when draining;
+/// without, it is removed and its flows are re-balanced.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheck {
+    #[serde(rename = "type")]
+    pub kind: CheckKind,
+    /// Port to probe; default: the backend's own.
+    pub port: Option<u16>,
+    /// HTTP path; a 2xx or 3xx status is healthy.
+    #[serde(default = "default_path")]
+    pub path: String,
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Consecutive successes to become healthy, failures to become unhealthy.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    #[serde(default = "yes")]
+    pub keep_established: bool,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    Tcp,
+    Http,
+}
+
+fn default_path() -> String {
+    "/".into()
+}
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn default_timeout_ms() -> u64 {
+    500
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
+}
+fn yes() -> bool {
+    true
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +99,9 @@ pub struct BackendConfig {
     pub address: SocketAddr,
     #[serde(default = "one")]
     pub weight: u32,
+    /// Set by the health checker, never read from the file.
+    #[serde(skip, default = "yes")]
+    pub healthy: bool,
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -187,6 +245,23 @@ impl Config {
                     bail!(
                         "{at}: backends[{j}].address: duplicate backend {}",
                         b.address
+                    );
+                }
+            }
+            if let Some(hc) = &s.health_check {
+                if hc.interval_ms < 100 || hc.timeout_ms == 0 || hc.timeout_ms > hc.interval_ms {
+                    bail!("{at}: field health_check: need interval_ms ≥ 100 and 0 < timeout_ms ≤ interval_ms");
+                }
+                if hc.rise == 0 || hc.fall == 0 {
+                    bail!("{at}: field health_check: rise and fall must be at least 1");
+                }
+                if hc.port == Some(0) {
+                    bail!("{at}: field health_check.port: port 0 cannot be probed");
+                }
+                if hc.kind == CheckKind::Http && !hc.path.starts_with('/') {
+                    bail!(
+                        "{at}: field health_check.path: {:?} must start with /",
+                        hc.path
                     );
                 }
             }

@@ -262,9 +262,9 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use lb_common::{
-    Addr, Backend, DatapathConfig, MaglevTable, ServiceKey, ServiceValue, FAMILY_V4, FAMILY_V6,
-    MAP_BACKENDS, MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, MODE_NAT,
-    PROTO_TCP, PROTO_UDP,
+    Addr, Backend, DatapathConfig, MaglevTable, ServiceKey, ServiceValue, BACKEND_F_UNHEALTHY,
+    FAMILY_V4, FAMILY_V6, MAP_BACKENDS, MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS,
+    MAX_SERVICES, MODE_NAT, PROTO_TCP, PROTO_UDP,
 };
 
 use crate::{
@@ -397,20 +397,27 @@ impl Dataplane {
             // Backends: keep ids of known ones, allocate the rest.
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
+                let (addr, family) = addr_to_words(b.address.ip());
+                let flags = if b.healthy { 0 } else { BACKEND_F_UNHEALTHY };
+                let value = Backend {
+                    addr,
+                    port: b.address.port().to_be(),
+                    family,
+                    flags,
+                    service_id: id,
+                };
                 let bid = match backend_id_of.get(&(id, b.address)) {
-                    Some(bid) => *bid,
+                    Some(bid) => {
+                        if backends_now.get(bid) != Some(&value) {
+                            self.hash_map::<u32, Backend>(MAP_BACKENDS)?
+                                .insert(*bid, value, 0)?;
+                        }
+                        *bid
+                    }
                     None => {
                         let bid = lowest_free(&used_backend_ids, MAX_BACKENDS)
                             .context("no free backend id")?;
                         used_backend_ids.insert(bid);
-                        let (addr, family) = addr_to_words(b.address.ip());
-                        let value = Backend {
-                            addr,
-                            port: b.address.port().to_be(),
-                            family,
-                            flags: 0,
-                            service_id: id,
-                        };
                         self.hash_map::<u32, Backend>(MAP_BACKENDS)?
                             .insert(bid, value, 0)?;
                         summary.backends_added += 1;

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod health;
 pub mod maglev;
 pub mod metrics;
 pub mod status;

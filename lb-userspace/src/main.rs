@@ -1,12 +1,16 @@
+use std::collections::BTreeMap;
+
 use anyhow::Result;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::UnboundedSender;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use xlb::{
     cli::{Cli, Command, MaglevArgs, RunArgs, StatusArgs},
+    config::Config,
     dataplane::Dataplane,
-    maglev,
+    health, maglev,
     metrics::AgentMetrics,
     status,
 };
@@ -53,35 +57,103 @@ async fn real_main() -> Result<()> {
     }
 }
 
+/// What `xlb run` keeps between events: the last config that applied, the health of
+/// checked backends, and the probes.
+struct Agent {
+    dp: Dataplane,
+    config: Option<Config>,
+    health: BTreeMap<health::BackendKey, bool>,
+    checker: Option<health::Checker>,
+    health_tx: UnboundedSender<health::Transition>,
+    metrics: AgentMetrics,
+}
+
+impl Agent {
+    /// Programs the maps for `cfg` as the health checks see it.
+    fn apply(&mut self, cfg: &Config) -> Result<xlb::dataplane::ApplySummary> {
+        let started = std::time::Instant::now();
+        let summary = self.dp.apply(&health::effective(cfg, &self.health))?;
+        self.metrics
+            .map_update_seconds
+            .observe(started.elapsed().as_secs_f64());
+        Ok(summary)
+    }
+
+    /// Makes `cfg` the running config: apply it, then (re)start its health checks,
+    /// keeping the health of backends that were already checked.
+    fn adopt(&mut self, cfg: Config) -> Result<xlb::dataplane::ApplySummary> {
+        let summary = self.apply(&cfg)?;
+        let keys: std::collections::BTreeSet<health::BackendKey> = cfg
+            .services
+            .iter()
+            .filter(|s| s.health_check.is_some())
+            .flat_map(|s| s.backends.iter().map(|b| (s.name.clone(), b.address)))
+            .collect();
+        self.health.retain(|k, _| keys.contains(k));
+        self.checker = Some(health::start(&cfg, &self.health, self.health_tx.clone()));
+        self.config = Some(cfg);
+        self.metrics.applied(true);
+        Ok(summary)
+    }
+
+    /// Applies the config file again. A file that does not load or validate is
+    /// rejected whole and the running state stays exactly as it was.
+    fn reload(&mut self, path: Option<&std::path::Path>) {
+        let Some(path) = path else {
+            warn!("SIGHUP: no --config to reload");
+            return;
+        };
+        match xlb::config::Config::load(path).and_then(|cfg| self.adopt(cfg)) {
+            Ok(summary) => info!(?summary, "config reloaded"),
+            Err(e) => {
+                self.metrics.applied(false);
+                error!("config reload rejected, keeping the running state: {e:#}");
+            }
+        }
+    }
+
+    fn health_changed(&mut self, (key, healthy): health::Transition) {
+        self.health.insert(key, healthy);
+        if let Some(cfg) = self.config.clone() {
+            match self.apply(&cfg) {
+                Ok(summary) => info!(?summary, "health change applied"),
+                Err(e) => error!("applying a health change failed: {e:#}"),
+            }
+        }
+    }
+}
+
 async fn run(args: RunArgs) -> Result<()> {
     // A bad file stops us before anything is touched.
-    let config = args
-        .config
-        .as_deref()
-        .map(xlb::config::Config::load)
-        .transpose()?;
-    let mut dp = Dataplane::load(&args.pin_path)?;
+    let config = args.config.as_deref().map(Config::load).transpose()?;
+    let dp = Dataplane::load(&args.pin_path)?;
     let metrics = AgentMetrics::default();
     if let Some(addr) = args.metrics_addr {
         xlb::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
     }
-    if let Some(cfg) = &config {
-        let started = std::time::Instant::now();
-        let summary = dp.apply(cfg)?;
-        metrics
-            .map_update_seconds
-            .observe(started.elapsed().as_secs_f64());
-        metrics.applied(true);
-        info!(?summary, services = cfg.services.len(), "config applied");
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut agent = Agent {
+        dp,
+        config: None,
+        health: BTreeMap::new(),
+        checker: None,
+        health_tx,
+        metrics,
+    };
+    if let Some(cfg) = config {
+        let services = cfg.services.len();
+        let summary = agent.adopt(cfg)?;
+        info!(?summary, services, "config applied");
     }
     for iface in &args.ifaces {
-        dp.attach(iface, args.xdp_mode)?;
+        agent.dp.attach(iface, args.xdp_mode)?;
     }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    metrics
+    agent
+        .metrics
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
     info!(pin_path = %args.pin_path.display(), "xlb running");
@@ -94,47 +166,26 @@ async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = term.recv() => break args.detach_on_exit,
             _ = int.recv() => break true,
-            _ = hup.recv() => reload(&mut dp, args.config.as_deref(), &metrics),
+            _ = hup.recv() => agent.reload(args.config.as_deref()),
+            Some(change) = health_rx.recv() => agent.health_changed(change),
             _ = watch.tick(), if args.config.is_some() => {
                 let now = args.config.as_deref().and_then(read);
                 if now.is_some() && now != last_seen {
                     info!("config file changed");
                     last_seen = now;
-                    reload(&mut dp, args.config.as_deref(), &metrics);
+                    agent.reload(args.config.as_deref());
                 }
             }
         }
     };
+    agent.checker = None;
     if detach {
-        dp.detach()?;
+        agent.dp.detach()?;
         info!("detached");
     } else {
         info!(pin_path = %args.pin_path.display(), "exiting; the datapath stays attached and pinned for the next agent (xlb detach removes it)");
     }
     Ok(())
-}
-
-/// Applies the config file again. A file that does not load or validate is rejected
-/// whole and the running state stays exactly as it was.
-fn reload(dp: &mut Dataplane, path: Option<&std::path::Path>, metrics: &AgentMetrics) {
-    let Some(path) = path else {
-        warn!("SIGHUP: no --config to reload");
-        return;
-    };
-    let started = std::time::Instant::now();
-    match xlb::config::Config::load(path).and_then(|cfg| dp.apply(&cfg)) {
-        Ok(summary) => {
-            metrics
-                .map_update_seconds
-                .observe(started.elapsed().as_secs_f64());
-            metrics.applied(true);
-            info!(?summary, "config reloaded");
-        }
-        Err(e) => {
-            metrics.applied(false);
-            error!("config reload rejected, keeping the running state: {e:#}");
-        }
-    }
 }
 
 fn status_cmd(args: StatusArgs) -> Result<()> {

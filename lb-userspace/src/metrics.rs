@@ -103,6 +103,7 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
         Family::<Labels, Counter>::default(),
         Family::<Labels, Counter>::default(),
     );
+    let healthy = Family::<Labels, Gauge>::default();
     let (bp, bb, bn) = (
         Family::<Labels, Counter>::default(),
         Family::<Labels, Counter>::default(),
@@ -123,6 +124,7 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
             bp.get_or_create(&l).inc_by(b.stats.packets);
             bb.get_or_create(&l).inc_by(b.stats.bytes);
             bn.get_or_create(&l).inc_by(b.stats.new_flows);
+            healthy.get_or_create(&l).set(b.healthy as i64);
         }
     }
     reg.register(
@@ -139,6 +141,11 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
     );
     reg.register("backend_bytes", "Bytes per backend (both directions)", bb);
     reg.register("backend_new_flows", "New flows per backend", bn);
+    reg.register(
+        "backend_healthy",
+        "1 if the backend passes its health check (or has none)",
+        healthy,
+    );
 
     let ct = Gauge::<i64>::default();
     ct.set(conntrack_entries(pin_path)? as i64);

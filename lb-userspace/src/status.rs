@@ -5,8 +5,8 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    Backend, Counter, ServiceKey, ServiceValue, StatIndex, TrafficStats, MAP_BACKENDS,
-    MAP_BACKEND_STATS, MAP_GLOBAL_STATS, MAP_SERVICES, MAP_SERVICE_STATS, PROTO_TCP,
+    Backend, Counter, ServiceKey, ServiceValue, StatIndex, TrafficStats, BACKEND_F_UNHEALTHY,
+    MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS, MAP_SERVICES, MAP_SERVICE_STATS, PROTO_TCP,
 };
 
 use crate::dataplane::{backend_addr, words_to_addr};
@@ -40,6 +40,8 @@ pub struct ServiceView {
 pub struct BackendView {
     pub id: u32,
     pub address: String,
+    /// False while the backend fails its health check.
+    pub healthy: bool,
     pub stats: TrafficView,
 }
 
@@ -113,6 +115,7 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
             bes.push(BackendView {
                 id: *id,
                 address: backend_addr(b).to_string(),
+                healthy: b.flags & BACKEND_F_UNHEALTHY == 0,
                 stats: traffic(&be_stats, *id)?,
             });
         }
@@ -154,8 +157,9 @@ pub fn render_text(status: &Status) -> String {
             svc.stats.new_flows
         ));
         for b in &svc.backends {
+            let health = if b.healthy { "" } else { " UNHEALTHY" };
             s.push_str(&format!(
-                "  backend #{} {:<40} {:>10} pkts {:>8} new flows\n",
+                "  backend #{} {:<40} {:>10} pkts {:>8} new flows{health}\n",
                 b.id, b.address, b.stats.packets, b.stats.new_flows
             ));
         }

@@ -112,6 +112,26 @@ fn each_class_of_error_gets_a_specific_message() {
         &["maglev_table_size", "larger than the datapath holds"],
     );
     rejects(&GOOD.replace("  ipv4: 10.0.0.1\n", ""), &["snat.ipv4"]);
+    let hc = |h: &str| {
+        GOOD.replace(
+            "    protocol: tcp\n",
+            &format!("    protocol: tcp\n    health_check: {h}\n"),
+        )
+    };
+    assert!(check(&hc("{type: http, path: /healthz}")).0);
+    rejects(&hc("{type: icmp}"), &["line", "icmp"]);
+    rejects(
+        &hc("{type: tcp, interval_ms: 100, timeout_ms: 500}"),
+        &["health_check", "timeout_ms"],
+    );
+    rejects(
+        &hc("{type: tcp, fall: 0}"),
+        &["health_check", "rise and fall"],
+    );
+    rejects(
+        &hc("{type: http, path: healthz}"),
+        &["health_check.path", "must start with /"],
+    );
     let mut many = String::from("snat: {ipv4: 10.0.0.1}\nservices:\n");
     for i in 0..300 {
         many.push_str(&format!(
