@@ -184,12 +184,40 @@ impl Config {
 
     pub fn parse(text: &str) -> Result<Self> {
         let cfg: Config = serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
-        cfg.validate()?;
+        // Where things are, for the messages of the checks below (the types already
+        // parsed, so this cannot fail on anything the typed parse accepted).
+        let located: Option<Located> = serde_saphyr::from_str(text).ok();
+        cfg.validate_located(located.as_ref())?;
         Ok(cfg)
     }
 
     /// Checks what the types cannot: uniqueness, families, ranges, map capacities.
     pub fn validate(&self) -> Result<()> {
+        self.validate_located(None)
+    }
+
+    fn validate_located(&self, located: Option<&Located>) -> Result<()> {
+        // "line N: " of a service's field, or of its backend's address, when known.
+        let svc_line = |i: usize, field: &str| -> String {
+            located
+                .and_then(|l| l.services.get(i))
+                .and_then(|s| match field {
+                    "port" => s.port.as_ref(),
+                    "vip" => s.vip.as_ref(),
+                    "health_check" => s.health_check.as_ref(),
+                    _ => s.name.as_ref(),
+                })
+                .map(|sp| format!("line {}: ", sp.referenced.line()))
+                .unwrap_or_default()
+        };
+        let be_line = |i: usize, j: usize| -> String {
+            located
+                .and_then(|l| l.services.get(i))
+                .and_then(|s| s.backends.get(j))
+                .and_then(|b| b.address.as_ref())
+                .map(|sp| format!("line {}: ", sp.referenced.line()))
+                .unwrap_or_default()
+        };
         let m = self.maglev_table_size;
         maglev::validate_table_size(m).context("field maglev_table_size")?;
         if m as usize > MAGLEV_MAX_TABLE_SIZE {
@@ -213,25 +241,30 @@ impl Config {
         let mut total_backends = 0;
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}] ({})", s.name);
+            let named = format!("{}{at}", svc_line(i, "name"));
             if !names.insert(&s.name) {
-                bail!("{at}: field name: duplicate service name {:?}", s.name);
+                bail!("{named}: field name: duplicate service name {:?}", s.name);
             }
             if !seen.insert((s.vip, s.port, s.protocol)) {
                 bail!(
-                    "{at}: duplicate service {}:{}/{:?}",
+                    "{named}: duplicate service {}:{}/{}",
                     s.vip,
                     s.port,
-                    s.protocol
+                    format!("{:?}", s.protocol).to_lowercase()
                 );
             }
             if s.port == 0 {
-                bail!("{at}: field port: port 0 is not a service port");
+                bail!(
+                    "{}{at}: field port: port 0 is not a service port",
+                    svc_line(i, "port")
+                );
             }
             let mut addrs = BTreeSet::new();
             for (j, b) in s.backends.iter().enumerate() {
                 if b.address.is_ipv4() != s.vip.is_ipv4() {
                     bail!(
-                        "{at}: backends[{j}].address: {} is {} but the VIP {} is {}",
+                        "{}{at}: backends[{j}].address: {} is {} but the VIP {} is {}",
+                        be_line(i, j),
                         b.address,
                         family(b.address.ip()),
                         s.vip,
@@ -239,16 +272,21 @@ impl Config {
                     );
                 }
                 if b.address.port() == 0 {
-                    bail!("{at}: backends[{j}].address: port 0 is not a backend port");
+                    bail!(
+                        "{}{at}: backends[{j}].address: port 0 is not a backend port",
+                        be_line(i, j)
+                    );
                 }
                 if !addrs.insert(b.address) {
                     bail!(
-                        "{at}: backends[{j}].address: duplicate backend {}",
+                        "{}{at}: backends[{j}].address: duplicate backend {}",
+                        be_line(i, j),
                         b.address
                     );
                 }
             }
             if let Some(hc) = &s.health_check {
+                let at = format!("{}{at}", svc_line(i, "health_check"));
                 if hc.interval_ms < 100 || hc.timeout_ms == 0 || hc.timeout_ms > hc.interval_ms {
                     bail!("{at}: field health_check: need interval_ms ≥ 100 and 0 < timeout_ms ≤ interval_ms");
                 }
@@ -271,6 +309,7 @@ impl Config {
                 IpAddr::V6(_) => self.snat.ipv6.is_none(),
             };
             if snat_missing {
+                let at = format!("{}{at}", svc_line(i, "vip"));
                 bail!(
                     "{at}: mode nat needs snat.{} (the LB's address towards the backends)",
                     if s.vip.is_ipv4() { "ipv4" } else { "ipv6" }
@@ -282,6 +321,30 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The same document, keeping only where things are (for error messages).
+#[derive(Deserialize)]
+struct Located {
+    #[serde(default)]
+    services: Vec<LocatedService>,
+}
+
+type Here = Option<serde_saphyr::Spanned<serde::de::IgnoredAny>>;
+
+#[derive(Deserialize)]
+struct LocatedService {
+    name: Here,
+    vip: Here,
+    port: Here,
+    health_check: Here,
+    #[serde(default)]
+    backends: Vec<LocatedBackend>,
+}
+
+#[derive(Deserialize)]
+struct LocatedBackend {
+    address: Here,
 }
 
 fn family(ip: IpAddr) -> &'static str {

@@ -81,7 +81,7 @@ fn each_class_of_error_gets_a_specific_message() {
     // Semantics: the field path.
     rejects(
         &GOOD.replace("port: 80", "port: 0"),
-        &["services[0] (web)", "field port", "port 0"],
+        &["line 7: services[0] (web)", "field port", "port 0"],
     );
     rejects(
         &GOOD.replace("198.51.100.3:8080", "198.51.100.3:0"),
@@ -89,11 +89,11 @@ fn each_class_of_error_gets_a_specific_message() {
     );
     rejects(
         &GOOD.replace("198.51.100.3:8080", "\"[2001:db8::3]:8080\""),
-        &["backends[1].address", "IPv6", "IPv4"],
+        &["line 12:", "backends[1].address", "IPv6", "IPv4"],
     );
     rejects(
         &GOOD.replace("198.51.100.3:8080", "198.51.100.2:8080"),
-        &["backends[1].address", "duplicate backend"],
+        &["line 12:", "backends[1].address", "duplicate backend"],
     );
     let twice = format!(
         "{GOOD}{}",
@@ -101,7 +101,10 @@ fn each_class_of_error_gets_a_specific_message() {
     );
     rejects(
         &twice,
-        &["services[1] (web2)", "duplicate service 192.0.2.10:80"],
+        &[
+            "line 14: services[1] (web2)",
+            "duplicate service 192.0.2.10:80",
+        ],
     );
     rejects(
         &format!("maglev_table_size: 16383\n{GOOD}"),
