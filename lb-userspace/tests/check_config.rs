@@ -102,8 +102,8 @@ fn each_class_of_error_gets_a_specific_message() {
     rejects(
         &twice,
         &[
-            "line 14: services[1] (web2)",
-            "duplicate service 192.0.2.10:80",
+            "line 13: services[1] (web2)",
+            "duplicate service 192.0.2.10:80/tcp",
         ],
     );
     rejects(
