@@ -45,6 +45,12 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     }
 }
 
+/// The baseline for benchmarks: does nothing but pass. Never attached by the agent.
+#[xdp]
+pub fn xlb_baseline_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 #[inline(always)]
 fn balance(ctx: &XdpContext, pkt: &Packet, len: u64) -> u32 {
     finish(balance_verdict(ctx, pkt, len), len)

@@ -43,12 +43,26 @@ impl Fixture {
     }
 
     fn program(&mut self) -> Result<&mut Xdp> {
+        self.named_program(PROGRAM_NAME)
+    }
+
+    fn named_program(&mut self, name: &str) -> Result<&mut Xdp> {
         Ok(self
             .dp
             .ebpf
-            .program_mut(PROGRAM_NAME)
-            .context("no program")?
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
             .try_into()?)
+    }
+
+    /// Runs `frame` through the XDP_PASS baseline program (loaded on first use), as if
+    /// it arrived on `ifindex`: the reference for per-packet cost.
+    pub fn run_baseline_on(&mut self, frame: &[u8], ifindex: u32) -> Result<RunResult> {
+        let prog = self.named_program(BASELINE_PROGRAM)?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        run_program(prog, frame, 1, Some(ifindex))
     }
 
     /// Runs `frame` once through the program.
@@ -69,31 +83,40 @@ impl Fixture {
     }
 
     fn run_full(&mut self, frame: &[u8], repeat: u32, ifindex: Option<u32>) -> Result<RunResult> {
-        // Room for encapsulation the program might add later.
-        let mut out = vec![0u8; frame.len() + 256];
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex.unwrap_or(0), 0, 0]
-            .iter()
-            .flat_map(|w| w.to_ne_bytes())
-            .collect();
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.data_out = Some(&mut out);
-        opts.repeat = repeat;
-        if ifindex.is_some() {
-            opts.ctx_in = Some(&ctx);
-        }
-        let res = self
-            .program()?
-            .test_run(opts)
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(res.data_size_out as usize);
-        Ok(RunResult {
-            verdict: res.return_value,
-            data: out,
-            duration: res.duration,
-        })
+        run_program(self.program()?, frame, repeat, ifindex)
     }
+}
+
+/// The XDP_PASS program in the same object (see lb-ebpf's main.rs).
+pub const BASELINE_PROGRAM: &str = "xlb_baseline_pass";
+
+fn run_program(
+    prog: &mut Xdp,
+    frame: &[u8],
+    repeat: u32,
+    ifindex: Option<u32>,
+) -> Result<RunResult> {
+    // Room for encapsulation the program might add later.
+    let mut out = vec![0u8; frame.len() + 256];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+    let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex.unwrap_or(0), 0, 0]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.data_out = Some(&mut out);
+    opts.repeat = repeat;
+    if ifindex.is_some() {
+        opts.ctx_in = Some(&ctx);
+    }
+    let res = prog.test_run(opts).context("BPF_PROG_TEST_RUN")?;
+    out.truncate(res.data_size_out as usize);
+    Ok(RunResult {
+        verdict: res.return_value,
+        data: out,
+        duration: res.duration,
+    })
 }
 
 impl Drop for Fixture {

@@ -1,5 +1,6 @@
 //! Developer and CI commands: `cargo xtask build-ebpf | demo`.
 
+mod bench;
 mod demo;
 
 use std::{path::PathBuf, process::Command};
@@ -19,6 +20,8 @@ enum Cmd {
     BuildEbpf,
     /// Run the demo: a netns topology with xlb and live traffic (needs root).
     Demo(demo::DemoArgs),
+    /// Per-packet cost against an XDP_PASS baseline, side by side (needs root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> Result<()> {
@@ -29,6 +32,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Demo(args) => demo::run(args),
+        Cmd::Bench(args) => bench::run(args),
     }
 }
 
