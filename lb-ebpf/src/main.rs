@@ -132,19 +132,27 @@ fn forward_path(
         sport: ct.nat_port,
         dport: backend.port,
     };
-    if nat::rewrite(ctx, pkt, &to).is_none() {
+    let ids = (svc.id, ct.backend_id);
+    translate_and_send(ctx, pkt, &to, ids, len, new_flow, StatIndex::FwdForward)
+}
+
+/// The common tail of both directions: rewrite, count, route and send.
+#[inline(always)]
+fn translate_and_send(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    to: &Rewrite,
+    (service_id, backend_id): (u32, u32),
+    len: u64,
+    new_flow: bool,
+    sent: StatIndex,
+) -> Verdict {
+    if nat::rewrite(ctx, pkt, to).is_none() {
         return (xdp_action::XDP_PASS, StatIndex::PassParseError);
     }
-    stats::count_flow(svc.id, ct.backend_id, len, new_flow);
-    forward::forward(
-        ctx,
-        key.family,
-        key.proto,
-        &to.src,
-        &to.dst,
-        pkt.ip_len,
-        StatIndex::FwdForward,
-    )
+    stats::count_flow(service_id, backend_id, len, new_flow);
+    let k = &pkt.key;
+    forward::forward(ctx, k.family, k.proto, &to.src, &to.dst, pkt.ip_len, sent)
 }
 
 /// Backend → SNAT address: translate back to VIP → client and send.
@@ -163,19 +171,8 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
         sport: rev.vip_port,
         dport: rev.client_port,
     };
-    if nat::rewrite(ctx, pkt, &to).is_none() {
-        return (xdp_action::XDP_PASS, StatIndex::PassParseError);
-    }
-    stats::count_flow(rev.service_id, rev.backend_id, len, false);
-    forward::forward(
-        ctx,
-        pkt.key.family,
-        pkt.key.proto,
-        &to.src,
-        &to.dst,
-        pkt.ip_len,
-        StatIndex::FwdReverse,
-    )
+    let ids = (rev.service_id, rev.backend_id);
+    translate_and_send(ctx, pkt, &to, ids, len, false, StatIndex::FwdReverse)
 }
 
 /// An ICMP error about a NAT flow is translated like the flow's own packets, so that
