@@ -45,7 +45,10 @@ impl Agent {
     /// Starts `xlb run --pin-path <unique> ARGS...` in `ns` and waits until it says it runs.
     pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
-        let mut agent = Self::start_at(ns, &pin_path, args)?;
+        // If xlb fails to start there is no Agent to drop: remove what it pinned.
+        let mut agent = Self::start_at(ns, &pin_path, args).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&pin_path);
+        })?;
         agent.owns_pin_path = true;
         Ok(agent)
     }

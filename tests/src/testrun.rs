@@ -34,7 +34,11 @@ pub struct RunResult {
 impl Fixture {
     pub fn new() -> Result<Self> {
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
-        let dp = Dataplane::load(&pin)?;
+        // A failed load may already have pinned maps: remove them, there is no Fixture
+        // to drop.
+        let dp = Dataplane::load(&pin).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&pin);
+        })?;
         Ok(Self { dp, pin })
     }
 
