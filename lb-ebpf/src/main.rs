@@ -180,7 +180,6 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
 /// - quoting our forwarded packet (SNAT → backend): it goes back to the client, about
 ///   client → VIP;
 /// - quoting our reply (VIP → client): it goes on to the backend, about backend → SNAT.
-///
 #[inline(always)]
 fn icmp_error(ctx: &XdpContext, outer: &Packet, len: u64) -> u32 {
     let Some(scratch) = maps::ICMP_SCRATCH.get_ptr_mut(0) else {

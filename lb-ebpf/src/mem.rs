@@ -10,17 +10,10 @@ pub const MAX_HEADER_OFFSET: usize = 4095;
 /// A pointer to a `T` at `offset` bytes into the packet, if the whole `T` is inside it.
 #[inline(always)]
 fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
-    // SAFETY: ctx.ctx is the kernel's xdp_md for this run. The reads are volatile so
-    // that LLVM cannot promote the context pointer into plain integers when the caller
-    // is a separate BPF subprogram: the verifier rejects such integers as packet bounds.
-    let (start, end) = unsafe {
-        (
-            core::ptr::read_volatile(&(*ctx.ctx).data) as usize,
-            core::ptr::read_volatile(&(*ctx.ctx).data_end) as usize,
-        )
-    };
-    // Offsets handed between BPF subprograms reach the verifier unbounded; an explicit
-    // bound lets it accept pointer arithmetic with them. No header we read lies deeper.
+    let (start, end) = (ctx.data(), ctx.data_end());
+    // Offsets that went through memory (the ICMP scratch map) reach the verifier
+    // unbounded; an explicit bound lets it accept pointer arithmetic with them. No
+    // header we read lies deeper.
     if offset > MAX_HEADER_OFFSET {
         return None;
     }
