@@ -70,6 +70,41 @@ fn labels(pairs: &[(&str, String)]) -> Labels {
         .collect()
 }
 
+/// Packets, bytes and new flows, as three counter families with the same labels.
+#[derive(Default)]
+struct TrafficFamilies {
+    packets: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
+    new_flows: Family<Labels, Counter>,
+}
+
+impl TrafficFamilies {
+    fn add(&self, l: &Labels, t: &status::TrafficView) {
+        self.packets.get_or_create(l).inc_by(t.packets);
+        self.bytes.get_or_create(l).inc_by(t.bytes);
+        self.new_flows.get_or_create(l).inc_by(t.new_flows);
+    }
+
+    /// Registers `{what}_packets`, `{what}_bytes` and `{what}_new_flows`.
+    fn register(self, reg: &mut Registry, what: &str) {
+        reg.register(
+            format!("{what}_packets"),
+            format!("Packets per {what} (both directions)"),
+            self.packets,
+        );
+        reg.register(
+            format!("{what}_bytes"),
+            format!("Bytes per {what} (both directions)"),
+            self.bytes,
+        );
+        reg.register(
+            format!("{what}_new_flows"),
+            format!("New flows per {what}"),
+            self.new_flows,
+        );
+    }
+}
+
 /// The text exposition of every metric.
 pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String> {
     let mut reg = Registry::with_prefix("xlb");
@@ -98,49 +133,25 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
         reason_bytes,
     );
 
-    let (sp, sb, sn) = (
-        Family::<Labels, Counter>::default(),
-        Family::<Labels, Counter>::default(),
-        Family::<Labels, Counter>::default(),
-    );
+    let services = TrafficFamilies::default();
+    let backends = TrafficFamilies::default();
     let healthy = Family::<Labels, Gauge>::default();
-    let (bp, bb, bn) = (
-        Family::<Labels, Counter>::default(),
-        Family::<Labels, Counter>::default(),
-        Family::<Labels, Counter>::default(),
-    );
     for svc in status::read_services(pin_path)? {
-        let s = [
+        let s = labels(&[
             ("vip", svc.vip.clone()),
             ("port", svc.port.to_string()),
             ("protocol", svc.protocol.to_string()),
-        ];
-        sp.get_or_create(&labels(&s)).inc_by(svc.stats.packets);
-        sb.get_or_create(&labels(&s)).inc_by(svc.stats.bytes);
-        sn.get_or_create(&labels(&s)).inc_by(svc.stats.new_flows);
+        ]);
+        services.add(&s, &svc.stats);
         for b in &svc.backends {
-            let mut l = labels(&s);
+            let mut l = s.clone();
             l.push(("backend".into(), b.address.clone()));
-            bp.get_or_create(&l).inc_by(b.stats.packets);
-            bb.get_or_create(&l).inc_by(b.stats.bytes);
-            bn.get_or_create(&l).inc_by(b.stats.new_flows);
+            backends.add(&l, &b.stats);
             healthy.get_or_create(&l).set(b.healthy as i64);
         }
     }
-    reg.register(
-        "service_packets",
-        "Packets per service (both directions)",
-        sp,
-    );
-    reg.register("service_bytes", "Bytes per service (both directions)", sb);
-    reg.register("service_new_flows", "New flows per service", sn);
-    reg.register(
-        "backend_packets",
-        "Packets per backend (both directions)",
-        bp,
-    );
-    reg.register("backend_bytes", "Bytes per backend (both directions)", bb);
-    reg.register("backend_new_flows", "New flows per backend", bn);
+    services.register(&mut reg, "service");
+    backends.register(&mut reg, "backend");
     reg.register(
         "backend_healthy",
         "1 if the backend passes its health check (or has none)",
