@@ -16,12 +16,15 @@
 use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
+    thread::JoinHandle,
+    time::Duration,
 };
 
 use anyhow::Result;
 
 use crate::{
     netns::{veth_pair, Netns, VethEnd},
+    traffic::{tcp_echo, udp_echo},
     unique_name,
 };
 
@@ -251,6 +254,18 @@ impl LbLab {
         std::fs::write(&tmp, text)?;
         std::fs::rename(&tmp, &self.config_path)?;
         Ok(())
+    }
+
+    /// TCP and UDP echo servers on every backend, answering as `b{i}` on
+    /// [::]:BACKEND_PORT for `lifetime`.
+    pub fn start_backends(&self, lifetime: Duration) -> Result<Vec<JoinHandle<usize>>> {
+        let mut servers = Vec::new();
+        for (i, b) in self.backends.iter().enumerate() {
+            let addr = SocketAddr::from(([0u16; 8], BACKEND_PORT));
+            servers.push(tcp_echo(b, addr, &format!("b{i}"), lifetime)?);
+            servers.push(udp_echo(b, addr, &format!("b{i}"), lifetime)?);
+        }
+        Ok(servers)
     }
 
     pub fn iface_arg(&self) -> String {

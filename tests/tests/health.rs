@@ -17,7 +17,7 @@ use xlb_tests::{
     netns::Netns,
     privileged,
     topology::{LbLab, VIP4},
-    traffic::{connect, tcp_echo},
+    traffic::connect,
 };
 
 /// A health endpoint that accepts (and closes) connections until stopped.
@@ -86,12 +86,7 @@ fn privileged_failing_backend_leaves_and_returns() {
     }
     let lab = LbLab::two_arm(3).unwrap();
     let life = Duration::from_secs(60);
-    let servers: Vec<_> = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| tcp_echo(b, "[::]:8080".parse().unwrap(), &format!("b{i}"), life).unwrap())
-        .collect();
+    let servers = lab.start_backends(life).unwrap();
     let mut health: Vec<HealthPort> = lab.backends.iter().map(HealthPort::start).collect();
     let backends = (0..3)
         .map(|i| format!("{{address: \"{}\"}}", lab.backend(i, false)))

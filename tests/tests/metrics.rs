@@ -12,7 +12,7 @@ use xlb_tests::{
     agent::Agent,
     privileged,
     topology::{LbLab, VIP4},
-    traffic::{connect, tcp_echo},
+    traffic::connect,
 };
 
 const METRICS: &str = "127.0.0.1:9464";
@@ -63,12 +63,7 @@ fn privileged_metrics_agree_with_the_traffic_sent() {
     let lab = LbLab::two_arm(3).unwrap();
     lab.write_config(&[0, 1, 2]).unwrap();
     let life = Duration::from_secs(30);
-    let servers: Vec<_> = lab
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| tcp_echo(b, "[::]:8080".parse().unwrap(), &format!("b{i}"), life).unwrap())
-        .collect();
+    let servers = lab.start_backends(life).unwrap();
     let cfg = lab.config_path.to_str().unwrap().to_owned();
     let mut agent = Agent::start(
         &lab.lb,

@@ -17,7 +17,7 @@ use xlb_tests::{
     netns::Netns,
     privileged,
     topology::{LbLab, VIP4, VIP6},
-    traffic::{backend_index, connect, parse_reply, tcp_echo, udp_echo, Conn},
+    traffic::{backend_index, connect, parse_reply, tcp_echo, Conn},
 };
 
 const M: u32 = 16381;
@@ -80,12 +80,7 @@ fn udp_exchange(client: &Netns, vip: SocketAddr, msg: &str) -> (u16, usize) {
 fn balance_through_namespaces(lab: LbLab, mode: &str) {
     lab.write_config(&[0, 1, 2]).unwrap();
     let life = Duration::from_secs(60);
-    let mut servers = Vec::new();
-    for (i, b) in lab.backends.iter().enumerate() {
-        let name = format!("b{i}");
-        servers.push(tcp_echo(b, "[::]:8080".parse().unwrap(), &name, life).unwrap());
-        servers.push(udp_echo(b, "[::]:8080".parse().unwrap(), &name, life).unwrap());
-    }
+    let servers = lab.start_backends(life).unwrap();
     let lb_server = tcp_echo(&lab.lb, SocketAddr::new(lab.snat4, 9000), "lb", life).unwrap();
     // One-arm native: XDP_TX on a veth needs an XDP program on its peer; a second,
     // config-less xlb there passes everything.

@@ -12,7 +12,7 @@ use xlb_tests::{
     agent::Agent,
     privileged,
     topology::{LbLab, VIP4},
-    traffic::{backend_index, connect, parse_reply, tcp_echo, udp_echo, Conn},
+    traffic::{backend_index, connect, parse_reply, Conn},
 };
 
 enum Flow {
@@ -39,11 +39,7 @@ fn exchange(flow: &mut Flow, udp_vip: SocketAddr, msg: &str) -> Result<usize, St
 fn restart_keeps_every_flow(mode: &str) {
     let lab = LbLab::two_arm(3).unwrap();
     let life = Duration::from_secs(60);
-    let mut servers = Vec::new();
-    for (i, b) in lab.backends.iter().enumerate() {
-        servers.push(tcp_echo(b, "[::]:8080".parse().unwrap(), &format!("b{i}"), life).unwrap());
-        servers.push(udp_echo(b, "[::]:8080".parse().unwrap(), &format!("b{i}"), life).unwrap());
-    }
+    let servers = lab.start_backends(life).unwrap();
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", xlb_tests::unique_name("xlbr")));
     struct RemovePins(std::path::PathBuf);
     impl Drop for RemovePins {

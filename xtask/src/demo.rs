@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use xlb_tests::{
     agent::Agent,
     topology::{LbLab, VIP4},
-    traffic::{parse_reply, tcp_echo, udp_echo},
+    traffic::parse_reply,
 };
 
 #[derive(clap::Args)]
@@ -68,11 +68,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let lab = LbLab::two_arm(3)?;
     lab.write_config(&[0, 1, 2])?;
     let life = Duration::from_secs(30 + 2 * args.rounds as u64);
-    let mut servers = Vec::new();
-    for (i, b) in lab.backends.iter().enumerate() {
-        servers.push(tcp_echo(b, "[::]:8080".parse()?, &format!("b{i}"), life)?);
-        servers.push(udp_echo(b, "[::]:8080".parse()?, &format!("b{i}"), life)?);
-    }
+    let servers = lab.start_backends(life)?;
     let cfg = lab.config_path.to_string_lossy().into_owned();
     let mut agent = Agent::start(
         &lab.lb,
