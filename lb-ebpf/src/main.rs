@@ -15,6 +15,7 @@ mod mem;
 mod nat;
 mod parse;
 mod stats;
+mod trace;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
@@ -32,17 +33,33 @@ type Verdict = (u32, StatIndex);
 
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
+    pipeline(&ctx)
+}
+
+// Forced inline: as a BPF subprogram it would share the 512-byte stack with the
+// entry's frame, and the verifier rejects its argument passing.
+#[inline(always)]
+fn pipeline(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let (seen, parsed) = parse::parse(&ctx);
+    let (seen, parsed) = parse::parse(ctx);
     stats::count(seen, len);
-    match parsed {
-        Ok(Parsed::Flow(pkt)) => balance(&ctx, &pkt, len),
-        Ok(Parsed::Icmp(outer)) => icmp_error(&ctx, &outer, len),
-        Err(reason) => {
-            stats::count(reason, len);
-            xdp_action::XDP_PASS
+    let (action, reason) = match parsed {
+        Ok(Parsed::Flow(pkt)) => {
+            trace::note(Some(&pkt.key));
+            balance(ctx, &pkt, len)
         }
-    }
+        Ok(Parsed::Icmp(outer)) => {
+            trace::note(Some(&outer.key));
+            icmp_error(ctx, &outer)
+        }
+        Err(reason) => {
+            trace::note(None);
+            (xdp_action::XDP_PASS, reason)
+        }
+    };
+    stats::count(reason, len);
+    trace::packet(action, reason);
+    action
 }
 
 /// The baseline for benchmarks: does nothing but pass. Never attached by the agent.
@@ -52,17 +69,13 @@ pub fn xlb_baseline_pass(_ctx: XdpContext) -> u32 {
 }
 
 #[inline(always)]
-fn balance(ctx: &XdpContext, pkt: &Packet, len: u64) -> u32 {
-    finish(balance_verdict(ctx, pkt, len), len)
-}
-
-#[inline(always)]
-fn balance_verdict(ctx: &XdpContext, pkt: &Packet, len: u64) -> Verdict {
-    let Some(cfg) = maps::CONFIG.get(0).copied() else {
+fn balance(ctx: &XdpContext, pkt: &Packet, len: u64) -> Verdict {
+    // A reference into the map, not a copy: the stack is the scarce resource.
+    let Some(cfg) = maps::CONFIG.get(0) else {
         return (xdp_action::XDP_PASS, StatIndex::PassNotVip);
     };
     if let Some(svc) = lookup::service(&pkt.key) {
-        return forward_path(ctx, pkt, &svc, &cfg, len);
+        return forward_path(ctx, pkt, &svc, cfg, len);
     }
     if let Some(rev) = lookup::reverse(&pkt.key) {
         return reverse_path(ctx, pkt, rev, len);
@@ -181,18 +194,18 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
 ///   client → VIP;
 /// - quoting our reply (VIP → client): it goes on to the backend, about backend → SNAT.
 #[inline(always)]
-fn icmp_error(ctx: &XdpContext, outer: &Packet, len: u64) -> u32 {
+fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
     let Some(scratch) = maps::ICMP_SCRATCH.get_ptr_mut(0) else {
-        return finish((xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated), len);
+        return (xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated);
     };
     // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
     let scratch = unsafe { &mut *scratch };
     if let Err(reason) = parse::parse_icmp_error(ctx, outer, &mut scratch.err) {
-        return finish((xdp_action::XDP_PASS, reason), len);
+        return (xdp_action::XDP_PASS, reason);
     }
     let e = &scratch.err;
     if e.outer.ttl <= 1 {
-        return finish((xdp_action::XDP_PASS, StatIndex::PassTtlExceeded), len);
+        return (xdp_action::XDP_PASS, StatIndex::PassTtlExceeded);
     }
     let q = &e.inner;
     scratch.reply_key = FlowKey {
@@ -213,7 +226,7 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet, len: u64) -> u32 {
             sport: rev.client_port,
             dport: rev.vip_port,
         };
-        return icmp_translate(ctx, e, &rev.vip, &rev.client, &inner, len);
+        return icmp_translate(ctx, e, &rev.vip, &rev.client, &inner);
     }
     if let Some(cfg) = maps::CONFIG.get(0) {
         // SAFETY: a plain helper call.
@@ -226,10 +239,10 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet, len: u64) -> u32 {
                 sport: backend.port,
                 dport: ct.nat_port,
             };
-            return icmp_translate(ctx, e, &ct.nat_addr, &backend.addr, &inner, len);
+            return icmp_translate(ctx, e, &ct.nat_addr, &backend.addr, &inner);
         }
     }
-    finish((xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated), len)
+    (xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated)
 }
 
 /// Rewrites the error to come from `outer_src` to `outer_dst`, quoting `inner`, and sends it.
@@ -240,30 +253,20 @@ fn icmp_translate(
     outer_src: &Addr,
     outer_dst: &Addr,
     inner: &Rewrite,
-    len: u64,
-) -> u32 {
+) -> Verdict {
     if nat::rewrite_icmp_error(ctx, e, outer_src, outer_dst, inner).is_none() {
-        return finish((xdp_action::XDP_PASS, StatIndex::PassParseError), len);
+        return (xdp_action::XDP_PASS, StatIndex::PassParseError);
     }
     let k = &e.outer.key;
-    finish(
-        forward::forward(
-            ctx,
-            k.family,
-            k.proto,
-            outer_src,
-            outer_dst,
-            e.outer.ip_len,
-            StatIndex::IcmpTranslated,
-        ),
-        len,
+    forward::forward(
+        ctx,
+        k.family,
+        k.proto,
+        outer_src,
+        outer_dst,
+        e.outer.ip_len,
+        StatIndex::IcmpTranslated,
     )
-}
-
-#[inline(always)]
-fn finish((action, reason): Verdict, len: u64) -> u32 {
-    stats::count(reason, len);
-    action
 }
 
 #[cfg(target_arch = "bpf")]

@@ -49,3 +49,21 @@ pub struct IcmpScratch {
     /// The quoted packet's reply 5-tuple: the REVERSE_NAT or CONNTRACK key.
     pub reply_key: FlowKey,
 }
+
+/// Per-CPU scratch for the debug log: the packet's flow, noted before the pipeline
+/// runs and logged after it, so the one log call sits at the end and costs no stack
+/// in the pipeline (not pinned; only written when eBPF logging is on).
+#[map(name = "XLB_LOG_SCRATCH")]
+pub static LOG_SCRATCH: PerCpuArray<LogFlow> = PerCpuArray::with_max_entries(1, 0);
+
+pub struct LogFlow {
+    /// IPv4 as IPv4-mapped IPv6, so one log format serves both families.
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// 0 when the packet had no flow (not IP, or malformed).
+    pub valid: u8,
+}

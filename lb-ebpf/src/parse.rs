@@ -36,6 +36,8 @@ const ICMP_TIME_EXCEEDED: u8 = 11;
 const ICMPV6_DEST_UNREACH: u8 = 1;
 const ICMPV6_PACKET_TOO_BIG: u8 = 2;
 const ICMPV6_TIME_EXCEEDED: u8 = 3;
+/// Where the source address starts in the IPv6 header (the destination follows).
+const IPV6_SRC_OFF: usize = 8;
 /// ICMP and ICMPv6 error headers are 8 bytes, then the packet that caused the error.
 const ICMP_ERROR_HDR_LEN: usize = 8;
 
@@ -159,11 +161,15 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Network, u8> {
 
 #[inline(always)]
 fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
-    let ip = load::<Ipv6Hdr>(ctx, ETH_LEN).ok_or(FAMILY_V6)?;
-    if ip.vcf[0] >> 4 != 6 {
+    // The fixed header's first 8 bytes now, the addresses after the extension-header
+    // walk: a copy of the whole header would stay live across the loop and spill
+    // byte by byte onto the 512-byte stack.
+    let [vcf, _, _, _, len_hi, len_lo, first_next, hop_limit] =
+        load::<[u8; 8]>(ctx, ETH_LEN).ok_or(FAMILY_V6)?;
+    if vcf >> 4 != 6 {
         return Err(FAMILY_V6);
     }
-    let mut next = ip.next_hdr;
+    let mut next = first_next;
     let mut off = ETH_LEN + Ipv6Hdr::LEN;
     let mut fragment = false;
     for _ in 0..IPV6_MAX_EXT_HEADERS {
@@ -189,15 +195,16 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
             _ => break,
         }
     }
+    let addrs = load::<[[u32; 4]; 2]>(ctx, ETH_LEN + IPV6_SRC_OFF).ok_or(FAMILY_V6)?;
     Ok(Network {
         family: FAMILY_V6,
         proto: next,
-        src: addr_words(ip.src_addr),
-        dst: addr_words(ip.dst_addr),
+        src: addrs[0],
+        dst: addrs[1],
         l4_off: off,
         fragment,
-        ttl: ip.hop_limit,
-        ip_len: u16::from_be_bytes(ip.payload_len).wrapping_add(Ipv6Hdr::LEN as u16),
+        ttl: hop_limit,
+        ip_len: u16::from_be_bytes([len_hi, len_lo]).wrapping_add(Ipv6Hdr::LEN as u16),
     })
 }
 
@@ -308,14 +315,4 @@ pub fn parse_icmp_error(
     out.inner.sport = ports[0];
     out.inner.dport = ports[1];
     Ok(())
-}
-
-#[inline(always)]
-fn addr_words(a: [u8; 16]) -> [u32; 4] {
-    [
-        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
-        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
-        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
-        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
-    ]
 }

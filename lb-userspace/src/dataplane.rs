@@ -37,11 +37,13 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the program, reusing maps already pinned under `pin_path`.
-    pub fn load(pin_path: &Path) -> Result<Self> {
+    /// Loads the program, reusing maps already pinned under `pin_path`. `log_level`
+    /// is the program's aya-log level (0 = off; see `ebpf_log`).
+    pub fn load(pin_path: &Path, log_level: u8) -> Result<Self> {
         ensure_bpffs(pin_path)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
+            .override_global("AYA_LOG_LEVEL", &log_level, true)
             .load(crate::EBPF_OBJECT)
             .with_context(|| {
                 format!(

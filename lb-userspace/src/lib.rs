@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod config;
 pub mod dataplane;
+pub mod ebpf_log;
 pub mod health;
 pub mod maglev;
 pub mod metrics;

@@ -126,7 +126,14 @@ impl Agent {
 async fn run(args: RunArgs) -> Result<()> {
     // A bad file stops us before anything is touched.
     let config = args.config.as_deref().map(Config::load).transpose()?;
-    let dp = Dataplane::load(&args.pin_path)?;
+    let log_level = xlb::ebpf_log::level_from_filter();
+    let mut dp = Dataplane::load(&args.pin_path, log_level)?;
+    if xlb::ebpf_log::spawn(&mut dp.ebpf, log_level)?.is_some() {
+        info!(
+            level = log_level,
+            "forwarding the XDP program's logs to target xlb::ebpf"
+        );
+    }
     let metrics = AgentMetrics::default();
     if let Some(addr) = args.metrics_addr {
         xlb::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await?;

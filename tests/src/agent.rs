@@ -53,8 +53,27 @@ impl Agent {
         Ok(agent)
     }
 
+    /// Like `start`, with its tracing filter set to `rust_log`.
+    pub fn start_logging(ns: &Netns, args: &[&str], rust_log: &str) -> Result<Self> {
+        let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
+        let mut agent = Self::spawn(ns, &pin_path, args, rust_log).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&pin_path);
+        })?;
+        agent.owns_pin_path = true;
+        Ok(agent)
+    }
+
     /// Like `start`, on a pin path the caller owns (and cleans up).
     pub fn start_at(ns: &Netns, pin_path: &std::path::Path, args: &[&str]) -> Result<Self> {
+        Self::spawn(ns, pin_path, args, "info")
+    }
+
+    fn spawn(
+        ns: &Netns,
+        pin_path: &std::path::Path,
+        args: &[&str],
+        rust_log: &str,
+    ) -> Result<Self> {
         let pin_path = pin_path.to_owned();
         let bin = xlb_bin()?;
         let mut cmd = ns.command(bin.to_str().context("utf-8 path")?);
@@ -62,7 +81,7 @@ impl Agent {
             .arg("--pin-path")
             .arg(&pin_path)
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -131,6 +131,8 @@ fn privileged_metrics_agree_with_the_traffic_sent() {
     );
     assert_eq!(value(&text, "xlb_map_update_seconds_count"), 2.0);
     assert!(text.contains("xlb_build_info{version="), "{text}");
+    // eBPF logging is off unless the filter asks for it.
+    assert_eq!(agent.count_log("xlb::ebpf"), 0, "{}", agent.logs());
 
     // Every series the Grafana dashboard queries exists.
     let dashboard = std::fs::read_to_string(concat!(
@@ -158,4 +160,50 @@ fn privileged_metrics_agree_with_the_traffic_sent() {
     }
     assert!(checked >= 9, "dashboard queries checked: {checked}");
     drop(servers);
+}
+
+/// With `xlb::ebpf=debug` in the filter, the XDP program's aya-log records reach the
+/// agent's tracing output: one line per packet xlb handles, naming the flow and the
+/// reason (by counter name), in both directions.
+#[test]
+fn privileged_ebpf_logs_reach_tracing_when_enabled() {
+    if !privileged() {
+        return;
+    }
+    let lab = LbLab::two_arm(1).unwrap();
+    lab.write_config(&[0]).unwrap();
+    let _servers = lab.start_backends(Duration::from_secs(20)).unwrap();
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let args = [
+        "--iface",
+        &lab.iface_arg(),
+        "--xdp-mode",
+        "generic",
+        "--config",
+        &cfg,
+    ];
+    let mut agent = Agent::start_logging(&lab.lb, &args, "info,xlb::ebpf=debug").unwrap();
+    agent
+        .wait_for_log("forwarding the XDP program's logs", Duration::from_secs(1))
+        .unwrap();
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let mut conn = connect(&lab.client, vip);
+    assert_eq!(conn.exchange("hello").unwrap(), 0);
+    let forward = format!(
+        "xdp {}:{} -> {VIP4}:80 proto=6 action=",
+        lab.client4, conn.sport
+    );
+    agent
+        .wait_for_log(&forward, Duration::from_secs(5))
+        .unwrap();
+    let logs = agent.logs();
+    let line = logs.lines().find(|l| l.contains(&forward)).unwrap();
+    assert!(line.contains("xlb::ebpf"), "{line}");
+    assert!(line.ends_with("reason=fwd_forward"), "{line}");
+    let backend = lab.backend(0, false);
+    let reply = format!("xdp {backend} -> {}:", lab.snat4);
+    agent.wait_for_log(&reply, Duration::from_secs(5)).unwrap();
+    let logs = agent.logs();
+    let line = logs.lines().find(|l| l.contains(&reply)).unwrap();
+    assert!(line.ends_with("reason=fwd_reverse"), "{line}");
 }

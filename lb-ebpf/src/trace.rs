@@ -1,0 +1,105 @@
+//! One log line per packet through aya-log, for following a flow by hand.
+//!
+//! The agent sets `AYA_LOG_LEVEL` when it loads the program, from its own tracing
+//! filter for `xlb::ebpf`. At the default (off) the level is a constant in the frozen
+//! .rodata map, so the verifier removes all of this and the hot path pays nothing.
+//!
+//! Packets xlb handles are logged at debug, the rest (most traffic) at trace. The flow
+//! is noted in per-CPU scratch before the pipeline and logged once after it: a log
+//! call inside the pipeline would not fit the 512-byte stack. Two details the agent's
+//! log bridge undoes: IPv4 is written IPv4-mapped (one format for both families), and
+//! the reason is its counter index, since BPF cannot hold a table of string pointers.
+
+use aya_log_ebpf::{
+    log,
+    macro_support::{level_enabled, Level},
+};
+use lb_common::{FlowKey, StatIndex, FAMILY_V4};
+
+use crate::maps::LOG_SCRATCH;
+
+/// Notes the packet's flow for `packet`; `None` for a packet without one.
+#[inline(always)]
+pub fn note(key: Option<&FlowKey>) {
+    if !level_enabled(Level::Debug) {
+        return;
+    }
+    let Some(flow) = LOG_SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
+    let flow = unsafe { &mut *flow };
+    let Some(k) = key else {
+        flow.valid = 0;
+        return;
+    };
+    if k.family == FAMILY_V4 {
+        flow.src = mapped_v4(k.src[0]);
+        flow.dst = mapped_v4(k.dst[0]);
+    } else {
+        flow.src = wire_bytes(&k.src);
+        flow.dst = wire_bytes(&k.dst);
+    }
+    flow.sport = u16::from_be(k.sport);
+    flow.dport = u16::from_be(k.dport);
+    flow.proto = k.proto;
+    flow.valid = 1;
+}
+
+/// Logs the noted flow with the verdict and its reason.
+#[inline(always)]
+pub fn packet(action: u32, reason: StatIndex) {
+    if level_enabled(Level::Debug) {
+        log_packet(action, reason as u32);
+    }
+}
+
+#[inline(never)]
+fn log_packet(action: u32, reason: u32) {
+    let Some(flow) = LOG_SCRATCH.get(0) else {
+        return;
+    };
+    let level = if reason == StatIndex::PassNotVip as u32 || flow.valid == 0 {
+        Level::Trace
+    } else {
+        Level::Debug
+    };
+    let (src, dst) = (flow.src, flow.dst);
+    let (sport, dport, proto) = (flow.sport, flow.dport, flow.proto);
+    log!(
+        &(),
+        level,
+        "xdp [{:i}]:{} -> [{:i}]:{} proto={} action={} reason={}",
+        src,
+        sport,
+        dst,
+        dport,
+        proto,
+        action,
+        reason
+    );
+}
+
+#[inline(always)]
+fn mapped_v4(a: u32) -> [u8; 16] {
+    let b = a.to_ne_bytes();
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
+    ]
+}
+
+/// An IPv6 address as the bytes it has on the wire.
+#[inline(always)]
+fn wire_bytes(a: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    let mut i = 0;
+    while i < 4 {
+        let b = a[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+    out
+}
