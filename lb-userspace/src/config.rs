@@ -16,6 +16,9 @@ use crate::maglev;
 #[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Static services. With `--kubernetes` the file may hold none: it then only sets
+    /// SNAT, timeouts and the table size, and the services come from the API.
+    #[serde(default)]
     pub services: Vec<ServiceConfig>,
     #[serde(default)]
     pub snat: SnatConfig,
@@ -36,6 +39,10 @@ pub struct ServiceConfig {
     pub mode: Mode,
     #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// `client_ip`: new flows are placed by the client address alone, so one client
+    /// reaches one backend on every source port (Kubernetes' sessionAffinity: ClientIP).
+    #[serde(default)]
+    pub session_affinity: SessionAffinity,
     /// Active health checks of this service's backends (static mode).
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
@@ -109,6 +116,32 @@ pub struct BackendConfig {
 pub enum Protocol {
     Tcp,
     Udp,
+}
+
+impl Protocol {
+    /// As written in the config file.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// As Kubernetes writes it.
+    pub fn k8s_name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionAffinity {
+    #[default]
+    None,
+    ClientIp,
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]

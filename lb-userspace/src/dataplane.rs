@@ -266,11 +266,11 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use lb_common::{
     Addr, Backend, DatapathConfig, MaglevTable, ServiceKey, ServiceValue, BACKEND_F_UNHEALTHY,
     FAMILY_V4, FAMILY_V6, MAP_BACKENDS, MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS,
-    MAX_SERVICES, MODE_NAT, PROTO_TCP, PROTO_UDP,
+    MAX_SERVICES, MODE_NAT, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_AFFINITY,
 };
 
 use crate::{
-    config::{Config, Protocol},
+    config::{Config, Protocol, SessionAffinity},
     maglev,
 };
 
@@ -463,7 +463,10 @@ impl Dataplane {
                 id,
                 table_size,
                 mode: MODE_NAT,
-                flags: 0,
+                flags: match svc.session_affinity {
+                    SessionAffinity::None => 0,
+                    SessionAffinity::ClientIp => SVC_F_CLIENT_AFFINITY,
+                },
                 _pad: [0; 2],
             };
             if old != Some(value) {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dataplane;
 pub mod ebpf_log;
 pub mod health;
+pub mod k8s;
 pub mod maglev;
 pub mod metrics;
 pub mod status;

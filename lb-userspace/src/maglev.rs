@@ -89,7 +89,7 @@ fn identity(addr: &SocketAddr) -> Vec<u8> {
 
 /// FNV-1a over the bytes from a seeded basis, then murmur3's 64-bit finaliser so every
 /// input bit reaches every output bit. Stable across platforms and Rust versions.
-fn seeded_hash(bytes: &[u8], seed: u64) -> u64 {
+pub(crate) fn seeded_hash(bytes: &[u8], seed: u64) -> u64 {
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for &b in bytes {
         h ^= b as u64;
