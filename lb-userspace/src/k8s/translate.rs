@@ -573,7 +573,6 @@ mod tests {
             v.sort();
             v
         };
-        };
         assert_eq!(vips(&run(&all, &[], &opts())), ["192.0.2.1"]);
         let o = Options {
             default_class: true,
