@@ -65,6 +65,31 @@ pub struct RunArgs {
     /// Static YAML config: services, backends, SNAT (see README).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Serve Kubernetes Services of type LoadBalancer, from the in-cluster config or
+    /// KUBECONFIG. With --config too, the file adds its settings and static services.
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// The spec.loadBalancerClass served.
+    #[arg(long, default_value = crate::k8s::translate::DEFAULT_CLASS)]
+    pub lb_class: String,
+    /// Also serve LoadBalancer Services that name no class.
+    #[arg(long)]
+    pub default_class: bool,
+    /// This node's name, for externalTrafficPolicy: Local (the DaemonSet passes it
+    /// from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Address pools for Services that have no VIP yet, CIDRs, comma separated or
+    /// repeated (one per family at least, to allocate in that family).
+    #[arg(long, value_delimiter = ',')]
+    pub ipam_pool: Vec<ipnet::IpNet>,
+    /// SNAT source address for IPv4, overriding the file (per node: the DaemonSet
+    /// passes the node's address).
+    #[arg(long, env = "XLB_SNAT_IPV4")]
+    pub snat_ipv4: Option<std::net::Ipv4Addr>,
+    /// SNAT source address for IPv6, overriding the file.
+    #[arg(long, env = "XLB_SNAT_IPV6")]
+    pub snat_ipv6: Option<std::net::Ipv6Addr>,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz here, e.g. 0.0.0.0:9090.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,

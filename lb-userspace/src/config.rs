@@ -185,6 +185,18 @@ pub struct Timeouts {
     pub udp_idle: u32,
 }
 
+impl Default for Config {
+    /// No services, and every setting at its default.
+    fn default() -> Self {
+        Config {
+            services: Vec::new(),
+            snat: SnatConfig::default(),
+            maglev_table_size: default_table_size(),
+            timeouts: Timeouts::default(),
+        }
+    }
+}
+
 impl Default for Timeouts {
     fn default() -> Self {
         Self {

@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc::UnboundedSender;
@@ -8,7 +8,7 @@ use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
 use xlb::{
     cli::{Cli, Command, MaglevArgs, RunArgs, StatusArgs},
-    config::Config,
+    config::{Config, ServiceConfig},
     dataplane::Dataplane,
     health, maglev,
     metrics::AgentMetrics,
@@ -57,15 +57,23 @@ async fn real_main() -> Result<()> {
     }
 }
 
-/// What `xlb run` keeps between events: the last config that applied, the health of
-/// checked backends, and the probes.
+/// What `xlb run` keeps between events: the config file's contents (the base), the
+/// services Kubernetes wants, the health of checked backends, and the probes.
 struct Agent {
     dp: Dataplane,
+    /// The last config file that applied, with the command line's overrides.
+    base: Config,
+    /// In Kubernetes mode: the services from the API; `None` until the first sync, and
+    /// nothing is applied before it (the pinned maps keep the state of the last agent).
+    k8s: Option<Vec<ServiceConfig>>,
+    kubernetes: bool,
+    /// What is programmed now: the base's services and then Kubernetes'.
     config: Option<Config>,
     health: BTreeMap<health::BackendKey, bool>,
     checker: Option<health::Checker>,
     health_tx: UnboundedSender<health::Transition>,
     metrics: AgentMetrics,
+    snat_overrides: (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
 }
 
 impl Agent {
@@ -79,9 +87,39 @@ impl Agent {
         Ok(summary)
     }
 
-    /// Makes `cfg` the running config: apply it, then (re)start its health checks,
-    /// keeping the health of backends that were already checked.
-    fn adopt(&mut self, cfg: Config) -> Result<xlb::dataplane::ApplySummary> {
+    /// The config file's settings with the command line's SNAT addresses on top.
+    fn with_overrides(&self, mut cfg: Config) -> Result<Config> {
+        let (v4, v6) = self.snat_overrides;
+        cfg.snat.ipv4 = v4.or(cfg.snat.ipv4);
+        cfg.snat.ipv6 = v6.or(cfg.snat.ipv6);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The config to program for this base and these Kubernetes services, if it is
+    /// time to program anything.
+    fn merged(&self, base: &Config, k8s: Option<&Vec<ServiceConfig>>) -> Option<Config> {
+        if self.kubernetes && k8s.is_none() {
+            return None;
+        }
+        let mut cfg = base.clone();
+        cfg.services.extend(k8s.into_iter().flatten().cloned());
+        Some(cfg)
+    }
+
+    /// Makes `base` and `k8s` the running state: validate the merge, apply it, then
+    /// (re)start its health checks, keeping the health of backends already checked.
+    /// On error nothing changes.
+    fn adopt(
+        &mut self,
+        base: Config,
+        k8s: Option<Vec<ServiceConfig>>,
+    ) -> Result<Option<xlb::dataplane::ApplySummary>> {
+        let Some(cfg) = self.merged(&base, k8s.as_ref()) else {
+            self.base = base;
+            return Ok(None);
+        };
+        cfg.validate()?;
         let summary = self.apply(&cfg)?;
         let keys: std::collections::BTreeSet<health::BackendKey> = cfg
             .services
@@ -92,8 +130,10 @@ impl Agent {
         self.health.retain(|k, _| keys.contains(k));
         self.checker = Some(health::start(&cfg, &self.health, self.health_tx.clone()));
         self.config = Some(cfg);
+        self.base = base;
+        self.k8s = k8s;
         self.metrics.applied(true);
-        Ok(summary)
+        Ok(Some(summary))
     }
 
     /// Applies the config file again. A file that does not load or validate is
@@ -103,11 +143,23 @@ impl Agent {
             warn!("SIGHUP: no --config to reload");
             return;
         };
-        match xlb::config::Config::load(path).and_then(|cfg| self.adopt(cfg)) {
+        let loaded = Config::load(path).and_then(|cfg| self.with_overrides(cfg));
+        match loaded.and_then(|base| self.adopt(base, self.k8s.clone())) {
             Ok(summary) => info!(?summary, "config reloaded"),
             Err(e) => {
                 self.metrics.applied(false);
                 error!("config reload rejected, keeping the running state: {e:#}");
+            }
+        }
+    }
+
+    fn kubernetes_changed(&mut self, services: Vec<ServiceConfig>) {
+        let n = services.len();
+        match self.adopt(self.base.clone(), Some(services)) {
+            Ok(summary) => info!(?summary, services = n, "Kubernetes services applied"),
+            Err(e) => {
+                self.metrics.applied(false);
+                error!("Kubernetes services rejected, keeping the running state: {e:#}");
             }
         }
     }
@@ -125,7 +177,7 @@ impl Agent {
 
 async fn run(args: RunArgs) -> Result<()> {
     // A bad file stops us before anything is touched.
-    let config = args.config.as_deref().map(Config::load).transpose()?;
+    let file = args.config.as_deref().map(Config::load).transpose()?;
     let log_level = xlb::ebpf_log::level_from_filter();
     let mut dp = Dataplane::load(&args.pin_path, log_level)?;
     if xlb::ebpf_log::spawn(&mut dp.ebpf, log_level)?.is_some() {
@@ -142,17 +194,41 @@ async fn run(args: RunArgs) -> Result<()> {
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut agent = Agent {
         dp,
+        base: Config::default(),
+        k8s: None,
+        kubernetes: args.kubernetes,
         config: None,
         health: BTreeMap::new(),
         checker: None,
         health_tx,
         metrics,
+        snat_overrides: (args.snat_ipv4, args.snat_ipv6),
     };
-    if let Some(cfg) = config {
-        let services = cfg.services.len();
-        let summary = agent.adopt(cfg)?;
+    let base = agent.with_overrides(file.unwrap_or_default())?;
+    let services = base.services.len();
+    if let Some(summary) = agent.adopt(base, None)? {
         info!(?summary, services, "config applied");
     }
+    let mut k8s_rx = if args.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+        let opts = xlb::k8s::translate::Options {
+            class: args.lb_class.clone(),
+            default_class: args.default_class,
+            node_name: args.node_name.clone(),
+            pools: args.ipam_pool.clone(),
+        };
+        info!(class = %opts.class, default_class = opts.default_class, node = ?opts.node_name,
+              pools = ?opts.pools, "watching Kubernetes Services and EndpointSlices");
+        Some(xlb::k8s::controller::spawn(
+            client,
+            opts,
+            agent.base.clone(),
+        ))
+    } else {
+        None
+    };
     for iface in &args.ifaces {
         agent.dp.attach(iface, args.xdp_mode)?;
     }
@@ -175,6 +251,9 @@ async fn run(args: RunArgs) -> Result<()> {
             _ = int.recv() => break true,
             _ = hup.recv() => agent.reload(args.config.as_deref()),
             Some(change) = health_rx.recv() => agent.health_changed(change),
+            Some(services) = async { k8s_rx.as_mut()?.recv().await } => {
+                agent.kubernetes_changed(services)
+            }
             _ = watch.tick(), if args.config.is_some() => {
                 let now = args.config.as_deref().and_then(read);
                 if now.is_some() && now != last_seen {

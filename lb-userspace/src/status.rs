@@ -5,8 +5,9 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    Backend, Counter, ServiceKey, ServiceValue, StatIndex, TrafficStats, BACKEND_F_UNHEALTHY,
-    MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS, MAP_SERVICES, MAP_SERVICE_STATS, PROTO_TCP,
+    Backend, Counter, MaglevTable, ServiceKey, ServiceValue, StatIndex, TrafficStats,
+    BACKEND_F_UNHEALTHY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS, MAP_MAGLEV,
+    MAP_SERVICES, MAP_SERVICE_STATS, PROTO_TCP,
 };
 
 use crate::dataplane::{backend_addr, words_to_addr};
@@ -132,6 +133,81 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
     }
     out.sort_by_key(|s| s.id);
     Ok(out)
+}
+
+/// The programmed Maglev tables by `vip:port/proto`, each slot as its backend's
+/// address: comparable across agents, whose backend ids may differ.
+pub fn read_tables(pin_path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
+    let services = HashMap::<_, ServiceKey, ServiceValue>::try_from(Map::HashMap(open_pinned(
+        pin_path,
+        MAP_SERVICES,
+    )?))?;
+    let backends =
+        HashMap::<_, u32, Backend>::try_from(Map::HashMap(open_pinned(pin_path, MAP_BACKENDS)?))?;
+    let tables = open_pinned(pin_path, MAP_MAGLEV)?;
+    let names: BTreeMap<u32, String> = backends
+        .iter()
+        .map(|e| e.map(|(id, b)| (id, backend_addr(&b).to_string())))
+        .collect::<Result<_, _>>()?;
+    let mut out = BTreeMap::new();
+    for entry in services.iter() {
+        let (k, v) = entry?;
+        let name = format!(
+            "{}/{}",
+            std::net::SocketAddr::new(words_to_addr(&k.vip, k.family), u16::from_be(k.port)),
+            if k.proto == PROTO_TCP { "tcp" } else { "udp" }
+        );
+        let slots = if v.table_size == 0 {
+            Vec::new()
+        } else {
+            let t = lookup_table(&tables, v.id)?;
+            t[..v.table_size as usize]
+                .iter()
+                .map(|id| names.get(id).cloned().unwrap_or_else(|| format!("#{id}")))
+                .collect()
+        };
+        out.insert(name, slots);
+    }
+    Ok(out)
+}
+
+/// One Maglev table, read into the heap. aya's typed `get` returns the value by value,
+/// which puts 256 KiB (and copies of it) on the caller's stack.
+fn lookup_table(map: &MapData, id: u32) -> Result<Vec<u32>> {
+    use std::os::fd::{AsFd, AsRawFd};
+    let mut slots = vec![0u32; std::mem::size_of::<MaglevTable>() / 4];
+    // The BPF_MAP_LOOKUP_ELEM part of `union bpf_attr`.
+    #[repr(C)]
+    struct LookupAttr {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    let attr = LookupAttr {
+        map_fd: map.fd().as_fd().as_raw_fd() as u32,
+        _pad: 0,
+        key: &id as *const u32 as u64,
+        value: slots.as_mut_ptr() as u64,
+        flags: 0,
+    };
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    // SAFETY: the key and value pointers are valid for the map's key (u32) and value
+    // (MaglevTable, the size of `slots`) sizes for the duration of the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            &attr as *const LookupAttr,
+            std::mem::size_of::<LookupAttr>(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading the Maglev table of service {id}"));
+    }
+    Ok(slots)
 }
 
 pub fn read(pin_path: &Path) -> Result<Status> {

@@ -104,10 +104,12 @@ proptest! {
         let after = by_addr(&after_bs, &build(&after_bs, m).unwrap());
         let removed: Vec<SocketAddr> = before_bs[..k].iter().map(|b| b.addr).collect();
         let survivors_moved = before.iter().zip(&after).filter(|(b, a)| b != a && !removed.contains(b)).count();
-        // The paper's bound in spirit: survivors lose at most about as many slots as the
-        // removed ones held (ideal share k/N of M), plus a little.
+        // Maglev is not minimally disruptive: survivors also trade slots, about as many
+        // as the removed backends held. Over 3000 random cases (N 5..120, k 1..3,
+        // M 16381), the worst was (moved - 1% of M) = 1.24 × the removed share; the
+        // bound allows 1.5 ×. (It was 1.0 ×, which a random case broke.)
         let ideal_removed = m as f64 * k as f64 / ids.len() as f64;
-        prop_assert!((survivors_moved as f64) <= ideal_removed + 0.01 * m as f64,
+        prop_assert!((survivors_moved as f64) <= 1.5 * ideal_removed + 0.01 * m as f64,
             "survivors moved {survivors_moved} slots, removed backends held ~{ideal_removed:.0}");
     }
 
@@ -124,7 +126,8 @@ proptest! {
         let moved_elsewhere = before.iter().zip(&after).filter(|(b, a)| b != a && **a != new).count();
         let ideal_new = m as f64 / ids.len() as f64;
         prop_assert!((moved_to_new as f64) <= ideal_new * 1.02 + 1.0);
-        prop_assert!((moved_elsewhere as f64) <= ideal_new + 0.01 * m as f64,
+        // As for removal: the worst of 3000 random cases was 1.24 × the new share.
+        prop_assert!((moved_elsewhere as f64) <= 1.5 * ideal_new + 0.01 * m as f64,
             "{moved_elsewhere} slots moved between old backends; the new one took {moved_to_new}");
     }
 

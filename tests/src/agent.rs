@@ -55,8 +55,13 @@ impl Agent {
 
     /// Like `start`, with its tracing filter set to `rust_log`.
     pub fn start_logging(ns: &Netns, args: &[&str], rust_log: &str) -> Result<Self> {
+        Self::start_with_env(ns, args, &[("RUST_LOG", rust_log)])
+    }
+
+    /// Like `start`, with these environment variables set too.
+    pub fn start_with_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
         let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
-        let mut agent = Self::spawn(ns, &pin_path, args, rust_log).inspect_err(|_| {
+        let mut agent = Self::spawn(ns, &pin_path, args, env).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&pin_path);
         })?;
         agent.owns_pin_path = true;
@@ -65,14 +70,14 @@ impl Agent {
 
     /// Like `start`, on a pin path the caller owns (and cleans up).
     pub fn start_at(ns: &Netns, pin_path: &std::path::Path, args: &[&str]) -> Result<Self> {
-        Self::spawn(ns, pin_path, args, "info")
+        Self::spawn(ns, pin_path, args, &[])
     }
 
     fn spawn(
         ns: &Netns,
         pin_path: &std::path::Path,
         args: &[&str],
-        rust_log: &str,
+        env: &[(&str, &str)],
     ) -> Result<Self> {
         let pin_path = pin_path.to_owned();
         let bin = xlb_bin()?;
@@ -81,7 +86,8 @@ impl Agent {
             .arg("--pin-path")
             .arg(&pin_path)
             .args(args)
-            .env("RUST_LOG", rust_log)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

@@ -2,6 +2,7 @@
 //! builder, and a handle on a running `xlb` process.
 
 pub mod agent;
+pub mod fakeapi;
 pub mod netns;
 pub mod packet;
 pub mod testrun;

@@ -78,14 +78,7 @@ impl Netns {
     /// Runs `f` on a fresh thread that has entered this namespace, so sockets it opens
     /// live there. The calling thread's namespace is untouched.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-        let path = format!("/var/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        std::thread::spawn(move || -> Result<T> {
-            setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
-            Ok(f())
-        })
-        .join()
-        .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+        run_in(&self.name, f)
     }
 
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
@@ -168,4 +161,17 @@ pub fn veth_pair(
             name: bn,
         },
     ))
+}
+
+/// Runs `f` on a thread inside the named namespace (network namespace only: the mount
+/// namespace, and with it bpffs, stays the caller's).
+pub fn run_in<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/var/run/netns/{name}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::spawn(move || -> Result<T> {
+        setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
 }

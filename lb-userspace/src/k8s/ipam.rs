@@ -41,9 +41,12 @@ const MAX_PROBES: u128 = 65536;
 /// Seed of the start-slot hash (any constant; fixed so all agents and versions agree).
 const IPAM_SEED: u64 = 0x786c_625f_6970_616d;
 
+/// What `allocate` decided: (claim index, address), and (claim index, why not).
+pub type Allocation = (Vec<(usize, IpAddr)>, Vec<(usize, String)>);
+
 /// Addresses for claims that lack one of a wanted family: (claim index, address).
 /// A wanted family whose pools are all taken gives (claim index, reason) instead.
-pub fn allocate(claims: &[Claim], pools: &[IpNet]) -> (Vec<(usize, IpAddr)>, Vec<(usize, String)>) {
+pub fn allocate(claims: &[Claim], pools: &[IpNet]) -> Allocation {
     // Who holds each address, and on which ports.
     let mut held: BTreeMap<IpAddr, Vec<usize>> = BTreeMap::new();
     for (i, c) in claims.iter().enumerate() {

@@ -1,3 +1,9 @@
 //! Kubernetes mode: Services of type LoadBalancer, served from EndpointSlices.
+//!
+//! `translate` and `ipam` are pure functions of the API objects; `controller` watches
+//! the API and feeds the agent; `health_port` answers `externalTrafficPolicy: Local`
+//! health checks.
+pub mod controller;
+pub mod health_port;
 pub mod ipam;
 pub mod translate;

@@ -255,7 +255,7 @@ pub fn translate(services: &[&Service], slices: &[&EndpointSlice], opts: &Option
     out
 }
 
-fn service_ref(svc: &Service) -> ServiceRef {
+pub fn service_ref_of(svc: &Service) -> ServiceRef {
     let m = &svc.metadata;
     ServiceRef {
         namespace: m.namespace.clone().unwrap_or_else(|| "default".into()),
@@ -279,7 +279,7 @@ fn current_status(svc: &Service) -> Vec<IpAddr> {
 }
 
 fn read_service<'a>(svc: &'a Service, problems: &mut Vec<Problem>) -> Candidate<'a> {
-    let sref = service_ref(svc);
+    let sref = service_ref_of(svc);
     let spec = svc.spec.as_ref().expect("is_ours checked the spec");
     let mut bad = |reason: &'static str, message: String| {
         problems.push(Problem {
@@ -673,7 +673,11 @@ mod tests {
                 {"addresses": ["10.1.0.2"], "nodeName": "node-b"},
             ]),
         );
-        let d = run(&[svc.clone()], &[s.clone()], &opts());
+        let d = run(
+            std::slice::from_ref(&svc),
+            std::slice::from_ref(&s),
+            &opts(),
+        );
         assert_eq!(backends(&d, "192.0.2.1", 80), [("10.1.0.1:8080".into(), 1)]);
         assert_eq!(d.services[0].session_affinity, SessionAffinity::ClientIp);
         assert_eq!(d.health_ports[&32000].local_endpoints, 1);
@@ -755,7 +759,7 @@ mod tests {
             ..opts()
         };
         let svc = service("web", "2026-01-01T00:00:00Z", lb_spec(json!({})), None);
-        let d = run(&[svc.clone()], &[], &o);
+        let d = run(std::slice::from_ref(&svc), &[], &o);
         assert_eq!(d.status.len(), 1);
         let ip = d.status[0].1[0];
         assert!(o.pools[0].contains(&ip));

@@ -1,0 +1,268 @@
+//! Watches Services and EndpointSlices and turns them into xlb services for the agent.
+//!
+//! - Two kube-runtime reflectors keep the objects. Their watches resume from the last
+//!   resourceVersion (bookmarks keep it fresh) and relist after 410 Gone; a relist
+//!   replaces a store whole only when it is complete.
+//! - Nothing is sent before both stores have listed once: a restarted agent must not
+//!   program an empty set over the state the pinned maps still hold.
+//! - Changes are debounced (`DEBOUNCE_QUIET` after the last event, at most
+//!   `DEBOUNCE_MAX` after the first), and the agent applies only the difference.
+//! - While the API server is unreachable the watches retry with backoff and the last
+//!   state stays programmed.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use futures::{stream, StreamExt};
+use k8s_openapi::api::{
+    core::v1::{ObjectReference, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    api::{Patch, PatchParams},
+    runtime::{
+        events::{Event as K8sEvent, EventType, Recorder, Reporter},
+        reflector::{self, Store},
+        watcher, WatchStreamExt,
+    },
+    Api, Client,
+};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use super::{
+    health_port::HealthPorts,
+    translate::{translate, Options, Problem, ServiceRef},
+};
+use crate::config::{Config, ServiceConfig};
+
+pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(20);
+pub const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
+
+/// What the agent is sent: the services Kubernetes wants, each already checked
+/// against the agent's base config on its own.
+pub type Update = Vec<ServiceConfig>;
+
+/// Starts the controller. `base` supplies what a service is checked against (SNAT,
+/// table size); its own services are not used here.
+pub fn spawn(client: Client, opts: Options, base: Config) -> mpsc::UnboundedReceiver<Update> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(run(client, opts, base, tx));
+    rx
+}
+
+enum Change {
+    Services(bool),
+    Slices(bool),
+    Failed(String),
+}
+
+async fn run(client: Client, opts: Options, base: Config, tx: mpsc::UnboundedSender<Update>) {
+    let (svc_store, svc_writer) = reflector::store::<Service>();
+    let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
+    let wcfg = watcher::Config::default();
+    let svc_events = watcher(Api::<Service>::all(client.clone()), wcfg.clone())
+        .default_backoff()
+        .reflect(svc_writer)
+        .map(|e| match e {
+            Ok(ev) => Change::Services(matches!(ev, watcher::Event::InitDone)),
+            Err(e) => Change::Failed(format!("Services: {e}")),
+        });
+    let eps_events = watcher(Api::<EndpointSlice>::all(client.clone()), wcfg)
+        .default_backoff()
+        .reflect(eps_writer)
+        .map(|e| match e {
+            Ok(ev) => Change::Slices(matches!(ev, watcher::Event::InitDone)),
+            Err(e) => Change::Failed(format!("EndpointSlices: {e}")),
+        });
+    let mut changes = std::pin::pin!(stream::select(svc_events, eps_events));
+    let reporter = Reporter {
+        controller: "xlb".into(),
+        instance: opts.node_name.clone(),
+    };
+    let mut state = State {
+        client: client.clone(),
+        recorder: Recorder::new(client, reporter),
+        opts,
+        base,
+        last_sent: None,
+        reported: BTreeSet::new(),
+        health: HealthPorts::default(),
+        tx,
+    };
+    let (mut svc_listed, mut eps_listed) = (false, false);
+    let mut first_change: Option<Instant> = None;
+    let mut last_change = Instant::now();
+    let mut api_down = false;
+    loop {
+        let deadline =
+            first_change.map(|first| (last_change + DEBOUNCE_QUIET).min(first + DEBOUNCE_MAX));
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            change = changes.next() => {
+                let Some(change) = change else { return };
+                match change {
+                    Change::Services(done) => svc_listed |= done,
+                    Change::Slices(done) => eps_listed |= done,
+                    Change::Failed(e) => {
+                        if !api_down {
+                            warn!("Kubernetes API watch failed, keeping the last state and retrying: {e}");
+                        }
+                        api_down = true;
+                        continue;
+                    }
+                }
+                if api_down {
+                    info!("Kubernetes API watch is back");
+                    api_down = false;
+                }
+                if svc_listed && eps_listed {
+                    debug!("API change received");
+                    last_change = Instant::now();
+                    first_change.get_or_insert(last_change);
+                }
+            }
+            () = sleep => {
+                first_change = None;
+                state.sync(&svc_store, &eps_store).await;
+            }
+        }
+    }
+}
+
+struct State {
+    client: Client,
+    recorder: Recorder,
+    opts: Options,
+    base: Config,
+    last_sent: Option<Update>,
+    /// Problems already reported as Events, so a steady problem is reported once.
+    reported: BTreeSet<(String, &'static str, String)>,
+    health: HealthPorts,
+    tx: mpsc::UnboundedSender<Update>,
+}
+
+impl State {
+    async fn sync(&mut self, svcs: &Store<Service>, slices: &Store<EndpointSlice>) {
+        let svcs = svcs.state();
+        let slices = slices.state();
+        let svc_refs: Vec<&Service> = svcs.iter().map(|s| s.as_ref()).collect();
+        let slice_refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
+        let mut desired = translate(&svc_refs, &slice_refs, &self.opts);
+
+        // Checked one by one, so one bad Service cannot block the others.
+        let mut services = Vec::with_capacity(desired.services.len());
+        for s in desired.services {
+            let alone = Config {
+                services: vec![s.clone()],
+                ..self.base.clone()
+            };
+            match alone.validate() {
+                Ok(()) => services.push(s),
+                Err(e) => {
+                    if let Some(c) = svcs.iter().find(|c| s.name.starts_with(&sref_prefix(c))) {
+                        desired.problems.push(Problem {
+                            service: super::translate::service_ref_of(c),
+                            reason: "InvalidService",
+                            message: format!("{}: {e:#}", s.name),
+                        });
+                    }
+                }
+            }
+        }
+        if services.len() + self.base.services.len() > lb_common::MAX_SERVICES as usize {
+            let room = (lb_common::MAX_SERVICES as usize).saturating_sub(self.base.services.len());
+            warn!(
+                wanted = services.len(),
+                room, "more Service ports than the maps hold; serving the oldest"
+            );
+            services.truncate(room);
+        }
+        if self.last_sent.as_ref() != Some(&services) {
+            debug!(
+                services = services.len(),
+                "sending Kubernetes services to the agent"
+            );
+            let _ = self.tx.send(services.clone());
+            self.last_sent = Some(services);
+        }
+        self.health.update(&desired.health_ports).await;
+        for (svc, ips) in desired.status {
+            self.write_status(&svc, &ips).await;
+        }
+        let live: BTreeSet<String> = desired
+            .problems
+            .iter()
+            .map(|p| p.service.uid.clone())
+            .collect();
+        self.reported.retain(|(uid, _, _)| live.contains(uid));
+        for p in desired.problems {
+            let key = (p.service.uid.clone(), p.reason, p.message.clone());
+            if self.reported.insert(key) {
+                warn!(service = %p.service, reason = p.reason, "{}", p.message);
+                self.publish(&p).await;
+            }
+        }
+    }
+
+    /// Writes the VIPs into the Service's status. The resourceVersion makes the write
+    /// conditional: when another agent wrote first, this one gets 409 and loses.
+    async fn write_status(&self, svc: &ServiceRef, ips: &[IpAddr]) {
+        let api: Api<Service> = Api::namespaced(self.client.clone(), &svc.namespace);
+        let ingress: Vec<_> = ips
+            .iter()
+            .map(|ip| serde_json::json!({"ip": ip.to_string()}))
+            .collect();
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": svc.resource_version},
+            "status": {"loadBalancer": {"ingress": ingress}},
+        });
+        match api
+            .patch_status(&svc.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => info!(service = %svc, ?ips, "wrote status.loadBalancer.ingress"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                debug!(service = %svc, "status changed meanwhile (another agent wrote it); rereading")
+            }
+            Err(e) => warn!(service = %svc, "writing the status failed: {e}"),
+        }
+    }
+
+    async fn publish(&self, p: &Problem) {
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Service".into()),
+            namespace: Some(p.service.namespace.clone()),
+            name: Some(p.service.name.clone()),
+            uid: Some(p.service.uid.clone()),
+            ..Default::default()
+        };
+        let ev = K8sEvent {
+            type_: EventType::Warning,
+            reason: p.reason.into(),
+            note: Some(p.message.chars().take(1024).collect()),
+            action: "Serve".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &reference).await {
+            warn!(service = %p.service, "could not create an Event: {e}");
+        }
+    }
+}
+
+fn sref_prefix(svc: &Service) -> String {
+    format!(
+        "{}/{}:",
+        svc.metadata.namespace.as_deref().unwrap_or("default"),
+        svc.metadata.name.as_deref().unwrap_or_default()
+    )
+}

@@ -1,0 +1,685 @@
+//! Kubernetes mode end to end: the real `xlb` binary, in the LB namespace, against the
+//! in-process fake API server (list/watch with resourceVersion, bookmarks, 410 Gone,
+//! status patches, Events), with real TCP and UDP through the namespaces.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde_json::json;
+use xlb_tests::{
+    agent::Agent,
+    fakeapi::{FakeApi, Kind},
+    netns::{veth_pair, Netns},
+    privileged,
+    topology::{LbLab, BACKEND_PORT, VIP4, VIP6},
+    traffic::{connect, parse_reply, udp_request},
+    unique_name,
+};
+
+const NODE: &str = "node-a";
+
+fn service(name: &str, spec: serde_json::Value, status_ips: &[&str]) -> Service {
+    let mut v = json!({
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "xlb.dev/xdp",
+            "ipFamilies": ["IPv4"],
+            "ports": [
+                {"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"},
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "http"},
+            ],
+        },
+    });
+    for (k, val) in spec.as_object().unwrap() {
+        v["spec"][k] = val.clone();
+    }
+    if !status_ips.is_empty() {
+        let ingress: Vec<_> = status_ips.iter().map(|ip| json!({"ip": ip})).collect();
+        v["status"] = json!({"loadBalancer": {"ingress": ingress}});
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+/// (address, ready, serving, terminating)
+type Ep<'a> = (&'a IpAddr, bool, bool, bool);
+
+fn slice(svc: &str, name: &str, v6: bool, eps: &[Ep]) -> EndpointSlice {
+    let endpoints: Vec<_> = eps
+        .iter()
+        .map(|(ip, ready, serving, terminating)| {
+            json!({"addresses": [ip.to_string()], "nodeName": NODE,
+                   "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": if v6 { "IPv6" } else { "IPv4" },
+        "ports": [
+            {"name": "http", "port": BACKEND_PORT, "protocol": "TCP"},
+            {"name": "dns", "port": BACKEND_PORT, "protocol": "UDP"},
+        ],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+fn ready(ip: &IpAddr) -> Ep<'_> {
+    (ip, true, true, false)
+}
+
+struct K8sLab {
+    lab: LbLab,
+    api: FakeApi,
+    dir: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl K8sLab {
+    fn new(extra_ns: &[&Netns]) -> Self {
+        let lab = LbLab::two_arm(3).unwrap();
+        let mut nss = vec![&lab.lb];
+        nss.extend_from_slice(extra_ns);
+        let api = FakeApi::start(&nss).unwrap();
+        let dir = std::env::temp_dir().join(unique_name("xlbk8s"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kubeconfig = api.kubeconfig(&dir).unwrap();
+        K8sLab {
+            lab,
+            api,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    fn agent_in(&self, ns: &Netns, iface: &str, extra: &[&str]) -> Agent {
+        let snat4 = self.lab.snat4.to_string();
+        let snat6 = self.lab.snat6.to_string();
+        let mut args = vec![
+            "--iface",
+            iface,
+            "--xdp-mode",
+            "generic",
+            "--kubernetes",
+            "--node-name",
+            NODE,
+            "--snat-ipv4",
+            &snat4,
+            "--snat-ipv6",
+            &snat6,
+        ];
+        args.extend_from_slice(extra);
+        let kc = self.kubeconfig.to_str().unwrap();
+        Agent::start_with_env(ns, &args, &[("KUBECONFIG", kc)]).unwrap()
+    }
+
+    fn agent(&self, extra: &[&str]) -> Agent {
+        self.agent_in(&self.lab.lb, &self.lab.iface_arg(), extra)
+    }
+
+    fn b(&self, i: usize) -> IpAddr {
+        self.lab.backend(i, false).ip()
+    }
+}
+
+impl Drop for K8sLab {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Polls the agent's tables until `done` holds for them, or fails after `timeout`.
+fn wait_tables(
+    pin: &Path,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, Vec<String>>) -> bool,
+) -> BTreeMap<String, Vec<String>> {
+    let start = Instant::now();
+    loop {
+        if let Ok(t) = xlb::status::read_tables(pin) {
+            if done(&t) {
+                return t;
+            }
+            if start.elapsed() > timeout {
+                let summary: BTreeMap<_, BTreeSet<_>> =
+                    t.iter().map(|(k, v)| (k, v.iter().collect())).collect();
+                panic!("timed out waiting for {what}; tables: {summary:?}");
+            }
+        } else if start.elapsed() > timeout {
+            panic!("timed out waiting for {what}; no tables");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// The backends (as addresses) in the table of `key`.
+fn members(t: &BTreeMap<String, Vec<String>>, key: &str) -> BTreeSet<String> {
+    t.get(key)
+        .map(|v| v.iter().cloned().collect())
+        .unwrap_or_default()
+}
+
+fn addrs(ips: &[IpAddr]) -> BTreeSet<String> {
+    ips.iter()
+        .map(|ip| SocketAddr::new(*ip, BACKEND_PORT).to_string())
+        .collect()
+}
+
+fn udp_backend(lab: &LbLab, vip: SocketAddr) -> usize {
+    let reply = udp_request(&lab.client, vip, b"ping").unwrap();
+    let (name, echoed) = parse_reply(&reply).unwrap();
+    assert_eq!(echoed, b"ping");
+    xlb_tests::traffic::backend_index(&name)
+}
+
+#[test]
+fn privileged_k8s_service_serves_and_scaling_keeps_established_flows() {
+    if !privileged() {
+        return;
+    }
+    let k = K8sLab::new(&[]);
+    let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
+    let (b0, b1, b2) = (k.b(0), k.b(1), k.b(2));
+    k.api
+        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
+    );
+    let agent = k.agent(&[]);
+    let tcp = format!("{VIP4}:80/tcp");
+    let udp = format!("{VIP4}:53/udp");
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the Service",
+        |t| members(t, &tcp) == addrs(&[b0, b1]) && members(t, &udp) == addrs(&[b0, b1]),
+    );
+
+    // Traffic to the VIP reaches the endpoints, TCP and UDP.
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let mut conns = Vec::new();
+    let mut seen = BTreeSet::new();
+    for i in 0..40 {
+        let mut c = connect(&k.lab.client, vip);
+        let b = c.exchange(&format!("hello {i}")).unwrap();
+        assert!(b < 2, "only b0 and b1 are endpoints, got b{b}");
+        seen.insert(b);
+        conns.push((c, b));
+    }
+    assert_eq!(seen.len(), 2, "both endpoints get flows");
+    let udp_vip: SocketAddr = format!("{VIP4}:53").parse().unwrap();
+    assert!(udp_backend(&k.lab, udp_vip) < 2);
+
+    // Scale up: b2 joins; every established flow stays where it was.
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b1), ready(&b2)]),
+    );
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "b2 to join",
+        |t| members(t, &tcp) == addrs(&[b0, b1, b2]),
+    );
+    for (i, (c, b)) in conns.iter_mut().enumerate() {
+        assert_eq!(
+            c.exchange(&format!("after scale-up {i}")).unwrap(),
+            *b,
+            "flow {i} moved"
+        );
+    }
+    let mut on_b2 = 0;
+    for i in 0..60 {
+        if connect(&k.lab.client, vip)
+            .exchange(&format!("new {i}"))
+            .unwrap()
+            == 2
+        {
+            on_b2 += 1;
+        }
+    }
+    assert!(on_b2 > 0, "new flows reach the new endpoint");
+
+    // Scale down: b1 goes; flows on b0 stay on b0.
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b2)]),
+    );
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "b1 to leave",
+        |t| members(t, &tcp) == addrs(&[b0, b2]),
+    );
+    for (i, (c, b)) in conns.iter_mut().enumerate().filter(|(_, (_, b))| *b == 0) {
+        assert_eq!(
+            c.exchange(&format!("after scale-down {i}")).unwrap(),
+            *b,
+            "flow {i} moved"
+        );
+    }
+    for i in 0..20 {
+        let b = connect(&k.lab.client, vip)
+            .exchange(&format!("late {i}"))
+            .unwrap();
+        assert_ne!(b, 1, "no new flow reaches a removed endpoint");
+    }
+}
+
+#[test]
+fn privileged_k8s_terminating_endpoints_drain() {
+    if !privileged() {
+        return;
+    }
+    let k = K8sLab::new(&[]);
+    let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
+    let (b0, b1) = (k.b(0), k.b(1));
+    k.api
+        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
+    );
+    let agent = k.agent(&[]);
+    let tcp = format!("{VIP4}:80/tcp");
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the Service",
+        |t| members(t, &tcp) == addrs(&[b0, b1]),
+    );
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    // Flows on b1, bounded: Maglev gives b1 about half.
+    let mut on_b1 = Vec::new();
+    for i in 0..60 {
+        let mut c = connect(&k.lab.client, vip);
+        if c.exchange(&format!("m{i}")).unwrap() == 1 {
+            on_b1.push(c);
+        }
+        if on_b1.len() == 4 {
+            break;
+        }
+    }
+    assert_eq!(on_b1.len(), 4, "found flows on b1");
+
+    // b1 terminates: still serving, no longer ready.
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice(
+            "web",
+            "web-1",
+            false,
+            &[ready(&b0), (&b1, false, true, true)],
+        ),
+    );
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "b1 to drain",
+        |t| members(t, &tcp) == addrs(&[b0]),
+    );
+    for (i, c) in on_b1.iter_mut().enumerate() {
+        assert_eq!(
+            c.exchange(&format!("draining {i}")).unwrap(),
+            1,
+            "a draining flow keeps its endpoint"
+        );
+    }
+    for i in 0..20 {
+        let b = connect(&k.lab.client, vip)
+            .exchange(&format!("new {i}"))
+            .unwrap();
+        assert_eq!(b, 0, "new flows avoid the terminating endpoint");
+    }
+    // Gone for good: its flows now go elsewhere, new ones too.
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0)]),
+    );
+    let st = wait_tables(&agent.pin_path, Duration::from_secs(10), "b1 to go", |t| {
+        members(t, &tcp) == addrs(&[b0])
+    });
+    assert!(!st.is_empty());
+}
+
+#[test]
+fn privileged_k8s_api_outage_keeps_forwarding_and_relists_after_410() {
+    if !privileged() {
+        return;
+    }
+    let mut k = K8sLab::new(&[]);
+    let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
+    let (b0, b1, b2) = (k.b(0), k.b(1), k.b(2));
+    k.api
+        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
+    );
+    let mut agent = k.agent(&[]);
+    let tcp = format!("{VIP4}:80/tcp");
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the Service",
+        |t| members(t, &tcp) == addrs(&[b0, b1]),
+    );
+    agent
+        .wait_for_log("Kubernetes services applied", Duration::from_secs(5))
+        .unwrap();
+    let applied = agent.count_log("Kubernetes services applied");
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let mut long = connect(&k.lab.client, vip);
+    let long_b = long.exchange("before").unwrap();
+
+    // The API server goes away. Forwarding goes on with the last state.
+    k.api.stop();
+    agent
+        .wait_for_log("Kubernetes API watch failed", Duration::from_secs(20))
+        .unwrap();
+    for i in 0..10 {
+        let b = connect(&k.lab.client, vip)
+            .exchange(&format!("outage {i}"))
+            .unwrap();
+        assert!(b < 2);
+    }
+    assert_eq!(long.exchange("during").unwrap(), long_b);
+
+    // It returns with its history compacted: the watches' resourceVersion is too old,
+    // they get 410 Gone and relist. Nothing changed, so nothing is reprogrammed.
+    k.api.compact();
+    k.api.restart().unwrap();
+    agent
+        .wait_for_log("Kubernetes API watch is back", Duration::from_secs(30))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        agent.count_log("Kubernetes services applied"),
+        applied,
+        "a relist of unchanged objects reprograms nothing:\n{}",
+        agent.logs()
+    );
+    assert!(k.api.gone_sent() > 0, "the watches were answered 410 Gone");
+
+    // Changes made after the relist converge.
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b1), ready(&b2)]),
+    );
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "b2 after the outage",
+        |t| members(t, &tcp) == addrs(&[b0, b1, b2]),
+    );
+    assert_eq!(long.exchange("after").unwrap(), long_b);
+    // And a change made while the server was down (stop, change, compact, start).
+    k.api.stop();
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b2)]),
+    );
+    k.api.compact();
+    k.api.restart().unwrap();
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(30),
+        "the change made during the outage",
+        |t| members(t, &tcp) == addrs(&[b0, b2]),
+    );
+}
+
+#[test]
+fn privileged_k8s_ipam_assigns_and_bad_objects_raise_events() {
+    if !privileged() {
+        return;
+    }
+    let k = K8sLab::new(&[]);
+    let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
+    let b0 = k.b(0);
+    let b0v6 = k.lab.backend(0, true).ip();
+    // Dual-stack, no address anywhere: the allocator gives one per family. An SCTP
+    // port is reported and the others served.
+    let mut web = service(
+        "web",
+        json!({"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack"}),
+        &[],
+    );
+    web.spec.as_mut().unwrap().ports.as_mut().unwrap().push(
+        serde_json::from_value(json!({"name": "sig", "port": 9, "protocol": "SCTP"})).unwrap(),
+    );
+    k.api.apply(Kind::Service, &web);
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-v4", false, &[ready(&b0)]),
+    );
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-v6", true, &[ready(&b0v6)]),
+    );
+    // Invalid: an externalIP that is not an address. Its own Event; web unaffected.
+    k.api.apply(
+        Kind::Service,
+        &service("broken", json!({"externalIPs": ["300.1.2.3"]}), &[]),
+    );
+    let agent = k.agent(&["--ipam-pool", "10.100.8.0/29,fd00:100:8::/125"]);
+
+    let start = Instant::now();
+    let ips = loop {
+        let st = k.api.get(Kind::Service, "default", "web").unwrap();
+        let ips: Vec<IpAddr> = st["status"]["loadBalancer"]["ingress"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|i| i["ip"].as_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if ips.len() == 2 || start.elapsed() > Duration::from_secs(10) {
+            break ips;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        ips.len(),
+        2,
+        "one address per family in the status: {ips:?}\n{}",
+        agent.logs()
+    );
+    let v4 = ips.iter().find(|ip| ip.is_ipv4()).unwrap();
+    let v6 = ips.iter().find(|ip| ip.is_ipv6()).unwrap();
+    assert!(
+        "10.100.8.0/29"
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .contains(v4),
+        "{v4}"
+    );
+    assert!(
+        "fd00:100:8::/125"
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .contains(v6),
+        "{v6}"
+    );
+    let tcp4 = format!("{v4}:80/tcp");
+    let tcp6 = format!("[{v6}]:80/tcp");
+    let _ = VIP6;
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the allocated VIPs",
+        |t| members(t, &tcp4) == addrs(&[b0]) && !members(t, &tcp6).is_empty(),
+    );
+    // Traffic to the allocated addresses reaches the endpoints.
+    for vip in [SocketAddr::new(*v4, 80), SocketAddr::new(*v6, 80)] {
+        assert_eq!(
+            connect(&k.lab.client, vip).exchange("hi").unwrap(),
+            0,
+            "{vip}"
+        );
+    }
+    // Written once (the broken Service got an address too: only its bad externalIP
+    // is ignored).
+    let writes = k.api.status_writes();
+    assert_eq!(
+        writes.iter().filter(|(_, n)| n == "web").count(),
+        1,
+        "{writes:?}"
+    );
+
+    // Events: SCTP on web, the bad address on broken.
+    let start = Instant::now();
+    let (sctp, bad) = loop {
+        let evs = k.api.events();
+        let find = |name: &str, reason: &str| {
+            evs.iter()
+                .any(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        };
+        let got = (
+            find("web", "UnsupportedProtocol"),
+            find("broken", "InvalidVIP"),
+        );
+        if got == (true, true) || start.elapsed() > Duration::from_secs(10) {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(sctp, "an Event for the SCTP port: {:?}", k.api.events());
+    assert!(bad, "an Event for the bad externalIP: {:?}", k.api.events());
+    let tables = xlb::status::read_tables(&agent.pin_path).unwrap();
+    assert!(!tables
+        .keys()
+        .any(|key| key.ends_with(":9/tcp") || key.ends_with(":9/udp")));
+}
+
+#[test]
+fn privileged_k8s_two_agents_build_identical_tables() {
+    if !privileged() {
+        return;
+    }
+    // A second "node": its own namespace and interface, the same API server.
+    let node2 = Netns::new("kn").unwrap();
+    let peer = Netns::new("kp").unwrap();
+    let (n2_if, _) = veth_pair(&node2, &["10.50.0.1/24"], &peer, &["10.50.0.2/24"]).unwrap();
+    let k = K8sLab::new(&[&node2]);
+    // Three Services with different endpoint sets, weights through readiness.
+    let ips: Vec<IpAddr> = (0..8)
+        .map(|i| format!("10.60.0.{}", i + 10).parse().unwrap())
+        .collect();
+    for (s, n) in [("a", 3), ("b", 8), ("c", 5)] {
+        let vip = format!("10.100.{}.1", 20 + n);
+        k.api.apply(Kind::Service, &service(s, json!({}), &[&vip]));
+        let eps: Vec<Ep> = ips[..n].iter().map(ready).collect();
+        k.api.apply(
+            Kind::EndpointSlice,
+            &slice(s, &format!("{s}-1"), false, &eps),
+        );
+    }
+    let a1 = k.agent(&[]);
+    let a2 = k.agent_in(&node2, &n2_if.name, &[]);
+    let full =
+        |t: &BTreeMap<String, Vec<String>>| t.len() == 6 && t.values().all(|v| !v.is_empty());
+    let t1 = wait_tables(&a1.pin_path, Duration::from_secs(10), "agent 1", full);
+    let t2 = wait_tables(&a2.pin_path, Duration::from_secs(10), "agent 2", full);
+    assert_eq!(t1, t2, "both nodes program the same Maglev tables");
+    // And after a change, again.
+    let eps: Vec<Ep> = ips[2..7].iter().map(ready).collect();
+    k.api
+        .apply(Kind::EndpointSlice, &slice("b", "b-1", false, &eps));
+    let changed = |t: &BTreeMap<String, Vec<String>>| {
+        t.get("10.100.28.1:80/tcp")
+            .is_some_and(|v| v.iter().collect::<BTreeSet<_>>().len() == 5)
+    };
+    let t1 = wait_tables(
+        &a1.pin_path,
+        Duration::from_secs(10),
+        "agent 1 after",
+        changed,
+    );
+    let t2 = wait_tables(
+        &a2.pin_path,
+        Duration::from_secs(10),
+        "agent 2 after",
+        changed,
+    );
+    assert_eq!(t1, t2);
+}
+
+/// How long an EndpointSlice change takes to reach the maps: from the API server's
+/// write to the moment the table read from the pinned map shows it. Measured over many
+/// changes; reported, not asserted (only that every change arrives).
+#[test]
+fn privileged_k8s_endpointslice_to_map_latency() {
+    if !privileged() {
+        return;
+    }
+    let k = K8sLab::new(&[]);
+    let ips: Vec<IpAddr> = (0..12)
+        .map(|i| format!("10.60.1.{}", i + 10).parse().unwrap())
+        .collect();
+    k.api
+        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
+    let eps: Vec<Ep> = ips[..6].iter().map(ready).collect();
+    k.api
+        .apply(Kind::EndpointSlice, &slice("web", "web-1", false, &eps));
+    let agent = k.agent(&[]);
+    let tcp = format!("{VIP4}:80/tcp");
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the Service",
+        |t| members(t, &tcp).len() == 6,
+    );
+    const CHANGES: usize = 100;
+    let mut lat = Vec::with_capacity(CHANGES);
+    for i in 0..CHANGES {
+        // A sliding window of 6 endpoints: one joins, one leaves, each time.
+        let set: Vec<IpAddr> = (0..6).map(|j| ips[(i + 1 + j) % ips.len()]).collect();
+        let eps: Vec<Ep> = set.iter().map(ready).collect();
+        let want = addrs(&set);
+        let t0 = Instant::now();
+        k.api
+            .apply(Kind::EndpointSlice, &slice("web", "web-1", false, &eps));
+        // The backends map is the cheap thing to poll: the agent removes the leaving
+        // backend from it last, after the new table is in place.
+        loop {
+            let now: BTreeSet<String> = xlb::status::read_services(&agent.pin_path)
+                .unwrap()
+                .into_iter()
+                .filter(|s| s.vip == VIP4 && s.port == 80 && s.protocol == "tcp")
+                .flat_map(|s| s.backends.into_iter().map(|b| b.address))
+                .collect();
+            if now == want {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "change {i} never arrived"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        lat.push(t0.elapsed());
+    }
+    lat.sort();
+    let pct = |p: f64| lat[((lat.len() as f64 * p).ceil() as usize).saturating_sub(1)];
+    let report = json!({
+        "changes": CHANGES,
+        "p50_ms": pct(0.50).as_secs_f64() * 1e3,
+        "p99_ms": pct(0.99).as_secs_f64() * 1e3,
+        "max_ms": lat.last().unwrap().as_secs_f64() * 1e3,
+        "debounce_quiet_ms": xlb::k8s::controller::DEBOUNCE_QUIET.as_millis() as u64,
+    });
+    println!("EndpointSlice change → map update: {report}");
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let _ = std::fs::create_dir_all(&out);
+    let _ = std::fs::write(out.join("k8s_latency.json"), report.to_string());
+}
