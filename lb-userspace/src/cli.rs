@@ -54,7 +54,12 @@ pub struct MaglevArgs {
 #[derive(clap::Args, Debug)]
 pub struct RunArgs {
     /// Interfaces to attach to, comma separated or repeated.
-    #[arg(long = "iface", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "iface",
+        env = "XLB_IFACE",
+        value_delimiter = ',',
+        required = true
+    )]
     pub ifaces: Vec<String>,
     /// XDP attach mode. `auto` tries native and falls back to generic.
     #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
@@ -81,7 +86,7 @@ pub struct RunArgs {
     pub node_name: Option<String>,
     /// Address pools for Services that have no VIP yet, CIDRs, comma separated or
     /// repeated (one per family at least, to allocate in that family).
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, env = "XLB_IPAM_POOLS", value_delimiter = ',')]
     pub ipam_pool: Vec<ipnet::IpNet>,
     /// SNAT source address for IPv4, overriding the file (per node: the DaemonSet
     /// passes the node's address).

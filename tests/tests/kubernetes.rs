@@ -50,10 +50,16 @@ fn service(name: &str, spec: serde_json::Value, status_ips: &[&str]) -> Service 
 type Ep<'a> = (&'a IpAddr, bool, bool, bool);
 
 fn slice(svc: &str, name: &str, v6: bool, eps: &[Ep]) -> EndpointSlice {
+    let on_this_node: Vec<(Ep, &str)> = eps.iter().map(|e| (*e, NODE)).collect();
+    slice_on(svc, name, v6, &on_this_node)
+}
+
+/// Endpoints each with its node.
+fn slice_on(svc: &str, name: &str, v6: bool, eps: &[(Ep, &str)]) -> EndpointSlice {
     let endpoints: Vec<_> = eps
         .iter()
-        .map(|(ip, ready, serving, terminating)| {
-            json!({"addresses": [ip.to_string()], "nodeName": NODE,
+        .map(|((ip, ready, serving, terminating), node)| {
+            json!({"addresses": [ip.to_string()], "nodeName": node,
                    "conditions": {"ready": ready, "serving": serving, "terminating": terminating}})
         })
         .collect();
@@ -682,4 +688,107 @@ fn privileged_k8s_endpointslice_to_map_latency() {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&out);
     let _ = std::fs::write(out.join("k8s_latency.json"), report.to_string());
+}
+
+/// GET http://127.0.0.1:{port}/ from inside `ns`: (status code, body).
+fn http_get(ns: &Netns, port: u16) -> (u16, String) {
+    use std::io::{Read, Write};
+    ns.run(move || {
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(s, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (code, body)
+    })
+    .unwrap()
+}
+
+/// externalTrafficPolicy: Local serves only this node's endpoints and answers the
+/// health check node port; sessionAffinity: ClientIP keeps a client on one backend
+/// whatever its source port.
+#[test]
+fn privileged_k8s_local_policy_health_port_and_client_affinity() {
+    if !privileged() {
+        return;
+    }
+    let k = K8sLab::new(&[]);
+    let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
+    let (b0, b1, b2) = (k.b(0), k.b(1), k.b(2));
+    const HC_PORT: u16 = 32123;
+    let spec = json!({"externalTrafficPolicy": "Local", "healthCheckNodePort": HC_PORT,
+                      "sessionAffinity": "ClientIP"});
+    k.api.apply(Kind::Service, &service("web", spec, &[VIP4]));
+    let eps = [
+        (ready(&b0), NODE),
+        (ready(&b1), NODE),
+        (ready(&b2), "node-b"),
+    ];
+    k.api
+        .apply(Kind::EndpointSlice, &slice_on("web", "web-1", false, &eps));
+    let agent = k.agent(&[]);
+    let tcp = format!("{VIP4}:80/tcp");
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the local endpoints",
+        |t| members(t, &tcp) == addrs(&[b0, b1]),
+    );
+    let start = Instant::now();
+    let (code, body) = loop {
+        let got = std::panic::catch_unwind(|| http_get(&k.lab.lb, HC_PORT));
+        match got {
+            Ok(r) => break r,
+            Err(_) if start.elapsed() < Duration::from_secs(10) => {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Err(_) => panic!("no health check node port:\n{}", agent.logs()),
+        }
+    };
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["localEndpoints"], 2);
+    assert_eq!(v["service"]["name"], "web");
+
+    // One client, many source ports: one backend, and a local one.
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let first = connect(&k.lab.client, vip).exchange("first").unwrap();
+    assert!(first < 2, "only this node's endpoints, got b{first}");
+    for i in 0..20 {
+        let b = connect(&k.lab.client, vip)
+            .exchange(&format!("again {i}"))
+            .unwrap();
+        assert_eq!(b, first, "ClientIP affinity keeps the client on b{first}");
+    }
+
+    // No local endpoint left: the health port says so (503), and the VIP has none.
+    let eps = [(ready(&b0), "node-b"), (ready(&b1), "node-b")];
+    k.api
+        .apply(Kind::EndpointSlice, &slice_on("web", "web-1", false, &eps));
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "no local endpoints",
+        |t| members(t, &tcp).is_empty(),
+    );
+    let start = Instant::now();
+    loop {
+        let (code, body) = http_get(&k.lab.lb, HC_PORT);
+        if code == 503 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["localEndpoints"], 0);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "still {code}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

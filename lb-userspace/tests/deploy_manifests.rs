@@ -1,0 +1,197 @@
+//! Every manifest under deploy/ parses into its k8s-openapi type, so none can rot; and
+//! the DaemonSet and RBAC say what the docs promise (least privilege, the bpffs mount,
+//! the node name from the downward API, flags the agent accepts).
+
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment},
+    core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use serde_json::Value;
+
+fn manifests() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut out = Vec::new();
+    for dir in ["kubernetes", "examples"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    assert!(out.len() >= 4, "manifests found: {out:?}");
+    out
+}
+
+fn docs(path: &Path) -> Vec<Value> {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_saphyr::from_multiple::<Value>(&text)
+        .unwrap_or_else(|e| panic!("{}: not YAML: {e}", path.display()))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(path: &Path, doc: &Value) -> T {
+    serde_json::from_value(doc.clone()).unwrap_or_else(|e| {
+        panic!(
+            "{}: {} {}: {e}",
+            path.display(),
+            doc["kind"],
+            doc["metadata"]["name"]
+        )
+    })
+}
+
+#[test]
+fn every_manifest_parses_into_its_kubernetes_type() {
+    let mut kinds = Vec::new();
+    for path in manifests() {
+        for doc in docs(&path) {
+            let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+            match kind.as_str() {
+                "Namespace" => drop(typed::<Namespace>(&path, &doc)),
+                "ServiceAccount" => drop(typed::<ServiceAccount>(&path, &doc)),
+                "ClusterRole" => drop(typed::<ClusterRole>(&path, &doc)),
+                "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&path, &doc)),
+                "ConfigMap" => drop(typed::<ConfigMap>(&path, &doc)),
+                "DaemonSet" => drop(typed::<DaemonSet>(&path, &doc)),
+                "Deployment" => drop(typed::<Deployment>(&path, &doc)),
+                "Service" => {
+                    let svc: Service = typed(&path, &doc);
+                    let spec = svc.spec.unwrap();
+                    assert_eq!(spec.type_.as_deref(), Some("LoadBalancer"));
+                    assert_eq!(
+                        spec.load_balancer_class.as_deref(),
+                        Some(xlb::k8s::translate::DEFAULT_CLASS)
+                    );
+                }
+                other => panic!("{}: unexpected kind {other:?}", path.display()),
+            }
+            kinds.push(kind);
+        }
+    }
+    for k in ["DaemonSet", "ClusterRole", "ServiceAccount", "Service"] {
+        assert!(kinds.iter().any(|x| x == k), "no {k} in deploy/");
+    }
+}
+
+fn find(kind: &str) -> (PathBuf, Value) {
+    manifests()
+        .into_iter()
+        .flat_map(|p| docs(&p).into_iter().map(move |d| (p.clone(), d)))
+        .find(|(_, d)| d["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+#[test]
+fn the_cluster_role_grants_only_what_xlb_uses() {
+    let (path, doc) = find("ClusterRole");
+    let role: ClusterRole = typed(&path, &doc);
+    let mut grants: Vec<String> = role
+        .rules
+        .unwrap()
+        .iter()
+        .flat_map(|r| {
+            let groups = r.api_groups.clone().unwrap_or_default();
+            let resources = r.resources.clone().unwrap_or_default();
+            let verbs = r.verbs.clone();
+            groups.into_iter().flat_map(move |g| {
+                let verbs = verbs.clone();
+                resources.clone().into_iter().flat_map(move |res| {
+                    let g = g.clone();
+                    verbs
+                        .clone()
+                        .into_iter()
+                        .map(move |v| format!("{g}/{res}:{v}"))
+                })
+            })
+        })
+        .collect();
+    grants.sort();
+    assert_eq!(
+        grants,
+        [
+            "/services/status:patch",
+            "/services:list",
+            "/services:watch",
+            "discovery.k8s.io/endpointslices:list",
+            "discovery.k8s.io/endpointslices:watch",
+            "events.k8s.io/events:create",
+            "events.k8s.io/events:patch",
+        ]
+    );
+}
+
+#[test]
+fn the_daemonset_runs_with_capabilities_not_privilege() {
+    let (path, doc) = find("DaemonSet");
+    let ds: DaemonSet = typed(&path, &doc);
+    let pod = ds.spec.unwrap().template.spec.unwrap();
+    assert_eq!(pod.host_network, Some(true));
+    let c = &pod.containers[0];
+    let sc = c.security_context.clone().unwrap();
+    assert_eq!(sc.privileged, Some(false));
+    let caps = sc.capabilities.unwrap();
+    assert_eq!(caps.drop.unwrap(), ["ALL"]);
+    let mut add = caps.add.unwrap();
+    add.sort();
+    assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    let mounts = c.volume_mounts.clone().unwrap();
+    let bpffs = mounts
+        .iter()
+        .find(|m| m.mount_path == "/sys/fs/bpf")
+        .expect("bpffs mounted");
+    let vol = pod
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find(|v| v.name == bpffs.name)
+        .unwrap();
+    assert_eq!(vol.host_path.unwrap().path, "/sys/fs/bpf");
+    let env = c.env.clone().unwrap();
+    let node = env
+        .iter()
+        .find(|e| e.name == "NODE_NAME")
+        .expect("NODE_NAME");
+    let field = node
+        .value_from
+        .clone()
+        .unwrap()
+        .field_ref
+        .unwrap()
+        .field_path;
+    assert_eq!(field, "spec.nodeName");
+
+    // The agent accepts these arguments (env-provided values stand in as flags).
+    let mut argv = vec!["xlb".to_owned()];
+    argv.extend(c.args.clone().unwrap());
+    argv.extend([
+        "--iface".into(),
+        "eth0".into(),
+        "--node-name".into(),
+        "n1".into(),
+    ]);
+    let cli = xlb::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+    let xlb::cli::Command::Run(run) = cli.command else {
+        panic!("not `run`")
+    };
+    assert!(run.kubernetes);
+    let metrics = run.metrics_addr.expect("metrics address");
+    assert!(
+        metrics.ip().is_loopback(),
+        "metrics stay on loopback: {metrics}"
+    );
+
+    // The shared config in the ConfigMap is a valid xlb config.
+    let (path, doc) = find("ConfigMap");
+    let cm: ConfigMap = typed(&path, &doc);
+    let data = cm.data.unwrap();
+    xlb::config::Config::parse(&data["config.yaml"]).expect("ConfigMap config.yaml");
+    for pool in data["ipam-pools"].split(',') {
+        pool.parse::<ipnet::IpNet>()
+            .unwrap_or_else(|e| panic!("{pool}: {e}"));
+    }
+}
