@@ -16,7 +16,9 @@ fn real_cluster_objects_translate_consistently() {
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (svcs, slices) = rt.block_on(async {
-        let client = Client::try_default().await.expect("a client from KUBECONFIG");
+        let client = Client::try_default()
+            .await
+            .expect("a client from KUBECONFIG");
         let svcs = Api::<Service>::all(client.clone())
             .list(&ListParams::default())
             .await
