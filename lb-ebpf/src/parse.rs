@@ -117,10 +117,20 @@ pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Parsed, StatIndex>) {
         }
     };
     let seen = seen_counter(net.family, net.proto);
+    // A packet longer than its frame was truncated on the way: the kernel would drop
+    // it, and it must not create state here. (Shorter is fine: Ethernet pads.)
+    if ETH_LEN + net.ip_len as usize > frame_len(ctx) {
+        return (seen, Err(StatIndex::PassParseError));
+    }
     if net.fragment {
         return (seen, Err(StatIndex::PassFragment));
     }
     (seen, parse_transport(ctx, &net))
+}
+
+#[inline(always)]
+fn frame_len(ctx: &XdpContext) -> usize {
+    ctx.data_end() - ctx.data()
 }
 
 #[inline(always)]
@@ -142,7 +152,8 @@ fn seen_counter(family: u8, proto: u8) -> StatIndex {
 fn parse_ipv4(ctx: &XdpContext) -> Result<Network, u8> {
     let ip = load::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(FAMILY_V4)?;
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl {
         return Err(FAMILY_V4);
     }
     let frags = u16::from_be_bytes(ip.frags);
@@ -166,14 +177,18 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
     // byte by byte onto the 512-byte stack.
     let [vcf, _, _, _, len_hi, len_lo, first_next, hop_limit] =
         load::<[u8; 8]>(ctx, ETH_LEN).ok_or(FAMILY_V6)?;
+    let payload_len = u16::from_be_bytes([len_hi, len_lo]) as usize;
     if vcf >> 4 != 6 {
         return Err(FAMILY_V6);
     }
     let mut next = first_next;
     let mut off = ETH_LEN + Ipv6Hdr::LEN;
     let mut fragment = false;
-    for _ in 0..IPV6_MAX_EXT_HEADERS {
+    for i in 0..IPV6_MAX_EXT_HEADERS {
         match next {
+            // RFC 8200: Hop-by-Hop only right after the fixed header; elsewhere the
+            // receiver discards the packet, so it gets no state here.
+            IPV6_HOPOPTS if i > 0 => return Err(FAMILY_V6),
             IPV6_HOPOPTS | IPV6_ROUTING | IPV6_DSTOPTS | IPV6_AH => {
                 let ext = load::<[u8; 2]>(ctx, off).ok_or(FAMILY_V6)?;
                 // AH counts its length in 4-byte units, the others in 8-byte units.
@@ -204,7 +219,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
         l4_off: off,
         fragment,
         ttl: hop_limit,
-        ip_len: u16::from_be_bytes([len_hi, len_lo]).wrapping_add(Ipv6Hdr::LEN as u16),
+        ip_len: (payload_len + Ipv6Hdr::LEN) as u16,
     })
 }
 
@@ -219,9 +234,18 @@ fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Parsed, StatIndex>
         family: net.family,
         _pad: [0; 2],
     };
+    let ip_end = ETH_LEN + net.ip_len as usize;
     let tcp_flags = match net.proto {
         PROTO_TCP => {
+            // Length checks after the load, on the copy: checked before it, LLVM merges
+            // them with the load's own bounds check into a form the verifier refuses.
             let tcp = load::<TcpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
+            // A data offset under 5 words, or past the packet, is no TCP the backend
+            // will take: pass it for the kernel to drop, with no state made.
+            let doff = (tcp.doff() as usize) * 4;
+            if doff < TcpHdr::LEN || net.l4_off + doff > ip_end {
+                return Err(StatIndex::PassParseError);
+            }
             key.sport = u16::from_ne_bytes(tcp.source);
             key.dport = u16::from_ne_bytes(tcp.dest);
             // From the copy: a second packet load here loses the verifier's range.
@@ -229,6 +253,12 @@ fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Parsed, StatIndex>
         }
         PROTO_UDP => {
             let udp = load::<UdpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
+            // As the kernel's UDP receive does: a length outside [8, the IP payload]
+            // is a malformed datagram.
+            let udp_len = u16::from_be_bytes(udp.len) as usize;
+            if udp_len < UdpHdr::LEN || net.l4_off + udp_len > ip_end {
+                return Err(StatIndex::PassParseError);
+            }
             key.sport = u16::from_ne_bytes(udp.src);
             key.dport = u16::from_ne_bytes(udp.dst);
             0
@@ -308,6 +338,10 @@ pub fn parse_icmp_error(
         out.inner_l4_off = inner_ip_off + Ipv6Hdr::LEN;
     }
     if out.inner.proto != PROTO_TCP && out.inner.proto != PROTO_UDP {
+        return Err(StatIndex::PassIcmpNotRelated);
+    }
+    // The quote must lie inside the outer packet, not in the frame's trailing bytes.
+    if out.inner_l4_off + 4 > ETH_LEN + outer.ip_len as usize {
         return Err(StatIndex::PassIcmpNotRelated);
     }
     // Only the ports are needed (every ICMP error quotes at least 8 transport bytes).

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod fakeapi;
+pub mod natlab;
 pub mod netns;
 pub mod packet;
 pub mod testrun;

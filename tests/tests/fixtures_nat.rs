@@ -7,162 +7,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use lb_common::{flow_hash, FlowKey, PROTO_TCP, PROTO_UDP};
-use xlb::{
-    config::Config,
-    dataplane::addr_to_words,
-    maglev::{build, WeightedBackend},
-    status::read_global_counters,
-};
+use lb_common::{PROTO_TCP, PROTO_UDP};
 use xlb_tests::{
-    netns::Netns,
+    natlab::*,
     packet::{decode, Frame, ACK},
-    privileged,
     testrun::{Fixture, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
-
-const CLIENT_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
-const BACKEND_MACS: [[u8; 6]; 3] = [
-    [0x02, 0xbb, 0, 0, 0, 2],
-    [0x02, 0xbb, 0, 0, 0, 3],
-    [0x02, 0xbb, 0, 0, 0, 4],
-];
-const BACKENDS_V4: [&str; 3] = ["10.20.0.2:8080", "10.20.0.3:8080", "10.20.0.4:8080"];
-const BACKENDS_V6: [&str; 3] = ["[fd20::2]:8080", "[fd20::3]:8080", "[fd20::4]:8080"];
-const M: u32 = 251;
-
-struct Lab {
-    client_if: u32,
-    backend_if: u32,
-    client_side_mac: [u8; 6],
-    backend_side_mac: [u8; 6],
-}
-
-fn config(backends_v4: &[&str], backends_v6: &[&str]) -> Config {
-    config_with("", backends_v4, backends_v6)
-}
-
-/// `extra` is YAML put before the rest (e.g. `timeouts:`).
-fn config_with(extra: &str, backends_v4: &[&str], backends_v6: &[&str]) -> Config {
-    let list = |bs: &[&str]| {
-        bs.iter()
-            .map(|b| format!("{{address: \"{b}\"}}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let svc = |name: &str, vip: &str, port: u16, proto: &str, bs: &[&str]| {
-        format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    backends: [{}]\n", list(bs))
-    };
-    let text = format!(
-        "{extra}maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n{}{}{}{}",
-        svc("web", "192.0.2.10", 80, "tcp", backends_v4),
-        svc("dns", "192.0.2.10", 53, "udp", backends_v4),
-        svc("web6", "2001:db8::10", 80, "tcp", backends_v6),
-        svc("dns6", "2001:db8::10", 53, "udp", backends_v6),
-    );
-    Config::parse(&text).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{text}"))
-}
-
-/// Builds the namespace, then runs `body` on a thread inside it.
-fn in_lab(body: impl FnOnce(&Lab) + Send + 'static) {
-    if !privileged() {
-        return;
-    }
-    let ns = Netns::new("xf").unwrap();
-    for (a, b, addrs) in [
-        ("cside", "cpeer", ["10.10.0.1/24", "fd10::1/64"]),
-        ("bside", "bpeer", ["10.20.0.1/24", "fd20::1/64"]),
-    ] {
-        ns.ip(&["link", "add", a, "type", "veth", "peer", "name", b])
-            .unwrap();
-        for addr in addrs {
-            ns.ip(&["addr", "add", addr, "dev", a, "nodad"]).unwrap();
-        }
-        ns.ip(&["link", "set", a, "up"]).unwrap();
-        ns.ip(&["link", "set", b, "up"]).unwrap();
-    }
-    let mac = |m: [u8; 6]| {
-        m.iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<Vec<_>>()
-            .join(":")
-    };
-    for client in ["10.10.0.5", "fd10::5"] {
-        ns.ip(&[
-            "neigh",
-            "replace",
-            client,
-            "lladdr",
-            &mac(CLIENT_MAC),
-            "dev",
-            "cside",
-            "nud",
-            "permanent",
-        ])
-        .unwrap();
-    }
-    for (i, m) in BACKEND_MACS.iter().enumerate() {
-        for b in [format!("10.20.0.{}", i + 2), format!("fd20::{}", i + 2)] {
-            ns.ip(&[
-                "neigh",
-                "replace",
-                &b,
-                "lladdr",
-                &mac(*m),
-                "dev",
-                "bside",
-                "nud",
-                "permanent",
-            ])
-            .unwrap();
-        }
-    }
-    ns.sysctl("net.ipv4.ip_forward", "1").unwrap();
-    ns.sysctl("net.ipv6.conf.all.forwarding", "1").unwrap();
-    let lab = Lab {
-        client_if: ns.ifindex("cside").unwrap(),
-        backend_if: ns.ifindex("bside").unwrap(),
-        client_side_mac: ns.mac("cside").unwrap(),
-        backend_side_mac: ns.mac("bside").unwrap(),
-    };
-    ns.run(move || body(&lab)).unwrap();
-}
-
-/// Which backend Maglev (as userspace computes it, with the shared flow hash) picks.
-fn predicted_backend(backends: &[&str], frame: &Frame, proto: u8) -> SocketAddr {
-    let bs: Vec<WeightedBackend> = backends
-        .iter()
-        .map(|b| WeightedBackend {
-            addr: b.parse().unwrap(),
-            weight: 1,
-        })
-        .collect();
-    let table = build(&bs, M).unwrap();
-    let (src, family) = addr_to_words(frame.src);
-    let (dst, _) = addr_to_words(frame.dst);
-    let key = FlowKey {
-        src,
-        dst,
-        sport: frame.sport.to_be(),
-        dport: frame.dport.to_be(),
-        proto,
-        family,
-        _pad: [0; 2],
-    };
-    bs[table[(flow_hash(&key, false) % M) as usize] as usize].addr
-}
-
-fn backend_mac(addr: IpAddr) -> [u8; 6] {
-    let last = match addr {
-        IpAddr::V4(a) => a.octets()[3],
-        IpAddr::V6(a) => a.octets()[15],
-    };
-    BACKEND_MACS[(last - 2) as usize]
-}
-
-fn counter(f: &Fixture, name: &str) -> u64 {
-    read_global_counters(f.pin_path()).unwrap()[name].packets
-}
 
 /// New flow, established flow, and the reply, for one service; returns the NAT port.
 fn new_flow_then_established_then_reply(
@@ -452,34 +302,6 @@ fn ones_sum(chunks: &[&[u8]]) -> u16 {
         s = (s & 0xffff) + (s >> 16);
     }
     s as u16
-}
-
-fn icmp_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: IpAddr,
-    dst: IpAddr,
-    quoted: &[u8],
-) -> Vec<u8> {
-    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, Icmpv6Type, PacketBuilder};
-    let eth = PacketBuilder::ethernet2(src_mac, dst_mac);
-    let mut buf = Vec::new();
-    match (src, dst) {
-        (IpAddr::V4(s), IpAddr::V4(d)) => eth
-            .ipv4(s.octets(), d.octets(), 64)
-            .icmpv4(Icmpv4Type::DestinationUnreachable(
-                DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
-            ))
-            .write(&mut buf, quoted)
-            .unwrap(),
-        (IpAddr::V6(s), IpAddr::V6(d)) => eth
-            .ipv6(s.octets(), d.octets(), 64)
-            .icmpv6(Icmpv6Type::PacketTooBig { mtu: 1280 })
-            .write(&mut buf, quoted)
-            .unwrap(),
-        _ => unreachable!(),
-    }
-    buf
 }
 
 /// Checks an ICMP error frame: outer addresses, outer and ICMP checksums, and the quoted

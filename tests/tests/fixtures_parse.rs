@@ -137,12 +137,18 @@ fn privileged_ipv4_options_are_skipped() {
     ip[2..4].copy_from_slice(&tot.to_be_bytes());
     with_opts.extend_from_slice(&ip);
     with_opts.extend_from_slice(&[1, 1, 1, 1, 1, 1, 1, 0]); // NOPs + EOL
-                                                            // Truncate the TCP header: if options were not skipped, the "TCP header" would be
-                                                            // read from the options and would parse; skipped, it is cut short.
+                                                            // Cut the TCP header short, in the frame and in the IP length alike: if options
+                                                            // were not skipped, the "TCP header" would be read from the options and would fit;
+                                                            // skipped, it does not fit the packet.
     with_opts.extend_from_slice(&plain[34..34 + 12]);
+    let cut = (with_opts.len() - 14) as u16;
+    with_opts[16..18].copy_from_slice(&cut.to_be_bytes());
+    fix_ipv4_checksum(&mut with_opts);
     assert_passed_and_counted(&with_opts, &["seen_ipv4_tcp", "pass_parse_error"]);
     with_opts.truncate(14 + 28);
     with_opts.extend_from_slice(&plain[34..]);
+    with_opts[16..18].copy_from_slice(&tot.to_be_bytes());
+    fix_ipv4_checksum(&mut with_opts);
     assert_passed_and_counted(&with_opts, &["seen_ipv4_tcp", "pass_not_vip"]);
 }
 
@@ -189,4 +195,57 @@ fn privileged_icmp_and_other_protocols_pass() {
     let mut sctp6 = Frame::udp("fd00::1", 1, "fd00::2", 2).build();
     sctp6[14 + 6] = 132;
     assert_passed_and_counted(&sctp6, &["seen_ipv6_other", "pass_unsupported_proto"]);
+}
+
+/// Recomputes the IPv4 header checksum of a frame (any IHL).
+fn fix_ipv4_checksum(frame: &mut [u8]) {
+    let ihl = ((frame[14] & 0x0f) as usize) * 4;
+    frame[24] = 0;
+    frame[25] = 0;
+    let mut sum: u32 = frame[14..14 + ihl]
+        .chunks(2)
+        .map(|w| u16::from_be_bytes([w[0], w[1]]) as u32)
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+}
+
+/// Lengths that disagree, as the kernel's own receive path would refuse them: no state,
+/// passed for the kernel to drop, counted as parse errors.
+#[test]
+fn privileged_inconsistent_lengths_are_parse_errors() {
+    if !privileged() {
+        return;
+    }
+    let tcp = Frame::tcp("10.0.0.1", 40000, "10.0.0.2", 80).build();
+    let mut short_doff = tcp.clone();
+    short_doff[14 + 20 + 12] = 0x40; // data offset 4 words
+    assert_passed_and_counted(&short_doff, &["seen_ipv4_tcp", "pass_parse_error"]);
+    let mut long_doff = tcp.clone();
+    long_doff[14 + 20 + 12] = 0xf0; // 60 bytes of header in a 28-byte segment
+    assert_passed_and_counted(&long_doff, &["seen_ipv4_tcp", "pass_parse_error"]);
+    let udp = Frame::udp("10.0.0.1", 40000, "10.0.0.2", 53).build();
+    let mut long_udp = udp.clone();
+    let ulen = u16::from_be_bytes([udp[38], udp[39]]) + 1;
+    long_udp[38..40].copy_from_slice(&ulen.to_be_bytes());
+    assert_passed_and_counted(&long_udp, &["seen_ipv4_udp", "pass_parse_error"]);
+    let mut tiny_udp = udp.clone();
+    tiny_udp[38..40].copy_from_slice(&7u16.to_be_bytes());
+    assert_passed_and_counted(&tiny_udp, &["seen_ipv4_udp", "pass_parse_error"]);
+    // IPv6: payload length past the frame; Hop-by-Hop after another header.
+    let v6 = Frame::udp("fd00::1", 40000, "fd00::2", 53).build();
+    let mut long_v6 = v6.clone();
+    let plen = u16::from_be_bytes([v6[18], v6[19]]) + 8;
+    long_v6[18..20].copy_from_slice(&plen.to_be_bytes());
+    assert_passed_and_counted(&long_v6, &["seen_ipv6_udp", "pass_parse_error"]);
+    let mut hbh_late = v6[..54].to_vec();
+    hbh_late[20] = 60; // destination options, then hop-by-hop: not allowed
+    let plen = u16::from_be_bytes([v6[18], v6[19]]) + 16;
+    hbh_late[18..20].copy_from_slice(&plen.to_be_bytes());
+    hbh_late.extend_from_slice(&[0, 0, 1, 4, 0, 0, 0, 0]);
+    hbh_late.extend_from_slice(&[17, 0, 1, 4, 0, 0, 0, 0]);
+    hbh_late.extend_from_slice(&v6[54..]);
+    assert_passed_and_counted(&hbh_late, &["seen_ipv6_other", "pass_parse_error"]);
 }

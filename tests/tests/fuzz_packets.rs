@@ -1,0 +1,582 @@
+//! Hostile packets through the real program (BPF_PROG_TEST_RUN), in the NAT fixtures'
+//! namespace with live services, flows and replies:
+//! - a corpus of malformed frames: truncated at every byte, bad lengths, every IHL,
+//!   IPv6 extension-header chains, fragments, every TCP data offset, stacked VLAN tags,
+//!   and frames shorter than Ethernet;
+//! - seeded random mutations of valid frames (VIP traffic, replies, ICMP errors, other
+//!   traffic), a bounded count.
+//!
+//! Invariants, for every packet:
+//! - the verdict is PASS, DROP, TX or REDIRECT (never ABORTED or anything else);
+//! - a packet that is neither for a VIP nor a reply nor an ICMP error leaves unmodified;
+//! - a modified packet whose checksums were valid still has valid checksums;
+//! - every packet is counted exactly once as seen and once with a reason;
+//! - malformed packets, fragments and VLAN-tagged ones create no map entries.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+};
+
+use aya::maps::{HashMap, Map, MapData};
+use etherparse::{NetSlice, SlicedPacket, TransportSlice};
+use lb_common::{FlowKey, ReverseNat, StatIndex, MAP_CONNTRACK, MAP_REVERSE_NAT};
+use xlb::status::read_global_counters;
+use xlb_tests::{
+    natlab::*,
+    packet::{decode, Frame, ACK},
+    testrun::{Fixture, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX},
+};
+
+/// Seeded xorshift64*: reproducible, no dependency.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const VIPS: [(&str, u16, u8); 4] = [
+    ("192.0.2.10", 80, 6),
+    ("192.0.2.10", 53, 17),
+    ("2001:db8::10", 80, 6),
+    ("2001:db8::10", 53, 17),
+];
+
+/// What the oracle (etherparse, no checksum checks) makes of a frame.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Class {
+    /// Not parseable as Ethernet + IP within its length.
+    Malformed,
+    /// Fragments, VLAN tags: passed with no state.
+    Stateless,
+    Vip,
+    Reply,
+    Icmp,
+    Other,
+}
+
+fn classify(frame: &[u8], backends: &BTreeSet<IpAddr>) -> Class {
+    if frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == 0x86dd {
+        return classify_v6(frame, backends);
+    }
+    let Ok(p) = SlicedPacket::from_ethernet(frame) else {
+        return Class::Malformed;
+    };
+    if !p.link_exts.is_empty() {
+        return Class::Stateless;
+    }
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        return Class::Other;
+    };
+    let h = ip.header();
+    if h.is_fragmenting_payload() {
+        return Class::Stateless;
+    }
+    let (src, dst) = (IpAddr::from(h.source()), IpAddr::from(h.destination()));
+    match &p.transport {
+        Some(TransportSlice::Tcp(t)) => flow_class(src, dst, t.destination_port(), 6, backends),
+        Some(TransportSlice::Udp(u)) => flow_class(src, dst, u.destination_port(), 17, backends),
+        Some(TransportSlice::Icmpv4(_)) => Class::Icmp,
+        _ => Class::Other,
+    }
+}
+
+/// IPv6 by RFC 8200 (etherparse stops at a repeated extension header, which the kernel
+/// accepts): Hop-by-Hop only first, any other extension header may repeat.
+fn classify_v6(frame: &[u8], backends: &BTreeSet<IpAddr>) -> Class {
+    if frame.len() < 54 || frame[14] >> 4 != 6 {
+        return Class::Malformed;
+    }
+    let end = 54 + u16::from_be_bytes([frame[18], frame[19]]) as usize;
+    if end > frame.len() {
+        return Class::Malformed;
+    }
+    let addr = |o: usize| IpAddr::from(<[u8; 16]>::try_from(&frame[o..o + 16]).unwrap());
+    let (src, dst) = (addr(22), addr(38));
+    let (mut next, mut off) = (frame[20], 54);
+    for i in 0.. {
+        match next {
+            0 | 43 | 60 | 51 => {
+                if next == 0 && i > 0 {
+                    return Class::Malformed;
+                }
+                if off + 2 > end {
+                    return Class::Malformed;
+                }
+                let len = if next == 51 {
+                    (frame[off + 1] as usize + 2) * 4
+                } else {
+                    (frame[off + 1] as usize + 1) * 8
+                };
+                next = frame[off];
+                off += len;
+            }
+            44 => {
+                return if off + 8 > end {
+                    Class::Malformed
+                } else {
+                    Class::Stateless
+                }
+            }
+            _ => break,
+        }
+    }
+    match next {
+        6 => {
+            if off + 20 > end {
+                return Class::Malformed;
+            }
+            let doff = (frame[off + 12] >> 4) as usize * 4;
+            if doff < 20 || off + doff > end {
+                return Class::Malformed;
+            }
+            flow_class(
+                src,
+                dst,
+                u16::from_be_bytes([frame[off + 2], frame[off + 3]]),
+                6,
+                backends,
+            )
+        }
+        17 => {
+            if off + 8 > end {
+                return Class::Malformed;
+            }
+            let len = u16::from_be_bytes([frame[off + 4], frame[off + 5]]) as usize;
+            if len < 8 || off + len > end {
+                return Class::Malformed;
+            }
+            flow_class(
+                src,
+                dst,
+                u16::from_be_bytes([frame[off + 2], frame[off + 3]]),
+                17,
+                backends,
+            )
+        }
+        58 => Class::Icmp,
+        _ => Class::Other,
+    }
+}
+
+fn flow_class(
+    src: IpAddr,
+    dst: IpAddr,
+    dport: u16,
+    proto: u8,
+    backends: &BTreeSet<IpAddr>,
+) -> Class {
+    if VIPS
+        .iter()
+        .any(|(v, port, pr)| dst == v.parse::<IpAddr>().unwrap() && dport == *port && proto == *pr)
+    {
+        return Class::Vip;
+    }
+    let snat: [IpAddr; 2] = ["10.20.0.1".parse().unwrap(), "fd20::1".parse().unwrap()];
+    if backends.contains(&src) && snat.contains(&dst) {
+        return Class::Reply;
+    }
+    Class::Other
+}
+
+fn entries(pin: &std::path::Path) -> usize {
+    let ct = MapData::from_pin(pin.join(MAP_CONNTRACK)).unwrap();
+    let ct: HashMap<_, FlowKey, lb_common::ConnValue> =
+        HashMap::try_from(Map::LruHashMap(ct)).unwrap();
+    let rv = MapData::from_pin(pin.join(MAP_REVERSE_NAT)).unwrap();
+    let rv: HashMap<_, FlowKey, ReverseNat> = HashMap::try_from(Map::LruHashMap(rv)).unwrap();
+    ct.keys().count() + rv.keys().count()
+}
+
+fn totals(pin: &std::path::Path) -> (u64, u64) {
+    let c = read_global_counters(pin).unwrap();
+    let seen: u64 = StatIndex::ALL
+        .iter()
+        .filter(|i| i.name().starts_with("seen_"))
+        .map(|i| c[i.name()].packets)
+        .sum();
+    let reasons: u64 = StatIndex::ALL
+        .iter()
+        .filter(|i| !i.name().starts_with("seen_"))
+        .map(|i| c[i.name()].packets)
+        .sum();
+    (seen, reasons)
+}
+
+struct Harness<'a> {
+    f: Fixture,
+    lab: &'a Lab,
+    backends: BTreeSet<IpAddr>,
+    run: u64,
+    refused: u64,
+    modified: u64,
+    by_verdict: [u64; 5],
+}
+
+impl Harness<'_> {
+    /// Runs one frame and checks the per-packet invariants. Returns its class.
+    fn check(&mut self, frame: &[u8], what: &str) -> Class {
+        let class = classify(frame, &self.backends);
+        let ifindex = if class == Class::Reply {
+            self.lab.backend_if
+        } else {
+            self.lab.client_if
+        };
+        let res = match self.f.run_on(frame, ifindex) {
+            Ok(r) => r,
+            Err(e) => {
+                // The kernel refuses test frames shorter than an Ethernet header before
+                // the program runs (no NIC delivers those either).
+                assert!(
+                    frame.len() < 14,
+                    "{what}: BPF_PROG_TEST_RUN failed on a {}-byte frame: {e:#}",
+                    frame.len()
+                );
+                self.refused += 1;
+                return class;
+            }
+        };
+        self.run += 1;
+        assert!(
+            matches!(res.verdict, XDP_PASS | XDP_DROP | XDP_TX | XDP_REDIRECT),
+            "{what}: verdict {} for {class:?} frame {frame:02x?}",
+            res.verdict
+        );
+        self.by_verdict[res.verdict as usize] += 1;
+        if res.data != frame {
+            self.modified += 1;
+            assert!(
+                matches!(class, Class::Vip | Class::Reply | Class::Icmp),
+                "{what}: a {class:?} frame was modified:\n in  {frame:02x?}\n out {:02x?}",
+                res.data
+            );
+            if decode(frame).is_ok() {
+                if let Err(e) = decode(&res.data) {
+                    panic!("{what}: valid {class:?} frame out with bad checksums ({e:#}):\n in  {frame:02x?}\n out {:02x?}", res.data);
+                }
+            }
+        }
+        class
+    }
+}
+
+fn set_u16(f: &mut [u8], off: usize, v: u16) {
+    if off + 2 <= f.len() {
+        f[off..off + 2].copy_from_slice(&v.to_be_bytes());
+    }
+}
+
+/// Frames that are valid: new flows and established ones to every VIP, replies to
+/// them, ICMP errors about them, and traffic that is not xlb's.
+fn seeds(h: &mut Harness) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    for (i, (vip, port, proto)) in VIPS.iter().enumerate() {
+        let client = if vip.contains(':') {
+            "fd10::5"
+        } else {
+            "10.10.0.5"
+        };
+        for sport in [40000 + i as u16, 41000 + i as u16] {
+            let f = if *proto == 6 {
+                Frame::tcp(client, sport, vip, *port)
+            } else {
+                Frame::udp(client, sport, vip, *port)
+            };
+            let syn = f.build();
+            let res = h.f.run_on(&syn, h.lab.client_if).unwrap();
+            assert_eq!(res.verdict, XDP_REDIRECT);
+            let fwd = decode(&res.data).unwrap();
+            out.push(syn);
+            out.push(f.clone().flags(ACK).build());
+            // The reply: backend → SNAT address and port.
+            let reply = Frame {
+                src_mac: BACKEND_MACS[0],
+                dst_mac: h.lab.backend_side_mac,
+                src: fwd.dst,
+                dst: fwd.src,
+                sport: fwd.dport,
+                dport: fwd.sport,
+                ..f.clone().flags(ACK)
+            };
+            out.push(reply.build());
+            // An ICMP error from the backend about our forwarded packet.
+            out.push(icmp_frame(
+                BACKEND_MACS[0],
+                h.lab.backend_side_mac,
+                fwd.dst,
+                fwd.src,
+                &res.data[14..],
+            ));
+        }
+        // Not xlb's: another port, another address.
+        let other = if *proto == 6 {
+            Frame::tcp(client, 5555, vip, 8443)
+        } else {
+            Frame::udp(
+                client,
+                5555,
+                if vip.contains(':') {
+                    "fd10::1"
+                } else {
+                    "10.10.0.1"
+                },
+                53,
+            )
+        };
+        out.push(other.build());
+    }
+    out
+}
+
+fn corpus(seeds: &[Vec<u8>]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for (s, frame) in seeds.iter().enumerate() {
+        let v4 = u16::from_be_bytes([frame[12], frame[13]]) == 0x0800;
+        // Truncated at every byte (frames shorter than 14 bytes included).
+        for n in 0..frame.len() {
+            out.push((format!("seed {s} truncated to {n}"), frame[..n].to_vec()));
+        }
+        if v4 {
+            let ihl = ((frame[14] & 0x0f) as usize) * 4;
+            for ihl_v in 0..16u8 {
+                let mut f = frame.clone();
+                f[14] = 0x40 | ihl_v;
+                out.push((format!("seed {s} IHL {ihl_v}"), f));
+            }
+            for tot in [
+                0u16,
+                1,
+                19,
+                20,
+                (frame.len() - 15) as u16,
+                (frame.len() - 13) as u16,
+                0xffff,
+            ] {
+                let mut f = frame.clone();
+                set_u16(&mut f, 16, tot);
+                out.push((format!("seed {s} total length {tot}"), f));
+            }
+            for frag in [0x2000u16, 0x0001, 0x1fff, 0x3fff, 0x4000] {
+                let mut f = frame.clone();
+                set_u16(&mut f, 20, frag);
+                out.push((format!("seed {s} frag field {frag:#x}"), f));
+            }
+            let l4 = 14 + ihl;
+            if frame[23] == 6 {
+                for off in 0..16u8 {
+                    let mut f = frame.clone();
+                    f[l4 + 12] = (off << 4) | (f[l4 + 12] & 0x0f);
+                    out.push((format!("seed {s} TCP data offset {off}"), f));
+                }
+            }
+            if frame[23] == 17 {
+                for len in [0u16, 7, 8, 9, 0xffff] {
+                    let mut f = frame.clone();
+                    set_u16(&mut f, l4 + 4, len);
+                    out.push((format!("seed {s} UDP length {len}"), f));
+                }
+            }
+        } else if u16::from_be_bytes([frame[12], frame[13]]) == 0x86dd {
+            for plen in [0u16, 1, 7, (frame.len() - 54) as u16 + 1, 0xffff] {
+                let mut f = frame.clone();
+                set_u16(&mut f, 18, plen);
+                out.push((format!("seed {s} payload length {plen}"), f));
+            }
+            // Extension-header chains: 1..6 headers of each kind, lengths 0..3 (×8 bytes),
+            // the last one naming the original transport.
+            let proto = frame[20];
+            for kind in [0u8, 43, 60, 44, 51] {
+                for count in 1..=6usize {
+                    for hlen in [0u8, 1, 3] {
+                        let mut ext = Vec::new();
+                        for k in 0..count {
+                            let next = if k + 1 == count { proto } else { kind };
+                            let body = if kind == 44 {
+                                8
+                            } else if kind == 51 {
+                                (hlen as usize + 2) * 4
+                            } else {
+                                (hlen as usize + 1) * 8
+                            };
+                            let mut h = vec![0u8; body];
+                            h[0] = next;
+                            h[1] = if kind == 44 { 0 } else { hlen };
+                            ext.extend(h);
+                        }
+                        let mut f = frame[..54].to_vec();
+                        f[20] = kind;
+                        let plen = (frame.len() - 54 + ext.len()) as u16;
+                        set_u16(&mut f, 18, plen);
+                        f.extend(&ext);
+                        f.extend(&frame[54..]);
+                        out.push((
+                            format!("seed {s} {count}× ext {kind} len {hlen}"),
+                            f.clone(),
+                        ));
+                        // And the chain cut short.
+                        let cut = 54 + ext.len() / 2;
+                        out.push((
+                            format!("seed {s} {count}× ext {kind} cut"),
+                            f[..cut].to_vec(),
+                        ));
+                    }
+                }
+            }
+        }
+        // Stacked VLAN tags (802.1Q and 802.1ad), 1 to 3 deep.
+        for depth in 1..=3 {
+            let mut f = frame[..12].to_vec();
+            for d in 0..depth {
+                f.extend(if d == 0 { [0x88, 0xa8] } else { [0x81, 0x00] });
+                f.extend([0x00, 0x0a]);
+            }
+            f.extend(&frame[12..]);
+            out.push((format!("seed {s} {depth} VLAN tags"), f));
+        }
+    }
+    out
+}
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut f = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        match rng.below(7) {
+            0 | 1 => {
+                // Flip a bit, mostly in the headers.
+                let span = f.len().min(80);
+                if span > 0 {
+                    let i = rng.below(span);
+                    f[i] ^= 1 << rng.below(8);
+                }
+            }
+            2 => {
+                if !f.is_empty() {
+                    let i = rng.below(f.len());
+                    f[i] = rng.next() as u8;
+                }
+            }
+            3 => {
+                let n = rng.below(f.len() + 1);
+                f.truncate(n);
+            }
+            4 => {
+                for _ in 0..rng.below(64) {
+                    f.push(rng.next() as u8);
+                }
+            }
+            5 => {
+                // A plausible field set to an extreme: lengths, protocol, ethertype.
+                let off = [12usize, 16, 20, 23, 18, 38, 46, 50][rng.below(8)];
+                let v = [0u16, 1, 0xffff, 0x0800, 0x86dd, 0x8100, 6, 17, 58][rng.below(9)];
+                set_u16(&mut f, off, v);
+            }
+            _ => {
+                if f.len() > 20 {
+                    let i = 14 + rng.below(f.len() - 14);
+                    let n = rng.below(8).min(f.len() - i);
+                    f.drain(i..i + n);
+                }
+            }
+        }
+    }
+    f
+}
+
+#[test]
+fn privileged_hostile_packets_never_break_the_invariants() {
+    let mutations: usize = std::env::var("XLB_FUZZ_PACKETS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let seed: u64 = std::env::var("XLB_FUZZ_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0x786c_6266_757a_7a31);
+    in_lab(move |lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let backends: BTreeSet<IpAddr> = BACKENDS_V4
+            .iter()
+            .chain(&BACKENDS_V6)
+            .map(|b| b.parse::<SocketAddr>().unwrap().ip())
+            .collect();
+        let pin = f.pin_path().to_owned();
+        let mut h = Harness {
+            f,
+            lab,
+            backends,
+            run: 0,
+            refused: 0,
+            modified: 0,
+            by_verdict: [0; 5],
+        };
+        let seeds = seeds(&mut h);
+        let (seen0, reasons0) = totals(&pin);
+        let run0 = h.run;
+
+        // 1. The corpus. Malformed and stateless frames first, with the map entries
+        //    counted around them: none may appear.
+        let corpus = corpus(&seeds);
+        let before = entries(&pin);
+        let mut stateful = Vec::new();
+        let mut stateless = 0;
+        for (what, frame) in &corpus {
+            let class = classify(frame, &h.backends);
+            if matches!(class, Class::Malformed | Class::Stateless) {
+                h.check(frame, what);
+                stateless += 1;
+            } else {
+                stateful.push((what, frame));
+            }
+        }
+        assert_eq!(
+            entries(&pin),
+            before,
+            "malformed or stateless frames created map entries"
+        );
+        for (what, frame) in stateful {
+            h.check(frame, what);
+        }
+
+        // 2. Random mutations of the valid frames, seeded. Checked in batches for map
+        //    entries: a batch without a well-formed VIP frame creates none.
+        let mut rng = Rng(seed);
+        let mut batch_entries = entries(&pin);
+        let mut batch_vip = 0;
+        for i in 0..mutations {
+            let base = &seeds[rng.below(seeds.len())];
+            let frame = mutate(&mut rng, base);
+            let class = h.check(&frame, &format!("mutation {i} (seed {seed:#x})"));
+            if class == Class::Vip {
+                batch_vip += 1;
+            }
+            if i % 2000 == 1999 {
+                let now = entries(&pin);
+                assert!(
+                    batch_vip > 0 || now <= batch_entries,
+                    "entries grew {batch_entries} → {now} in a batch without a VIP frame (mutations ..{i})"
+                );
+                batch_entries = now;
+                batch_vip = 0;
+            }
+        }
+
+        // 3. Every packet counted exactly once as seen and once with a reason.
+        let (seen, reasons) = totals(&pin);
+        let ran = h.run - run0;
+        assert_eq!(seen - seen0, ran, "seen counters vs packets run");
+        assert_eq!(reasons - reasons0, ran, "reason counters vs packets run");
+        println!(
+            "fuzz: {} packets run ({} corpus, {stateless} of them malformed or stateless; {mutations} mutations, seed {seed:#x}), {} refused by the kernel (< 14 bytes), {} modified; verdicts: pass {}, drop {}, tx {}, redirect {}; failures: 0",
+            h.run, corpus.len(), h.refused, h.modified,
+            h.by_verdict[XDP_PASS as usize], h.by_verdict[XDP_DROP as usize], h.by_verdict[XDP_TX as usize], h.by_verdict[XDP_REDIRECT as usize]
+        );
+    });
+}
