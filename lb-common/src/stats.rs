@@ -53,6 +53,13 @@ pub enum StatIndex {
     DropNoSnatAddress,
     // ICMP errors translated.
     IcmpTranslated,
+    // Events, counted besides a packet's reason (not a reason themselves).
+    /// A TCP packet without SYN started a flow: its conntrack entry had been evicted
+    /// (table full) or had expired, or the flow began before xlb saw it.
+    EventFlowRecreated,
+    /// Re-creating a flow found the flow's own SNAT port still held by its reply
+    /// entry, and took it back: the backend sees the same source port.
+    EventPortReclaimed,
     /// Keep last: the number of counters.
     Count,
 }
@@ -87,7 +94,24 @@ impl StatIndex {
         StatIndex::DropFibFailure,
         StatIndex::DropNoSnatAddress,
         StatIndex::IcmpTranslated,
+        StatIndex::EventFlowRecreated,
+        StatIndex::EventPortReclaimed,
     ];
+
+    /// Parser classification: every packet counts one of these.
+    pub const fn is_seen(self) -> bool {
+        (self as u32) <= StatIndex::SeenNonIp as u32
+    }
+
+    /// Events are counted besides a packet's reason.
+    pub const fn is_event(self) -> bool {
+        (self as u32) >= StatIndex::EventFlowRecreated as u32
+    }
+
+    /// Why a packet was passed, dropped or sent: every packet counts exactly one.
+    pub const fn is_reason(self) -> bool {
+        !self.is_seen() && !self.is_event()
+    }
 
     /// Stable snake_case name, used in `xlb status --json` and metric labels.
     pub const fn name(self) -> &'static str {
@@ -118,6 +142,8 @@ impl StatIndex {
             StatIndex::DropFibFailure => "drop_fib_failure",
             StatIndex::DropNoSnatAddress => "drop_no_snat_address",
             StatIndex::IcmpTranslated => "icmp_translated",
+            StatIndex::EventFlowRecreated => "event_flow_recreated",
+            StatIndex::EventPortReclaimed => "event_port_reclaimed",
             StatIndex::Count => "count",
         }
     }

@@ -22,6 +22,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, ConnValue, DatapathConfig, FlowKey, ReverseNat, ServiceValue, StatIndex, FAMILY_V4,
+    PROTO_TCP,
 };
 
 use crate::{
@@ -136,6 +137,9 @@ fn forward_path(
                 last_seen_ns: now,
             };
             conntrack::insert(key, &ct);
+            if key.proto == PROTO_TCP && pkt.tcp_flags & parse::TCP_SYN == 0 {
+                stats::count(StatIndex::EventFlowRecreated, len);
+            }
             (ct, backend, true)
         }
     };

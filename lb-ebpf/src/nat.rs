@@ -8,12 +8,14 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    flow_hash, Addr, DatapathConfig, FlowKey, ReverseNat, FAMILY_V4, PROTO_TCP, PROTO_UDP,
+    flow_hash, Addr, DatapathConfig, FlowKey, ReverseNat, StatIndex, FAMILY_V4, PROTO_TCP,
+    PROTO_UDP,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     maps::REVERSE_NAT,
+    stats,
     mem::{bytes_mut, load, store},
     parse::{IcmpError, Packet, ETH_LEN},
 };
@@ -212,6 +214,22 @@ pub fn alloc_port(
         };
         if REVERSE_NAT.insert(rkey, rev, BPF_NOEXIST as u64).is_ok() {
             return Some(port.to_be());
+        }
+        // The port may still be this very flow's, from before its conntrack entry was
+        // evicted or expired: take it back, so the backend sees the same source port
+        // and an established connection survives.
+        if let Some(old) = REVERSE_NAT.get_ptr_mut(&rkey) {
+            // SAFETY: a valid map value pointer for the duration of this run.
+            let old = unsafe { &mut *old };
+            if old.client == rev.client
+                && old.client_port == rev.client_port
+                && old.vip == rev.vip
+                && old.vip_port == rev.vip_port
+            {
+                *old = *rev;
+                stats::count(StatIndex::EventPortReclaimed, 0);
+                return Some(port.to_be());
+            }
         }
         i += 1;
     }

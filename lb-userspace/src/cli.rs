@@ -95,9 +95,10 @@ pub struct RunArgs {
     /// SNAT source address for IPv6, overriding the file.
     #[arg(long, env = "XLB_SNAT_IPV6")]
     pub snat_ipv6: Option<std::net::Ipv6Addr>,
-    /// Serve Prometheus metrics (/metrics), /healthz and /readyz here, e.g. 0.0.0.0:9090.
-    #[arg(long)]
-    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Serve Prometheus metrics (/metrics), /healthz and /readyz (read-only, GET) here;
+    /// `off` to serve nothing. Loopback by default: expose it on purpose.
+    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
+    pub metrics_addr: MetricsAddr,
     /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
     /// for a restart or an upgrade; SIGINT always detaches.
     #[arg(long)]
@@ -118,4 +119,17 @@ pub enum XdpModeArg {
     Auto,
     Native,
     Generic,
+}
+
+/// Where to serve metrics, or nowhere (`off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    if s == "off" {
+        return Ok(MetricsAddr(None));
+    }
+    s.parse()
+        .map(|a| MetricsAddr(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (an address:port, or `off`)"))
 }

@@ -183,6 +183,13 @@ pub struct Timeouts {
     pub tcp_idle: u32,
     pub tcp_closing: u32,
     pub udp_idle: u32,
+    /// How often the agent sweeps expired and orphaned conntrack entries.
+    #[serde(default = "default_gc_interval")]
+    pub gc_interval: u32,
+}
+
+fn default_gc_interval() -> u32 {
+    10
 }
 
 impl Default for Config {
@@ -203,6 +210,7 @@ impl Default for Timeouts {
             tcp_idle: 3600,
             tcp_closing: 10,
             udp_idle: 60,
+            gc_interval: default_gc_interval(),
         }
     }
 }
@@ -273,6 +281,9 @@ impl Config {
                 "field services: {} services, the maps hold {MAX_SERVICES}",
                 self.services.len()
             );
+        }
+        if self.timeouts.gc_interval == 0 {
+            bail!("field timeouts.gc_interval: 0 seconds; at least 1");
         }
         if self.snat.port_min == 0 || self.snat.port_min > self.snat.port_max {
             bail!(

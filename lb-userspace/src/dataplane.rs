@@ -68,6 +68,7 @@ impl Dataplane {
             ),
             Err(e) => warn!(error = %e, "XDP program loaded; its info is unavailable"),
         }
+        restrict_pins(pin_path)?;
         Ok(dp)
     }
 
@@ -134,6 +135,7 @@ impl Dataplane {
             .pin(&pin)
             .with_context(|| format!("pinning link at {}", pin.display()))?;
         self.links.push(pinned);
+        restrict_pins(&self.pin_path)?;
         info!(iface, mode = mode_name(used), "attached");
         self.attached.push((iface.to_owned(), false));
         Ok(())
@@ -188,6 +190,20 @@ pub fn detach_all(pin_path: &Path) -> Result<Vec<String>> {
     }
     std::fs::remove_dir(pin_path).with_context(|| format!("removing {}", pin_path.display()))?;
     Ok(removed)
+}
+
+/// Root only: the pin directory 0700 and every pin in it 0600. The maps hold the
+/// flows of every client; anyone who can open them can read or rewrite the datapath.
+fn restrict_pins(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("restricting {}", dir.display()))?;
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", path.display()))?;
+    }
+    Ok(())
 }
 
 pub fn mode_name(mode: XdpMode) -> &'static str {

@@ -5,6 +5,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod conntrack;
 pub mod dataplane;
 pub mod ebpf_log;
 pub mod health;

@@ -74,6 +74,9 @@ struct Agent {
     health_tx: UnboundedSender<health::Transition>,
     metrics: AgentMetrics,
     snat_overrides: (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
+    /// Seconds since the last conntrack sweep, and the datapath counters last seen.
+    since_sweep: u32,
+    last_counters: BTreeMap<&'static str, u64>,
 }
 
 impl Agent {
@@ -84,6 +87,13 @@ impl Agent {
         self.metrics
             .map_update_seconds
             .observe(started.elapsed().as_secs_f64());
+        if summary.backends_removed > 0 {
+            // At once, not at the next sweep: a removed backend's id may be given to a
+            // new backend by the next apply, and its old flows must not follow it there.
+            if let Err(e) = xlb::conntrack::sweep(&mut self.dp, &cfg.timeouts) {
+                warn!("conntrack sweep after removing backends failed: {e:#}");
+            }
+        }
         Ok(summary)
     }
 
@@ -164,6 +174,55 @@ impl Agent {
         }
     }
 
+    /// Once a second: sweep conntrack when due, and say in the log when the datapath
+    /// hit a full table since the last look.
+    fn housekeeping(&mut self) {
+        self.since_sweep += 1;
+        let timeouts = self.base.timeouts;
+        if self.since_sweep >= timeouts.gc_interval.max(1) {
+            self.since_sweep = 0;
+            match xlb::conntrack::sweep(&mut self.dp, &timeouts) {
+                Ok(sweep) => {
+                    let swept = &self.metrics.conntrack_swept;
+                    for (why, n) in [("expired", sweep.expired), ("orphaned", sweep.orphaned)] {
+                        swept
+                            .get_or_create(&vec![("why".to_owned(), why.to_owned())])
+                            .inc_by(n as u64);
+                    }
+                    let max = lb_common::CONNTRACK_MAX as usize;
+                    if sweep.remaining * 10 >= max * 9 {
+                        warn!(entries = sweep.remaining, max, "conntrack is over 90% full: the least recently used flows are being evicted (they are re-created on their next packet; see xlb_datapath_events_total)");
+                    }
+                }
+                Err(e) => warn!("conntrack sweep failed: {e:#}"),
+            }
+        }
+        let Ok(counters) = status::read_global_counters(&self.dp.pin_path) else {
+            return;
+        };
+        let now: BTreeMap<&'static str, u64> =
+            counters.into_iter().map(|(k, c)| (k, c.packets)).collect();
+        let delta = |name: &str| {
+            now.get(name).copied().unwrap_or(0) - self.last_counters.get(name).copied().unwrap_or(0)
+        };
+        if !self.last_counters.is_empty() {
+            let ports = delta("drop_port_alloc");
+            if ports > 0 {
+                let s = self.base.snat;
+                warn!(dropped = ports, port_min = s.port_min, port_max = s.port_max, "SNAT ports exhausted: new flows to a backend found no free source port and were dropped (drop_port_alloc); widen snat.port_min..port_max or add SNAT addresses");
+            }
+            let recreated = delta("event_flow_recreated");
+            if recreated > 0 {
+                warn!(flows = recreated, "TCP flows were re-created mid-stream: their conntrack entries had been evicted (table full) or had expired; ports reclaimed: {}", delta("event_port_reclaimed"));
+            }
+            let no_backend = delta("drop_no_backend");
+            if no_backend > 0 {
+                warn!(dropped = no_backend, "new flows to a service without backends were dropped (drop_no_backend)");
+            }
+        }
+        self.last_counters = now;
+    }
+
     fn health_changed(&mut self, (key, healthy): health::Transition) {
         self.health.insert(key, healthy);
         if let Some(cfg) = self.config.clone() {
@@ -187,7 +246,7 @@ async fn run(args: RunArgs) -> Result<()> {
         );
     }
     let metrics = AgentMetrics::default();
-    if let Some(addr) = args.metrics_addr {
+    if let Some(addr) = args.metrics_addr.0 {
         xlb::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await?;
         info!(%addr, "serving /metrics, /healthz, /readyz");
     }
@@ -203,6 +262,8 @@ async fn run(args: RunArgs) -> Result<()> {
         health_tx,
         metrics,
         snat_overrides: (args.snat_ipv4, args.snat_ipv6),
+        since_sweep: 0,
+        last_counters: BTreeMap::new(),
     };
     let base = agent.with_overrides(file.unwrap_or_default())?;
     let services = base.services.len();
@@ -245,12 +306,14 @@ async fn run(args: RunArgs) -> Result<()> {
     let read = |p: &std::path::Path| std::fs::read(p).ok();
     let mut last_seen = args.config.as_deref().and_then(read);
     let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(1));
     let detach = loop {
         tokio::select! {
             _ = term.recv() => break args.detach_on_exit,
             _ = int.recv() => break true,
             _ = hup.recv() => agent.reload(args.config.as_deref()),
             Some(change) = health_rx.recv() => agent.health_changed(change),
+            _ = housekeeping.tick() => agent.housekeeping(),
             Some(services) = async { k8s_rx.as_mut()?.recv().await } => {
                 agent.kubernetes_changed(services)
             }

@@ -41,6 +41,8 @@ pub struct AgentMetrics {
     pub config_applies: Family<Labels, Counter>,
     /// Time to program the maps for one config (seconds).
     pub map_update_seconds: Histogram,
+    /// Entries the conntrack sweep removed, by why: expired | orphaned.
+    pub conntrack_swept: Family<Labels, Counter>,
     pub ready: Arc<AtomicBool>,
 }
 
@@ -49,6 +51,7 @@ impl Default for AgentMetrics {
         Self {
             config_applies: Family::default(),
             map_update_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            conntrack_swept: Family::default(),
             ready: Arc::new(AtomicBool::new(false)),
         }
     }
@@ -117,11 +120,23 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
 
     let reasons = Family::<Labels, Counter>::default();
     let reason_bytes = Family::<Labels, Counter>::default();
+    let events = Family::<Labels, Counter>::default();
     for (name, c) in status::read_global_counters(pin_path)? {
+        if let Some(event) = name.strip_prefix("event_") {
+            let l = labels(&[("event", event.to_string())]);
+            events.get_or_create(&l).inc_by(c.packets);
+            continue;
+        }
         let l = labels(&[("reason", name.to_string())]);
         reasons.get_or_create(&l).inc_by(c.packets);
         reason_bytes.get_or_create(&l).inc_by(c.bytes);
     }
+    reg.register(
+        "datapath_events",
+        "Datapath events besides a packet's reason: flows re-created mid-stream (conntrack \
+         entry evicted or expired), SNAT ports reclaimed by their own flow",
+        events,
+    );
     reg.register(
         "datapath_packets",
         "Packets by what the datapath saw or did with them",
@@ -175,6 +190,11 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
         "map_update_seconds",
         "Time to program the maps for one config",
         agent.map_update_seconds.clone(),
+    );
+    reg.register(
+        "conntrack_swept",
+        "Conntrack and reply entries the agent's sweep removed, by why",
+        agent.conntrack_swept.clone(),
     );
 
     let mut out = String::new();

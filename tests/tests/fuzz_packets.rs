@@ -199,12 +199,12 @@ fn totals(pin: &std::path::Path) -> (u64, u64) {
     let c = read_global_counters(pin).unwrap();
     let seen: u64 = StatIndex::ALL
         .iter()
-        .filter(|i| i.name().starts_with("seen_"))
+        .filter(|i| i.is_seen())
         .map(|i| c[i.name()].packets)
         .sum();
     let reasons: u64 = StatIndex::ALL
         .iter()
-        .filter(|i| !i.name().starts_with("seen_"))
+        .filter(|i| i.is_reason())
         .map(|i| c[i.name()].packets)
         .sum();
     (seen, reasons)
