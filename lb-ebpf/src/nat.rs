@@ -15,9 +15,9 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::{
     maps::REVERSE_NAT,
-    stats,
     mem::{bytes_mut, load, store},
     parse::{IcmpError, Packet, ETH_LEN},
+    stats,
 };
 
 /// Offsets in the IPv6 header: next header (hop limit follows), source, destination.

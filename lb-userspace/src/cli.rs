@@ -99,6 +99,10 @@ pub struct RunArgs {
     /// `off` to serve nothing. Loopback by default: expose it on purpose.
     #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
     pub metrics_addr: MetricsAddr,
+    /// Flows the conntrack (and reverse-NAT) tables hold, each about 100 bytes. Fixed
+    /// when the maps are first created: an agent adopting pinned maps keeps their size.
+    #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
+    pub conntrack_max: u32,
     /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
     /// for a restart or an upgrade; SIGINT always detaches.
     #[arg(long)]

@@ -58,7 +58,10 @@ fn map<'a, K: aya::Pod, V: aya::Pod>(
     dp: &'a mut Dataplane,
     name: &str,
 ) -> Result<HashMap<&'a mut MapData, K, V>> {
-    let m = dp.ebpf.map_mut(name).with_context(|| format!("map {name} missing"))?;
+    let m = dp
+        .ebpf
+        .map_mut(name)
+        .with_context(|| format!("map {name} missing"))?;
     Ok(HashMap::try_from(m)?)
 }
 

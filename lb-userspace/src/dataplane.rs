@@ -24,6 +24,24 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The loaded program and its maps. Maps and attachments (bpf links) are pinned under
 /// `pin_path`, so they outlive the agent: the datapath keeps forwarding while no agent
 /// runs, and the next agent adopts them (see `attach`). `detach` removes the links.
+/// How to load the program.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// The program's aya-log level (0 = off; see `ebpf_log`).
+    pub log_level: u8,
+    /// Entries of the conntrack and reverse-NAT LRU maps.
+    pub conntrack_max: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            log_level: 0,
+            conntrack_max: lb_common::CONNTRACK_MAX,
+        }
+    }
+}
+
 pub struct Dataplane {
     pub ebpf: Ebpf,
     pub pin_path: PathBuf,
@@ -37,13 +55,15 @@ pub struct Dataplane {
 }
 
 impl Dataplane {
-    /// Loads the program, reusing maps already pinned under `pin_path`. `log_level`
-    /// is the program's aya-log level (0 = off; see `ebpf_log`).
-    pub fn load(pin_path: &Path, log_level: u8) -> Result<Self> {
+    /// Loads the program, reusing maps already pinned under `pin_path` (their sizes
+    /// are the ones they were created with).
+    pub fn load(pin_path: &Path, opts: &LoadOptions) -> Result<Self> {
         ensure_bpffs(pin_path)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
-            .override_global("AYA_LOG_LEVEL", &log_level, true)
+            .override_global("AYA_LOG_LEVEL", &opts.log_level, true)
+            .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_max)
+            .map_max_entries(lb_common::MAP_REVERSE_NAT, opts.conntrack_max)
             .load(crate::EBPF_OBJECT)
             .with_context(|| {
                 format!(

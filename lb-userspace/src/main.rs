@@ -77,6 +77,7 @@ struct Agent {
     /// Seconds since the last conntrack sweep, and the datapath counters last seen.
     since_sweep: u32,
     last_counters: BTreeMap<&'static str, u64>,
+    conntrack_max: u32,
 }
 
 impl Agent {
@@ -189,7 +190,7 @@ impl Agent {
                             .get_or_create(&vec![("why".to_owned(), why.to_owned())])
                             .inc_by(n as u64);
                     }
-                    let max = lb_common::CONNTRACK_MAX as usize;
+                    let max = self.conntrack_max as usize;
                     if sweep.remaining * 10 >= max * 9 {
                         warn!(entries = sweep.remaining, max, "conntrack is over 90% full: the least recently used flows are being evicted (they are re-created on their next packet; see xlb_datapath_events_total)");
                     }
@@ -217,7 +218,10 @@ impl Agent {
             }
             let no_backend = delta("drop_no_backend");
             if no_backend > 0 {
-                warn!(dropped = no_backend, "new flows to a service without backends were dropped (drop_no_backend)");
+                warn!(
+                    dropped = no_backend,
+                    "new flows to a service without backends were dropped (drop_no_backend)"
+                );
             }
         }
         self.last_counters = now;
@@ -238,7 +242,11 @@ async fn run(args: RunArgs) -> Result<()> {
     // A bad file stops us before anything is touched.
     let file = args.config.as_deref().map(Config::load).transpose()?;
     let log_level = xlb::ebpf_log::level_from_filter();
-    let mut dp = Dataplane::load(&args.pin_path, log_level)?;
+    let load = xlb::dataplane::LoadOptions {
+        log_level,
+        conntrack_max: args.conntrack_max,
+    };
+    let mut dp = Dataplane::load(&args.pin_path, &load)?;
     if xlb::ebpf_log::spawn(&mut dp.ebpf, log_level)?.is_some() {
         info!(
             level = log_level,
@@ -264,6 +272,7 @@ async fn run(args: RunArgs) -> Result<()> {
         snat_overrides: (args.snat_ipv4, args.snat_ipv6),
         since_sweep: 0,
         last_counters: BTreeMap::new(),
+        conntrack_max: args.conntrack_max,
     };
     let base = agent.with_overrides(file.unwrap_or_default())?;
     let services = base.services.len();

@@ -73,15 +73,49 @@ impl Agent {
         Self::spawn(ns, pin_path, args, &[])
     }
 
+    /// Like `start`, run through `wrapper` (a program that execs its last arguments,
+    /// such as setpriv): `wrapper... xlb run ...`.
+    pub fn start_wrapped(ns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Self> {
+        let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
+        let mut agent = Self::spawn_with(ns, &pin_path, wrapper, args, &[]).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&pin_path);
+        })?;
+        agent.owns_pin_path = true;
+        Ok(agent)
+    }
+
+    /// The agent's process id (the wrapper's, which exec'd into xlb).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     fn spawn(
         ns: &Netns,
         pin_path: &std::path::Path,
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::spawn_with(ns, pin_path, &[], args, env)
+    }
+
+    fn spawn_with(
+        ns: &Netns,
+        pin_path: &std::path::Path,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let pin_path = pin_path.to_owned();
         let bin = xlb_bin()?;
-        let mut cmd = ns.command(bin.to_str().context("utf-8 path")?);
+        let bin = bin.to_str().context("utf-8 path")?;
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, rest)) => {
+                let mut c = ns.command(prog);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => ns.command(bin),
+        };
         cmd.arg("run")
             .arg("--pin-path")
             .arg(&pin_path)

@@ -36,7 +36,7 @@ impl Fixture {
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
         // A failed load may already have pinned maps: remove them, there is no Fixture
         // to drop.
-        let dp = Dataplane::load(&pin, 0).inspect_err(|_| {
+        let dp = Dataplane::load(&pin, &Default::default()).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&pin);
         })?;
         Ok(Self { dp, pin })
