@@ -218,7 +218,7 @@ pub fn alloc_port(
         // The port may still be this very flow's, from before its conntrack entry was
         // evicted or expired: take it back, so the backend sees the same source port
         // and an established connection survives.
-        if let Some(old) = REVERSE_NAT.get_ptr_mut(&rkey) {
+        if let Some(old) = REVERSE_NAT.get_ptr_mut(rkey) {
             // SAFETY: a valid map value pointer for the duration of this run.
             let old = unsafe { &mut *old };
             if old.client == rev.client
