@@ -61,6 +61,15 @@ pub fn lookup(
     Some((*ct, backend))
 }
 
+/// Records FIN/RST seen on the reply side in the forward entry.
+#[inline(always)]
+pub fn mark(key: &FlowKey, tcp_flags: u8) {
+    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
+        // SAFETY: a valid map value pointer for the duration of this program run.
+        unsafe { (*entry).flags |= flags_from_tcp(tcp_flags) };
+    }
+}
+
 #[inline(always)]
 pub fn insert(key: &FlowKey, value: &ConnValue) {
     // Failure only means the LRU could not take it now; the next packet retries.

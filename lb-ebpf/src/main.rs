@@ -188,6 +188,18 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
         sport: rev.vip_port,
         dport: rev.client_port,
     };
+    // A FIN or RST from the backend closes the flow as one from the client does: its
+    // conntrack entry takes the short closing timeout.
+    if pkt.tcp_flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
+        let forward_key = FlowKey {
+            src: rev.client,
+            dst: rev.vip,
+            sport: rev.client_port,
+            dport: rev.vip_port,
+            ..pkt.key
+        };
+        conntrack::mark(&forward_key, pkt.tcp_flags);
+    }
     let ids = (rev.service_id, rev.backend_id);
     translate_and_send(ctx, pkt, &to, ids, len, false, StatIndex::FwdReverse)
 }
