@@ -8,6 +8,7 @@ pub mod config;
 pub mod conntrack;
 pub mod dataplane;
 pub mod ebpf_log;
+pub mod fuzzing;
 pub mod health;
 pub mod k8s;
 pub mod maglev;
