@@ -14,6 +14,12 @@ echo "[test] building binaries"
 cargo build --workspace --bins --quiet
 echo "[test] running tests"
 status=0
+# Reliability tests append their counts here (packets fuzzed, flows churned, failures).
+rm -f target/reliability.jsonl
 cargo nextest run --workspace --profile ci --no-fail-fast || status=$?
+if [ -s target/reliability.jsonl ]; then
+  echo "[test] reliability:"
+  sed 's/^/[test]   /' target/reliability.jsonl
+fi
 python3 scripts/junit_summary.py target/nextest/ci/junit.xml || status=1
 exit $status

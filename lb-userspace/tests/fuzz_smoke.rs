@@ -73,6 +73,9 @@ fn config_parser_survives_mutated_files() {
         xlb::fuzzing::config_parse(&b);
     }
     println!("config fuzz: {CONFIG_MUTATIONS} files, {rejected} rejected, failures: 0");
+    report(
+        json!({"test": "config_fuzz", "counts": {"files": CONFIG_MUTATIONS, "rejected": rejected, "failures": 0}}),
+    );
     assert!(
         rejected > CONFIG_MUTATIONS / 4,
         "the mutations mostly stay valid: {rejected}"
@@ -137,4 +140,20 @@ fn k8s_translation_survives_mutated_objects() {
         xlb::fuzzing::k8s_objects(&serde_json::to_vec(&v).unwrap());
     }
     println!("k8s object fuzz: {K8S_MUTATIONS} object sets, failures: 0");
+    report(
+        json!({"test": "k8s_object_fuzz", "counts": {"object_sets": K8S_MUTATIONS, "failures": 0}}),
+    );
+}
+
+/// A line for scripts/test.sh's reliability summary (as xlb_tests::report writes).
+fn report(line: Value) {
+    use std::io::Write;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/reliability.jsonl");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all((line.to_string() + "\n").as_bytes());
+    }
 }

@@ -35,3 +35,19 @@ pub fn unique_name(prefix: &str) -> String {
     assert!(name.len() <= 15, "name {name} too long for an interface");
     name
 }
+
+/// Appends one line of counts for the test run's reliability summary
+/// (`target/reliability.jsonl`, printed by scripts/test.sh).
+pub fn report(test: &str, counts: serde_json::Value) {
+    use std::io::Write;
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/reliability.jsonl");
+    let line = serde_json::json!({"test": test, "counts": counts}).to_string() + "\n";
+    // One write of one line with O_APPEND: lines from parallel tests do not interleave.
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}

@@ -215,6 +215,11 @@ fn privileged_churn_under_load_moves_only_removed_backends_flows() {
         "churn: {ROUNDS} rounds {ops:?}, {} flows, {exchanges} exchanges, {tcp_rebalanced} TCP and {udp_rebalanced} UDP flows rebalanced, failures: {failures}",
         2 * FLOWS
     );
+    xlb_tests::report(
+        "churn",
+        serde_json::json!({"rounds": ROUNDS, "flows": 2 * FLOWS, "exchanges": exchanges,
+                           "tcp_rebalanced": tcp_rebalanced, "udp_rebalanced": udp_rebalanced, "failures": failures}),
+    );
     assert_eq!(
         failures,
         0,

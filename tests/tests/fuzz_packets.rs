@@ -578,5 +578,10 @@ fn privileged_hostile_packets_never_break_the_invariants() {
             h.run, corpus.len(), h.refused, h.modified,
             h.by_verdict[XDP_PASS as usize], h.by_verdict[XDP_DROP as usize], h.by_verdict[XDP_TX as usize], h.by_verdict[XDP_REDIRECT as usize]
         );
+        xlb_tests::report(
+            "fuzz_packets",
+            serde_json::json!({"packets_run": h.run, "corpus": corpus.len(), "mutations": mutations,
+                               "seed": seed, "refused_by_kernel": h.refused, "modified": h.modified, "failures": 0}),
+        );
     });
 }

@@ -685,6 +685,7 @@ fn privileged_k8s_endpointslice_to_map_latency() {
         "debounce_quiet_ms": xlb::k8s::controller::DEBOUNCE_QUIET.as_millis() as u64,
     });
     println!("EndpointSlice change → map update: {report}");
+    xlb_tests::report("k8s_endpointslice_latency", report.clone());
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     let _ = std::fs::create_dir_all(&out);
     let _ = std::fs::write(out.join("k8s_latency.json"), report.to_string());

@@ -127,6 +127,10 @@ fn privileged_full_conntrack_recreates_flows_on_their_backend() {
     let recreated = counter(&agent.pin_path, "event_flow_recreated");
     let reclaimed = counter(&agent.pin_path, "event_port_reclaimed");
     println!("conntrack full: {kept}/8 long flows survived; {recreated} re-created, {reclaimed} ports reclaimed");
+    xlb_tests::report(
+        "conntrack_full",
+        serde_json::json!({"long_flows": 8, "survived": kept, "recreated": recreated, "ports_reclaimed": reclaimed}),
+    );
     assert!(recreated > 0, "evicted flows were re-created mid-stream");
     // A re-created flow gets its old SNAT port back: the first port it probes is a
     // hash of the flow, and if its old reply entry still holds it, it is reclaimed.
@@ -344,6 +348,10 @@ fn privileged_a_stream_of_bad_configs_keeps_the_last_good_state() {
     println!(
         "config stream: {FILES} files, {rejected} rejections and {accepted} accepted reloads logged, in {:?}",
         start_time.elapsed()
+    );
+    xlb_tests::report(
+        "config_stream",
+        serde_json::json!({"files": FILES, "rejected": rejected, "accepted_reloads": accepted, "agent_crashes": 0}),
     );
     if accepted <= 1 {
         assert_eq!(

@@ -151,6 +151,10 @@ fn privileged_syn_flood_keeps_established_flows_forwarded() {
     println!(
         "SYN flood: {sent} SYNs in {elapsed:?}, {flood_flows} new flows balanced; {exchanges} exchanges on 8 established flows meanwhile, failures: {failures}"
     );
+    xlb_tests::report(
+        "syn_flood",
+        serde_json::json!({"syns_sent": sent, "new_flows": flood_flows, "established_exchanges": exchanges, "failures": failures}),
+    );
     assert_eq!(sent, SYNS);
     // The rest fall to the receiving veth's backlog (netdev_max_backlog), before XDP
     // in generic mode: the kernel, not xlb, is the bottleneck at this rate.
@@ -187,6 +191,10 @@ fn privileged_syn_flood_cost_per_packet() {
             x.as_nanos(),
             p.as_nanos(),
             x.as_nanos() as f64 / p.as_nanos().max(1) as f64
+        );
+        xlb_tests::report(
+            "syn_flood_cost",
+            serde_json::json!({"ns_per_syn": x.as_nanos() as u64, "xdp_pass_ns": p.as_nanos() as u64, "runs": N}),
         );
     });
 }
