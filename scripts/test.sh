@@ -21,5 +21,7 @@ if [ -s target/reliability.jsonl ]; then
   echo "[test] reliability:"
   sed 's/^/[test]   /' target/reliability.jsonl
 fi
+echo "[test] benchmark smoke run (cargo xtask bench --quick; reports, asserts no time)"
+cargo xtask bench --quick || status=1
 python3 scripts/junit_summary.py target/nextest/ci/junit.xml || status=1
 exit $status
