@@ -61,6 +61,7 @@ struct Store {
     status_writes: Vec<(String, String)>,
     requests: u64,
     gone_sent: u64,
+    bookmarks_sent: u64,
 }
 
 struct Shared {
@@ -96,6 +97,7 @@ impl FakeApi {
                 status_writes: Vec::new(),
                 requests: 0,
                 gone_sent: 0,
+                bookmarks_sent: 0,
             }),
             changed: watch::channel(100).0,
             bookmark_every: Duration::from_millis(500),
@@ -235,6 +237,11 @@ impl FakeApi {
     /// (namespace, name) of every successful status write, in order.
     pub fn status_writes(&self) -> Vec<(String, String)> {
         self.shared.store.lock().unwrap().status_writes.clone()
+    }
+
+    /// How many BOOKMARK events the watches were sent.
+    pub fn bookmarks_sent(&self) -> u64 {
+        self.shared.store.lock().unwrap().bookmarks_sent
     }
 
     /// How many watches were answered 410 Gone.
@@ -472,6 +479,7 @@ async fn watch_task(
         tokio::select! {
             _ = changed.changed() => {}
             _ = bookmark.tick(), if bookmarks => {
+                shared.store.lock().unwrap().bookmarks_sent += 1;
                 let ev = json!({"type": "BOOKMARK", "object": {
                     "kind": kind.name(), "apiVersion": kind.api_version(),
                     "metadata": {"resourceVersion": sent.to_string()}}});

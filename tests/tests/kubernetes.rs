@@ -414,6 +414,10 @@ fn privileged_k8s_api_outage_keeps_forwarding_and_relists_after_410() {
         agent.logs()
     );
     assert!(k.api.gone_sent() > 0, "the watches were answered 410 Gone");
+    assert!(
+        k.api.bookmarks_sent() > 0,
+        "the watches asked for and got bookmarks"
+    );
 
     // Changes made after the relist converge.
     k.api.apply(
