@@ -6,6 +6,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
+use lb_common::Addr;
 use lb_common::{
     Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevTable, ReverseNat, ServiceKey,
     ServiceValue, TrafficStats, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, STAT_COUNT,
@@ -66,4 +67,31 @@ pub struct LogFlow {
     pub proto: u8,
     /// 0 when the packet had no flow (not IP, or malformed).
     pub valid: u8,
+}
+
+/// Next hops bpf_fib_lookup resolved, so later packets to the same destination skip it
+/// (see forward.rs). Not pinned: a cache, and a new agent starts it cold.
+#[map(name = "XLB_NEXTHOP")]
+pub static NEXTHOP: LruHashMap<NextHopKey, NextHop> = LruHashMap::with_max_entries(65536, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NextHopKey {
+    pub dst: Addr,
+    /// The lookup routes from the ingress interface (it matters with VRFs and rules).
+    pub ingress: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct NextHop {
+    pub expires_ns: u64,
+    pub ifindex: u32,
+    /// The longest IP packet the FIB accepted for this hop (its MTU check): longer
+    /// ones go to the FIB again.
+    pub max_len: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
 }

@@ -581,3 +581,67 @@ fn privileged_ipv4_with_options_is_translated() {
         assert_eq!(out.payload, frame.payload);
     });
 }
+
+/// The next-hop cache: a neighbour change applies within its one-second lifetime, and
+/// a packet longer than any the FIB accepted is checked by the FIB again (its MTU check
+/// is never skipped).
+#[test]
+fn privileged_next_hop_cache_expires_and_never_skips_the_mtu_check() {
+    in_lab(|lab| {
+        let ip = |args: &[&str]| {
+            let st = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(st.success(), "ip {args:?}");
+        };
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6))
+            .unwrap();
+        let flow = Frame::tcp("10.10.0.5", 40100, "192.0.2.10", 80);
+        let first = f.run_on(&flow.build(), lab.client_if).unwrap();
+        assert_eq!(first.verdict, XDP_REDIRECT);
+        assert_eq!(decode(&first.data).unwrap().dst_mac, BACKEND_MACS[0]);
+        // The backend's MAC changes. Within the cache's lifetime the old one is used...
+        ip(&[
+            "neigh",
+            "replace",
+            "10.20.0.2",
+            "lladdr",
+            "02:bb:00:00:00:99",
+            "dev",
+            "bside",
+            "nud",
+            "permanent",
+        ]);
+        let est = flow.clone().flags(ACK);
+        let cached = f.run_on(&est.build(), lab.client_if).unwrap();
+        assert_eq!(
+            decode(&cached.data).unwrap().dst_mac,
+            BACKEND_MACS[0],
+            "served from the cache"
+        );
+        // ...and after it, the new one.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let fresh = f.run_on(&est.build(), lab.client_if).unwrap();
+        assert_eq!(
+            decode(&fresh.data).unwrap().dst_mac,
+            [0x02, 0xbb, 0, 0, 0, 0x99],
+            "looked up again after a second"
+        );
+
+        // The path's MTU drops to 1000: a cached hop for short packets must not carry a
+        // 1200-byte one past the FIB's check.
+        ip(&["link", "set", "bside", "mtu", "1000"]);
+        let short = f.run_on(&est.build(), lab.client_if).unwrap();
+        assert_eq!(short.verdict, XDP_REDIRECT);
+        let mut big = est.clone();
+        big.payload = vec![0x5a; 1200];
+        let res = f.run_on(&big.build(), lab.client_if).unwrap();
+        assert_ne!(
+            res.verdict, XDP_REDIRECT,
+            "a packet over the egress MTU went out"
+        );
+        assert_eq!(counter(&f, "drop_fib_failure"), 1);
+    });
+}
