@@ -97,8 +97,8 @@ pub struct RunArgs {
     pub snat_ipv6: Option<std::net::Ipv6Addr>,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz (read-only, GET) here;
     /// `off` to serve nothing. Loopback by default: expose it on purpose.
-    #[arg(long, default_value = "127.0.0.1:9464", value_parser = parse_metrics_addr)]
-    pub metrics_addr: MetricsAddr,
+    #[arg(long, value_parser = parse_metrics_addr)]
+    pub metrics_addr: Option<MetricsAddr>,
     /// Flows the conntrack (and reverse-NAT) tables hold, each about 100 bytes. Fixed
     /// when the maps are first created: an agent adopting pinned maps keeps their size.
     #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
@@ -124,6 +124,9 @@ pub enum XdpModeArg {
     Native,
     Generic,
 }
+
+/// Where metrics are served when `--metrics-addr` is not given.
+pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
 /// Where to serve metrics, or nowhere (`off`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

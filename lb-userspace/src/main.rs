@@ -254,9 +254,24 @@ async fn run(args: RunArgs) -> Result<()> {
         );
     }
     let metrics = AgentMetrics::default();
-    if let Some(addr) = args.metrics_addr.0 {
-        xlb::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await?;
-        info!(%addr, "serving /metrics, /healthz, /readyz");
+    match args.metrics_addr {
+        // Asked for: failing to serve it is an error.
+        Some(xlb::cli::MetricsAddr(Some(addr))) => {
+            xlb::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await?;
+            info!(%addr, "serving /metrics, /healthz, /readyz");
+        }
+        Some(xlb::cli::MetricsAddr(None)) => info!("metrics off"),
+        // The default: the port may be another agent's (one per namespace), so a
+        // failure is only worth a warning.
+        None => {
+            let addr = xlb::cli::DEFAULT_METRICS_ADDR
+                .parse()
+                .expect("a valid address");
+            match xlb::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await {
+                Ok(()) => info!(%addr, "serving /metrics, /healthz, /readyz"),
+                Err(e) => warn!("not serving metrics at the default {addr}: {e:#}"),
+            }
+        }
     }
     let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
     let mut agent = Agent {

@@ -179,7 +179,7 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
         panic!("not `run`")
     };
     assert!(run.kubernetes);
-    let metrics = run.metrics_addr.0.expect("metrics address");
+    let metrics = run.metrics_addr.and_then(|m| m.0).expect("metrics address");
     assert!(
         metrics.ip().is_loopback(),
         "metrics stay on loopback: {metrics}"
