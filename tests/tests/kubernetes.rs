@@ -598,30 +598,45 @@ fn privileged_k8s_two_agents_build_identical_tables() {
     let a2 = k.agent_in(&node2, &n2_if.name, &[]);
     let full =
         |t: &BTreeMap<String, Vec<String>>| t.len() == 6 && t.values().all(|v| !v.is_empty());
-    let t1 = wait_tables(&a1.pin_path, Duration::from_secs(10), "agent 1", full);
-    let t2 = wait_tables(&a2.pin_path, Duration::from_secs(10), "agent 2", full);
-    assert_eq!(t1, t2, "both nodes program the same Maglev tables");
+    converge(&a1.pin_path, &a2.pin_path, "the first sync", full);
     // And after a change, again.
     let eps: Vec<Ep> = ips[2..7].iter().map(ready).collect();
     k.api
         .apply(Kind::EndpointSlice, &slice("b", "b-1", false, &eps));
     let changed = |t: &BTreeMap<String, Vec<String>>| {
-        t.get("10.100.28.1:80/tcp")
-            .is_some_and(|v| v.iter().collect::<BTreeSet<_>>().len() == 5)
+        ["10.100.28.1:80/tcp", "10.100.28.1:53/udp"]
+            .iter()
+            .all(|key| {
+                t.get(*key)
+                    .is_some_and(|v| v.iter().collect::<BTreeSet<_>>().len() == 5)
+            })
     };
-    let t1 = wait_tables(
-        &a1.pin_path,
-        Duration::from_secs(10),
-        "agent 1 after",
-        changed,
-    );
-    let t2 = wait_tables(
-        &a2.pin_path,
-        Duration::from_secs(10),
-        "agent 2 after",
-        changed,
-    );
-    assert_eq!(t1, t2);
+    converge(&a1.pin_path, &a2.pin_path, "the change", changed);
+}
+
+/// Waits until both agents' tables satisfy `done` and are identical. Read while an
+/// agent is applying, a snapshot can hold one new table and one old: only the settled
+/// state is compared.
+fn converge(a: &Path, b: &Path, what: &str, done: impl Fn(&BTreeMap<String, Vec<String>>) -> bool) {
+    let start = Instant::now();
+    loop {
+        let (t1, t2) = (
+            xlb::status::read_tables(a).unwrap_or_default(),
+            xlb::status::read_tables(b).unwrap_or_default(),
+        );
+        if done(&t1) && done(&t2) && t1 == t2 {
+            return;
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let differ: Vec<&String> = t1.keys().filter(|k| t1.get(*k) != t2.get(*k)).collect();
+            panic!(
+                "{what}: the two agents' tables did not converge; services that differ: {differ:?}; keys {:?} vs {:?}",
+                t1.keys().collect::<Vec<_>>(),
+                t2.keys().collect::<Vec<_>>()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// How long an EndpointSlice change takes to reach the maps: from the API server's
