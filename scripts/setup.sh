@@ -9,7 +9,7 @@ fail() { printf '[setup] FAILED at step "%s": %s\n' "$1" "$2" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || fail "root" "run as root (apt, BPF and network namespaces need it)"
 
 # 1. Debian packages the tests and demo use.
-PKGS=(iproute2 ethtool nftables iptables python3)
+PKGS=(iproute2 ethtool nftables iptables haproxy fonts-dejavu-core python3)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -6,6 +6,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod bench;
 mod conntrack;
 mod forward;
 mod lookup;

@@ -36,6 +36,12 @@ pub struct DetachArgs {
 #[derive(clap::Args, Debug)]
 pub struct CheckConfigArgs {
     pub file: PathBuf,
+    /// Check against maps of this size (as `xlb run --max-services`).
+    #[arg(long, default_value_t = lb_common::MAX_SERVICES, env = "XLB_MAX_SERVICES")]
+    pub max_services: u32,
+    /// Check against maps of this size (as `xlb run --max-backends`).
+    #[arg(long, default_value_t = lb_common::MAX_BACKENDS, env = "XLB_MAX_BACKENDS")]
+    pub max_backends: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -103,6 +109,16 @@ pub struct RunArgs {
     /// when the maps are first created: an agent adopting pinned maps keeps their size.
     #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
     pub conntrack_max: u32,
+    /// Services (VIP, port, protocol) the maps hold. A service's Maglev table takes
+    /// memory only while it exists (256 KiB at the default table size); the per-CPU
+    /// statistics take 32 bytes per CPU per slot. Fixed when the maps are first created.
+    #[arg(long, default_value_t = lb_common::MAX_SERVICES, env = "XLB_MAX_SERVICES",
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_services: u32,
+    /// Backends, over all services, the maps hold. Fixed when the maps are first created.
+    #[arg(long, default_value_t = lb_common::MAX_BACKENDS, env = "XLB_MAX_BACKENDS",
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    pub max_backends: u32,
     /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
     /// for a restart or an upgrade; SIGINT always detaches.
     #[arg(long)]

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_common::{MAGLEV_MAX_TABLE_SIZE, MAX_BACKENDS, MAX_SERVICES};
+use lb_common::MAGLEV_MAX_TABLE_SIZE;
 use serde::Deserialize;
 
 use crate::maglev;
@@ -276,12 +276,6 @@ impl Config {
         if m as usize > MAGLEV_MAX_TABLE_SIZE {
             bail!("field maglev_table_size: {m} is larger than the datapath holds ({MAGLEV_MAX_TABLE_SIZE})");
         }
-        if self.services.len() > MAX_SERVICES as usize {
-            bail!(
-                "field services: {} services, the maps hold {MAX_SERVICES}",
-                self.services.len()
-            );
-        }
         if self.timeouts.gc_interval == 0 {
             bail!("field timeouts.gc_interval: 0 seconds; at least 1");
         }
@@ -294,7 +288,6 @@ impl Config {
         }
         let mut seen = BTreeSet::new();
         let mut names = BTreeSet::new();
-        let mut total_backends = 0;
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}] ({})", s.name);
             let named = format!("{}{at}", svc_line(i, "name"));
@@ -359,7 +352,6 @@ impl Config {
                     );
                 }
             }
-            total_backends += s.backends.len();
             let snat_missing = match s.vip {
                 IpAddr::V4(_) => self.snat.ipv4.is_none(),
                 IpAddr::V6(_) => self.snat.ipv6.is_none(),
@@ -372,8 +364,21 @@ impl Config {
                 );
             }
         }
-        if total_backends > MAX_BACKENDS as usize {
-            bail!("field services: {total_backends} backends in all, the maps hold {MAX_BACKENDS}");
+        Ok(())
+    }
+
+    /// Whether the maps can hold this config: the service and backend maps' sizes are
+    /// set when they are created (`--max-services`, `--max-backends`).
+    pub fn check_capacity(&self, max_services: u32, max_backends: u32) -> Result<()> {
+        if self.services.len() > max_services as usize {
+            bail!(
+                "field services: {} services, the maps hold {max_services} (--max-services)",
+                self.services.len()
+            );
+        }
+        let total_backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
+        if total_backends > max_backends as usize {
+            bail!("field services: {total_backends} backends in all, the maps hold {max_backends} (--max-backends)");
         }
         Ok(())
     }

@@ -31,6 +31,10 @@ pub struct LoadOptions {
     pub log_level: u8,
     /// Entries of the conntrack and reverse-NAT LRU maps.
     pub conntrack_max: u32,
+    /// Entries of the service map and its Maglev and statistics maps.
+    pub max_services: u32,
+    /// Entries of the backend map and its statistics map.
+    pub max_backends: u32,
 }
 
 impl Default for LoadOptions {
@@ -38,6 +42,8 @@ impl Default for LoadOptions {
         Self {
             log_level: 0,
             conntrack_max: lb_common::CONNTRACK_MAX,
+            max_services: MAX_SERVICES,
+            max_backends: MAX_BACKENDS,
         }
     }
 }
@@ -52,6 +58,9 @@ pub struct Dataplane {
     /// unchanged table is not rewritten. Empty after a restart: the first apply
     /// rewrites every table, with identical contents, which is harmless.
     written_tables: BTreeMap<u32, Vec<u32>>,
+    /// The sizes of the service and backend maps as created (pinned maps keep theirs).
+    pub max_services: u32,
+    pub max_backends: u32,
 }
 
 impl Dataplane {
@@ -64,6 +73,11 @@ impl Dataplane {
             .override_global("AYA_LOG_LEVEL", &opts.log_level, true)
             .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_max)
             .map_max_entries(lb_common::MAP_REVERSE_NAT, opts.conntrack_max)
+            .map_max_entries(MAP_SERVICES, opts.max_services)
+            .map_max_entries(MAP_MAGLEV, opts.max_services)
+            .map_max_entries(lb_common::MAP_SERVICE_STATS, opts.max_services)
+            .map_max_entries(MAP_BACKENDS, opts.max_backends)
+            .map_max_entries(lb_common::MAP_BACKEND_STATS, opts.max_backends)
             .load(crate::EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -77,7 +91,11 @@ impl Dataplane {
             attached: Vec::new(),
             links: Vec::new(),
             written_tables: BTreeMap::new(),
+            max_services: 0,
+            max_backends: 0,
         };
+        dp.max_services = dp.map_size(MAP_SERVICES)?;
+        dp.max_backends = dp.map_size(MAP_BACKENDS)?;
         let prog = dp.program()?;
         prog.load().context("the kernel rejected the XDP program")?;
         match prog.info() {
@@ -90,6 +108,18 @@ impl Dataplane {
         }
         restrict_pins(pin_path)?;
         Ok(dp)
+    }
+
+    fn map_size(&self, name: &str) -> Result<u32> {
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        let data: &MapData = match map {
+            aya::maps::Map::HashMap(m) | aya::maps::Map::LruHashMap(m) => m,
+            _ => anyhow::bail!("map {name} is not a hash map"),
+        };
+        Ok(data.info()?.max_entries())
     }
 
     fn program(&mut self) -> Result<&mut Xdp> {
@@ -378,6 +408,8 @@ impl Dataplane {
     /// is written whole before the service entry that points at it, and a removed
     /// backend is deleted only after no table refers to it any more.
     pub fn apply(&mut self, cfg: &Config) -> Result<ApplySummary> {
+        // Before anything is written: a config the maps cannot hold changes nothing.
+        cfg.check_capacity(self.max_services, self.max_backends)?;
         let mut summary = ApplySummary::default();
         let dp_cfg = DatapathConfig {
             snat_v4: cfg
@@ -425,7 +457,7 @@ impl Dataplane {
             let id = match old {
                 Some(v) => v.id,
                 None => {
-                    let id = lowest_free(&used_service_ids, MAX_SERVICES)
+                    let id = lowest_free(&used_service_ids, self.max_services)
                         .context("no free service id")?;
                     used_service_ids.insert(id);
                     summary.services_added += 1;
@@ -453,7 +485,7 @@ impl Dataplane {
                         *bid
                     }
                     None => {
-                        let bid = lowest_free(&used_backend_ids, MAX_BACKENDS)
+                        let bid = lowest_free(&used_backend_ids, self.max_backends)
                             .context("no free backend id")?;
                         used_backend_ids.insert(bid);
                         self.hash_map::<u32, Backend>(MAP_BACKENDS)?

@@ -46,6 +46,7 @@ async fn real_main() -> Result<()> {
         }
         Command::CheckConfig(args) => {
             let cfg = xlb::config::Config::load(&args.file)?;
+            cfg.check_capacity(args.max_services, args.max_backends)?;
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
             println!(
                 "{}: ok ({} services, {backends} backends)",
@@ -245,6 +246,8 @@ async fn run(args: RunArgs) -> Result<()> {
     let load = xlb::dataplane::LoadOptions {
         log_level,
         conntrack_max: args.conntrack_max,
+        max_services: args.max_services,
+        max_backends: args.max_backends,
     };
     let mut dp = Dataplane::load(&args.pin_path, &load)?;
     if xlb::ebpf_log::spawn(&mut dp.ebpf, log_level)?.is_some() {
@@ -310,6 +313,7 @@ async fn run(args: RunArgs) -> Result<()> {
             client,
             opts,
             agent.base.clone(),
+            agent.dp.max_services as usize,
         ))
     } else {
         None

@@ -81,6 +81,20 @@ impl Netns {
         run_in(&self.name, f)
     }
 
+    /// Like `run`, but `f` may borrow from the caller (a scoped thread).
+    pub fn run_scoped<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+        std::thread::scope(|s| {
+            s.spawn(move || -> Result<T> {
+                setns(&file, CloneFlags::CLONE_NEWNET).context("setns")?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("thread in netns panicked"))?
+        })
+    }
+
     pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
         self.exec("sysctl", &["-qw", &format!("{key}={value}")])?;
         Ok(())

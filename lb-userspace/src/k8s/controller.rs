@@ -47,10 +47,16 @@ pub const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 pub type Update = Vec<ServiceConfig>;
 
 /// Starts the controller. `base` supplies what a service is checked against (SNAT,
-/// table size); its own services are not used here.
-pub fn spawn(client: Client, opts: Options, base: Config) -> mpsc::UnboundedReceiver<Update> {
+/// table size); its own services are not used here. `max_services` is what the
+/// service map holds, the base config's services included.
+pub fn spawn(
+    client: Client,
+    opts: Options,
+    base: Config,
+    max_services: usize,
+) -> mpsc::UnboundedReceiver<Update> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(client, opts, base, tx));
+    tokio::spawn(run(client, opts, base, max_services, tx));
     rx
 }
 
@@ -60,7 +66,13 @@ enum Change {
     Failed(String),
 }
 
-async fn run(client: Client, opts: Options, base: Config, tx: mpsc::UnboundedSender<Update>) {
+async fn run(
+    client: Client,
+    opts: Options,
+    base: Config,
+    max_services: usize,
+    tx: mpsc::UnboundedSender<Update>,
+) {
     let (svc_store, svc_writer) = reflector::store::<Service>();
     let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
     let wcfg = watcher::Config::default();
@@ -88,6 +100,7 @@ async fn run(client: Client, opts: Options, base: Config, tx: mpsc::UnboundedSen
         recorder: Recorder::new(client, reporter),
         opts,
         base,
+        max_services,
         last_sent: None,
         reported: BTreeSet::new(),
         health: HealthPorts::default(),
@@ -143,6 +156,7 @@ struct State {
     recorder: Recorder,
     opts: Options,
     base: Config,
+    max_services: usize,
     last_sent: Option<Update>,
     /// Problems already reported as Events, so a steady problem is reported once.
     reported: BTreeSet<(String, &'static str, String)>,
@@ -178,8 +192,8 @@ impl State {
                 }
             }
         }
-        if services.len() + self.base.services.len() > lb_common::MAX_SERVICES as usize {
-            let room = (lb_common::MAX_SERVICES as usize).saturating_sub(self.base.services.len());
+        if services.len() + self.base.services.len() > self.max_services {
+            let room = self.max_services.saturating_sub(self.base.services.len());
             warn!(
                 wanted = services.len(),
                 room, "more Service ports than the maps hold; serving the oldest"

@@ -1,20 +1,17 @@
-//! `cargo xtask bench`: per-packet cost of the XDP program, side by side with an
-//! XDP_PASS baseline in the same run (absolute times on a shared 2-core machine are
-//! noise; the ratio and the difference are what to read). Writes
-//! `target/bench/report.json` and `target/bench/report.md`.
+//! Part 1: per-packet cost of the XDP program, side by side with an XDP_PASS baseline
+//! in the same run (absolute times on a shared 2-core machine are noise; the ratio and
+//! the difference are what to read).
 //!
 //! BPF_PROG_TEST_RUN, one packet per call (with `repeat` a NAT program would see its
 //! own output from the second run on; DESIGN.md), inside the LB namespace of the
 //! two-arm topology so bpf_fib_lookup resolves. The kernel's per-run duration includes
 //! its timer overhead, which the XDP_PASS baseline measures; "net" is xlb minus
 //! baseline. Calls are split in rounds, each round's median kept, and the median of
-//! the rounds reported. Every verdict is checked. Exits non-zero only when it could
-//! not measure.
+//! the rounds reported. Every verdict is checked.
 
 use std::net::IpAddr;
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
 use xlb::config::Config;
 use xlb_tests::{
     packet::{Frame, ACK},
@@ -22,21 +19,8 @@ use xlb_tests::{
     topology::{LbLab, VIP4, VIP6},
 };
 
-#[derive(clap::Args)]
-pub struct BenchArgs {
-    /// Calls per case, over all rounds (at least 1M for a report).
-    #[arg(long, default_value_t = 1_000_000)]
-    packets: u32,
-    /// Rounds per case; the median of the rounds' medians is reported.
-    #[arg(long, default_value_t = 5)]
-    rounds: u32,
-    /// A smoke run: 20k calls per case in 2 rounds.
-    #[arg(long)]
-    quick: bool,
-}
-
 /// Empties the conntrack and reverse-NAT maps (outside the measured calls).
-fn clear_flows(f: &mut Fixture) -> Result<()> {
+pub fn clear_flows(f: &mut Fixture) -> Result<()> {
     use lb_common::{ConnValue, ReverseNat, MAP_CONNTRACK, MAP_REVERSE_NAT};
     clear::<ConnValue>(f, MAP_CONNTRACK)?;
     clear::<ReverseNat>(f, MAP_REVERSE_NAT)
@@ -53,26 +37,22 @@ fn clear<V: aya::Pod>(f: &mut Fixture, name: &str) -> Result<()> {
     Ok(())
 }
 
-fn median(mut v: Vec<u64>) -> u64 {
+pub fn median(mut v: Vec<u64>) -> u64 {
     v.sort_unstable();
     v[v.len() / 2]
 }
 
-struct Row {
-    name: &'static str,
-    xlb_ns: u64,
-    pass_ns: u64,
+#[derive(Clone)]
+pub struct Row {
+    pub name: &'static str,
+    pub xlb_ns: u64,
+    pub pass_ns: u64,
 }
 
 /// (case, frame for call i, ingress interface index, expected verdict)
 type Case = (&'static str, Box<dyn Fn(u32) -> Vec<u8>>, u32, u32);
 
-pub fn run(args: BenchArgs) -> Result<()> {
-    let (packets, rounds) = if args.quick {
-        (20_000, 2)
-    } else {
-        (args.packets, args.rounds.max(1))
-    };
+pub fn measure(packets: u32, rounds: u32) -> Result<Vec<Row>> {
     let lab = LbLab::two_arm(3)?;
     lab.write_config(&[0, 1, 2])?;
     let cfg = Config::load(&lab.config_path)?;
@@ -163,51 +143,5 @@ pub fn run(args: BenchArgs) -> Result<()> {
         Ok(rows)
     })??;
 
-    let mut md = format!(
-        "# xlb per-packet cost\n\nBPF_PROG_TEST_RUN, single-packet calls, {packets} calls per case in {rounds} rounds, median of the rounds' medians; XDP_PASS measured in the same run.\n\n| case | xlb ns | XDP_PASS ns | net ns | ratio |\n| --- | --- | --- | --- | --- |\n"
-    );
-    println!("per-packet cost, BPF_PROG_TEST_RUN, {packets} single-packet calls per case in {rounds} rounds (ns):");
-    println!(
-        "{:<40} {:>8} {:>10} {:>8} {:>8}",
-        "case", "xlb", "XDP_PASS", "net", "ratio"
-    );
-    let mut cases = Vec::new();
-    for r in &rows {
-        let net = r.xlb_ns.saturating_sub(r.pass_ns);
-        let ratio = r.xlb_ns as f64 / r.pass_ns.max(1) as f64;
-        println!(
-            "{:<40} {:>8} {:>10} {net:>8} {ratio:>8.2}",
-            r.name, r.xlb_ns, r.pass_ns
-        );
-        md.push_str(&format!(
-            "| {} | {} | {} | {net} | {ratio:.2} |\n",
-            r.name, r.xlb_ns, r.pass_ns
-        ));
-        cases.push(json!({"case": r.name, "xlb_ns": r.xlb_ns, "xdp_pass_ns": r.pass_ns, "net_ns": net, "ratio": ratio}));
-    }
-    let est = rows
-        .iter()
-        .find(|r| r.name.starts_with("established TCP flow (IPv4)"))
-        .context("no established case")?;
-    let est_ratio = est.xlb_ns as f64 / est.pass_ns.max(1) as f64;
-    md.push_str(&format!(
-        "\nTarget (reported, never asserted): an established flow within 3× XDP_PASS. Measured: {est_ratio:.2}×.\n\nDESIGN.md's reference for Katran on this kind of machine (measured with `repeat`, so its XDP_PASS is 23 ns): 135 ns established, 289 ns new flow, 70 ns not a VIP.\n"
-    ));
-    println!("target: established flow within 3x XDP_PASS; measured {est_ratio:.2}x");
-    println!("(DESIGN.md's reference for Katran on this kind of machine: 135 ns established,");
-    println!(" 289 ns new flow, 70 ns not a VIP, 23 ns for XDP_PASS.)");
-    let report = json!({
-        "per_packet": {"method": "BPF_PROG_TEST_RUN single-packet calls, median of round medians", "calls_per_case": packets, "rounds": rounds, "cases": cases},
-        "targets": {"established_within_3x_xdp_pass": {"measured_ratio": est_ratio, "met": est_ratio <= 3.0}},
-        "quick": args.quick,
-    });
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("report.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    std::fs::write(dir.join("report.md"), md)?;
-    println!("wrote {}/report.json and report.md", dir.display());
-    Ok(())
+    Ok(rows)
 }
