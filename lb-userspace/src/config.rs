@@ -228,6 +228,18 @@ fn default_port_max() -> u16 {
     32767
 }
 
+/// The parser's limits against YAML bombs, raised for large static configs: the
+/// defaults (250,000 nodes) stop at about 80,000 backends, three nodes each. These
+/// allow about a million; aliases and depth keep their default limits.
+fn parse_options() -> serde_saphyr::Options {
+    serde_saphyr::options! {
+        budget: serde_saphyr::budget! {
+            max_nodes: 4_000_000,
+            max_events: 8_000_000,
+        },
+    }
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
@@ -236,10 +248,12 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Self> {
-        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cfg: Config = serde_saphyr::from_str_with_options(text, parse_options())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
         // Where things are, for the messages of the checks below (the types already
         // parsed, so this cannot fail on anything the typed parse accepted).
-        let located: Option<Located> = serde_saphyr::from_str(text).ok();
+        let located: Option<Located> =
+            serde_saphyr::from_str_with_options(text, parse_options()).ok();
         cfg.validate_located(located.as_ref())?;
         Ok(cfg)
     }

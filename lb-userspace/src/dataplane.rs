@@ -57,7 +57,11 @@ pub struct Dataplane {
     /// The Maglev table last written per service id (backend ids per slot), so an
     /// unchanged table is not rewritten. Empty after a restart: the first apply
     /// rewrites every table, with identical contents, which is harmless.
-    written_tables: BTreeMap<u32, Vec<u32>>,
+    written_tables: BTreeMap<u32, WrittenTable>,
+    /// What the service and backend maps hold, as last written by `apply`, so an
+    /// update does not read 100k entries back through syscalls. None until the first
+    /// apply reads the maps (they may be adopted), and after a failed apply.
+    mirror: Option<Mirror>,
     /// The sizes of the service and backend maps as created (pinned maps keep theirs).
     pub max_services: u32,
     pub max_backends: u32,
@@ -91,6 +95,7 @@ impl Dataplane {
             attached: Vec::new(),
             links: Vec::new(),
             written_tables: BTreeMap::new(),
+            mirror: None,
             max_services: 0,
             max_backends: 0,
         };
@@ -432,17 +437,34 @@ impl Dataplane {
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
         config_map.set(0, dp_cfg, 0)?;
 
-        // What is programmed now.
-        let services_now: BTreeMap<ServiceKey, ServiceValue> = {
-            let m = self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?;
-            m.iter().collect::<Result<_, _>>()?
+        // What is programmed now. Taken, not borrowed: if this apply fails midway, the
+        // next one reads the maps again.
+        let Mirror {
+            services: services_now,
+            backends: backends_now,
+        } = match self.mirror.take() {
+            Some(m) => m,
+            None => Mirror {
+                services: self
+                    .hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
+                    .iter()
+                    .collect::<Result<_, _>>()?,
+                backends: self
+                    .hash_map::<u32, Backend>(MAP_BACKENDS)?
+                    .iter()
+                    .collect::<Result<_, _>>()?,
+            },
         };
-        let backends_now: BTreeMap<u32, Backend> = {
-            let m = self.hash_map::<u32, Backend>(MAP_BACKENDS)?;
-            m.iter().collect::<Result<_, _>>()?
+        let mut after = Mirror {
+            services: services_now.clone(),
+            backends: backends_now.clone(),
         };
-        let mut used_service_ids: BTreeSet<u32> = services_now.values().map(|v| v.id).collect();
-        let mut used_backend_ids: BTreeSet<u32> = backends_now.keys().copied().collect();
+        let mut service_ids = IdAllocator::new(
+            services_now.values().map(|v| v.id).collect(),
+            self.max_services,
+        );
+        let mut backend_ids =
+            IdAllocator::new(backends_now.keys().copied().collect(), self.max_backends);
         let backend_id_of: BTreeMap<(u32, SocketAddr), u32> = backends_now
             .iter()
             .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
@@ -457,9 +479,7 @@ impl Dataplane {
             let id = match old {
                 Some(v) => v.id,
                 None => {
-                    let id = lowest_free(&used_service_ids, self.max_services)
-                        .context("no free service id")?;
-                    used_service_ids.insert(id);
+                    let id = service_ids.alloc().context("no free service id")?;
                     summary.services_added += 1;
                     id
                 }
@@ -481,15 +501,15 @@ impl Dataplane {
                         if backends_now.get(bid) != Some(&value) {
                             self.hash_map::<u32, Backend>(MAP_BACKENDS)?
                                 .insert(*bid, value, 0)?;
+                            after.backends.insert(*bid, value);
                         }
                         *bid
                     }
                     None => {
-                        let bid = lowest_free(&used_backend_ids, self.max_backends)
-                            .context("no free backend id")?;
-                        used_backend_ids.insert(bid);
+                        let bid = backend_ids.alloc().context("no free backend id")?;
                         self.hash_map::<u32, Backend>(MAP_BACKENDS)?
                             .insert(bid, value, 0)?;
+                        after.backends.insert(bid, value);
                         summary.backends_added += 1;
                         bid
                     }
@@ -505,10 +525,28 @@ impl Dataplane {
                     weight: b.weight,
                 })
                 .collect();
-            let table_size = match maglev::build(&weighted, cfg.maglev_table_size) {
+            let input = TableInput {
+                backends: weighted,
+                table_size: cfg.maglev_table_size,
+                ids,
+            };
+            // The same backends, weights, ids and size give the same table: an update
+            // that touches one service rebuilds one table, not all of them.
+            let unchanged = self
+                .written_tables
+                .get(&id)
+                .is_some_and(|w| w.input == input);
+            let built = if unchanged {
+                Ok(Vec::new())
+            } else {
+                maglev::build(&input.backends, input.table_size)
+            };
+            let table_size = match built {
+                Ok(_) if unchanged => input.table_size,
                 Ok(table) => {
+                    let ids = &input.ids;
                     let slots: Vec<u32> = table.iter().map(|idx| ids[*idx as usize]).collect();
-                    if self.written_tables.get(&id) != Some(&slots) {
+                    if self.written_tables.get(&id).map(|w| &w.slots) != Some(&slots) {
                         // 256 KiB: built on the heap, never on a thread's stack.
                         // SAFETY: MaglevTable is plain u32s, for which all-zero is valid.
                         let mut t: Box<MaglevTable> = unsafe { Box::new_zeroed().assume_init() };
@@ -517,9 +555,10 @@ impl Dataplane {
                         let table: &MaglevTable = &t;
                         self.hash_map::<u32, MaglevTable>(MAP_MAGLEV)?
                             .insert(id, table, 0)?;
-                        self.written_tables.insert(id, slots);
                         summary.tables_written += 1;
                     }
+                    self.written_tables
+                        .insert(id, WrittenTable { input, slots });
                     cfg.maglev_table_size
                 }
                 // No backends, or all draining: established flows keep going through
@@ -540,6 +579,7 @@ impl Dataplane {
             if old != Some(value) {
                 self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
                     .insert(key, value, 0)?;
+                after.services.insert(key, value);
             }
         }
         // Removals come last: nothing points at them any more.
@@ -551,19 +591,64 @@ impl Dataplane {
                     .hash_map::<u32, MaglevTable>(MAP_MAGLEV)?
                     .remove(&value.id);
                 self.written_tables.remove(&value.id);
+                after.services.remove(key);
                 summary.services_removed += 1;
             }
         }
         for id in backends_now.keys() {
             if !wanted_backend_ids.contains(id) {
                 self.hash_map::<u32, Backend>(MAP_BACKENDS)?.remove(id)?;
+                after.backends.remove(id);
                 summary.backends_removed += 1;
             }
         }
+        self.mirror = Some(after);
         Ok(summary)
     }
 }
 
-fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
-    (0..limit).find(|i| !used.contains(i))
+/// Hands out the lowest free ids below `limit`. Ids are only taken during one apply
+/// (removals come after), so a cursor that never moves back finds each in turn:
+/// allocating n ids is O(n log n), not the O(n²) of searching from 0 each time.
+struct IdAllocator {
+    used: BTreeSet<u32>,
+    next: u32,
+    limit: u32,
+}
+
+impl IdAllocator {
+    fn new(used: BTreeSet<u32>, limit: u32) -> Self {
+        Self {
+            used,
+            next: 0,
+            limit,
+        }
+    }
+
+    fn alloc(&mut self) -> Option<u32> {
+        let id = (self.next..self.limit).find(|i| !self.used.contains(i))?;
+        self.used.insert(id);
+        self.next = id + 1;
+        Some(id)
+    }
+}
+
+/// The maps' contents as the last apply left them.
+struct Mirror {
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    backends: BTreeMap<u32, Backend>,
+}
+
+/// What a service's Maglev table was built from, and what was written.
+struct WrittenTable {
+    input: TableInput,
+    slots: Vec<u32>,
+}
+
+#[derive(PartialEq)]
+struct TableInput {
+    backends: Vec<maglev::WeightedBackend>,
+    table_size: u32,
+    /// Backend id of each entry of `backends`.
+    ids: Vec<u32>,
 }

@@ -33,10 +33,15 @@ pub struct RunResult {
 
 impl Fixture {
     pub fn new() -> Result<Self> {
+        Self::with_options(&Default::default())
+    }
+
+    /// Loaded with map sizes of the caller's choice.
+    pub fn with_options(opts: &xlb::dataplane::LoadOptions) -> Result<Self> {
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
         // A failed load may already have pinned maps: remove them, there is no Fixture
         // to drop.
-        let dp = Dataplane::load(&pin, &Default::default()).inspect_err(|_| {
+        let dp = Dataplane::load(&pin, opts).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&pin);
         })?;
         Ok(Self { dp, pin })
