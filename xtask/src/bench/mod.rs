@@ -6,6 +6,7 @@
 mod control_plane;
 mod forwarding;
 mod per_packet;
+mod scaling;
 
 use anyhow::Result;
 use serde_json::json;
@@ -74,6 +75,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         let cp = control_plane::measure(services, 100, updates, builds)?;
         md.push_str(&control_plane_report(&cp));
         report["control_plane"] = serde_json::to_value(&cp)?;
+    }
+    if wanted(Part::Scaling) {
+        let (vips, flows, calls, r): (&[usize], &[usize], u32, u32) = if args.quick {
+            (&[1, 100, 1000], &[1_000, 10_000, 100_000], 10_000, 2)
+        } else {
+            (
+                &[1, 100, 10_000],
+                &[1_000, 10_000, 100_000, 1_000_000],
+                200_000,
+                5,
+            )
+        };
+        println!("4. scaling: established TCP flow, {calls} calls per point in {r} rounds:");
+        let sc = scaling::measure(vips, flows, calls, r)?;
+        md.push_str(&scaling_report(&sc));
+        report["scaling"] = serde_json::to_value(&sc)?;
     }
 
     report["targets"] = json!({
@@ -236,4 +253,30 @@ Maglev table build (`xlb::maglev::build`, median):
         r.noop_apply_ms, r.agent_start_to_applied_ms, r.agent_rss_mib, r.agent_peak_rss_mib
     ));
     md
+}
+
+fn scaling_report(r: &scaling::Results) -> String {
+    let table = |title: &str, pts: &[scaling::Point]| {
+        let first = pts.first().map_or(1, |p| p.xlb_ns.max(1));
+        let mut t = format!("| {title} | xlb ns | XDP_PASS ns | net ns | xlb ÷ smallest |\n| --- | --- | --- | --- | --- |\n");
+        for p in pts {
+            t.push_str(&format!(
+                "| {} | {} | {} | {} | {:.2} |\n",
+                p.size,
+                p.xlb_ns,
+                p.xdp_pass_ns,
+                p.net_ns,
+                p.xlb_ns as f64 / first as f64
+            ));
+        }
+        t
+    };
+    format!(
+        "## 4. Scaling\n\nThe established TCP flow of part 1, {} calls per point in {} rounds (median of round medians), as the tables grow.\n\n{}\nWith the largest service count the service and Maglev maps took about {:.0} MiB of kernel memory (MemAvailable drop; each Maglev table is a 65,537-slot value).\n\n{}\nThe filler flows are other clients' flows to the same service, written into the conntrack map (an LRU sized at twice the largest count); the measured flow is checked to be still there after each point.\n\n",
+        r.calls_per_point,
+        r.rounds,
+        table("services", &r.vips),
+        r.vips_kernel_memory_mib,
+        table("conntrack flows", &r.conntrack),
+    )
 }

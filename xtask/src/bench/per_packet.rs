@@ -77,7 +77,8 @@ pub fn measure(packets: u32, rounds: u32) -> Result<Vec<Row>> {
         open(&mut f, Frame::tcp(&c6, 40002, VIP6, 80))?;
         let nat_port = u16::from_be_bytes([fwd[34], fwd[35]]);
         let backend = IpAddr::from([fwd[30], fwd[31], fwd[32], fwd[33]]);
-        let mut reply = Frame::tcp(&backend.to_string(), 8080, &snat.to_string(), nat_port).flags(ACK);
+        let mut reply =
+            Frame::tcp(&backend.to_string(), 8080, &snat.to_string(), nat_port).flags(ACK);
         reply.src_mac = [2, 0, 0, 0, 0, 9];
         let (est4, udp4, est6) = (
             Frame::tcp(&c4, 40000, VIP4, 80).flags(ACK),
@@ -87,11 +88,36 @@ pub fn measure(packets: u32, rounds: u32) -> Result<Vec<Row>> {
         let (c4a, snat_s) = (c4.clone(), snat.to_string());
         let c4b = c4.clone();
         let cases: Vec<Case> = vec![
-            ("not a VIP (UDP to the LB itself)", Box::new(move |_| Frame::udp(&c4a, 5000, &snat_s, 9999).build()), client_if, XDP_PASS),
-            ("established TCP flow (IPv4)", Box::new(move |_| est4.build()), client_if, XDP_REDIRECT),
-            ("established UDP flow (IPv4)", Box::new(move |_| udp4.build()), client_if, XDP_REDIRECT),
-            ("established TCP flow (IPv6)", Box::new(move |_| est6.build()), client_if, XDP_REDIRECT),
-            ("reply (reverse NAT)", Box::new(move |_| reply.build()), backend_if, XDP_REDIRECT),
+            (
+                "not a VIP (UDP to the LB itself)",
+                Box::new(move |_| Frame::udp(&c4a, 5000, &snat_s, 9999).build()),
+                client_if,
+                XDP_PASS,
+            ),
+            (
+                "established TCP flow (IPv4)",
+                Box::new(move |_| est4.build()),
+                client_if,
+                XDP_REDIRECT,
+            ),
+            (
+                "established UDP flow (IPv4)",
+                Box::new(move |_| udp4.build()),
+                client_if,
+                XDP_REDIRECT,
+            ),
+            (
+                "established TCP flow (IPv6)",
+                Box::new(move |_| est6.build()),
+                client_if,
+                XDP_REDIRECT,
+            ),
+            (
+                "reply (reverse NAT)",
+                Box::new(move |_| reply.build()),
+                backend_if,
+                XDP_REDIRECT,
+            ),
             (
                 "new TCP flow (SYN, new source port)",
                 Box::new(move |i| Frame::tcp(&c4b, 10000 + (i % 50000) as u16, VIP4, 80).build()),
@@ -105,7 +131,11 @@ pub fn measure(packets: u32, rounds: u32) -> Result<Vec<Row>> {
             // of at most 20k, with the flow tables emptied between rounds. It runs last,
             // as emptying the tables ends the flows the other cases use.
             let new_flows = name.starts_with("new");
-            let case_rounds = if new_flows { rounds.max(packets.div_ceil(20_000)) } else { rounds };
+            let case_rounds = if new_flows {
+                rounds.max(packets.div_ceil(20_000))
+            } else {
+                rounds
+            };
             let per_round = (packets / case_rounds).max(1);
             // Warm-up, not measured: the first calls of a case pay for cold caches.
             for i in 0..2_000u32.min(per_round) {
@@ -120,28 +150,60 @@ pub fn measure(packets: u32, rounds: u32) -> Result<Vec<Row>> {
                 if new_flows {
                     clear_flows(&mut f)?;
                 }
-                let (mut xlb, mut base) = (Vec::with_capacity(per_round as usize), Vec::with_capacity(per_round as usize));
-                for k in 0..per_round {
-                    let i = round * per_round + k;
-                    let bytes = frame(i);
-                    let r = f.run_on(&bytes, ifindex)?;
-                    if r.verdict != want {
-                        let drops: Vec<_> = xlb::status::read_global_counters(f.pin_path())?
-                            .into_iter()
-                            .filter(|(k, c)| k.starts_with("drop_") && c.packets > 0)
-                            .collect();
-                        bail!("{name}: call {i}: verdict {} instead of {want}; drops so far: {drops:?}", r.verdict);
-                    }
-                    xlb.push(r.duration.as_nanos() as u64);
-                    base.push(f.run_baseline_on(&bytes, ifindex)?.duration.as_nanos() as u64);
-                }
-                xr.push(median(xlb));
-                br.push(median(base));
+                let (x, b) = time_round(
+                    &mut f,
+                    &*frame,
+                    round * per_round,
+                    per_round,
+                    ifindex,
+                    want,
+                    name,
+                )?;
+                xr.push(x);
+                br.push(b);
             }
-            rows.push(Row { name, xlb_ns: median(xr), pass_ns: median(br) });
+            rows.push(Row {
+                name,
+                xlb_ns: median(xr),
+                pass_ns: median(br),
+            });
         }
         Ok(rows)
     })??;
 
     Ok(rows)
+}
+
+/// One round: `calls` single-packet calls of xlb and of the XDP_PASS baseline,
+/// alternating, every verdict checked. Returns the two medians (ns).
+pub fn time_round(
+    f: &mut Fixture,
+    frame: &dyn Fn(u32) -> Vec<u8>,
+    first: u32,
+    calls: u32,
+    ifindex: u32,
+    want: u32,
+    name: &str,
+) -> Result<(u64, u64)> {
+    let (mut xlb, mut base) = (
+        Vec::with_capacity(calls as usize),
+        Vec::with_capacity(calls as usize),
+    );
+    for i in first..first + calls {
+        let bytes = frame(i);
+        let r = f.run_on(&bytes, ifindex)?;
+        if r.verdict != want {
+            let drops: Vec<_> = xlb::status::read_global_counters(f.pin_path())?
+                .into_iter()
+                .filter(|(k, c)| k.starts_with("drop_") && c.packets > 0)
+                .collect();
+            bail!(
+                "{name}: call {i}: verdict {} instead of {want}; drops so far: {drops:?}",
+                r.verdict
+            );
+        }
+        xlb.push(r.duration.as_nanos() as u64);
+        base.push(f.run_baseline_on(&bytes, ifindex)?.duration.as_nanos() as u64);
+    }
+    Ok((median(xlb), median(base)))
 }
