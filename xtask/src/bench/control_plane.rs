@@ -137,12 +137,12 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
             let full = ms(start.elapsed());
             let kmem = before.saturating_sub(mem_available_kib()?) as f64 / 1024.0;
             let mut inc = Vec::new();
-            let mut next = services * per;
             for u in 0..updates {
+                // A fresh address each time, beyond the ones the config uses.
+                let next = services * per + u;
                 let mut c = cfg.clone();
                 let s = (u * 7919) % services;
                 c.services[s].backends[0].address = backend_addr(next).parse()?;
-                next += 1;
                 let start = Instant::now();
                 f.dp.apply(&c)?;
                 inc.push(start.elapsed().as_micros() as u64);

@@ -3,12 +3,13 @@
 //! Writes `target/bench/report.json`, `report.md` and `report.png`. Nothing here
 //! asserts a time: the command fails only when it could not measure.
 
+mod chart;
 mod control_plane;
 mod forwarding;
 mod per_packet;
 mod scaling;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -47,12 +48,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut md = String::from("# xlb benchmark report\n\n");
     let mut report = json!({ "quick": args.quick });
 
+    let mut panels = Vec::new();
     let wanted = |p: Part| args.only.is_empty() || args.only.contains(&p);
     let (mut est_ratio, mut rate_ratio) = (None, None);
     if wanted(Part::PerPacket) {
         println!("1. per-packet cost, BPF_PROG_TEST_RUN, {packets} single-packet calls per case in {rounds} rounds (ns):");
         let rows = per_packet::measure(packets, rounds)?;
         let (pp_md, pp_json, ratio) = per_packet_report(&rows, packets, rounds)?;
+        panels.push(chart::Panel::Bars(chart::Bars {
+            title: "1. Per-packet cost (BPF_PROG_TEST_RUN, ns, lower is better)".into(),
+            y_label: "ns per packet".into(),
+            labels: rows.iter().map(|r| short_case(r.name).into()).collect(),
+            series: vec![
+                ("xlb".into(), rows.iter().map(|r| r.xlb_ns as f64).collect()),
+                (
+                    "XDP_PASS".into(),
+                    rows.iter().map(|r| r.pass_ns as f64).collect(),
+                ),
+            ],
+        }));
         md.push_str(&pp_md);
         report["per_packet"] = pp_json;
         est_ratio = Some(ratio);
@@ -61,6 +75,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("2. forwarding through generator -> LB -> sink, {seconds} s per measurement:");
         let fwd = forwarding::measure(seconds, 4)?;
         let (fwd_md, fwd_json, ratio) = forwarding_report(&fwd);
+        panels.push(chart::Panel::Bars(chart::Bars {
+            title: "2. Forwarding rate through the LB (Mpps, higher is better)".into(),
+            y_label: "Mpps delivered".into(),
+            labels: fwd.rates.iter().map(|r| short_lb(&r.lb)).collect(),
+            series: vec![("Mpps".into(), fwd.rates.iter().map(|r| r.mpps).collect())],
+        }));
+        panels.push(chart::Panel::Bars(chart::Bars {
+            title: "2. TCP connections per second through the LB".into(),
+            y_label: "connections/s".into(),
+            labels: fwd.conns.iter().map(|r| short_lb(&r.lb)).collect(),
+            series: vec![(
+                "conn/s".into(),
+                fwd.conns.iter().map(|r| r.per_second).collect(),
+            )],
+        }));
         md.push_str(&fwd_md);
         report["forwarding"] = fwd_json;
         rate_ratio = ratio;
@@ -74,6 +103,22 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("3. control plane: {services} services x 100 backends:");
         let cp = control_plane::measure(services, 100, updates, builds)?;
         md.push_str(&control_plane_report(&cp));
+        panels.push(chart::Panel::Bars(chart::Bars {
+            title: format!("3. Control plane, {services} services x 100 backends (ms)"),
+            y_label: "ms".into(),
+            labels: ["full sync", "one change", "no-op apply", "agent start"]
+                .map(String::from)
+                .to_vec(),
+            series: vec![(
+                "ms".into(),
+                vec![
+                    cp.full_sync_ms,
+                    cp.incremental_ms_median,
+                    cp.noop_apply_ms,
+                    cp.agent_start_to_applied_ms,
+                ],
+            )],
+        }));
         report["control_plane"] = serde_json::to_value(&cp)?;
     }
     if wanted(Part::Scaling) {
@@ -90,6 +135,27 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("4. scaling: established TCP flow, {calls} calls per point in {r} rounds:");
         let sc = scaling::measure(vips, flows, calls, r)?;
         md.push_str(&scaling_report(&sc));
+        // The ratio to XDP_PASS measured beside each point: it cancels the machine's
+        // drift between points, which raw nanoseconds on a shared VM do not.
+        let line = |p: &[scaling::Point]| {
+            p.iter()
+                .map(|p| {
+                    (
+                        (p.size as f64).log10(),
+                        p.xlb_ns as f64 / p.xdp_pass_ns.max(1) as f64,
+                    )
+                })
+                .collect()
+        };
+        panels.push(chart::Panel::Lines(chart::Lines {
+            title: "4. Established flow as tables grow (xlb / XDP_PASS, flat is good)".into(),
+            x_label: "entries (log scale)".into(),
+            y_label: "xlb / XDP_PASS".into(),
+            series: vec![
+                ("services".into(), line(&sc.vips)),
+                ("conntrack flows".into(), line(&sc.conntrack)),
+            ],
+        }));
         report["scaling"] = serde_json::to_value(&sc)?;
     }
 
@@ -115,7 +181,11 @@ pub fn run(args: BenchArgs) -> Result<()> {
         serde_json::to_string_pretty(&report)?,
     )?;
     std::fs::write(dir.join("report.md"), md)?;
-    println!("wrote {}/report.json and report.md", dir.display());
+    chart::draw(&dir.join("report.png"), &panels).context("drawing report.png")?;
+    println!(
+        "wrote {}/report.json, report.md and report.png",
+        dir.display()
+    );
     Ok(())
 }
 
@@ -132,7 +202,6 @@ fn per_packet_report(
     packets: u32,
     rounds: u32,
 ) -> Result<(String, serde_json::Value, f64)> {
-    use anyhow::Context;
     let mut md = format!(
         "## 1. Per-packet cost\n\nBPF_PROG_TEST_RUN, single-packet calls, {packets} calls per case in {rounds} rounds, median of the rounds' medians; XDP_PASS measured in the same run.\n\n| case | xlb ns | XDP_PASS ns | net ns | ratio |\n| --- | --- | --- | --- | --- |\n"
     );
@@ -279,4 +348,31 @@ fn scaling_report(r: &scaling::Results) -> String {
         r.vips_kernel_memory_mib,
         table("conntrack flows", &r.conntrack),
     )
+}
+
+fn short_case(name: &str) -> &'static str {
+    match name {
+        n if n.starts_with("not a VIP") => "not a VIP",
+        n if n.starts_with("established TCP flow (IPv4)") => "est. TCP v4",
+        n if n.starts_with("established UDP") => "est. UDP v4",
+        n if n.starts_with("established TCP flow (IPv6)") => "est. TCP v6",
+        n if n.starts_with("reply") => "reply",
+        n if n.starts_with("new") => "new flow",
+        _ => "other",
+    }
+}
+
+fn short_lb(label: &str) -> String {
+    label
+        .split(" (")
+        .next()
+        .map(|s| s.replace(" DNAT+SNAT", ""))
+        .unwrap_or_default()
+        + if label.contains("native") {
+            " native"
+        } else if label.contains("generic") {
+            " generic"
+        } else {
+            ""
+        }
 }
