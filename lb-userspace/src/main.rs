@@ -46,7 +46,8 @@ async fn real_main() -> Result<()> {
         }
         Command::CheckConfig(args) => {
             let cfg = xlb::config::Config::load(&args.file)?;
-            cfg.check_capacity(args.max_services, args.max_backends)?;
+            cfg.check_capacity(args.max_services, args.max_backends)
+                .with_context(|| format!("{}: does not fit the maps", args.file.display()))?;
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
             println!(
                 "{}: ok ({} services, {backends} backends)",

@@ -18,6 +18,10 @@ services:
 
 /// Runs check-config on `text`; returns (success, combined output).
 fn check(text: &str) -> (bool, String) {
+    check_with(text, &[])
+}
+
+fn check_with(text: &str, args: &[&str]) -> (bool, String) {
     let dir = std::env::temp_dir().join(format!("xlb-check-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(format!(
@@ -27,6 +31,7 @@ fn check(text: &str) -> (bool, String) {
     std::fs::write(&path, text).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_xlb"))
         .arg("check-config")
+        .args(args)
         .arg(&path)
         .output()
         .unwrap();
@@ -146,4 +151,8 @@ fn each_class_of_error_gets_a_specific_message() {
         &many,
         &["field services", "300 services, the maps hold 256"],
     );
+    // The same file fits maps sized for it.
+    let (ok, out) = check_with(&many, &["--max-services", "512"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("ok (300 services"), "{out}");
 }

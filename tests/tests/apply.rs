@@ -1,0 +1,148 @@
+//! `Dataplane::apply` against real maps: a sequence of incremental updates must leave
+//! exactly what one apply of the final config into empty maps leaves (the agent keeps
+//! a userspace mirror of the maps and skips unchanged Maglev tables, so this is what
+//! could drift), and the map sizes chosen at load are enforced before anything is
+//! written.
+
+use std::collections::BTreeMap;
+
+use lb_common::{Backend, MAP_BACKENDS};
+use xlb::{config::Config, dataplane::LoadOptions};
+use xlb_tests::{privileged, testrun::Fixture};
+
+fn config(services: &[(usize, Vec<(usize, u32)>)]) -> Config {
+    let mut t = String::from("maglev_table_size: 251\nsnat: {ipv4: 10.30.0.1}\nservices:\n");
+    for (s, backends) in services {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|(b, w)| {
+                format!(
+                    "{{address: \"172.16.{}.{}:8080\", weight: {w}}}",
+                    b / 250,
+                    b % 250 + 1
+                )
+            })
+            .collect();
+        t.push_str(&format!(
+            "  - {{name: s{s}, vip: \"{}\", port: 80, protocol: tcp, backends: [{}]}}\n",
+            std::net::Ipv4Addr::from(0x0ac8_0001u32 + *s as u32),
+            list.join(", ")
+        ));
+    }
+    Config::parse(&t).unwrap()
+}
+
+fn backends_in_map(f: &mut Fixture) -> usize {
+    let m: aya::maps::HashMap<_, u32, Backend> =
+        aya::maps::HashMap::try_from(f.dp.ebpf.map(MAP_BACKENDS).unwrap()).unwrap();
+    m.keys().count()
+}
+
+fn tables(f: &Fixture) -> BTreeMap<String, Vec<String>> {
+    xlb::status::read_tables(f.pin_path()).unwrap()
+}
+
+#[test]
+fn privileged_incremental_applies_end_where_a_fresh_apply_does() {
+    if !privileged() {
+        return;
+    }
+    // 20 services of 5 backends each, then a run of changes of every kind.
+    let mut svcs: Vec<(usize, Vec<(usize, u32)>)> = (0..20)
+        .map(|s| (s, (0..5).map(|b| (s * 5 + b, 1)).collect()))
+        .collect();
+    let mut steps = vec![svcs.clone()];
+    svcs[3].1[0].0 = 900; // one backend replaced
+    steps.push(svcs.clone());
+    svcs.remove(5); // a service removed
+    steps.push(svcs.clone());
+    svcs.push((40, vec![(901, 1), (902, 1)])); // a service added
+    steps.push(svcs.clone());
+    svcs[0].1[1].1 = 3; // a weight changed
+    steps.push(svcs.clone());
+    let saved = svcs[6].1.clone();
+    svcs[6].1.clear(); // all backends gone...
+    steps.push(svcs.clone());
+    svcs[6].1 = saved; // ...and back
+    steps.push(svcs.clone());
+    svcs[7].1.pop(); // a backend removed, then the same address back: a new id
+    steps.push(svcs.clone());
+    svcs[7].1.push((39, 1));
+    steps.push(svcs.clone());
+    steps.push(svcs.clone()); // nothing changes
+
+    let mut live = Fixture::new().unwrap();
+    let mut previous: Option<Vec<(usize, Vec<(usize, u32)>)>> = None;
+    for (i, step) in steps.iter().enumerate() {
+        let cfg = config(step);
+        let summary = live.dp.apply(&cfg).unwrap();
+        let mut fresh = Fixture::new().unwrap();
+        fresh.dp.apply(&cfg).unwrap();
+        assert_eq!(
+            tables(&live),
+            tables(&fresh),
+            "step {i}: tables differ from a fresh apply"
+        );
+        let want: usize = step.iter().map(|(_, b)| b.len()).sum();
+        assert_eq!(
+            backends_in_map(&mut live),
+            want,
+            "step {i}: backend entries"
+        );
+        // Only the tables whose inputs changed are written.
+        if let Some(prev) = &previous {
+            let changed = step
+                .iter()
+                .filter(|s| !s.1.is_empty() && !prev.contains(s))
+                .count();
+            assert_eq!(summary.tables_written, changed, "step {i}: {summary:?}");
+        }
+        previous = Some(step.clone());
+    }
+}
+
+#[test]
+fn privileged_map_sizes_are_chosen_at_load_and_enforced_before_writing() {
+    if !privileged() {
+        return;
+    }
+    let opts = LoadOptions {
+        max_services: 8,
+        max_backends: 20,
+        ..Default::default()
+    };
+    let mut f = Fixture::with_options(&opts).unwrap();
+    assert_eq!((f.dp.max_services, f.dp.max_backends), (8, 20));
+    let fits: Vec<_> = (0..8)
+        .map(|s| (s, vec![(s * 2, 1), (s * 2 + 1, 1)]))
+        .collect();
+    f.dp.apply(&config(&fits)).unwrap();
+    let before = tables(&f);
+
+    let too_many: Vec<_> = (0..9).map(|s| (s, vec![(s, 1)])).collect();
+    let e = format!("{:#}", f.dp.apply(&config(&too_many)).unwrap_err());
+    assert!(
+        e.contains("9 services, the maps hold 8 (--max-services)"),
+        "{e}"
+    );
+    let too_many_backends: Vec<_> = (0..7)
+        .map(|s| (s, vec![(s * 3, 1), (s * 3 + 1, 1), (s * 3 + 2, 1)]))
+        .collect();
+    let e = format!("{:#}", f.dp.apply(&config(&too_many_backends)).unwrap_err());
+    assert!(
+        e.contains("21 backends in all, the maps hold 20 (--max-backends)"),
+        "{e}"
+    );
+    assert_eq!(tables(&f), before, "a rejected config changed the maps");
+
+    // Beyond the default of 256 when asked for.
+    let opts = LoadOptions {
+        max_services: 300,
+        ..Default::default()
+    };
+    let mut big = Fixture::with_options(&opts).unwrap();
+    let many: Vec<_> = (0..300).map(|s| (s, vec![(s, 1)])).collect();
+    let cfg = config(&many);
+    big.dp.apply(&cfg).unwrap();
+    assert_eq!(tables(&big).len(), 300);
+}
