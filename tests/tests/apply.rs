@@ -10,6 +10,9 @@ use lb_common::{Backend, MAP_BACKENDS};
 use xlb::{config::Config, dataplane::LoadOptions};
 use xlb_tests::{privileged, testrun::Fixture};
 
+/// Services by number, each with its backends as (number, weight).
+type Services = Vec<(usize, Vec<(usize, u32)>)>;
+
 fn config(services: &[(usize, Vec<(usize, u32)>)]) -> Config {
     let mut t = String::from("maglev_table_size: 251\nsnat: {ipv4: 10.30.0.1}\nservices:\n");
     for (s, backends) in services {
@@ -48,7 +51,7 @@ fn privileged_incremental_applies_end_where_a_fresh_apply_does() {
         return;
     }
     // 20 services of 5 backends each, then a run of changes of every kind.
-    let mut svcs: Vec<(usize, Vec<(usize, u32)>)> = (0..20)
+    let mut svcs: Services = (0..20)
         .map(|s| (s, (0..5).map(|b| (s * 5 + b, 1)).collect()))
         .collect();
     let mut steps = vec![svcs.clone()];
@@ -72,7 +75,7 @@ fn privileged_incremental_applies_end_where_a_fresh_apply_does() {
     steps.push(svcs.clone()); // nothing changes
 
     let mut live = Fixture::new().unwrap();
-    let mut previous: Option<Vec<(usize, Vec<(usize, u32)>)>> = None;
+    let mut previous: Option<Services> = None;
     for (i, step) in steps.iter().enumerate() {
         let cfg = config(step);
         let summary = live.dp.apply(&cfg).unwrap();
