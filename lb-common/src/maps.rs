@@ -17,9 +17,22 @@ pub const PROGRAM_NAME: &str = "xlb";
 /// Limits. The maps are sized from these at load time.
 pub const MAX_SERVICES: u32 = 256;
 pub const MAX_BACKENDS: u32 = 16384;
-/// Largest Maglev table the datapath can hold per service (a value of the MAGLEV map).
-/// Userspace accepts any prime up to this; 16381 is the default.
+/// Largest Maglev table the datapath can hold per service. Userspace accepts any
+/// prime up to this; 16381 is the default.
 pub const MAGLEV_MAX_TABLE_SIZE: usize = 65537;
+/// Slots per MAGLEV entry. A table is stored as chunks, so a service takes memory in
+/// proportion to its M: 1008 slots (4032 bytes) plus the kernel's per-element header
+/// (56 bytes with the key) and allocator link (8) make exactly 4096 bytes. One value of
+/// 65537 slots took a 512 KiB allocation whatever M was (262,148 bytes rounds up to the
+/// next power-of-two page order).
+pub const MAGLEV_CHUNK_SLOTS: usize = 1008;
+/// Chunks of the largest table.
+pub const MAGLEV_MAX_CHUNKS: u32 = MAGLEV_MAX_TABLE_SIZE.div_ceil(MAGLEV_CHUNK_SLOTS) as u32;
+
+/// Chunks of a table of `table_size` slots.
+pub const fn maglev_chunks(table_size: u32) -> u32 {
+    table_size.div_ceil(MAGLEV_CHUNK_SLOTS as u32)
+}
 pub const CONNTRACK_MAX: u32 = 262_144;
 
 pub const FAMILY_V4: u8 = 4;
@@ -56,16 +69,29 @@ pub struct ServiceValue {
     pub table_size: u32,
     pub mode: u8,
     pub flags: u8,
-    pub _pad: [u8; 2],
+    /// Which of the service's two table generations is live (0 or 1). A new table is
+    /// written under the other one, then this value is replaced in one update: a
+    /// packet reads one ServiceValue and so sees the old table or the new one, whole.
+    pub generation: u8,
+    pub _pad: u8,
 }
 
-/// MAGLEV value: backend id per slot. Only the first `table_size` entries are used.
-/// The whole value is replaced in one map update, which the kernel publishes with RCU:
-/// a packet sees either the old table or the new one, never a mix.
+/// MAGLEV key: one chunk of one generation of a service's table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct MaglevKey {
+    pub service_id: u32,
+    /// Slots `chunk * MAGLEV_CHUNK_SLOTS ..` of the table.
+    pub chunk: u16,
+    pub generation: u8,
+    pub _pad: u8,
+}
+
+/// MAGLEV value: backend id per slot, for one chunk of a table.
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub struct MaglevTable {
-    pub slots: [u32; MAGLEV_MAX_TABLE_SIZE],
+pub struct MaglevChunk {
+    pub slots: [u32; MAGLEV_CHUNK_SLOTS],
 }
 
 /// Backend flag: failing its health check (out of the Maglev table; shown by status).
@@ -154,7 +180,8 @@ mod pod {
     // so every byte pattern is a valid value.
     unsafe impl aya::Pod for ServiceKey {}
     unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for MaglevKey {}
+    unsafe impl aya::Pod for MaglevChunk {}
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConnValue {}

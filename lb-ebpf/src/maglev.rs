@@ -1,7 +1,9 @@
-//! Stage 3b: a new flow picks `maglev[service][flow_hash % M]`.
+//! Stage 3b: a new flow picks `maglev[service][flow_hash % M]`. The table is stored
+//! in chunks (see lb-common's MAGLEV_CHUNK_SLOTS), under the generation the service
+//! entry names.
 
 use lb_common::{
-    flow_hash, Backend, FlowKey, ServiceValue, MAGLEV_MAX_TABLE_SIZE, SVC_F_CLIENT_AFFINITY,
+    flow_hash, Backend, FlowKey, MaglevKey, ServiceValue, MAGLEV_CHUNK_SLOTS, SVC_F_CLIENT_AFFINITY,
 };
 
 use crate::maps::{BACKENDS, MAGLEV};
@@ -11,13 +13,22 @@ pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
     if svc.table_size == 0 {
         return None;
     }
-    let slot = (flow_hash(key, svc.flags & SVC_F_CLIENT_AFFINITY != 0) % svc.table_size) as usize;
-    if slot >= MAGLEV_MAX_TABLE_SIZE {
+    let slot = flow_hash(key, svc.flags & SVC_F_CLIENT_AFFINITY != 0) % svc.table_size;
+    let chunk_key = MaglevKey {
+        service_id: svc.id,
+        chunk: (slot / MAGLEV_CHUNK_SLOTS as u32) as u16,
+        generation: svc.generation,
+        _pad: 0,
+    };
+    // LLVM knows the remainder is in range and would drop the check the verifier needs;
+    // black_box hides what it knows.
+    let index = core::hint::black_box((slot % MAGLEV_CHUNK_SLOTS as u32) as usize);
+    if index >= MAGLEV_CHUNK_SLOTS {
         return None;
     }
-    let table = MAGLEV.get_ptr(svc.id)?;
-    // SAFETY: a valid map value pointer; slot < MAGLEV_MAX_TABLE_SIZE was checked above.
-    let id = unsafe { *(*table).slots.as_ptr().add(slot) };
+    let chunk = MAGLEV.get_ptr(&chunk_key)?;
+    // SAFETY: a valid map value pointer; index < MAGLEV_CHUNK_SLOTS was checked above.
+    let id = unsafe { *(*chunk).slots.as_ptr().add(index) };
     // SAFETY: copied out at once.
     let backend = unsafe { BACKENDS.get(id) }.copied()?;
     Some((id, backend))

@@ -8,8 +8,9 @@ use aya_ebpf::{
 };
 use lb_common::Addr;
 use lb_common::{
-    Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevTable, ReverseNat, ServiceKey,
-    ServiceValue, TrafficStats, CONNTRACK_MAX, MAX_BACKENDS, MAX_SERVICES, STAT_COUNT,
+    Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevChunk, MaglevKey, ReverseNat,
+    ServiceKey, ServiceValue, TrafficStats, CONNTRACK_MAX, MAGLEV_MAX_CHUNKS, MAX_BACKENDS,
+    MAX_SERVICES, STAT_COUNT,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -18,9 +19,12 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SER
 #[map(name = "XLB_BACKENDS")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
 
-/// BPF_F_NO_PREALLOC: a table is 256 KiB, so only services that exist take memory.
+/// Every service's table in 4 KiB chunks, two generations each at most (the live one
+/// and, during an update, the next). BPF_F_NO_PREALLOC: only chunks that exist take
+/// memory. The agent sizes it from --max-services at load.
 #[map(name = "XLB_MAGLEV")]
-pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(MAX_SERVICES, 1);
+pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
+    HashMap::pinned(MAX_SERVICES * 2 * MAGLEV_MAX_CHUNKS, 1);
 
 #[map(name = "XLB_CONNTRACK")]
 pub static CONNTRACK: LruHashMap<FlowKey, ConnValue> = LruHashMap::pinned(CONNTRACK_MAX, 0);

@@ -62,6 +62,10 @@ pub struct Dataplane {
     /// update does not read 100k entries back through syscalls. None until the first
     /// apply reads the maps (they may be adopted), and after a failed apply.
     mirror: Option<Mirror>,
+    /// Table generations replaced by the last apply: (service id, generation, chunks).
+    /// Deleted at the next apply or housekeeping pass, by when no packet that read the
+    /// old service entry can still be looking them up.
+    retired: Vec<(u32, u8, u32)>,
     /// The sizes of the service and backend maps as created (pinned maps keep theirs).
     pub max_services: u32,
     pub max_backends: u32,
@@ -78,7 +82,7 @@ impl Dataplane {
             .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_max)
             .map_max_entries(lb_common::MAP_REVERSE_NAT, opts.conntrack_max)
             .map_max_entries(MAP_SERVICES, opts.max_services)
-            .map_max_entries(MAP_MAGLEV, opts.max_services)
+            .map_max_entries(MAP_MAGLEV, opts.max_services * 2 * MAGLEV_MAX_CHUNKS)
             .map_max_entries(lb_common::MAP_SERVICE_STATS, opts.max_services)
             .map_max_entries(MAP_BACKENDS, opts.max_backends)
             .map_max_entries(lb_common::MAP_BACKEND_STATS, opts.max_backends)
@@ -96,6 +100,7 @@ impl Dataplane {
             links: Vec::new(),
             written_tables: BTreeMap::new(),
             mirror: None,
+            retired: Vec::new(),
             max_services: 0,
             max_backends: 0,
         };
@@ -335,9 +340,10 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use lb_common::{
-    Addr, Backend, DatapathConfig, MaglevTable, ServiceKey, ServiceValue, BACKEND_F_UNHEALTHY,
-    FAMILY_V4, FAMILY_V6, MAP_BACKENDS, MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS,
-    MAX_SERVICES, MODE_NAT, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_AFFINITY,
+    maglev_chunks, Addr, Backend, DatapathConfig, MaglevChunk, MaglevKey, ServiceKey, ServiceValue,
+    BACKEND_F_UNHEALTHY, FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK_SLOTS, MAGLEV_MAX_CHUNKS, MAP_BACKENDS,
+    MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, MODE_NAT, PROTO_TCP,
+    PROTO_UDP, SVC_F_CLIENT_AFFINITY,
 };
 
 use crate::{
@@ -407,6 +413,48 @@ impl Dataplane {
         Ok(BpfHashMap::try_from(map)?)
     }
 
+    /// Deletes the table generations that the last apply replaced.
+    pub fn collect_retired(&mut self) -> Result<()> {
+        for (id, generation, chunks) in std::mem::take(&mut self.retired) {
+            self.delete_table(id, generation, chunks)?;
+        }
+        Ok(())
+    }
+
+    fn write_table(&mut self, id: u32, generation: u8, slots: &[u32]) -> Result<()> {
+        let mut map = self.hash_map::<MaglevKey, MaglevChunk>(MAP_MAGLEV)?;
+        for (chunk, part) in slots.chunks(MAGLEV_CHUNK_SLOTS).enumerate() {
+            let mut value = MaglevChunk {
+                slots: [0; MAGLEV_CHUNK_SLOTS],
+            };
+            value.slots[..part.len()].copy_from_slice(part);
+            let key = MaglevKey {
+                service_id: id,
+                chunk: chunk as u16,
+                generation,
+                _pad: 0,
+            };
+            map.insert(key, value, 0)
+                .with_context(|| format!("writing Maglev chunk {chunk} of service {id}"))?;
+        }
+        Ok(())
+    }
+
+    /// Removes a table generation's chunks; ones that are not there are fine.
+    fn delete_table(&mut self, id: u32, generation: u8, chunks: u32) -> Result<()> {
+        let mut map = self.hash_map::<MaglevKey, MaglevChunk>(MAP_MAGLEV)?;
+        for chunk in 0..chunks {
+            let key = MaglevKey {
+                service_id: id,
+                chunk: chunk as u16,
+                generation,
+                _pad: 0,
+            };
+            let _ = map.remove(&key);
+        }
+        Ok(())
+    }
+
     /// Programs the maps to match `cfg`, changing only what differs. Ids of services
     /// and backends that already exist (also ones adopted from pinned maps left by an
     /// earlier agent) are kept, so conntrack entries stay valid. Each new Maglev table
@@ -415,6 +463,7 @@ impl Dataplane {
     pub fn apply(&mut self, cfg: &Config) -> Result<ApplySummary> {
         // Before anything is written: a config the maps cannot hold changes nothing.
         cfg.check_capacity(self.max_services, self.max_backends)?;
+        self.collect_retired()?;
         let mut summary = ApplySummary::default();
         let dp_cfg = DatapathConfig {
             snat_v4: cfg
@@ -541,29 +590,36 @@ impl Dataplane {
             } else {
                 maglev::build(&input.backends, input.table_size)
             };
-            let table_size = match built {
-                Ok(_) if unchanged => input.table_size,
+            let live = old.map_or(0, |v| v.generation);
+            let (table_size, generation) = match built {
+                Ok(_) if unchanged => (input.table_size, live),
                 Ok(table) => {
                     let ids = &input.ids;
                     let slots: Vec<u32> = table.iter().map(|idx| ids[*idx as usize]).collect();
-                    if self.written_tables.get(&id).map(|w| &w.slots) != Some(&slots) {
-                        // 256 KiB: built on the heap, never on a thread's stack.
-                        // SAFETY: MaglevTable is plain u32s, for which all-zero is valid.
-                        let mut t: Box<MaglevTable> = unsafe { Box::new_zeroed().assume_init() };
-                        t.slots[..slots.len()].copy_from_slice(&slots);
-                        // By reference: passing the value would copy 256 KiB onto the stack.
-                        let table: &MaglevTable = &t;
-                        self.hash_map::<u32, MaglevTable>(MAP_MAGLEV)?
-                            .insert(id, table, 0)?;
+                    let previous = self.written_tables.get(&id);
+                    let generation = if previous.is_some_and(|w| w.slots == slots) {
+                        live
+                    } else {
+                        // The other generation, written whole before the service entry
+                        // names it; the live one is deleted once no packet can be
+                        // reading it (`collect_retired`).
+                        let next = if old.is_some() { live ^ 1 } else { 0 };
+                        let old_chunks = previous
+                            .map_or(MAGLEV_MAX_CHUNKS, |w| maglev_chunks(w.slots.len() as u32));
+                        self.write_table(id, next, &slots)?;
+                        if old.is_some() {
+                            self.retired.push((id, live, old_chunks));
+                        }
                         summary.tables_written += 1;
-                    }
+                        next
+                    };
                     self.written_tables
                         .insert(id, WrittenTable { input, slots });
-                    cfg.maglev_table_size
+                    (cfg.maglev_table_size, generation)
                 }
                 // No backends, or all draining: established flows keep going through
                 // conntrack, new ones are dropped and counted.
-                Err(maglev::MaglevError::NoBackends | maglev::MaglevError::AllDrained) => 0,
+                Err(maglev::MaglevError::NoBackends | maglev::MaglevError::AllDrained) => (0, live),
                 Err(e) => return Err(e).with_context(|| format!("service {}", svc.name)),
             };
             let value = ServiceValue {
@@ -574,7 +630,8 @@ impl Dataplane {
                     SessionAffinity::None => 0,
                     SessionAffinity::ClientIp => SVC_F_CLIENT_AFFINITY,
                 },
-                _pad: [0; 2],
+                generation,
+                _pad: 0,
             };
             if old != Some(value) {
                 self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
@@ -587,9 +644,9 @@ impl Dataplane {
             if !wanted_keys.contains(key) {
                 self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
                     .remove(key)?;
-                let _ = self
-                    .hash_map::<u32, MaglevTable>(MAP_MAGLEV)?
-                    .remove(&value.id);
+                for generation in [0, 1] {
+                    self.delete_table(value.id, generation, MAGLEV_MAX_CHUNKS)?;
+                }
                 self.written_tables.remove(&value.id);
                 after.services.remove(key);
                 summary.services_removed += 1;

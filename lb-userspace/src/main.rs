@@ -177,9 +177,13 @@ impl Agent {
         }
     }
 
-    /// Once a second: sweep conntrack when due, and say in the log when the datapath
+    /// Once a second: delete replaced Maglev tables, sweep conntrack when due, and say in the log when the datapath
     /// hit a full table since the last look.
     fn housekeeping(&mut self) {
+        // Replaced Maglev table generations, a second or more after the swap.
+        if let Err(e) = self.dp.collect_retired() {
+            warn!("deleting replaced Maglev tables failed: {e:#}");
+        }
         self.since_sweep += 1;
         let timeouts = self.base.timeouts;
         if self.since_sweep >= timeouts.gc_interval.max(1) {

@@ -5,9 +5,9 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    Backend, Counter, MaglevTable, ServiceKey, ServiceValue, StatIndex, TrafficStats,
-    BACKEND_F_UNHEALTHY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS, MAP_MAGLEV,
-    MAP_SERVICES, MAP_SERVICE_STATS, PROTO_TCP,
+    maglev_chunks, Backend, Counter, MaglevChunk, MaglevKey, ServiceKey, ServiceValue, StatIndex,
+    TrafficStats, BACKEND_F_UNHEALTHY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS,
+    MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_STATS, PROTO_TCP,
 };
 
 use crate::dataplane::{backend_addr, words_to_addr};
@@ -144,7 +144,9 @@ pub fn read_tables(pin_path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
     )?))?;
     let backends =
         HashMap::<_, u32, Backend>::try_from(Map::HashMap(open_pinned(pin_path, MAP_BACKENDS)?))?;
-    let tables = open_pinned(pin_path, MAP_MAGLEV)?;
+    let tables = HashMap::<_, MaglevKey, MaglevChunk>::try_from(Map::HashMap(open_pinned(
+        pin_path, MAP_MAGLEV,
+    )?))?;
     let names: BTreeMap<u32, String> = backends
         .iter()
         .map(|e| e.map(|(id, b)| (id, backend_addr(&b).to_string())))
@@ -160,8 +162,7 @@ pub fn read_tables(pin_path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
         let slots = if v.table_size == 0 {
             Vec::new()
         } else {
-            let t = lookup_table(&tables, v.id)?;
-            t[..v.table_size as usize]
+            lookup_table(&tables, &v)?
                 .iter()
                 .map(|id| names.get(id).cloned().unwrap_or_else(|| format!("#{id}")))
                 .collect()
@@ -171,42 +172,25 @@ pub fn read_tables(pin_path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
     Ok(out)
 }
 
-/// One Maglev table, read into the heap. aya's typed `get` returns the value by value,
-/// which puts 256 KiB (and copies of it) on the caller's stack.
-fn lookup_table(map: &MapData, id: u32) -> Result<Vec<u32>> {
-    use std::os::fd::{AsFd, AsRawFd};
-    let mut slots = vec![0u32; std::mem::size_of::<MaglevTable>() / 4];
-    // The BPF_MAP_LOOKUP_ELEM part of `union bpf_attr`.
-    #[repr(C)]
-    struct LookupAttr {
-        map_fd: u32,
-        _pad: u32,
-        key: u64,
-        value: u64,
-        flags: u64,
+/// One Maglev table (the service's live generation), read chunk by chunk.
+fn lookup_table(
+    chunks: &HashMap<MapData, MaglevKey, MaglevChunk>,
+    v: &ServiceValue,
+) -> Result<Vec<u32>> {
+    let mut slots = Vec::with_capacity(v.table_size as usize);
+    for chunk in 0..maglev_chunks(v.table_size) {
+        let key = MaglevKey {
+            service_id: v.id,
+            chunk: chunk as u16,
+            generation: v.generation,
+            _pad: 0,
+        };
+        let part = chunks
+            .get(&key, 0)
+            .with_context(|| format!("reading Maglev chunk {chunk} of service {}", v.id))?;
+        slots.extend_from_slice(&part.slots);
     }
-    let attr = LookupAttr {
-        map_fd: map.fd().as_fd().as_raw_fd() as u32,
-        _pad: 0,
-        key: &id as *const u32 as u64,
-        value: slots.as_mut_ptr() as u64,
-        flags: 0,
-    };
-    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-    // SAFETY: the key and value pointers are valid for the map's key (u32) and value
-    // (MaglevTable, the size of `slots`) sizes for the duration of the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_LOOKUP_ELEM,
-            &attr as *const LookupAttr,
-            std::mem::size_of::<LookupAttr>(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("reading the Maglev table of service {id}"));
-    }
+    slots.truncate(v.table_size as usize);
     Ok(slots)
 }
 
