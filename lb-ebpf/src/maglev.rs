@@ -26,7 +26,7 @@ pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
     if index >= MAGLEV_CHUNK_SLOTS {
         return None;
     }
-    let chunk = MAGLEV.get_ptr(&chunk_key)?;
+    let chunk = MAGLEV.get_ptr(chunk_key)?;
     // SAFETY: a valid map value pointer; index < MAGLEV_CHUNK_SLOTS was checked above.
     let id = unsafe { *(*chunk).slots.as_ptr().add(index) };
     // SAFETY: copied out at once.
