@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use lb_common::{Backend, MAP_BACKENDS};
+use lb_common::{maglev_chunks, Backend, MaglevChunk, MaglevKey, MAP_BACKENDS, MAP_MAGLEV};
 use xlb::{config::Config, dataplane::LoadOptions};
 use xlb_tests::{privileged, testrun::Fixture};
 
@@ -14,7 +14,7 @@ use xlb_tests::{privileged, testrun::Fixture};
 type Services = Vec<(usize, Vec<(usize, u32)>)>;
 
 fn config(services: &[(usize, Vec<(usize, u32)>)]) -> Config {
-    let mut t = String::from("maglev_table_size: 251\nsnat: {ipv4: 10.30.0.1}\nservices:\n");
+    let mut t = String::from("maglev_table_size: 2039\nsnat: {ipv4: 10.30.0.1}\nservices:\n");
     for (s, backends) in services {
         let list: Vec<String> = backends
             .iter()
@@ -38,6 +38,13 @@ fn config(services: &[(usize, Vec<(usize, u32)>)]) -> Config {
 fn backends_in_map(f: &mut Fixture) -> usize {
     let m: aya::maps::HashMap<_, u32, Backend> =
         aya::maps::HashMap::try_from(f.dp.ebpf.map(MAP_BACKENDS).unwrap()).unwrap();
+    m.keys().count()
+}
+
+/// Chunks of Maglev tables in the map, all generations.
+fn maglev_chunks_in_map(f: &mut Fixture) -> usize {
+    let m: aya::maps::HashMap<_, MaglevKey, MaglevChunk> =
+        aya::maps::HashMap::try_from(f.dp.ebpf.map(MAP_MAGLEV).unwrap()).unwrap();
     m.keys().count()
 }
 
@@ -101,6 +108,14 @@ fn privileged_incremental_applies_end_where_a_fresh_apply_does() {
             assert_eq!(summary.tables_written, changed, "step {i}: {summary:?}");
         }
         previous = Some(step.clone());
+        // Once the replaced generations are collected, each service has one table
+        // (kept while it has no backends, for when they come back).
+        live.dp.collect_retired().unwrap();
+        assert_eq!(
+            maglev_chunks_in_map(&mut live),
+            step.len() * maglev_chunks(2039) as usize,
+            "step {i}: Maglev chunks left behind"
+        );
     }
 }
 
