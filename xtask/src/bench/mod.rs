@@ -31,6 +31,19 @@ pub struct BenchArgs {
     only: Vec<Part>,
 }
 
+impl BenchArgs {
+    pub fn is_quick(&self) -> bool {
+        self.quick
+    }
+}
+
+/// The profile this bench (and the agent it starts) was built with.
+pub const PROFILE: &str = if cfg!(debug_assertions) {
+    "debug"
+} else {
+    "release"
+};
+
 #[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq)]
 enum Part {
     PerPacket,
@@ -45,8 +58,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         (args.packets, args.rounds.max(1), args.seconds.max(0.2))
     };
-    let mut md = String::from("# xlb benchmark report\n\n");
-    let mut report = json!({ "quick": args.quick });
+    let mut md = format!(
+        "# xlb benchmark report\n\n{} run, {PROFILE} build of the agent's code.\n\n",
+        if args.quick {
+            "A --quick smoke"
+        } else {
+            "A full"
+        }
+    );
+    let mut report = json!({ "quick": args.quick, "profile": PROFILE });
 
     let mut panels = Vec::new();
     let wanted = |p: Part| args.only.is_empty() || args.only.contains(&p);
@@ -242,18 +262,19 @@ fn forwarding_report(r: &forwarding::Results) -> (String, serde_json::Value, Opt
     let ratio = |a: f64, b: Option<f64>| b.filter(|b| *b > 0.0).map(|b| a / b);
     let fmt = |x: Option<f64>| x.map_or("n/a".into(), |x| format!("{x:.2}"));
     let mut md = format!(
-        "## 2. Forwarding rate and connections per second\n\nGenerator → LB → sink, three namespaces on veth. The generator sends live frames (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, XDP_TX out of the client's veth) as fast as it can, UDP to the VIP over {} flows, for {:.1} s per LB; the sink is an XDP program on the backend's veth that counts frames arriving translated (to the backend, from the SNAT address). The LB's receive NAPI runs threaded on its own CPU; its CPU time per delivered packet is the LB's cost. Same NAT for all: DNAT to the backend and SNAT to the LB's address. Ratios are to nftables.\n\n| LB | Mpps delivered | drop rate | LB CPU ns/packet | wrong | rate ÷ nftables | CPU ÷ nftables |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "## 2. Forwarding rate and connections per second\n\nGenerator → LB → sink, three namespaces on veth. The generator sends live frames (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, XDP_TX out of the client's veth) as fast as it can, UDP to the VIP over {} flows, for {:.1} s per LB; the sink is an XDP program on the backend's veth that counts frames arriving translated (to the backend, from the SNAT address). The LB's receive NAPI runs threaded on its own CPU; its CPU time per delivered packet is the LB's cost. Same NAT for all: DNAT to the backend and SNAT to the LB's address. Ratios are to nftables.\n\n| LB | Mpps delivered | drop rate | LB CPU ns/packet | wrong | rate ÷ nftables | drop rate ÷ nftables | CPU ÷ nftables |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
         r.flows, r.seconds
     );
     for x in &r.rates {
         md.push_str(&format!(
-            "| {} | {:.3} | {:.1}% | {:.0} | {} | {} | {} |\n",
+            "| {} | {:.3} | {:.1}% | {:.0} | {} | {} | {} | {} |\n",
             x.lb,
             x.mpps,
             x.drop_rate * 100.0,
             x.lb_cpu_ns_per_packet,
             x.wrong,
             fmt(ratio(x.mpps, nft.map(|n| n.mpps))),
+            fmt(ratio(x.drop_rate, nft.map(|n| n.drop_rate))),
             fmt(ratio(
                 x.lb_cpu_ns_per_packet,
                 nft.map(|n| n.lb_cpu_ns_per_packet)
