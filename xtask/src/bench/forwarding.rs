@@ -84,6 +84,8 @@ pub struct ConnRow {
     pub errors: u64,
     pub seconds: f64,
     pub per_second: f64,
+    /// xlb only: new flows dropped for want of a free SNAT port (drop_port_alloc).
+    pub snat_port_exhausted: Option<u64>,
 }
 
 pub struct Results {
@@ -257,7 +259,13 @@ fn haproxy_config(lab: &LbLab) -> String {
 pub fn measure(seconds: f64, clients: usize) -> Result<Results> {
     let lab = LbLab::two_arm(1)?;
     lab.write_config(&[0])?;
-    let cfg = Config::load(&lab.config_path)?;
+    let mut cfg = Config::load(&lab.config_path)?;
+    // Every new TCP connection takes a SNAT port until its flow has closed and expired
+    // (tcp_closing, 10 s): the default 12,768 ports per backend would run out within
+    // the connections-per-second measurement. nftables' SNAT keeps the client's port
+    // when it can; give xlb the whole range (nothing else in the LB namespace uses it).
+    cfg.snat.port_min = 1024;
+    cfg.snat.port_max = 65535;
     let lb_in = lab.lb_ifaces[0].clone();
     let lb_out = lab.lb_ifaces[1].clone();
     // The peers' names, from the namespaces.
@@ -428,7 +436,11 @@ pub fn measure(seconds: f64, clients: usize) -> Result<Results> {
                 );
                 rates.push(row);
             }
-            let row = connections(lab, seconds, clients, &label)?;
+            let drops_before = port_alloc_drops(&f)?;
+            let mut row = connections(lab, seconds, clients, &label)?;
+            if matches!(lb, Lb::XlbNative | Lb::XlbGeneric) {
+                row.snat_port_exhausted = Some(port_alloc_drops(&f)? - drops_before);
+            }
             println!(
                 "  {:<44} {:>7.0} TCP connections/s ({} errors)",
                 row.lb, row.per_second, row.errors
@@ -611,7 +623,14 @@ fn connections(lab: &LbLab, seconds: f64, clients: usize, label: &str) -> Result
         errors,
         seconds,
         per_second: ok as f64 / seconds,
+        snat_port_exhausted: None,
     })
+}
+
+fn port_alloc_drops(f: &Fixture) -> Result<u64> {
+    Ok(xlb::status::read_global_counters(f.pin_path())?
+        .get("drop_port_alloc")
+        .map_or(0, |c| c.packets))
 }
 
 fn one_connection(vip: SocketAddr) -> std::io::Result<()> {

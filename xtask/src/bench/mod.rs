@@ -282,15 +282,16 @@ fn forwarding_report(r: &forwarding::Results) -> (String, serde_json::Value, Opt
         ));
     }
     md.push_str(&format!(
-        "\nTCP connections per second through the same LB ({} client threads, each connect → send a byte → read the answer → close, for {:.1} s; two backend threads):\n\n| LB | connections/s | errors | ÷ nftables |\n| --- | --- | --- | --- |\n",
+        "\nTCP connections per second through the same LB ({} client threads, each connect → send a byte → read the answer → close, for {:.1} s; two backend threads; xlb with SNAT ports 1024–65535, as a closed flow holds its port for `tcp_closing`, 10 s):\n\n| LB | connections/s | errors | SYNs dropped, no free SNAT port | ÷ nftables |\n| --- | --- | --- | --- | --- |\n",
         r.clients, r.seconds
     ));
     for x in &r.conns {
         md.push_str(&format!(
-            "| {} | {:.0} | {} | {} |\n",
+            "| {} | {:.0} | {} | {} | {} |\n",
             x.lb,
             x.per_second,
             x.errors,
+            x.snat_port_exhausted.map_or("–".into(), |n| n.to_string()),
             fmt(ratio(x.per_second, nft_conn.map(|n| n.per_second)))
         ));
     }
