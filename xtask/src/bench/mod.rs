@@ -309,61 +309,88 @@ fn forwarding_report(r: &forwarding::Results) -> (String, serde_json::Value, Opt
 
 fn control_plane_report(r: &control_plane::Results) -> String {
     let mut md = String::from(
-        "## 3. Control plane
-
-Maglev table build (`xlb::maglev::build`, median):
-
-| M | backends | ms |
-| --- | --- | --- |
-",
+        "## 3. Control plane\n\nMaglev table build (`xlb::maglev::build`, median):\n\n| M | backends | ms |\n| --- | --- | --- |\n",
     );
     for m in &r.maglev {
         md.push_str(&format!(
-            "| {} | {} | {:.2} |
-",
+            "| {} | {} | {:.2} |\n",
             m.table_size, m.backends, m.ms
         ));
     }
+    let rows = [
+        (
+            "read and validate the YAML file".to_string(),
+            format!("{:.0} ms", r.config_load_ms),
+        ),
+        (
+            "full sync into empty maps (`Dataplane::apply`)".into(),
+            format!(
+                "{:.0} ms, {} Maglev tables written",
+                r.full_sync_ms, r.tables_written
+            ),
+        ),
+        (
+            "kernel memory taken by the maps (MemAvailable drop, approximate)".into(),
+            format!("{:.0} MiB", r.kernel_memory_mib),
+        ),
+        (
+            format!(
+                "incremental update: one backend of one service replaced ({} updates)",
+                r.incremental_updates
+            ),
+            format!(
+                "median {:.1} ms, max {:.1} ms",
+                r.incremental_ms_median, r.incremental_ms_max
+            ),
+        ),
+        (
+            "the same config applied again (nothing changes)".into(),
+            format!("{:.1} ms", r.noop_apply_ms),
+        ),
+        (
+            "real agent (`xlb run`): start to \"config applied\"".into(),
+            format!("{:.0} ms", r.agent_start_to_applied_ms),
+        ),
+        (
+            "real agent RSS after the sync (peak)".into(),
+            format!(
+                "{:.1} MiB ({:.1} MiB)",
+                r.agent_rss_mib, r.agent_peak_rss_mib
+            ),
+        ),
+    ];
     md.push_str(&format!(
-        "
-{} services × {} backends (M = {}), through the agent's own code in this release build:
-
-         | step | result |
-| --- | --- |
-         | read and validate the YAML file | {:.0} ms |
-         | full sync into empty maps (`Dataplane::apply`) | {:.0} ms, {} Maglev tables written |
-         | kernel memory taken by the maps (MemAvailable drop, approximate) | {:.0} MiB |
-         | incremental update: one backend of one service replaced ({} updates) | median {:.1} ms, max {:.1} ms |
-         | the same config applied again (nothing changes) | {:.1} ms |
-         | real agent (`xlb run`): start to \"config applied\" | {:.0} ms |
-         | real agent RSS after the sync (peak) | {:.1} MiB ({:.1} MiB) |
-
-",
-        r.services, r.backends_per_service, r.table_size, r.config_load_ms, r.full_sync_ms, r.tables_written,
-        r.kernel_memory_mib, r.incremental_updates, r.incremental_ms_median, r.incremental_ms_max,
-        r.noop_apply_ms, r.agent_start_to_applied_ms, r.agent_rss_mib, r.agent_peak_rss_mib
+        "\n{} services × {} backends (M = {}), through the agent's own code ({PROFILE} build):\n\n| step | result |\n| --- | --- |\n",
+        r.services, r.backends_per_service, r.table_size
     ));
+    for (step, result) in rows {
+        md.push_str(&format!("| {step} | {result} |\n"));
+    }
+    md.push('\n');
     md
 }
 
 fn scaling_report(r: &scaling::Results) -> String {
     let table = |title: &str, pts: &[scaling::Point]| {
         let first = pts.first().map_or(1, |p| p.xlb_ns.max(1));
-        let mut t = format!("| {title} | xlb ns | XDP_PASS ns | net ns | xlb ÷ smallest |\n| --- | --- | --- | --- | --- |\n");
+        let mut t = format!(
+            "| {title} | xlb ns | XDP_PASS ns | net ns | xlb ÷ XDP_PASS | xlb ÷ smallest |\n| --- | --- | --- | --- | --- | --- |\n"
+        );
         for p in pts {
             t.push_str(&format!(
-                "| {} | {} | {} | {} | {:.2} |\n",
+                "| {} | {} | {} | {} | {:.2} | {:.2} |\n",
                 p.size,
                 p.xlb_ns,
                 p.xdp_pass_ns,
                 p.net_ns,
+                p.xlb_ns as f64 / p.xdp_pass_ns.max(1) as f64,
                 p.xlb_ns as f64 / first as f64
             ));
         }
         t
     };
     format!(
-        "## 4. Scaling\n\nThe established TCP flow of part 1, {} calls per point in {} rounds (median of round medians), as the tables grow.\n\n{}\nWith the largest service count the service and Maglev maps took about {:.0} MiB of kernel memory (MemAvailable drop; each Maglev table is a 65,537-slot value).\n\n{}\nThe filler flows are other clients' flows to the same service, written into the conntrack map (an LRU sized at twice the largest count); the measured flow is checked to be still there after each point.\n\n",
+        "## 4. Scaling\n\nThe established TCP flow of part 1, {} calls per point in {} rounds (median of round medians), as the tables grow. The ratio to XDP_PASS, measured beside each point, cancels the machine's drift between points.\n\n{}\nWith the largest service count, the service and Maglev maps took about {:.0} MiB of kernel memory (MemAvailable drop; a table of the default M=16381 is 17 chunks of 4 KiB).\n\n{}\nThe filler flows are other clients' flows to the same service, written into the conntrack map (an LRU sized at twice the largest count); the measured flow is checked to be still there after each point.\n\n",
         r.calls_per_point,
         r.rounds,
         table("services", &r.vips),
