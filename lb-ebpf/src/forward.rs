@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{Addr, StatIndex, FAMILY_V4};
@@ -47,7 +47,7 @@ pub fn forward(
         _pad: [0; 3],
     };
     // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let hop = match NEXTHOP.get_ptr(key) {
         // SAFETY: a valid map value pointer for this run; copied out at once.
         Some(h) if unsafe { (*h).expires_ns > now && tot_len <= (*h).max_len } => unsafe { *h },

@@ -19,7 +19,7 @@ mod stats;
 mod trace;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_ns, macros::xdp, programs::XdpContext,
+    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
     Addr, ConnValue, DatapathConfig, FlowKey, ReverseNat, ServiceValue, StatIndex, FAMILY_V4,
@@ -100,7 +100,7 @@ fn forward_path(
     }
     let key = &pkt.key;
     // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let (ct, backend, new_flow) = match conntrack::lookup(key, pkt.tcp_flags, now, cfg) {
         Some((ct, backend)) => (ct, backend, false),
         None => {
@@ -182,7 +182,7 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
     // SAFETY: a valid map value pointer for the duration of this run.
     let rev = unsafe { &mut *rev };
     // SAFETY: a plain helper call.
-    rev.last_seen_ns = unsafe { bpf_ktime_get_ns() };
+    rev.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
     let to = Rewrite {
         src: rev.vip,
         dst: rev.client,
@@ -247,7 +247,7 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
     }
     if let Some(cfg) = maps::CONFIG.get(0) {
         // SAFETY: a plain helper call.
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         if let Some((ct, backend)) = conntrack::lookup(&scratch.reply_key, 0, now, cfg) {
             // To the backend, about its own backend → SNAT packet.
             let inner = Rewrite {

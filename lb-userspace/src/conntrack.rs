@@ -31,14 +31,14 @@ pub struct Sweep {
     pub remaining: usize,
 }
 
-/// The datapath's clock (bpf_ktime_get_ns is CLOCK_MONOTONIC).
+/// The datapath's clock (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC_COARSE).
 fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime writes the timespec it is given.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * NS_PER_S + ts.tv_nsec as u64
 }
 
