@@ -1,7 +1,7 @@
 //! Part 3: the control plane. Maglev table builds, a full sync of many services into
 //! the maps, the latency of one incremental change on top of it, and the memory of a
 //! real agent holding that config. In-process timings use the agent's own code
-//! (`Config::load`, `Dataplane::apply`) in this release build.
+//! (`Config::load`, `Dataplane::apply`) in the bench's build (release for a full run).
 
 use std::time::{Duration, Instant};
 
@@ -208,20 +208,24 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
     result
 }
 
-/// The release agent binary, built if needed.
+/// The agent binary of this bench's own profile, built if needed.
 fn build_agent() -> Result<std::path::PathBuf> {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "--release",
-            "--package",
-            "lb-userspace",
-            "--bin",
-            "xlb",
-        ])
-        .current_dir(crate::workspace_root())
-        .status()?;
-    anyhow::ensure!(status.success(), "building the release agent failed");
-    Ok(crate::workspace_root().join("target/release/xlb"))
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "--quiet",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "xlb",
+    ]);
+    if super::PROFILE == "release" {
+        cmd.arg("--release");
+    }
+    let status = cmd.current_dir(crate::workspace_root()).status()?;
+    anyhow::ensure!(status.success(), "building the agent failed");
+    Ok(crate::workspace_root()
+        .join("target")
+        .join(super::PROFILE)
+        .join("xlb"))
 }
