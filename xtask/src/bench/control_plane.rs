@@ -77,7 +77,7 @@ fn config_text(services: usize, per: usize, table_size: u32) -> String {
     t
 }
 
-fn mem_available_kib() -> Result<u64> {
+pub fn mem_available_kib() -> Result<u64> {
     let s = std::fs::read_to_string("/proc/meminfo")?;
     s.lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))

@@ -197,53 +197,49 @@ fn nft_rules(lab: &LbLab) -> String {
 fn iptables_rules(lab: &LbLab) -> Vec<Vec<String>> {
     let b = lab.backend(0, false).ip();
     let to = format!("{b}:{BACKEND_PORT}");
-    let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-    vec![
-        s(&[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            VIP4,
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &to,
-        ]),
-        s(&[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            VIP4,
-            "-p",
-            "tcp",
-            "--dport",
-            "80",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &to,
-        ]),
-        s(&[
-            "-t",
-            "nat",
-            "-A",
-            "POSTROUTING",
-            "-d",
-            &b.to_string(),
-            "-j",
-            "SNAT",
-            "--to-source",
-            &lab.snat4.to_string(),
-        ]),
+    let mut rules: Vec<Vec<String>> = [("udp", "53"), ("tcp", "80")]
+        .iter()
+        .map(|(proto, port)| {
+            let dnat = [
+                "-t",
+                "nat",
+                "-A",
+                "PREROUTING",
+                "-d",
+                VIP4,
+                "-p",
+                proto,
+                "--dport",
+                port,
+            ];
+            dnat.iter()
+                .map(|x| x.to_string())
+                .chain([
+                    "-j".into(),
+                    "DNAT".into(),
+                    "--to-destination".into(),
+                    to.clone(),
+                ])
+                .collect()
+        })
+        .collect();
+    let snat = [
+        "-t",
+        "nat",
+        "-A",
+        "POSTROUTING",
+        "-d",
+        &b.to_string(),
+        "-j",
+        "SNAT",
+        "--to-source",
+        &lab.snat4.to_string(),
     ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    rules.push(snat);
+    rules
 }
 
 fn haproxy_config(lab: &LbLab) -> String {

@@ -14,7 +14,10 @@ use xlb_tests::{
     topology::{LbLab, VIP4},
 };
 
-use super::per_packet::{median, time_round};
+use super::{
+    control_plane::mem_available_kib,
+    per_packet::{median, time_round},
+};
 
 #[derive(Serialize, Clone)]
 pub struct Point {
@@ -75,14 +78,6 @@ fn timed(
         xdp_pass_ns: b,
         net_ns: x.saturating_sub(b),
     })
-}
-
-fn mem_available_kib() -> Result<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo")?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("MemAvailable")
 }
 
 pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Result<Results> {
