@@ -1,4 +1,4 @@
-//! Developer and CI commands: `cargo xtask build-ebpf | demo`.
+//! Developer and CI commands: `cargo xtask build-ebpf | demo | bench`.
 
 mod bench;
 mod demo;
