@@ -128,6 +128,24 @@ pub struct FlowKey {
 pub const CT_F_FIN_SEEN: u8 = 1;
 pub const CT_F_RST_SEEN: u8 = 2;
 
+/// A next hop bpf_fib_lookup resolved: the datapath caches it in each flow's entry
+/// (and in a shared map), so an established flow's packets skip the FIB and any
+/// further map lookup. `expires_ns == 0` means empty.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NextHop {
+    pub expires_ns: u64,
+    pub ifindex: u32,
+    /// The interface the lookup routed from: a packet that came in elsewhere asks again.
+    pub ingress: u32,
+    /// The longest IP packet the FIB accepted for this hop (its MTU check): longer
+    /// ones go to the FIB again.
+    pub max_len: u16,
+    pub smac: [u8; 6],
+    pub dmac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
 /// CONNTRACK value: what the forward path needs to repeat its decision.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -141,6 +159,8 @@ pub struct ConnValue {
     pub nat_addr: Addr,
     /// bpf_ktime_get_ns of the last packet, for idle timeouts.
     pub last_seen_ns: u64,
+    /// Where this flow's packets go next (to the backend).
+    pub hop: NextHop,
 }
 
 /// REVERSE_NAT value, keyed by the reply's 5-tuple (backend → SNAT address:port).
@@ -155,6 +175,8 @@ pub struct ReverseNat {
     pub backend_id: u32,
     pub _pad: u32,
     pub last_seen_ns: u64,
+    /// Where this flow's replies go next (to the client).
+    pub hop: NextHop,
 }
 
 /// XLB_CONFIG value (an array of one): settings the agent gives the datapath.
@@ -186,5 +208,6 @@ mod pod {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for ConnValue {}
     unsafe impl aya::Pod for ReverseNat {}
+    unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for DatapathConfig {}
 }

@@ -40,16 +40,18 @@ fn timeout_ns(proto: u8, flags: u8, cfg: &DatapathConfig) -> u64 {
     s as u64 * NS_PER_S
 }
 
-/// An established flow whose backend still exists: its entry (refreshed) and backend.
+/// An established flow whose backend still exists: its entry (refreshed, in the map:
+/// valid for this program run) and its backend.
 #[inline(always)]
-pub fn lookup(
+pub fn lookup<'run>(
     key: &FlowKey,
     tcp_flags: u8,
     now: u64,
     cfg: &DatapathConfig,
-) -> Option<(ConnValue, Backend)> {
+) -> Option<(&'run mut ConnValue, Backend)> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: a valid map value pointer for the duration of this program run.
+    // SAFETY: a valid map value pointer for the duration of this program run. Other
+    // CPUs may write the same entry: its fields are each written whole.
     let ct = unsafe { &mut *entry };
     if now.saturating_sub(ct.last_seen_ns) > timeout_ns(key.proto, ct.flags, cfg) {
         return None;
@@ -58,7 +60,7 @@ pub fn lookup(
     let backend = unsafe { BACKENDS.get(ct.backend_id) }.copied()?;
     ct.last_seen_ns = now;
     ct.flags |= flags_from_tcp(tcp_flags);
-    Some((*ct, backend))
+    Some((ct, backend))
 }
 
 /// Records FIN/RST seen on the reply side in the forward entry.

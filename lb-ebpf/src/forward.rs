@@ -10,15 +10,14 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns, bpf_redirect},
+    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Addr, StatIndex, FAMILY_V4};
-use network_types::eth::EthHdr;
+use lb_common::{Addr, NextHop, StatIndex, FAMILY_V4};
 
 use crate::{
-    maps::{NextHop, NextHopKey, NEXTHOP},
-    mem::{load, store},
+    maps::{NextHopKey, NEXTHOP, SCRATCH},
+    mem::bytes_mut,
 };
 
 const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
@@ -28,49 +27,54 @@ const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
 
+/// What the FIB needs to know of the rewritten packet.
+pub struct Route<'a> {
+    pub family: u8,
+    pub proto: u8,
+    pub src: &'a Addr,
+    pub dst: &'a Addr,
+    /// The IP packet's length, for the FIB's MTU check.
+    pub tot_len: u16,
+}
+
 /// The verdict, and the counter that explains it (`sent` when the packet left).
+/// `now` is the packet's one clock reading (the helper is not cheap). `flow_hop` is
+/// the flow's own cached next hop, when it has an entry: checked first, and refreshed
+/// from the shared cache or the FIB when it is empty, expired or too short.
 #[inline(always)]
 pub fn forward(
     ctx: &XdpContext,
-    family: u8,
-    proto: u8,
-    src: &Addr,
-    dst: &Addr,
-    tot_len: u16,
+    route: &Route,
+    now: u64,
+    flow_hop: Option<&mut NextHop>,
     sent: StatIndex,
 ) -> (u32, StatIndex) {
     let ingress = ctx.ingress_ifindex() as u32;
-    let key = NextHopKey {
-        dst: *dst,
-        ingress,
-        family,
-        _pad: [0; 3],
-    };
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let hop = match NEXTHOP.get_ptr(key) {
-        // SAFETY: a valid map value pointer for this run; copied out at once.
-        Some(h) if unsafe { (*h).expires_ns > now && tot_len <= (*h).max_len } => unsafe { *h },
-        _ => match fib(ctx, family, proto, src, dst, tot_len, ingress) {
-            Ok(hop) => {
-                let hop = NextHop {
-                    expires_ns: now + NEXTHOP_TTL_NS,
-                    ..hop
-                };
-                let _ = NEXTHOP.insert(key, hop, 0);
-                hop
-            }
-            Err(verdict) => return verdict,
-        },
-    };
-    let Some(mut eth) = load::<EthHdr>(ctx, 0) else {
-        return (xdp_action::XDP_DROP, StatIndex::PassParseError);
-    };
-    eth.dst_addr = hop.dmac;
-    eth.src_addr = hop.smac;
-    if store(ctx, 0, eth).is_none() {
-        return (xdp_action::XDP_DROP, StatIndex::PassParseError);
+    // The flow's copy is used in place: a copy on the stack would not fit beside a new
+    // flow's entries.
+    if let Some(h) = &flow_hop {
+        if usable(h, now, ingress, route.tot_len) {
+            return send(ctx, h, ingress, sent);
+        }
     }
+    let hop = match shared_hop(ctx, route, now, ingress) {
+        Ok(hop) => hop,
+        Err(verdict) => return verdict,
+    };
+    if let Some(h) = flow_hop {
+        *h = hop;
+    }
+    send(ctx, &hop, ingress, sent)
+}
+
+/// Writes the hop's MAC addresses into the frame and sends it out of the hop's interface.
+#[inline(always)]
+fn send(ctx: &XdpContext, hop: &NextHop, ingress: u32, sent: StatIndex) -> (u32, StatIndex) {
+    let Some(eth) = bytes_mut::<12>(ctx, 0) else {
+        return (xdp_action::XDP_DROP, StatIndex::PassParseError);
+    };
+    eth[..6].copy_from_slice(&hop.dmac);
+    eth[6..].copy_from_slice(&hop.smac);
     if hop.ifindex == ingress {
         (xdp_action::XDP_TX, sent)
     } else {
@@ -79,19 +83,59 @@ pub fn forward(
     }
 }
 
-/// Asks the FIB: the next hop, or the verdict when there is none to use.
 #[inline(always)]
-fn fib(
+fn usable(hop: &NextHop, now: u64, ingress: u32, tot_len: u16) -> bool {
+    hop.expires_ns > now && hop.ingress == ingress && tot_len <= hop.max_len
+}
+
+/// The next hop from the cache shared by all flows to this destination, or from the
+/// FIB (then cached for NEXTHOP_TTL_NS). A flow's copy keeps the shared entry's expiry,
+/// so no copy outlives the FIB answer it came from by more than that.
+#[inline(always)]
+fn shared_hop(
     ctx: &XdpContext,
-    family: u8,
-    proto: u8,
-    src: &Addr,
-    dst: &Addr,
-    tot_len: u16,
+    route: &Route,
+    now: u64,
     ingress: u32,
 ) -> Result<NextHop, (u32, StatIndex)> {
+    let key = NextHopKey {
+        dst: *route.dst,
+        ingress,
+        family: route.family,
+        _pad: [0; 3],
+    };
+    if let Some(h) = NEXTHOP.get_ptr(key) {
+        // SAFETY: a valid map value pointer for this run; copied out at once.
+        let hop = unsafe { *h };
+        if usable(&hop, now, ingress, route.tot_len) {
+            return Ok(hop);
+        }
+    }
+    let hop = NextHop {
+        expires_ns: now + NEXTHOP_TTL_NS,
+        ..fib(ctx, route, ingress)?
+    };
+    let _ = NEXTHOP.insert(key, hop, 0);
+    Ok(hop)
+}
+
+/// Asks the FIB: the next hop, or the verdict when there is none to use.
+#[inline(always)]
+fn fib(ctx: &XdpContext, route: &Route, ingress: u32) -> Result<NextHop, (u32, StatIndex)> {
+    let Route {
+        family,
+        proto,
+        src,
+        dst,
+        tot_len,
+    } = *route;
+    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+        return Err((xdp_action::XDP_DROP, StatIndex::DropFibFailure));
+    };
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
+    let p = unsafe { &mut (*p).fib };
     // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid start.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    *p = unsafe { core::mem::zeroed() };
     p.l4_protocol = proto;
     p.ifindex = ingress;
     p.__bindgen_anon_1.tot_len = tot_len;
@@ -108,7 +152,7 @@ fn fib(
     let rc = unsafe {
         fib_lookup(
             ctx.ctx as *mut _,
-            &mut p,
+            p,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
@@ -117,9 +161,11 @@ fn fib(
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             expires_ns: 0,
             ifindex: p.ifindex,
+            ingress,
             max_len: tot_len,
             smac: p.smac,
             dmac: p.dmac,
+            _pad: [0; 2],
         }),
         BPF_FIB_LKUP_RET_NO_NEIGH => Err((xdp_action::XDP_PASS, StatIndex::PassNeighbourUnknown)),
         _ => Err((xdp_action::XDP_DROP, StatIndex::DropFibFailure)),

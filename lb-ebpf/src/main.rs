@@ -22,8 +22,8 @@ use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
-    Addr, ConnValue, DatapathConfig, FlowKey, ReverseNat, ServiceValue, StatIndex, FAMILY_V4,
-    PROTO_TCP,
+    Addr, ConnValue, DatapathConfig, FlowKey, NextHop, ReverseNat, ServiceValue, StatIndex,
+    FAMILY_V4, PROTO_TCP,
 };
 
 use crate::{
@@ -33,7 +33,10 @@ use crate::{
 
 type Verdict = (u32, StatIndex);
 
+// Inlined into the entry the macro generates: as a BPF subprogram the pipeline would
+// need its own stack frame next to the entry's, which the verifier refuses.
 #[xdp]
+#[inline(always)]
 pub fn xlb(ctx: XdpContext) -> u32 {
     pipeline(&ctx)
 }
@@ -115,7 +118,13 @@ fn forward_path(
             if snat == [0; 4] {
                 return (xdp_action::XDP_DROP, StatIndex::DropNoSnatAddress);
             }
-            let rev = ReverseNat {
+            // Never missing: a per-CPU array of one.
+            let Some(scratch) = maps::SCRATCH.get_ptr_mut(0) else {
+                return (xdp_action::XDP_DROP, StatIndex::DropPortAlloc);
+            };
+            // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
+            let scratch = unsafe { &mut *scratch };
+            scratch.rev = ReverseNat {
                 client: key.src,
                 vip: key.dst,
                 client_port: key.sport,
@@ -124,24 +133,27 @@ fn forward_path(
                 backend_id,
                 _pad: 0,
                 last_seen_ns: now,
+                hop: NextHop::default(),
             };
-            let Some(nat_port) = nat::alloc_port(key, backend.addr, backend.port, snat, cfg, &rev)
+            let rev = &scratch.rev;
+            let Some(nat_port) = nat::alloc_port(key, backend.addr, backend.port, snat, cfg, rev)
             else {
                 return (xdp_action::XDP_DROP, StatIndex::DropPortAlloc);
             };
-            let ct = ConnValue {
+            scratch.ct = ConnValue {
                 backend_id,
                 nat_port,
                 flags: conntrack::flags_from_tcp(pkt.tcp_flags),
                 _pad: 0,
                 nat_addr: snat,
                 last_seen_ns: now,
+                hop: NextHop::default(),
             };
-            conntrack::insert(key, &ct);
+            conntrack::insert(key, &scratch.ct);
             if key.proto == PROTO_TCP && pkt.tcp_flags & parse::TCP_SYN == 0 {
                 stats::count(StatIndex::EventFlowRecreated, len);
             }
-            (ct, backend, true)
+            (&mut scratch.ct, backend, true)
         }
     };
     let to = Rewrite {
@@ -151,26 +163,45 @@ fn forward_path(
         dport: backend.port,
     };
     let ids = (svc.id, ct.backend_id);
-    translate_and_send(ctx, pkt, &to, ids, len, new_flow, StatIndex::FwdForward)
+    // The new flow's entry is a copy of what went into the map: its next hop would be lost.
+    let flow_hop = (!new_flow).then_some(&mut ct.hop);
+    translate_and_send(
+        ctx,
+        pkt,
+        &to,
+        ids,
+        (len, now),
+        flow_hop,
+        StatIndex::FwdForward,
+    )
 }
 
-/// The common tail of both directions: rewrite, count, route and send.
+/// The common tail of both directions: rewrite, count, route and send. `flow_hop` is
+/// the flow entry's cached next hop; only a new flow (forward path) has none yet.
 #[inline(always)]
 fn translate_and_send(
     ctx: &XdpContext,
     pkt: &Packet,
     to: &Rewrite,
     (service_id, backend_id): (u32, u32),
-    len: u64,
-    new_flow: bool,
+    (len, now): (u64, u64),
+    flow_hop: Option<&mut NextHop>,
     sent: StatIndex,
 ) -> Verdict {
+    let new_flow = flow_hop.is_none();
     if nat::rewrite(ctx, pkt, to).is_none() {
         return (xdp_action::XDP_PASS, StatIndex::PassParseError);
     }
     stats::count_flow(service_id, backend_id, len, new_flow);
     let k = &pkt.key;
-    forward::forward(ctx, k.family, k.proto, &to.src, &to.dst, pkt.ip_len, sent)
+    let route = forward::Route {
+        family: k.family,
+        proto: k.proto,
+        src: &to.src,
+        dst: &to.dst,
+        tot_len: pkt.ip_len,
+    };
+    forward::forward(ctx, &route, now, flow_hop, sent)
 }
 
 /// Backend → SNAT address: translate back to VIP → client and send.
@@ -182,7 +213,8 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
     // SAFETY: a valid map value pointer for the duration of this run.
     let rev = unsafe { &mut *rev };
     // SAFETY: a plain helper call.
-    rev.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    rev.last_seen_ns = now;
     let to = Rewrite {
         src: rev.vip,
         dst: rev.client,
@@ -202,7 +234,16 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
         conntrack::mark(&forward_key, pkt.tcp_flags);
     }
     let ids = (rev.service_id, rev.backend_id);
-    translate_and_send(ctx, pkt, &to, ids, len, false, StatIndex::FwdReverse)
+    let flow_hop = Some(&mut rev.hop);
+    translate_and_send(
+        ctx,
+        pkt,
+        &to,
+        ids,
+        (len, now),
+        flow_hop,
+        StatIndex::FwdReverse,
+    )
 }
 
 /// An ICMP error about a NAT flow is translated like the flow's own packets, so that
@@ -233,6 +274,8 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
         ..*q
     };
     let e = &scratch.err;
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     if let Some(rev) = lookup::reverse(&scratch.reply_key) {
         // SAFETY: a valid map value pointer for the duration of this run.
         let rev = unsafe { &*rev };
@@ -243,11 +286,9 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
             sport: rev.client_port,
             dport: rev.vip_port,
         };
-        return icmp_translate(ctx, e, &rev.vip, &rev.client, &inner);
+        return icmp_translate(ctx, e, (&rev.vip, &rev.client), &inner, now);
     }
     if let Some(cfg) = maps::CONFIG.get(0) {
-        // SAFETY: a plain helper call.
-        let now = unsafe { bpf_ktime_get_coarse_ns() };
         if let Some((ct, backend)) = conntrack::lookup(&scratch.reply_key, 0, now, cfg) {
             // To the backend, about its own backend → SNAT packet.
             let inner = Rewrite {
@@ -256,7 +297,7 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
                 sport: backend.port,
                 dport: ct.nat_port,
             };
-            return icmp_translate(ctx, e, &ct.nat_addr, &backend.addr, &inner);
+            return icmp_translate(ctx, e, (&ct.nat_addr, &backend.addr), &inner, now);
         }
     }
     (xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated)
@@ -267,23 +308,22 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
 fn icmp_translate(
     ctx: &XdpContext,
     e: &IcmpError,
-    outer_src: &Addr,
-    outer_dst: &Addr,
+    (outer_src, outer_dst): (&Addr, &Addr),
     inner: &Rewrite,
+    now: u64,
 ) -> Verdict {
     if nat::rewrite_icmp_error(ctx, e, outer_src, outer_dst, inner).is_none() {
         return (xdp_action::XDP_PASS, StatIndex::PassParseError);
     }
     let k = &e.outer.key;
-    forward::forward(
-        ctx,
-        k.family,
-        k.proto,
-        outer_src,
-        outer_dst,
-        e.outer.ip_len,
-        StatIndex::IcmpTranslated,
-    )
+    let route = forward::Route {
+        family: k.family,
+        proto: k.proto,
+        src: outer_src,
+        dst: outer_dst,
+        tot_len: e.outer.ip_len,
+    };
+    forward::forward(ctx, &route, now, None, StatIndex::IcmpTranslated)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -3,14 +3,15 @@
 
 use crate::parse::IcmpError;
 use aya_ebpf::{
+    bindings::bpf_fib_lookup,
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::Addr;
 use lb_common::{
-    Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevChunk, MaglevKey, ReverseNat,
-    ServiceKey, ServiceValue, TrafficStats, CONNTRACK_MAX, MAGLEV_MAX_CHUNKS, MAX_BACKENDS,
-    MAX_SERVICES, STAT_COUNT,
+    Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevChunk, MaglevKey, NextHop,
+    ReverseNat, ServiceKey, ServiceValue, TrafficStats, CONNTRACK_MAX, MAGLEV_MAX_CHUNKS,
+    MAX_BACKENDS, MAX_SERVICES, STAT_COUNT,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -55,6 +56,18 @@ pub struct IcmpScratch {
     pub reply_key: FlowKey,
 }
 
+/// Per-CPU scratch for what does not fit the 512-byte stack beside the rest of the
+/// pipeline: a new flow's entries, built before they are inserted, and the FIB query
+/// (not pinned: nothing in it outlives a packet).
+#[map(name = "XLB_SCRATCH")]
+pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+pub struct Scratch {
+    pub rev: ReverseNat,
+    pub ct: ConnValue,
+    pub fib: bpf_fib_lookup,
+}
+
 /// Per-CPU scratch for the debug log: the packet's flow, noted before the pipeline
 /// runs and logged after it, so the one log call sits at the end and costs no stack
 /// in the pipeline (not pinned; only written when eBPF logging is on).
@@ -73,8 +86,8 @@ pub struct LogFlow {
     pub valid: u8,
 }
 
-/// Next hops bpf_fib_lookup resolved, so later packets to the same destination skip it
-/// (see forward.rs). Not pinned: a cache, and a new agent starts it cold.
+/// Next hops bpf_fib_lookup resolved, shared by all flows to a destination; each flow
+/// also keeps its own copy in its entry (see forward.rs). Not pinned: a cache, and a new agent starts it cold.
 #[map(name = "XLB_NEXTHOP")]
 pub static NEXTHOP: LruHashMap<NextHopKey, NextHop> = LruHashMap::with_max_entries(65536, 0);
 
@@ -86,16 +99,4 @@ pub struct NextHopKey {
     pub ingress: u32,
     pub family: u8,
     pub _pad: [u8; 3],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct NextHop {
-    pub expires_ns: u64,
-    pub ifindex: u32,
-    /// The longest IP packet the FIB accepted for this hop (its MTU check): longer
-    /// ones go to the FIB again.
-    pub max_len: u16,
-    pub smac: [u8; 6],
-    pub dmac: [u8; 6],
 }

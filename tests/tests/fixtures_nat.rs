@@ -7,7 +7,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use lb_common::{PROTO_TCP, PROTO_UDP};
+use aya::maps::{HashMap as AyaHashMap, Map, MapData};
+use lb_common::{
+    ConnValue, FlowKey, ReverseNat, MAP_CONNTRACK, MAP_REVERSE_NAT, PROTO_TCP, PROTO_UDP,
+};
 use xlb_tests::{
     natlab::*,
     packet::{decode, Frame, ACK},
@@ -643,5 +646,82 @@ fn privileged_next_hop_cache_expires_and_never_skips_the_mtu_check() {
             "a packet over the egress MTU went out"
         );
         assert_eq!(counter(&f, "drop_fib_failure"), 1);
+    });
+}
+
+/// The one entry of a pinned LRU map (the test opens one flow).
+fn only_entry<V: aya::Pod>(f: &Fixture, map: &str) -> (FlowKey, V) {
+    let data = MapData::from_pin(f.pin_path().join(map)).unwrap();
+    let m: AyaHashMap<_, FlowKey, V> = AyaHashMap::try_from(Map::LruHashMap(data)).unwrap();
+    let all: Vec<_> = m.iter().map(|e| e.unwrap()).collect();
+    assert_eq!(all.len(), 1, "{map}: one flow");
+    all[0]
+}
+
+fn write_entry<V: aya::Pod>(f: &Fixture, map: &str, key: &FlowKey, value: &V) {
+    let data = MapData::from_pin(f.pin_path().join(map)).unwrap();
+    let mut m: AyaHashMap<_, FlowKey, V> = AyaHashMap::try_from(Map::LruHashMap(data)).unwrap();
+    m.insert(key, value, 0).unwrap();
+}
+
+/// Each flow keeps its next hop in its own entries, both ways, so its packets need no
+/// lookup beyond conntrack: the copy is what the packet goes out with while it is
+/// valid, and an expired copy or one from another ingress interface is looked up again.
+#[test]
+fn privileged_flow_entries_carry_their_next_hop() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6))
+            .unwrap();
+        let flow = Frame::tcp("10.10.0.5", 40200, "192.0.2.10", 80);
+        let opened = decode(&f.run_on(&flow.build(), lab.client_if).unwrap().data).unwrap();
+        let est = flow.clone().flags(ACK);
+        f.run_on(&est.build(), lab.client_if).unwrap();
+
+        let (key, ct) = only_entry::<ConnValue>(&f, MAP_CONNTRACK);
+        assert_eq!(ct.hop.dmac, BACKEND_MACS[0]);
+        assert_eq!(ct.hop.smac, lab.backend_side_mac);
+        assert_eq!(ct.hop.ingress, lab.client_if);
+        assert!(ct.hop.expires_ns > ct.last_seen_ns, "{:?}", ct.hop);
+
+        // The flow's copy is what its packets use: a planted one shows it.
+        let planted = [0x02, 0xee, 0, 0, 0, 0x01];
+        let mut ct2 = ct;
+        ct2.hop.dmac = planted;
+        write_entry(&f, MAP_CONNTRACK, &key, &ct2);
+        let out = decode(&f.run_on(&est.build(), lab.client_if).unwrap().data).unwrap();
+        assert_eq!(out.dst_mac, planted, "served from the flow's entry");
+        // Expired, it is refreshed from the shared cache / FIB.
+        ct2.hop.expires_ns = 0;
+        write_entry(&f, MAP_CONNTRACK, &key, &ct2);
+        let out = decode(&f.run_on(&est.build(), lab.client_if).unwrap().data).unwrap();
+        assert_eq!(out.dst_mac, BACKEND_MACS[0]);
+        assert_eq!(only_entry::<ConnValue>(&f, MAP_CONNTRACK).1.hop, ct.hop);
+        // From another ingress interface, it is not used.
+        ct2.hop = ct.hop;
+        ct2.hop.dmac = planted;
+        ct2.hop.ingress = lab.client_if + 1000;
+        write_entry(&f, MAP_CONNTRACK, &key, &ct2);
+        let out = decode(&f.run_on(&est.build(), lab.client_if).unwrap().data).unwrap();
+        assert_eq!(
+            out.dst_mac, BACKEND_MACS[0],
+            "a copy from elsewhere is ignored"
+        );
+
+        // The reply direction: the reverse-NAT entry carries the hop to the client.
+        let mut reply = Frame::tcp(
+            &opened.dst.to_string(),
+            opened.dport,
+            &opened.src.to_string(),
+            opened.sport,
+        )
+        .flags(ACK);
+        reply.src_mac = BACKEND_MACS[0];
+        let back = f.run_on(&reply.build(), lab.backend_if).unwrap();
+        assert_eq!(back.verdict, XDP_REDIRECT);
+        let (_, rev) = only_entry::<ReverseNat>(&f, MAP_REVERSE_NAT);
+        assert_eq!(rev.hop.dmac, CLIENT_MAC);
+        assert_eq!(rev.hop.smac, lab.client_side_mac);
+        assert_eq!(rev.hop.ingress, lab.backend_if);
     });
 }

@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Run only these parts (comma separated); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<Part>,
+    /// Per-packet part: only the cases whose name contains this (e.g. "established
+    /// TCP flow (IPv4)"), for profiling one path.
+    #[arg(long)]
+    case: Option<String>,
 }
 
 impl BenchArgs {
@@ -73,7 +77,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let (mut est_ratio, mut rate_ratio) = (None, None);
     if wanted(Part::PerPacket) {
         println!("1. per-packet cost, BPF_PROG_TEST_RUN, {packets} single-packet calls per case in {rounds} rounds (ns):");
-        let rows = per_packet::measure(packets, rounds)?;
+        let rows = per_packet::measure(packets, rounds, args.case.as_deref())?;
         let (pp_md, pp_json, ratio) = per_packet_report(&rows, packets, rounds)?;
         panels.push(chart::Panel::Bars(chart::Bars {
             title: "1. Per-packet cost (BPF_PROG_TEST_RUN, ns, lower is better)".into(),
