@@ -76,6 +76,7 @@ impl Dataplane {
     /// are the ones they were created with).
     pub fn load(pin_path: &Path, opts: &LoadOptions) -> Result<Self> {
         ensure_bpffs(pin_path)?;
+        drop_incompatible_pins(pin_path)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
             .override_global("AYA_LOG_LEVEL", &opts.log_level, true)
@@ -273,6 +274,41 @@ pub fn mode_name(mode: XdpMode) -> &'static str {
         XdpMode::Hardware => "offload",
         XdpMode::Default => "default",
     }
+}
+
+/// Unpins the maps under `pin_path` that this program cannot use: created by another
+/// xlb version with another layout (map type, key or value size). aya would adopt them
+/// as they are, and the verifier would then reject the program, or a value of the same
+/// size but another layout would be read wrong. A fresh map replaces each; what it held
+/// (flows, for conntrack and reverse NAT) is lost, and said so. Returns their names.
+pub fn drop_incompatible_pins(pin_path: &Path) -> Result<Vec<String>> {
+    let obj = aya_obj::Object::parse(crate::EBPF_OBJECT).context("parsing the eBPF object")?;
+    let mut dropped = Vec::new();
+    for (name, def) in &obj.maps {
+        let pin = pin_path.join(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&pin)
+            .with_context(|| format!("reading the pinned map {}", pin.display()))?;
+        let pinned = (
+            info.map_type().map(|t| t as u32).ok(),
+            info.key_size(),
+            info.value_size(),
+        );
+        let wanted = (Some(def.map_type()), def.key_size(), def.value_size());
+        if pinned != wanted {
+            warn!(
+                map = %name,
+                ?pinned,
+                ?wanted,
+                "pinned map has another layout (type, key size, value size): replacing it, its contents are lost"
+            );
+            std::fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
+            dropped.push(name.clone());
+        }
+    }
+    Ok(dropped)
 }
 
 /// Makes sure `dir` exists on a bpffs, mounting one at `/sys/fs/bpf` if the machine

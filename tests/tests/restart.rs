@@ -4,15 +4,24 @@
 //! flows: that none moves proves the conntrack entries survived the restart.
 
 use std::{
+    ffi::CString,
     net::{SocketAddr, UdpSocket},
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
     time::Duration,
 };
+
+use aya::maps::MapInfo;
+use lb_common::{ConnValue, FlowKey, ServiceKey, ServiceValue, MAP_CONNTRACK, MAP_SERVICES};
+use xlb::dataplane::Dataplane;
+use xlb_tests::natlab::{BACKENDS_V4, BACKENDS_V6};
 
 use xlb_tests::{
     agent::Agent,
     privileged,
     topology::{LbLab, VIP4},
     traffic::{backend_index, connect, parse_reply, Conn},
+    unique_name,
 };
 
 enum Flow {
@@ -146,4 +155,111 @@ fn privileged_restart_generic_keeps_every_flow() {
         return;
     }
     restart_keeps_every_flow("generic");
+}
+
+/// Pins a map of the given type and sizes at `path`, as another xlb version would have
+/// left it (created with the raw syscall: aya creates maps only from an object).
+fn pin_raw_map(path: &Path, map_type: u32, key_size: u32, value_size: u32) {
+    #[repr(C)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_OBJ_PIN: libc::c_long = 6;
+    let create = MapCreate {
+        map_type,
+        key_size,
+        value_size,
+        max_entries: 64,
+        map_flags: 0,
+    };
+    // SAFETY: a valid, fully initialised attribute of the size given.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &create as *const MapCreate,
+            std::mem::size_of::<MapCreate>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let pin = ObjPin {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd as u32,
+        file_flags: 0,
+    };
+    // SAFETY: as above; `c` outlives the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            &pin as *const ObjPin,
+            std::mem::size_of::<ObjPin>(),
+        )
+    };
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our own descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+/// Upgrading across a change of map layout: pinned maps an older xlb left with another
+/// value size are replaced (the program could not load against them), while the
+/// compatible ones are adopted as they are.
+#[test]
+fn privileged_pinned_maps_of_another_layout_are_replaced() {
+    if !privileged() {
+        return;
+    }
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(pin.clone());
+    xlb::dataplane::ensure_bpffs(&pin).unwrap();
+    let key = std::mem::size_of::<FlowKey>() as u32;
+    // The conntrack layout before flows carried their next hop: 32-byte values.
+    pin_raw_map(&pin.join(MAP_CONNTRACK), BPF_MAP_TYPE_LRU_HASH, key, 32);
+    pin_raw_map(
+        &pin.join(MAP_SERVICES),
+        BPF_MAP_TYPE_HASH,
+        std::mem::size_of::<ServiceKey>() as u32,
+        std::mem::size_of::<ServiceValue>() as u32,
+    );
+    let services_id = MapInfo::from_pin(pin.join(MAP_SERVICES)).unwrap().id();
+
+    let mut dp = Dataplane::load(&pin, &Default::default())
+        .expect("loads over pinned maps of an older layout");
+    let ct = MapInfo::from_pin(pin.join(MAP_CONNTRACK)).unwrap();
+    assert_eq!(ct.value_size() as usize, std::mem::size_of::<ConnValue>());
+    assert_eq!(
+        MapInfo::from_pin(pin.join(MAP_SERVICES)).unwrap().id(),
+        services_id,
+        "the compatible map is adopted, not replaced"
+    );
+    // And the datapath works on them: a service can be applied.
+    dp.apply(&xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6))
+        .unwrap();
+    assert!(xlb::dataplane::drop_incompatible_pins(&pin)
+        .unwrap()
+        .is_empty());
 }
