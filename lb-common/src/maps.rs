@@ -97,7 +97,9 @@ pub struct MaglevChunk {
 /// Backend flag: failing its health check (out of the Maglev table; shown by status).
 pub const BACKEND_F_UNHEALTHY: u8 = 1;
 
-/// BACKENDS value, keyed by a backend id (u32) that stays stable while the backend exists.
+/// BACKENDS value, at the index of a backend id that stays stable while the backend
+/// exists. An array, not a hash: the datapath's lookup is then an inlined index, not a
+/// hashed call. A free slot is all zeros (`family` 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Backend {
@@ -107,6 +109,14 @@ pub struct Backend {
     pub family: u8,
     pub flags: u8,
     pub service_id: u32,
+}
+
+impl Backend {
+    /// Whether the slot holds a backend (free slots are zeroed).
+    #[inline(always)]
+    pub fn exists(&self) -> bool {
+        self.family != 0
+    }
 }
 
 /// A 5-tuple as it appears on the wire, used for conntrack keys and the flow hash.

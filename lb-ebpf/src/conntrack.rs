@@ -56,8 +56,11 @@ pub fn lookup<'run>(
     if now.saturating_sub(ct.last_seen_ns) > timeout_ns(key.proto, ct.flags, cfg) {
         return None;
     }
-    // SAFETY: copied out at once (see lookup::service).
-    let backend = unsafe { BACKENDS.get(ct.backend_id) }.copied()?;
+    // Copied out at once: the agent rewrites a slot whole (see lookup::service).
+    let backend = BACKENDS
+        .get(ct.backend_id)
+        .copied()
+        .filter(Backend::exists)?;
     ct.last_seen_ns = now;
     ct.flags |= flags_from_tcp(tcp_flags);
     Some((ct, backend))

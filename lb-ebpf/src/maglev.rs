@@ -29,7 +29,7 @@ pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
     let chunk = MAGLEV.get_ptr(chunk_key)?;
     // SAFETY: a valid map value pointer; index < MAGLEV_CHUNK_SLOTS was checked above.
     let id = unsafe { *(*chunk).slots.as_ptr().add(index) };
-    // SAFETY: copied out at once.
-    let backend = unsafe { BACKENDS.get(id) }.copied()?;
+    // Copied out at once: the agent rewrites a slot whole.
+    let backend = BACKENDS.get(id).copied().filter(Backend::exists)?;
     Some((id, backend))
 }

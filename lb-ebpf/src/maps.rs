@@ -18,7 +18,7 @@ use lb_common::{
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);
 
 #[map(name = "XLB_BACKENDS")]
-pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(MAX_BACKENDS, 0);
+pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 
 /// Every service's table in 4 KiB chunks, two generations each at most (the live one
 /// and, during an update, the next). BPF_F_NO_PREALLOC: only chunks that exist take

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, HashSet};
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, MapData};
 use lb_common::{
-    Backend, ConnValue, FlowKey, ReverseNat, CT_F_FIN_SEEN, CT_F_RST_SEEN, MAP_BACKENDS,
-    MAP_CONNTRACK, MAP_REVERSE_NAT, PROTO_TCP,
+    Backend, ConnValue, FlowKey, ReverseNat, CT_F_FIN_SEEN, CT_F_RST_SEEN, MAP_CONNTRACK,
+    MAP_REVERSE_NAT, PROTO_TCP,
 };
 
 use crate::{config::Timeouts, dataplane::Dataplane};
@@ -67,9 +67,7 @@ fn map<'a, K: aya::Pod, V: aya::Pod>(
 
 pub fn sweep(dp: &mut Dataplane, t: &Timeouts) -> Result<Sweep> {
     let now = now_ns();
-    let backends: BTreeMap<u32, Backend> = map::<u32, Backend>(dp, MAP_BACKENDS)?
-        .iter()
-        .collect::<Result<_, _>>()?;
+    let backends: BTreeMap<u32, Backend> = dp.backends()?;
     let mut out = Sweep::default();
 
     let flows: Vec<(FlowKey, ConnValue)> = map::<FlowKey, ConnValue>(dp, MAP_CONNTRACK)?

@@ -127,8 +127,10 @@ impl Dataplane {
             .map(name)
             .with_context(|| format!("map {name} missing"))?;
         let data: &MapData = match map {
-            aya::maps::Map::HashMap(m) | aya::maps::Map::LruHashMap(m) => m,
-            _ => anyhow::bail!("map {name} is not a hash map"),
+            aya::maps::Map::HashMap(m)
+            | aya::maps::Map::LruHashMap(m)
+            | aya::maps::Map::Array(m) => m,
+            _ => anyhow::bail!("map {name} is neither a hash map nor an array"),
         };
         Ok(data.info()?.max_entries())
     }
@@ -438,6 +440,22 @@ pub struct ApplySummary {
 }
 
 impl Dataplane {
+    fn backends_map(&mut self) -> Result<Array<&mut MapData, Backend>> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_BACKENDS)
+            .with_context(|| format!("map {MAP_BACKENDS} missing"))?;
+        Ok(Array::try_from(map)?)
+    }
+
+    /// The backends by id: as the last apply wrote them, or read from the map.
+    pub fn backends(&mut self) -> Result<BTreeMap<u32, Backend>> {
+        match &self.mirror {
+            Some(m) => Ok(m.backends.clone()),
+            None => live_backends(&self.backends_map()?),
+        }
+    }
+
     fn hash_map<K: aya::Pod, V: aya::Pod>(
         &mut self,
         name: &str,
@@ -534,10 +552,7 @@ impl Dataplane {
                     .hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
                     .iter()
                     .collect::<Result<_, _>>()?,
-                backends: self
-                    .hash_map::<u32, Backend>(MAP_BACKENDS)?
-                    .iter()
-                    .collect::<Result<_, _>>()?,
+                backends: live_backends(&self.backends_map()?)?,
             },
         };
         let mut after = Mirror {
@@ -584,16 +599,14 @@ impl Dataplane {
                 let bid = match backend_id_of.get(&(id, b.address)) {
                     Some(bid) => {
                         if backends_now.get(bid) != Some(&value) {
-                            self.hash_map::<u32, Backend>(MAP_BACKENDS)?
-                                .insert(*bid, value, 0)?;
+                            self.backends_map()?.set(*bid, value, 0)?;
                             after.backends.insert(*bid, value);
                         }
                         *bid
                     }
                     None => {
                         let bid = backend_ids.alloc().context("no free backend id")?;
-                        self.hash_map::<u32, Backend>(MAP_BACKENDS)?
-                            .insert(bid, value, 0)?;
+                        self.backends_map()?.set(bid, value, 0)?;
                         after.backends.insert(bid, value);
                         summary.backends_added += 1;
                         bid
@@ -690,7 +703,7 @@ impl Dataplane {
         }
         for id in backends_now.keys() {
             if !wanted_backend_ids.contains(id) {
-                self.hash_map::<u32, Backend>(MAP_BACKENDS)?.remove(id)?;
+                self.backends_map()?.set(*id, Backend::default(), 0)?;
                 after.backends.remove(id);
                 summary.backends_removed += 1;
             }
@@ -730,6 +743,20 @@ impl IdAllocator {
 struct Mirror {
     services: BTreeMap<ServiceKey, ServiceValue>,
     backends: BTreeMap<u32, Backend>,
+}
+
+/// The backends in a BACKENDS array, by id (free slots are zeroed).
+pub fn live_backends<T: std::borrow::Borrow<MapData>>(
+    map: &Array<T, Backend>,
+) -> Result<BTreeMap<u32, Backend>> {
+    let mut out = BTreeMap::new();
+    for (id, b) in map.iter().enumerate() {
+        let b = b?;
+        if b.exists() {
+            out.insert(id as u32, b);
+        }
+    }
+    Ok(out)
 }
 
 /// What a service's Maglev table was built from, and what was written.

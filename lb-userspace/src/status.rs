@@ -3,14 +3,14 @@
 use std::{collections::BTreeMap, path::Path};
 
 use anyhow::{Context, Result};
-use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     maglev_chunks, Backend, Counter, MaglevChunk, MaglevKey, ServiceKey, ServiceValue, StatIndex,
     TrafficStats, BACKEND_F_UNHEALTHY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS,
     MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_STATS, PROTO_TCP,
 };
 
-use crate::dataplane::{backend_addr, words_to_addr};
+use crate::dataplane::{backend_addr, live_backends, words_to_addr};
 use serde::Serialize;
 
 #[derive(Serialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -101,13 +101,15 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
         pin_path,
         MAP_SERVICES,
     )?))?;
-    let backends =
-        HashMap::<_, u32, Backend>::try_from(Map::HashMap(open_pinned(pin_path, MAP_BACKENDS)?))?;
+    let backends = live_backends(&Array::<_, Backend>::try_from(Map::Array(open_pinned(
+        pin_path,
+        MAP_BACKENDS,
+    )?))?)?;
     let svc_stats =
         PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_path, MAP_SERVICE_STATS)?))?;
     let be_stats =
         PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_path, MAP_BACKEND_STATS)?))?;
-    let all_backends: Vec<(u32, Backend)> = backends.iter().collect::<Result<_, _>>()?;
+    let all_backends: Vec<(u32, Backend)> = backends.into_iter().collect();
     let mut out = Vec::new();
     for entry in services.iter() {
         let (k, v) = entry?;
@@ -142,15 +144,17 @@ pub fn read_tables(pin_path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
         pin_path,
         MAP_SERVICES,
     )?))?;
-    let backends =
-        HashMap::<_, u32, Backend>::try_from(Map::HashMap(open_pinned(pin_path, MAP_BACKENDS)?))?;
+    let backends = live_backends(&Array::<_, Backend>::try_from(Map::Array(open_pinned(
+        pin_path,
+        MAP_BACKENDS,
+    )?))?)?;
     let tables = HashMap::<_, MaglevKey, MaglevChunk>::try_from(Map::HashMap(open_pinned(
         pin_path, MAP_MAGLEV,
     )?))?;
     let names: BTreeMap<u32, String> = backends
         .iter()
-        .map(|e| e.map(|(id, b)| (id, backend_addr(&b).to_string())))
-        .collect::<Result<_, _>>()?;
+        .map(|(id, b)| (*id, backend_addr(b).to_string()))
+        .collect();
     let mut out = BTreeMap::new();
     for entry in services.iter() {
         let (k, v) = entry?;
