@@ -157,6 +157,20 @@ fn privileged_restart_generic_keeps_every_flow() {
     restart_keeps_every_flow("generic");
 }
 
+/// The bpf(2) syscall with `attr` as its attribute.
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
+    // SAFETY: `attr` is a valid, fully initialised attribute of the size given; what it
+    // points to (a path) outlives the call.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>(),
+        )
+    }
+}
+
 /// Pins a map of the given type and sizes at `path`, as another xlb version would have
 /// left it (created with the raw syscall: aya creates maps only from an object).
 fn pin_raw_map(path: &Path, map_type: u32, key_size: u32, value_size: u32) {
@@ -183,15 +197,7 @@ fn pin_raw_map(path: &Path, map_type: u32, key_size: u32, value_size: u32) {
         max_entries: 64,
         map_flags: 0,
     };
-    // SAFETY: a valid, fully initialised attribute of the size given.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_CREATE,
-            &create as *const MapCreate,
-            std::mem::size_of::<MapCreate>(),
-        )
-    };
+    let fd = bpf(BPF_MAP_CREATE, &create);
     assert!(
         fd >= 0,
         "BPF_MAP_CREATE: {}",
@@ -203,15 +209,7 @@ fn pin_raw_map(path: &Path, map_type: u32, key_size: u32, value_size: u32) {
         bpf_fd: fd as u32,
         file_flags: 0,
     };
-    // SAFETY: as above; `c` outlives the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_PIN,
-            &pin as *const ObjPin,
-            std::mem::size_of::<ObjPin>(),
-        )
-    };
+    let rc = bpf(BPF_OBJ_PIN, &pin);
     assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
     // SAFETY: our own descriptor; the pin keeps the map.
     unsafe { libc::close(fd as i32) };
