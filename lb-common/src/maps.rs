@@ -167,7 +167,7 @@ pub struct ConnValue {
     pub _pad: u8,
     /// Source address after SNAT.
     pub nat_addr: Addr,
-    /// bpf_ktime_get_ns of the last packet, for idle timeouts.
+    /// bpf_ktime_get_coarse_ns (CLOCK_MONOTONIC_COARSE) of the last packet, for idle timeouts.
     pub last_seen_ns: u64,
     /// Where this flow's packets go next (to the backend).
     pub hop: NextHop,

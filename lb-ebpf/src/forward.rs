@@ -3,10 +3,11 @@
 //! XDP_PASS when the neighbour is not resolved yet, so the kernel resolves it and
 //! forwards this packet itself (needs ip_forward).
 //!
-//! The FIB's answer is cached per destination for NEXTHOP_TTL_NS: the lookup was a
-//! third of an established flow's cost (docs/datapath.md). Route and neighbour changes
-//! therefore apply within that time; a packet longer than any the FIB accepted for the
-//! hop goes to the FIB again, so its MTU check is never skipped.
+//! The FIB's answer is cached per destination for NEXTHOP_TTL_NS, and each flow keeps a
+//! copy in its own entry with the same expiry: the lookups were most of an established
+//! flow's cost (docs/datapath.md). Route and neighbour changes therefore apply within
+//! that time; a packet longer than any the FIB accepted for the hop goes to the FIB
+//! again, so its MTU check is never skipped.
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action},
