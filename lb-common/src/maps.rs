@@ -11,6 +11,8 @@ pub const MAP_GLOBAL_STATS: &str = "XLB_GLOBAL_STATS";
 pub const MAP_SERVICE_STATS: &str = "XLB_SERVICE_STATS";
 pub const MAP_BACKEND_STATS: &str = "XLB_BACKEND_STATS";
 pub const MAP_CONFIG: &str = "XLB_CONFIG";
+pub const MAP_NEIGHBOUR_REQUESTS: &str = "XLB_NEIGH_REQ";
+pub const MAP_XDP_IFACES: &str = "XLB_XDP_IFACES";
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "xlb";
 
@@ -109,6 +111,10 @@ pub struct Backend {
     pub family: u8,
     pub flags: u8,
     pub service_id: u32,
+    /// The SNAT source address for flows to this backend: the address the host's
+    /// routing would use to reach it (`snat: auto`), or the configured one. Zero: none
+    /// known, and new flows are dropped (drop_no_snat_address).
+    pub snat: Addr,
 }
 
 impl Backend {
@@ -189,6 +195,17 @@ pub struct ReverseNat {
     pub hop: NextHop,
 }
 
+/// A request from the datapath to resolve a next hop it found without a link-layer
+/// address (XLB_NEIGH_REQ ring buffer): the agent makes it a managed neighbour entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NeighbourRequest {
+    pub addr: Addr,
+    pub ifindex: u32,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 /// XLB_CONFIG value (an array of one): settings the agent gives the datapath.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -220,4 +237,5 @@ mod pod {
     unsafe impl aya::Pod for ReverseNat {}
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for DatapathConfig {}
+    unsafe impl aya::Pod for NeighbourRequest {}
 }

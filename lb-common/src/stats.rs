@@ -51,6 +51,10 @@ pub enum StatIndex {
     DropPortAlloc,
     DropFibFailure,
     DropNoSnatAddress,
+    /// The next hop's link-layer address is not known yet and the rewritten packet
+    /// comes from one of this host's own addresses, which the kernel would drop as a
+    /// martian: dropped, and the agent asked to resolve the neighbour.
+    DropNeighbourUnknown,
     // ICMP errors translated.
     IcmpTranslated,
     // Events, counted besides a packet's reason (not a reason themselves).
@@ -60,6 +64,10 @@ pub enum StatIndex {
     /// Re-creating a flow found the flow's own SNAT port still held by its reply
     /// entry, and took it back: the backend sees the same source port.
     EventPortReclaimed,
+    /// A frame the program sent to another interface (XDP_REDIRECT) or back out
+    /// (XDP_TX) that the driver did not take: counted from the kernel's xdp tracepoints,
+    /// so `fwd_*` minus this is what was delivered.
+    EventRedirectFailed,
     /// Keep last: the number of counters.
     Count,
 }
@@ -93,9 +101,11 @@ impl StatIndex {
         StatIndex::DropPortAlloc,
         StatIndex::DropFibFailure,
         StatIndex::DropNoSnatAddress,
+        StatIndex::DropNeighbourUnknown,
         StatIndex::IcmpTranslated,
         StatIndex::EventFlowRecreated,
         StatIndex::EventPortReclaimed,
+        StatIndex::EventRedirectFailed,
     ];
 
     /// Parser classification: every packet counts one of these.
@@ -141,9 +151,11 @@ impl StatIndex {
             StatIndex::DropPortAlloc => "drop_port_alloc",
             StatIndex::DropFibFailure => "drop_fib_failure",
             StatIndex::DropNoSnatAddress => "drop_no_snat_address",
+            StatIndex::DropNeighbourUnknown => "drop_neighbour_unknown",
             StatIndex::IcmpTranslated => "icmp_translated",
             StatIndex::EventFlowRecreated => "event_flow_recreated",
             StatIndex::EventPortReclaimed => "event_port_reclaimed",
+            StatIndex::EventRedirectFailed => "event_redirect_failed",
             StatIndex::Count => "count",
         }
     }

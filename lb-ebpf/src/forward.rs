@@ -1,7 +1,12 @@
 //! Stage 5: route the rewritten packet with bpf_fib_lookup and send it out: XDP_TX on
-//! the interface it came in on (one-arm), bpf_redirect to another (two-arm), or
-//! XDP_PASS when the neighbour is not resolved yet, so the kernel resolves it and
-//! forwards this packet itself (needs ip_forward).
+//! the interface it came in on (one-arm), bpf_redirect to another (two-arm).
+//!
+//! When the next hop's link-layer address is unknown, the agent is asked to resolve it
+//! (XLB_NEIGH_REQ; it also keeps every backend's next hop resolved ahead of time, as a
+//! managed neighbour entry). The packet itself is passed to the kernel, which resolves
+//! and forwards it (needs ip_forward), unless it now comes from one of this host's own
+//! IPv4 addresses (SNAT): the kernel drops such a packet as a martian source without
+//! resolving anything, so it is dropped here, counted, and the client retransmits.
 //!
 //! The FIB's answer is cached per destination for NEXTHOP_TTL_NS, and each flow keeps a
 //! copy in its own entry with the same expiry: the lookups were most of an established
@@ -14,10 +19,10 @@ use aya_ebpf::{
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
-use lb_common::{Addr, NextHop, StatIndex, FAMILY_V4};
+use lb_common::{Addr, NeighbourRequest, NextHop, StatIndex, FAMILY_V4};
 
 use crate::{
-    maps::{NextHopKey, NEXTHOP, SCRATCH},
+    maps::{NextHopKey, NEIGHBOUR_REQUESTS, NEXTHOP, SCRATCH},
     mem::bytes_mut,
 };
 
@@ -36,6 +41,8 @@ pub struct Route<'a> {
     pub dst: &'a Addr,
     /// The IP packet's length, for the FIB's MTU check.
     pub tot_len: u16,
+    /// The source is one of this host's addresses (SNAT): see the module's comment.
+    pub own_source: bool,
 }
 
 /// The verdict, and the counter that explains it (`sent` when the packet left).
@@ -129,6 +136,7 @@ fn fib(ctx: &XdpContext, route: &Route, ingress: u32) -> Result<NextHop, (u32, S
         src,
         dst,
         tot_len,
+        own_source,
     } = *route;
     let Some(p) = SCRATCH.get_ptr_mut(0) else {
         return Err((xdp_action::XDP_DROP, StatIndex::DropFibFailure));
@@ -168,7 +176,29 @@ fn fib(ctx: &XdpContext, route: &Route, ingress: u32) -> Result<NextHop, (u32, S
             dmac: p.dmac,
             _pad: [0; 2],
         }),
-        BPF_FIB_LKUP_RET_NO_NEIGH => Err((xdp_action::XDP_PASS, StatIndex::PassNeighbourUnknown)),
+        BPF_FIB_LKUP_RET_NO_NEIGH => {
+            // The FIB filled in the next hop (the gateway, or the destination itself
+            // on a connected network) and its interface. A full ring only loses the
+            // request: the next packet asks again.
+            let request = NeighbourRequest {
+                addr: if family == FAMILY_V4 {
+                    // SAFETY: the union field this family's lookup filled in.
+                    [unsafe { p.__bindgen_anon_4.ipv4_dst }, 0, 0, 0]
+                } else {
+                    // SAFETY: as above.
+                    unsafe { p.__bindgen_anon_4.ipv6_dst }
+                },
+                ifindex: p.ifindex,
+                family,
+                _pad: [0; 3],
+            };
+            let _ = NEIGHBOUR_REQUESTS.output::<NeighbourRequest>(&request, 0);
+            if own_source && family == FAMILY_V4 {
+                Err((xdp_action::XDP_DROP, StatIndex::DropNeighbourUnknown))
+            } else {
+                Err((xdp_action::XDP_PASS, StatIndex::PassNeighbourUnknown))
+            }
+        }
         _ => Err((xdp_action::XDP_DROP, StatIndex::DropFibFailure)),
     }
 }

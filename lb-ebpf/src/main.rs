@@ -23,7 +23,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, ConnValue, DatapathConfig, FlowKey, NextHop, ReverseNat, ServiceValue, StatIndex,
-    FAMILY_V4, PROTO_TCP,
+    PROTO_TCP,
 };
 
 use crate::{
@@ -110,11 +110,7 @@ fn forward_path(
             let Some((backend_id, backend)) = maglev::pick(svc, key) else {
                 return (xdp_action::XDP_DROP, StatIndex::DropNoBackend);
             };
-            let snat = if key.family == FAMILY_V4 {
-                cfg.snat_v4
-            } else {
-                cfg.snat_v6
-            };
+            let snat = backend.snat;
             if snat == [0; 4] {
                 return (xdp_action::XDP_DROP, StatIndex::DropNoSnatAddress);
             }
@@ -173,6 +169,7 @@ fn forward_path(
         (len, now),
         flow_hop,
         StatIndex::FwdForward,
+        true,
     )
 }
 
@@ -187,6 +184,7 @@ fn translate_and_send(
     (len, now): (u64, u64),
     flow_hop: Option<&mut NextHop>,
     sent: StatIndex,
+    own_source: bool,
 ) -> Verdict {
     let new_flow = flow_hop.is_none();
     if nat::rewrite(ctx, pkt, to).is_none() {
@@ -200,6 +198,7 @@ fn translate_and_send(
         src: &to.src,
         dst: &to.dst,
         tot_len: pkt.ip_len,
+        own_source,
     };
     forward::forward(ctx, &route, now, flow_hop, sent)
 }
@@ -243,6 +242,7 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
         (len, now),
         flow_hop,
         StatIndex::FwdReverse,
+        false,
     )
 }
 
@@ -286,7 +286,7 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
             sport: rev.client_port,
             dport: rev.vip_port,
         };
-        return icmp_translate(ctx, e, (&rev.vip, &rev.client), &inner, now);
+        return icmp_translate(ctx, e, (&rev.vip, &rev.client), &inner, now, false);
     }
     if let Some(cfg) = maps::CONFIG.get(0) {
         if let Some((ct, backend)) = conntrack::lookup(&scratch.reply_key, 0, now, cfg) {
@@ -297,7 +297,7 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
                 sport: backend.port,
                 dport: ct.nat_port,
             };
-            return icmp_translate(ctx, e, (&ct.nat_addr, &backend.addr), &inner, now);
+            return icmp_translate(ctx, e, (&ct.nat_addr, &backend.addr), &inner, now, true);
         }
     }
     (xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated)
@@ -311,6 +311,7 @@ fn icmp_translate(
     (outer_src, outer_dst): (&Addr, &Addr),
     inner: &Rewrite,
     now: u64,
+    own_source: bool,
 ) -> Verdict {
     if nat::rewrite_icmp_error(ctx, e, outer_src, outer_dst, inner).is_none() {
         return (xdp_action::XDP_PASS, StatIndex::PassParseError);
@@ -322,6 +323,7 @@ fn icmp_translate(
         src: outer_src,
         dst: outer_dst,
         tot_len: e.outer.ip_len,
+        own_source,
     };
     forward::forward(ctx, &route, now, None, StatIndex::IcmpTranslated)
 }

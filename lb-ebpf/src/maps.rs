@@ -5,7 +5,7 @@ use crate::parse::IcmpError;
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::Addr;
 use lb_common::{
@@ -100,3 +100,8 @@ pub struct NextHopKey {
     pub family: u8,
     pub _pad: [u8; 3],
 }
+
+/// Next hops the FIB knew no link-layer address for, for the agent to resolve (see
+/// forward.rs). Not pinned: each agent reads the ring of the program it loaded.
+#[map(name = "XLB_NEIGH_REQ")]
+pub static NEIGHBOUR_REQUESTS: RingBuf = RingBuf::with_byte_size(16 * 1024, 0);

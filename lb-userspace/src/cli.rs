@@ -46,7 +46,7 @@ pub struct CheckConfigArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct MaglevArgs {
-    /// Table size M: a prime between 251 and 131071.
+    /// Table size M: a prime between 251 and 65537 (the largest table the datapath holds).
     #[arg(long, default_value_t = crate::maglev::DEFAULT_TABLE_SIZE)]
     pub table_size: u32,
     /// A backend as ADDR:PORT[=WEIGHT] (IPv6 as [ADDR]:PORT); repeat for each backend.
@@ -110,7 +110,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
     pub conntrack_max: u32,
     /// Services (VIP, port, protocol) the maps hold. A service's Maglev table takes
-    /// memory only while it exists (256 KiB at the default table size); the per-CPU
+    /// memory only while it exists, in 4 KiB chunks of 1008 slots: 68 KiB at the
+    /// default table size 16381, 264 KiB at 65537 (twice that for a moment while a new
+    /// table replaces it). The per-CPU
     /// statistics take 32 bytes per CPU per slot. Fixed when the maps are first created.
     #[arg(long, default_value_t = lb_common::MAX_SERVICES, env = "XLB_MAX_SERVICES",
           value_parser = clap::value_parser!(u32).range(1..=65_536))]

@@ -20,7 +20,8 @@ pub struct Config {
     /// SNAT, timeouts and the table size, and the services come from the API.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
-    #[serde(default)]
+    /// `snat: auto` (the default) or `snat: {ipv4, ipv6, port_min, port_max}`.
+    #[serde(default, deserialize_with = "snat_or_auto")]
     pub snat: SnatConfig,
     #[serde(default = "default_table_size")]
     pub maglev_table_size: u32,
@@ -109,6 +110,10 @@ pub struct BackendConfig {
     /// Set by the health checker, never read from the file.
     #[serde(skip, default = "yes")]
     pub healthy: bool,
+    /// The source address the host's routing uses towards this backend, for
+    /// `snat: auto`; set by the agent (nexthop.rs), never read from the file.
+    #[serde(skip)]
+    pub snat: Option<IpAddr>,
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -154,10 +159,17 @@ pub enum Mode {
 /// Source addresses for SNAT and the port range, kept apart from the host's
 /// ip_local_port_range (32768-60999 by default) so that replies to the host's own
 /// connections are never taken for NAT replies.
+///
+/// An address left out, or `auto` (the default), is taken per backend from the host's
+/// routing: the source address the kernel would use to reach that backend, as
+/// MASQUERADE does, followed as addresses and routes change.
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct SnatConfig {
+    /// None: `auto`.
+    #[serde(default, deserialize_with = "auto_or_addr")]
     pub ipv4: Option<Ipv4Addr>,
+    #[serde(default, deserialize_with = "auto_or_addr")]
     pub ipv6: Option<Ipv6Addr>,
     #[serde(default = "default_port_min")]
     pub port_min: u16,
@@ -174,6 +186,54 @@ impl Default for SnatConfig {
             port_max: default_port_max(),
         }
     }
+}
+
+/// `snat: auto`, the same as leaving it out, or the whole table. A visitor, not an
+/// untagged enum: errors inside the table keep their field and line.
+fn snat_or_auto<'de, D>(d: D) -> std::result::Result<SnatConfig, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Visitor;
+    impl<'de> serde::de::Visitor<'de> for Visitor {
+        type Value = SnatConfig;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("`auto` or a table {ipv4, ipv6, port_min, port_max}")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<SnatConfig, E> {
+            if v == "auto" {
+                Ok(SnatConfig::default())
+            } else {
+                Err(E::custom(format!(
+                    "snat: {v:?} is neither `auto` nor a table {{ipv4, ipv6, port_min, port_max}}"
+                )))
+            }
+        }
+        fn visit_map<M: serde::de::MapAccess<'de>>(
+            self,
+            map: M,
+        ) -> std::result::Result<SnatConfig, M::Error> {
+            SnatConfig::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
+/// `auto`, or an address.
+fn auto_or_addr<'de, D, A>(d: D) -> std::result::Result<Option<A>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    A: std::str::FromStr,
+{
+    let text = String::deserialize(d)?;
+    if text == "auto" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is neither `auto` nor an address of this family"
+        ))
+    })
 }
 
 /// Idle timeouts in seconds, checked by the datapath on each packet.
@@ -366,17 +426,6 @@ impl Config {
                     );
                 }
             }
-            let snat_missing = match s.vip {
-                IpAddr::V4(_) => self.snat.ipv4.is_none(),
-                IpAddr::V6(_) => self.snat.ipv6.is_none(),
-            };
-            if snat_missing {
-                let at = format!("{}{at}", svc_line(i, "vip"));
-                bail!(
-                    "{at}: mode nat needs snat.{} (the LB's address towards the backends)",
-                    if s.vip.is_ipv4() { "ipv4" } else { "ipv6" }
-                );
-            }
         }
         Ok(())
     }
@@ -489,7 +538,7 @@ services:
         );
         let e = err(&GOOD.replace("198.51.100.3:8080", "198.51.100.2:8080"));
         assert!(e.contains("duplicate backend"), "{e}");
-        let e = err(&GOOD.replace("snat:\n  ipv4: 10.0.0.1\n", ""));
-        assert!(e.contains("snat.ipv4"), "{e}");
+        let e = err(&GOOD.replace("ipv4: 10.0.0.1", "ipv4: 10.0.0.x"));
+        assert!(e.contains("neither `auto` nor an address"), "{e}");
     }
 }

@@ -589,12 +589,19 @@ impl Dataplane {
             for b in &svc.backends {
                 let (addr, family) = addr_to_words(b.address.ip());
                 let flags = if b.healthy { 0 } else { BACKEND_F_UNHEALTHY };
+                // A configured address wins; otherwise the route's source (`snat: auto`).
+                let configured: Option<IpAddr> = match b.address.ip() {
+                    IpAddr::V4(_) => cfg.snat.ipv4.map(Into::into),
+                    IpAddr::V6(_) => cfg.snat.ipv6.map(Into::into),
+                };
+                let snat = configured.or(b.snat).map_or([0; 4], |a| addr_to_words(a).0);
                 let value = Backend {
                     addr,
                     port: b.address.port().to_be(),
                     family,
                     flags,
                     service_id: id,
+                    snat,
                 };
                 let bid = match backend_id_of.get(&(id, b.address)) {
                     Some(bid) => {

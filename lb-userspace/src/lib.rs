@@ -3,6 +3,7 @@
 //! One module per concern: `cli` (arguments), `dataplane` (load, attach, pin, maps),
 //! `maglev` (the table builder), `status` (reading the pinned maps back).
 
+pub mod agent;
 pub mod cli;
 pub mod config;
 pub mod conntrack;
@@ -13,6 +14,7 @@ pub mod health;
 pub mod k8s;
 pub mod maglev;
 pub mod metrics;
+pub mod nexthop;
 pub mod status;
 
 /// The XDP object built by build.rs from lb-ebpf.

@@ -3,8 +3,9 @@
 //! Each backend gets a permutation of the M slots, `perm[j] = (offset + j·skip) mod M`,
 //! with `offset = h1(b) mod M` and `skip = h2(b) mod (M−1) + 1`, where h1 and h2 are
 //! seeded hashes of the backend's identity (address and port). The table is filled in
-//! rounds: in each round every backend takes `weight` turns, and a turn claims the
-//! backend's next preferred slot that is still empty.
+//! rounds: in each round every backend earns its weight in credit and spends the
+//! largest weight of the set, when it has it, on a turn (Katran's weighted variant);
+//! a turn claims the backend's next preferred slot that is still empty.
 //!
 //! Determinism is the contract between nodes: the seeds below are constants, the fill
 //! order is the backends sorted by identity (never the order they were given in, never
@@ -24,7 +25,8 @@ pub const MAGLEV_SEED_SKIP: u64 = 0x9e37_79b9_7f4a_7c15;
 
 pub const DEFAULT_TABLE_SIZE: u32 = 16381;
 pub const MIN_TABLE_SIZE: u32 = 251;
-pub const MAX_TABLE_SIZE: u32 = 131_071;
+/// The largest table the datapath holds (lb_common::MAGLEV_MAX_TABLE_SIZE).
+pub const MAX_TABLE_SIZE: u32 = lb_common::MAGLEV_MAX_TABLE_SIZE as u32;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum MaglevError {
@@ -128,7 +130,9 @@ pub fn build(backends: &[WeightedBackend], m: u32) -> Result<Vec<u32>, MaglevErr
     let m64 = m as u64;
     struct Perm {
         index: u32,
-        weight: u32,
+        weight: u64,
+        /// Credit accumulated over the rounds (Katran's weighted Maglev, "V2").
+        credit: u64,
         offset: u64,
         skip: u64,
         next: u64,
@@ -137,32 +141,42 @@ pub fn build(backends: &[WeightedBackend], m: u32) -> Result<Vec<u32>, MaglevErr
         .iter()
         .map(|(id, i)| Perm {
             index: *i as u32,
-            weight: backends[*i].weight,
+            weight: backends[*i].weight as u64,
+            credit: 0,
             offset: seeded_hash(id, MAGLEV_SEED_OFFSET) % m64,
             skip: seeded_hash(id, MAGLEV_SEED_SKIP) % (m64 - 1) + 1,
             next: 0,
         })
         .collect();
+    // Each round, every backend earns its weight in credit and takes one slot for each
+    // `max_weight` it holds: at most one slot per round, so no backend can fill the
+    // table in a run of turns before the others get theirs (taking `weight` turns in a
+    // row starved backends once weights were large), and shares follow the weights
+    // whatever their magnitude. Equal weights give exactly the unweighted table.
+    let max_weight = perms.iter().map(|p| p.weight).max().unwrap_or(1);
     const EMPTY: u32 = u32::MAX;
     let mut table = vec![EMPTY; m as usize];
     let mut filled = 0u32;
     'fill: loop {
         for p in perms.iter_mut() {
-            for _ in 0..p.weight {
-                // Walk this backend's permutation to its next empty slot. Since skip and
-                // M are coprime the walk visits every slot, so it always finds one
-                // while the table is not full.
-                let mut slot = (p.offset + p.next * p.skip) % m64;
-                while table[slot as usize] != EMPTY {
-                    p.next += 1;
-                    slot = (p.offset + p.next * p.skip) % m64;
-                }
-                table[slot as usize] = p.index;
+            p.credit += p.weight;
+            if p.credit < max_weight {
+                continue;
+            }
+            p.credit -= max_weight;
+            // Walk this backend's permutation to its next empty slot. Since skip and
+            // M are coprime the walk visits every slot, so it always finds one while
+            // the table is not full.
+            let mut slot = (p.offset + p.next * p.skip) % m64;
+            while table[slot as usize] != EMPTY {
                 p.next += 1;
-                filled += 1;
-                if filled == m {
-                    break 'fill;
-                }
+                slot = (p.offset + p.next * p.skip) % m64;
+            }
+            table[slot as usize] = p.index;
+            p.next += 1;
+            filled += 1;
+            if filled == m {
+                break 'fill;
             }
         }
     }
@@ -218,6 +232,8 @@ mod tests {
         assert_eq!(build(&bs, 65536), Err(MaglevError::NotPrime(65536)));
         assert_eq!(build(&bs, 241), Err(MaglevError::OutOfRange(241)));
         assert_eq!(build(&bs, 131_101), Err(MaglevError::OutOfRange(131_101)));
+        // Prime, but larger than the datapath's table.
+        assert_eq!(build(&bs, 131_071), Err(MaglevError::OutOfRange(131_071)));
         assert!(build(&bs, 65537).is_ok());
     }
 
@@ -274,5 +290,61 @@ mod tests {
         );
         // Recorded from this implementation: nodes running other versions must agree.
         assert_eq!(t[..16], [2, 0, 0, 2, 2, 0, 0, 0, 1, 2, 2, 2, 2, 0, 1, 1]);
+    }
+
+    fn spread(weights: &[u32], m: u32) -> Vec<u32> {
+        let bs: Vec<WeightedBackend> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| WeightedBackend {
+                addr: SocketAddr::from(([10, 1, (i >> 8) as u8, i as u8], 80)),
+                weight: w,
+            })
+            .collect();
+        slot_counts(&build(&bs, m).unwrap(), bs.len())
+    }
+
+    /// Seen before the credit scheme: 20 backends of weight 1000 left 4 without a slot,
+    /// and 3 of weight 20000 sent every flow to one.
+    #[test]
+    fn large_equal_weights_spread_like_weight_one() {
+        for (n, w) in [(20usize, 1000u32), (3, 20_000), (7, u32::MAX)] {
+            let counts = spread(&vec![w; n], 16381);
+            assert_eq!(counts, spread(&vec![1; n], 16381), "n={n} w={w}");
+            let max = *counts.iter().max().unwrap() as f64;
+            let avg = 16381.0 / n as f64;
+            assert!(max / avg <= 1.01, "n={n} w={w}: {counts:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// Shares follow the weights for any weights check-config accepts (u32), small
+        /// or huge: each active backend's slots are within 1% of M plus 2% of its ideal
+        /// share of it, and a backend of weight 0 gets none.
+        #[test]
+        fn shares_follow_weights(
+            weights in proptest::collection::vec(
+                proptest::prop_oneof![0u32..4, 1u32..100, 1000u32..1_000_000, (u32::MAX - 1000)..=u32::MAX],
+                1..24,
+            )
+        ) {
+            proptest::prop_assume!(weights.iter().any(|&w| w > 0));
+            let m = 16381u32;
+            let counts = spread(&weights, m);
+            proptest::prop_assert_eq!(counts.iter().sum::<u32>(), m);
+            let total: f64 = weights.iter().map(|&w| w as f64).sum();
+            for (&w, &c) in weights.iter().zip(&counts) {
+                let ideal = m as f64 * w as f64 / total;
+                if w == 0 {
+                    proptest::prop_assert_eq!(c, 0);
+                } else {
+                    proptest::prop_assert!(
+                        (c as f64 - ideal).abs() <= 0.01 * m as f64 + 0.02 * ideal,
+                        "weight {} got {} slots, ideal {:.1} ({:?} -> {:?})", w, c, ideal, weights, counts
+                    );
+                }
+            }
+        }
     }
 }

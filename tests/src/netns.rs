@@ -133,12 +133,29 @@ pub struct VethEnd {
     pub name: String,
 }
 
-/// Creates a veth pair between two namespaces, addresses both ends and brings them up.
+/// Creates a veth pair between two namespaces, addresses both ends and brings them up,
+/// tuned for native XDP.
 ///
 /// For native XDP on veth (see DESIGN.md): GRO is turned on at both ends so that the
 /// receiving side has NAPI for redirected frames, and TX checksum offload is turned off
 /// so packets that XDP redirects carry real checksums.
 pub fn veth_pair(
+    a: &Netns,
+    a_addrs: &[&str],
+    b: &Netns,
+    b_addrs: &[&str],
+) -> Result<(VethEnd, VethEnd)> {
+    let (ea, eb) = veth_pair_untuned(a, a_addrs, b, b_addrs)?;
+    for e in [&ea, &eb] {
+        let ns = if e.ns == a.name { a } else { b };
+        ns.exec("ethtool", &["-K", &e.name, "tx", "off", "gro", "on"])?;
+    }
+    Ok((ea, eb))
+}
+
+/// A veth pair as `ip link add` makes it: offloads at their defaults (TX checksum
+/// offload on, GRO off), as in kind, k3d and containerlab clusters.
+pub fn veth_pair_untuned(
     a: &Netns,
     a_addrs: &[&str],
     b: &Netns,
@@ -163,7 +180,6 @@ pub fn veth_pair(
             }
         }
         ns.ip(&["link", "set", name, "up"])?;
-        ns.exec("ethtool", &["-K", name, "tx", "off", "gro", "on"])?;
     }
     Ok((
         VethEnd {

@@ -11,7 +11,13 @@
 //!
 //! VIPs 10.100.0.10 and fd00:100::10 are routed by the client to the LB and are not
 //! configured anywhere: only xlb answers for them. The LB's client-side address is the
-//! SNAT address. Neighbour entries are pinned so that bpf_fib_lookup always resolves.
+//! SNAT address.
+//!
+//! Two kinds of network (`Network`): the lab pins every neighbour entry, tunes the veths
+//! for native XDP and names the SNAT address, so a test sees only what it tests; the
+//! network as deployed has none of that (no static neighbours, default offloads, default
+//! sysctls apart from forwarding, `snat: auto`), so what a user's network does to xlb
+//! shows up in the tests too.
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -23,7 +29,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
-    netns::{veth_pair, Netns, VethEnd},
+    netns::{veth_pair, veth_pair_untuned, Netns, VethEnd},
     traffic::{tcp_echo, udp_echo},
     unique_name,
 };
@@ -31,6 +37,15 @@ use crate::{
 pub const VIP4: &str = "10.100.0.10";
 pub const VIP6: &str = "fd00:100::10";
 pub const BACKEND_PORT: u16 = 8080;
+
+/// What the topology resolves for the program (see the module's comment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    /// Static neighbours, veths tuned for native XDP, SNAT addresses in the config.
+    Lab,
+    /// Nothing resolved ahead: as a user's network is.
+    AsDeployed,
+}
 
 pub struct LbLab {
     pub client: Netns,
@@ -50,6 +65,7 @@ pub struct LbLab {
     pub snat6: IpAddr,
     backends4: Vec<IpAddr>,
     backends6: Vec<IpAddr>,
+    pub network: Network,
 }
 
 fn pin_neighbour(
@@ -157,10 +173,25 @@ impl LbLab {
             snat6: "fd60::1".parse()?,
             backends4,
             backends6,
+            network: Network::Lab,
         })
     }
 
     pub fn two_arm(n_backends: usize) -> Result<Self> {
+        Self::two_arm_on(n_backends, Network::Lab)
+    }
+
+    pub fn two_arm_on(n_backends: usize, network: Network) -> Result<Self> {
+        let lab = network == Network::Lab;
+        let pin_neighbour =
+            |ns: &Netns, on: &VethEnd, addr: &str, peer_ns: &Netns, peer: &VethEnd| {
+                if lab {
+                    pin_neighbour(ns, on, addr, peer_ns, peer)
+                } else {
+                    Ok(())
+                }
+            };
+        let veth_pair = if lab { veth_pair } else { veth_pair_untuned };
         let client = Netns::new("lc")?;
         let lb = Netns::new("ll")?;
         let (c_end, l_end) = veth_pair(
@@ -220,6 +251,7 @@ impl LbLab {
             snat6: "fd30::1".parse()?,
             backends4,
             backends6,
+            network,
         })
     }
 
@@ -232,10 +264,14 @@ impl LbLab {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
-        let mut text = format!(
-            "snat: {{ipv4: {}, ipv6: \"{}\"}}\nservices:\n",
-            self.snat4, self.snat6
-        );
+        // As deployed, the SNAT source is left to `snat: auto`.
+        let mut text = match self.network {
+            Network::Lab => format!(
+                "snat: {{ipv4: {}, ipv6: \"{}\"}}\nservices:\n",
+                self.snat4, self.snat6
+            ),
+            Network::AsDeployed => "services:\n".to_owned(),
+        };
         for (name, vip, v6) in [("v4", VIP4, false), ("v6", VIP6, true)] {
             for (proto, port) in [("tcp", 80), ("udp", 53)] {
                 text.push_str(&format!(

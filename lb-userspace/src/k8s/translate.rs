@@ -457,6 +457,7 @@ fn endpoints_for(
             address,
             weight,
             healthy: true,
+            snat: None,
         })
         .collect()
 }

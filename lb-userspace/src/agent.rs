@@ -1,0 +1,427 @@
+//! `xlb run`: the agent. One reconcile loop: sources (the config file, Kubernetes,
+//! health checks, the kernel's routes) give the desired state, and the sinks (the
+//! maps, the XDP attachments, the neighbour table) are brought to it.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{debug, error, info, warn};
+
+use crate::{
+    cli::RunArgs,
+    config::{Config, ServiceConfig},
+    dataplane::Dataplane,
+    health,
+    metrics::AgentMetrics,
+    nexthop::NextHops,
+    status,
+};
+
+/// How often the routes to the backends are looked up again (`snat: auto` and the
+/// managed neighbour entries follow address and route changes within this).
+const ROUTE_REFRESH_SECS: u32 = 5;
+
+/// What `xlb run` keeps between events: the config file's contents (the base), the
+/// services Kubernetes wants, the health of checked backends, and the probes.
+struct Agent {
+    dp: Dataplane,
+    /// The last config file that applied, with the command line's overrides.
+    base: Config,
+    /// In Kubernetes mode: the services from the API; `None` until the first sync, and
+    /// nothing is applied before it (the pinned maps keep the state of the last agent).
+    k8s: Option<Vec<ServiceConfig>>,
+    kubernetes: bool,
+    /// What is programmed now: the base's services and then Kubernetes'.
+    config: Option<Config>,
+    health: BTreeMap<health::BackendKey, bool>,
+    checker: Option<health::Checker>,
+    health_tx: UnboundedSender<health::Transition>,
+    metrics: AgentMetrics,
+    snat_overrides: (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
+    /// Seconds since the last conntrack sweep, and the datapath counters last seen.
+    since_sweep: u32,
+    last_counters: BTreeMap<&'static str, u64>,
+    conntrack_max: u32,
+    /// Routes and next hops of the backends: SNAT sources, managed neighbours.
+    nexthops: NextHops,
+    since_routes: u32,
+}
+
+impl Agent {
+    /// Programs the maps for `cfg` as the health checks see it.
+    fn apply(&mut self, cfg: &Config) -> Result<crate::dataplane::ApplySummary> {
+        let started = std::time::Instant::now();
+        let cfg = self
+            .nexthops
+            .effective(&health::effective(cfg, &self.health));
+        let summary = self.dp.apply(&cfg)?;
+        self.metrics
+            .map_update_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if summary.backends_removed > 0 {
+            // At once, not at the next sweep: a removed backend's id may be given to a
+            // new backend by the next apply, and its old flows must not follow it there.
+            if let Err(e) = crate::conntrack::sweep(&mut self.dp, &cfg.timeouts) {
+                warn!("conntrack sweep after removing backends failed: {e:#}");
+            }
+        }
+        Ok(summary)
+    }
+
+    /// The config file's settings with the command line's SNAT addresses on top.
+    fn with_overrides(&self, mut cfg: Config) -> Result<Config> {
+        let (v4, v6) = self.snat_overrides;
+        cfg.snat.ipv4 = v4.or(cfg.snat.ipv4);
+        cfg.snat.ipv6 = v6.or(cfg.snat.ipv6);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The config to program for this base and these Kubernetes services, if it is
+    /// time to program anything.
+    fn merged(&self, base: &Config, k8s: Option<&Vec<ServiceConfig>>) -> Option<Config> {
+        if self.kubernetes && k8s.is_none() {
+            return None;
+        }
+        let mut cfg = base.clone();
+        cfg.services.extend(k8s.into_iter().flatten().cloned());
+        Some(cfg)
+    }
+
+    /// Makes `base` and `k8s` the running state: validate the merge, apply it, then
+    /// (re)start its health checks, keeping the health of backends already checked.
+    /// On error nothing changes.
+    async fn adopt(
+        &mut self,
+        base: Config,
+        k8s: Option<Vec<ServiceConfig>>,
+    ) -> Result<Option<crate::dataplane::ApplySummary>> {
+        let Some(cfg) = self.merged(&base, k8s.as_ref()) else {
+            self.base = base;
+            return Ok(None);
+        };
+        cfg.validate()?;
+        // Before the maps: a new backend's SNAT source and resolved next hop must be
+        // there for its first packet.
+        self.nexthops.refresh(&cfg).await;
+        let summary = self.apply(&cfg)?;
+        let keys: std::collections::BTreeSet<health::BackendKey> = cfg
+            .services
+            .iter()
+            .filter(|s| s.health_check.is_some())
+            .flat_map(|s| s.backends.iter().map(|b| (s.name.clone(), b.address)))
+            .collect();
+        self.health.retain(|k, _| keys.contains(k));
+        self.checker = Some(health::start(&cfg, &self.health, self.health_tx.clone()));
+        self.config = Some(cfg);
+        self.base = base;
+        self.k8s = k8s;
+        self.metrics.applied(true);
+        Ok(Some(summary))
+    }
+
+    /// Applies the config file again. A file that does not load or validate is
+    /// rejected whole and the running state stays exactly as it was.
+    async fn reload(&mut self, path: Option<&std::path::Path>) {
+        let Some(path) = path else {
+            warn!("SIGHUP: no --config to reload");
+            return;
+        };
+        let loaded = Config::load(path).and_then(|cfg| self.with_overrides(cfg));
+        let adopted = match loaded {
+            Ok(base) => self.adopt(base, self.k8s.clone()).await,
+            Err(e) => Err(e),
+        };
+        match adopted {
+            Ok(summary) => info!(?summary, "config reloaded"),
+            Err(e) => {
+                self.metrics.applied(false);
+                error!("config reload rejected, keeping the running state: {e:#}");
+            }
+        }
+    }
+
+    async fn kubernetes_changed(&mut self, services: Vec<ServiceConfig>) {
+        let n = services.len();
+        match self.adopt(self.base.clone(), Some(services)).await {
+            Ok(summary) => info!(?summary, services = n, "Kubernetes services applied"),
+            Err(e) => {
+                self.metrics.applied(false);
+                error!("Kubernetes services rejected, keeping the running state: {e:#}");
+            }
+        }
+    }
+
+    /// Once a second: delete replaced Maglev tables, sweep conntrack when due, and say in the log when the datapath
+    /// hit a full table since the last look.
+    async fn housekeeping(&mut self) {
+        self.since_routes += 1;
+        if self.since_routes >= ROUTE_REFRESH_SECS {
+            self.since_routes = 0;
+            if let Some(cfg) = self.config.clone() {
+                if self.nexthops.refresh(&cfg).await {
+                    match self.apply(&cfg) {
+                        Ok(summary) => {
+                            info!(?summary, "routes to backends changed: SNAT sources updated")
+                        }
+                        Err(e) => error!("applying changed routes failed: {e:#}"),
+                    }
+                }
+            }
+        }
+        // Replaced Maglev table generations, a second or more after the swap.
+        if let Err(e) = self.dp.collect_retired() {
+            warn!("deleting replaced Maglev tables failed: {e:#}");
+        }
+        self.since_sweep += 1;
+        let timeouts = self.base.timeouts;
+        if self.since_sweep >= timeouts.gc_interval.max(1) {
+            self.since_sweep = 0;
+            match crate::conntrack::sweep(&mut self.dp, &timeouts) {
+                Ok(sweep) => {
+                    let swept = &self.metrics.conntrack_swept;
+                    for (why, n) in [("expired", sweep.expired), ("orphaned", sweep.orphaned)] {
+                        swept
+                            .get_or_create(&vec![("why".to_owned(), why.to_owned())])
+                            .inc_by(n as u64);
+                    }
+                    let max = self.conntrack_max as usize;
+                    if sweep.remaining * 10 >= max * 9 {
+                        warn!(entries = sweep.remaining, max, "conntrack is over 90% full: the least recently used flows are being evicted (they are re-created on their next packet; see xlb_datapath_events_total)");
+                    }
+                }
+                Err(e) => warn!("conntrack sweep failed: {e:#}"),
+            }
+        }
+        let Ok(counters) = status::read_global_counters(&self.dp.pin_path) else {
+            return;
+        };
+        let now: BTreeMap<&'static str, u64> =
+            counters.into_iter().map(|(k, c)| (k, c.packets)).collect();
+        let delta = |name: &str| {
+            now.get(name).copied().unwrap_or(0) - self.last_counters.get(name).copied().unwrap_or(0)
+        };
+        if !self.last_counters.is_empty() {
+            let ports = delta("drop_port_alloc");
+            if ports > 0 {
+                let s = self.base.snat;
+                warn!(dropped = ports, port_min = s.port_min, port_max = s.port_max, "SNAT ports exhausted: new flows to a backend found no free source port and were dropped (drop_port_alloc); widen snat.port_min..port_max or add SNAT addresses");
+            }
+            let recreated = delta("event_flow_recreated");
+            if recreated > 0 {
+                warn!(flows = recreated, "TCP flows were re-created mid-stream: their conntrack entries had been evicted (table full) or had expired; ports reclaimed: {}", delta("event_port_reclaimed"));
+            }
+            let no_backend = delta("drop_no_backend");
+            if no_backend > 0 {
+                warn!(
+                    dropped = no_backend,
+                    "new flows to a service without backends were dropped (drop_no_backend)"
+                );
+            }
+        }
+        self.last_counters = now;
+    }
+
+    fn health_changed(&mut self, (key, healthy): health::Transition) {
+        self.health.insert(key, healthy);
+        if let Some(cfg) = self.config.clone() {
+            match self.apply(&cfg) {
+                Ok(summary) => info!(?summary, "health change applied"),
+                Err(e) => error!("applying a health change failed: {e:#}"),
+            }
+        }
+    }
+}
+
+pub async fn run(args: RunArgs) -> Result<()> {
+    // A bad file stops us before anything is touched.
+    let file = args.config.as_deref().map(Config::load).transpose()?;
+    let log_level = crate::ebpf_log::level_from_filter();
+    let load = crate::dataplane::LoadOptions {
+        log_level,
+        conntrack_max: args.conntrack_max,
+        max_services: args.max_services,
+        max_backends: args.max_backends,
+    };
+    let mut dp = Dataplane::load(&args.pin_path, &load)?;
+    if crate::ebpf_log::spawn(&mut dp.ebpf, log_level)?.is_some() {
+        info!(
+            level = log_level,
+            "forwarding the XDP program's logs to target xlb::ebpf"
+        );
+    }
+    let metrics = AgentMetrics::default();
+    match args.metrics_addr {
+        // Asked for: failing to serve it is an error.
+        Some(crate::cli::MetricsAddr(Some(addr))) => {
+            crate::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await?;
+            info!(%addr, "serving /metrics, /healthz, /readyz");
+        }
+        Some(crate::cli::MetricsAddr(None)) => info!("metrics off"),
+        // The default: the port may be another agent's (one per namespace), so a
+        // failure is only worth a warning.
+        None => {
+            let addr = crate::cli::DEFAULT_METRICS_ADDR
+                .parse()
+                .expect("a valid address");
+            match crate::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await {
+                Ok(()) => info!(%addr, "serving /metrics, /healthz, /readyz"),
+                Err(e) => warn!("not serving metrics at the default {addr}: {e:#}"),
+            }
+        }
+    }
+    let (health_tx, mut health_rx) = tokio::sync::mpsc::unbounded_channel();
+    let nexthops = NextHops::new()?;
+    let mut neighbour_requests = spawn_neighbour_requests(&mut dp)?;
+    let mut agent = Agent {
+        dp,
+        base: Config::default(),
+        k8s: None,
+        kubernetes: args.kubernetes,
+        config: None,
+        health: BTreeMap::new(),
+        checker: None,
+        health_tx,
+        metrics,
+        snat_overrides: (args.snat_ipv4, args.snat_ipv6),
+        since_sweep: 0,
+        last_counters: BTreeMap::new(),
+        conntrack_max: args.conntrack_max,
+        nexthops,
+        since_routes: 0,
+    };
+    let base = agent.with_overrides(file.unwrap_or_default())?;
+    let services = base.services.len();
+    if let Some(summary) = agent.adopt(base, None).await? {
+        info!(?summary, services, "config applied");
+    }
+    let mut k8s_rx = if args.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+        let opts = crate::k8s::translate::Options {
+            class: args.lb_class.clone(),
+            default_class: args.default_class,
+            node_name: args.node_name.clone(),
+            pools: args.ipam_pool.clone(),
+        };
+        info!(class = %opts.class, default_class = opts.default_class, node = ?opts.node_name,
+              pools = ?opts.pools, "watching Kubernetes Services and EndpointSlices");
+        Some(crate::k8s::controller::spawn(
+            client,
+            opts,
+            agent.base.clone(),
+            agent.dp.max_services as usize,
+        ))
+    } else {
+        None
+    };
+    for iface in &args.ifaces {
+        agent.dp.attach(iface, args.xdp_mode)?;
+    }
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    agent
+        .metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    info!(pin_path = %args.pin_path.display(), "xlb running");
+    // The config file is watched by content, once a second: robust to editors that
+    // replace the file, and a file being written is retried until it validates.
+    let read = |p: &std::path::Path| std::fs::read(p).ok();
+    let mut last_seen = args.config.as_deref().and_then(read);
+    let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(1));
+    let detach = loop {
+        tokio::select! {
+            _ = term.recv() => break args.detach_on_exit,
+            _ = int.recv() => break true,
+            _ = hup.recv() => agent.reload(args.config.as_deref()).await,
+            Some(req) = neighbour_requests.recv() => {
+                debug!(addr = %req.1, ifindex = req.0, "the datapath found a next hop unresolved");
+                agent.nexthops.request(req.0, req.1).await;
+            }
+            Some(change) = health_rx.recv() => agent.health_changed(change),
+            _ = housekeeping.tick() => agent.housekeeping().await,
+            Some(services) = async { k8s_rx.as_mut()?.recv().await } => {
+                agent.kubernetes_changed(services).await
+            }
+            _ = watch.tick(), if args.config.is_some() => {
+                let now = args.config.as_deref().and_then(read);
+                if now.is_some() && now != last_seen {
+                    info!("config file changed");
+                    last_seen = now;
+                    agent.reload(args.config.as_deref()).await;
+                }
+            }
+        }
+    };
+    agent.checker = None;
+    if detach {
+        agent.dp.detach()?;
+        info!("detached");
+    } else {
+        info!(pin_path = %args.pin_path.display(), "exiting; the datapath stays attached and pinned for the next agent (xlb detach removes it)");
+    }
+    Ok(())
+}
+
+/// Reads the datapath's requests to resolve a next hop (XLB_NEIGH_REQ) on a task of its
+/// own, and hands them on as (ifindex, address), at most once a second per next hop.
+fn spawn_neighbour_requests(
+    dp: &mut Dataplane,
+) -> Result<tokio::sync::mpsc::UnboundedReceiver<(u32, std::net::IpAddr)>> {
+    use aya::maps::RingBuf;
+    use lb_common::NeighbourRequest;
+    let map = dp
+        .ebpf
+        .take_map(lb_common::MAP_NEIGHBOUR_REQUESTS)
+        .context("the neighbour request ring is missing from the program")?;
+    let ring = RingBuf::try_from(map)?;
+    // SAFETY: the ring owns its map's file descriptor, which stays open and the same
+    // for as long as the ring (moved into the AsyncFd) lives.
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow::anyhow!("polling the neighbour request ring: {e}"))?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut last: BTreeMap<(u32, std::net::IpAddr), std::time::Instant> = BTreeMap::new();
+        loop {
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
+            let ring = guard.get_inner_mut();
+            while let Some(item) = ring.next() {
+                if item.len() < std::mem::size_of::<NeighbourRequest>() {
+                    continue;
+                }
+                // SAFETY: the datapath writes exactly one NeighbourRequest per record
+                // (length checked); read_unaligned makes no alignment assumption.
+                let req: NeighbourRequest =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+                let addr = crate::dataplane::words_to_addr(&req.addr, req.family);
+                let now = std::time::Instant::now();
+                let key = (req.ifindex, addr);
+                if last
+                    .get(&key)
+                    .is_some_and(|t| now.duration_since(*t) < std::time::Duration::from_secs(1))
+                {
+                    continue;
+                }
+                last.insert(key, now);
+                if last.len() > 4096 {
+                    last.retain(|_, t| now.duration_since(*t) < std::time::Duration::from_secs(1));
+                }
+                if tx.send(key).is_err() {
+                    return;
+                }
+            }
+            guard.clear_ready();
+        }
+    });
+    Ok(rx)
+}

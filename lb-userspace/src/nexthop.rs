@@ -1,0 +1,316 @@
+//! How each backend is reached, from the kernel's own routing: the interface, the next
+//! hop (a gateway, or the backend itself on a connected network) and the source address
+//! the kernel would use (`snat: auto`, as MASQUERADE picks it).
+//!
+//! The XDP program cannot resolve a link-layer address: bpf_fib_lookup only reads the
+//! neighbour table. So every next hop is kept in that table as a *managed* entry
+//! (NTF_EXT_MANAGED, Linux 5.16+), which the kernel resolves at once and keeps
+//! reachable by probing it. Entries the agent creates carry protocol RTPROT_XLB, so
+//! the ones no backend needs any more are found and deleted, also after a restart.
+//! Static entries (permanent, noarp) are the operator's and are left alone. Next hops
+//! the datapath still finds unresolved (a route changed) come back as requests on a
+//! ring buffer and are handled the same way.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use anyhow::{bail, Context, Result};
+use futures::TryStreamExt;
+use rtnetlink::{
+    packet_route::{
+        neighbour::{
+            NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage,
+            NeighbourState,
+        },
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType, RouteVia},
+        AddressFamily,
+    },
+    Handle,
+};
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+
+/// The routing protocol number xlb marks its neighbour entries (and, later, routes)
+/// with: `ip neigh show proto 248`. 248 is unassigned in iproute2's rt_protos.
+pub const RTPROT_XLB: u8 = 248;
+
+/// How the kernel reaches one backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Path {
+    pub ifindex: u32,
+    /// The neighbour to resolve: the gateway, or the backend on a connected network.
+    pub neighbour: IpAddr,
+    /// The preferred source address of the route (None on a route without one and no
+    /// address of that family on the interface).
+    pub source: Option<IpAddr>,
+    /// The backend is an address of this host: nothing to resolve.
+    pub local: bool,
+}
+
+pub struct NextHops {
+    handle: Handle,
+    paths: BTreeMap<IpAddr, Path>,
+    /// Backends without a usable route, already warned about.
+    unroutable: BTreeSet<IpAddr>,
+}
+
+impl NextHops {
+    /// Opens a netlink socket in this network namespace.
+    pub fn new() -> Result<Self> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().context("opening a netlink route socket")?;
+        tokio::spawn(conn);
+        Ok(Self {
+            handle,
+            paths: BTreeMap::new(),
+            unroutable: BTreeSet::new(),
+        })
+    }
+
+    /// The path last found for a backend.
+    pub fn path(&self, backend: IpAddr) -> Option<&Path> {
+        self.paths.get(&backend)
+    }
+
+    /// Fills in each backend's route source (`snat: auto`) from the last refresh.
+    pub fn effective(&self, cfg: &Config) -> Config {
+        let mut out = cfg.clone();
+        for svc in &mut out.services {
+            for b in &mut svc.backends {
+                b.snat = self.paths.get(&b.address.ip()).and_then(|p| p.source);
+            }
+        }
+        out
+    }
+
+    /// Looks up the route to every backend of `cfg` again, and makes sure every next
+    /// hop is a managed neighbour entry. Returns whether any path changed (then the
+    /// maps need the new source addresses). Errors about single backends are logged,
+    /// never fatal: such a backend gets no SNAT address and its new flows are counted
+    /// as drop_no_snat_address.
+    pub async fn refresh(&mut self, cfg: &Config) -> bool {
+        let wanted: BTreeSet<IpAddr> = cfg
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.address.ip()))
+            .collect();
+        let mut paths = BTreeMap::new();
+        for &addr in &wanted {
+            match self.route(addr).await {
+                Ok(path) => {
+                    if self.unroutable.remove(&addr) {
+                        info!(backend = %addr, "backend has a route again");
+                    }
+                    paths.insert(addr, path);
+                }
+                Err(e) => {
+                    if self.unroutable.insert(addr) {
+                        warn!(backend = %addr, "no usable route to the backend: {e:#}");
+                    }
+                }
+            }
+        }
+        self.unroutable.retain(|a| wanted.contains(a));
+        let changed = paths != self.paths;
+        if changed {
+            for (addr, p) in &paths {
+                if self.paths.get(addr) != Some(p) {
+                    debug!(backend = %addr, ?p, "path to backend");
+                }
+            }
+        }
+        self.paths = paths;
+        let hops: BTreeSet<(u32, IpAddr)> = self
+            .paths
+            .values()
+            .filter(|p| !p.local)
+            .map(|p| (p.ifindex, p.neighbour))
+            .collect();
+        if let Err(e) = self.sync_neighbours(&hops).await {
+            warn!("keeping the backends' next hops resolved failed: {e:#}");
+        }
+        changed
+    }
+
+    /// `ip route get ADDR`: the interface, next hop and source the kernel would use.
+    pub async fn route(&self, addr: IpAddr) -> Result<Path> {
+        let mut msg = RouteMessage::default();
+        let (family, len, dst) = match addr {
+            IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+            IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+        };
+        msg.header.address_family = family;
+        msg.header.destination_prefix_length = len;
+        msg.attributes.push(RouteAttribute::Destination(dst));
+        let mut answers = self.handle.route().get(msg).execute();
+        let Some(answer) = answers.try_next().await.context("route lookup")? else {
+            bail!("the kernel returned no route");
+        };
+        let local = match answer.header.kind {
+            RouteType::Unicast => false,
+            RouteType::Local => true,
+            other => bail!("the route is of type {other:?}"),
+        };
+        let (mut ifindex, mut gateway, mut source) = (None, None, None);
+        for attr in &answer.attributes {
+            match attr {
+                RouteAttribute::Oif(i) => ifindex = Some(*i),
+                RouteAttribute::Gateway(g) => gateway = route_addr(g),
+                RouteAttribute::Via(RouteVia::Inet6(a)) => gateway = Some(IpAddr::V6(*a)),
+                RouteAttribute::Via(RouteVia::Inet(a)) => gateway = Some(IpAddr::V4(*a)),
+                RouteAttribute::PrefSource(s) => source = route_addr(s),
+                _ => {}
+            }
+        }
+        let ifindex = ifindex.context("the route names no interface")?;
+        Ok(Path {
+            ifindex,
+            neighbour: gateway.unwrap_or(addr),
+            source,
+            local,
+        })
+    }
+
+    /// A next hop the datapath found unresolved: make it a managed entry now.
+    pub async fn request(&self, ifindex: u32, addr: IpAddr) {
+        let current = self.neighbours().await.unwrap_or_default();
+        if let Err(e) = self.ensure(&current, ifindex, addr).await {
+            warn!(%addr, ifindex, "resolving a next hop the datapath asked for failed: {e:#}");
+        }
+    }
+
+    /// Every next hop in `hops` is a managed (or static) entry; managed entries xlb made
+    /// that no next hop needs any more are deleted.
+    async fn sync_neighbours(&self, hops: &BTreeSet<(u32, IpAddr)>) -> Result<()> {
+        let current = self.neighbours().await?;
+        for &(ifindex, addr) in hops {
+            self.ensure(&current, ifindex, addr).await?;
+        }
+        for ((ifindex, addr), entry) in &current {
+            if entry.ours && !hops.contains(&(*ifindex, *addr)) {
+                debug!(%addr, ifindex, "deleting a managed neighbour entry no backend needs");
+                let mut msg = NeighbourMessage::default();
+                msg.header.family = family_of(*addr);
+                msg.header.ifindex = *ifindex;
+                msg.attributes
+                    .push(NeighbourAttribute::Destination(neighbour_addr(*addr)));
+                if let Err(e) = self.handle.neighbours().del(msg).execute().await {
+                    debug!(%addr, "deleting the neighbour entry failed: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure(
+        &self,
+        current: &BTreeMap<(u32, IpAddr), Entry>,
+        ifindex: u32,
+        addr: IpAddr,
+    ) -> Result<()> {
+        if let Some(e) = current.get(&(ifindex, addr)) {
+            if e.managed || e.static_entry {
+                return Ok(());
+            }
+        }
+        // A new entry without a link-layer address, or an existing dynamic one turned
+        // managed (its state is kept): the kernel starts resolving at once.
+        let mut req = self
+            .handle
+            .neighbours()
+            .add(ifindex, addr)
+            .state(NeighbourState::None)
+            .replace();
+        let m = req.message_mut();
+        m.attributes
+            .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
+        m.attributes
+            .push(NeighbourAttribute::Protocol(RouteProtocol::from(
+                RTPROT_XLB,
+            )));
+        req.execute()
+            .await
+            .with_context(|| format!("adding a managed neighbour entry for {addr}"))?;
+        debug!(%addr, ifindex, "managed neighbour entry");
+        Ok(())
+    }
+
+    /// The IPv4 and IPv6 neighbour tables.
+    async fn neighbours(&self) -> Result<BTreeMap<(u32, IpAddr), Entry>> {
+        let mut out = BTreeMap::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut dump = self
+                .handle
+                .neighbours()
+                .get()
+                .set_address_family(family)
+                .execute();
+            while let Some(msg) = dump
+                .try_next()
+                .await
+                .context("reading the neighbour table")?
+            {
+                let mut addr = None;
+                let mut entry = Entry {
+                    managed: false,
+                    ours: false,
+                    static_entry: matches!(
+                        msg.header.state,
+                        NeighbourState::Permanent | NeighbourState::Noarp
+                    ),
+                };
+                for attr in &msg.attributes {
+                    match attr {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => {
+                            addr = Some(IpAddr::V4(*a))
+                        }
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => {
+                            addr = Some(IpAddr::V6(*a))
+                        }
+                        NeighbourAttribute::ExtFlags(f) => {
+                            entry.managed = f.contains(NeighbourExtFlags::Managed)
+                        }
+                        NeighbourAttribute::Protocol(p) => entry.ours = u8::from(*p) == RTPROT_XLB,
+                        _ => {}
+                    }
+                }
+                if let Some(a) = addr {
+                    out.insert((msg.header.ifindex, a), entry);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Entry {
+    managed: bool,
+    ours: bool,
+    static_entry: bool,
+}
+
+fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
+    }
+}
+
+fn neighbour_addr(a: IpAddr) -> NeighbourAddress {
+    match a {
+        IpAddr::V4(a) => NeighbourAddress::Inet(a),
+        IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+    }
+}
+
+fn family_of(a: IpAddr) -> AddressFamily {
+    match a {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    }
+}
