@@ -22,6 +22,10 @@ use crate::{
 /// How often the routes to the backends are looked up again (`snat: auto` and the
 /// managed neighbour entries follow address and route changes within this).
 const ROUTE_REFRESH_SECS: u32 = 5;
+/// How long the first apply waits for the backends' next hops to resolve before the
+/// program is attached, and how long a reload waits for new ones.
+const STARTUP_RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const RELOAD_RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What `xlb run` keeps between events: the config file's contents (the base), the
 /// services Kubernetes wants, the health of checked backends, and the probes.
@@ -105,7 +109,12 @@ impl Agent {
         cfg.validate()?;
         // Before the maps: a new backend's SNAT source and resolved next hop must be
         // there for its first packet.
-        self.nexthops.refresh(&cfg).await;
+        let wait = if self.config.is_none() {
+            STARTUP_RESOLVE_WAIT
+        } else {
+            RELOAD_RESOLVE_WAIT
+        };
+        self.nexthops.refresh(&cfg, wait).await;
         let summary = self.apply(&cfg)?;
         let keys: std::collections::BTreeSet<health::BackendKey> = cfg
             .services
@@ -161,7 +170,7 @@ impl Agent {
         if self.since_routes >= ROUTE_REFRESH_SECS {
             self.since_routes = 0;
             if let Some(cfg) = self.config.clone() {
-                if self.nexthops.refresh(&cfg).await {
+                if self.nexthops.refresh(&cfg, std::time::Duration::ZERO).await {
                     match self.apply(&cfg) {
                         Ok(summary) => {
                             info!(?summary, "routes to backends changed: SNAT sources updated")

@@ -91,7 +91,11 @@ impl NextHops {
     /// maps need the new source addresses). Errors about single backends are logged,
     /// never fatal: such a backend gets no SNAT address and its new flows are counted
     /// as drop_no_snat_address.
-    pub async fn refresh(&mut self, cfg: &Config) -> bool {
+    ///
+    /// Then waits up to `wait` for every next hop to resolve: a backend's first packet
+    /// then finds its link-layer address (IPv6 neighbours on links that just came up
+    /// take a second or two).
+    pub async fn refresh(&mut self, cfg: &Config, wait: std::time::Duration) -> bool {
         let wanted: BTreeSet<IpAddr> = cfg
             .services
             .iter()
@@ -132,7 +136,29 @@ impl NextHops {
         if let Err(e) = self.sync_neighbours(&hops).await {
             warn!("keeping the backends' next hops resolved failed: {e:#}");
         }
+        if !wait.is_zero() {
+            self.wait_resolved(&hops, wait).await;
+        }
         changed
+    }
+
+    /// Polls the neighbour tables until every hop has a link-layer address, or `wait`.
+    async fn wait_resolved(&self, hops: &BTreeSet<(u32, IpAddr)>, wait: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut pending = hops.clone();
+        loop {
+            if let Ok(current) = self.neighbours().await {
+                pending.retain(|h| !current.get(h).is_some_and(|e| e.valid));
+            }
+            if pending.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(unresolved = ?pending, "next hops not resolved yet: their first packets wait for resolution (IPv6) or are dropped and retransmitted (IPv4 with SNAT)");
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 
     /// `ip route get ADDR`: the interface, next hop and source the kernel would use.
@@ -255,6 +281,15 @@ impl NextHops {
             {
                 let mut addr = None;
                 let mut entry = Entry {
+                    valid: matches!(
+                        msg.header.state,
+                        NeighbourState::Reachable
+                            | NeighbourState::Stale
+                            | NeighbourState::Delay
+                            | NeighbourState::Probe
+                            | NeighbourState::Permanent
+                            | NeighbourState::Noarp
+                    ),
                     managed: false,
                     ours: false,
                     static_entry: matches!(
@@ -288,6 +323,8 @@ impl NextHops {
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Entry {
+    /// Has a link-layer address (NUD_VALID): bpf_fib_lookup uses it.
+    valid: bool,
     managed: bool,
     ours: bool,
     static_entry: bool,

@@ -43,6 +43,9 @@ pub struct BackendView {
     pub address: String,
     /// False while the backend fails its health check.
     pub healthy: bool,
+    /// The SNAT source of new flows to it (configured, or from the route); None: no
+    /// address known, and its new flows are dropped (drop_no_snat_address).
+    pub snat: Option<String>,
     pub stats: TrafficView,
 }
 
@@ -119,6 +122,7 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
                 id: *id,
                 address: backend_addr(b).to_string(),
                 healthy: b.flags & BACKEND_F_UNHEALTHY == 0,
+                snat: (b.snat != [0; 4]).then(|| words_to_addr(&b.snat, b.family).to_string()),
                 stats: traffic(&be_stats, *id)?,
             });
         }

@@ -73,6 +73,16 @@ impl Agent {
         Self::spawn(ns, pin_path, args, &[])
     }
 
+    /// Like `start_at`, with these environment variables set too.
+    pub fn start_at_with_env(
+        ns: &Netns,
+        pin_path: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        Self::spawn(ns, pin_path, args, env)
+    }
+
     /// Like `start`, run through `wrapper` (a program that execs its last arguments,
     /// such as setpriv): `wrapper... xlb run ...`.
     pub fn start_wrapped(ns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Self> {

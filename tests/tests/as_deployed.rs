@@ -180,7 +180,8 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
     let cfg = lab.config_path.to_str().unwrap().to_owned();
     let iface = lab.iface_arg();
     let args = ["--iface", iface.as_str(), "--config", cfg.as_str()];
-    let mut agent = Agent::start_at(&lab.lb, &pin, &args).unwrap();
+    let debug = [("RUST_LOG", "info,xlb::agent=debug,xlb::nexthop=debug")];
+    let mut agent = Agent::start_at_with_env(&lab.lb, &pin, &args, &debug).unwrap();
 
     let mut totals = serde_json::Map::new();
     let mut check = |phase: &str, n: usize, agent: &Agent| {
@@ -195,11 +196,12 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
             assert!(
                 tcp_fail == 0 && udp_fail == 0,
                 "{phase} {fam}: {tcp_fail} of {n} TCP and {udp_fail} of {n} UDP flows lost their first packet \
-                 (first: {err:?}); drop_neighbour_unknown={} pass_neighbour_unknown={} drop_no_snat_address={}\n{}",
+                 (first: {err:?}); drop_neighbour_unknown={} pass_neighbour_unknown={} drop_no_snat_address={}\n{}\nLB neighbours:\n{}",
                 counter(&pin, "drop_neighbour_unknown"),
                 counter(&pin, "pass_neighbour_unknown"),
                 counter(&pin, "drop_no_snat_address"),
-                agent.logs()
+                agent.logs(),
+                String::from_utf8_lossy(&lab.lb.ip(&["neigh", "show"]).unwrap().stdout),
             );
             assert!(
                 seen.iter().all(|&c| c > 0),
@@ -212,18 +214,35 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
     // The SNAT source came from the routes: the backends saw the LB's own address on
     // their link, which no config named.
     let st = status_json(&pin).unwrap();
-    let text = st.to_string();
-    assert!(
-        text.contains("10.40.0.1") && text.contains("fd40:0::1".replace("0::", "::").as_str()),
-        "status shows the SNAT sources taken from the routes: {st:#}"
-    );
+    for svc in st["services"].as_array().unwrap() {
+        for b in svc["backends"].as_array().unwrap() {
+            let addr: SocketAddr = b["address"].as_str().unwrap().parse().unwrap();
+            let i = match addr.ip() {
+                IpAddr::V4(a) => a.octets()[2],
+                IpAddr::V6(a) => a.segments()[1] as u8,
+            };
+            let want: IpAddr = if addr.is_ipv4() {
+                format!("10.40.{i}.1").parse().unwrap()
+            } else {
+                format!("fd40:{i}::1").parse().unwrap()
+            };
+            let want = want.to_string();
+            assert_eq!(
+                b["snat"].as_str(),
+                Some(want.as_str()),
+                "SNAT source of {addr} from its route: {st:#}"
+            );
+        }
+    }
     // The next hops are managed neighbour entries, resolved by the kernel.
     let neigh = String::from_utf8(lab.lb.ip(&["neigh", "show"]).unwrap().stdout).unwrap();
     for i in 0..3 {
-        for a in [format!("10.40.{i}.2 "), format!("fd40:{i}::2 ")] {
+        for a in [format!("10.40.{i}.2"), format!("fd40:{i}::2")] {
+            let a: IpAddr = a.parse().unwrap();
+            let first = |l: &str| l.split(' ').next().and_then(|w| w.parse::<IpAddr>().ok());
             let line = neigh
                 .lines()
-                .find(|l| l.starts_with(&a))
+                .find(|l| first(l) == Some(a))
                 .unwrap_or_else(|| {
                     panic!("no neighbour entry for backend {a}:\n{neigh}");
                 });
