@@ -143,6 +143,9 @@ pub struct FlowKey {
 /// Conntrack state bits.
 pub const CT_F_FIN_SEEN: u8 = 1;
 pub const CT_F_RST_SEEN: u8 = 2;
+/// The client sent an ACK without SYN: the handshake completed (or the flow was picked
+/// up mid-stream). Without it a TCP entry is half-open and takes the short SYN timeout.
+pub const CT_F_ESTABLISHED: u8 = 4;
 
 /// A next hop bpf_fib_lookup resolved: the datapath caches it in each flow's entry
 /// (and in a shared map), so an established flow's packets skip the FIB and any
@@ -220,6 +223,8 @@ pub struct DatapathConfig {
     pub tcp_idle_timeout_s: u32,
     pub udp_idle_timeout_s: u32,
     pub tcp_closing_timeout_s: u32,
+    /// For TCP entries that never completed the handshake (CT_F_ESTABLISHED unset).
+    pub tcp_syn_timeout_s: u32,
 }
 
 #[cfg(feature = "user")]

@@ -3,15 +3,18 @@
 //! Idle timeouts are checked here, in the datapath, against `last_seen_ns`: an entry
 //! older than its timeout counts as a miss and the flow is balanced afresh. No sweeper
 //! is needed; the LRU map reclaims old entries under pressure. TCP entries that saw
-//! FIN or RST use the short closing timeout.
+//! FIN or RST use the short closing timeout; TCP entries whose handshake never
+//! completed (a SYN flood's, spoofed or not) the SYN timeout, so they neither fill the
+//! table for an hour nor outlive established flows in it.
 
 use lb_common::{
-    Backend, ConnValue, DatapathConfig, FlowKey, CT_F_FIN_SEEN, CT_F_RST_SEEN, PROTO_TCP,
+    Backend, ConnValue, DatapathConfig, FlowKey, CT_F_ESTABLISHED, CT_F_FIN_SEEN, CT_F_RST_SEEN,
+    PROTO_TCP,
 };
 
 use crate::{
     maps::{BACKENDS, CONNTRACK},
-    parse::{TCP_FIN, TCP_RST},
+    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -25,6 +28,9 @@ pub fn flags_from_tcp(tcp_flags: u8) -> u8 {
     if tcp_flags & TCP_RST != 0 {
         f |= CT_F_RST_SEEN;
     }
+    if tcp_flags & (TCP_ACK | TCP_SYN) == TCP_ACK {
+        f |= CT_F_ESTABLISHED;
+    }
     f
 }
 
@@ -34,6 +40,8 @@ fn timeout_ns(proto: u8, flags: u8, cfg: &DatapathConfig) -> u64 {
         cfg.udp_idle_timeout_s
     } else if flags & (CT_F_FIN_SEEN | CT_F_RST_SEEN) != 0 {
         cfg.tcp_closing_timeout_s
+    } else if flags & CT_F_ESTABLISHED == 0 {
+        cfg.tcp_syn_timeout_s
     } else {
         cfg.tcp_idle_timeout_s
     };

@@ -21,6 +21,7 @@ const ETH_P_8021AD: u16 = 0x88a8;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_ICMPV6: u8 = 58;
@@ -250,7 +251,10 @@ fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Parsed, StatIndex>
             key.sport = u16::from_ne_bytes(tcp.source);
             key.dport = u16::from_ne_bytes(tcp.dest);
             // From the copy: a second packet load here loses the verifier's range.
-            (tcp.fin() as u8 * TCP_FIN) | (tcp.syn() as u8 * TCP_SYN) | (tcp.rst() as u8 * TCP_RST)
+            (tcp.fin() as u8 * TCP_FIN)
+                | (tcp.syn() as u8 * TCP_SYN)
+                | (tcp.rst() as u8 * TCP_RST)
+                | (tcp.ack() as u8 * TCP_ACK)
         }
         PROTO_UDP => {
             let udp = load::<UdpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;

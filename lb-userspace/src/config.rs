@@ -243,9 +243,18 @@ pub struct Timeouts {
     pub tcp_idle: u32,
     pub tcp_closing: u32,
     pub udp_idle: u32,
+    /// A TCP flow whose handshake never completed (the client never sent an ACK).
+    #[serde(default = "default_tcp_syn")]
+    pub tcp_syn: u32,
     /// How often the agent sweeps expired and orphaned conntrack entries.
     #[serde(default = "default_gc_interval")]
     pub gc_interval: u32,
+}
+
+/// Shorter than the kernel conntrack's 120 s for SYN_SENT: a SYN flood's entries go
+/// within a minute.
+fn default_tcp_syn() -> u32 {
+    60
 }
 
 fn default_gc_interval() -> u32 {
@@ -269,6 +278,7 @@ impl Default for Timeouts {
         Self {
             tcp_idle: 3600,
             tcp_closing: 10,
+            tcp_syn: default_tcp_syn(),
             udp_idle: 60,
             gc_interval: default_gc_interval(),
         }

@@ -48,6 +48,8 @@ fn timeout_ns(proto: u8, flags: u8, t: &Timeouts) -> u64 {
         t.udp_idle
     } else if flags & (CT_F_FIN_SEEN | CT_F_RST_SEEN) != 0 {
         t.tcp_closing
+    } else if flags & lb_common::CT_F_ESTABLISHED == 0 {
+        t.tcp_syn
     } else {
         t.tcp_idle
     };

@@ -598,6 +598,7 @@ impl Dataplane {
             tcp_idle_timeout_s: cfg.timeouts.tcp_idle,
             udp_idle_timeout_s: cfg.timeouts.udp_idle,
             tcp_closing_timeout_s: cfg.timeouts.tcp_closing,
+            tcp_syn_timeout_s: cfg.timeouts.tcp_syn,
         };
         let mut config_map: Array<&mut MapData, DatapathConfig> =
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;

@@ -466,24 +466,53 @@ fn privileged_icmpv6_packet_too_big_is_translated_both_ways() {
     );
 }
 
-/// A backend whose neighbour entry is unknown: the packet is rewritten, then passed to
-/// the kernel (XDP_PASS) to resolve the neighbour and forward it.
+/// A backend whose neighbour entry is unknown. The datapath asks the agent to resolve
+/// the next hop (a request on XLB_NEIGH_REQ), and:
+/// - IPv4: drops the packet (drop_neighbour_unknown). Its source is now the LB's own
+///   SNAT address, which the kernel drops as a martian without resolving anything:
+///   handing it over (the old behaviour) lost every new flow on a cold neighbour;
+/// - IPv6: passes the rewritten packet, which the kernel resolves and forwards.
 #[test]
-fn privileged_unknown_neighbour_passes_the_rewritten_packet() {
+fn privileged_unknown_neighbour_is_requested_and_never_handed_over_as_a_martian() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&["10.20.0.99:8080"], &BACKENDS_V6))
+        f.dp.apply(&config(&["10.20.0.99:8080"], &["[fd20::99]:8080"]))
             .unwrap();
-        let frame = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80);
-        let res = f.run_on(&frame.build(), lab.client_if).unwrap();
+        let v4 = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80);
+        let res = f.run_on(&v4.build(), lab.client_if).unwrap();
+        assert_eq!(res.verdict, XDP_DROP);
+        assert_eq!(counter(&f, "drop_neighbour_unknown"), 1);
+        assert_eq!(counter(&f, "pass_neighbour_unknown"), 0);
+        let v6 = Frame::tcp("fd10::5", 40000, "2001:db8::10", 80);
+        let res = f.run_on(&v6.build(), lab.client_if).unwrap();
         assert_eq!(res.verdict, XDP_PASS);
         let out = decode(&res.data).expect("rewritten with valid checksums");
         assert_eq!(
             (out.dst, out.dport),
-            ("10.20.0.99".parse::<IpAddr>().unwrap(), 8080)
+            ("fd20::99".parse::<IpAddr>().unwrap(), 8080)
         );
-        assert_eq!(out.src, "10.20.0.1".parse::<IpAddr>().unwrap());
         assert_eq!(counter(&f, "pass_neighbour_unknown"), 1);
+        // Both next hops were asked for, on the backends' interface.
+        let map =
+            f.dp.ebpf
+                .take_map(lb_common::MAP_NEIGHBOUR_REQUESTS)
+                .unwrap();
+        let mut ring = aya::maps::RingBuf::try_from(map).unwrap();
+        let mut asked = Vec::new();
+        while let Some(item) = ring.next() {
+            // SAFETY: one NeighbourRequest per record, read without alignment.
+            let r: lb_common::NeighbourRequest =
+                unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
+            assert_ne!(r.ifindex, 0);
+            asked.push(xlb::dataplane::words_to_addr(&r.addr, r.family));
+        }
+        assert_eq!(
+            asked,
+            vec![
+                "10.20.0.99".parse::<IpAddr>().unwrap(),
+                "fd20::99".parse().unwrap()
+            ]
+        );
     });
 }
 
@@ -551,6 +580,54 @@ fn privileged_idle_and_closing_timeouts_expire_entries() {
             dst(&mut f, &tcp),
             predicted_backend(&BACKENDS_V4, &tcp, PROTO_TCP),
             "closed TCP flow re-balanced"
+        );
+    });
+}
+
+/// A TCP flow whose handshake never completed (only SYNs from the client) takes the
+/// short SYN timeout; one whose client sent an ACK takes the idle timeout. Before the
+/// SYN timeout existed a half-open entry held its slot for tcp_idle (an hour).
+#[test]
+fn privileged_half_open_flows_expire_after_the_syn_timeout() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        let timeouts = "timeouts: {tcp_idle: 3600, tcp_closing: 10, udp_idle: 60, tcp_syn: 1}\n";
+        let two = [BACKENDS_V4[0], BACKENDS_V4[1]];
+        f.dp.apply(&config_with(timeouts, &two, &BACKENDS_V6))
+            .unwrap();
+        // Two flows whose Maglev pick changes when the third backend is added.
+        let moving: Vec<Frame> = (40000..42000u16)
+            .map(|sport| Frame::tcp("10.10.0.6", sport, "192.0.2.10", 80))
+            .filter(|t| {
+                predicted_backend(&two, t, PROTO_TCP)
+                    != predicted_backend(&BACKENDS_V4, t, PROTO_TCP)
+            })
+            .take(2)
+            .collect();
+        let (half_open, established) = (&moving[0], &moving[1]);
+        let dst = |f: &mut Fixture, frame: &Frame| {
+            let out = decode(&f.run_on(&frame.build(), lab.client_if).unwrap().data).unwrap();
+            SocketAddr::new(out.dst, out.dport)
+        };
+        let half_first = dst(&mut f, half_open);
+        let est_first = dst(&mut f, established);
+        let ack = established.clone().flags(xlb_tests::packet::TcpFlags {
+            ack: true,
+            ..Default::default()
+        });
+        assert_eq!(dst(&mut f, &ack), est_first);
+        f.dp.apply(&config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6))
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2200));
+        assert_ne!(
+            dst(&mut f, half_open),
+            half_first,
+            "the half-open entry expired after tcp_syn (1 s): its retransmitted SYN follows the new table"
+        );
+        assert_eq!(
+            dst(&mut f, &ack),
+            est_first,
+            "the established flow keeps its backend (tcp_idle, 3600 s)"
         );
     });
 }
