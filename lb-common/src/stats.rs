@@ -64,10 +64,6 @@ pub enum StatIndex {
     /// Re-creating a flow found the flow's own SNAT port still held by its reply
     /// entry, and took it back: the backend sees the same source port.
     EventPortReclaimed,
-    /// A frame the program sent to another interface (XDP_REDIRECT) or back out
-    /// (XDP_TX) that the driver did not take: counted from the kernel's xdp tracepoints,
-    /// so `fwd_*` minus this is what was delivered.
-    EventRedirectFailed,
     /// Keep last: the number of counters.
     Count,
 }
@@ -105,7 +101,6 @@ impl StatIndex {
         StatIndex::IcmpTranslated,
         StatIndex::EventFlowRecreated,
         StatIndex::EventPortReclaimed,
-        StatIndex::EventRedirectFailed,
     ];
 
     /// Parser classification: every packet counts one of these.
@@ -155,7 +150,6 @@ impl StatIndex {
             StatIndex::IcmpTranslated => "icmp_translated",
             StatIndex::EventFlowRecreated => "event_flow_recreated",
             StatIndex::EventPortReclaimed => "event_port_reclaimed",
-            StatIndex::EventRedirectFailed => "event_redirect_failed",
             StatIndex::Count => "count",
         }
     }

@@ -169,7 +169,6 @@ fn forward_path(
         (len, now),
         flow_hop,
         StatIndex::FwdForward,
-        true,
     )
 }
 
@@ -184,9 +183,10 @@ fn translate_and_send(
     (len, now): (u64, u64),
     flow_hop: Option<&mut NextHop>,
     sent: StatIndex,
-    own_source: bool,
 ) -> Verdict {
     let new_flow = flow_hop.is_none();
+    // The forward path's source is the SNAT address, one of this host's own.
+    let own_source = sent == StatIndex::FwdForward;
     if nat::rewrite(ctx, pkt, to).is_none() {
         return (xdp_action::XDP_PASS, StatIndex::PassParseError);
     }
@@ -242,7 +242,6 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
         (len, now),
         flow_hop,
         StatIndex::FwdReverse,
-        false,
     )
 }
 

@@ -51,6 +51,7 @@ struct Agent {
     /// Routes and next hops of the backends: SNAT sources, managed neighbours.
     nexthops: NextHops,
     since_routes: u32,
+    max_config_bytes: u64,
 }
 
 impl Agent {
@@ -138,7 +139,8 @@ impl Agent {
             warn!("SIGHUP: no --config to reload");
             return;
         };
-        let loaded = Config::load(path).and_then(|cfg| self.with_overrides(cfg));
+        let loaded = Config::load_limited(path, self.max_config_bytes)
+            .and_then(|cfg| self.with_overrides(cfg));
         let adopted = match loaded {
             Ok(base) => self.adopt(base, self.k8s.clone()).await,
             Err(e) => Err(e),
@@ -245,8 +247,26 @@ impl Agent {
 }
 
 pub async fn run(args: RunArgs) -> Result<()> {
-    // A bad file stops us before anything is touched.
-    let file = args.config.as_deref().map(Config::load).transpose()?;
+    // Everything that can be checked is checked before anything is touched: a failed
+    // start leaves no maps pinned and no config written.
+    let max_bytes = args.max_config_bytes;
+    let file = args
+        .config
+        .as_deref()
+        .map(|p| Config::load_limited(p, max_bytes))
+        .transpose()?;
+    for iface in &args.ifaces {
+        check_interface(iface)?;
+    }
+    let client = if args.kubernetes {
+        Some(
+            kube::Client::try_default()
+                .await
+                .context("connecting to Kubernetes (no in-cluster config, and KUBECONFIG or ~/.kube/config gave none that works)")?,
+        )
+    } else {
+        None
+    };
     let log_level = crate::ebpf_log::level_from_filter();
     let load = crate::dataplane::LoadOptions {
         log_level,
@@ -300,6 +320,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         conntrack_max: args.conntrack_max,
         nexthops,
         since_routes: 0,
+        max_config_bytes: max_bytes,
     };
     let base = agent.with_overrides(file.unwrap_or_default())?;
     let services = base.services.len();
@@ -307,9 +328,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         info!(?summary, services, "config applied");
     }
     let mut k8s_rx = if args.kubernetes {
-        let client = kube::Client::try_default()
-            .await
-            .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+        let client = client.expect("made above when --kubernetes is given");
         let opts = crate::k8s::translate::Options {
             class: args.lb_class.clone(),
             default_class: args.default_class,
@@ -373,7 +392,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         agent.dp.detach()?;
         info!("detached");
     } else {
-        info!(pin_path = %args.pin_path.display(), "exiting; the datapath stays attached and pinned for the next agent (xlb detach removes it)");
+        let pinned = agent
+            .dp
+            .attached
+            .iter()
+            .all(|(iface, _)| args.pin_path.join(format!("link_{iface}")).exists());
+        if agent.dp.private_pins {
+            warn!(pin_path = %args.pin_path.display(), "exiting; the pins live in this process's own mount namespace, so the datapath ends with it");
+        } else if !pinned {
+            warn!(pin_path = %args.pin_path.display(), "exiting; some attachments are no longer pinned (removed by hand?): those interfaces are detached when this process exits");
+        } else {
+            info!(pin_path = %args.pin_path.display(), "exiting; the datapath stays attached and pinned for the next agent (xlb detach removes it)");
+        }
     }
     Ok(())
 }
@@ -433,4 +463,22 @@ fn spawn_neighbour_requests(
         }
     });
     Ok(rx)
+}
+
+/// An interface name that exists in this network namespace.
+fn check_interface(iface: &str) -> Result<()> {
+    if iface.is_empty() {
+        anyhow::bail!("--iface: an empty interface name");
+    }
+    if iface.len() >= libc::IFNAMSIZ {
+        anyhow::bail!("--iface {iface:?}: longer than an interface name can be (15 bytes)");
+    }
+    let name = std::ffi::CString::new(iface).context("--iface: a NUL byte in the name")?;
+    // SAFETY: if_nametoindex reads a valid C string.
+    if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+        anyhow::bail!(
+            "--iface {iface}: no such interface in this network namespace (`ip link` lists them; one in another namespace cannot be attached from here)"
+        );
+    }
+    Ok(())
 }

@@ -36,6 +36,9 @@ pub struct DetachArgs {
 #[derive(clap::Args, Debug)]
 pub struct CheckConfigArgs {
     pub file: PathBuf,
+    /// The largest config file read, in bytes.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_CONFIG_BYTES)]
+    pub max_config_bytes: u64,
     /// Check against maps of this size (as `xlb run --max-services`).
     #[arg(long, default_value_t = lb_common::MAX_SERVICES, env = "XLB_MAX_SERVICES")]
     pub max_services: u32,
@@ -58,6 +61,7 @@ pub struct MaglevArgs {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("source").required(true).multiple(true).args(["config", "kubernetes"])))]
 pub struct RunArgs {
     /// Interfaces to attach to, comma separated or repeated.
     #[arg(
@@ -76,6 +80,9 @@ pub struct RunArgs {
     /// Static YAML config: services, backends, SNAT (see README).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// The largest config file read, in bytes.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_CONFIG_BYTES)]
+    pub max_config_bytes: u64,
     /// Serve Kubernetes Services of type LoadBalancer, from the in-cluster config or
     /// KUBECONFIG. With --config too, the file adds its settings and static services.
     #[arg(long)]

@@ -34,6 +34,7 @@ pub struct Config {
 pub struct ServiceConfig {
     pub name: String,
     pub vip: IpAddr,
+    #[serde(deserialize_with = "port")]
     pub port: u16,
     pub protocol: Protocol,
     #[serde(default)]
@@ -58,10 +59,10 @@ pub struct HealthCheck {
     #[serde(rename = "type")]
     pub kind: CheckKind,
     /// Port to probe; default: the backend's own.
+    #[serde(default, deserialize_with = "opt_port")]
     pub port: Option<u16>,
-    /// HTTP path; a 2xx or 3xx status is healthy.
-    #[serde(default = "default_path")]
-    pub path: String,
+    /// HTTP path (default `/`); a 2xx or 3xx status is healthy. Only for `type: http`.
+    pub path: Option<String>,
     #[serde(default = "default_interval_ms")]
     pub interval_ms: u64,
     #[serde(default = "default_timeout_ms")]
@@ -82,8 +83,24 @@ pub enum CheckKind {
     Http,
 }
 
-fn default_path() -> String {
-    "/".into()
+impl HealthCheck {
+    /// The HTTP path probed.
+    pub fn path(&self) -> &str {
+        self.path.as_deref().unwrap_or("/")
+    }
+}
+
+/// A port number, with the range in the message when it is out of it (the parser's
+/// own message was "invalid u16").
+fn port<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u16, D::Error> {
+    let n = i64::deserialize(d)?;
+    u16::try_from(n).map_err(|_| {
+        serde::de::Error::custom(format!("port {n} is out of range: a port is 1 to 65535"))
+    })
+}
+
+fn opt_port<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<u16>, D::Error> {
+    port(d).map(Some)
 }
 fn default_interval_ms() -> u64 {
     1000
@@ -171,9 +188,9 @@ pub struct SnatConfig {
     pub ipv4: Option<Ipv4Addr>,
     #[serde(default, deserialize_with = "auto_or_addr")]
     pub ipv6: Option<Ipv6Addr>,
-    #[serde(default = "default_port_min")]
+    #[serde(default = "default_port_min", deserialize_with = "port")]
     pub port_min: u16,
-    #[serde(default = "default_port_max")]
+    #[serde(default = "default_port_max", deserialize_with = "port")]
     pub port_max: u16,
 }
 
@@ -298,6 +315,10 @@ fn default_port_max() -> u16 {
     32767
 }
 
+/// The largest config file read unless --max-config-bytes says otherwise: a static
+/// config of 1,000 services of 100 backends is about 6 MB.
+pub const DEFAULT_MAX_CONFIG_BYTES: u64 = 64 * 1024 * 1024;
+
 /// The parser's limits against YAML bombs, raised for large static configs: the
 /// defaults (250,000 nodes) stop at about 80,000 backends, three nodes each. These
 /// allow about a million; aliases and depth keep their default limits.
@@ -312,14 +333,42 @@ fn parse_options() -> serde_saphyr::Options {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        Self::load_limited(path, DEFAULT_MAX_CONFIG_BYTES)
+    }
+
+    /// Reads at most `max_bytes` of a regular file: a config path pointed at a device
+    /// or a pipe (`/dev/zero`) must fail, not grow without end.
+    pub fn load_limited(path: &Path, max_bytes: u64) -> Result<Self> {
+        use std::io::Read;
+        let meta =
+            std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        if !meta.is_file() {
+            bail!("{}: not a regular file", path.display());
+        }
+        if meta.len() > max_bytes {
+            bail!(
+                "{}: {} bytes, more than the limit of {max_bytes} (--max-config-bytes raises it)",
+                path.display(),
+                meta.len()
+            );
+        }
+        let mut text = String::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(max_bytes + 1).read_to_string(&mut text))
+            .with_context(|| format!("{}: cannot read (is it UTF-8 text?)", path.display()))?;
+        if text.len() as u64 > max_bytes {
+            bail!(
+                "{}: grew past the limit of {max_bytes} bytes while being read",
+                path.display()
+            );
+        }
         Self::parse(&text).with_context(|| format!("{}: invalid config", path.display()))
     }
 
     pub fn parse(text: &str) -> Result<Self> {
         let cfg: Config = serde_saphyr::from_str_with_options(text, parse_options())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            // Its message starts with its own "error: ", and ours is printed after one.
+            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_start_matches("error: ")))?;
         // Where things are, for the messages of the checks below (the types already
         // parsed, so this cannot fail on anything the typed parse accepted).
         let located: Option<Located> =
@@ -355,26 +404,73 @@ impl Config {
                 .map(|sp| format!("line {}: ", sp.referenced.line()))
                 .unwrap_or_default()
         };
+        let top_line = |field: &str| -> String {
+            located
+                .and_then(|l| match field {
+                    "snat" => l.snat.as_ref(),
+                    "timeouts" => l.timeouts.as_ref(),
+                    _ => l.maglev_table_size.as_ref(),
+                })
+                .map(|sp| format!("line {}: ", sp.referenced.line()))
+                .unwrap_or_default()
+        };
         let m = self.maglev_table_size;
-        maglev::validate_table_size(m).context("field maglev_table_size")?;
+        maglev::validate_table_size(m)
+            .with_context(|| format!("{}field maglev_table_size", top_line("maglev_table_size")))?;
         if m as usize > MAGLEV_MAX_TABLE_SIZE {
             bail!("field maglev_table_size: {m} is larger than the datapath holds ({MAGLEV_MAX_TABLE_SIZE})");
         }
         if self.timeouts.gc_interval == 0 {
-            bail!("field timeouts.gc_interval: 0 seconds; at least 1");
+            bail!(
+                "{}field timeouts.gc_interval: 0 seconds; at least 1",
+                top_line("timeouts")
+            );
         }
         if self.snat.port_min == 0 || self.snat.port_min > self.snat.port_max {
             bail!(
-                "field snat: port range {}-{} is empty or starts at 0",
+                "{}field snat: port range {}-{} is empty or starts at 0",
+                top_line("snat"),
                 self.snat.port_min,
                 self.snat.port_max
             );
+        }
+        let snat_addrs: Vec<IpAddr> = [
+            self.snat.ipv4.map(IpAddr::from),
+            self.snat.ipv6.map(IpAddr::from),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for a in &snat_addrs {
+            if let Some(why) = not_unicast(*a) {
+                bail!(
+                    "{}field snat: {a} is {why}, not an address packets can come from",
+                    top_line("snat")
+                );
+            }
         }
         let mut seen = BTreeSet::new();
         let mut names = BTreeSet::new();
         for (i, s) in self.services.iter().enumerate() {
             let at = format!("services[{i}] ({})", s.name);
             let named = format!("{}{at}", svc_line(i, "name"));
+            if s.name.trim().is_empty() {
+                bail!("{named}: field name: empty; every service needs a name (it labels its metrics)");
+            }
+            if let Some(why) = not_unicast(s.vip) {
+                bail!(
+                    "{}{at}: field vip: {} is {why}, not an address clients can send to",
+                    svc_line(i, "vip"),
+                    s.vip
+                );
+            }
+            if snat_addrs.contains(&s.vip) {
+                bail!(
+                    "{}{at}: field vip: {} is also the SNAT address: replies to the LB itself would be taken for the service",
+                    svc_line(i, "vip"),
+                    s.vip
+                );
+            }
             if !names.insert(&s.name) {
                 bail!("{named}: field name: duplicate service name {:?}", s.name);
             }
@@ -429,11 +525,14 @@ impl Config {
                 if hc.port == Some(0) {
                     bail!("{at}: field health_check.port: port 0 cannot be probed");
                 }
-                if hc.kind == CheckKind::Http && !hc.path.starts_with('/') {
-                    bail!(
-                        "{at}: field health_check.path: {:?} must start with /",
-                        hc.path
-                    );
+                match (&hc.path, hc.kind) {
+                    (Some(p), CheckKind::Http) if !p.starts_with('/') => bail!(
+                        "{at}: field health_check.path: {p:?} must start with /"
+                    ),
+                    (Some(p), CheckKind::Tcp) => bail!(
+                        "{at}: field health_check.path: {p:?} given for a tcp check, which sends no request (type: http for an HTTP check)"
+                    ),
+                    _ => {}
                 }
             }
         }
@@ -462,6 +561,9 @@ impl Config {
 struct Located {
     #[serde(default)]
     services: Vec<LocatedService>,
+    snat: Here,
+    timeouts: Here,
+    maglev_table_size: Here,
 }
 
 type Here = Option<serde_saphyr::Spanned<serde::de::IgnoredAny>>;
@@ -479,6 +581,23 @@ struct LocatedService {
 #[derive(Deserialize)]
 struct LocatedBackend {
     address: Here,
+}
+
+/// Why an address cannot be a VIP or a source, if it cannot.
+fn not_unicast(a: IpAddr) -> Option<&'static str> {
+    if a.is_unspecified() {
+        return Some("the unspecified address");
+    }
+    if a.is_multicast() {
+        return Some("a multicast address");
+    }
+    if a.is_loopback() {
+        return Some("a loopback address");
+    }
+    match a {
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        _ => None,
+    }
 }
 
 fn family(ip: IpAddr) -> &'static str {
@@ -550,5 +669,66 @@ services:
         assert!(e.contains("duplicate backend"), "{e}");
         let e = err(&GOOD.replace("ipv4: 10.0.0.1", "ipv4: 10.0.0.x"));
         assert!(e.contains("neither `auto` nor an address"), "{e}");
+    }
+
+    /// Each accepted-before piece of nonsense now gets a specific message with a line.
+    #[test]
+    fn nonsense_is_rejected_with_field_and_line() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("vip: 192.0.2.10", "vip: 0.0.0.0", "unspecified"),
+            ("vip: 192.0.2.10", "vip: 224.0.0.5", "multicast"),
+            ("vip: 192.0.2.10", "vip: 255.255.255.255", "broadcast"),
+            ("vip: 192.0.2.10", "vip: 10.0.0.1", "also the SNAT address"),
+            ("ipv4: 10.0.0.1", "ipv4: 239.1.1.1", "multicast"),
+            ("ipv4: 10.0.0.1", "ipv4: 0.0.0.0", "unspecified"),
+            ("name: web", "name: \"\"", "field name: empty"),
+            ("port: 80", "port: 70000", "port 70000 is out of range"),
+            (
+                "    backends:",
+                "    health_check: {type: tcp, path: /healthz}\n    backends:",
+                "given for a tcp check",
+            ),
+        ];
+        for (from, to, want) in cases {
+            let e = err(&GOOD.replacen(from, to, 1));
+            assert!(e.contains(want), "{to}: {e}");
+            assert!(e.contains("line "), "{to}: no line in {e}");
+            assert!(!e.contains("error: "), "{to}: {e}");
+        }
+        let e = err(&format!("maglev_table_size: 131071\n{GOOD}"));
+        assert!(
+            e.contains("line 1") && e.contains("maglev_table_size"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "timeouts: {{tcp_idle: 1, tcp_closing: 1, udp_idle: 1, gc_interval: 0}}\n{GOOD}"
+        ));
+        assert!(e.contains("line 1") && e.contains("gc_interval"), "{e}");
+    }
+
+    #[test]
+    fn snat_auto_is_the_default_and_can_be_said() {
+        let plain = GOOD.replace("snat:\n  ipv4: 10.0.0.1\n", "");
+        assert_eq!(Config::parse(&plain).unwrap().snat, SnatConfig::default());
+        let said = GOOD.replace("snat:\n  ipv4: 10.0.0.1\n", "snat: auto\n");
+        assert_eq!(Config::parse(&said).unwrap().snat, SnatConfig::default());
+        let v4 = GOOD.replace("ipv4: 10.0.0.1", "ipv4: auto");
+        assert_eq!(Config::parse(&v4).unwrap().snat.ipv4, None);
+        let e = err(&GOOD.replace("snat:\n  ipv4: 10.0.0.1\n", "snat: masquerade\n"));
+        assert!(e.contains("neither `auto` nor a table"), "{e}");
+    }
+
+    #[test]
+    fn config_reads_are_bounded_and_regular_files_only() {
+        let e = format!("{:#}", Config::load(Path::new("/dev/zero")).unwrap_err());
+        assert!(e.contains("not a regular file"), "{e}");
+        let dir = std::env::temp_dir().join(format!("xlb-big-{}.yaml", std::process::id()));
+        std::fs::write(&dir, GOOD).unwrap();
+        let e = format!("{:#}", Config::load_limited(&dir, 10).unwrap_err());
+        std::fs::remove_file(&dir).ok();
+        assert!(
+            e.contains("more than the limit of 10") && e.contains("--max-config-bytes"),
+            "{e}"
+        );
     }
 }

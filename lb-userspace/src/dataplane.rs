@@ -69,13 +69,19 @@ pub struct Dataplane {
     /// The sizes of the service and backend maps as created (pinned maps keep theirs).
     pub max_services: u32,
     pub max_backends: u32,
+    pub conntrack_max: u32,
+    /// The pins end with this process (see `ensure_bpffs`).
+    pub private_pins: bool,
+    /// The pin directory's lock, held while the agent runs.
+    _lock: std::fs::File,
 }
 
 impl Dataplane {
     /// Loads the program, reusing maps already pinned under `pin_path` (their sizes
     /// are the ones they were created with).
     pub fn load(pin_path: &Path, opts: &LoadOptions) -> Result<Self> {
-        ensure_bpffs(pin_path)?;
+        let private_pins = ensure_bpffs(pin_path)?;
+        let lock = lock_pin_path(pin_path)?;
         drop_incompatible_pins(pin_path)?;
         let ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_path)
@@ -104,9 +110,27 @@ impl Dataplane {
             retired: Vec::new(),
             max_services: 0,
             max_backends: 0,
+            conntrack_max: 0,
+            private_pins,
+            _lock: lock,
         };
         dp.max_services = dp.map_size(MAP_SERVICES)?;
         dp.max_backends = dp.map_size(MAP_BACKENDS)?;
+        dp.conntrack_max = dp.map_size(lb_common::MAP_CONNTRACK)?;
+        for (flag, asked, in_force) in [
+            ("--max-services", opts.max_services, dp.max_services),
+            ("--max-backends", opts.max_backends, dp.max_backends),
+            ("--conntrack-max", opts.conntrack_max, dp.conntrack_max),
+        ] {
+            if asked != in_force {
+                warn!(
+                    flag,
+                    asked,
+                    in_force,
+                    "the pinned maps were created with another size and are kept (with their flows): {flag} is ignored; `xlb detach` and a restart apply it, losing established flows"
+                );
+            }
+        }
         let prog = dp.program()?;
         prog.load().context("the kernel rejected the XDP program")?;
         match prog.info() {
@@ -242,14 +266,51 @@ fn remove_link(pin: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The names xlb pins: its maps (from the object) and `link_<iface>`.
+fn is_xlb_pin(name: &str) -> bool {
+    if let Some(iface) = name.strip_prefix("link_") {
+        return !iface.is_empty() && iface.len() < 16;
+    }
+    aya_obj::Object::parse(crate::EBPF_OBJECT)
+        .map(|obj| obj.maps.contains_key(name))
+        .unwrap_or(false)
+        || name.starts_with("XLB_")
+}
+
 /// `xlb detach`: removes everything xlb pinned under `pin_path`: the links (which
 /// detaches the program from every interface), then the maps, then the directory.
+/// Only on a bpffs, and only when the directory holds nothing but xlb's pins: a
+/// mistyped path must never lose someone else's files.
 pub fn detach_all(pin_path: &Path) -> Result<Vec<String>> {
+    if !pin_path.is_dir() {
+        bail!(
+            "{}: no such directory (nothing is pinned there)",
+            pin_path.display()
+        );
+    }
+    if !is_bpffs(pin_path) {
+        bail!(
+            "{} is not on a bpf filesystem: it cannot hold xlb's pins, and nothing was removed",
+            pin_path.display()
+        );
+    }
     let mut removed = Vec::new();
     let entries =
         std::fs::read_dir(pin_path).with_context(|| format!("reading {}", pin_path.display()))?;
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
+    let foreign: Vec<String> = paths
+        .iter()
+        .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .filter(|n| !is_xlb_pin(n))
+        .collect();
+    if !foreign.is_empty() {
+        bail!(
+            "{} holds pins that are not xlb's ({}): refusing to remove anything; is this the right --pin-path?",
+            pin_path.display(),
+            foreign.join(", ")
+        );
+    }
     let (links, maps): (Vec<_>, Vec<_>) = paths.into_iter().partition(|p| {
         p.file_name()
             .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
@@ -267,6 +328,7 @@ pub fn detach_all(pin_path: &Path) -> Result<Vec<String>> {
                 .into_owned(),
         );
     }
+    // remove_dir fails on a directory that is not empty (something appeared meanwhile).
     std::fs::remove_dir(pin_path).with_context(|| format!("removing {}", pin_path.display()))?;
     Ok(removed)
 }
@@ -378,12 +440,26 @@ pub fn drop_incompatible_pins(pin_path: &Path) -> Result<Vec<String>> {
 
 /// Makes sure `dir` exists on a bpffs, mounting one at `/sys/fs/bpf` if the machine
 /// has none (containers and minimal hosts often don't).
-pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+///
+/// Returns whether the pins will vanish with this process: the bpffs was mounted here,
+/// in a mount namespace of this process's own (`ip netns exec` gives every command a
+/// private one, with a fresh /sys), so nothing outside it can keep the pins alive.
+pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
     let root = Path::new("/sys/fs/bpf");
+    let mut private = false;
     if dir.starts_with(root) && !is_bpffs(root) {
         std::fs::create_dir_all(root).ok();
         mount_bpffs(root)?;
-        info!("mounted bpffs at /sys/fs/bpf");
+        private = private_mount_namespace();
+        if private {
+            warn!(
+                "mounted a bpffs at /sys/fs/bpf in a mount namespace of this process's own (as `ip netns exec` makes): \
+                 the pins, and with them the datapath, end when xlb exits. Mount a bpffs that outlives it \
+                 (`mount -t bpf bpf /sys/fs/bpf` in the host's namespace before `ip netns exec`) or run xlb in the host's mount namespace"
+            );
+        } else {
+            info!("mounted bpffs at /sys/fs/bpf");
+        }
     }
     std::fs::create_dir_all(dir)
         .with_context(|| format!("creating pin directory {}", dir.display()))?;
@@ -393,7 +469,59 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    Ok(())
+    Ok(private)
+}
+
+/// Whether this process runs in another mount namespace than PID 1's.
+fn private_mount_namespace() -> bool {
+    match (
+        std::fs::read_link("/proc/self/ns/mnt"),
+        std::fs::read_link("/proc/1/ns/mnt"),
+    ) {
+        (Ok(me), Ok(init)) => me != init,
+        _ => false,
+    }
+}
+
+/// Takes an exclusive lock on the pin directory for this agent's lifetime: a second
+/// agent on the same pins would take the links over and the first one's reloads would
+/// silently apply to nothing. The error names the agent holding it.
+fn lock_pin_path(dir: &Path) -> Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+        return Ok(f);
+    }
+    let inode = f.metadata().map(|m| m.ino()).unwrap_or(0);
+    let holder = std::fs::read_to_string("/proc/locks")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let ino = f.get(5)?.rsplit(':').next()?.parse::<u64>().ok()?;
+            (f.get(1) == Some(&"FLOCK") && ino == inode).then(|| f.get(4).map(|p| p.to_string()))?
+        });
+    let who = match holder {
+        Some(pid) => {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| {
+                    String::from_utf8_lossy(&c)
+                        .replace('\0', " ")
+                        .trim()
+                        .to_owned()
+                })
+                .unwrap_or_default();
+            format!("pid {pid} ({cmd})")
+        }
+        None => "another process (in another PID namespace?)".to_owned(),
+    };
+    bail!(
+        "another xlb agent runs on {}: {who}. One agent per pin path: stop it, or give this one another --pin-path",
+        dir.display()
+    )
 }
 
 fn is_bpffs(path: &Path) -> bool {

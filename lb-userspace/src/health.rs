@@ -107,7 +107,7 @@ async fn probe(target: SocketAddr, hc: &HealthCheck) -> bool {
         }
         let req = format!(
             "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: xlb-health\r\n\r\n",
-            hc.path,
+            hc.path(),
             target.ip()
         );
         stream.write_all(req.as_bytes()).await.ok()?;
@@ -159,7 +159,7 @@ mod tests {
         HealthCheck {
             kind,
             port: None,
-            path: path.into(),
+            path: Some(path.into()),
             interval_ms: 1000,
             timeout_ms: 300,
             rise: 1,

@@ -288,9 +288,5 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
     totals.insert("storm_frames".into(), sent.into());
     totals.insert("drop_neighbour_unknown".into(), drops.into());
     totals.insert("pass_neighbour_unknown".into(), passes.into());
-    totals.insert(
-        "event_redirect_failed".into(),
-        counter(&pin, "event_redirect_failed").into(),
-    );
     report("as_deployed", serde_json::Value::Object(totals));
 }
