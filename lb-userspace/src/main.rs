@@ -24,6 +24,11 @@ async fn real_main() -> Result<()> {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal, never into a log file or journald.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
     match Cli::parse().command {
         Command::Run(args) => xlb::agent::run(args).await,
@@ -51,7 +56,15 @@ async fn real_main() -> Result<()> {
 }
 
 fn status_cmd(args: StatusArgs) -> Result<()> {
-    let st = status::read(&args.pin_path)?;
+    let st = match status::read(&args.pin_path) {
+        Ok(st) => st,
+        // A script reading --json gets JSON even when there is nothing to read.
+        Err(e) if args.json => {
+            println!("{}", serde_json::json!({"error": format!("{e:#}")}));
+            std::process::exit(1);
+        }
+        Err(e) => return Err(e),
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&st)?);
     } else {

@@ -1,0 +1,154 @@
+//! Operations that must never hurt what is already there: `xlb detach` on the wrong
+//! path, a second agent on the same pins, a start that fails, `status --json` with no
+//! agent. Each of these did harm, or said something untrue, before it was fixed.
+
+use std::path::PathBuf;
+
+use xlb_tests::{
+    agent::{xlb_cmd, Agent},
+    netns::Netns,
+    privileged,
+    topology::LbLab,
+    unique_name,
+};
+
+struct RemoveDir(PathBuf);
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn privileged_detach_removes_only_xlbs_pins_on_a_bpffs() {
+    if !privileged() {
+        return;
+    }
+    // A plain directory with someone's data: refused, nothing removed.
+    let plain = std::env::temp_dir().join(unique_name("xlbplain"));
+    std::fs::create_dir_all(&plain).unwrap();
+    let _c1 = RemoveDir(plain.clone());
+    std::fs::write(plain.join("data.db"), b"precious").unwrap();
+    let out = xlb_cmd(&["detach", "--pin-path", plain.to_str().unwrap()]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not on a bpf filesystem"), "{err}");
+    assert_eq!(std::fs::read(plain.join("data.db")).unwrap(), b"precious");
+
+    // A bpffs directory that holds something else besides: refused, all kept.
+    let lab = LbLab::two_arm(1).unwrap();
+    lab.write_config(&[0]).unwrap();
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbs")));
+    let _c2 = RemoveDir(pin.clone());
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let iface = lab.iface_arg();
+    let mut agent = Agent::start_at(&lab.lb, &pin, &["--iface", &iface, "--config", &cfg]).unwrap();
+    agent.stop_with(libc::SIGTERM).unwrap();
+    std::fs::create_dir(pin.join("someone-elses")).unwrap();
+    let out = xlb_cmd(&["detach", "--pin-path", pin.to_str().unwrap()]).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("someone-elses") && err.contains("refusing"),
+        "{err}"
+    );
+    assert!(pin.join("XLB_SERVICES").exists(), "nothing was removed");
+    // Once only xlb's pins are left, detach removes them and the directory.
+    std::fs::remove_dir(pin.join("someone-elses")).unwrap();
+    let out = xlb_cmd(&["detach", "--pin-path", pin.to_str().unwrap()]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pin.exists());
+    let links = String::from_utf8(lab.lb.ip(&["link", "show"]).unwrap().stdout).unwrap();
+    assert!(!links.contains("xdp"), "the program is detached:\n{links}");
+}
+
+#[test]
+fn privileged_a_second_agent_on_the_same_pins_is_refused_by_name() {
+    if !privileged() {
+        return;
+    }
+    let lab = LbLab::two_arm(1).unwrap();
+    lab.write_config(&[0]).unwrap();
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbk")));
+    let _c = RemoveDir(pin.clone());
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let iface = lab.iface_arg();
+    let args = ["--iface", iface.as_str(), "--config", cfg.as_str()];
+    let first = Agent::start_at(&lab.lb, &pin, &args).unwrap();
+    let second = Agent::start_at(&lab.lb, &pin, &args);
+    let err = format!(
+        "{:#}",
+        second.err().expect("the second agent must not start")
+    );
+    assert!(
+        err.contains("another xlb agent runs on") && err.contains(&format!("pid {}", first.pid())),
+        "{err}"
+    );
+    // The first agent still owns the datapath: a reload applies.
+    let mut first = first;
+    lab.write_config(&[0]).unwrap();
+    first.reload().unwrap();
+}
+
+#[test]
+fn privileged_a_failed_start_leaves_nothing_behind_and_says_why() {
+    if !privileged() {
+        return;
+    }
+    let ns = Netns::new("xf").unwrap();
+    let cfg = std::env::temp_dir().join(format!("{}.yaml", unique_name("xlbf")));
+    std::fs::write(&cfg, "services: []\n").unwrap();
+    let cfg_s = cfg.to_str().unwrap().to_owned();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--iface", "nope0", "--config", &cfg_s],
+            "no such interface in this network namespace",
+        ),
+        (&["--iface", "", "--config", &cfg_s], "empty interface name"),
+        (&["--iface", "lo"], "--config <CONFIG>|--kubernetes"),
+        (
+            &["--iface", "lo", "--kubernetes"],
+            "connecting to Kubernetes",
+        ),
+    ];
+    for (args, want) in cases {
+        let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbf")));
+        let _c = RemoveDir(pin.clone());
+        let out = ns
+            .command(xlb_tests::agent::xlb_bin().unwrap().to_str().unwrap())
+            .arg("run")
+            .arg("--pin-path")
+            .arg(&pin)
+            .args(args)
+            .env("KUBECONFIG", "/nonexistent/kubeconfig")
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert!(!pin.exists(), "{args:?} left {} behind", pin.display());
+    }
+    std::fs::remove_file(&cfg).ok();
+}
+
+#[test]
+fn status_json_without_an_agent_is_json() {
+    let out = xlb_cmd(&[
+        "status",
+        "--json",
+        "--pin-path",
+        "/sys/fs/bpf/xlb-none-here",
+    ])
+    .unwrap();
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert!(
+        v["error"].as_str().unwrap().contains("xlb-none-here"),
+        "{v}"
+    );
+}
