@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use xlb_tests::{
     agent::Agent,
-    topology::{LbLab, VIP4},
+    topology::{LbLab, Network, VIP4},
     traffic::parse_reply,
 };
 
@@ -60,27 +60,50 @@ fn bar(counts: &BTreeMap<String, usize>, backends: &[&str]) -> String {
         .join("  ")
 }
 
+/// Set by SIGINT or SIGTERM: the demo stops at its next step and returns, so every
+/// namespace, pin and file it made is removed by their destructors (a signal's default
+/// action would kill it with all of them left behind).
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn stopping() -> Result<()> {
+    if STOP.load(std::sync::atomic::Ordering::Relaxed) {
+        anyhow::bail!("interrupted: cleaning up (namespaces, pins, config file)");
+    }
+    Ok(())
+}
+
+/// Sleeps `d` in short steps, returning early with an error when a signal came.
+fn pause(d: Duration) -> Result<()> {
+    let until = std::time::Instant::now() + d;
+    while std::time::Instant::now() < until {
+        stopping()?;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stopping()
+}
+
 pub fn run(args: DemoArgs) -> Result<()> {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
     std::env::set_var("XLB_BIN", crate::workspace_root().join("target/debug/xlb"));
     println!(
         "== xlb demo: client ns -> LB ns (xlb, XDP) -> backends b0 b1 b2 (two-arm, Maglev NAT)"
     );
-    let lab = LbLab::two_arm(3)?;
+    // The network as deployed: no static neighbours, untuned veths, `snat: auto`, and
+    // xlb with its default flags.
+    let lab = LbLab::two_arm_on(3, Network::AsDeployed)?;
     lab.write_config(&[0, 1, 2])?;
     let life = Duration::from_secs(30 + 2 * args.rounds as u64);
     let servers = lab.start_backends(life)?;
     let cfg = lab.config_path.to_string_lossy().into_owned();
-    let mut agent = Agent::start(
-        &lab.lb,
-        &[
-            "--iface",
-            &lab.iface_arg(),
-            "--xdp-mode",
-            "auto",
-            "--config",
-            &cfg,
-        ],
-    )?;
+    let mut agent = Agent::start(&lab.lb, &["--iface", &lab.iface_arg(), "--config", &cfg])?;
     let mode = if agent.logs().contains("mode=\"native\"") {
         "native"
     } else {
@@ -95,6 +118,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let udp_vip: SocketAddr = format!("{VIP4}:53").parse()?;
     let mut flows = Vec::new();
     for _ in 0..args.flows {
+        stopping()?;
         let s = lab
             .client
             .run(move || TcpStream::connect_timeout(&tcp_vip, Duration::from_secs(5)))??;
@@ -116,12 +140,12 @@ pub fn run(args: DemoArgs) -> Result<()> {
             "   {label:<14} flows per backend: {}  broken: {broken}",
             bar(&counts, &names)
         );
-        std::thread::sleep(Duration::from_secs(1));
         got
     };
     let mut before = Vec::new();
     for r in 0..args.rounds {
         before = round(&format!("round {}", r + 1), &mut flows);
+        pause(Duration::from_secs(1))?;
     }
 
     println!("== removing backend b1 (config rewritten, SIGHUP: live reload)");
@@ -130,6 +154,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let mut after = Vec::new();
     for r in 0..args.rounds {
         after = round(&format!("after, round {}", r + 1), &mut flows);
+        pause(Duration::from_secs(1))?;
     }
     let (mut stayed, mut moved_from_b1, mut moved_other) = (0, 0, 0);
     for (b, a) in before.iter().zip(&after) {
