@@ -72,7 +72,7 @@ pub struct RunArgs {
     )]
     pub ifaces: Vec<String>,
     /// XDP attach mode. `auto` tries native and falls back to generic.
-    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto)]
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto, env = "XLB_XDP_MODE")]
     pub xdp_mode: XdpModeArg,
     /// bpffs directory for the maps (mounted if bpffs is not there yet).
     #[arg(long, default_value = DEFAULT_PIN_PATH)]

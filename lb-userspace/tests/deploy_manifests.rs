@@ -164,6 +164,43 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
         .unwrap()
         .field_path;
     assert_eq!(field, "spec.nodeName");
+    // Both families' SNAT sources come from each node's routes (`snat: auto`): no
+    // single-family address is pinned in from the downward API.
+    assert!(
+        !env.iter().any(|e| e.name.starts_with("XLB_SNAT")),
+        "SNAT is auto, not a node IP: {env:?}"
+    );
+    // Settings an operator changes come from the ConfigMap, not from editing args.
+    let from_cm: Vec<(&str, String)> = env
+        .iter()
+        .filter_map(|e| {
+            let r = e.value_from.as_ref()?.config_map_key_ref.as_ref()?;
+            Some((e.name.as_str(), r.key.clone()))
+        })
+        .collect();
+    for (var, key) in [
+        ("XLB_IFACE", "iface"),
+        ("XLB_IPAM_POOLS", "ipam-pools"),
+        ("XLB_XDP_MODE", "xdp-mode"),
+    ] {
+        assert!(
+            from_cm.iter().any(|(v, k)| *v == var && *k == key),
+            "{var} from the ConfigMap's {key}: {from_cm:?}"
+        );
+    }
+    // Runs where it is asked to: a node selector, and no blanket toleration that
+    // would put it on control-plane nodes too.
+    assert_eq!(
+        pod.node_selector.as_ref().and_then(|s| s.get("xlb.dev/load-balancer")).map(String::as_str),
+        Some("true")
+    );
+    assert!(
+        !pod.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "no toleration of every taint"
+    );
 
     // The agent accepts these arguments (env-provided values stand in as flags).
     let mut argv = vec!["xlb".to_owned()];
@@ -190,8 +227,19 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
     let cm: ConfigMap = typed(&path, &doc);
     let data = cm.data.unwrap();
     xlb::config::Config::parse(&data["config.yaml"]).expect("ConfigMap config.yaml");
-    for pool in data["ipam-pools"].split(',') {
-        pool.parse::<ipnet::IpNet>()
-            .unwrap_or_else(|e| panic!("{pool}: {e}"));
-    }
+    let pools: Vec<ipnet::IpNet> = data["ipam-pools"]
+        .split(',')
+        .map(|p| p.parse().unwrap_or_else(|e| panic!("{p}: {e}")))
+        .collect();
+    assert!(
+        pools.iter().any(|p| matches!(p, ipnet::IpNet::V4(_)))
+            && pools.iter().any(|p| matches!(p, ipnet::IpNet::V6(_))),
+        "a pool per family, for dual-stack Services: {pools:?}"
+    );
+    // Every ConfigMap value parses as the flag it feeds.
+    let mut argv: Vec<String> = vec!["xlb".into(), "run".into(), "--kubernetes".into()];
+    argv.extend(["--iface".into(), data["iface"].clone()]);
+    argv.extend(["--xdp-mode".into(), data["xdp-mode"].clone()]);
+    argv.extend(["--ipam-pool".into(), data["ipam-pools"].clone()]);
+    xlb::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
 }
