@@ -1,4 +1,4 @@
-//! xlb's XDP program. The pipeline reads top to bottom (see DESIGN.md):
+//! xlb's XDP program. The pipeline reads top to bottom (see docs/design.md):
 //! parse → service lookup → conntrack / Maglev → NAT rewrite → FIB forward, with the
 //! reverse path for replies. Each stage is a module; this file only wires them.
 // On the host (cargo clippy/build --workspace) this compiles as an empty binary, so

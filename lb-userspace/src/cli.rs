@@ -1,4 +1,4 @@
-//! Command-line interface. The flags here are a stable interface (see DESIGN.md).
+//! Command-line interface. The flags here are a stable interface (see docs/design.md).
 
 use std::path::PathBuf;
 

@@ -1,4 +1,4 @@
-//! The static YAML config (see DESIGN.md) and its validation. A file is accepted whole
+//! The static YAML config (see docs/design.md) and its validation. A file is accepted whole
 //! or rejected whole; every error names the file, and the field by its path.
 
 use std::{

@@ -136,7 +136,7 @@ pub struct VethEnd {
 /// Creates a veth pair between two namespaces, addresses both ends and brings them up,
 /// tuned for native XDP.
 ///
-/// For native XDP on veth (see DESIGN.md): GRO is turned on at both ends so that the
+/// For native XDP on veth (see docs/datapath.md): GRO is turned on at both ends so that the
 /// receiving side has NAPI for redirected frames, and TX checksum offload is turned off
 /// so packets that XDP redirects carry real checksums.
 pub fn veth_pair(

@@ -80,7 +80,7 @@ impl Fixture {
     }
 
     /// Runs `frame` `repeat` times (the kernel reports the mean duration). Beware: the
-    /// program sees its own output from the second run on (see DESIGN.md).
+    /// program sees its own output from the second run on (see docs/datapath.md).
     pub fn run_repeat(&mut self, frame: &[u8], repeat: u32) -> Result<RunResult> {
         self.run_full(frame, repeat, None)
     }

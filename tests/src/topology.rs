@@ -52,7 +52,7 @@ pub struct LbLab {
     pub lb: Netns,
     pub backends: Vec<Netns>,
     /// The bridge of the one-arm topology, and the LB's port on it. In native mode a
-    /// veth's XDP_TX needs an XDP program on the peer too (see DESIGN.md).
+    /// veth's XDP_TX needs an XDP program on the peer too (see docs/datapath.md).
     pub switch: Option<Netns>,
     pub lb_switch_port: Option<String>,
     /// The LB's interfaces (client side first), for `--iface`.
