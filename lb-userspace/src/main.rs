@@ -32,7 +32,7 @@ async fn real_main() -> Result<()> {
         .init();
     match Cli::parse().command {
         Command::Run(args) => xlb::agent::run(args).await,
-        Command::Status(args) => status_cmd(args),
+        Command::Status(args) => status_cmd(args).await,
         Command::Maglev(args) => maglev_cmd(args),
         Command::Detach(args) => {
             for name in xlb::dataplane::detach_all(&args.pin_path)? {
@@ -55,8 +55,8 @@ async fn real_main() -> Result<()> {
     }
 }
 
-fn status_cmd(args: StatusArgs) -> Result<()> {
-    let st = match status::read(&args.pin_path) {
+async fn status_cmd(args: StatusArgs) -> Result<()> {
+    let st = match status::read(&args.pin_path).await {
         Ok(st) => st,
         // A script reading --json gets JSON even when there is nothing to read.
         Err(e) if args.json => {

@@ -321,6 +321,25 @@ impl NextHops {
     }
 }
 
+/// How an XDP program is attached to `iface` in this network namespace, as the
+/// kernel reports it (`ip -d link` shows the same): None if it cannot tell.
+pub async fn xdp_mode(iface: &str) -> Option<&'static str> {
+    use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
+    let (conn, handle, _) = rtnetlink::new_connection().ok()?;
+    tokio::spawn(conn);
+    let mut links = handle.link().get().match_name(iface.to_owned()).execute();
+    let link = links.try_next().await.ok()??;
+    link.attributes.iter().find_map(|a| match a {
+        LinkAttribute::Xdp(x) => x.iter().find_map(|x| match x {
+            LinkXdp::Attached(XdpAttached::Driver) => Some("native"),
+            LinkXdp::Attached(XdpAttached::SocketBuffer) => Some("generic"),
+            LinkXdp::Attached(XdpAttached::Hardware) => Some("offload"),
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
 #[derive(Clone, Copy, Debug, Default)]
 struct Entry {
     /// Has a link-layer address (NUD_VALID): bpf_fib_lookup uses it.

@@ -49,9 +49,24 @@ pub struct BackendView {
     pub stats: TrafficView,
 }
 
+/// An interface the program is attached to (a pinned link), and how, as the kernel
+/// reports it.
+#[derive(Serialize, Debug)]
+pub struct AttachmentView {
+    pub iface: String,
+    /// native, generic, offload, or unknown (the interface is not in this network
+    /// namespace, or the kernel reports no program on it).
+    pub xdp_mode: String,
+}
+
 #[derive(Serialize, Debug)]
 pub struct Status {
     pub pin_path: String,
+    pub attachments: Vec<AttachmentView>,
+    /// Sizes of the maps in force (fixed when they were created).
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub conntrack_max: u32,
     pub services: Vec<ServiceView>,
     /// Datapath counters by reason, summed over CPUs.
     pub counters: BTreeMap<&'static str, CounterView>,
@@ -202,10 +217,39 @@ fn lookup_table(
     Ok(slots)
 }
 
-pub fn read(pin_path: &Path) -> Result<Status> {
+pub async fn read(pin_path: &Path) -> Result<Status> {
+    // First: its error says what is missing, and asks whether an agent runs there.
+    let services = read_services(pin_path)?;
+    let mut attachments = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(pin_path)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    e.file_name()
+                        .to_str()
+                        .and_then(|n| n.strip_prefix("link_").map(str::to_owned))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    for iface in names {
+        let xdp_mode = crate::nexthop::xdp_mode(&iface)
+            .await
+            .unwrap_or("unknown")
+            .to_owned();
+        attachments.push(AttachmentView { iface, xdp_mode });
+    }
+    let size = |name: &str| -> Result<u32> {
+        Ok(aya::maps::MapInfo::from_pin(pin_path.join(name))?.max_entries())
+    };
     Ok(Status {
         pin_path: pin_path.display().to_string(),
-        services: read_services(pin_path)?,
+        attachments,
+        max_services: size(MAP_SERVICES)?,
+        max_backends: size(MAP_BACKENDS)?,
+        conntrack_max: size(lb_common::MAP_CONNTRACK)?,
+        services,
         counters: read_global_counters(pin_path)?,
     })
 }
@@ -213,6 +257,16 @@ pub fn read(pin_path: &Path) -> Result<Status> {
 /// The human view: non-zero counters, one per line.
 pub fn render_text(status: &Status) -> String {
     let mut s = format!("xlb status ({})\n", status.pin_path);
+    for a in &status.attachments {
+        s.push_str(&format!("attached to {} ({} XDP)\n", a.iface, a.xdp_mode));
+    }
+    if status.attachments.is_empty() {
+        s.push_str("attached to no interface\n");
+    }
+    s.push_str(&format!(
+        "map sizes: {} services, {} backends, {} flows\n",
+        status.max_services, status.max_backends, status.conntrack_max
+    ));
     for svc in &status.services {
         s.push_str(&format!(
             "service #{} {}:{}/{} (M={}): {} pkts, {} new flows\n",

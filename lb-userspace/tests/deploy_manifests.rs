@@ -191,7 +191,10 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
     // Runs where it is asked to: a node selector, and no blanket toleration that
     // would put it on control-plane nodes too.
     assert_eq!(
-        pod.node_selector.as_ref().and_then(|s| s.get("xlb.dev/load-balancer")).map(String::as_str),
+        pod.node_selector
+            .as_ref()
+            .and_then(|s| s.get("xlb.dev/load-balancer"))
+            .map(String::as_str),
         Some("true")
     );
     assert!(

@@ -234,6 +234,34 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
             );
         }
     }
+    // `auto` chose generic XDP on veth, and `xlb status` (run where the interfaces
+    // are) says so for every interface.
+    let out = lab
+        .lb
+        .command(xlb_tests::agent::xlb_bin().unwrap().to_str().unwrap())
+        .args(["status", "--json", "--pin-path", pin.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let attached: Vec<(String, String)> = st["attachments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["iface"].as_str().unwrap().to_owned(),
+                a["xdp_mode"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut want: Vec<(String, String)> = lab
+        .lb_ifaces
+        .iter()
+        .map(|i| (i.clone(), "generic".to_owned()))
+        .collect();
+    want.sort();
+    assert_eq!(attached, want, "{st:#}");
+    assert!(agent.logs().contains("choosing generic XDP"));
     // The next hops are managed neighbour entries, resolved by the kernel.
     let neigh = String::from_utf8(lab.lb.ip(&["neigh", "show"]).unwrap().stdout).unwrap();
     for i in 0..3 {
