@@ -479,6 +479,8 @@ fn private_mount_namespace() -> bool {
         std::fs::read_link("/proc/1/ns/mnt"),
     ) {
         (Ok(me), Ok(init)) => me != init,
+        // `ip netns exec` leaves PID 1's namespace unreadable from inside: not ours.
+        (Ok(_), Err(_)) => true,
         _ => false,
     }
 }

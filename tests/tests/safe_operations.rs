@@ -152,3 +152,71 @@ fn status_json_without_an_agent_is_json() {
         "{v}"
     );
 }
+
+#[test]
+fn privileged_sizes_of_adopted_maps_are_kept_warned_and_shown() {
+    if !privileged() {
+        return;
+    }
+    let lab = LbLab::two_arm(1).unwrap();
+    lab.write_config(&[0]).unwrap();
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbz")));
+    let _c = RemoveDir(pin.clone());
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let iface = lab.iface_arg();
+    let args = |ct: &'static str| {
+        vec![
+            "--iface".to_owned(),
+            iface.clone(),
+            "--config".to_owned(),
+            cfg.clone(),
+            "--conntrack-max".to_owned(),
+            ct.to_owned(),
+        ]
+    };
+    let a1 = args("1000");
+    let a1: Vec<&str> = a1.iter().map(String::as_str).collect();
+    let mut first = Agent::start_at(&lab.lb, &pin, &a1).unwrap();
+    first.stop_with(libc::SIGTERM).unwrap();
+    let a2 = args("2000");
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    let second = Agent::start_at(&lab.lb, &pin, &a2).unwrap();
+    assert!(
+        second.logs().contains("--conntrack-max is ignored"),
+        "{}",
+        second.logs()
+    );
+    assert_eq!(second.status().unwrap()["conntrack_max"], 1000);
+}
+
+/// `ip netns exec` runs the agent in a mount namespace of its own, with a fresh /sys:
+/// the bpffs it mounts there ends with it. It says so, and never promises on SIGTERM
+/// that the datapath stays.
+#[test]
+fn privileged_a_private_bpffs_is_detected_and_no_false_promise_is_made() {
+    if !privileged() {
+        return;
+    }
+    let lab = LbLab::two_arm(1).unwrap();
+    lab.write_config(&[0]).unwrap();
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let iface = lab.iface_arg();
+    let ns = lab.lb.name.clone();
+    let mut agent = Agent::start_wrapped(
+        &lab.lb,
+        &["ip", "netns", "exec", &ns],
+        &["--iface", &iface, "--config", &cfg],
+    )
+    .unwrap();
+    assert!(
+        agent
+            .logs()
+            .contains("mount namespace of this process's own"),
+        "{}",
+        agent.logs()
+    );
+    agent.stop_with(libc::SIGTERM).unwrap();
+    let logs = agent.logs();
+    assert!(logs.contains("the datapath ends with it"), "{logs}");
+    assert!(!logs.contains("stays attached and pinned"), "{logs}");
+}
