@@ -51,3 +51,16 @@ pub fn report(test: &str, counts: serde_json::Value) {
         let _ = f.write_all(line.as_bytes());
     }
 }
+
+/// A config file with no services, for an agent that only attaches (a peer program
+/// for native XDP_TX, or a parser under test): `xlb run` needs a config or
+/// `--kubernetes`. One file per test process, written once.
+pub fn empty_config() -> String {
+    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| {
+        let p = std::env::temp_dir().join(format!("xlb-empty-{}.yaml", std::process::id()));
+        std::fs::write(&p, "services: []\n").expect("writing the empty config");
+        p.to_string_lossy().into_owned()
+    })
+    .clone()
+}

@@ -74,7 +74,12 @@ fn traffic_is_counted_exactly(mode: &str) {
             )
             .unwrap();
     }
-    let agent = Agent::start(&server, &["--iface", &s.name, "--xdp-mode", mode]).unwrap();
+    let empty = xlb_tests::empty_config();
+    let agent = Agent::start(
+        &server,
+        &["--iface", &s.name, "--xdp-mode", mode, "--config", &empty],
+    )
+    .unwrap();
     assert!(
         agent.logs().contains(&format!("mode=\"{mode}\"")),
         "attach mode: {}",

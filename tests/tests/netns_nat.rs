@@ -86,7 +86,14 @@ fn balance_through_namespaces(lab: LbLab, mode: &str) {
     // config-less xlb there passes everything.
     let _peer_xdp = match (&lab.switch, &lab.lb_switch_port, mode) {
         (Some(sw), Some(port), "native") => {
-            Some(Agent::start(sw, &["--iface", port, "--xdp-mode", "native"]).unwrap())
+            let empty = xlb_tests::empty_config();
+            Some(
+                Agent::start(
+                    sw,
+                    &["--iface", port, "--xdp-mode", "native", "--config", &empty],
+                )
+                .unwrap(),
+            )
         }
         _ => None,
     };
