@@ -191,7 +191,15 @@ fn privileged_stopping_is_explicit() {
         (libc::SIGTERM, Some("--detach-on-exit"), false),
         (libc::SIGTERM, None, true),
     ] {
-        let mut args = vec!["--iface", &va.name, "--xdp-mode", "generic"];
+        let empty = xlb_tests::empty_config();
+        let mut args = vec![
+            "--iface",
+            &va.name,
+            "--xdp-mode",
+            "generic",
+            "--config",
+            &empty,
+        ];
         args.extend(extra);
         let mut agent = Agent::start_at(&a, &pin, &args).unwrap();
         assert!(xdp_shown(), "attached");
