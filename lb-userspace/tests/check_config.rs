@@ -117,9 +117,13 @@ fn each_class_of_error_gets_a_specific_message() {
     );
     rejects(
         &format!("maglev_table_size: 131071\n{GOOD}"),
-        &["maglev_table_size", "larger than the datapath holds"],
+        &["line 1", "maglev_table_size", "between 251 and 65537"],
     );
-    rejects(&GOOD.replace("  ipv4: 10.0.0.1\n", ""), &["snat.ipv4"]);
+    // Leaving the SNAT address out is `snat: auto`; a multicast one is nonsense.
+    rejects(
+        &GOOD.replace("ipv4: 10.0.0.1", "ipv4: 224.0.0.1"),
+        &["field snat", "multicast"],
+    );
     let hc = |h: &str| {
         GOOD.replace(
             "    protocol: tcp\n",
