@@ -54,13 +54,23 @@ pub fn report(test: &str, counts: serde_json::Value) {
 
 /// A config file with no services, for an agent that only attaches (a peer program
 /// for native XDP_TX, or a parser under test): `xlb run` needs a config or
-/// `--kubernetes`. One file per test process, written once.
-pub fn empty_config() -> String {
-    static PATH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    PATH.get_or_init(|| {
-        let p = std::env::temp_dir().join(format!("xlb-empty-{}.yaml", std::process::id()));
-        std::fs::write(&p, "services: []\n").expect("writing the empty config");
-        p.to_string_lossy().into_owned()
-    })
-    .clone()
+/// `--kubernetes`. Removed on drop.
+pub struct EmptyConfig(std::path::PathBuf);
+
+impl EmptyConfig {
+    pub fn path(&self) -> &str {
+        self.0.to_str().expect("a UTF-8 temp path")
+    }
+}
+
+impl Drop for EmptyConfig {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub fn empty_config() -> EmptyConfig {
+    let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("xe")));
+    std::fs::write(&p, "services: []\n").expect("writing the empty config");
+    EmptyConfig(p)
 }

@@ -77,7 +77,14 @@ fn traffic_is_counted_exactly(mode: &str) {
     let empty = xlb_tests::empty_config();
     let agent = Agent::start(
         &server,
-        &["--iface", &s.name, "--xdp-mode", mode, "--config", &empty],
+        &[
+            "--iface",
+            &s.name,
+            "--xdp-mode",
+            mode,
+            "--config",
+            empty.path(),
+        ],
     )
     .unwrap();
     assert!(
@@ -198,7 +205,7 @@ fn privileged_stopping_is_explicit() {
             "--xdp-mode",
             "generic",
             "--config",
-            &empty,
+            empty.path(),
         ];
         args.extend(extra);
         let mut agent = Agent::start_at(&a, &pin, &args).unwrap();

@@ -90,7 +90,14 @@ fn balance_through_namespaces(lab: LbLab, mode: &str) {
             Some(
                 Agent::start(
                     sw,
-                    &["--iface", port, "--xdp-mode", "native", "--config", &empty],
+                    &[
+                        "--iface",
+                        port,
+                        "--xdp-mode",
+                        "native",
+                        "--config",
+                        empty.path(),
+                    ],
                 )
                 .unwrap(),
             )
