@@ -266,15 +266,13 @@ fn remove_link(pin: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The names xlb pins: its maps (from the object) and `link_<iface>`.
-fn is_xlb_pin(name: &str) -> bool {
+/// Whether `name` is one xlb pins: a map of its object (`maps`), a map of another
+/// version (`XLB_` prefix), or `link_<iface>`.
+fn is_xlb_pin(name: &str, maps: &BTreeSet<String>) -> bool {
     if let Some(iface) = name.strip_prefix("link_") {
         return !iface.is_empty() && iface.len() < 16;
     }
-    aya_obj::Object::parse(crate::EBPF_OBJECT)
-        .map(|obj| obj.maps.contains_key(name))
-        .unwrap_or(false)
-        || name.starts_with("XLB_")
+    maps.contains(name) || name.starts_with("XLB_")
 }
 
 /// `xlb detach`: removes everything xlb pinned under `pin_path`: the links (which
@@ -299,10 +297,15 @@ pub fn detach_all(pin_path: &Path) -> Result<Vec<String>> {
         std::fs::read_dir(pin_path).with_context(|| format!("reading {}", pin_path.display()))?;
     let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
     paths.sort();
+    let maps: BTreeSet<String> = aya_obj::Object::parse(crate::EBPF_OBJECT)
+        .context("parsing the eBPF object")?
+        .maps
+        .into_keys()
+        .collect();
     let foreign: Vec<String> = paths
         .iter()
         .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .filter(|n| !is_xlb_pin(n))
+        .filter(|n| !is_xlb_pin(n, &maps))
         .collect();
     if !foreign.is_empty() {
         bail!(

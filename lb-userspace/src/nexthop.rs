@@ -70,11 +70,6 @@ impl NextHops {
         })
     }
 
-    /// The path last found for a backend.
-    pub fn path(&self, backend: IpAddr) -> Option<&Path> {
-        self.paths.get(&backend)
-    }
-
     /// Fills in each backend's route source (`snat: auto`) from the last refresh.
     pub fn effective(&self, cfg: &Config) -> Config {
         let mut out = cfg.clone();

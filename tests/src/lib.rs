@@ -74,3 +74,13 @@ pub fn empty_config() -> EmptyConfig {
     std::fs::write(&p, "services: []\n").expect("writing the empty config");
     EmptyConfig(p)
 }
+
+/// A directory of the test's own (a pin path, a scratch directory), removed with
+/// everything in it on drop, even after a panic.
+pub struct RemoveOnDrop(pub std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

@@ -170,13 +170,7 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
         "the LB knows a backend's neighbour before xlb runs:\n{neigh}"
     );
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbd")));
-    struct RemovePins(std::path::PathBuf);
-    impl Drop for RemovePins {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = RemovePins(pin.clone());
+    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
     let cfg = lab.config_path.to_str().unwrap().to_owned();
     let iface = lab.iface_arg();
     let args = ["--iface", iface.as_str(), "--config", cfg.as_str()];

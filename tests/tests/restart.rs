@@ -50,13 +50,7 @@ fn restart_keeps_every_flow(mode: &str) {
     let life = Duration::from_secs(60);
     let servers = lab.start_backends(life).unwrap();
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", xlb_tests::unique_name("xlbr")));
-    struct RemovePins(std::path::PathBuf);
-    impl Drop for RemovePins {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = RemovePins(pin.clone());
+    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
     let cfg = lab.config_path.to_str().unwrap().to_owned();
     let iface = lab.iface_arg();
     let args = ["--iface", &iface, "--xdp-mode", mode, "--config", &cfg];
@@ -226,13 +220,7 @@ fn privileged_pinned_maps_of_another_layout_are_replaced() {
     const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
-    struct Cleanup(PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(pin.clone());
+    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
     xlb::dataplane::ensure_bpffs(&pin).unwrap();
     let key = std::mem::size_of::<FlowKey>() as u32;
     // The conntrack layout before flows carried their next hop: 32-byte values.

@@ -9,15 +9,8 @@ use xlb_tests::{
     netns::Netns,
     privileged,
     topology::LbLab,
-    unique_name,
+    unique_name, RemoveOnDrop,
 };
-
-struct RemoveDir(PathBuf);
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 #[test]
 fn privileged_detach_removes_only_xlbs_pins_on_a_bpffs() {
@@ -27,7 +20,7 @@ fn privileged_detach_removes_only_xlbs_pins_on_a_bpffs() {
     // A plain directory with someone's data: refused, nothing removed.
     let plain = std::env::temp_dir().join(unique_name("xlbplain"));
     std::fs::create_dir_all(&plain).unwrap();
-    let _c1 = RemoveDir(plain.clone());
+    let _c1 = RemoveOnDrop(plain.clone());
     std::fs::write(plain.join("data.db"), b"precious").unwrap();
     let out = xlb_cmd(&["detach", "--pin-path", plain.to_str().unwrap()]).unwrap();
     assert!(!out.status.success());
@@ -39,7 +32,7 @@ fn privileged_detach_removes_only_xlbs_pins_on_a_bpffs() {
     let lab = LbLab::two_arm(1).unwrap();
     lab.write_config(&[0]).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbs")));
-    let _c2 = RemoveDir(pin.clone());
+    let _c2 = RemoveOnDrop(pin.clone());
     let cfg = lab.config_path.to_str().unwrap().to_owned();
     let iface = lab.iface_arg();
     let mut agent = Agent::start_at(&lab.lb, &pin, &["--iface", &iface, "--config", &cfg]).unwrap();
@@ -74,7 +67,7 @@ fn privileged_a_second_agent_on_the_same_pins_is_refused_by_name() {
     let lab = LbLab::two_arm(1).unwrap();
     lab.write_config(&[0]).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbk")));
-    let _c = RemoveDir(pin.clone());
+    let _c = RemoveOnDrop(pin.clone());
     let cfg = lab.config_path.to_str().unwrap().to_owned();
     let iface = lab.iface_arg();
     let args = ["--iface", iface.as_str(), "--config", cfg.as_str()];
@@ -117,7 +110,7 @@ fn privileged_a_failed_start_leaves_nothing_behind_and_says_why() {
     ];
     for (args, want) in cases {
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbf")));
-        let _c = RemoveDir(pin.clone());
+        let _c = RemoveOnDrop(pin.clone());
         let out = ns
             .command(xlb_tests::agent::xlb_bin().unwrap().to_str().unwrap())
             .arg("run")
@@ -161,7 +154,7 @@ fn privileged_sizes_of_adopted_maps_are_kept_warned_and_shown() {
     let lab = LbLab::two_arm(1).unwrap();
     lab.write_config(&[0]).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbz")));
-    let _c = RemoveDir(pin.clone());
+    let _c = RemoveOnDrop(pin.clone());
     let cfg = lab.config_path.to_str().unwrap().to_owned();
     let iface = lab.iface_arg();
     let args = |ct: &'static str| {
