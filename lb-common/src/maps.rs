@@ -243,4 +243,27 @@ mod pod {
     unsafe impl aya::Pod for NextHop {}
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for NeighbourRequest {}
+    unsafe impl aya::Pod for NetdevLayout {}
+}
+
+/// Where the redirect-failure tracepoints find a device's ifindex and network
+/// namespace in the kernel's struct net_device (byte offsets from its BTF; see the
+/// eBPF crate's redirect.rs). All zero until the agent writes them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetdevLayout {
+    /// net_device.ifindex
+    pub ifindex: u32,
+    /// net_device.nd_net (a struct net pointer)
+    pub nd_net: u32,
+    /// net.ns.inum: the namespace's inode number, as in /proc/PID/ns/net
+    pub net_inum: u32,
+    pub _pad: u32,
+}
+
+/// XLB_REDIRECT_WATCH key: an interface by network namespace and ifindex (ifindexes
+/// repeat across namespaces).
+#[inline(always)]
+pub fn watch_key(netns_inum: u32, ifindex: u32) -> u64 {
+    ((netns_inum as u64) << 32) | ifindex as u64
 }

@@ -64,6 +64,11 @@ pub enum StatIndex {
     /// Re-creating a flow found the flow's own SNAT port still held by its reply
     /// entry, and took it back: the backend sees the same source port.
     EventPortReclaimed,
+    /// A frame this program redirected (and counted as forwarded) that the kernel then
+    /// failed to send: the target's queue was full or it cannot take XDP frames (native
+    /// XDP on a veth whose peer has no NAPI). Counted from the kernel's xdp tracepoints
+    /// while the agent runs; forwarded minus this is what was delivered.
+    EventRedirectFailed,
     /// Keep last: the number of counters.
     Count,
 }
@@ -101,6 +106,7 @@ impl StatIndex {
         StatIndex::IcmpTranslated,
         StatIndex::EventFlowRecreated,
         StatIndex::EventPortReclaimed,
+        StatIndex::EventRedirectFailed,
     ];
 
     /// Parser classification: every packet counts one of these.
@@ -150,6 +156,7 @@ impl StatIndex {
             StatIndex::IcmpTranslated => "icmp_translated",
             StatIndex::EventFlowRecreated => "event_flow_recreated",
             StatIndex::EventPortReclaimed => "event_port_reclaimed",
+            StatIndex::EventRedirectFailed => "event_redirect_failed",
             StatIndex::Count => "count",
         }
     }

@@ -15,6 +15,7 @@ mod maps;
 mod mem;
 mod nat;
 mod parse;
+mod redirect;
 mod stats;
 mod trace;
 

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use lb_common::Addr;
+use lb_common::{Addr, NetdevLayout};
 use lb_common::{
     Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevChunk, MaglevKey, NextHop,
     ReverseNat, ServiceKey, ServiceValue, TrafficStats, CONNTRACK_MAX, MAGLEV_MAX_CHUNKS,
@@ -105,3 +105,13 @@ pub struct NextHopKey {
 /// forward.rs). Not pinned: each agent reads the ring of the program it loaded.
 #[map(name = "XLB_NEIGH_REQ")]
 pub static NEIGHBOUR_REQUESTS: RingBuf = RingBuf::with_byte_size(16 * 1024, 0);
+
+/// The interfaces this agent attached to, by `watch_key(netns inode, ifindex)`, for
+/// the redirect-failure tracepoints (see redirect.rs). Not pinned: each agent fills
+/// its own.
+#[map(name = "XLB_REDIRECT_WATCH")]
+pub static REDIRECT_WATCH: HashMap<u64, u8> = HashMap::with_max_entries(256, 0);
+
+/// Where struct net_device keeps what the tracepoints need, from the kernel's BTF.
+#[map(name = "XLB_NETDEV_LAYOUT")]
+pub static NETDEV_LAYOUT: Array<NetdevLayout> = Array::with_max_entries(1, 0);

@@ -15,6 +15,15 @@ pub fn count(idx: StatIndex, bytes: u64) {
     }
 }
 
+/// Adds `n` packets (no bytes) to an event counter.
+#[inline(always)]
+pub fn count_n(idx: StatIndex, n: u64) {
+    if let Some(c) = GLOBAL_STATS.get_ptr_mut(idx as u32) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe { (*c).packets += n };
+    }
+}
+
 #[inline(always)]
 pub fn count_flow(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
     let n = new_flow as u64;

@@ -72,6 +72,8 @@ pub struct Dataplane {
     pub conntrack_max: u32,
     /// The pins end with this process (see `ensure_bpffs`).
     pub private_pins: bool,
+    /// The redirect-failure tracepoints are attached (see `watch_redirects`).
+    watching_redirects: bool,
     /// The pin directory's lock, held while the agent runs.
     _lock: std::fs::File,
 }
@@ -112,6 +114,7 @@ impl Dataplane {
             max_backends: 0,
             conntrack_max: 0,
             private_pins,
+            watching_redirects: false,
             _lock: lock,
         };
         dp.max_services = dp.map_size(MAP_SERVICES)?;
@@ -190,6 +193,7 @@ impl Dataplane {
                 "adopted the existing attachment: program replaced in place"
             );
             self.attached.push((iface.to_owned(), true));
+            self.watch_redirects(iface);
             return Ok(());
         }
         let prog = self.program()?;
@@ -241,6 +245,64 @@ impl Dataplane {
         restrict_pins(&self.pin_path)?;
         info!(iface, mode = mode_name(used), "attached");
         self.attached.push((iface.to_owned(), false));
+        self.watch_redirects(iface);
+        Ok(())
+    }
+
+    /// Counts the frames redirected from `iface` that the kernel then fails to send
+    /// (`event_redirect_failed`), through two raw tracepoints loaded on first use. They
+    /// are not pinned: they count while this agent runs. Failing here only warns, as
+    /// forwarding does not depend on it.
+    fn watch_redirects(&mut self, iface: &str) {
+        if let Err(e) = self.try_watch_redirects(iface) {
+            warn!(iface, error = format!("{e:#}"), "redirect failures will not be counted");
+        }
+    }
+
+    fn try_watch_redirects(&mut self, iface: &str) -> Result<()> {
+        let name = CString::new(iface)?;
+        // SAFETY: if_nametoindex reads a valid C string.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        anyhow::ensure!(ifindex != 0, "{iface} has no ifindex");
+        if !self.watching_redirects {
+            let off = crate::btf::kernel_member_offset;
+            let layout = lb_common::NetdevLayout {
+                ifindex: off("net_device", "ifindex")?,
+                nd_net: off("net_device", "nd_net")?,
+                net_inum: off("net", "ns")? + off("ns_common", "inum")?,
+                _pad: 0,
+            };
+            let mut map: aya::maps::Array<_, lb_common::NetdevLayout> = aya::maps::Array::try_from(
+                self.ebpf
+                    .map_mut("XLB_NETDEV_LAYOUT")
+                    .context("map XLB_NETDEV_LAYOUT missing")?,
+            )?;
+            map.set(0, layout, 0)?;
+            for (prog, tracepoint) in [
+                ("xlb_devmap_xmit", "xdp_devmap_xmit"),
+                ("xlb_redirect_err", "xdp_redirect_err"),
+            ] {
+                let p: &mut aya::programs::RawTracePoint = self
+                    .ebpf
+                    .program_mut(prog)
+                    .with_context(|| format!("program {prog} missing"))?
+                    .try_into()?;
+                p.load().with_context(|| format!("loading {prog}"))?;
+                p.attach(tracepoint)
+                    .with_context(|| format!("attaching to the {tracepoint} tracepoint"))?;
+            }
+            self.watching_redirects = true;
+        }
+        use std::os::unix::fs::MetadataExt;
+        let netns = std::fs::metadata("/proc/self/ns/net")
+            .context("reading this process's network namespace")?
+            .ino() as u32;
+        let mut watch: aya::maps::HashMap<_, u64, u8> = aya::maps::HashMap::try_from(
+            self.ebpf
+                .map_mut("XLB_REDIRECT_WATCH")
+                .context("map XLB_REDIRECT_WATCH missing")?,
+        )?;
+        watch.insert(lb_common::watch_key(netns, ifindex), 1, 0)?;
         Ok(())
     }
 
