@@ -13,6 +13,19 @@ pub const MAP_BACKEND_STATS: &str = "XLB_BACKEND_STATS";
 pub const MAP_CONFIG: &str = "XLB_CONFIG";
 pub const MAP_NEIGHBOUR_REQUESTS: &str = "XLB_NEIGH_REQ";
 pub const MAP_XDP_IFACES: &str = "XLB_XDP_IFACES";
+pub const MAP_SERVICE_NAMES: &str = "XLB_SERVICE_NAMES";
+
+/// Longest service name kept for status and metrics (longer ones are cut at a
+/// character boundary). A Kubernetes name, `namespace/name:port/proto@vip`, fits.
+pub const SERVICE_NAME_MAX: usize = 192;
+
+/// XLB_SERVICE_NAMES value: a service's name, NUL-padded UTF-8. Only the agent and
+/// `xlb status` use it; it is pinned so that status works while no agent runs.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ServiceName {
+    pub bytes: [u8; SERVICE_NAME_MAX],
+}
 /// Name of the XDP program in the object file.
 pub const PROGRAM_NAME: &str = "xlb";
 
@@ -115,6 +128,9 @@ pub struct Backend {
     /// routing would use to reach it (`snat: auto`), or the configured one. Zero: none
     /// known, and new flows are dropped (drop_no_snat_address).
     pub snat: Addr,
+    /// The configured weight; 0 is draining (no new flows, established ones stay).
+    /// For status and metrics only: the datapath reads weights through the Maglev table.
+    pub weight: u32,
 }
 
 impl Backend {
@@ -244,6 +260,7 @@ mod pod {
     unsafe impl aya::Pod for DatapathConfig {}
     unsafe impl aya::Pod for NeighbourRequest {}
     unsafe impl aya::Pod for NetdevLayout {}
+    unsafe impl aya::Pod for ServiceName {}
 }
 
 /// Where the redirect-failure tracepoints find a device's ifindex and network

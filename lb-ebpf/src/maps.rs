@@ -10,8 +10,8 @@ use aya_ebpf::{
 use lb_common::{Addr, NetdevLayout};
 use lb_common::{
     Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevChunk, MaglevKey, NextHop,
-    ReverseNat, ServiceKey, ServiceValue, TrafficStats, CONNTRACK_MAX, MAGLEV_MAX_CHUNKS,
-    MAX_BACKENDS, MAX_SERVICES, STAT_COUNT,
+    ReverseNat, ServiceKey, ServiceName, ServiceValue, TrafficStats, CONNTRACK_MAX,
+    MAGLEV_MAX_CHUNKS, MAX_BACKENDS, MAX_SERVICES, STAT_COUNT,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -32,6 +32,11 @@ pub static CONNTRACK: LruHashMap<FlowKey, ConnValue> = LruHashMap::pinned(CONNTR
 
 #[map(name = "XLB_REVERSE_NAT")]
 pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> = LruHashMap::pinned(CONNTRACK_MAX, 0);
+
+/// Service names by id, for status and metrics; the program never reads it. Sized
+/// from --max-services at load; BPF_F_NO_PREALLOC: only names that exist take memory.
+#[map(name = "XLB_SERVICE_NAMES")]
+pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(MAX_SERVICES, 1);
 
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);

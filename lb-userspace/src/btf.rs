@@ -28,19 +28,19 @@ fn str_at(strings: &[u8], off: u32) -> &[u8] {
 /// Bytes that follow a type record's 12-byte header, by kind.
 fn extra_len(kind: u32, vlen: usize) -> Result<usize> {
     Ok(match kind {
-        1 => 4,                  // INT
-        2 | 7 | 8..=11 => 0,     // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT
-        3 => 12,                 // ARRAY
-        4 | 5 => 12 * vlen,      // STRUCT, UNION
-        6 => 8 * vlen,           // ENUM
-        12 => 0,                 // FUNC
-        13 => 8 * vlen,          // FUNC_PROTO
-        14 => 4,                 // VAR
-        15 => 12 * vlen,         // DATASEC
-        16 => 0,                 // FLOAT
-        17 => 4,                 // DECL_TAG
-        18 => 0,                 // TYPE_TAG
-        19 => 12 * vlen,         // ENUM64
+        1 => 4,              // INT
+        2 | 7 | 8..=11 => 0, // PTR, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT
+        3 => 12,             // ARRAY
+        4 | 5 => 12 * vlen,  // STRUCT, UNION
+        6 => 8 * vlen,       // ENUM
+        12 => 0,             // FUNC
+        13 => 8 * vlen,      // FUNC_PROTO
+        14 => 4,             // VAR
+        15 => 12 * vlen,     // DATASEC
+        16 => 0,             // FLOAT
+        17 => 4,             // DECL_TAG
+        18 => 0,             // TYPE_TAG
+        19 => 12 * vlen,     // ENUM64
         k => bail!("unknown BTF kind {k}"),
     })
 }
@@ -49,7 +49,10 @@ fn extra_len(kind: u32, vlen: usize) -> Result<usize> {
 pub fn member_offset_in(btf: &[u8], name: &str, member: &str) -> Result<u32> {
     ensure!(btf.len() >= 24, "BTF shorter than its header");
     let magic = u16::from_le_bytes([btf[0], btf[1]]);
-    ensure!(magic == BTF_MAGIC, "not little-endian BTF (magic {magic:#x})");
+    ensure!(
+        magic == BTF_MAGIC,
+        "not little-endian BTF (magic {magic:#x})"
+    );
     let hdr_len = u32_at(btf, 4)? as usize;
     let type_off = u32_at(btf, 8)? as usize;
     let type_len = u32_at(btf, 12)? as usize;
@@ -73,7 +76,11 @@ pub fn member_offset_in(btf: &[u8], name: &str, member: &str) -> Result<u32> {
                 let m = at + 12 + 12 * i;
                 if str_at(strings, u32_at(types, m)?) == member.as_bytes() {
                     let raw = u32_at(types, m + 8)?;
-                    let bits = if bitfield_offsets { raw & 0xff_ffff } else { raw };
+                    let bits = if bitfield_offsets {
+                        raw & 0xff_ffff
+                    } else {
+                        raw
+                    };
                     ensure!(bits % 8 == 0, "{name}.{member} is a bitfield");
                     return Ok(bits / 8);
                 }

@@ -58,6 +58,8 @@ pub struct Dataplane {
     /// unchanged table is not rewritten. Empty after a restart: the first apply
     /// rewrites every table, with identical contents, which is harmless.
     written_tables: BTreeMap<u32, WrittenTable>,
+    /// The service names last written, by id (empty after a restart, as above).
+    written_names: BTreeMap<u32, String>,
     /// What the service and backend maps hold, as last written by `apply`, so an
     /// update does not read 100k entries back through syscalls. None until the first
     /// apply reads the maps (they may be adopted), and after a failed apply.
@@ -93,6 +95,7 @@ impl Dataplane {
             .map_max_entries(MAP_SERVICES, opts.max_services)
             .map_max_entries(MAP_MAGLEV, opts.max_services * 2 * MAGLEV_MAX_CHUNKS)
             .map_max_entries(lb_common::MAP_SERVICE_STATS, opts.max_services)
+            .map_max_entries(lb_common::MAP_SERVICE_NAMES, opts.max_services)
             .map_max_entries(MAP_BACKENDS, opts.max_backends)
             .map_max_entries(lb_common::MAP_BACKEND_STATS, opts.max_backends)
             .load(crate::EBPF_OBJECT)
@@ -108,6 +111,7 @@ impl Dataplane {
             attached: Vec::new(),
             links: Vec::new(),
             written_tables: BTreeMap::new(),
+            written_names: BTreeMap::new(),
             mirror: None,
             retired: Vec::new(),
             max_services: 0,
@@ -255,7 +259,11 @@ impl Dataplane {
     /// forwarding does not depend on it.
     fn watch_redirects(&mut self, iface: &str) {
         if let Err(e) = self.try_watch_redirects(iface) {
-            warn!(iface, error = format!("{e:#}"), "redirect failures will not be counted");
+            warn!(
+                iface,
+                error = format!("{e:#}"),
+                "redirect failures will not be counted"
+            );
         }
     }
 
@@ -636,10 +644,10 @@ use std::{
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use lb_common::{
-    maglev_chunks, Addr, Backend, DatapathConfig, MaglevChunk, MaglevKey, ServiceKey, ServiceValue,
-    BACKEND_F_UNHEALTHY, FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK_SLOTS, MAGLEV_MAX_CHUNKS, MAP_BACKENDS,
-    MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, MODE_NAT, PROTO_TCP,
-    PROTO_UDP, SVC_F_CLIENT_AFFINITY,
+    maglev_chunks, Addr, Backend, DatapathConfig, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
+    ServiceValue, BACKEND_F_UNHEALTHY, FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK_SLOTS, MAGLEV_MAX_CHUNKS,
+    MAP_BACKENDS, MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAX_BACKENDS,
+    MAX_SERVICES, MODE_NAT, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_AFFINITY,
 };
 
 use crate::{
@@ -861,6 +869,7 @@ impl Dataplane {
                     flags,
                     service_id: id,
                     snat,
+                    weight: b.weight,
                 };
                 let bid = match backend_id_of.get(&(id, b.address)) {
                     Some(bid) => {
@@ -948,6 +957,11 @@ impl Dataplane {
                 generation,
                 _pad: 0,
             };
+            if self.written_names.get(&id) != Some(&svc.name) {
+                self.hash_map::<u32, ServiceName>(MAP_SERVICE_NAMES)?
+                    .insert(id, service_name(&svc.name), 0)?;
+                self.written_names.insert(id, svc.name.clone());
+            }
             if old != Some(value) {
                 self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
                     .insert(key, value, 0)?;
@@ -963,6 +977,10 @@ impl Dataplane {
                     self.delete_table(value.id, generation, MAGLEV_MAX_CHUNKS)?;
                 }
                 self.written_tables.remove(&value.id);
+                let _ = self
+                    .hash_map::<u32, ServiceName>(MAP_SERVICE_NAMES)?
+                    .remove(&value.id);
+                self.written_names.remove(&value.id);
                 after.services.remove(key);
                 summary.services_removed += 1;
             }
@@ -977,6 +995,27 @@ impl Dataplane {
         self.mirror = Some(after);
         Ok(summary)
     }
+}
+
+/// A name as the XLB_SERVICE_NAMES value: cut at a character boundary to fit.
+pub fn service_name(name: &str) -> ServiceName {
+    let mut end = name.len().min(lb_common::SERVICE_NAME_MAX);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut bytes = [0u8; lb_common::SERVICE_NAME_MAX];
+    bytes[..end].copy_from_slice(&name.as_bytes()[..end]);
+    ServiceName { bytes }
+}
+
+/// The name stored in an XLB_SERVICE_NAMES value.
+pub fn service_name_str(n: &ServiceName) -> String {
+    let end = n
+        .bytes
+        .iter()
+        .position(|&c| c == 0)
+        .unwrap_or(n.bytes.len());
+    String::from_utf8_lossy(&n.bytes[..end]).into_owned()
 }
 
 /// Hands out the lowest free ids below `limit`. Ids are only taken during one apply

@@ -134,7 +134,8 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
     reg.register(
         "datapath_events",
         "Datapath events besides a packet's reason: flows re-created mid-stream (conntrack \
-         entry evicted or expired), SNAT ports reclaimed by their own flow",
+         entry evicted or expired), SNAT ports reclaimed by their own flow, forwarded frames the \
+         kernel then failed to send (redirect_failed)",
         events,
     );
     reg.register(
@@ -151,8 +152,10 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
     let services = TrafficFamilies::default();
     let backends = TrafficFamilies::default();
     let healthy = Family::<Labels, Gauge>::default();
+    let weight = Family::<Labels, Gauge>::default();
     for svc in status::read_services(pin_path)? {
         let s = labels(&[
+            ("service", svc.name.clone()),
             ("vip", svc.vip.clone()),
             ("port", svc.port.to_string()),
             ("protocol", svc.protocol.to_string()),
@@ -163,6 +166,7 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
             l.push(("backend".into(), b.address.clone()));
             backends.add(&l, &b.stats);
             healthy.get_or_create(&l).set(b.healthy as i64);
+            weight.get_or_create(&l).set(b.weight as i64);
         }
     }
     services.register(&mut reg, "service");
@@ -171,6 +175,11 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
         "backend_healthy",
         "1 if the backend passes its health check (or has none)",
         healthy,
+    );
+    reg.register(
+        "backend_weight",
+        "The backend's configured weight (0: draining, no new flows)",
+        weight,
     );
 
     let ct = Gauge::<i64>::default();

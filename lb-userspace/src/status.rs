@@ -5,9 +5,9 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    maglev_chunks, Backend, Counter, MaglevChunk, MaglevKey, ServiceKey, ServiceValue, StatIndex,
-    TrafficStats, BACKEND_F_UNHEALTHY, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS,
-    MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_STATS, PROTO_TCP,
+    maglev_chunks, Backend, Counter, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceValue,
+    StatIndex, TrafficStats, BACKEND_F_UNHEALTHY, MAP_BACKENDS, MAP_BACKEND_STATS,
+    MAP_GLOBAL_STATS, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SERVICE_STATS, PROTO_TCP,
 };
 
 use crate::dataplane::{backend_addr, live_backends, words_to_addr};
@@ -29,6 +29,8 @@ pub struct TrafficView {
 #[derive(Serialize, Debug)]
 pub struct ServiceView {
     pub id: u32,
+    /// The config's name (in Kubernetes `namespace/name:port/proto@vip`).
+    pub name: String,
     pub vip: String,
     pub port: u16,
     pub protocol: &'static str,
@@ -43,6 +45,9 @@ pub struct BackendView {
     pub address: String,
     /// False while the backend fails its health check.
     pub healthy: bool,
+    pub weight: u32,
+    /// Weight 0: takes no new flows; its established flows stay.
+    pub draining: bool,
     /// The SNAT source of new flows to it (configured, or from the route); None: no
     /// address known, and its new flows are dropped (drop_no_snat_address).
     pub snat: Option<String>,
@@ -128,6 +133,13 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
     let be_stats =
         PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_path, MAP_BACKEND_STATS)?))?;
     let all_backends: Vec<(u32, Backend)> = backends.into_iter().collect();
+    // Absent in pins from before names were kept: status still works, without them.
+    let names: std::collections::HashMap<u32, ServiceName> =
+        open_pinned(pin_path, MAP_SERVICE_NAMES)
+            .ok()
+            .and_then(|m| HashMap::<_, u32, ServiceName>::try_from(Map::HashMap(m)).ok())
+            .map(|m| m.iter().filter_map(|e| e.ok()).collect())
+            .unwrap_or_default();
     let mut out = Vec::new();
     for entry in services.iter() {
         let (k, v) = entry?;
@@ -137,6 +149,8 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
                 id: *id,
                 address: backend_addr(b).to_string(),
                 healthy: b.flags & BACKEND_F_UNHEALTHY == 0,
+                weight: b.weight,
+                draining: b.weight == 0,
                 snat: (b.snat != [0; 4]).then(|| words_to_addr(&b.snat, b.family).to_string()),
                 stats: traffic(&be_stats, *id)?,
             });
@@ -144,6 +158,10 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
         bes.sort_by_key(|b| b.id);
         out.push(ServiceView {
             id: v.id,
+            name: names
+                .get(&v.id)
+                .map(|n| crate::dataplane::service_name_str(&n))
+                .unwrap_or_default(),
             vip: words_to_addr(&k.vip, k.family).to_string(),
             port: u16::from_be(k.port),
             protocol: if k.proto == PROTO_TCP { "tcp" } else { "udp" },
@@ -269,8 +287,9 @@ pub fn render_text(status: &Status) -> String {
     ));
     for svc in &status.services {
         s.push_str(&format!(
-            "service #{} {}:{}/{} (M={}): {} pkts, {} new flows\n",
+            "service #{} {} {}:{}/{} (M={}): {} pkts, {} new flows\n",
             svc.id,
+            if svc.name.is_empty() { "-" } else { &svc.name },
             svc.vip,
             svc.port,
             svc.protocol,
@@ -280,9 +299,10 @@ pub fn render_text(status: &Status) -> String {
         ));
         for b in &svc.backends {
             let health = if b.healthy { "" } else { " UNHEALTHY" };
+            let draining = if b.draining { " DRAINING" } else { "" };
             s.push_str(&format!(
-                "  backend #{} {:<40} {:>10} pkts {:>8} new flows{health}\n",
-                b.id, b.address, b.stats.packets, b.stats.new_flows
+                "  backend #{} {:<40} weight {:<5} {:>10} pkts {:>8} new flows{health}{draining}\n",
+                b.id, b.address, b.weight, b.stats.packets, b.stats.new_flows
             ));
         }
     }

@@ -160,9 +160,14 @@ impl Agent {
 
     /// Waits (bounded) for a log line containing `needle`; fails early if xlb exits.
     pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        self.wait_for_log_count(needle, 1, timeout)
+    }
+
+    /// Waits (bounded) until `n` log lines contain `needle`; fails early if xlb exits.
+    pub fn wait_for_log_count(&mut self, needle: &str, n: usize, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if self.log.lock().unwrap().iter().any(|l| l.contains(needle)) {
+            if self.count_log(needle) >= n {
                 return Ok(());
             }
             if let Some(status) = self.child.try_wait()? {

@@ -362,7 +362,10 @@ fn privileged_native_on_untuned_veth_counts_every_lost_redirect() {
         "redirect_failures_native_veth",
         serde_json::json!({"sent": N, "answered": answered, "fwd_forward": forwarded, "event_redirect_failed": failed}),
     );
-    assert_eq!(answered, 0, "native XDP on an untuned veth delivered frames");
+    assert_eq!(
+        answered, 0,
+        "native XDP on an untuned veth delivered frames"
+    );
     assert!(forwarded >= N as u64, "forwarded {forwarded} of {N}");
     assert_eq!(
         failed,

@@ -109,13 +109,18 @@ fn privileged_metrics_agree_with_the_traffic_sent() {
 
     let (code, text) = get(&lab, "/metrics");
     assert_eq!(code, 200, "{text}");
-    let svc = format!("xlb_service_new_flows_total{{vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\"}}");
+    // Series carry the service's name as well as its address.
+    let svc = format!("xlb_service_new_flows_total{{service=\"tcp-v4\",vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\"}}");
     assert_eq!(value(&text, &svc), FLOWS as f64);
     for (i, n) in per_backend.iter().enumerate() {
         let series = format!(
-            "xlb_backend_new_flows_total{{vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\",backend=\"10.40.{i}.2:8080\"}}"
+            "xlb_backend_new_flows_total{{service=\"tcp-v4\",vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\",backend=\"10.40.{i}.2:8080\"}}"
         );
         assert_eq!(value(&text, &series), *n as f64, "backend b{i}");
+        let weight = format!(
+            "xlb_backend_weight{{service=\"tcp-v4\",vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\",backend=\"10.40.{i}.2:8080\"}}"
+        );
+        assert_eq!(value(&text, &weight), 1.0, "backend b{i}'s weight");
     }
     assert!(
         value(&text, "xlb_datapath_packets_total{reason=\"fwd_forward\"}") >= 3.0 * FLOWS as f64
@@ -159,6 +164,49 @@ fn privileged_metrics_agree_with_the_traffic_sent() {
         }
     }
     assert!(checked >= 9, "dashboard queries checked: {checked}");
+
+    // Draining b0 (weight 0) shows in status and metrics, with its weight.
+    let b0 = format!("{{address: \"{}\"}}", lab.backend(0, false));
+    assert!(good.contains(&b0), "{good}");
+    let drained = good.replacen(
+        &b0,
+        &format!("{{address: \"{}\", weight: 0}}", lab.backend(0, false)),
+        1,
+    );
+    lab.replace_config(&drained).unwrap();
+    agent
+        .wait_for_log_count("config reloaded", 2, Duration::from_secs(10))
+        .unwrap();
+    let st = agent.status().unwrap();
+    let svc = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "tcp-v4")
+        .unwrap_or_else(|| panic!("service tcp-v4 by name in {st:#}"));
+    let drains: Vec<(String, bool, u64)> = svc["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_owned(),
+                b["draining"].as_bool().unwrap(),
+                b["weight"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        drains,
+        (0..3)
+            .map(|i| (format!("10.40.{i}.2:8080"), i == 0, (i != 0) as u64))
+            .collect::<Vec<_>>()
+    );
+    let (_, text) = get(&lab, "/metrics");
+    let w0 = format!(
+        "xlb_backend_weight{{service=\"tcp-v4\",vip=\"{VIP4}\",port=\"80\",protocol=\"tcp\",backend=\"10.40.0.2:8080\"}}"
+    );
+    assert_eq!(value(&text, &w0), 0.0);
     drop(servers);
 }
 
