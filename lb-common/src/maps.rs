@@ -69,7 +69,15 @@ pub struct ServiceKey {
     pub family: u8,
 }
 
+/// How a service's packets reach the backend (ServiceValue.mode).
+/// Source and destination rewritten; replies come back through the LB.
 pub const MODE_NAT: u8 = 0;
+/// Destination rewritten only: the backend sees the client's address; its replies must
+/// pass the LB (or a host running xlb) to be translated back.
+pub const MODE_DNAT: u8 = 1;
+/// The packet unchanged inside IP-in-IP (IPv4) or IPv6-in-IPv6 to the backend, which
+/// answers the client directly from the VIP.
+pub const MODE_DSR: u8 = 2;
 
 /// Hash flows on the client address only (sessionAffinity: ClientIP).
 pub const SVC_F_CLIENT_AFFINITY: u8 = 1;
@@ -241,6 +249,9 @@ pub struct DatapathConfig {
     pub tcp_closing_timeout_s: u32,
     /// For TCP entries that never completed the handshake (CT_F_ESTABLISHED unset).
     pub tcp_syn_timeout_s: u32,
+    /// Non-zero: IP-in-IP and IPv6-in-IPv6 packets addressed to this host are
+    /// decapsulated and passed to the kernel (the backend side of dsr).
+    pub decap: u32,
 }
 
 #[cfg(feature = "user")]

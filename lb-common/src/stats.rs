@@ -55,8 +55,18 @@ pub enum StatIndex {
     /// comes from one of this host's own addresses, which the kernel would drop as a
     /// martian: dropped, and the agent asked to resolve the neighbour.
     DropNeighbourUnknown,
+    /// Longer than the egress MTU allows: a nat or dnat packet after translation (the
+    /// kernel would not fragment it either), or a dsr packet that could not be answered
+    /// with ICMP too-big (IPv4 options).
+    DropTooBig,
+    /// An IP-in-IP or IPv6-in-IPv6 packet to this host, decapsulated (`decap`) and
+    /// passed to the kernel.
+    PassDecapsulated,
     // ICMP errors translated.
     IcmpTranslated,
+    /// A dsr packet too big for the path once encapsulated, answered with ICMP
+    /// fragmentation-needed / packet-too-big carrying the MTU left for it.
+    IcmpTooBigSent,
     // Events, counted besides a packet's reason (not a reason themselves).
     /// A TCP packet without SYN started a flow: its conntrack entry had been evicted
     /// (table full) or had expired, or the flow began before xlb saw it.
@@ -103,7 +113,10 @@ impl StatIndex {
         StatIndex::DropFibFailure,
         StatIndex::DropNoSnatAddress,
         StatIndex::DropNeighbourUnknown,
+        StatIndex::DropTooBig,
+        StatIndex::PassDecapsulated,
         StatIndex::IcmpTranslated,
+        StatIndex::IcmpTooBigSent,
         StatIndex::EventFlowRecreated,
         StatIndex::EventPortReclaimed,
         StatIndex::EventRedirectFailed,
@@ -153,7 +166,10 @@ impl StatIndex {
             StatIndex::DropFibFailure => "drop_fib_failure",
             StatIndex::DropNoSnatAddress => "drop_no_snat_address",
             StatIndex::DropNeighbourUnknown => "drop_neighbour_unknown",
+            StatIndex::DropTooBig => "drop_too_big",
+            StatIndex::PassDecapsulated => "pass_decapsulated",
             StatIndex::IcmpTranslated => "icmp_translated",
+            StatIndex::IcmpTooBigSent => "icmp_too_big_sent",
             StatIndex::EventFlowRecreated => "event_flow_recreated",
             StatIndex::EventPortReclaimed => "event_port_reclaimed",
             StatIndex::EventRedirectFailed => "event_redirect_failed",

@@ -32,6 +32,7 @@ const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
 const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const BPF_FIB_LKUP_RET_FRAG_NEEDED: i64 = 8;
 
 /// What the FIB needs to know of the rewritten packet.
 pub struct Route<'a> {
@@ -62,7 +63,7 @@ pub fn forward(
     // flow's entries.
     if let Some(h) = &flow_hop {
         if usable(h, now, ingress, route.tot_len) {
-            return send(ctx, h, ingress, sent);
+            return send(ctx, h, sent);
         }
     }
     let hop = match shared_hop(ctx, route, now, ingress) {
@@ -72,12 +73,47 @@ pub fn forward(
     if let Some(h) = flow_hop {
         *h = hop;
     }
-    send(ctx, &hop, ingress, sent)
+    send(ctx, &hop, sent)
+}
+
+/// The next hop for `route`, as `forward` finds it, without touching the frame: for
+/// the caller to change the frame (encapsulate) only once it knows the packet can go.
+/// A packet too long for the hop's MTU gets `DropTooBig`, and `mtu_of_last_lookup`.
+#[inline(always)]
+pub fn resolve(
+    ctx: &XdpContext,
+    route: &Route,
+    now: u64,
+    flow_hop: Option<&mut NextHop>,
+) -> Result<NextHop, (u32, StatIndex)> {
+    let ingress = ctx.ingress_ifindex() as u32;
+    if let Some(h) = &flow_hop {
+        if usable(h, now, ingress, route.tot_len) {
+            return Ok(**h);
+        }
+    }
+    let hop = shared_hop(ctx, route, now, ingress)?;
+    if let Some(h) = flow_hop {
+        *h = hop;
+    }
+    Ok(hop)
+}
+
+/// The MTU the FIB reported when its last lookup on this CPU (in this program run)
+/// answered "fragmentation needed".
+#[inline(always)]
+pub fn mtu_of_last_lookup() -> u16 {
+    match SCRATCH.get_ptr(0) {
+        // SAFETY: this CPU's scratch slot; the union field the FIB wrote on FRAG_NEEDED.
+        Some(p) => unsafe { (*p).fib.__bindgen_anon_1.mtu_result },
+        None => 0,
+    }
 }
 
 /// Writes the hop's MAC addresses into the frame and sends it out of the hop's interface.
 #[inline(always)]
-fn send(ctx: &XdpContext, hop: &NextHop, ingress: u32, sent: StatIndex) -> (u32, StatIndex) {
+pub fn send(ctx: &XdpContext, hop: &NextHop, sent: StatIndex) -> (u32, StatIndex) {
+    let ingress = ctx.ingress_ifindex() as u32;
     let Some(eth) = bytes_mut::<12>(ctx, 0) else {
         return (xdp_action::XDP_DROP, StatIndex::PassParseError);
     };
@@ -199,6 +235,7 @@ fn fib(ctx: &XdpContext, route: &Route, ingress: u32) -> Result<NextHop, (u32, S
                 Err((xdp_action::XDP_PASS, StatIndex::PassNeighbourUnknown))
             }
         }
+        BPF_FIB_LKUP_RET_FRAG_NEEDED => Err((xdp_action::XDP_DROP, StatIndex::DropTooBig)),
         _ => Err((xdp_action::XDP_DROP, StatIndex::DropFibFailure)),
     }
 }

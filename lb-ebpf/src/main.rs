@@ -18,13 +18,14 @@ mod parse;
 mod redirect;
 mod stats;
 mod trace;
+mod tunnel;
 
 use aya_ebpf::{
     bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
 };
 use lb_common::{
     Addr, ConnValue, DatapathConfig, FlowKey, NextHop, ReverseNat, ServiceValue, StatIndex,
-    PROTO_TCP,
+    MODE_DNAT, MODE_DSR, MODE_NAT, PROTO_TCP,
 };
 
 use crate::{
@@ -47,6 +48,13 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> u32 {
     let len = (ctx.data_end() - ctx.data()) as u64;
+    if maps::CONFIG.get(0).is_some_and(|c| c.decap != 0) {
+        if let Some(reason) = tunnel::decapsulate(ctx) {
+            stats::count(reason, len);
+            trace::packet(xdp_action::XDP_PASS, reason);
+            return xdp_action::XDP_PASS;
+        }
+    }
     let (seen, parsed) = parse::parse(ctx);
     stats::count(seen, len);
     let (action, reason) = match parsed {
@@ -111,8 +119,9 @@ fn forward_path(
             let Some((backend_id, backend)) = maglev::pick(svc, key) else {
                 return (xdp_action::XDP_DROP, StatIndex::DropNoBackend);
             };
+            // nat's source, and dsr's outer source; dnat keeps the client's.
             let snat = backend.snat;
-            if snat == [0; 4] {
+            if snat == [0; 4] && svc.mode != MODE_DNAT {
                 return (xdp_action::XDP_DROP, StatIndex::DropNoSnatAddress);
             }
             // Never missing: a per-CPU array of one.
@@ -133,16 +142,29 @@ fn forward_path(
                 hop: NextHop::default(),
             };
             let rev = &scratch.rev;
-            let Some(nat_port) = nat::alloc_port(key, backend.addr, backend.port, snat, cfg, rev)
-            else {
-                return (xdp_action::XDP_DROP, StatIndex::DropPortAlloc);
+            // Where the backend's replies are recognised, and the source the backend sees.
+            let (nat_addr, nat_port) = match svc.mode {
+                MODE_NAT => {
+                    let Some(port) =
+                        nat::alloc_port(key, backend.addr, backend.port, snat, cfg, rev)
+                    else {
+                        return (xdp_action::XDP_DROP, StatIndex::DropPortAlloc);
+                    };
+                    (snat, port)
+                }
+                MODE_DNAT => {
+                    nat::claim_reply(key, backend.addr, backend.port, rev);
+                    (key.src, key.sport)
+                }
+                // No reply comes back: the backend answers the client itself.
+                _ => (snat, 0),
             };
             scratch.ct = ConnValue {
                 backend_id,
                 nat_port,
                 flags: conntrack::flags_from_tcp(pkt.tcp_flags),
                 _pad: 0,
-                nat_addr: snat,
+                nat_addr,
                 last_seen_ns: now,
                 hop: NextHop::default(),
             };
@@ -153,15 +175,25 @@ fn forward_path(
             (&mut scratch.ct, backend, true)
         }
     };
+    let ids = (svc.id, ct.backend_id);
+    // The new flow's entry is a copy of what went into the map: its next hop would be lost.
+    let flow_hop = (!new_flow).then_some(&mut ct.hop);
+    if svc.mode == MODE_DSR {
+        return encapsulate_and_send(
+            ctx,
+            pkt,
+            (&ct.nat_addr, &backend.addr),
+            ids,
+            (len, now),
+            flow_hop,
+        );
+    }
     let to = Rewrite {
         src: ct.nat_addr,
         dst: backend.addr,
         sport: ct.nat_port,
         dport: backend.port,
     };
-    let ids = (svc.id, ct.backend_id);
-    // The new flow's entry is a copy of what went into the map: its next hop would be lost.
-    let flow_hop = (!new_flow).then_some(&mut ct.hop);
     translate_and_send(
         ctx,
         pkt,
@@ -186,8 +218,8 @@ fn translate_and_send(
     sent: StatIndex,
 ) -> Verdict {
     let new_flow = flow_hop.is_none();
-    // The forward path's source is the SNAT address, one of this host's own.
-    let own_source = sent == StatIndex::FwdForward;
+    // nat's forward path has the SNAT address as source, one of this host's own.
+    let own_source = sent == StatIndex::FwdForward && to.src != pkt.key.src;
     if nat::rewrite(ctx, pkt, to).is_none() {
         return (xdp_action::XDP_PASS, StatIndex::PassParseError);
     }
@@ -202,6 +234,51 @@ fn translate_and_send(
         own_source,
     };
     forward::forward(ctx, &route, now, flow_hop, sent)
+}
+
+/// dsr: the packet, unchanged, inside an outer header from `outer.0` (this host) to
+/// the backend `outer.1`. The next hop is found first, for the encapsulated length: a
+/// packet that would no longer fit is answered with ICMP too-big instead.
+#[inline(always)]
+fn encapsulate_and_send(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    (outer_src, outer_dst): (&Addr, &Addr),
+    (service_id, backend_id): (u32, u32),
+    (len, now): (u64, u64),
+    flow_hop: Option<&mut NextHop>,
+) -> Verdict {
+    let k = &pkt.key;
+    let new_flow = flow_hop.is_none();
+    let overhead = tunnel::overhead(k.family);
+    let route = forward::Route {
+        family: k.family,
+        proto: if k.family == lb_common::FAMILY_V4 {
+            tunnel::IPPROTO_IPIP
+        } else {
+            tunnel::IPPROTO_IPV6
+        },
+        src: outer_src,
+        dst: outer_dst,
+        tot_len: pkt.ip_len.saturating_add(overhead),
+        own_source: true,
+    };
+    let hop = match forward::resolve(ctx, &route, now, flow_hop) {
+        Ok(hop) => hop,
+        Err((_, StatIndex::DropTooBig)) => {
+            let mtu = forward::mtu_of_last_lookup().saturating_sub(overhead);
+            return match tunnel::too_big(ctx, pkt, mtu) {
+                Some(()) => (xdp_action::XDP_TX, StatIndex::IcmpTooBigSent),
+                None => (xdp_action::XDP_DROP, StatIndex::DropTooBig),
+            };
+        }
+        Err(verdict) => return verdict,
+    };
+    if tunnel::encapsulate(ctx, pkt, outer_src, outer_dst).is_none() {
+        return (xdp_action::XDP_DROP, StatIndex::DropTooBig);
+    }
+    stats::count_flow(service_id, backend_id, len, new_flow);
+    forward::send(ctx, &hop, StatIndex::FwdForward)
 }
 
 /// Backend → SNAT address: translate back to VIP → client and send.

@@ -181,6 +181,24 @@ fn put_addr(out: &mut [u8], a: &Addr) {
     }
 }
 
+/// dnat: the backend's replies come from `reply_src:reply_sport` to the client's own
+/// address and port. Claimed whatever was there: a stale entry for the same 4-tuple
+/// can only be an older flow of this same client port.
+#[inline(always)]
+pub fn claim_reply(key: &FlowKey, reply_src: Addr, reply_sport: u16, rev: &ReverseNat) {
+    let rkey = FlowKey {
+        src: reply_src,
+        dst: key.src,
+        sport: reply_sport,
+        dport: key.sport,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    // Failure only means the LRU could not take it now; the next new flow retries.
+    let _ = REVERSE_NAT.insert(rkey, rev, 0);
+}
+
 /// Picks a free SNAT source port towards `backend` and claims it by inserting the
 /// reverse entry with BPF_NOEXIST, so two flows can never share a reply 5-tuple.
 /// Probes are hashed from the flow and bounded. Returns the port in network order.

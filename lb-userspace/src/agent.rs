@@ -52,6 +52,8 @@ struct Agent {
     nexthops: NextHops,
     since_routes: u32,
     max_config_bytes: u64,
+    /// --decap, added to every config.
+    decap: bool,
 }
 
 impl Agent {
@@ -77,6 +79,7 @@ impl Agent {
 
     /// The config file's settings with the command line's SNAT addresses on top.
     fn with_overrides(&self, mut cfg: Config) -> Result<Config> {
+        cfg.decap |= self.decap;
         let (v4, v6) = self.snat_overrides;
         cfg.snat.ipv4 = v4.or(cfg.snat.ipv4);
         cfg.snat.ipv6 = v6.or(cfg.snat.ipv6);
@@ -321,6 +324,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         nexthops,
         since_routes: 0,
         max_config_bytes: max_bytes,
+        decap: args.decap,
     };
     let base = agent.with_overrides(file.unwrap_or_default())?;
     let services = base.services.len();

@@ -113,7 +113,7 @@ mod tests {
         assert_eq!(member_offset_in(&btf, "iphdr", "ttl").unwrap(), 8);
         assert_eq!(member_offset_in(&btf, "iphdr", "saddr").unwrap(), 12);
         let ifindex = member_offset_in(&btf, "net_device", "ifindex").unwrap();
-        assert!(ifindex > 0 && ifindex % 4 == 0, "{ifindex}");
+        assert!(ifindex > 0 && ifindex.is_multiple_of(4), "{ifindex}");
         assert!(member_offset_in(&btf, "net_device", "no_such_member").is_err());
         assert!(member_offset_in(&btf, "no_such_struct_xlb", "x").is_err());
     }

@@ -61,7 +61,7 @@ pub struct MaglevArgs {
 }
 
 #[derive(clap::Args, Debug)]
-#[command(group(clap::ArgGroup::new("source").required(true).multiple(true).args(["config", "kubernetes"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).multiple(true).args(["config", "kubernetes", "decap"])))]
 pub struct RunArgs {
     /// Interfaces to attach to, comma separated or repeated.
     #[arg(
@@ -80,6 +80,11 @@ pub struct RunArgs {
     /// Static YAML config: services, backends, SNAT (see README).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Decapsulate IP-in-IP and IPv6-in-IPv6 packets addressed to this host and pass
+    /// the inner packet to the kernel: the backend's side of `mode: dsr`. Needs no
+    /// --config (`decap: true` in a config file does the same).
+    #[arg(long)]
+    pub decap: bool,
     /// The largest config file read, in bytes.
     #[arg(long, default_value_t = crate::config::DEFAULT_MAX_CONFIG_BYTES)]
     pub max_config_bytes: u64,

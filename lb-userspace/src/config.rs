@@ -27,6 +27,10 @@ pub struct Config {
     pub maglev_table_size: u32,
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// Decapsulate IP-in-IP and IPv6-in-IPv6 packets addressed to this host in XDP and
+    /// pass the inner packet to the kernel: the backend's side of `mode: dsr`.
+    #[serde(default)]
+    pub decap: bool,
 }
 
 #[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -169,8 +173,28 @@ pub enum SessionAffinity {
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
+    /// Source and destination rewritten: the backend sees the LB's address, and its
+    /// replies come back through the LB by plain routing.
     #[default]
     Nat,
+    /// Destination rewritten only: the backend sees the client's address and port. Its
+    /// replies must pass a host running xlb (the LB, as the backend's route to the
+    /// client) to be turned back into VIP → client.
+    Dnat,
+    /// The packet unchanged inside IP-in-IP (IPv4) or IPv6-in-IPv6 to the backend,
+    /// which decapsulates it (`decap`, or a kernel tunnel device) and answers the
+    /// client directly from the VIP. Backend port = service port.
+    Dsr,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Nat => "nat",
+            Mode::Dnat => "dnat",
+            Mode::Dsr => "dsr",
+        }
+    }
 }
 
 /// Source addresses for SNAT and the port range, kept apart from the host's
@@ -286,6 +310,7 @@ impl Default for Config {
             snat: SnatConfig::default(),
             maglev_table_size: default_table_size(),
             timeouts: Timeouts::default(),
+            decap: false,
         }
     }
 }
@@ -490,6 +515,14 @@ impl Config {
             }
             let mut addrs = BTreeSet::new();
             for (j, b) in s.backends.iter().enumerate() {
+                if s.mode == Mode::Dsr && b.address.port() != s.port {
+                    bail!(
+                        "{}{at}: backends[{j}].address: port {} differs from the service's port {}; mode dsr sends the client's packet unchanged, so the backend must listen on the service's port",
+                        be_line(i, j),
+                        b.address.port(),
+                        s.port
+                    );
+                }
                 if b.address.is_ipv4() != s.vip.is_ipv4() {
                     bail!(
                         "{}{at}: backends[{j}].address: {} is {} but the VIP {} is {}",

@@ -647,11 +647,11 @@ use lb_common::{
     maglev_chunks, Addr, Backend, DatapathConfig, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
     ServiceValue, BACKEND_F_UNHEALTHY, FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK_SLOTS, MAGLEV_MAX_CHUNKS,
     MAP_BACKENDS, MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAX_BACKENDS,
-    MAX_SERVICES, MODE_NAT, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_AFFINITY,
+    MAX_SERVICES, MODE_DNAT, MODE_DSR, MODE_NAT, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_AFFINITY,
 };
 
 use crate::{
-    config::{Config, Protocol, SessionAffinity},
+    config::{Config, Mode, Protocol, SessionAffinity},
     maglev,
 };
 
@@ -802,6 +802,7 @@ impl Dataplane {
             udp_idle_timeout_s: cfg.timeouts.udp_idle,
             tcp_closing_timeout_s: cfg.timeouts.tcp_closing,
             tcp_syn_timeout_s: cfg.timeouts.tcp_syn,
+            decap: cfg.decap as u32,
         };
         let mut config_map: Array<&mut MapData, DatapathConfig> =
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
@@ -949,7 +950,11 @@ impl Dataplane {
             let value = ServiceValue {
                 id,
                 table_size,
-                mode: MODE_NAT,
+                mode: match svc.mode {
+                    Mode::Nat => MODE_NAT,
+                    Mode::Dnat => MODE_DNAT,
+                    Mode::Dsr => MODE_DSR,
+                },
                 flags: match svc.session_affinity {
                     SessionAffinity::None => 0,
                     SessionAffinity::ClientIp => SVC_F_CLIENT_AFFINITY,

@@ -160,7 +160,7 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
             id: v.id,
             name: names
                 .get(&v.id)
-                .map(|n| crate::dataplane::service_name_str(&n))
+                .map(|n| crate::dataplane::service_name_str(n))
                 .unwrap_or_default(),
             vip: words_to_addr(&k.vip, k.family).to_string(),
             port: u16::from_be(k.port),

@@ -722,7 +722,8 @@ fn privileged_next_hop_cache_expires_and_never_skips_the_mtu_check() {
             res.verdict, XDP_REDIRECT,
             "a packet over the egress MTU went out"
         );
-        assert_eq!(counter(&f, "drop_fib_failure"), 1);
+        assert_eq!(counter(&f, "drop_too_big"), 1);
+        assert_eq!(counter(&f, "drop_fib_failure"), 0);
     });
 }
 
