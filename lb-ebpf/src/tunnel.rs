@@ -29,6 +29,7 @@ const QUOTE_V4: usize = IPV4_HDR_LEN + 8;
 const QUOTE_V6: usize = IPV6_HDR_LEN + 8;
 const OUTER_TTL: u8 = 64;
 const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
+const BPF_FIB_LKUP_RET_FWD_DISABLED: i64 = 5;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
@@ -287,8 +288,10 @@ pub fn decapsulate(ctx: &XdpContext) -> Option<StatIndex> {
     Some(StatIndex::PassDecapsulated)
 }
 
-/// Whether the FIB delivers `dst` locally (it does not forward it): only packets for
-/// this host are decapsulated, never ones passing through.
+/// Whether the packet is for this host, not passing through: the FIB delivers `dst`
+/// locally (it would not forward it). On a host that does not forward at all (the
+/// FIB says so before it looks at the route: a backend with default sysctls) every
+/// packet that reaches it is for it, or dropped by the kernel anyway.
 #[inline(always)]
 fn is_local(ctx: &XdpContext, family: u8, src: &Addr, dst: &Addr) -> bool {
     let Some(p) = SCRATCH.get_ptr_mut(0) else {
@@ -317,5 +320,5 @@ fn is_local(ctx: &XdpContext, family: u8, src: &Addr, dst: &Addr) -> bool {
             0,
         )
     };
-    rc == BPF_FIB_LKUP_RET_NOT_FWDED
+    rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_FWD_DISABLED
 }

@@ -1,0 +1,176 @@
+//! One shared network segment behind a router, as a small bare-metal rack is: the
+//! shape for the `dnat` and `dsr` modes and for moving flows between LB nodes.
+//!
+//! ```text
+//!  client ns ──veth── router ns ──br0── LB node k     10.61.0.(2+k)  fd61::(2+k)
+//!  10.31.0.2          10.31.0.1   │                                  (xlb, one interface)
+//!  fd31::2            fd31::1     └──── backend i     10.61.0.(10+i) fd61::(10+i)
+//!                     10.61.0.1                       (default route via the router)
+//!                     fd61::1
+//! ```
+//! The router sends the VIPs to one LB node (`route_vips_via`); moving that route is
+//! what an ECMP rehash or a node failure does to a flow. As deployed: untuned veths,
+//! no static neighbours, default sysctls apart from forwarding on the router and the
+//! LB nodes.
+
+use std::net::IpAddr;
+
+use anyhow::Result;
+
+use crate::{
+    netns::{veth_pair_untuned, Netns},
+    topology::{VIP4, VIP6},
+};
+
+pub struct Node {
+    pub ns: Netns,
+    /// Its one interface, on the router's bridge.
+    pub iface: String,
+    pub addr4: IpAddr,
+    pub addr6: IpAddr,
+}
+
+pub struct SegmentLab {
+    pub client: Netns,
+    pub router: Netns,
+    pub lbs: Vec<Node>,
+    pub backends: Vec<Node>,
+    pub client4: IpAddr,
+    pub client6: IpAddr,
+}
+
+impl SegmentLab {
+    pub fn new(n_lbs: usize, n_backends: usize) -> Result<Self> {
+        let client = Netns::new("sc")?;
+        let router = Netns::new("sr")?;
+        veth_pair_untuned(
+            &client,
+            &["10.31.0.2/24", "fd31::2/64"],
+            &router,
+            &["10.31.0.1/24", "fd31::1/64"],
+        )?;
+        client.ip(&["route", "add", "default", "via", "10.31.0.1"])?;
+        client.ip(&["-6", "route", "add", "default", "via", "fd31::1"])?;
+        router.ip(&["link", "add", "br0", "type", "bridge"])?;
+        router.ip(&["addr", "add", "10.61.0.1/24", "dev", "br0"])?;
+        router.ip(&["addr", "add", "fd61::1/64", "dev", "br0", "nodad"])?;
+        router.ip(&["link", "set", "br0", "up"])?;
+        router.sysctl("net.ipv4.ip_forward", "1")?;
+        router.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+        let attach = |prefix: &str, host_part: usize| -> Result<Node> {
+            let ns = Netns::new(prefix)?;
+            let (a4, a6) = (
+                format!("10.61.0.{host_part}"),
+                format!("fd61::{host_part:x}"),
+            );
+            let (end, port) = veth_pair_untuned(
+                &ns,
+                &[&format!("{a4}/24"), &format!("{a6}/64")],
+                &router,
+                &[],
+            )?;
+            router.ip(&["link", "set", &port.name, "master", "br0"])?;
+            ns.ip(&["route", "add", "default", "via", "10.61.0.1"])?;
+            ns.ip(&["-6", "route", "add", "default", "via", "fd61::1"])?;
+            Ok(Node {
+                ns,
+                iface: end.name,
+                addr4: a4.parse()?,
+                addr6: a6.parse()?,
+            })
+        };
+        let mut lbs = Vec::new();
+        for k in 0..n_lbs {
+            let node = attach("sl", 2 + k)?;
+            node.ns.sysctl("net.ipv4.ip_forward", "1")?;
+            node.ns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            lbs.push(node);
+        }
+        let mut backends = Vec::new();
+        for i in 0..n_backends {
+            backends.push(attach("sb", 10 + i)?);
+        }
+        let lab = Self {
+            client,
+            router,
+            lbs,
+            backends,
+            client4: "10.31.0.2".parse()?,
+            client6: "fd31::2".parse()?,
+        };
+        lab.route_vips_via(0)?;
+        Ok(lab)
+    }
+
+    /// The router sends both VIPs to LB node `k`.
+    pub fn route_vips_via(&self, k: usize) -> Result<()> {
+        let lb = &self.lbs[k];
+        self.router.ip(&[
+            "route",
+            "replace",
+            &format!("{VIP4}/32"),
+            "via",
+            &lb.addr4.to_string(),
+        ])?;
+        self.router.ip(&[
+            "-6",
+            "route",
+            "replace",
+            &format!("{VIP6}/128"),
+            "via",
+            &lb.addr6.to_string(),
+        ])?;
+        Ok(())
+    }
+
+    /// dsr's backend side: the VIPs on the backends' loopback, so the kernel takes the
+    /// decapsulated packets as its own and answers from the VIP.
+    pub fn vips_on_backends(&self) -> Result<()> {
+        for b in &self.backends {
+            b.ns.ip(&["addr", "add", &format!("{VIP4}/32"), "dev", "lo"])?;
+            b.ns.ip(&["addr", "add", &format!("{VIP6}/128"), "dev", "lo", "nodad"])?;
+        }
+        Ok(())
+    }
+
+    /// dnat's return path: the backends reach the client through LB node `k`, which
+    /// translates their replies back.
+    pub fn backends_return_via(&self, k: usize) -> Result<()> {
+        let lb = &self.lbs[k];
+        for b in &self.backends {
+            b.ns.ip(&["route", "replace", "default", "via", &lb.addr4.to_string()])?;
+            b.ns.ip(&[
+                "-6",
+                "route",
+                "replace",
+                "default",
+                "via",
+                &lb.addr6.to_string(),
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// A config with TCP and UDP on both VIPs, in `mode`, to every backend on `port`
+    /// (TCP) and `port + 1` (UDP) (dsr needs the service's own ports).
+    pub fn config(&self, mode: &str, tcp_port: u16, udp_port: u16) -> String {
+        let mut text = "services:\n".to_owned();
+        for (fam, vip, v6) in [("v4", VIP4, false), ("v6", VIP6, true)] {
+            for (proto, port) in [("tcp", tcp_port), ("udp", udp_port)] {
+                let list = self
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let a = if v6 { b.addr6 } else { b.addr4 };
+                        format!("{{address: \"{}\"}}", std::net::SocketAddr::new(a, port))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                text.push_str(&format!(
+                    "  - name: {proto}-{fam}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    mode: {mode}\n    backends: [{list}]\n"
+                ));
+            }
+        }
+        text
+    }
+}

@@ -1,0 +1,479 @@
+//! The client's address at the backend, end to end: `dnat` and `dsr` through real
+//! namespaces, on a network as deployed (untuned veths, no static neighbours, default
+//! sysctls apart from forwarding, `xlb run` with default flags). Each backend answers
+//! with the peer address it sees, which must be the client's. For dsr, the backends run
+//! `xlb run --decap` and the replies must bypass the LB. And a TCP connection moved
+//! from one LB node to another mid-stream (what an ECMP rehash does) survives in dsr
+//! and dnat, and cannot in nat.
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::PathBuf,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use xlb_tests::{
+    agent::{status_json, Agent},
+    netns::Netns,
+    privileged, report,
+    segment::SegmentLab,
+    topology::{VIP4, VIP6},
+    unique_name, RemoveOnDrop,
+};
+
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 53;
+const TRY: Duration = Duration::from_millis(900);
+
+/// Servers on backend `i`: TCP on [::]:80 and UDP on each of `udp_binds`, answering
+/// every chunk with `b{i} {peer address} {chunk}`.
+fn serve(ns: &Netns, i: usize, udp_binds: &[SocketAddr], life: Duration) -> Vec<JoinHandle<()>> {
+    let mut out = Vec::new();
+    let tcp = ns
+        .run(|| {
+            let l = TcpListener::bind(("::", TCP_PORT)).unwrap();
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .unwrap();
+    out.push(std::thread::spawn(move || {
+        let deadline = Instant::now() + life;
+        while Instant::now() < deadline {
+            match tcp.accept() {
+                Ok((mut s, peer)) => {
+                    std::thread::spawn(move || {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                        let peer = peer.ip().to_canonical();
+                        let mut buf = [0u8; 512];
+                        while let Ok(n) = s.read(&mut buf) {
+                            if n == 0 {
+                                break;
+                            }
+                            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                            if s.write_all(format!("b{i} {peer} {msg}").as_bytes())
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    });
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+    }));
+    for &bind in udp_binds {
+        let sock = ns
+            .run(move || {
+                let s = UdpSocket::bind(bind).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+                s
+            })
+            .unwrap();
+        out.push(std::thread::spawn(move || {
+            let deadline = Instant::now() + life;
+            let mut buf = [0u8; 512];
+            while Instant::now() < deadline {
+                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+                    let peer_ip = peer.ip().to_canonical();
+                    let _ = sock.send_to(format!("b{i} {peer_ip} {msg}").as_bytes(), peer);
+                }
+            }
+        }));
+    }
+    out
+}
+
+/// (backend index, the peer address it saw, the echoed message).
+fn parse(reply: &[u8]) -> Option<(usize, IpAddr, String)> {
+    let s = std::str::from_utf8(reply).ok()?;
+    let mut it = s.splitn(3, ' ');
+    let b = it.next()?.strip_prefix('b')?.parse().ok()?;
+    let peer = it.next()?.parse().ok()?;
+    Some((b, peer, it.next()?.to_owned()))
+}
+
+struct Outcome {
+    lost: usize,
+    per_backend: Vec<usize>,
+    wrong_peer: Vec<String>,
+    first_err: Option<String>,
+}
+
+/// `n` TCP request/replies and `n` UDP queries to `vip`, one try each.
+fn one_try_each(client: &Netns, vip: IpAddr, n: usize, n_backends: usize) -> Outcome {
+    let me: IpAddr = if vip.is_ipv4() {
+        "10.31.0.2"
+    } else {
+        "fd31::2"
+    }
+    .parse()
+    .unwrap();
+    client
+        .run(move || {
+            let mut o = Outcome {
+                lost: 0,
+                per_backend: vec![0; n_backends],
+                wrong_peer: Vec::new(),
+                first_err: None,
+            };
+            for i in 0..n {
+                if o.lost >= 5 {
+                    break;
+                }
+                let msg = format!("m{i}");
+                let tcp = (|| -> std::io::Result<Vec<u8>> {
+                    let mut s = TcpStream::connect_timeout(&SocketAddr::new(vip, TCP_PORT), TRY)?;
+                    s.set_read_timeout(Some(TRY))?;
+                    s.write_all(msg.as_bytes())?;
+                    s.shutdown(Shutdown::Write)?;
+                    let mut out = Vec::new();
+                    s.read_to_end(&mut out)?;
+                    Ok(out)
+                })();
+                let udp = (|| -> std::io::Result<Vec<u8>> {
+                    let any: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                        .parse()
+                        .unwrap();
+                    let s = UdpSocket::bind(any)?;
+                    s.set_read_timeout(Some(TRY))?;
+                    let to = SocketAddr::new(vip, UDP_PORT);
+                    s.send_to(msg.as_bytes(), to)?;
+                    let mut buf = [0u8; 512];
+                    let (len, from) = s.recv_from(&mut buf)?;
+                    if from != to {
+                        return Err(std::io::Error::other(format!(
+                            "answer from {from}, not the VIP"
+                        )));
+                    }
+                    Ok(buf[..len].to_vec())
+                })();
+                for (what, r) in [("tcp", tcp), ("udp", udp)] {
+                    match r.map(|b| parse(&b)) {
+                        Ok(Some((b, peer, echoed))) if echoed == msg => {
+                            o.per_backend[b] += 1;
+                            if peer != me {
+                                o.wrong_peer.push(format!("{what} #{i}: b{b} saw {peer}"));
+                            }
+                        }
+                        Ok(other) => {
+                            o.lost += 1;
+                            o.first_err
+                                .get_or_insert(format!("{what} #{i}: reply {other:?}"));
+                        }
+                        Err(e) => {
+                            o.lost += 1;
+                            o.first_err
+                                .get_or_insert(format!("{what} #{i} to {vip}: {e}"));
+                        }
+                    }
+                }
+            }
+            o
+        })
+        .unwrap()
+}
+
+fn pin() -> (PathBuf, RemoveOnDrop) {
+    let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbm")));
+    (p.clone(), RemoveOnDrop(p))
+}
+
+fn counter(pin: &std::path::Path, name: &str) -> u64 {
+    status_json(pin).unwrap()["counters"][name]["packets"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// An LB node's agent with default flags: only its interface, a config, a pin path.
+fn lb_agent(lab: &SegmentLab, k: usize, cfg: &std::path::Path, pin: &std::path::Path) -> Agent {
+    let lb = &lab.lbs[k];
+    Agent::start_at(
+        &lb.ns,
+        pin,
+        &["--iface", &lb.iface, "--config", cfg.to_str().unwrap()],
+    )
+    .unwrap()
+}
+
+/// `xlb run --iface IF --decap` on every backend: no config at all.
+fn decap_agents(lab: &SegmentLab) -> Vec<(Agent, PathBuf, RemoveOnDrop)> {
+    lab.backends
+        .iter()
+        .map(|b| {
+            let (p, guard) = pin();
+            let a = Agent::start_at(&b.ns, &p, &["--iface", &b.iface, "--decap"]).unwrap();
+            (a, p, guard)
+        })
+        .collect()
+}
+
+fn write_config(text: &str) -> (PathBuf, RemoveOnDrop) {
+    let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("xmd")));
+    std::fs::write(&p, text).unwrap();
+    (p.clone(), RemoveOnDrop(p))
+}
+
+/// The nonzero datapath counters at a pin path, for failure messages.
+fn counters(pin: &std::path::Path) -> String {
+    let st = status_json(pin).unwrap_or_default();
+    st["counters"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v["packets"].as_u64().unwrap_or(0) > 0)
+                .map(|(k, v)| format!("{k}={}", v["packets"]))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+fn check_traffic(
+    lab: &SegmentLab,
+    mode: &str,
+    n: usize,
+    pins: &[&std::path::Path],
+) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for vip in [VIP4, VIP6] {
+        let vip: IpAddr = vip.parse().unwrap();
+        let o = one_try_each(&lab.client, vip, n, lab.backends.len());
+        assert!(
+            o.lost == 0,
+            "{mode} {vip}: {} of {} exchanges lost (first: {:?})\ncounters:\n{}",
+            o.lost,
+            2 * n,
+            o.first_err,
+            pins.iter()
+                .map(|p| counters(p))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(
+            o.wrong_peer.is_empty(),
+            "{mode} {vip}: the backend saw another address than the client's: {:?}",
+            o.wrong_peer
+        );
+        assert!(
+            o.per_backend.iter().all(|&c| c > 0),
+            "{mode} {vip}: every backend takes flows: {:?}",
+            o.per_backend
+        );
+        out.insert(
+            vip.to_string(),
+            serde_json::json!({"exchanges": 2 * n, "lost": o.lost, "per_backend": o.per_backend, "client_address_seen": 2 * n - o.wrong_peer.len()}),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+#[test]
+fn privileged_dnat_backends_see_the_client_as_deployed() {
+    if !privileged() {
+        return;
+    }
+    let lab = SegmentLab::new(1, 3).unwrap();
+    lab.backends_return_via(0).unwrap();
+    let life = Duration::from_secs(60);
+    let any = SocketAddr::from(([0u16; 8], UDP_PORT));
+    let _servers: Vec<_> = (0..3)
+        .flat_map(|i| serve(&lab.backends[i].ns, i, &[any], life))
+        .collect();
+    let (cfg, _c) = write_config(&lab.config("dnat", TCP_PORT, UDP_PORT));
+    let (p, _g) = pin();
+    let agent = lb_agent(&lab, 0, &cfg, &p);
+    let counts = check_traffic(&lab, "dnat", 100, &[&p]);
+    // The replies came back through the LB and were translated there.
+    let reverse = counter(&p, "fwd_reverse");
+    assert!(
+        reverse >= 400,
+        "replies translated back: {reverse}\n{}",
+        agent.logs()
+    );
+    report("modes_dnat", counts);
+}
+
+#[test]
+fn privileged_dsr_backends_see_the_client_and_replies_bypass_the_lb() {
+    if !privileged() {
+        return;
+    }
+    let lab = SegmentLab::new(1, 3).unwrap();
+    lab.vips_on_backends().unwrap();
+    let life = Duration::from_secs(60);
+    // A UDP server answers from the address it is bound to: bound to the VIPs, as a
+    // dsr backend's must be.
+    let binds = [
+        SocketAddr::new(VIP4.parse().unwrap(), UDP_PORT),
+        SocketAddr::new(VIP6.parse().unwrap(), UDP_PORT),
+    ];
+    let _servers: Vec<_> = (0..3)
+        .flat_map(|i| serve(&lab.backends[i].ns, i, &binds, life))
+        .collect();
+    let decap = decap_agents(&lab);
+    let (cfg, _c) = write_config(&lab.config("dsr", TCP_PORT, UDP_PORT));
+    let (p, _g) = pin();
+    let agent = lb_agent(&lab, 0, &cfg, &p);
+    let mut pins: Vec<&std::path::Path> = vec![&p];
+    pins.extend(decap.iter().map(|(_, p, _)| p.as_path()));
+    let mut counts = check_traffic(&lab, "dsr", 100, &pins);
+    // Nothing came back through the LB: every TCP/UDP packet it saw was one it sent on
+    // to a backend, and it translated no reply.
+    let seen: u64 = [
+        "seen_ipv4_tcp",
+        "seen_ipv4_udp",
+        "seen_ipv6_tcp",
+        "seen_ipv6_udp",
+    ]
+    .iter()
+    .map(|c| counter(&p, c))
+    .sum();
+    let forwarded = counter(&p, "fwd_forward");
+    assert_eq!(counter(&p, "fwd_reverse"), 0, "{}", agent.logs());
+    assert_eq!(
+        seen, forwarded,
+        "TCP/UDP packets at the LB that it did not forward: replies"
+    );
+    let decapsulated: u64 = decap
+        .iter()
+        .map(|(_, p, _)| counter(p, "pass_decapsulated"))
+        .sum();
+    assert_eq!(
+        decapsulated, forwarded,
+        "every forwarded packet decapsulated by a backend"
+    );
+    counts["lb_tcp_udp_packets_seen"] = seen.into();
+    counts["lb_forwarded"] = forwarded.into();
+    counts["backends_decapsulated"] = decapsulated.into();
+    report("modes_dsr", counts);
+}
+
+/// Long-lived TCP connections through LB node 0; the router then sends the VIPs to
+/// node 1. Returns, per connection, whether it kept working and the backend it reached.
+fn move_between_nodes(mode: &str) -> (Vec<bool>, serde_json::Value) {
+    let lab = SegmentLab::new(2, 3).unwrap();
+    let life = Duration::from_secs(60);
+    let binds: Vec<SocketAddr> = if mode == "dsr" {
+        lab.vips_on_backends().unwrap();
+        vec![]
+    } else {
+        if mode == "dnat" {
+            // The shared return path: the backends answer through node 0, which keeps
+            // translating the flows it first saw.
+            lab.backends_return_via(0).unwrap();
+        }
+        vec![]
+    };
+    let _servers: Vec<_> = (0..3)
+        .flat_map(|i| serve(&lab.backends[i].ns, i, &binds, life))
+        .collect();
+    let _decap = if mode == "dsr" {
+        decap_agents(&lab)
+    } else {
+        Vec::new()
+    };
+    let (cfg, _c) = write_config(&lab.config(mode, TCP_PORT, UDP_PORT));
+    let (p0, _g0) = pin();
+    let (p1, _g1) = pin();
+    let _a0 = lb_agent(&lab, 0, &cfg, &p0);
+    let _a1 = lb_agent(&lab, 1, &cfg, &p1);
+    let vips: Vec<IpAddr> = [VIP4, VIP4, VIP6, VIP6]
+        .iter()
+        .map(|v| v.parse().unwrap())
+        .collect();
+    let mut conns: Vec<TcpStream> = vips
+        .iter()
+        .map(|&vip| {
+            lab.client
+                .run(move || {
+                    let s = TcpStream::connect_timeout(
+                        &SocketAddr::new(vip, TCP_PORT),
+                        Duration::from_secs(3),
+                    )
+                    .unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    s
+                })
+                .unwrap()
+        })
+        .collect();
+    let exchange = |s: &mut TcpStream, msg: &str| -> Option<(usize, IpAddr)> {
+        s.write_all(msg.as_bytes()).ok()?;
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).ok()?;
+        let (b, peer, echoed) = parse(&buf[..n])?;
+        (echoed == msg).then_some((b, peer))
+    };
+    let before: Vec<(usize, IpAddr)> = conns
+        .iter_mut()
+        .enumerate()
+        .map(|(i, s)| exchange(s, &format!("before{i}")).expect("works through node 0"))
+        .collect();
+    lab.route_vips_via(1).unwrap();
+    let mut kept = Vec::new();
+    let mut after_backends = Vec::new();
+    for (i, s) in conns.iter_mut().enumerate() {
+        let mut ok = true;
+        for j in 0..5 {
+            match exchange(s, &format!("after{i}.{j}")) {
+                Some(got) if got == before[i] => {}
+                _ => {
+                    ok = false;
+                    break;
+                }
+            }
+        }
+        kept.push(ok);
+        after_backends.push(before[i].0);
+    }
+    let moved_through = counter(&p1, "fwd_forward");
+    (
+        kept.clone(),
+        serde_json::json!({"mode": mode, "connections": kept.len(), "survived": kept.iter().filter(|k| **k).count(), "node1_forwarded": moved_through, "backends": after_backends}),
+    )
+}
+
+#[test]
+fn privileged_dsr_connection_survives_a_move_to_another_lb_node() {
+    if !privileged() {
+        return;
+    }
+    let (kept, counts) = move_between_nodes("dsr");
+    report("modes_move_dsr", counts.clone());
+    assert!(kept.iter().all(|k| *k), "{counts}");
+    assert!(
+        counts["node1_forwarded"].as_u64().unwrap() > 0,
+        "the flows did move: {counts}"
+    );
+}
+
+#[test]
+fn privileged_dnat_connection_survives_a_move_with_a_shared_return_path() {
+    if !privileged() {
+        return;
+    }
+    let (kept, counts) = move_between_nodes("dnat");
+    report("modes_move_dnat", counts.clone());
+    assert!(kept.iter().all(|k| *k), "{counts}");
+    assert!(
+        counts["node1_forwarded"].as_u64().unwrap() > 0,
+        "the flows did move: {counts}"
+    );
+}
+
+/// nat cannot: node 1 translates the client to its own address and port, so the
+/// backend sees a 4-tuple it has no connection for and resets it.
+#[test]
+fn privileged_nat_connection_is_lost_on_a_move() {
+    if !privileged() {
+        return;
+    }
+    let (kept, counts) = move_between_nodes("nat");
+    report("modes_move_nat", counts.clone());
+    assert!(kept.iter().all(|k| !*k), "{counts}");
+}
