@@ -79,6 +79,9 @@ pub enum StatIndex {
     /// XDP on a veth whose peer has no NAPI). Counted from the kernel's xdp tracepoints
     /// while the agent runs; forwarded minus this is what was delivered.
     EventRedirectFailed,
+    /// A dnat reply leaving this host (from a backend on it) translated by the TC
+    /// egress program: not an XDP packet, so it has no reason of its own.
+    EventEgressTranslated,
     /// Keep last: the number of counters.
     Count,
 }
@@ -120,6 +123,7 @@ impl StatIndex {
         StatIndex::EventFlowRecreated,
         StatIndex::EventPortReclaimed,
         StatIndex::EventRedirectFailed,
+        StatIndex::EventEgressTranslated,
     ];
 
     /// Parser classification: every packet counts one of these.
@@ -173,6 +177,7 @@ impl StatIndex {
             StatIndex::EventFlowRecreated => "event_flow_recreated",
             StatIndex::EventPortReclaimed => "event_port_reclaimed",
             StatIndex::EventRedirectFailed => "event_redirect_failed",
+            StatIndex::EventEgressTranslated => "event_egress_translated",
             StatIndex::Count => "count",
         }
     }

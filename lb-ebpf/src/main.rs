@@ -8,6 +8,7 @@
 
 mod bench;
 mod conntrack;
+mod egress;
 mod forward;
 mod lookup;
 mod maglev;
@@ -21,7 +22,10 @@ mod trace;
 mod tunnel;
 
 use aya_ebpf::{
-    bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, macros::xdp, programs::XdpContext,
+    bindings::xdp_action,
+    helpers::bpf_ktime_get_coarse_ns,
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
 };
 use lb_common::{
     Addr, ConnValue, DatapathConfig, FlowKey, NextHop, ReverseNat, ServiceValue, StatIndex,
@@ -74,6 +78,12 @@ fn pipeline(ctx: &XdpContext) -> u32 {
     stats::count(reason, len);
     trace::packet(action, reason);
     action
+}
+
+/// dnat replies leaving this host from a local backend (see egress.rs).
+#[classifier]
+pub fn xlb_egress(ctx: TcContext) -> i32 {
+    egress::reply(&ctx)
 }
 
 /// The baseline for benchmarks: does nothing but pass. Never attached by the agent.

@@ -8,9 +8,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use aya::{
     programs::{
-        links::{FdLink, PinnedLink},
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        Xdp, XdpMode,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     Ebpf, EbpfLoader,
 };
@@ -20,6 +21,8 @@ use tracing::{info, warn};
 use crate::cli::XdpModeArg;
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// The TC egress program's name in the object.
+const EGRESS_PROGRAM: &str = "xlb_egress";
 
 /// The loaded program and its maps. Maps and attachments (bpf links) are pinned under
 /// `pin_path`, so they outlive the agent: the datapath keeps forwarding while no agent
@@ -198,6 +201,7 @@ impl Dataplane {
             );
             self.attached.push((iface.to_owned(), true));
             self.watch_redirects(iface);
+            self.attach_egress(iface)?;
             return Ok(());
         }
         let prog = self.program()?;
@@ -250,6 +254,52 @@ impl Dataplane {
         info!(iface, mode = mode_name(used), "attached");
         self.attached.push((iface.to_owned(), false));
         self.watch_redirects(iface);
+        self.attach_egress(iface)?;
+        Ok(())
+    }
+
+    fn egress_pin(&self, iface: &str) -> PathBuf {
+        self.pin_path.join(format!("tclink_{iface}"))
+    }
+
+    /// The TC egress program (dnat replies from backends on this host, see the eBPF
+    /// crate's egress.rs) on `iface`, at TCX egress, pinned like the XDP link and
+    /// replaced in place when an earlier agent left one.
+    fn attach_egress(&mut self, iface: &str) -> Result<()> {
+        let pin = self.egress_pin(iface);
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(EGRESS_PROGRAM)
+            .context("TC egress program missing from the object")?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()
+                .context("the kernel rejected the TC egress program")?;
+        }
+        if pin.exists() {
+            let fd_link: FdLink = PinnedLink::from_pin(&pin)
+                .with_context(|| format!("opening pinned link {}", pin.display()))?
+                .into();
+            let link =
+                SchedClassifierLink::try_from(fd_link).context("pinned link is not a TC link")?;
+            prog.attach_to_link(link)
+                .with_context(|| format!("replacing the egress program on {iface}"))?;
+            return Ok(());
+        }
+        let id = prog
+            .attach_with_options(
+                iface,
+                TcAttachType::Egress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .with_context(|| format!("attaching the egress program to {iface} (TCX)"))?;
+        let link = prog.take_link(id)?;
+        let fd_link = FdLink::try_from(link).context("TCX attached without a bpf link")?;
+        let pinned = fd_link
+            .pin(&pin)
+            .with_context(|| format!("pinning link at {}", pin.display()))?;
+        self.links.push(pinned);
+        restrict_pins(&self.pin_path)?;
         Ok(())
     }
 
@@ -318,6 +368,7 @@ impl Dataplane {
     pub fn detach(&mut self) -> Result<()> {
         for (iface, _) in std::mem::take(&mut self.attached) {
             remove_link(&self.link_pin(&iface))?;
+            remove_link(&self.egress_pin(&iface))?;
         }
         self.links.clear();
         Ok(())
@@ -337,9 +388,12 @@ fn remove_link(pin: &Path) -> Result<()> {
 }
 
 /// Whether `name` is one xlb pins: a map of its object (`maps`), a map of another
-/// version (`XLB_` prefix), or `link_<iface>`.
+/// version (`XLB_` prefix), or `link_<iface>` / `tclink_<iface>`.
 fn is_xlb_pin(name: &str, maps: &BTreeSet<String>) -> bool {
-    if let Some(iface) = name.strip_prefix("link_") {
+    if let Some(iface) = name
+        .strip_prefix("link_")
+        .or_else(|| name.strip_prefix("tclink_"))
+    {
         return !iface.is_empty() && iface.len() < 16;
     }
     maps.contains(name) || name.starts_with("XLB_")
@@ -385,8 +439,10 @@ pub fn detach_all(pin_path: &Path) -> Result<Vec<String>> {
         );
     }
     let (links, maps): (Vec<_>, Vec<_>) = paths.into_iter().partition(|p| {
-        p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+        p.file_name().is_some_and(|n| {
+            let n = n.to_string_lossy();
+            n.starts_with("link_") || n.starts_with("tclink_")
+        })
     });
     for p in links.iter().chain(&maps) {
         if links.contains(p) {

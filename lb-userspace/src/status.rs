@@ -62,6 +62,8 @@ pub struct AttachmentView {
     /// native, generic, offload, or unknown (the interface is not in this network
     /// namespace, or the kernel reports no program on it).
     pub xdp_mode: String,
+    /// The TC egress program (dnat replies from backends on this host) is attached.
+    pub tc_egress: bool,
 }
 
 #[derive(Serialize, Debug)]
@@ -256,7 +258,12 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
             .await
             .unwrap_or("unknown")
             .to_owned();
-        attachments.push(AttachmentView { iface, xdp_mode });
+        let tc_egress = pin_path.join(format!("tclink_{iface}")).exists();
+        attachments.push(AttachmentView {
+            iface,
+            xdp_mode,
+            tc_egress,
+        });
     }
     let size = |name: &str| -> Result<u32> {
         Ok(aya::maps::MapInfo::from_pin(pin_path.join(name))?.max_entries())
@@ -276,7 +283,11 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
 pub fn render_text(status: &Status) -> String {
     let mut s = format!("xlb status ({})\n", status.pin_path);
     for a in &status.attachments {
-        s.push_str(&format!("attached to {} ({} XDP)\n", a.iface, a.xdp_mode));
+        let egress = if a.tc_egress { ", TC egress" } else { "" };
+        s.push_str(&format!(
+            "attached to {} ({} XDP{egress})\n",
+            a.iface, a.xdp_mode
+        ));
     }
     if status.attachments.is_empty() {
         s.push_str("attached to no interface\n");

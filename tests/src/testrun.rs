@@ -74,6 +74,31 @@ impl Fixture {
         run_program(prog, frame, 1, Some(ifindex))
     }
 
+    /// Runs `frame` through the TC egress program (loaded on first use), as a packet
+    /// leaving the host. Returns the TC verdict and the packet as it leaves.
+    pub fn run_egress(&mut self, frame: &[u8]) -> Result<RunResult> {
+        let prog: &mut aya::programs::SchedClassifier = self
+            .dp
+            .ebpf
+            .program_mut("xlb_egress")
+            .context("no program xlb_egress")?
+            .try_into()?;
+        if prog.fd().is_err() {
+            prog.load()?;
+        }
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut opts = TestRunOptions::new();
+        opts.data_in = Some(frame);
+        opts.data_out = Some(&mut out);
+        let res = prog.test_run(opts).context("BPF_PROG_TEST_RUN (egress)")?;
+        out.truncate(res.data_size_out as usize);
+        Ok(RunResult {
+            verdict: res.return_value,
+            data: out,
+            duration: res.duration,
+        })
+    }
+
     /// Runs `frame` once through the program.
     pub fn run(&mut self, frame: &[u8]) -> Result<RunResult> {
         self.run_repeat(frame, 1)

@@ -98,6 +98,16 @@ fn dnat_flow(f: &mut Fixture, lab: &Lab, frame: Frame, backends: &[&str], proto:
     reply.dport = frame.sport;
     reply.src_mac = backend_mac(want.ip());
     reply.dst_mac = lab.backend_side_mac;
+    // A backend on this host: its reply leaves through the TC egress program, which
+    // translates it the same way (TTL and MACs are the kernel's business there).
+    let res = f.run_egress(&reply.build()).unwrap();
+    assert_eq!(res.verdict, 0, "TC_ACT_OK: egress never drops");
+    let left = decode(&res.data).expect("valid checksums after egress translation");
+    assert_eq!(
+        (left.src, left.sport, left.dst, left.dport, left.ttl),
+        (frame.dst, frame.dport, frame.src, frame.sport, reply.ttl)
+    );
+    assert_eq!(left.payload, reply.payload);
     let res = f.run_on(&reply.build(), lab.backend_if).unwrap();
     assert_eq!(res.verdict, XDP_REDIRECT, "reply out on the client side");
     let back = decode(&res.data).expect("valid checksums after reverse DNAT");
@@ -148,6 +158,14 @@ fn privileged_dnat_keeps_the_client_address_and_translates_replies() {
         }
         assert_eq!(counter(&f, "fwd_forward"), 8);
         assert_eq!(counter(&f, "fwd_reverse"), 4);
+        assert_eq!(counter(&f, "event_egress_translated"), 4);
+        // Anything else leaves untouched: a reply to another client port.
+        let mut other = Frame::udp("10.20.0.2", 8080, "10.10.0.5", 1).flags(ACK);
+        other.src_mac = backend_mac("10.20.0.2".parse().unwrap());
+        let bytes = other.build();
+        let res = f.run_egress(&bytes).unwrap();
+        assert_eq!((res.verdict, res.data), (0, bytes));
+        assert_eq!(counter(&f, "event_egress_translated"), 4);
         // dnat needs no SNAT port: the reply entries are keyed by the client's own.
         assert_eq!(counter(&f, "drop_port_alloc"), 0);
     });
