@@ -151,14 +151,50 @@ impl SegmentLab {
         Ok(())
     }
 
+    /// A "pod" on LB node `k`: a namespace behind a veth of the node's own, reached by
+    /// the node's connected route, as a CNI's bridge or veth would. Its addresses are
+    /// 10.62.{slot}.2 and fd62:{slot}::2, with its default route via the node.
+    pub fn pod_on_lb(&self, k: usize, slot: usize) -> Result<Node> {
+        let node = &self.lbs[k].ns;
+        let pod = Netns::new("sp")?;
+        let (a4, a6) = (format!("10.62.{slot}.2"), format!("fd62:{slot}::2"));
+        let (end, _) = veth_pair_untuned(
+            &pod,
+            &[&format!("{a4}/24"), &format!("{a6}/64")],
+            node,
+            &[&format!("10.62.{slot}.1/24"), &format!("fd62:{slot}::1/64")],
+        )?;
+        pod.ip(&["route", "add", "default", "via", &format!("10.62.{slot}.1")])?;
+        pod.ip(&[
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("fd62:{slot}::1"),
+        ])?;
+        Ok(Node {
+            ns: pod,
+            iface: end.name,
+            addr4: a4.parse()?,
+            addr6: a6.parse()?,
+        })
+    }
+
     /// A config with TCP and UDP on both VIPs, in `mode`, to every backend on `port`
     /// (TCP) and `port + 1` (UDP) (dsr needs the service's own ports).
     pub fn config(&self, mode: &str, tcp_port: u16, udp_port: u16) -> String {
+        config_for(&self.backends, mode, tcp_port, udp_port)
+    }
+}
+
+/// The same config for any set of backend nodes.
+pub fn config_for(backends: &[Node], mode: &str, tcp_port: u16, udp_port: u16) -> String {
+    {
         let mut text = "services:\n".to_owned();
         for (fam, vip, v6) in [("v4", VIP4, false), ("v6", VIP6, true)] {
             for (proto, port) in [("tcp", tcp_port), ("udp", udp_port)] {
-                let list = self
-                    .backends
+                let list = backends
                     .iter()
                     .map(|b| {
                         let a = if v6 { b.addr6 } else { b.addr4 };

@@ -477,3 +477,53 @@ fn privileged_nat_connection_is_lost_on_a_move() {
     report("modes_move_nat", counts.clone());
     assert!(kept.iter().all(|k| !*k), "{counts}");
 }
+
+/// dnat to backends running on the LB node itself (pods behind veths of the node): the
+/// replies are routed by the node and leave through its interface, where the TC
+/// egress program translates them; XDP sees none of them.
+#[test]
+fn privileged_dnat_to_pods_on_the_lb_node_replies_through_tc_egress() {
+    if !privileged() {
+        return;
+    }
+    let lab = SegmentLab::new(1, 0).unwrap();
+    let pods: Vec<_> = (0..2).map(|i| lab.pod_on_lb(0, i).unwrap()).collect();
+    let life = Duration::from_secs(60);
+    let any = SocketAddr::from(([0u16; 8], UDP_PORT));
+    let _servers: Vec<_> = pods
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| serve(&p.ns, i, &[any], life))
+        .collect();
+    let (cfg, _c) = write_config(&xlb_tests::segment::config_for(
+        &pods, "dnat", TCP_PORT, UDP_PORT,
+    ));
+    let (p, _g) = pin();
+    let agent = lb_agent(&lab, 0, &cfg, &p);
+    let st = status_json(&p).unwrap();
+    assert_eq!(st["attachments"][0]["tc_egress"], true, "{st:#}");
+    let mut out = serde_json::Map::new();
+    for vip in [VIP4, VIP6] {
+        let vip: IpAddr = vip.parse().unwrap();
+        let o = one_try_each(&lab.client, vip, 50, pods.len());
+        assert!(
+            o.lost == 0 && o.wrong_peer.is_empty(),
+            "{vip}: lost {} (first {:?}), wrong peers {:?}\n{}\n{}",
+            o.lost,
+            o.first_err,
+            o.wrong_peer,
+            counters(&p),
+            agent.logs()
+        );
+        assert!(o.per_backend.iter().all(|&c| c > 0), "{:?}", o.per_backend);
+        out.insert(
+            vip.to_string(),
+            serde_json::json!({"exchanges": 100, "lost": 0, "per_backend": o.per_backend}),
+        );
+    }
+    let egress = counter(&p, "event_egress_translated");
+    assert!(egress >= 400, "replies translated at egress: {egress}");
+    assert_eq!(counter(&p, "fwd_reverse"), 0, "no reply went through XDP");
+    out.insert("egress_translated".into(), egress.into());
+    report("modes_dnat_local_pods", serde_json::Value::Object(out));
+}
