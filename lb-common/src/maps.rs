@@ -14,6 +14,11 @@ pub const MAP_CONFIG: &str = "XLB_CONFIG";
 pub const MAP_NEIGHBOUR_REQUESTS: &str = "XLB_NEIGH_REQ";
 pub const MAP_XDP_IFACES: &str = "XLB_XDP_IFACES";
 pub const MAP_SERVICE_NAMES: &str = "XLB_SERVICE_NAMES";
+/// dsr's outer destination per backend id, when it is not the backend itself (the node
+/// that hosts it and DNATs to it after decapsulating); zero: the backend's address. A
+/// map of its own, read only on dsr's path: the Backend copied onto every packet's
+/// stack stays small.
+pub const MAP_BACKEND_TUNNELS: &str = "XLB_BACKEND_TUNNELS";
 
 /// Longest service name kept for status and metrics (longer ones are cut at a
 /// character boundary). A Kubernetes name, `namespace/name:port/proto@vip`, fits.
@@ -119,6 +124,13 @@ pub struct MaglevChunk {
 
 /// Backend flag: failing its health check (out of the Maglev table; shown by status).
 pub const BACKEND_F_UNHEALTHY: u8 = 1;
+/// Backend flag: reached by dnat whatever the service's mode (a dsr service's
+/// endpoint on this very host: encapsulating to itself would go nowhere).
+pub const BACKEND_F_DNAT: u8 = 2;
+
+/// ServiceKey.family bit: the service serves packets that arrived encapsulated to this
+/// host and were decapsulated (the node side of dsr across nodes), not the clients'.
+pub const SVC_KEY_ENCAPSULATED: u8 = 0x80;
 
 /// BACKENDS value, at the index of a backend id that stays stable while the backend
 /// exists. An array, not a hash: the datapath's lookup is then an inlined index, not a

@@ -1,17 +1,24 @@
 //! Stage 2: is this packet for a service (forward path) or a reply to a NAT flow
 //! (reverse path)?
 
-use lb_common::{FlowKey, ReverseNat, ServiceKey, ServiceValue};
+use lb_common::{FlowKey, ReverseNat, ServiceKey, ServiceValue, SVC_KEY_ENCAPSULATED};
 
 use crate::maps::{REVERSE_NAT, SERVICES};
 
+/// The service a client's packet is for; `encapsulated`: the packet arrived in a tunnel
+/// to this host, and only services for such packets apply (SVC_KEY_ENCAPSULATED).
 #[inline(always)]
-pub fn service(key: &FlowKey) -> Option<ServiceValue> {
+pub fn service(key: &FlowKey, encapsulated: bool) -> Option<ServiceValue> {
+    let marker = if encapsulated {
+        SVC_KEY_ENCAPSULATED
+    } else {
+        0
+    };
     let sk = ServiceKey {
         vip: key.dst,
         port: key.dport,
         proto: key.proto,
-        family: key.family,
+        family: key.family | marker,
     };
     // SAFETY: the value is copied out at once; a concurrent update replaces the element
     // under RCU, so the copy is either the old or the new value.

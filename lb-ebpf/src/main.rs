@@ -51,21 +51,19 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 // entry's frame, and the verifier rejects its argument passing.
 #[inline(always)]
 fn pipeline(ctx: &XdpContext) -> u32 {
+    // The backend's side of dsr: the tunnel's header goes, and the inner packet is
+    // what the rest of the pipeline sees.
+    let decapsulated =
+        maps::CONFIG.get(0).is_some_and(|c| c.decap != 0) && tunnel::decapsulate(ctx).is_some();
     let len = (ctx.data_end() - ctx.data()) as u64;
-    if maps::CONFIG.get(0).is_some_and(|c| c.decap != 0) {
-        if let Some(reason) = tunnel::decapsulate(ctx) {
-            stats::count(reason, len);
-            trace::packet(xdp_action::XDP_PASS, reason);
-            return xdp_action::XDP_PASS;
-        }
-    }
     let (seen, parsed) = parse::parse(ctx);
     stats::count(seen, len);
     let (action, reason) = match parsed {
         Ok(Parsed::Flow(pkt)) => {
             trace::note(Some(&pkt.key));
-            balance(ctx, &pkt, len)
+            balance(ctx, &pkt, len, decapsulated)
         }
+        _ if decapsulated => (xdp_action::XDP_PASS, StatIndex::PassDecapsulated),
         Ok(Parsed::Icmp(outer)) => {
             trace::note(Some(&outer.key));
             icmp_error(ctx, &outer)
@@ -92,14 +90,19 @@ pub fn xlb_baseline_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
 
+/// `decapsulated`: the packet came out of a tunnel to this host. Only services for
+/// such packets apply, and anything else goes to the kernel (a VIP on its loopback).
 #[inline(always)]
-fn balance(ctx: &XdpContext, pkt: &Packet, len: u64) -> Verdict {
+fn balance(ctx: &XdpContext, pkt: &Packet, len: u64, decapsulated: bool) -> Verdict {
     // A reference into the map, not a copy: the stack is the scarce resource.
     let Some(cfg) = maps::CONFIG.get(0) else {
         return (xdp_action::XDP_PASS, StatIndex::PassNotVip);
     };
-    if let Some(svc) = lookup::service(&pkt.key) {
+    if let Some(svc) = lookup::service(&pkt.key, decapsulated) {
         return forward_path(ctx, pkt, &svc, cfg, len);
+    }
+    if decapsulated {
+        return (xdp_action::XDP_PASS, StatIndex::PassDecapsulated);
     }
     if let Some(rev) = lookup::reverse(&pkt.key) {
         return reverse_path(ctx, pkt, rev, len);
@@ -131,7 +134,7 @@ fn forward_path(
             };
             // nat's source, and dsr's outer source; dnat keeps the client's.
             let snat = backend.snat;
-            if snat == [0; 4] && svc.mode != MODE_DNAT {
+            if snat == [0; 4] && effective_mode(svc, &backend) != MODE_DNAT {
                 return (xdp_action::XDP_DROP, StatIndex::DropNoSnatAddress);
             }
             // Never missing: a per-CPU array of one.
@@ -153,7 +156,7 @@ fn forward_path(
             };
             let rev = &scratch.rev;
             // Where the backend's replies are recognised, and the source the backend sees.
-            let (nat_addr, nat_port) = match svc.mode {
+            let (nat_addr, nat_port) = match effective_mode(svc, &backend) {
                 MODE_NAT => {
                     let Some(port) =
                         nat::alloc_port(key, backend.addr, backend.port, snat, cfg, rev)
@@ -188,11 +191,20 @@ fn forward_path(
     let ids = (svc.id, ct.backend_id);
     // The new flow's entry is a copy of what went into the map: its next hop would be lost.
     let flow_hop = (!new_flow).then_some(&mut ct.hop);
-    if svc.mode == MODE_DSR {
+    if effective_mode(svc, &backend) == MODE_DSR {
+        let tunnel = maps::BACKEND_TUNNELS
+            .get(ct.backend_id)
+            .copied()
+            .unwrap_or_default();
+        let outer_dst = if tunnel != [0; 4] {
+            tunnel
+        } else {
+            backend.addr
+        };
         return encapsulate_and_send(
             ctx,
             pkt,
-            (&ct.nat_addr, &backend.addr),
+            (&ct.nat_addr, &outer_dst),
             ids,
             (len, now),
             flow_hop,
@@ -244,6 +256,17 @@ fn translate_and_send(
         own_source,
     };
     forward::forward(ctx, &route, now, flow_hop, sent)
+}
+
+/// The service's mode, unless the backend is marked for dnat (a dsr service's endpoint
+/// on this very host).
+#[inline(always)]
+fn effective_mode(svc: &ServiceValue, backend: &lb_common::Backend) -> u8 {
+    if backend.flags & lb_common::BACKEND_F_DNAT != 0 {
+        MODE_DNAT
+    } else {
+        svc.mode
+    }
 }
 
 /// dsr: the packet, unchanged, inside an outer header from `outer.0` (this host) to

@@ -38,6 +38,10 @@ pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> = LruHashMap::pinned(CON
 #[map(name = "XLB_SERVICE_NAMES")]
 pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(MAX_SERVICES, 1);
 
+/// See lb_common::MAP_BACKEND_TUNNELS. Sized from --max-backends at load.
+#[map(name = "XLB_BACKEND_TUNNELS")]
+pub static BACKEND_TUNNELS: Array<Addr> = Array::pinned(MAX_BACKENDS, 0);
+
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 

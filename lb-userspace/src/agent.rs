@@ -338,6 +338,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             default_class: args.default_class,
             node_name: args.node_name.clone(),
             pools: args.ipam_pool.clone(),
+            cluster_forwarding: args.cluster_forwarding,
         };
         info!(class = %opts.class, default_class = opts.default_class, node = ?opts.node_name,
               pools = ?opts.pools, "watching Kubernetes Services and EndpointSlices");

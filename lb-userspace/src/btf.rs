@@ -111,7 +111,7 @@ mod tests {
         };
         // struct iphdr's layout is fixed by the wire format.
         assert_eq!(member_offset_in(&btf, "iphdr", "ttl").unwrap(), 8);
-        assert_eq!(member_offset_in(&btf, "iphdr", "saddr").unwrap(), 12);
+        assert_eq!(member_offset_in(&btf, "iphdr", "protocol").unwrap(), 9);
         let ifindex = member_offset_in(&btf, "net_device", "ifindex").unwrap();
         assert!(ifindex > 0 && ifindex.is_multiple_of(4), "{ifindex}");
         assert!(member_offset_in(&btf, "net_device", "no_such_member").is_err());

@@ -98,6 +98,12 @@ pub struct RunArgs {
     /// Also serve LoadBalancer Services that name no class.
     #[arg(long)]
     pub default_class: bool,
+    /// How externalTrafficPolicy: Cluster Services reach endpoints: `nat` (source
+    /// NAT; replies return through this node) or `dsr` (encapsulated to the endpoint's
+    /// node, whose xlb DNATs to the pod and answers the client directly, with the
+    /// client's address at the pod). The annotation xlb.dev/forwarding overrides it.
+    #[arg(long, value_enum, default_value_t = crate::k8s::translate::ClusterForwarding::Nat, env = "XLB_CLUSTER_FORWARDING")]
+    pub cluster_forwarding: crate::k8s::translate::ClusterForwarding,
     /// This node's name, for externalTrafficPolicy: Local (the DaemonSet passes it
     /// from the downward API).
     #[arg(long, env = "NODE_NAME")]

@@ -52,6 +52,11 @@ pub struct ServiceConfig {
     /// Active health checks of this service's backends (static mode).
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// This service serves packets that arrive encapsulated to this host (from another
+    /// node's dsr service with `via`: this host), not clients' packets. Turns on
+    /// decapsulation.
+    #[serde(default)]
+    pub encapsulated: bool,
 }
 
 /// An unhealthy backend leaves the Maglev table: no new flows. With
@@ -135,6 +140,22 @@ pub struct BackendConfig {
     /// `snat: auto`; set by the agent (nexthop.rs), never read from the file.
     #[serde(skip)]
     pub snat: Option<IpAddr>,
+    /// dsr: encapsulate to this address instead of the backend's own: the node that
+    /// hosts the backend, and DNATs to it after decapsulating (its service has
+    /// `encapsulated: true`).
+    #[serde(default)]
+    pub via: Option<IpAddr>,
+    /// Reached by dnat whatever the service's mode: set by the Kubernetes translation
+    /// for a dsr service's endpoints on this node; never read from the file.
+    #[serde(skip)]
+    pub dnat_here: bool,
+}
+
+impl BackendConfig {
+    /// Where this backend's packets are sent: `via`, else the backend itself.
+    pub fn target(&self) -> IpAddr {
+        self.via.unwrap_or(self.address.ip())
+    }
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -499,7 +520,10 @@ impl Config {
             if !names.insert(&s.name) {
                 bail!("{named}: field name: duplicate service name {:?}", s.name);
             }
-            if !seen.insert((s.vip, s.port, s.protocol)) {
+            if s.encapsulated && s.mode == Mode::Dsr {
+                bail!("{named}: encapsulated: true serves packets already decapsulated here; give it mode nat or dnat");
+            }
+            if !seen.insert((s.vip, s.port, s.protocol, s.encapsulated)) {
                 bail!(
                     "{named}: duplicate service {}:{}/{}",
                     s.vip,
@@ -515,7 +539,32 @@ impl Config {
             }
             let mut addrs = BTreeSet::new();
             for (j, b) in s.backends.iter().enumerate() {
-                if s.mode == Mode::Dsr && b.address.port() != s.port {
+                if let Some(via) = b.via {
+                    if s.mode != Mode::Dsr {
+                        bail!(
+                            "{}{at}: backends[{j}].via: only mode dsr encapsulates; mode {} sends to the backend itself",
+                            be_line(i, j),
+                            s.mode.name()
+                        );
+                    }
+                    if via.is_ipv4() != s.vip.is_ipv4() {
+                        bail!(
+                            "{}{at}: backends[{j}].via: {via} is {} but the VIP {} is {}",
+                            be_line(i, j),
+                            family(via),
+                            s.vip,
+                            family(s.vip)
+                        );
+                    }
+                    if let Some(why) = not_unicast(via) {
+                        bail!("{}{at}: backends[{j}].via: {via} is {why}", be_line(i, j));
+                    }
+                }
+                if s.mode == Mode::Dsr
+                    && b.via.is_none()
+                    && !b.dnat_here
+                    && b.address.port() != s.port
+                {
                     bail!(
                         "{}{at}: backends[{j}].address: port {} differs from the service's port {}; mode dsr sends the client's packet unchanged, so the backend must listen on the service's port",
                         be_line(i, j),

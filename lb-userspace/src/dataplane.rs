@@ -63,6 +63,9 @@ pub struct Dataplane {
     written_tables: BTreeMap<u32, WrittenTable>,
     /// The service names last written, by id (empty after a restart, as above).
     written_names: BTreeMap<u32, String>,
+    /// dsr tunnel destinations last written, by backend id (empty after a restart:
+    /// the first apply writes every backend's, zeros too).
+    written_tunnels: BTreeMap<u32, Addr>,
     /// What the service and backend maps hold, as last written by `apply`, so an
     /// update does not read 100k entries back through syscalls. None until the first
     /// apply reads the maps (they may be adopted), and after a failed apply.
@@ -101,6 +104,7 @@ impl Dataplane {
             .map_max_entries(lb_common::MAP_SERVICE_NAMES, opts.max_services)
             .map_max_entries(MAP_BACKENDS, opts.max_backends)
             .map_max_entries(lb_common::MAP_BACKEND_STATS, opts.max_backends)
+            .map_max_entries(lb_common::MAP_BACKEND_TUNNELS, opts.max_backends)
             .load(crate::EBPF_OBJECT)
             .with_context(|| {
                 format!(
@@ -115,6 +119,7 @@ impl Dataplane {
             links: Vec::new(),
             written_tables: BTreeMap::new(),
             written_names: BTreeMap::new(),
+            written_tunnels: BTreeMap::new(),
             mirror: None,
             retired: Vec::new(),
             max_services: 0,
@@ -747,6 +752,15 @@ pub fn service_key(vip: IpAddr, port: u16, proto: Protocol) -> ServiceKey {
     }
 }
 
+/// The key of a service as configured: `encapsulated` services have their own keys.
+pub fn config_service_key(svc: &crate::config::ServiceConfig) -> ServiceKey {
+    let mut key = service_key(svc.vip, svc.port, svc.protocol);
+    if svc.encapsulated {
+        key.family |= lb_common::SVC_KEY_ENCAPSULATED;
+    }
+    key
+}
+
 pub fn backend_addr(b: &Backend) -> SocketAddr {
     SocketAddr::new(words_to_addr(&b.addr, b.family), u16::from_be(b.port))
 }
@@ -858,7 +872,7 @@ impl Dataplane {
             udp_idle_timeout_s: cfg.timeouts.udp_idle,
             tcp_closing_timeout_s: cfg.timeouts.tcp_closing,
             tcp_syn_timeout_s: cfg.timeouts.tcp_syn,
-            decap: cfg.decap as u32,
+            decap: (cfg.decap || cfg.services.iter().any(|s| s.encapsulated)) as u32,
         };
         let mut config_map: Array<&mut MapData, DatapathConfig> =
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
@@ -897,7 +911,7 @@ impl Dataplane {
         let mut wanted_keys = BTreeSet::new();
         let mut wanted_backend_ids = BTreeSet::new();
         for svc in &cfg.services {
-            let key = service_key(svc.vip, svc.port, svc.protocol);
+            let key = config_service_key(svc);
             wanted_keys.insert(key);
             let old = services_now.get(&key).copied();
             let id = match old {
@@ -912,7 +926,10 @@ impl Dataplane {
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
                 let (addr, family) = addr_to_words(b.address.ip());
-                let flags = if b.healthy { 0 } else { BACKEND_F_UNHEALTHY };
+                let mut flags = if b.healthy { 0 } else { BACKEND_F_UNHEALTHY };
+                if b.dnat_here {
+                    flags |= lb_common::BACKEND_F_DNAT;
+                }
                 // A configured address wins; otherwise the route's source (`snat: auto`).
                 let configured: Option<IpAddr> = match b.address.ip() {
                     IpAddr::V4(_) => cfg.snat.ipv4.map(Into::into),
@@ -928,6 +945,7 @@ impl Dataplane {
                     snat,
                     weight: b.weight,
                 };
+                let tunnel = b.via.map_or([0; 4], |a| addr_to_words(a).0);
                 let bid = match backend_id_of.get(&(id, b.address)) {
                     Some(bid) => {
                         if backends_now.get(bid) != Some(&value) {
@@ -944,6 +962,15 @@ impl Dataplane {
                         bid
                     }
                 };
+                // Before the table names the backend: its first packet finds it.
+                if self.written_tunnels.get(&bid) != Some(&tunnel) {
+                    let map = self
+                        .ebpf
+                        .map_mut(lb_common::MAP_BACKEND_TUNNELS)
+                        .context("tunnel map")?;
+                    Array::<&mut MapData, Addr>::try_from(map)?.set(bid, tunnel, 0)?;
+                    self.written_tunnels.insert(bid, tunnel);
+                }
                 wanted_backend_ids.insert(bid);
                 ids.push(bid);
             }

@@ -75,7 +75,7 @@ impl NextHops {
         let mut out = cfg.clone();
         for svc in &mut out.services {
             for b in &mut svc.backends {
-                b.snat = self.paths.get(&b.address.ip()).and_then(|p| p.source);
+                b.snat = self.paths.get(&b.target()).and_then(|p| p.source);
             }
         }
         out
@@ -94,7 +94,7 @@ impl NextHops {
         let wanted: BTreeSet<IpAddr> = cfg
             .services
             .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.address.ip()))
+            .flat_map(|s| s.backends.iter().map(|b| b.target()))
             .collect();
         let mut paths = BTreeMap::new();
         for &addr in &wanted {

@@ -1,7 +1,7 @@
 //! An in-process fake Kubernetes API server: just enough of the real one for xlb's
 //! controller, spoken over real HTTP so the real `xlb` binary runs against it.
 //!
-//! - list and watch of Services and EndpointSlices, with resourceVersion;
+//! - list and watch of Services, EndpointSlices and Nodes, with resourceVersion;
 //! - watch bookmarks, and 410 Gone (as an ERROR event, as the real server sends it)
 //!   for a resourceVersion older than the last `compact()`;
 //! - merge patches of `services/{name}/status`, with the resourceVersion precondition;
@@ -31,12 +31,14 @@ use crate::netns::Netns;
 pub enum Kind {
     Service,
     EndpointSlice,
+    /// Cluster-scoped: its namespace in the store is "".
+    Node,
 }
 
 impl Kind {
     fn api_version(self) -> &'static str {
         match self {
-            Kind::Service => "v1",
+            Kind::Service | Kind::Node => "v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
@@ -44,6 +46,7 @@ impl Kind {
         match self {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
+            Kind::Node => "Node",
         }
     }
 }
@@ -162,10 +165,14 @@ impl FakeApi {
     /// Creates or replaces an object (a k8s-openapi Service or EndpointSlice).
     pub fn apply<T: serde::Serialize>(&self, kind: Kind, obj: &T) -> u64 {
         let mut v = serde_json::to_value(obj).expect("serialisable object");
-        let ns = v["metadata"]["namespace"]
-            .as_str()
-            .unwrap_or("default")
-            .to_owned();
+        let ns = if kind == Kind::Node {
+            String::new()
+        } else {
+            v["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_owned()
+        };
         let name = v["metadata"]["name"]
             .as_str()
             .expect("metadata.name")
@@ -350,6 +357,7 @@ async fn handle(
         (&Method::GET, ["apis", "discovery.k8s.io", "v1", "endpointslices"]) => {
             list_or_watch(Kind::EndpointSlice, &query, &shared, stop)
         }
+        (&Method::GET, ["api", "v1", "nodes"]) => list_or_watch(Kind::Node, &query, &shared, stop),
         (&Method::GET, ["api", "v1", "namespaces", ns, "services", name]) => {
             match shared.store.lock().unwrap().objects.get(&(
                 Kind::Service,

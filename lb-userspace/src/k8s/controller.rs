@@ -18,7 +18,7 @@ use std::{
 
 use futures::{stream, StreamExt};
 use k8s_openapi::api::{
-    core::v1::{ObjectReference, Service},
+    core::v1::{Node, ObjectReference, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -63,6 +63,7 @@ pub fn spawn(
 enum Change {
     Services(bool),
     Slices(bool),
+    Nodes(bool),
     Failed(String),
 }
 
@@ -83,14 +84,26 @@ async fn run(
             Ok(ev) => Change::Services(matches!(ev, watcher::Event::InitDone)),
             Err(e) => Change::Failed(format!("Services: {e}")),
         });
-    let eps_events = watcher(Api::<EndpointSlice>::all(client.clone()), wcfg)
+    let eps_events = watcher(Api::<EndpointSlice>::all(client.clone()), wcfg.clone())
         .default_backoff()
         .reflect(eps_writer)
         .map(|e| match e {
             Ok(ev) => Change::Slices(matches!(ev, watcher::Event::InitDone)),
             Err(e) => Change::Failed(format!("EndpointSlices: {e}")),
         });
-    let mut changes = std::pin::pin!(stream::select(svc_events, eps_events));
+    // Nodes: their addresses, where dsr across nodes sends an endpoint's packets.
+    let (node_store, node_writer) = reflector::store::<Node>();
+    let node_events = watcher(Api::<Node>::all(client.clone()), wcfg)
+        .default_backoff()
+        .reflect(node_writer)
+        .map(|e| match e {
+            Ok(ev) => Change::Nodes(matches!(ev, watcher::Event::InitDone)),
+            Err(e) => Change::Failed(format!("Nodes: {e}")),
+        });
+    let mut changes = std::pin::pin!(stream::select(
+        stream::select(svc_events, eps_events),
+        node_events
+    ));
     let reporter = Reporter {
         controller: "xlb".into(),
         instance: opts.node_name.clone(),
@@ -106,7 +119,7 @@ async fn run(
         health: HealthPorts::default(),
         tx,
     };
-    let (mut svc_listed, mut eps_listed) = (false, false);
+    let (mut svc_listed, mut eps_listed, mut nodes_listed) = (false, false, false);
     let mut first_change: Option<Instant> = None;
     let mut last_change = Instant::now();
     let mut api_down = false;
@@ -125,6 +138,7 @@ async fn run(
                 match change {
                     Change::Services(done) => svc_listed |= done,
                     Change::Slices(done) => eps_listed |= done,
+                    Change::Nodes(done) => nodes_listed |= done,
                     Change::Failed(e) => {
                         if !api_down {
                             warn!("Kubernetes API watch failed, keeping the last state and retrying: {e}");
@@ -137,7 +151,7 @@ async fn run(
                     info!("Kubernetes API watch is back");
                     api_down = false;
                 }
-                if svc_listed && eps_listed {
+                if svc_listed && eps_listed && nodes_listed {
                     debug!("API change received");
                     last_change = Instant::now();
                     first_change.get_or_insert(last_change);
@@ -145,7 +159,7 @@ async fn run(
             }
             () = sleep => {
                 first_change = None;
-                state.sync(&svc_store, &eps_store).await;
+                state.sync(&svc_store, &eps_store, &node_store).await;
             }
         }
     }
@@ -165,12 +179,19 @@ struct State {
 }
 
 impl State {
-    async fn sync(&mut self, svcs: &Store<Service>, slices: &Store<EndpointSlice>) {
+    async fn sync(
+        &mut self,
+        svcs: &Store<Service>,
+        slices: &Store<EndpointSlice>,
+        nodes: &Store<Node>,
+    ) {
         let svcs = svcs.state();
         let slices = slices.state();
+        let nodes = nodes.state();
         let svc_refs: Vec<&Service> = svcs.iter().map(|s| s.as_ref()).collect();
         let slice_refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
-        let mut desired = translate(&svc_refs, &slice_refs, &self.opts);
+        let node_refs: Vec<&Node> = nodes.iter().map(|s| s.as_ref()).collect();
+        let mut desired = translate(&svc_refs, &slice_refs, &node_refs, &self.opts);
 
         // Checked one by one, so one bad Service cannot block the others.
         let mut services = Vec::with_capacity(desired.services.len());

@@ -11,15 +11,32 @@ use std::{
 };
 
 use ipnet::IpNet;
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
 use super::ipam;
-use crate::config::{BackendConfig, Protocol, ServiceConfig, SessionAffinity};
+use crate::config::{BackendConfig, Mode, Protocol, ServiceConfig, SessionAffinity};
 
 /// The loadBalancerClass xlb serves unless told otherwise.
 pub const DEFAULT_CLASS: &str = "xlb.dev/xdp";
 /// Services with the same value may share a VIP, on different ports.
 pub const SHARED_IP_ANNOTATION: &str = "xlb.dev/allow-shared-ip";
+/// `dsr` or `nat`: how an `externalTrafficPolicy: Cluster` Service reaches endpoints
+/// on other nodes, overriding `--cluster-forwarding`.
+pub const FORWARDING_ANNOTATION: &str = "xlb.dev/forwarding";
+
+/// How `externalTrafficPolicy: Cluster` traffic reaches the endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ClusterForwarding {
+    /// Source NAT to the LB node's address; replies come back through it.
+    #[default]
+    Nat,
+    /// Encapsulated to the node that hosts the endpoint, whose xlb decapsulates, DNATs
+    /// to the pod and translates its reply, which goes to the client from there.
+    Dsr,
+}
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 #[derive(Debug, Clone)]
@@ -30,6 +47,35 @@ pub struct Options {
     /// This node, for `externalTrafficPolicy: Local`.
     pub node_name: Option<String>,
     pub pools: Vec<IpNet>,
+    pub cluster_forwarding: ClusterForwarding,
+}
+
+/// A node's addresses, for dsr across nodes: InternalIP, else ExternalIP, per family.
+fn node_addresses(nodes: &[&Node]) -> BTreeMap<String, Vec<IpAddr>> {
+    let mut out = BTreeMap::new();
+    for n in nodes {
+        let Some(name) = n.metadata.name.clone() else {
+            continue;
+        };
+        let addrs = n
+            .status
+            .as_ref()
+            .and_then(|s| s.addresses.as_ref())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let mut ips: Vec<IpAddr> = Vec::new();
+        for kind in ["InternalIP", "ExternalIP"] {
+            for a in addrs.iter().filter(|a| a.type_ == kind) {
+                if let Ok(ip) = a.address.parse::<IpAddr>() {
+                    if !ips.iter().any(|i| i.is_ipv4() == ip.is_ipv4()) {
+                        ips.push(ip);
+                    }
+                }
+            }
+        }
+        out.insert(name, ips);
+    }
+    out
 }
 
 /// Which Service an event or a status write is about.
@@ -100,8 +146,14 @@ struct PortSpec {
     protocol: Protocol,
 }
 
-pub fn translate(services: &[&Service], slices: &[&EndpointSlice], opts: &Options) -> Desired {
+pub fn translate(
+    services: &[&Service],
+    slices: &[&EndpointSlice],
+    nodes: &[&Node],
+    opts: &Options,
+) -> Desired {
     let mut out = Desired::default();
+    let node_addrs = node_addresses(nodes);
     let mut ours: Vec<&Service> = services
         .iter()
         .copied()
@@ -219,20 +271,100 @@ pub fn translate(services: &[&Service], slices: &[&EndpointSlice], opts: &Option
             .map(Vec::as_slice)
             .unwrap_or_default();
         let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
+        let forwarding = match c
+            .svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(FORWARDING_ANNOTATION))
+            .map(String::as_str)
+        {
+            None => opts.cluster_forwarding,
+            Some("dsr") => ClusterForwarding::Dsr,
+            Some("nat") => ClusterForwarding::Nat,
+            Some(other) => {
+                out.problems.push(Problem {
+                    service: c.sref.clone(),
+                    reason: "InvalidAnnotation",
+                    message: format!(
+                        "{FORWARDING_ANNOTATION}: {other:?} is neither dsr nor nat; using {:?}",
+                        opts.cluster_forwarding
+                    ),
+                });
+                opts.cluster_forwarding
+            }
+        };
         for vip in &vips {
             for p in &c.ports {
-                let backends =
-                    endpoints_for(my_slices, p, vip.is_ipv6(), local, opts, &mut local_ready);
-                out.services.push(ServiceConfig {
-                    name: format!("{}:{}/{}@{vip}", c.sref, p.port, p.protocol.name()),
+                let name = format!("{}:{}/{}@{vip}", c.sref, p.port, p.protocol.name());
+                let eps = endpoints_for(my_slices, p, vip.is_ipv6(), local, opts, &mut local_ready);
+                let svc = |name: String, mode, backends, encapsulated| ServiceConfig {
+                    name,
                     vip: *vip,
                     port: p.port,
                     protocol: p.protocol,
-                    mode: Default::default(),
+                    mode,
                     backends,
                     session_affinity: affinity,
                     health_check: None,
-                });
+                    encapsulated,
+                };
+                // Local: only this node's endpoints, which see the client's address.
+                if local {
+                    out.services
+                        .push(svc(name, Mode::Dnat, to_backends(eps), false));
+                    continue;
+                }
+                if forwarding == ClusterForwarding::Nat {
+                    out.services
+                        .push(svc(name, Mode::Nat, to_backends(eps), false));
+                    continue;
+                }
+                // dsr across nodes: to each endpoint through the node that hosts it;
+                // this node's own endpoints by dnat. And the service that node runs
+                // for what arrives encapsulated: dnat to its own endpoints.
+                let mut remote = Vec::new();
+                let mut here = Vec::new();
+                for ep in &eps {
+                    if ep.local {
+                        here.push(ep.clone());
+                        let mut b = to_backend(ep);
+                        b.dnat_here = true;
+                        remote.push(b);
+                        continue;
+                    }
+                    let via = ep
+                        .node
+                        .as_ref()
+                        .and_then(|n| node_addrs.get(n))
+                        .and_then(|ips| {
+                            ips.iter().copied().find(|ip| ip.is_ipv4() == vip.is_ipv4())
+                        });
+                    match via {
+                        Some(via) => {
+                            let mut b = to_backend(ep);
+                            b.via = Some(via);
+                            remote.push(b);
+                        }
+                        None => out.problems.push(Problem {
+                            service: c.sref.clone(),
+                            reason: "NodeAddressUnknown",
+                            message: format!(
+                                "endpoint {} is on node {:?}, which has no {} address in its status: not served over dsr",
+                                ep.address,
+                                ep.node.as_deref().unwrap_or("?"),
+                                if vip.is_ipv4() { "IPv4" } else { "IPv6" }
+                            ),
+                        }),
+                    }
+                }
+                out.services.push(svc(
+                    format!("{name} (from tunnel)"),
+                    Mode::Dnat,
+                    to_backends(here),
+                    true,
+                ));
+                out.services.push(svc(name, Mode::Dsr, remote, false));
             }
         }
         if local {
@@ -396,7 +528,32 @@ fn group_slices<'a>(
     out
 }
 
-/// The backends of one Service port in one family. The target port comes from each
+/// One endpoint of a Service port.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    address: SocketAddr,
+    weight: u32,
+    /// On this node.
+    local: bool,
+    node: Option<String>,
+}
+
+fn to_backend(ep: &Endpoint) -> BackendConfig {
+    BackendConfig {
+        address: ep.address,
+        weight: ep.weight,
+        healthy: true,
+        snat: None,
+        via: None,
+        dnat_here: false,
+    }
+}
+
+fn to_backends(eps: Vec<Endpoint>) -> Vec<BackendConfig> {
+    eps.iter().map(to_backend).collect()
+}
+
+/// The endpoints of one Service port in one family. The target port comes from each
 /// slice's port of the same name (the EndpointSlice controller has already resolved a
 /// named targetPort per Pod). Ready endpoints get new flows (weight 1); serving but
 /// terminating ones keep their flows and get no new ones (weight 0, drain).
@@ -407,9 +564,9 @@ fn endpoints_for(
     local_only: bool,
     opts: &Options,
     local_ready: &mut BTreeSet<IpAddr>,
-) -> Vec<BackendConfig> {
+) -> Vec<Endpoint> {
     let want_type = if v6 { "IPv6" } else { "IPv4" };
-    let mut by_addr: BTreeMap<SocketAddr, u32> = BTreeMap::new();
+    let mut by_addr: BTreeMap<SocketAddr, (u32, bool, Option<String>)> = BTreeMap::new();
     for s in slices.iter().filter(|s| s.address_type == want_type) {
         let Some(target) = s.ports.iter().flatten().find_map(|sp| {
             let name = sp.name.clone().filter(|n| !n.is_empty());
@@ -447,17 +604,21 @@ fn endpoints_for(
             if weight == 1 && is_local {
                 local_ready.insert(ip);
             }
-            let w = by_addr.entry(SocketAddr::new(ip, target)).or_insert(0);
-            *w = (*w).max(weight);
+            let e = by_addr.entry(SocketAddr::new(ip, target)).or_insert((
+                0,
+                is_local,
+                ep.node_name.clone(),
+            ));
+            e.0 = e.0.max(weight);
         }
     }
     by_addr
         .into_iter()
-        .map(|(address, weight)| BackendConfig {
+        .map(|(address, (weight, local, node))| Endpoint {
             address,
             weight,
-            healthy: true,
-            snat: None,
+            local,
+            node,
         })
         .collect()
 }
@@ -474,7 +635,20 @@ mod tests {
             default_class: false,
             node_name: Some("node-a".into()),
             pools: vec![],
+            cluster_forwarding: ClusterForwarding::Nat,
         }
+    }
+
+    fn node(name: &str, addrs: &[(&str, &str)]) -> Node {
+        let addresses: Vec<_> = addrs
+            .iter()
+            .map(|(t, a)| json!({"type": t, "address": a}))
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "status": {"addresses": addresses},
+        }))
+        .unwrap()
     }
 
     fn service(
@@ -523,9 +697,19 @@ mod tests {
     }
 
     fn run(svcs: &[Service], slices: &[EndpointSlice], o: &Options) -> Desired {
+        run_with_nodes(svcs, slices, &[], o)
+    }
+
+    fn run_with_nodes(
+        svcs: &[Service],
+        slices: &[EndpointSlice],
+        nodes: &[Node],
+        o: &Options,
+    ) -> Desired {
         translate(
             &svcs.iter().collect::<Vec<_>>(),
             &slices.iter().collect::<Vec<_>>(),
+            &nodes.iter().collect::<Vec<_>>(),
             o,
         )
     }
@@ -681,6 +865,8 @@ mod tests {
         );
         assert_eq!(backends(&d, "192.0.2.1", 80), [("10.1.0.1:8080".into(), 1)]);
         assert_eq!(d.services[0].session_affinity, SessionAffinity::ClientIp);
+        // Local keeps the client's address: dnat to this node's pods.
+        assert_eq!(d.services[0].mode, Mode::Dnat);
         assert_eq!(d.health_ports[&32000].local_endpoints, 1);
         let o = Options {
             node_name: Some("node-c".into()),
@@ -689,6 +875,109 @@ mod tests {
         let d = run(&[svc], &[s], &o);
         assert!(backends(&d, "192.0.2.1", 80).is_empty());
         assert_eq!(d.health_ports[&32000].local_endpoints, 0);
+    }
+
+    fn two_node_service(annotation: Option<&str>) -> (Service, EndpointSlice, Vec<Node>) {
+        let mut svc = service(
+            "web",
+            "2026-01-01T00:00:00Z",
+            lb_spec(json!({})),
+            Some("192.0.2.1"),
+        );
+        if let Some(a) = annotation {
+            svc.metadata.annotations =
+                Some([(FORWARDING_ANNOTATION.to_string(), a.to_string())].into());
+        }
+        let s = slice(
+            "web",
+            "IPv4",
+            json!([{"name": "http", "port": 8080}]),
+            json!([
+                {"addresses": ["10.1.0.1"], "nodeName": "node-a"},
+                {"addresses": ["10.1.0.2"], "nodeName": "node-b"},
+                {"addresses": ["10.1.0.3"], "nodeName": "node-c"},
+            ]),
+        );
+        let nodes = vec![
+            node("node-a", &[("InternalIP", "172.16.0.1")]),
+            node(
+                "node-b",
+                &[
+                    ("ExternalIP", "198.51.100.2"),
+                    ("InternalIP", "172.16.0.2"),
+                    ("InternalIP", "fd16::2"),
+                ],
+            ),
+            // node-c has no address of the VIP's family.
+            node("node-c", &[("InternalIP", "fd16::3")]),
+        ];
+        (svc, s, nodes)
+    }
+
+    #[test]
+    fn cluster_policy_is_nat_unless_dsr_is_asked_for() {
+        let (svc, s, nodes) = two_node_service(None);
+        let d = run_with_nodes(&[svc], &[s], &nodes, &opts());
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.services[0].mode, Mode::Nat);
+        assert_eq!(d.services[0].backends.len(), 3);
+    }
+
+    #[test]
+    fn cluster_dsr_goes_through_each_endpoints_node_and_dnats_its_own() {
+        for (annotation, flag) in [
+            (None, ClusterForwarding::Dsr),
+            (Some("dsr"), ClusterForwarding::Nat),
+        ] {
+            let (svc, s, nodes) = two_node_service(annotation);
+            let o = Options {
+                cluster_forwarding: flag,
+                ..opts()
+            };
+            let d = run_with_nodes(&[svc], &[s], &nodes, &o);
+            let lb = d.services.iter().find(|s| !s.encapsulated).unwrap();
+            assert_eq!(lb.mode, Mode::Dsr);
+            let got: Vec<(String, Option<IpAddr>, bool)> = lb
+                .backends
+                .iter()
+                .map(|b| (b.address.to_string(), b.via, b.dnat_here))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    ("10.1.0.1:8080".into(), None, true),
+                    ("10.1.0.2:8080".into(), Some("172.16.0.2".parse().unwrap()), false),
+                ],
+                "this node's endpoint by dnat; node-b's through its InternalIP; node-c has no IPv4 address"
+            );
+            let here = d.services.iter().find(|s| s.encapsulated).unwrap();
+            assert_eq!(here.mode, Mode::Dnat);
+            assert_eq!((here.vip, here.port), (lb.vip, lb.port));
+            assert_eq!(here.backends.len(), 1);
+            assert_eq!(here.backends[0].address.to_string(), "10.1.0.1:8080");
+            assert!(d
+                .problems
+                .iter()
+                .any(|p| p.reason == "NodeAddressUnknown" && p.message.contains("node-c")));
+            // The pair validates: a dsr backend through a node may have another port.
+            let cfg = crate::config::Config {
+                services: d.services.clone(),
+                ..Default::default()
+            };
+            cfg.validate().unwrap();
+        }
+        // The annotation wins over the flag, and a bad one is reported.
+        let (svc, s, nodes) = two_node_service(Some("nat"));
+        let o = Options {
+            cluster_forwarding: ClusterForwarding::Dsr,
+            ..opts()
+        };
+        let d = run_with_nodes(&[svc], &[s], &nodes, &o);
+        assert_eq!(d.services.len(), 1);
+        assert_eq!(d.services[0].mode, Mode::Nat);
+        let (svc, s, nodes) = two_node_service(Some("tunnel"));
+        let d = run_with_nodes(&[svc], &[s], &nodes, &opts());
+        assert!(d.problems.iter().any(|p| p.reason == "InvalidAnnotation"));
     }
 
     #[test]
