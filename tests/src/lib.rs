@@ -6,6 +6,7 @@ pub mod fakeapi;
 pub mod natlab;
 pub mod netns;
 pub mod packet;
+pub mod peer;
 pub mod segment;
 pub mod testrun;
 pub mod topology;

@@ -8,174 +8,26 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
-    thread::JoinHandle,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use xlb_tests::{
     agent::{status_json, Agent},
-    netns::Netns,
+    peer::{one_try_each, parse, serve, TCP_PORT, UDP_PORT},
     privileged, report,
     segment::SegmentLab,
     topology::{VIP4, VIP6},
     unique_name, RemoveOnDrop,
 };
 
-const TCP_PORT: u16 = 80;
-const UDP_PORT: u16 = 53;
-const TRY: Duration = Duration::from_millis(900);
-
-/// Servers on backend `i`: TCP on [::]:80 and UDP on each of `udp_binds`, answering
-/// every chunk with `b{i} {peer address} {chunk}`.
-fn serve(ns: &Netns, i: usize, udp_binds: &[SocketAddr], life: Duration) -> Vec<JoinHandle<()>> {
-    let mut out = Vec::new();
-    let tcp = ns
-        .run(|| {
-            let l = TcpListener::bind(("::", TCP_PORT)).unwrap();
-            l.set_nonblocking(true).unwrap();
-            l
-        })
-        .unwrap();
-    out.push(std::thread::spawn(move || {
-        let deadline = Instant::now() + life;
-        while Instant::now() < deadline {
-            match tcp.accept() {
-                Ok((mut s, peer)) => {
-                    std::thread::spawn(move || {
-                        s.set_nonblocking(false).unwrap();
-                        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                        let peer = peer.ip().to_canonical();
-                        let mut buf = [0u8; 512];
-                        while let Ok(n) = s.read(&mut buf) {
-                            if n == 0 {
-                                break;
-                            }
-                            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                            if s.write_all(format!("b{i} {peer} {msg}").as_bytes())
-                                .is_err()
-                            {
-                                break;
-                            }
-                        }
-                    });
-                }
-                Err(_) => std::thread::sleep(Duration::from_millis(2)),
-            }
-        }
-    }));
-    for &bind in udp_binds {
-        let sock = ns
-            .run(move || {
-                let s = UdpSocket::bind(bind).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-                s
-            })
-            .unwrap();
-        out.push(std::thread::spawn(move || {
-            let deadline = Instant::now() + life;
-            let mut buf = [0u8; 512];
-            while Instant::now() < deadline {
-                if let Ok((n, peer)) = sock.recv_from(&mut buf) {
-                    let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
-                    let peer_ip = peer.ip().to_canonical();
-                    let _ = sock.send_to(format!("b{i} {peer_ip} {msg}").as_bytes(), peer);
-                }
-            }
-        }));
-    }
-    out
-}
-
-/// (backend index, the peer address it saw, the echoed message).
-fn parse(reply: &[u8]) -> Option<(usize, IpAddr, String)> {
-    let s = std::str::from_utf8(reply).ok()?;
-    let mut it = s.splitn(3, ' ');
-    let b = it.next()?.strip_prefix('b')?.parse().ok()?;
-    let peer = it.next()?.parse().ok()?;
-    Some((b, peer, it.next()?.to_owned()))
-}
-
-struct Outcome {
-    lost: usize,
-    per_backend: Vec<usize>,
-    wrong_peer: Vec<String>,
-    first_err: Option<String>,
-}
-
-/// `n` TCP request/replies and `n` UDP queries to `vip`, one try each.
-fn one_try_each(client: &Netns, vip: IpAddr, n: usize, n_backends: usize) -> Outcome {
-    let me: IpAddr = if vip.is_ipv4() {
-        "10.31.0.2"
+fn client_addr(lab: &SegmentLab, vip: IpAddr) -> IpAddr {
+    if vip.is_ipv4() {
+        lab.client4
     } else {
-        "fd31::2"
+        lab.client6
     }
-    .parse()
-    .unwrap();
-    client
-        .run(move || {
-            let mut o = Outcome {
-                lost: 0,
-                per_backend: vec![0; n_backends],
-                wrong_peer: Vec::new(),
-                first_err: None,
-            };
-            for i in 0..n {
-                if o.lost >= 5 {
-                    break;
-                }
-                let msg = format!("m{i}");
-                let tcp = (|| -> std::io::Result<Vec<u8>> {
-                    let mut s = TcpStream::connect_timeout(&SocketAddr::new(vip, TCP_PORT), TRY)?;
-                    s.set_read_timeout(Some(TRY))?;
-                    s.write_all(msg.as_bytes())?;
-                    s.shutdown(Shutdown::Write)?;
-                    let mut out = Vec::new();
-                    s.read_to_end(&mut out)?;
-                    Ok(out)
-                })();
-                let udp = (|| -> std::io::Result<Vec<u8>> {
-                    let any: SocketAddr = if vip.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
-                        .parse()
-                        .unwrap();
-                    let s = UdpSocket::bind(any)?;
-                    s.set_read_timeout(Some(TRY))?;
-                    let to = SocketAddr::new(vip, UDP_PORT);
-                    s.send_to(msg.as_bytes(), to)?;
-                    let mut buf = [0u8; 512];
-                    let (len, from) = s.recv_from(&mut buf)?;
-                    if from != to {
-                        return Err(std::io::Error::other(format!(
-                            "answer from {from}, not the VIP"
-                        )));
-                    }
-                    Ok(buf[..len].to_vec())
-                })();
-                for (what, r) in [("tcp", tcp), ("udp", udp)] {
-                    match r.map(|b| parse(&b)) {
-                        Ok(Some((b, peer, echoed))) if echoed == msg => {
-                            o.per_backend[b] += 1;
-                            if peer != me {
-                                o.wrong_peer.push(format!("{what} #{i}: b{b} saw {peer}"));
-                            }
-                        }
-                        Ok(other) => {
-                            o.lost += 1;
-                            o.first_err
-                                .get_or_insert(format!("{what} #{i}: reply {other:?}"));
-                        }
-                        Err(e) => {
-                            o.lost += 1;
-                            o.first_err
-                                .get_or_insert(format!("{what} #{i} to {vip}: {e}"));
-                        }
-                    }
-                }
-            }
-            o
-        })
-        .unwrap()
 }
 
 fn pin() -> (PathBuf, RemoveOnDrop) {
@@ -242,7 +94,13 @@ fn check_traffic(
     let mut out = serde_json::Map::new();
     for vip in [VIP4, VIP6] {
         let vip: IpAddr = vip.parse().unwrap();
-        let o = one_try_each(&lab.client, vip, n, lab.backends.len());
+        let o = one_try_each(
+            &lab.client,
+            client_addr(&lab, vip),
+            vip,
+            n,
+            lab.backends.len(),
+        );
         assert!(
             o.lost == 0,
             "{mode} {vip}: {} of {} exchanges lost (first: {:?})\ncounters:\n{}",
@@ -282,7 +140,7 @@ fn privileged_dnat_backends_see_the_client_as_deployed() {
     let life = Duration::from_secs(60);
     let any = SocketAddr::from(([0u16; 8], UDP_PORT));
     let _servers: Vec<_> = (0..3)
-        .flat_map(|i| serve(&lab.backends[i].ns, i, &[any], life))
+        .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &[any], life))
         .collect();
     let (cfg, _c) = write_config(&lab.config("dnat", TCP_PORT, UDP_PORT));
     let (p, _g) = pin();
@@ -313,7 +171,7 @@ fn privileged_dsr_backends_see_the_client_and_replies_bypass_the_lb() {
         SocketAddr::new(VIP6.parse().unwrap(), UDP_PORT),
     ];
     let _servers: Vec<_> = (0..3)
-        .flat_map(|i| serve(&lab.backends[i].ns, i, &binds, life))
+        .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &binds, life))
         .collect();
     let decap = decap_agents(&lab);
     let (cfg, _c) = write_config(&lab.config("dsr", TCP_PORT, UDP_PORT));
@@ -370,7 +228,7 @@ fn move_between_nodes(mode: &str) -> (Vec<bool>, serde_json::Value) {
         vec![]
     };
     let _servers: Vec<_> = (0..3)
-        .flat_map(|i| serve(&lab.backends[i].ns, i, &binds, life))
+        .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &binds, life))
         .collect();
     let _decap = if mode == "dsr" {
         decap_agents(&lab)
@@ -493,7 +351,7 @@ fn privileged_dnat_to_pods_on_the_lb_node_replies_through_tc_egress() {
     let _servers: Vec<_> = pods
         .iter()
         .enumerate()
-        .flat_map(|(i, p)| serve(&p.ns, i, &[any], life))
+        .flat_map(|(i, p)| serve(&p.ns, i, TCP_PORT, &[any], life))
         .collect();
     let (cfg, _c) = write_config(&xlb_tests::segment::config_for(
         &pods, "dnat", TCP_PORT, UDP_PORT,
@@ -505,7 +363,7 @@ fn privileged_dnat_to_pods_on_the_lb_node_replies_through_tc_egress() {
     let mut out = serde_json::Map::new();
     for vip in [VIP4, VIP6] {
         let vip: IpAddr = vip.parse().unwrap();
-        let o = one_try_each(&lab.client, vip, 50, pods.len());
+        let o = one_try_each(&lab.client, client_addr(&lab, vip), vip, 50, pods.len());
         assert!(
             o.lost == 0 && o.wrong_peer.is_empty(),
             "{vip}: lost {} (first {:?}), wrong peers {:?}\n{}\n{}",

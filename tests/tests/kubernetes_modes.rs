@@ -1,0 +1,287 @@
+//! Kubernetes' traffic policies, end to end, against the fake API server: two nodes on
+//! a shared segment behind a router, each running `xlb run --kubernetes` with default
+//! flags, and a "pod" behind each node (a namespace behind a veth of the node, reached
+//! by the node's own routes; no CNI). The router sends the VIPs to node A.
+//!
+//! - `externalTrafficPolicy: Local`: dnat to node A's pod, which sees the client.
+//! - `Cluster` with `xlb.dev/forwarding: dsr`: node A spreads flows over both pods,
+//!   node B's by IP-in-IP to node B, whose xlb decapsulates, DNATs to its pod and
+//!   translates the pod's reply at TC egress; every pod sees the client, and node B's
+//!   replies never pass node A.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde_json::json;
+use xlb_tests::{
+    agent::{status_json, Agent},
+    fakeapi::{FakeApi, Kind},
+    peer::{one_try_each, serve},
+    privileged, report,
+    segment::{Node as LabNode, SegmentLab},
+    topology::{VIP4, VIP6},
+    unique_name, RemoveOnDrop,
+};
+
+const POD_PORT: u16 = 8080;
+const NODES: [&str; 2] = ["node-a", "node-b"];
+
+fn service(policy: &str, forwarding: Option<&str>) -> Service {
+    let mut v = json!({
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "type": "LoadBalancer",
+            "loadBalancerClass": "xlb.dev/xdp",
+            "ipFamilies": ["IPv4", "IPv6"],
+            "externalTrafficPolicy": policy,
+            "ports": [
+                {"name": "http", "port": 80, "protocol": "TCP", "targetPort": POD_PORT},
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": POD_PORT},
+            ],
+        },
+        "status": {"loadBalancer": {"ingress": [{"ip": VIP4}, {"ip": VIP6}]}},
+    });
+    if let Some(f) = forwarding {
+        v["metadata"]["annotations"] = json!({"xlb.dev/forwarding": f});
+    }
+    serde_json::from_value(v).unwrap()
+}
+
+fn slice(v6: bool, pods: &[(&LabNode, &str)]) -> EndpointSlice {
+    let endpoints: Vec<_> = pods
+        .iter()
+        .map(|(p, node)| {
+            let a = if v6 { p.addr6 } else { p.addr4 };
+            json!({"addresses": [a.to_string()], "nodeName": node, "conditions": {"ready": true}})
+        })
+        .collect();
+    serde_json::from_value(json!({
+        "metadata": {"name": if v6 { "web-v6" } else { "web-v4" }, "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": if v6 { "IPv6" } else { "IPv4" },
+        "ports": [
+            {"name": "http", "port": POD_PORT, "protocol": "TCP"},
+            {"name": "dns", "port": POD_PORT, "protocol": "UDP"},
+        ],
+        "endpoints": endpoints,
+    }))
+    .unwrap()
+}
+
+fn node(name: &str, n: &LabNode) -> Node {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "status": {"addresses": [
+            {"type": "Hostname", "address": name},
+            {"type": "InternalIP", "address": n.addr4.to_string()},
+            {"type": "InternalIP", "address": n.addr6.to_string()},
+        ]},
+    }))
+    .unwrap()
+}
+
+struct Cluster {
+    lab: SegmentLab,
+    pods: Vec<LabNode>,
+    api: FakeApi,
+    dir: PathBuf,
+    agents: Vec<(Agent, PathBuf, RemoveOnDrop)>,
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let lab = SegmentLab::new(2, 0).unwrap();
+        let pods: Vec<LabNode> = (0..2).map(|k| lab.pod_on_lb(k, k).unwrap()).collect();
+        let api = FakeApi::start(&[&lab.lbs[0].ns, &lab.lbs[1].ns]).unwrap();
+        let dir = std::env::temp_dir().join(unique_name("xk8m"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (k, name) in NODES.iter().enumerate() {
+            api.apply(Kind::Node, &node(name, &lab.lbs[k]));
+        }
+        Cluster {
+            lab,
+            pods,
+            api,
+            dir,
+            agents: Vec::new(),
+        }
+    }
+
+    /// `xlb run --kubernetes` on both nodes, with nothing but its interface, its node
+    /// name and a pin path of the test's own.
+    fn start_agents(&mut self) {
+        let kubeconfig = self.api.kubeconfig(&self.dir).unwrap();
+        for (k, name) in NODES.iter().enumerate() {
+            let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xk8p")));
+            let node = &self.lab.lbs[k];
+            let agent = Agent::start_at_with_env(
+                &node.ns,
+                &pin,
+                &["--iface", &node.iface, "--kubernetes", "--node-name", name],
+                &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+            )
+            .unwrap();
+            self.agents.push((agent, pin.clone(), RemoveOnDrop(pin)));
+        }
+    }
+
+    fn pin(&self, k: usize) -> &Path {
+        &self.agents[k].1
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn counter(pin: &Path, name: &str) -> u64 {
+    status_json(pin).unwrap()["counters"][name]["packets"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Waits (bounded) until the agent at `pin` programs `n` services.
+fn wait_services(pin: &Path, n: usize, agent: &Agent) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = status_json(pin)
+            .ok()
+            .and_then(|s| s["services"].as_array().map(Vec::len))
+            .unwrap_or(0);
+        if got == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{got} services programmed, want {n}\n{}",
+            agent.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn traffic(c: &Cluster, n_pods: usize) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for (vip, me) in [(VIP4, c.lab.client4), (VIP6, c.lab.client6)] {
+        let vip: IpAddr = vip.parse().unwrap();
+        let o = one_try_each(&c.lab.client, me, vip, 50, n_pods);
+        assert!(
+            o.lost == 0 && o.wrong_peer.is_empty(),
+            "{vip}: {} lost (first {:?}); pods that saw another address than the client's: {:?}\nnode A: {}\nnode B: {}",
+            o.lost,
+            o.first_err,
+            o.wrong_peer,
+            c.agents[0].0.logs(),
+            c.agents[1].0.logs()
+        );
+        out.insert(
+            vip.to_string(),
+            json!({"exchanges": 100, "lost": 0, "per_pod": o.per_backend, "client_address_seen": 100}),
+        );
+        assert!(
+            o.per_backend.iter().all(|&p| p > 0),
+            "{vip}: every pod takes flows: {:?}",
+            o.per_backend
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+#[test]
+fn privileged_k8s_local_policy_pods_see_the_client() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Cluster::new();
+    let life = Duration::from_secs(60);
+    let any = SocketAddr::from(([0u16; 8], POD_PORT));
+    let _servers: Vec<_> = c
+        .pods
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| serve(&p.ns, i, POD_PORT, &[any], life))
+        .collect();
+    c.api.apply(Kind::Service, &service("Local", None));
+    let pods: Vec<(&LabNode, &str)> = c.pods.iter().zip(NODES).collect();
+    c.api.apply(Kind::EndpointSlice, &slice(false, &pods));
+    c.api.apply(Kind::EndpointSlice, &slice(true, &pods));
+    c.start_agents();
+    // 2 ports × 2 VIPs on each node.
+    wait_services(c.pin(0), 4, &c.agents[0].0);
+    let st = status_json(c.pin(0)).unwrap();
+    for s in st["services"].as_array().unwrap() {
+        let b = s["backends"].as_array().unwrap();
+        assert_eq!(b.len(), 1, "node A's own pod only: {s:#}");
+    }
+    // Only node A's pod: the router sends every flow there.
+    let mut counts = serde_json::Map::new();
+    for (vip, me) in [(VIP4, c.lab.client4), (VIP6, c.lab.client6)] {
+        let vip: IpAddr = vip.parse().unwrap();
+        let o = one_try_each(&c.lab.client, me, vip, 50, 2);
+        assert!(
+            o.lost == 0 && o.wrong_peer.is_empty() && o.per_backend == [100, 0],
+            "{vip}: lost {} ({:?}), wrong peers {:?}, per pod {:?}",
+            o.lost,
+            o.first_err,
+            o.wrong_peer,
+            o.per_backend
+        );
+        counts.insert(
+            vip.to_string(),
+            json!({"exchanges": 100, "lost": 0, "client_address_seen": 100}),
+        );
+    }
+    assert!(counter(c.pin(0), "event_egress_translated") >= 200);
+    report("k8s_local_policy_dnat", serde_json::Value::Object(counts));
+}
+
+#[test]
+fn privileged_k8s_cluster_dsr_spreads_over_nodes_and_pods_see_the_client() {
+    if !privileged() {
+        return;
+    }
+    let mut c = Cluster::new();
+    let life = Duration::from_secs(60);
+    let any = SocketAddr::from(([0u16; 8], POD_PORT));
+    let _servers: Vec<_> = c
+        .pods
+        .iter()
+        .enumerate()
+        .flat_map(|(i, p)| serve(&p.ns, i, POD_PORT, &[any], life))
+        .collect();
+    c.api.apply(Kind::Service, &service("Cluster", Some("dsr")));
+    let pods: Vec<(&LabNode, &str)> = c.pods.iter().zip(NODES).collect();
+    c.api.apply(Kind::EndpointSlice, &slice(false, &pods));
+    c.api.apply(Kind::EndpointSlice, &slice(true, &pods));
+    c.start_agents();
+    // Per port and VIP: the dsr service and the one for packets from the tunnel.
+    for k in 0..2 {
+        wait_services(c.pin(k), 8, &c.agents[k].0);
+    }
+    let mut counts = traffic(&c, 2);
+    let a_reverse = counter(c.pin(0), "fwd_reverse");
+    let b_decap = counter(c.pin(1), "seen_ipv4_tcp") + counter(c.pin(1), "seen_ipv6_tcp");
+    let b_egress = counter(c.pin(1), "event_egress_translated");
+    let a_egress = counter(c.pin(0), "event_egress_translated");
+    assert_eq!(a_reverse, 0, "no reply came back through node A's XDP");
+    assert!(
+        b_decap > 0 && b_egress > 0,
+        "node B decapsulated ({b_decap}) and answered from there ({b_egress})"
+    );
+    assert!(
+        a_egress > 0,
+        "node A's own pod answered through its egress ({a_egress})"
+    );
+    counts["node_b_replies_translated"] = b_egress.into();
+    counts["node_a_replies_translated"] = a_egress.into();
+    report("k8s_cluster_dsr", counts);
+}
