@@ -7,7 +7,8 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     maglev_chunks, Backend, Counter, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceValue,
     StatIndex, TrafficStats, BACKEND_F_UNHEALTHY, MAP_BACKENDS, MAP_BACKEND_STATS,
-    MAP_GLOBAL_STATS, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SERVICE_STATS, PROTO_TCP,
+    MAP_GLOBAL_STATS, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SERVICE_STATS, MODE_DNAT,
+    MODE_DSR, PROTO_TCP, SVC_KEY_ENCAPSULATED,
 };
 
 use crate::dataplane::{backend_addr, live_backends, words_to_addr};
@@ -34,6 +35,10 @@ pub struct ServiceView {
     pub vip: String,
     pub port: u16,
     pub protocol: &'static str,
+    /// nat, dnat or dsr.
+    pub mode: &'static str,
+    /// Serves packets that arrive encapsulated to this host (dsr across nodes).
+    pub encapsulated: bool,
     pub table_size: u32,
     pub stats: TrafficView,
     pub backends: Vec<BackendView>,
@@ -51,6 +56,10 @@ pub struct BackendView {
     /// The SNAT source of new flows to it (configured, or from the route); None: no
     /// address known, and its new flows are dropped (drop_no_snat_address).
     pub snat: Option<String>,
+    /// dsr: the address the packets are encapsulated to, when not the backend's own.
+    pub via: Option<String>,
+    /// Reached by dnat although the service is dsr (an endpoint on this host).
+    pub dnat_here: bool,
     pub stats: TrafficView,
 }
 
@@ -135,6 +144,9 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
     let be_stats =
         PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_path, MAP_BACKEND_STATS)?))?;
     let all_backends: Vec<(u32, Backend)> = backends.into_iter().collect();
+    let tunnels = open_pinned(pin_path, lb_common::MAP_BACKEND_TUNNELS)
+        .ok()
+        .and_then(|m| Array::<_, lb_common::Addr>::try_from(Map::Array(m)).ok());
     // Absent in pins from before names were kept: status still works, without them.
     let names: std::collections::HashMap<u32, ServiceName> =
         open_pinned(pin_path, MAP_SERVICE_NAMES)
@@ -153,6 +165,12 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
                 healthy: b.flags & BACKEND_F_UNHEALTHY == 0,
                 weight: b.weight,
                 draining: b.weight == 0,
+                via: tunnels
+                    .as_ref()
+                    .and_then(|t| t.get(id, 0).ok())
+                    .filter(|a| *a != [0; 4])
+                    .map(|a| words_to_addr(&a, b.family).to_string()),
+                dnat_here: b.flags & lb_common::BACKEND_F_DNAT != 0,
                 snat: (b.snat != [0; 4]).then(|| words_to_addr(&b.snat, b.family).to_string()),
                 stats: traffic(&be_stats, *id)?,
             });
@@ -164,9 +182,15 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
                 .get(&v.id)
                 .map(|n| crate::dataplane::service_name_str(n))
                 .unwrap_or_default(),
-            vip: words_to_addr(&k.vip, k.family).to_string(),
+            vip: words_to_addr(&k.vip, k.family & !SVC_KEY_ENCAPSULATED).to_string(),
             port: u16::from_be(k.port),
             protocol: if k.proto == PROTO_TCP { "tcp" } else { "udp" },
+            mode: match v.mode {
+                MODE_DNAT => "dnat",
+                MODE_DSR => "dsr",
+                _ => "nat",
+            },
+            encapsulated: k.family & SVC_KEY_ENCAPSULATED != 0,
             table_size: v.table_size,
             stats: traffic(&svc_stats, v.id)?,
             backends: bes,
@@ -198,9 +222,17 @@ pub fn read_tables(pin_path: &Path) -> Result<BTreeMap<String, Vec<String>>> {
     for entry in services.iter() {
         let (k, v) = entry?;
         let name = format!(
-            "{}/{}",
-            std::net::SocketAddr::new(words_to_addr(&k.vip, k.family), u16::from_be(k.port)),
-            if k.proto == PROTO_TCP { "tcp" } else { "udp" }
+            "{}/{}{}",
+            std::net::SocketAddr::new(
+                words_to_addr(&k.vip, k.family & !SVC_KEY_ENCAPSULATED),
+                u16::from_be(k.port)
+            ),
+            if k.proto == PROTO_TCP { "tcp" } else { "udp" },
+            if k.family & SVC_KEY_ENCAPSULATED != 0 {
+                " (from the tunnel)"
+            } else {
+                ""
+            }
         );
         let slots = if v.table_size == 0 {
             Vec::new()

@@ -267,6 +267,50 @@ fn privileged_k8s_cluster_dsr_spreads_over_nodes_and_pods_see_the_client() {
     for k in 0..2 {
         wait_services(c.pin(k), 8, &c.agents[k].0);
     }
+    // Status says how each endpoint is reached.
+    let st = status_json(c.pin(0)).unwrap();
+    let web4 = st["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["vip"] == VIP4 && s["port"] == 80 && s["encapsulated"] == false)
+        .unwrap_or_else(|| panic!("{st:#}"));
+    assert_eq!(web4["mode"], "dsr", "{web4:#}");
+    let how: Vec<(String, serde_json::Value, bool)> = web4["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["address"].as_str().unwrap().to_owned(),
+                b["via"].clone(),
+                b["dnat_here"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        how,
+        [
+            (
+                format!("{}:{POD_PORT}", c.pods[0].addr4),
+                serde_json::Value::Null,
+                true
+            ),
+            (
+                format!("{}:{POD_PORT}", c.pods[1].addr4),
+                json!(c.lab.lbs[1].addr4.to_string()),
+                false
+            ),
+        ]
+    );
+    let st_b = status_json(c.pin(1)).unwrap();
+    assert!(st_b["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["encapsulated"] == true
+            && s["mode"] == "dnat"
+            && s["backends"].as_array().unwrap().len() == 1));
     let mut counts = traffic(&c, 2);
     let a_reverse = counter(c.pin(0), "fwd_reverse");
     let b_decap = counter(c.pin(1), "seen_ipv4_tcp") + counter(c.pin(1), "seen_ipv6_tcp");

@@ -205,6 +205,36 @@ fn privileged_dsr_backends_see_the_client_and_replies_bypass_the_lb() {
         decapsulated, forwarded,
         "every forwarded packet decapsulated by a backend"
     );
+    // A full-size datagram no longer fits once encapsulated: the LB answers with ICMP
+    // too-big from the VIP, and the client's kernel takes the smaller path MTU.
+    for (vip, payload, want) in [(VIP4, 1472, "mtu 1480"), (VIP6, 1452, "mtu 1460")] {
+        let to = SocketAddr::new(vip.parse().unwrap(), UDP_PORT);
+        lab.client
+            .run(move || {
+                let any: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }
+                    .parse()
+                    .unwrap();
+                let s = std::net::UdpSocket::bind(any).unwrap();
+                s.send_to(&vec![0x5a; payload], to).unwrap();
+            })
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            let out = lab.client.ip(&["route", "get", vip]).unwrap();
+            let route = String::from_utf8_lossy(&out.stdout).into_owned();
+            if route.contains(want) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{vip}: no {want} learnt by the client: {route}\n{}",
+                counters(&p)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert_eq!(counter(&p, "icmp_too_big_sent"), 2);
+    counts["pmtu_learnt_by_client"] = "1480 (IPv4), 1460 (IPv6)".into();
     counts["lb_tcp_udp_packets_seen"] = seen.into();
     counts["lb_forwarded"] = forwarded.into();
     counts["backends_decapsulated"] = decapsulated.into();
