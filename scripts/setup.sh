@@ -9,7 +9,9 @@ fail() { printf '[setup] FAILED at step "%s": %s\n' "$1" "$2" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || fail "root" "run as root (apt, BPF and network namespaces need it)"
 
 # 1. Debian packages the tests and demo use.
-PKGS=(iproute2 ethtool nftables iptables haproxy fonts-dejavu-core python3)
+# bird2: the routing daemon of the announcement tests (each test starts its own, in its
+# namespaces; the package's own service must not start on the host).
+PKGS=(iproute2 ethtool nftables iptables haproxy fonts-dejavu-core python3 bird2)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -18,8 +20,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   step "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null || fail "apt-get update" "cannot reach the Debian mirror"
-  apt-get install -y -q "${missing[@]}" >/dev/null || fail "apt-get install" "could not install ${missing[*]}"
+  # No service may start on the host from these packages (bird2 ships one): a
+  # policy-rc.d that refuses, only for this install, unless one is already there.
+  own_policy=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    own_policy=1
+  fi
+  apt-get install -y -q "${missing[@]}" >/dev/null || { [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d; fail "apt-get install" "could not install ${missing[*]}"; }
+  [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d
 fi
+
 
 # 2. Rust: nightly with rust-src (the eBPF target is built with -Z build-std=core).
 command -v rustup >/dev/null || fail "rustup" "rustup not found; this machine kind ships it"

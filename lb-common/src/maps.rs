@@ -14,6 +14,30 @@ pub const MAP_CONFIG: &str = "XLB_CONFIG";
 pub const MAP_NEIGHBOUR_REQUESTS: &str = "XLB_NEIGH_REQ";
 pub const MAP_XDP_IFACES: &str = "XLB_XDP_IFACES";
 pub const MAP_SERVICE_NAMES: &str = "XLB_SERVICE_NAMES";
+/// Operator switches the agent reads (CONTROL_*): written by `xlb drain`/`undrain`.
+pub const MAP_CONTROL: &str = "XLB_CONTROL";
+/// Index in XLB_CONTROL: non-zero while the node is drained (nothing announced).
+pub const CONTROL_DRAINED: u32 = 0;
+/// The VIPs the agent announces (VipKey → Announced), for `xlb status` and metrics.
+pub const MAP_ANNOUNCED: &str = "XLB_ANNOUNCED";
+
+/// XLB_ANNOUNCED key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VipKey {
+    pub addr: Addr,
+    pub family: u32,
+}
+
+/// XLB_ANNOUNCED value: how and since when (seconds since the epoch).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Announced {
+    pub since_s: u64,
+    /// The routing table the route is in.
+    pub table: u32,
+    pub _pad: u32,
+}
 /// dsr's outer destination per backend id, when it is not the backend itself (the node
 /// that hosts it and DNATs to it after decapsulating); zero: the backend's address. A
 /// map of its own, read only on dsr's path: the Backend copied onto every packet's
@@ -284,6 +308,8 @@ mod pod {
     unsafe impl aya::Pod for NeighbourRequest {}
     unsafe impl aya::Pod for NetdevLayout {}
     unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for Announced {}
 }
 
 /// Where the redirect-failure tracepoints find a device's ifindex and network

@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use lb_common::{Addr, NetdevLayout};
+use lb_common::{Addr, Announced, NetdevLayout, VipKey};
 use lb_common::{
     Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevChunk, MaglevKey, NextHop,
     ReverseNat, ServiceKey, ServiceName, ServiceValue, TrafficStats, CONNTRACK_MAX,
@@ -41,6 +41,14 @@ pub static SERVICE_NAMES: HashMap<u32, ServiceName> = HashMap::pinned(MAX_SERVIC
 /// See lb_common::MAP_BACKEND_TUNNELS. Sized from --max-backends at load.
 #[map(name = "XLB_BACKEND_TUNNELS")]
 pub static BACKEND_TUNNELS: Array<Addr> = Array::pinned(MAX_BACKENDS, 0);
+
+/// Operator switches for the agent (`xlb drain`); the program never reads them.
+#[map(name = "XLB_CONTROL")]
+pub static CONTROL: Array<u32> = Array::pinned(4, 0);
+
+/// What the agent announces, for `xlb status`; the program never reads it.
+#[map(name = "XLB_ANNOUNCED")]
+pub static ANNOUNCED: HashMap<VipKey, Announced> = HashMap::pinned(4096, 1);
 
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);

@@ -54,6 +54,10 @@ struct Agent {
     max_config_bytes: u64,
     /// --decap, added to every config.
     decap: bool,
+    /// The route sink (announce.rs), when announcing is configured.
+    routes: Option<crate::announce::RouteSink>,
+    /// The drain switch as last seen, to log its changes.
+    drained: bool,
 }
 
 impl Agent {
@@ -238,6 +242,43 @@ impl Agent {
         self.last_counters = now;
     }
 
+    /// The route sink's pass: the VIPs that can take new flows now, unless drained.
+    /// Runs after every change and once a second.
+    async fn announce(&mut self) {
+        let Some(sink) = self.routes.as_mut() else {
+            return;
+        };
+        let drained = crate::announce::is_drained(&self.dp.pin_path);
+        if drained != self.drained {
+            self.drained = drained;
+            if drained {
+                info!("drained: withdrawing every VIP; established flows keep being forwarded");
+            } else {
+                info!("undrained: announcing again");
+            }
+        }
+        let want = match (&self.config, drained) {
+            (Some(cfg), false) => {
+                crate::announce::servable_vips(&health::effective(cfg, &self.health))
+            }
+            _ => Default::default(),
+        };
+        let (added, removed) = sink.apply(&want).await;
+        if !added.is_empty() || !removed.is_empty() {
+            self.record_announced();
+        }
+    }
+
+    fn record_announced(&self) {
+        if let Some(sink) = &self.routes {
+            if let Err(e) =
+                crate::announce::record(&self.dp.pin_path, sink.table(), sink.announced())
+            {
+                warn!("recording the announced VIPs for status failed: {e:#}");
+            }
+        }
+    }
+
     fn health_changed(&mut self, (key, healthy): health::Transition) {
         self.health.insert(key, healthy);
         if let Some(cfg) = self.config.clone() {
@@ -269,6 +310,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         )
     } else {
         None
+    };
+    // Announcing: the flag wins over the file. Checked before anything is touched.
+    let table = args.announce_routes_table.or_else(|| {
+        file.as_ref()
+            .and_then(|f| f.announce.routes.map(|r| r.table))
+    });
+    let routes = match table {
+        Some(t) => Some(crate::announce::RouteSink::new(t).await?),
+        None => None,
     };
     let log_level = crate::ebpf_log::level_from_filter();
     let load = crate::dataplane::LoadOptions {
@@ -325,6 +375,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         since_routes: 0,
         max_config_bytes: max_bytes,
         decap: args.decap,
+        routes,
+        drained: false,
     };
     let base = agent.with_overrides(file.unwrap_or_default())?;
     let services = base.services.len();
@@ -354,6 +406,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
     for iface in &args.ifaces {
         agent.dp.attach(iface, args.xdp_mode)?;
     }
+    // A restart announces again, whatever an earlier `xlb drain` said.
+    if agent.routes.is_some() {
+        crate::announce::set_drained(&args.pin_path, false)?;
+        agent.record_announced();
+        agent.announce().await;
+    }
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
@@ -372,15 +430,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tokio::select! {
             _ = term.recv() => break args.detach_on_exit,
             _ = int.recv() => break true,
-            _ = hup.recv() => agent.reload(args.config.as_deref()).await,
+            _ = hup.recv() => {
+                agent.reload(args.config.as_deref()).await;
+                agent.announce().await;
+            }
             Some(req) = neighbour_requests.recv() => {
                 debug!(addr = %req.1, ifindex = req.0, "the datapath found a next hop unresolved");
                 agent.nexthops.request(req.0, req.1).await;
             }
-            Some(change) = health_rx.recv() => agent.health_changed(change),
-            _ = housekeeping.tick() => agent.housekeeping().await,
+            Some(change) = health_rx.recv() => {
+                agent.health_changed(change);
+                agent.announce().await;
+            }
+            _ = housekeeping.tick() => {
+                agent.housekeeping().await;
+                agent.announce().await;
+            }
             Some(services) = async { k8s_rx.as_mut()?.recv().await } => {
-                agent.kubernetes_changed(services).await
+                agent.kubernetes_changed(services).await;
+                agent.announce().await;
             }
             _ = watch.tick(), if args.config.is_some() => {
                 let now = args.config.as_deref().and_then(read);
@@ -388,12 +456,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     info!("config file changed");
                     last_seen = now;
                     agent.reload(args.config.as_deref()).await;
+                    agent.announce().await;
                 }
             }
         }
     };
     agent.checker = None;
     if detach {
+        // Withdrawn first: nothing may send traffic here once the program is gone.
+        if let Some(sink) = agent.routes.as_mut() {
+            sink.apply(&Default::default()).await;
+            agent.record_announced();
+        }
         agent.dp.detach()?;
         info!("detached");
     } else {

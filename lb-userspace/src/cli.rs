@@ -21,8 +21,14 @@ pub enum Command {
     Status(StatusArgs),
     /// Build a Maglev table and print it (--json) or a summary of its balance.
     Maglev(MaglevArgs),
-    /// Remove everything xlb pinned: detach from every interface, delete the maps.
+    /// Remove everything xlb pinned: detach from every interface, delete the maps, and
+    /// withdraw the VIPs' routes.
     Detach(DetachArgs),
+    /// Withdraw every VIP this node announces, for maintenance; established flows keep
+    /// being forwarded. `xlb undrain`, or a restart of the agent, announces again.
+    Drain(DetachArgs),
+    /// Announce again after `xlb drain`.
+    Undrain(DetachArgs),
     /// Validate a config file, as `xlb run` and reloads do, and say what is wrong.
     CheckConfig(CheckConfigArgs),
 }
@@ -80,6 +86,11 @@ pub struct RunArgs {
     /// Static YAML config: services, backends, SNAT (see README).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Announce the VIPs this node can serve as host routes in this kernel routing
+    /// table (protocol 248), for BIRD or FRR to export over BGP (docs/announce.md).
+    /// Overrides `announce.routes.table` in the config.
+    #[arg(long, env = "XLB_ANNOUNCE_ROUTES_TABLE")]
+    pub announce_routes_table: Option<u32>,
     /// Decapsulate IP-in-IP and IPv6-in-IPv6 packets addressed to this host and pass
     /// the inner packet to the kernel: the backend's side of `mode: dsr`. Needs no
     /// --config (`decap: true` in a config file does the same).

@@ -31,6 +31,23 @@ pub struct Config {
     /// pass the inner packet to the kernel: the backend's side of `mode: dsr`.
     #[serde(default)]
     pub decap: bool,
+    /// How this node announces the VIPs it can serve (docs/announce.md).
+    #[serde(default)]
+    pub announce: Announce,
+}
+
+#[derive(Deserialize, Debug, Clone, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Announce {
+    /// Host routes in a kernel routing table of xlb's own, for BIRD or FRR to export.
+    #[serde(default)]
+    pub routes: Option<RoutesAnnounce>,
+}
+
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesAnnounce {
+    pub table: u32,
 }
 
 #[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -332,6 +349,7 @@ impl Default for Config {
             maglev_table_size: default_table_size(),
             timeouts: Timeouts::default(),
             decap: false,
+            announce: Announce::default(),
         }
     }
 }
@@ -460,6 +478,14 @@ impl Config {
                 .map(|sp| format!("line {}: ", sp.referenced.line()))
                 .unwrap_or_default()
         };
+        if let Some(r) = self.announce.routes {
+            if r.table == 0 || (253..=255).contains(&r.table) {
+                bail!(
+                    "field announce.routes.table: {} is one of the kernel's own tables (unspec, default, main, local); pick another, e.g. 200",
+                    r.table
+                );
+            }
+        }
         let m = self.maglev_table_size;
         maglev::validate_table_size(m)
             .with_context(|| format!("{}field maglev_table_size", top_line("maglev_table_size")))?;

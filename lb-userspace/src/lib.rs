@@ -4,6 +4,7 @@
 //! `maglev` (the table builder), `status` (reading the pinned maps back).
 
 pub mod agent;
+pub mod announce;
 pub mod btf;
 pub mod cli;
 pub mod config;

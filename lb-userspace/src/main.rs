@@ -35,9 +35,31 @@ async fn real_main() -> Result<()> {
         Command::Status(args) => status_cmd(args).await,
         Command::Maglev(args) => maglev_cmd(args),
         Command::Detach(args) => {
+            // The routes first: the VIPs are read from the service map that goes next.
+            let vips = xlb::status::read_services(&args.pin_path)
+                .map(|s| {
+                    s.iter()
+                        .filter_map(|s| s.vip.parse().ok())
+                        .collect::<std::collections::BTreeSet<std::net::IpAddr>>()
+                })
+                .unwrap_or_default();
+            let withdrawn = xlb::announce::withdraw_everywhere(&vips).await?;
+            if withdrawn > 0 {
+                println!("withdrew {withdrawn} VIP routes");
+            }
             for name in xlb::dataplane::detach_all(&args.pin_path)? {
                 println!("removed {name}");
             }
+            Ok(())
+        }
+        Command::Drain(args) => {
+            xlb::announce::set_drained(&args.pin_path, true)?;
+            println!("drained: the agent withdraws every VIP within a second; established flows keep being forwarded");
+            Ok(())
+        }
+        Command::Undrain(args) => {
+            xlb::announce::set_drained(&args.pin_path, false)?;
+            println!("undrained: the agent announces again within a second");
             Ok(())
         }
         Command::CheckConfig(args) => {

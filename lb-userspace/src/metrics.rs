@@ -182,6 +182,21 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
         weight,
     );
 
+    let announced = Family::<Labels, Gauge>::default();
+    for (vip, table, since) in crate::announce::read_announced(pin_path) {
+        announced
+            .get_or_create(&labels(&[
+                ("vip", vip.to_string()),
+                ("table", table.to_string()),
+            ]))
+            .set(since as i64);
+    }
+    reg.register(
+        "vip_announced_since_seconds",
+        "VIPs announced as host routes (docs/announce.md), by when (seconds since the epoch)",
+        announced,
+    );
+
     let ct = Gauge::<i64>::default();
     ct.set(conntrack_entries(pin_path)? as i64);
     reg.register(

@@ -75,9 +75,22 @@ pub struct AttachmentView {
     pub tc_egress: bool,
 }
 
+/// A VIP announced as a route (docs/announce.md).
+#[derive(Serialize, Debug)]
+pub struct AnnouncedView {
+    pub vip: String,
+    /// The kernel routing table the host route is in.
+    pub table: u32,
+    /// Seconds since the epoch.
+    pub since: u64,
+}
+
 #[derive(Serialize, Debug)]
 pub struct Status {
     pub pin_path: String,
+    /// What this node announces, and whether `xlb drain` is in force.
+    pub announced: Vec<AnnouncedView>,
+    pub drained: bool,
     pub attachments: Vec<AttachmentView>,
     /// Sizes of the maps in force (fixed when they were created).
     pub max_services: u32,
@@ -300,8 +313,18 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
     let size = |name: &str| -> Result<u32> {
         Ok(aya::maps::MapInfo::from_pin(pin_path.join(name))?.max_entries())
     };
+    let announced = crate::announce::read_announced(pin_path)
+        .into_iter()
+        .map(|(vip, table, since)| AnnouncedView {
+            vip: vip.to_string(),
+            table,
+            since,
+        })
+        .collect();
     Ok(Status {
         pin_path: pin_path.display().to_string(),
+        announced,
+        drained: crate::announce::is_drained(pin_path),
         attachments,
         max_services: size(MAP_SERVICES)?,
         max_backends: size(MAP_BACKENDS)?,
@@ -323,6 +346,15 @@ pub fn render_text(status: &Status) -> String {
     }
     if status.attachments.is_empty() {
         s.push_str("attached to no interface\n");
+    }
+    if status.drained {
+        s.push_str("DRAINED: no VIP is announced (xlb undrain)\n");
+    }
+    for a in &status.announced {
+        s.push_str(&format!(
+            "announced {} (route in table {}, since {} s after the epoch)\n",
+            a.vip, a.table, a.since
+        ));
     }
     s.push_str(&format!(
         "map sizes: {} services, {} backends, {} flows\n",

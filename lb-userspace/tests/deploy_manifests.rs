@@ -114,6 +114,8 @@ fn the_cluster_role_grants_only_what_xlb_uses() {
     assert_eq!(
         grants,
         [
+            "/nodes:list",
+            "/nodes:watch",
             "/services/status:patch",
             "/services:list",
             "/services:watch",
@@ -182,6 +184,7 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
         ("XLB_IFACE", "iface"),
         ("XLB_IPAM_POOLS", "ipam-pools"),
         ("XLB_XDP_MODE", "xdp-mode"),
+        ("XLB_CLUSTER_FORWARDING", "cluster-forwarding"),
     ] {
         assert!(
             from_cm.iter().any(|(v, k)| *v == var && *k == key),

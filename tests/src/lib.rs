@@ -2,6 +2,7 @@
 //! builder, and a handle on a running `xlb` process.
 
 pub mod agent;
+pub mod bird;
 pub mod fakeapi;
 pub mod natlab;
 pub mod netns;

@@ -410,6 +410,8 @@ fn short_case(name: &str) -> &'static str {
         n if n.starts_with("established UDP") => "est. UDP v4",
         n if n.starts_with("established TCP flow (IPv6)") => "est. TCP v6",
         n if n.starts_with("reply") => "reply",
+        n if n.starts_with("dsr: established") => "dsr est. v4",
+        n if n.starts_with("dsr: new") => "dsr new flow",
         n if n.starts_with("new") => "new flow",
         _ => "other",
     }

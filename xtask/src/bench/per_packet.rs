@@ -56,7 +56,16 @@ type Case = (&'static str, Box<dyn Fn(u32) -> Vec<u8>>, u32, u32);
 pub fn measure(packets: u32, rounds: u32, case: Option<&str>) -> Result<Vec<Row>> {
     let lab = LbLab::two_arm(3)?;
     lab.write_config(&[0, 1, 2])?;
-    let cfg = Config::load(&lab.config_path)?;
+    let mut cfg = Config::load(&lab.config_path)?;
+    // dsr beside nat, on the same VIP and backends: the service port is the backends'
+    // (dsr does not rewrite the packet). Encapsulation is Katran's own work, so this is
+    // the like-for-like case.
+    let mut dsr = cfg.services[0].clone();
+    dsr.name = "tcp-v4-dsr".into();
+    dsr.port = xlb_tests::topology::BACKEND_PORT;
+    dsr.mode = xlb::config::Mode::Dsr;
+    cfg.services.push(dsr);
+    cfg.validate()?;
     let client_if = lab.lb.ifindex(&lab.lb_ifaces[0])?;
     let backend_if = lab.lb.ifindex(&lab.lb_ifaces[1])?;
     let (client, snat, client6) = (lab.client4, lab.snat4, lab.client6);
@@ -77,6 +86,10 @@ pub fn measure(packets: u32, rounds: u32, case: Option<&str>) -> Result<Vec<Row>
         let fwd = open(&mut f, Frame::tcp(&c4, 40000, VIP4, 80))?;
         open(&mut f, Frame::udp(&c4, 40001, VIP4, 53))?;
         open(&mut f, Frame::tcp(&c6, 40002, VIP6, 80))?;
+        let dsr_port = xlb_tests::topology::BACKEND_PORT;
+        open(&mut f, Frame::tcp(&c4, 40003, VIP4, dsr_port))?;
+        let est_dsr = Frame::tcp(&c4, 40003, VIP4, dsr_port).flags(ACK);
+        let c4d = c4.clone();
         let nat_port = u16::from_be_bytes([fwd[34], fwd[35]]);
         let backend = IpAddr::from([fwd[30], fwd[31], fwd[32], fwd[33]]);
         let mut reply =
@@ -121,6 +134,20 @@ pub fn measure(packets: u32, rounds: u32, case: Option<&str>) -> Result<Vec<Row>
                 XDP_REDIRECT,
             ),
             (
+                "dsr: established TCP flow (IPv4, IP-in-IP)",
+                Box::new(move |_| est_dsr.build()),
+                client_if,
+                XDP_REDIRECT,
+            ),
+            (
+                "dsr: new TCP flow (SYN, new source port)",
+                Box::new(move |i| {
+                    Frame::tcp(&c4d, 10000 + (i % 50000) as u16, VIP4, dsr_port).build()
+                }),
+                client_if,
+                XDP_REDIRECT,
+            ),
+            (
                 "new TCP flow (SYN, new source port)",
                 Box::new(move |i| Frame::tcp(&c4b, 10000 + (i % 50000) as u16, VIP4, 80).build()),
                 client_if,
@@ -132,10 +159,11 @@ pub fn measure(packets: u32, rounds: u32, case: Option<&str>) -> Result<Vec<Row>
             if case.as_deref().is_some_and(|c| !name.contains(c)) {
                 continue;
             }
-            // New flows use up SNAT ports (12768 per backend): that case runs in rounds
-            // of at most 20k, with the flow tables emptied between rounds. It runs last,
-            // as emptying the tables ends the flows the other cases use.
-            let new_flows = name.starts_with("new");
+            // New flows use up SNAT ports (12768 per backend): those cases run in rounds
+            // of at most 20k, with the flow tables emptied between rounds (dsr's too, so
+            // the two see tables of the same size). They run last, as emptying the
+            // tables ends the flows the other cases use.
+            let new_flows = name.contains("new TCP flow");
             let case_rounds = if new_flows {
                 rounds.max(packets.div_ceil(20_000))
             } else {
