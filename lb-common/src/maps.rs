@@ -21,6 +21,26 @@ pub const CONTROL_DRAINED: u32 = 0;
 /// The VIPs the agent announces (VipKey → Announced), for `xlb status` and metrics.
 pub const MAP_ANNOUNCED: &str = "XLB_ANNOUNCED";
 
+/// XLB_L2_VIPS: the VIPs this node answers ARP and neighbour solicitations for, per
+/// interface.
+pub const MAP_L2_VIPS: &str = "XLB_L2_VIPS";
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct L2Key {
+    pub addr: Addr,
+    pub ifindex: u32,
+    pub family: u32,
+}
+
+/// XLB_L2_VIPS value: the MAC address to answer with (the interface's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct L2Value {
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
 /// XLB_ANNOUNCED key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -309,6 +329,8 @@ mod pod {
     unsafe impl aya::Pod for NetdevLayout {}
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for L2Key {}
+    unsafe impl aya::Pod for L2Value {}
     unsafe impl aya::Pod for Announced {}
 }
 

@@ -62,6 +62,9 @@ pub enum StatIndex {
     /// An IP-in-IP or IPv6-in-IPv6 packet to this host, decapsulated (`decap`) and
     /// passed to the kernel.
     PassDecapsulated,
+    /// An ARP request or neighbour solicitation for a VIP announced on this interface,
+    /// answered (XDP_TX).
+    L2Answered,
     // ICMP errors translated.
     IcmpTranslated,
     /// A dsr packet too big for the path once encapsulated, answered with ICMP
@@ -118,6 +121,7 @@ impl StatIndex {
         StatIndex::DropNeighbourUnknown,
         StatIndex::DropTooBig,
         StatIndex::PassDecapsulated,
+        StatIndex::L2Answered,
         StatIndex::IcmpTranslated,
         StatIndex::IcmpTooBigSent,
         StatIndex::EventFlowRecreated,
@@ -172,6 +176,7 @@ impl StatIndex {
             StatIndex::DropNeighbourUnknown => "drop_neighbour_unknown",
             StatIndex::DropTooBig => "drop_too_big",
             StatIndex::PassDecapsulated => "pass_decapsulated",
+            StatIndex::L2Answered => "l2_answered",
             StatIndex::IcmpTranslated => "icmp_translated",
             StatIndex::IcmpTooBigSent => "icmp_too_big_sent",
             StatIndex::EventFlowRecreated => "event_flow_recreated",

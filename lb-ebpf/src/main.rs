@@ -10,6 +10,7 @@ mod bench;
 mod conntrack;
 mod egress;
 mod forward;
+mod l2;
 mod lookup;
 mod maglev;
 mod maps;
@@ -66,7 +67,17 @@ fn pipeline(ctx: &XdpContext) -> u32 {
         _ if decapsulated => (xdp_action::XDP_PASS, StatIndex::PassDecapsulated),
         Ok(Parsed::Icmp(outer)) => {
             trace::note(Some(&outer.key));
-            icmp_error(ctx, &outer)
+            if outer.key.proto == parse::IPPROTO_ICMPV6
+                && l2::neighbour_solicitation(ctx, &outer).is_some()
+            {
+                (xdp_action::XDP_TX, StatIndex::L2Answered)
+            } else {
+                icmp_error(ctx, &outer)
+            }
+        }
+        Err(StatIndex::PassNotIp) if l2::arp(ctx).is_some() => {
+            trace::note(None);
+            (xdp_action::XDP_TX, StatIndex::L2Answered)
         }
         Err(reason) => {
             trace::note(None);

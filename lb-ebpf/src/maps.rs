@@ -7,7 +7,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use lb_common::{Addr, Announced, NetdevLayout, VipKey};
+use lb_common::{Addr, Announced, L2Key, L2Value, NetdevLayout, VipKey};
 use lb_common::{
     Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevChunk, MaglevKey, NextHop,
     ReverseNat, ServiceKey, ServiceName, ServiceValue, TrafficStats, CONNTRACK_MAX,
@@ -50,6 +50,10 @@ pub static CONTROL: Array<u32> = Array::pinned(4, 0);
 #[map(name = "XLB_ANNOUNCED")]
 pub static ANNOUNCED: HashMap<VipKey, Announced> = HashMap::pinned(4096, 1);
 
+/// The VIPs answered for at L2 (see l2.rs); written by the agent.
+#[map(name = "XLB_L2_VIPS")]
+pub static L2_VIPS: HashMap<L2Key, L2Value> = HashMap::pinned(4096, 0);
+
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
@@ -83,6 +87,8 @@ pub struct Scratch {
     pub rev: ReverseNat,
     pub ct: ConnValue,
     pub fib: bpf_fib_lookup,
+    /// The L2 answer's lookup key (l2.rs).
+    pub l2: L2Key,
 }
 
 /// Per-CPU scratch for the debug log: the packet's flow, noted before the pipeline

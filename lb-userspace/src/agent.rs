@@ -56,6 +56,8 @@ struct Agent {
     decap: bool,
     /// The route sink (announce.rs), when announcing is configured.
     routes: Option<crate::announce::RouteSink>,
+    /// The L2 sink (l2.rs): ARP/NDP answers on these interfaces.
+    l2: Option<crate::l2::L2Sink>,
     /// The drain switch as last seen, to log its changes.
     drained: bool,
 }
@@ -245,9 +247,9 @@ impl Agent {
     /// The route sink's pass: the VIPs that can take new flows now, unless drained.
     /// Runs after every change and once a second.
     async fn announce(&mut self) {
-        let Some(sink) = self.routes.as_mut() else {
+        if self.routes.is_none() && self.l2.is_none() {
             return;
-        };
+        }
         let drained = crate::announce::is_drained(&self.dp.pin_path);
         if drained != self.drained {
             self.drained = drained;
@@ -263,9 +265,14 @@ impl Agent {
             }
             _ => Default::default(),
         };
-        let (added, removed) = sink.apply(&want).await;
-        if !added.is_empty() || !removed.is_empty() {
-            self.record_announced();
+        if let Some(l2) = self.l2.as_mut() {
+            l2.apply(&mut self.dp, &want);
+        }
+        if let Some(sink) = self.routes.as_mut() {
+            let (added, removed) = sink.apply(&want).await;
+            if !added.is_empty() || !removed.is_empty() {
+                self.record_announced();
+            }
         }
     }
 
@@ -311,7 +318,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     } else {
         None
     };
-    // Announcing: the flag wins over the file. Checked before anything is touched.
+    // Announcing: the flags win over the file. Checked before anything is touched.
+    let l2_ifaces = if args.announce_l2.is_empty() {
+        file.as_ref()
+            .and_then(|f| f.announce.l2.as_ref())
+            .map(|l| l.interfaces.clone())
+            .unwrap_or_default()
+    } else {
+        args.announce_l2.clone()
+    };
+    for iface in &l2_ifaces {
+        if !args.ifaces.contains(iface) {
+            anyhow::bail!("--announce-l2 {iface}: xlb is not attached there (add it to --iface): the answers come from the XDP program");
+        }
+    }
     let table = args.announce_routes_table.or_else(|| {
         file.as_ref()
             .and_then(|f| f.announce.routes.map(|r| r.table))
@@ -376,6 +396,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_config_bytes: max_bytes,
         decap: args.decap,
         routes,
+        l2: None,
         drained: false,
     };
     let base = agent.with_overrides(file.unwrap_or_default())?;
@@ -406,8 +427,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     for iface in &args.ifaces {
         agent.dp.attach(iface, args.xdp_mode)?;
     }
+    if !l2_ifaces.is_empty() {
+        agent.l2 = Some(crate::l2::L2Sink::new(&l2_ifaces, &args.ifaces)?);
+    }
     // A restart announces again, whatever an earlier `xlb drain` said.
-    if agent.routes.is_some() {
+    if agent.routes.is_some() || agent.l2.is_some() {
         crate::announce::set_drained(&args.pin_path, false)?;
         agent.record_announced();
         agent.announce().await;
@@ -467,6 +491,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         if let Some(sink) = agent.routes.as_mut() {
             sink.apply(&Default::default()).await;
             agent.record_announced();
+        }
+        if let Some(l2) = agent.l2.as_mut() {
+            l2.clear(&mut agent.dp);
         }
         agent.dp.detach()?;
         info!("detached");

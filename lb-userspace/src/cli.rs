@@ -91,6 +91,12 @@ pub struct RunArgs {
     /// Overrides `announce.routes.table` in the config.
     #[arg(long, env = "XLB_ANNOUNCE_ROUTES_TABLE")]
     pub announce_routes_table: Option<u32>,
+    /// Answer ARP and neighbour solicitations for the VIPs this node announces on these
+    /// interfaces (each also an --iface), and send gratuitous ARP / unsolicited
+    /// neighbour advertisements on taking a VIP (docs/announce.md). Overrides
+    /// `announce.l2.interfaces`.
+    #[arg(long, value_delimiter = ',', env = "XLB_ANNOUNCE_L2")]
+    pub announce_l2: Vec<String>,
     /// Decapsulate IP-in-IP and IPv6-in-IPv6 packets addressed to this host and pass
     /// the inner packet to the kernel: the backend's side of `mode: dsr`. Needs no
     /// --config (`decap: true` in a config file does the same).

@@ -42,6 +42,15 @@ pub struct Announce {
     /// Host routes in a kernel routing table of xlb's own, for BIRD or FRR to export.
     #[serde(default)]
     pub routes: Option<RoutesAnnounce>,
+    /// ARP and neighbour-discovery answers for the VIPs, on these interfaces.
+    #[serde(default)]
+    pub l2: Option<L2Announce>,
+}
+
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct L2Announce {
+    pub interfaces: Vec<String>,
 }
 
 #[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]

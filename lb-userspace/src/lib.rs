@@ -14,6 +14,7 @@ pub mod ebpf_log;
 pub mod fuzzing;
 pub mod health;
 pub mod k8s;
+pub mod l2;
 pub mod maglev;
 pub mod metrics;
 pub mod nexthop;

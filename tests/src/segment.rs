@@ -123,6 +123,23 @@ impl SegmentLab {
         Ok(())
     }
 
+    /// A client on the segment itself (10.61.0.50, fd61::50), with no route but the
+    /// connected ones and no static neighbour: for VIPs in the segment's own subnet,
+    /// which only answers to ARP and neighbour solicitations make reachable.
+    pub fn client_on_segment(&self) -> Result<Node> {
+        let ns = Netns::new("sn")?;
+        let (end, port) =
+            veth_pair_untuned(&ns, &["10.61.0.50/24", "fd61::50/64"], &self.router, &[])?;
+        self.router
+            .ip(&["link", "set", &port.name, "master", "br0"])?;
+        Ok(Node {
+            ns,
+            iface: end.name,
+            addr4: "10.61.0.50".parse()?,
+            addr6: "fd61::50".parse()?,
+        })
+    }
+
     /// dsr's backend side: the VIPs on the backends' loopback, so the kernel takes the
     /// decapsulated packets as its own and answers from the VIP.
     pub fn vips_on_backends(&self) -> Result<()> {

@@ -334,3 +334,136 @@ fn privileged_bgp_through_bird_ecmp_drain_and_node_failure() {
     drop(birds);
     drop(router);
 }
+
+/// The client's neighbour entry for `vip`: its MAC, if it has one.
+fn neighbour_mac(ns: &Netns, vip: &str) -> Option<String> {
+    let fam = if vip.contains(':') { "-6" } else { "-4" };
+    let out = ns.ip(&[fam, "neigh", "show", vip]).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let words: Vec<&str> = text.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "lladdr")
+        .map(|w| w[1].to_owned())
+}
+
+fn mac_string(m: [u8; 6]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// For networks without BGP: a client on the segment, with no route to the VIPs (they
+/// are in the segment's own subnet) and no static neighbour, reaches them through
+/// xlb's answers to its ARP requests and neighbour solicitations. Then node A stops
+/// (detached) and node B takes the VIPs over, as keepalived would move the role: B's
+/// gratuitous ARP and unsolicited neighbour advertisement move the client's entries to
+/// B's MAC, and new connections work.
+#[test]
+fn privileged_l2_answers_arp_and_ndp_and_a_takeover_moves_the_clients_entry() {
+    if !privileged() {
+        return;
+    }
+    const L2_VIP4: &str = "10.61.0.100";
+    const L2_VIP6: &str = "fd61::100";
+    let lab = SegmentLab::new(2, 3).unwrap();
+    let client = lab.client_on_segment().unwrap();
+    let life = Duration::from_secs(60);
+    let _servers: Vec<_> = (0..3)
+        .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &[], life))
+        .collect();
+    let text = lab
+        .config("nat", TCP_PORT, 53)
+        .replace(VIP4, L2_VIP4)
+        .replace(VIP6, L2_VIP6);
+    let cfg = std::env::temp_dir().join(format!("{}.yaml", unique_name("xl2")));
+    std::fs::write(&cfg, text).unwrap();
+    let _cfg = RemoveOnDrop(cfg.clone());
+    let start = |k: usize, pin: &Path| {
+        let n = &lab.lbs[k];
+        Agent::start_at(
+            &n.ns,
+            pin,
+            &[
+                "--iface",
+                &n.iface,
+                "--config",
+                cfg.to_str().unwrap(),
+                "--announce-l2",
+                &n.iface,
+            ],
+        )
+        .unwrap()
+    };
+    let pins: Vec<(PathBuf, RemoveOnDrop)> = (0..2)
+        .map(|_| {
+            let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xl2")));
+            (p.clone(), RemoveOnDrop(p))
+        })
+        .collect();
+    let mut a = start(0, &pins[0].0);
+    let connect_all = |round: &str| {
+        for vip in [L2_VIP4, L2_VIP6] {
+            let vip: IpAddr = vip.parse().unwrap();
+            for i in 0..10 {
+                let (mut s, _) = {
+                    let s = client
+                        .ns
+                        .run(move || {
+                            TcpStream::connect_timeout(
+                                &SocketAddr::new(vip, TCP_PORT),
+                                Duration::from_secs(3),
+                            )
+                        })
+                        .unwrap()
+                        .unwrap_or_else(|e| panic!("{round}: connect {vip}: {e}"));
+                    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                    (s, 0)
+                };
+                assert!(
+                    exchange(&mut s, &format!("{round}{i}")).is_some(),
+                    "{round}: exchange with {vip}"
+                );
+            }
+        }
+    };
+    connect_all("via-a");
+    let mac_a = mac_string(lab.lbs[0].ns.mac(&lab.lbs[0].iface).unwrap());
+    let mac_b = mac_string(lab.lbs[1].ns.mac(&lab.lbs[1].iface).unwrap());
+    for vip in [L2_VIP4, L2_VIP6] {
+        assert_eq!(
+            neighbour_mac(&client.ns, vip).as_deref(),
+            Some(mac_a.as_str()),
+            "the client resolved {vip} to node A"
+        );
+    }
+    let answered = counter(&pins[0].0, "l2_answered");
+    assert!(answered >= 2, "ARP and NDP answered by XDP: {answered}");
+
+    // Node A stops and detaches; node B takes over.
+    a.stop_with(libc::SIGINT).unwrap();
+    let t0 = Instant::now();
+    let _b = start(1, &pins[1].0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let now: Vec<Option<String>> = [L2_VIP4, L2_VIP6]
+            .iter()
+            .map(|v| neighbour_mac(&client.ns, v))
+            .collect();
+        if now.iter().all(|m| m.as_deref() == Some(mac_b.as_str())) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client's entries did not move to node B ({mac_b}): {now:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let moved = t0.elapsed();
+    connect_all("via-b");
+    report(
+        "announce_l2",
+        serde_json::json!({"arp_ndp_answered_by_a": answered, "takeover_ms_from_b_start": moved.as_millis() as u64, "exchanges": 40}),
+    );
+}

@@ -1,0 +1,165 @@
+//! L2 announcement: on the interfaces the agent names, ARP requests (IPv4) and
+//! neighbour solicitations (IPv6) for a VIP this node announces are answered here, in
+//! XDP, with the interface's MAC address, and sent back out (XDP_TX). The agent keeps
+//! XLB_L2_VIPS: (VIP, interface) → the MAC to answer with.
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
+use lb_common::{FAMILY_V4, FAMILY_V6};
+
+use crate::{
+    maps::{L2_VIPS, SCRATCH},
+    mem::{bytes_mut, load},
+    parse::{Packet, ETH_LEN, IPPROTO_ICMPV6},
+};
+
+const ARP_LEN: usize = 28;
+const ICMPV6_NS: u8 = 135;
+const ICMPV6_NA: u8 = 136;
+const ND_LEN: usize = 24;
+const OPT_TARGET_LL: u8 = 2;
+
+/// The MAC to answer with for the VIP at `addr` (4 network-order words from the
+/// packet at `off`, 1 for IPv4) on the ingress interface. The key is built in the
+/// per-CPU scratch: the pipeline's stack has no room left for it.
+#[inline(always)]
+fn mac_for(ctx: &XdpContext, off: usize, family: u8) -> Option<[u8; 6]> {
+    let scratch = SCRATCH.get_ptr_mut(0)?;
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
+    let key = unsafe { &mut (*scratch).l2 };
+    key.addr = [0; 4];
+    if family == FAMILY_V4 {
+        key.addr[0] = load::<u32>(ctx, off)?;
+    } else {
+        key.addr = load::<[u32; 4]>(ctx, off)?;
+    }
+    key.ifindex = ctx.ingress_ifindex() as u32;
+    key.family = family as u32;
+    // SAFETY: the value is copied out at once.
+    unsafe { L2_VIPS.get(&*key) }.map(|v| v.mac)
+}
+
+/// An ARP request for an announced VIP becomes the reply, in place. None: not one.
+#[inline(always)]
+pub fn arp(ctx: &XdpContext) -> Option<()> {
+    let eth_type = load::<[u8; 2]>(ctx, 12)?;
+    if eth_type[0] != 0x08 || eth_type[1] != 0x06 {
+        return None;
+    }
+    // Ethernet, IPv4, a request.
+    let hdr = load::<u64>(ctx, ETH_LEN)?;
+    if hdr != u64::from_ne_bytes([0, 1, 0x08, 0x00, 6, 4, 0, 1]) {
+        return None;
+    }
+    let mac = mac_for(ctx, ETH_LEN + 24, FAMILY_V4)?;
+    let a = bytes_mut::<ARP_LEN>(ctx, ETH_LEN)?;
+    a[7] = 2; // reply
+              // Sender ↔ target: the requester becomes the target, the VIP the sender.
+    let mut i = 0;
+    while i < 10 {
+        let t = a[8 + i];
+        a[8 + i] = a[18 + i];
+        a[18 + i] = t;
+        i += 1;
+    }
+    a[8..14].copy_from_slice(&mac);
+    let eth = bytes_mut::<12>(ctx, 0)?;
+    let mut i = 0;
+    while i < 6 {
+        eth[i] = eth[6 + i];
+        eth[6 + i] = mac[i];
+        i += 1;
+    }
+    Some(())
+}
+
+/// A neighbour solicitation for an announced VIP becomes the advertisement (solicited,
+/// override, with the target link-layer address option), from the VIP back to the
+/// solicitor (to all nodes for duplicate address detection). None: not one.
+#[inline(always)]
+pub fn neighbour_solicitation(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
+    let k = &pkt.key;
+    // RFC 4861: only with hop limit 255 (from the link itself), no extension headers.
+    if k.family != FAMILY_V6 || pkt.ttl != 255 || pkt.l4_off != ETH_LEN + 40 {
+        return None;
+    }
+    let ty = load::<[u8; 2]>(ctx, pkt.l4_off)?;
+    if ty[0] != ICMPV6_NS || ty[1] != 0 {
+        return None;
+    }
+    let mac = mac_for(ctx, pkt.l4_off + 8, FAMILY_V6)?;
+    // From an unspecified source (DAD): to all nodes, and not "solicited".
+    let dad = k.src == [0; 4];
+    // Exactly Ethernet + IPv6 + NA + one 8-byte option. The head stays where it is, so
+    // the solicitation's fields are rearranged in place: no copies on the stack, which
+    // the pipeline has no room left for.
+    let want = (ETH_LEN + 40 + ND_LEN + 8) as i32;
+    let len = (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: a plain helper call; pointers are re-derived after it.
+    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - len) } != 0 {
+        return None;
+    }
+    let f = bytes_mut::<{ ETH_LEN + 40 + ND_LEN + 8 }>(ctx, 0)?;
+    const SRC: usize = ETH_LEN + 8;
+    const DST: usize = ETH_LEN + 24;
+    const ICMP: usize = ETH_LEN + 40;
+    const TARGET: usize = ICMP + 8;
+    let mut i = 0;
+    while i < 16 {
+        // Destination: the solicitor (or all nodes); source: the VIP (the target).
+        f[DST + i] = if dad { 0 } else { f[SRC + i] };
+        f[SRC + i] = f[TARGET + i];
+        i += 1;
+    }
+    if dad {
+        f[DST] = 0xff;
+        f[DST + 1] = 2;
+        f[DST + 15] = 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        f[i] = if dad {
+            [0x33, 0x33, 0, 0, 0, 1][i]
+        } else {
+            f[6 + i]
+        };
+        f[6 + i] = mac[i];
+        f[TARGET + 18 + i] = mac[i];
+        i += 1;
+    }
+    f[12] = 0x86;
+    f[13] = 0xdd;
+    f[ETH_LEN] = 0x60;
+    f[ETH_LEN + 1] = 0;
+    f[ETH_LEN + 2] = 0;
+    f[ETH_LEN + 3] = 0;
+    f[ETH_LEN + 4] = 0;
+    f[ETH_LEN + 5] = (ND_LEN + 8) as u8;
+    f[ETH_LEN + 6] = IPPROTO_ICMPV6;
+    f[ETH_LEN + 7] = 255;
+    f[ICMP] = ICMPV6_NA;
+    f[ICMP + 1] = 0;
+    f[ICMP + 2] = 0;
+    f[ICMP + 3] = 0;
+    // Override, and solicited unless DAD.
+    f[ICMP + 4] = if dad { 0x20 } else { 0x60 };
+    f[ICMP + 5] = 0;
+    f[ICMP + 6] = 0;
+    f[ICMP + 7] = 0;
+    f[TARGET + 16] = OPT_TARGET_LL;
+    f[TARGET + 17] = 1;
+    // The checksum over the pseudo-header (source, destination, length, next header)
+    // and the message.
+    let mut s: u64 = u16::from_ne_bytes(((ND_LEN + 8) as u16).to_be_bytes()) as u64
+        + u16::from_ne_bytes((IPPROTO_ICMPV6 as u16).to_be_bytes()) as u64;
+    let mut i = SRC;
+    while i < ICMP + ND_LEN + 8 {
+        s += u16::from_ne_bytes([f[i], f[i + 1]]) as u64;
+        i += 2;
+    }
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    let check = !(s as u16);
+    f[ICMP + 2..ICMP + 4].copy_from_slice(&check.to_ne_bytes());
+    Some(())
+}
