@@ -58,6 +58,8 @@ struct Agent {
     routes: Option<crate::announce::RouteSink>,
     /// The L2 sink (l2.rs): ARP/NDP answers on these interfaces.
     l2: Option<crate::l2::L2Sink>,
+    /// In Kubernetes: which VIPs this node owns on L2 (a Lease per VIP).
+    leases: Option<crate::k8s::lease::VipLeases>,
     /// The drain switch as last seen, to log its changes.
     drained: bool,
 }
@@ -266,7 +268,11 @@ impl Agent {
             _ => Default::default(),
         };
         if let Some(l2) = self.l2.as_mut() {
-            l2.apply(&mut self.dp, &want);
+            let owned = match self.leases.as_mut() {
+                Some(leases) => leases.update(&want).await,
+                None => want.clone(),
+            };
+            l2.apply(&mut self.dp, &owned);
         }
         if let Some(sink) = self.routes.as_mut() {
             let (added, removed) = sink.apply(&want).await;
@@ -397,6 +403,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         decap: args.decap,
         routes,
         l2: None,
+        leases: None,
         drained: false,
     };
     let base = agent.with_overrides(file.unwrap_or_default())?;
@@ -404,6 +411,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(summary) = agent.adopt(base, None).await? {
         info!(?summary, services, "config applied");
     }
+    let lease_client = client.clone();
     let mut k8s_rx = if args.kubernetes {
         let client = client.expect("made above when --kubernetes is given");
         let opts = crate::k8s::translate::Options {
@@ -429,6 +437,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     if !l2_ifaces.is_empty() {
         agent.l2 = Some(crate::l2::L2Sink::new(&l2_ifaces, &args.ifaces)?);
+        if let Some(client) = lease_client {
+            let me = args
+                .node_name
+                .clone()
+                .context("--announce-l2 with --kubernetes needs --node-name (the Lease holder)")?;
+            agent.leases = Some(crate::k8s::lease::VipLeases::new(
+                client,
+                &args.lease_namespace,
+                &me,
+            ));
+        }
     }
     // A restart announces again, whatever an earlier `xlb drain` said.
     if agent.routes.is_some() || agent.l2.is_some() {
@@ -494,6 +513,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         if let Some(l2) = agent.l2.as_mut() {
             l2.clear(&mut agent.dp);
+        }
+        if let Some(leases) = agent.leases.as_mut() {
+            leases.release_all().await;
         }
         agent.dp.detach()?;
         info!("detached");

@@ -97,6 +97,10 @@ pub struct RunArgs {
     /// `announce.l2.interfaces`.
     #[arg(long, value_delimiter = ',', env = "XLB_ANNOUNCE_L2")]
     pub announce_l2: Vec<String>,
+    /// With --kubernetes and --announce-l2: the namespace of the per-VIP Leases that
+    /// make one node the L2 owner of each VIP (the DaemonSet's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "xlb-system")]
+    pub lease_namespace: String,
     /// Decapsulate IP-in-IP and IPv6-in-IPv6 packets addressed to this host and pass
     /// the inner packet to the kernel: the backend's side of `mode: dsr`. Needs no
     /// --config (`decap: true` in a config file does the same).

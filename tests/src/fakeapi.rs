@@ -5,7 +5,9 @@
 //! - watch bookmarks, and 410 Gone (as an ERROR event, as the real server sends it)
 //!   for a resourceVersion older than the last `compact()`;
 //! - merge patches of `services/{name}/status`, with the resourceVersion precondition;
-//! - Events (events.k8s.io/v1) created and patched, kept for assertions.
+//! - Events (events.k8s.io/v1) created and patched, kept for assertions;
+//! - Leases (coordination.k8s.io/v1): get, create, replace with the resourceVersion
+//!   precondition (409 on a stale one), delete.
 //!
 //! It listens on 127.0.0.1 inside the given network namespaces (one port, the same in
 //! each), can be stopped and started again on that port, and writes a kubeconfig.
@@ -33,12 +35,14 @@ pub enum Kind {
     EndpointSlice,
     /// Cluster-scoped: its namespace in the store is "".
     Node,
+    Lease,
 }
 
 impl Kind {
     fn api_version(self) -> &'static str {
         match self {
             Kind::Service | Kind::Node => "v1",
+            Kind::Lease => "coordination.k8s.io/v1",
             Kind::EndpointSlice => "discovery.k8s.io/v1",
         }
     }
@@ -47,6 +51,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Node => "Node",
+            Kind::Lease => "Lease",
         }
     }
 }
@@ -237,6 +242,13 @@ impl FakeApi {
     }
 
     /// Events created (or patched) so far.
+    /// The holder of a Lease, if it exists and names one.
+    pub fn lease_holder(&self, ns: &str, name: &str) -> Option<String> {
+        self.get(Kind::Lease, ns, name)?["spec"]["holderIdentity"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
     pub fn events(&self) -> Vec<Value> {
         self.shared.store.lock().unwrap().events.clone()
     }
@@ -373,6 +385,41 @@ async fn handle(
         }
         (&Method::PATCH, ["api", "v1", "namespaces", ns, "services", name, "status"]) => {
             patch_status(&shared, ns, name, &body)
+        }
+        (&Method::GET, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name]) => {
+            match shared.store.lock().unwrap().objects.get(&(
+                Kind::Lease,
+                ns.to_string(),
+                name.to_string(),
+            )) {
+                Some(v) => respond(StatusCode::OK, v),
+                None => respond(
+                    StatusCode::NOT_FOUND,
+                    &status(404, "NotFound", &format!("leases \"{name}\" not found")),
+                ),
+            }
+        }
+        (&Method::POST, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"]) => {
+            write_lease(&shared, ns, None, &body)
+        }
+        (&Method::PUT, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name]) => {
+            write_lease(&shared, ns, Some(name), &body)
+        }
+        (
+            &Method::DELETE,
+            ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases", name],
+        ) => {
+            let mut st = shared.store.lock().unwrap();
+            match st
+                .objects
+                .remove(&(Kind::Lease, ns.to_string(), name.to_string()))
+            {
+                Some(v) => respond(StatusCode::OK, &v),
+                None => respond(
+                    StatusCode::NOT_FOUND,
+                    &status(404, "NotFound", "no such lease"),
+                ),
+            }
         }
         (&Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {
             record_event(&shared, ns, None, &body)
@@ -532,6 +579,62 @@ fn patch_status(shared: &Arc<Shared>, ns: &str, name: &str, body: &[u8]) -> Resp
     drop(st);
     shared.changed.send_replace(rv);
     respond(StatusCode::OK, &out)
+}
+
+/// Creates (`name` None: 409 if it exists) or replaces (`name`: 409 unless the body's
+/// resourceVersion is the stored one) a Lease.
+fn write_lease(shared: &Arc<Shared>, ns: &str, name: Option<&str>, body: &[u8]) -> Response<Body> {
+    let Ok(mut v) = serde_json::from_slice::<Value>(body) else {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            &status(400, "BadRequest", "not JSON"),
+        );
+    };
+    let Some(lease) = v["metadata"]["name"].as_str().map(str::to_owned) else {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            &status(400, "BadRequest", "no name"),
+        );
+    };
+    let mut st = shared.store.lock().unwrap();
+    let key = (Kind::Lease, ns.to_owned(), lease.clone());
+    match (name, st.objects.get(&key)) {
+        (None, Some(_)) => {
+            return respond(
+                StatusCode::CONFLICT,
+                &status(
+                    409,
+                    "AlreadyExists",
+                    &format!("leases \"{lease}\" already exists"),
+                ),
+            )
+        }
+        (Some(_), None) => {
+            return respond(
+                StatusCode::NOT_FOUND,
+                &status(404, "NotFound", "no such lease"),
+            )
+        }
+        (Some(_), Some(cur)) => {
+            if v["metadata"]["resourceVersion"] != cur["metadata"]["resourceVersion"] {
+                return respond(
+                    StatusCode::CONFLICT,
+                    &status(409, "Conflict", "the object has been modified"),
+                );
+            }
+        }
+        (None, None) => {}
+    }
+    v["metadata"]["namespace"] = json!(ns);
+    let ty = if name.is_some() { "MODIFIED" } else { "ADDED" };
+    commit(&mut st, key.clone(), ty, v);
+    let out = st.objects[&key].clone();
+    let code = if name.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    respond(code, &out)
 }
 
 fn record_event(shared: &Arc<Shared>, ns: &str, name: Option<&str>, body: &[u8]) -> Response<Body> {

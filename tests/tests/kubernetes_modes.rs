@@ -329,3 +329,188 @@ fn privileged_k8s_cluster_dsr_spreads_over_nodes_and_pods_see_the_client() {
     counts["node_a_replies_translated"] = a_egress.into();
     report("k8s_cluster_dsr", counts);
 }
+
+/// L2 in Kubernetes: one owner per VIP through a Lease per VIP, against the fake API
+/// server. Two nodes on a segment with an on-link client (no route, no static
+/// neighbour). The owner answers ARP/NDP; when it fails (agent killed, its link
+/// down: it stops renewing), the other node takes the Lease and the VIP over, and the
+/// client's entry moves. Failover is measured from the kill.
+#[test]
+fn privileged_k8s_l2_lease_per_vip_and_failover() {
+    use xlb_tests::netns::Netns;
+    if !privileged() {
+        return;
+    }
+    const L2_VIP4: &str = "10.61.0.100";
+    const L2_VIP6: &str = "fd61::100";
+    let lab = SegmentLab::new(2, 3).unwrap();
+    let client = lab.client_on_segment().unwrap();
+    let life = Duration::from_secs(60);
+    let _servers: Vec<_> = (0..3)
+        .flat_map(|i| {
+            serve(
+                &lab.backends[i].ns,
+                i,
+                80,
+                &[SocketAddr::from(([0u16; 8], 53))],
+                life,
+            )
+        })
+        .collect();
+    let api = FakeApi::start(&[&lab.lbs[0].ns, &lab.lbs[1].ns]).unwrap();
+    let dir = std::env::temp_dir().join(unique_name("xk8l"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _dir = RemoveOnDrop(dir.clone());
+    let mut svc: serde_json::Value = serde_json::to_value(service("Cluster", None)).unwrap();
+    svc["status"]["loadBalancer"]["ingress"] = json!([{"ip": L2_VIP4}, {"ip": L2_VIP6}]);
+    svc["spec"]["ports"] = json!([
+        {"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80},
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+    ]);
+    api.apply(Kind::Service, &svc);
+    for v6 in [false, true] {
+        let endpoints: Vec<_> = lab
+            .backends
+            .iter()
+            .map(|b| {
+                let a = if v6 { b.addr6 } else { b.addr4 };
+                json!({"addresses": [a.to_string()], "nodeName": "node-x", "conditions": {"ready": true}})
+            })
+            .collect();
+        let s = json!({
+            "metadata": {"name": if v6 { "web-v6" } else { "web-v4" }, "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": if v6 { "IPv6" } else { "IPv4" },
+            "ports": [
+                {"name": "http", "port": 80, "protocol": "TCP"},
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+            ],
+            "endpoints": endpoints,
+        });
+        api.apply(Kind::EndpointSlice, &s);
+    }
+    let kubeconfig = api.kubeconfig(&dir).unwrap();
+    let mut agents: Vec<(Agent, PathBuf, RemoveOnDrop)> = (0..2)
+        .map(|k| {
+            let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xk8l")));
+            let n = &lab.lbs[k];
+            let a = Agent::start_at_with_env(
+                &n.ns,
+                &pin,
+                &[
+                    "--iface",
+                    &n.iface,
+                    "--kubernetes",
+                    "--node-name",
+                    NODES[k],
+                    "--announce-l2",
+                    &n.iface,
+                ],
+                &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+            )
+            .unwrap();
+            (a, pin.clone(), RemoveOnDrop(pin))
+        })
+        .collect();
+    let lease = |vip: &str| xlb::k8s::lease::lease_name(vip.parse().unwrap());
+    let holder = |vip: &str| api.lease_holder("xlb-system", &lease(vip));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while holder(L2_VIP4).is_none() || holder(L2_VIP6).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no Lease holders:\n{}\n{}",
+            agents[0].0.logs(),
+            agents[1].0.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let macs: Vec<String> = (0..2)
+        .map(|k| {
+            lab.lbs[k]
+                .ns
+                .mac(&lab.lbs[k].iface)
+                .unwrap()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+        .collect();
+    let neigh = |ns: &Netns, vip: &str| -> Option<String> {
+        let fam = if vip.contains(':') { "-6" } else { "-4" };
+        let out = ns.ip(&[fam, "neigh", "show", vip]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let w: Vec<&str> = text.split_whitespace().collect();
+        w.windows(2)
+            .find(|w| w[0] == "lladdr")
+            .map(|w| w[1].to_owned())
+    };
+    let exchange_with = |vip: &str, n: usize| {
+        let vip: IpAddr = vip.parse().unwrap();
+        let me = if vip.is_ipv4() {
+            client.addr4
+        } else {
+            client.addr6
+        };
+        let o = one_try_each(&client.ns, me, vip, n, 3);
+        o.per_backend.iter().sum::<usize>()
+    };
+    for vip in [L2_VIP4, L2_VIP6] {
+        assert!(
+            exchange_with(vip, 5) == 10,
+            "{vip} reachable through the owner's answers"
+        );
+        let owner = NODES
+            .iter()
+            .position(|n| Some(n.to_string()) == holder(vip))
+            .unwrap();
+        assert_eq!(
+            neigh(&client.ns, vip).as_deref(),
+            Some(macs[owner].as_str()),
+            "{vip}: the Lease holder answered"
+        );
+    }
+    // The owner of the IPv4 VIP fails: killed, and its link goes down.
+    let owner = NODES
+        .iter()
+        .position(|n| Some(n.to_string()) == holder(L2_VIP4))
+        .unwrap();
+    let other = 1 - owner;
+    let t0 = Instant::now();
+    agents[owner].0.stop_with(libc::SIGKILL).unwrap();
+    lab.lbs[owner]
+        .ns
+        .ip(&["link", "set", &lab.lbs[owner].iface, "down"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while holder(L2_VIP4).as_deref() != Some(NODES[other]) {
+        assert!(
+            Instant::now() < deadline,
+            "no takeover of the Lease:\n{}",
+            agents[other].0.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let lease_moved = t0.elapsed();
+    while neigh(&client.ns, L2_VIP4).as_deref() != Some(macs[other].as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "the client's entry stayed on the failed node"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let entry_moved = t0.elapsed();
+    assert!(
+        exchange_with(L2_VIP4, 5) == 10,
+        "reachable through the new owner"
+    );
+    assert!(
+        entry_moved < Duration::from_secs(5),
+        "failover took {entry_moved:?} (Lease moved after {lease_moved:?})"
+    );
+    report(
+        "k8s_l2_lease_failover",
+        json!({"lease_seconds": xlb::k8s::lease::LEASE_SECONDS, "lease_moved_ms": lease_moved.as_millis() as u64, "client_entry_moved_ms": entry_moved.as_millis() as u64}),
+    );
+    let _ = &mut agents;
+}

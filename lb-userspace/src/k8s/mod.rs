@@ -2,8 +2,9 @@
 //!
 //! `translate` and `ipam` are pure functions of the API objects; `controller` watches
 //! the API and feeds the agent; `health_port` answers `externalTrafficPolicy: Local`
-//! health checks.
+//! health checks; `lease` makes one node the L2 owner of each VIP.
 pub mod controller;
 pub mod health_port;
 pub mod ipam;
+pub mod lease;
 pub mod translate;
