@@ -60,6 +60,8 @@ struct Agent {
     l2: Option<crate::l2::L2Sink>,
     /// In Kubernetes: which VIPs this node owns on L2 (a Lease per VIP).
     leases: Option<crate::k8s::lease::VipLeases>,
+    /// In Kubernetes: Events on the Services whose VIPs this node announces.
+    events: Option<crate::k8s::controller::AnnounceEvents>,
     /// The drain switch as last seen, to log its changes.
     drained: bool,
 }
@@ -267,17 +269,31 @@ impl Agent {
             }
             _ => Default::default(),
         };
+        let mut changes = Vec::new();
         if let Some(l2) = self.l2.as_mut() {
             let owned = match self.leases.as_mut() {
                 Some(leases) => leases.update(&want).await,
                 None => want.clone(),
             };
-            l2.apply(&mut self.dp, &owned);
+            let (taken, given_up) = l2.apply(&mut self.dp, &owned);
+            changes.extend(taken.into_iter().map(|v| (v, true, "on L2 (ARP/NDP)")));
+            changes.extend(given_up.into_iter().map(|v| (v, false, "on L2 (ARP/NDP)")));
         }
         if let Some(sink) = self.routes.as_mut() {
             let (added, removed) = sink.apply(&want).await;
             if !added.is_empty() || !removed.is_empty() {
                 self.record_announced();
+            }
+            changes.extend(added.into_iter().map(|v| (v, true, "as a route for BGP")));
+            changes.extend(
+                removed
+                    .into_iter()
+                    .map(|v| (v, false, "as a route for BGP")),
+            );
+        }
+        if let (Some(events), Some(cfg)) = (&self.events, &self.config) {
+            for (vip, up, how) in changes {
+                events.announced(cfg, vip, up, how).await;
             }
         }
     }
@@ -404,6 +420,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         routes,
         l2: None,
         leases: None,
+        events: None,
         drained: false,
     };
     let base = agent.with_overrides(file.unwrap_or_default())?;
@@ -412,6 +429,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         info!(?summary, services, "config applied");
     }
     let lease_client = client.clone();
+    if let Some(c) = &client {
+        agent.events = Some(crate::k8s::controller::AnnounceEvents::new(
+            c.clone(),
+            args.node_name.clone(),
+        ));
+    }
     let mut k8s_rx = if args.kubernetes {
         let client = client.expect("made above when --kubernetes is given");
         let opts = crate::k8s::translate::Options {

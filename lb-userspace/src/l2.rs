@@ -52,11 +52,18 @@ impl L2Sink {
     }
 
     /// Makes the datapath answer for exactly `want`, and announces the VIPs it takes.
-    pub fn apply(&mut self, dp: &mut Dataplane, want: &BTreeSet<IpAddr>) {
+    /// Returns (taken, given up).
+    pub fn apply(
+        &mut self,
+        dp: &mut Dataplane,
+        want: &BTreeSet<IpAddr>,
+    ) -> (Vec<IpAddr>, Vec<IpAddr>) {
         if let Err(e) = self.sync_map(dp, want) {
             warn!("updating the L2 answers failed: {e:#}");
-            return;
+            return Default::default();
         }
+        let taken: Vec<IpAddr> = want.difference(&self.answered).copied().collect();
+        let given_up: Vec<IpAddr> = self.answered.difference(want).copied().collect();
         for vip in self.again.clone() {
             self.announce(vip);
         }
@@ -70,6 +77,7 @@ impl L2Sink {
             info!(%vip, "no longer answering ARP/NDP for the VIP");
         }
         self.answered = want.clone();
+        (taken, given_up)
     }
 
     fn sync_map(&self, dp: &mut Dataplane, want: &BTreeSet<IpAddr>) -> Result<()> {
@@ -118,7 +126,7 @@ impl L2Sink {
 
     /// Withdraws every answer (detach, drain).
     pub fn clear(&mut self, dp: &mut Dataplane) {
-        self.apply(dp, &BTreeSet::new());
+        let _ = self.apply(dp, &BTreeSet::new());
     }
 }
 

@@ -56,6 +56,10 @@ fn every_manifest_parses_into_its_kubernetes_type() {
                 "ServiceAccount" => drop(typed::<ServiceAccount>(&path, &doc)),
                 "ClusterRole" => drop(typed::<ClusterRole>(&path, &doc)),
                 "ClusterRoleBinding" => drop(typed::<ClusterRoleBinding>(&path, &doc)),
+                "Role" => drop(typed::<k8s_openapi::api::rbac::v1::Role>(&path, &doc)),
+                "RoleBinding" => drop(typed::<k8s_openapi::api::rbac::v1::RoleBinding>(
+                    &path, &doc,
+                )),
                 "ConfigMap" => drop(typed::<ConfigMap>(&path, &doc)),
                 "DaemonSet" => drop(typed::<DaemonSet>(&path, &doc)),
                 "Deployment" => drop(typed::<Deployment>(&path, &doc)),
@@ -84,6 +88,28 @@ fn find(kind: &str) -> (PathBuf, Value) {
         .flat_map(|p| docs(&p).into_iter().map(move |d| (p.clone(), d)))
         .find(|(_, d)| d["kind"] == kind)
         .unwrap_or_else(|| panic!("no {kind}"))
+}
+
+/// The Leases of L2 ownership, in the DaemonSet's own namespace only.
+#[test]
+fn the_lease_role_is_namespaced_and_minimal() {
+    use k8s_openapi::api::rbac::v1::Role;
+    let (path, doc) = find("Role");
+    let role: Role = typed(&path, &doc);
+    assert_eq!(role.metadata.namespace.as_deref(), Some("xlb-system"));
+    let rules = role.rules.unwrap();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].api_groups.as_deref(),
+        Some(&["coordination.k8s.io".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["leases".to_owned()][..])
+    );
+    let mut verbs = rules[0].verbs.clone();
+    verbs.sort();
+    assert_eq!(verbs, ["create", "delete", "get", "update"]);
 }
 
 #[test]
@@ -185,6 +211,8 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
         ("XLB_IPAM_POOLS", "ipam-pools"),
         ("XLB_XDP_MODE", "xdp-mode"),
         ("XLB_CLUSTER_FORWARDING", "cluster-forwarding"),
+        ("XLB_ANNOUNCE_ROUTES_TABLE", "announce-routes-table"),
+        ("XLB_ANNOUNCE_L2", "announce-l2"),
     ] {
         assert!(
             from_cm.iter().any(|(v, k)| *v == var && *k == key),

@@ -537,6 +537,11 @@ fn privileged_k8s_ipam_assigns_and_bad_objects_raise_events() {
             "{vip}"
         );
     }
+    // With ipMode VIP on every entry.
+    let st = k.api.get(Kind::Service, "default", "web").unwrap();
+    for i in st["status"]["loadBalancer"]["ingress"].as_array().unwrap() {
+        assert_eq!(i["ipMode"], "VIP", "{st:#}");
+    }
     // Written once (the broken Service got an address too: only its bad externalIP
     // is ignored).
     let writes = k.api.status_writes();

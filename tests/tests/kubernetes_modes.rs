@@ -508,6 +508,25 @@ fn privileged_k8s_l2_lease_per_vip_and_failover() {
         entry_moved < Duration::from_secs(5),
         "failover took {entry_moved:?} (Lease moved after {lease_moved:?})"
     );
+    // Each announcement is an Event on the Service, naming the node.
+    let has_event = |node: &str| {
+        api.events().iter().any(|e| {
+            e["reason"] == "Announced"
+                && e["regarding"]["name"] == "web"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains(node) && n.contains(L2_VIP4))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(has_event(NODES[owner]) && has_event(NODES[other])) {
+        assert!(
+            Instant::now() < deadline,
+            "no Announced Event from each node: {:#?}",
+            api.events()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     report(
         "k8s_l2_lease_failover",
         json!({"lease_seconds": xlb::k8s::lease::LEASE_SECONDS, "lease_moved_ms": lease_moved.as_millis() as u64, "client_entry_moved_ms": entry_moved.as_millis() as u64}),

@@ -254,7 +254,9 @@ impl State {
         let api: Api<Service> = Api::namespaced(self.client.clone(), &svc.namespace);
         let ingress: Vec<_> = ips
             .iter()
-            .map(|ip| serde_json::json!({"ip": ip.to_string()}))
+            // ipMode VIP: the node's own traffic to the VIP is sent to it too (kube-proxy
+            // routes it locally otherwise), as for any balancer that answers the VIP.
+            .map(|ip| serde_json::json!({"ip": ip.to_string(), "ipMode": "VIP"}))
             .collect();
         let patch = serde_json::json!({
             "metadata": {"resourceVersion": svc.resource_version},
@@ -290,6 +292,64 @@ impl State {
         };
         if let Err(e) = self.recorder.publish(&ev, &reference).await {
             warn!(service = %p.service, "could not create an Event: {e}");
+        }
+    }
+}
+
+/// Events on a Service when this node starts or stops announcing its VIP.
+pub struct AnnounceEvents {
+    recorder: Recorder,
+    node: String,
+}
+
+impl AnnounceEvents {
+    pub fn new(client: Client, node: Option<String>) -> Self {
+        let reporter = Reporter {
+            controller: "xlb".into(),
+            instance: node.clone(),
+        };
+        Self {
+            recorder: Recorder::new(client, reporter),
+            node: node.unwrap_or_else(|| "this node".into()),
+        }
+    }
+
+    /// One Event per Service (named `namespace/name:...` by translate) that has `vip`.
+    pub async fn announced(&self, cfg: &Config, vip: IpAddr, up: bool, how: &str) {
+        let mut services = BTreeSet::new();
+        for s in cfg
+            .services
+            .iter()
+            .filter(|s| s.vip == vip && !s.encapsulated)
+        {
+            if let Some((ns, rest)) = s.name.split_once('/') {
+                if let Some((name, _)) = rest.split_once(':') {
+                    services.insert((ns.to_owned(), name.to_owned()));
+                }
+            }
+        }
+        for (namespace, name) in services {
+            let reference = ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Service".into()),
+                namespace: Some(namespace),
+                name: Some(name.clone()),
+                ..Default::default()
+            };
+            let ev = K8sEvent {
+                type_: EventType::Normal,
+                reason: if up { "Announced" } else { "Withdrawn" }.into(),
+                note: Some(format!(
+                    "{vip} {} by {} {how}",
+                    if up { "announced" } else { "withdrawn" },
+                    self.node
+                )),
+                action: "Announce".into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&ev, &reference).await {
+                warn!(service = %name, "could not create an Event: {e}");
+            }
         }
     }
 }

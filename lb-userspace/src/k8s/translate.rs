@@ -242,7 +242,7 @@ pub fn translate(
     let slices_of = group_slices(slices);
     for c in &cands {
         let current = current_status(c.svc);
-        if !c.status_vips.is_empty() && c.status_vips != current {
+        if !c.status_vips.is_empty() && (c.status_vips != current || !ip_mode_vip(c.svc)) {
             out.status.push((c.sref.clone(), c.status_vips.clone()));
         }
         let vips: Vec<IpAddr> = c
@@ -395,6 +395,15 @@ pub fn service_ref_of(svc: &Service) -> ServiceRef {
         uid: m.uid.clone().unwrap_or_default(),
         resource_version: m.resource_version.clone().unwrap_or_default(),
     }
+}
+
+/// Every ingress entry says `ipMode: VIP`.
+fn ip_mode_vip(svc: &Service) -> bool {
+    svc.status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .is_some_and(|ing| ing.iter().all(|i| i.ip_mode.as_deref() == Some("VIP")))
 }
 
 fn current_status(svc: &Service) -> Vec<IpAddr> {
@@ -989,7 +998,7 @@ mod tests {
             None,
         );
         svc.status = serde_json::from_value(
-            json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}, {"ip": "2001:db8::1"}]}}),
+            json!({"loadBalancer": {"ingress": [{"ip": "192.0.2.1", "ipMode": "VIP"}, {"ip": "2001:db8::1", "ipMode": "VIP"}]}}),
         )
         .unwrap();
         let v4 = slice(
@@ -1054,13 +1063,19 @@ mod tests {
         let ip = d.status[0].1[0];
         assert!(o.pools[0].contains(&ip));
         assert_eq!(d.services[0].vip, ip);
-        // Once written, the status is the record: nothing more to write.
-        let written = service(
+        // A status without ipMode is written again, with it.
+        let mut written = service(
             "web",
             "2026-01-01T00:00:00Z",
             lb_spec(json!({})),
             Some(&ip.to_string()),
         );
+        assert_eq!(run(std::slice::from_ref(&written), &[], &o).status.len(), 1);
+        // Once written, the status is the record: nothing more to write.
+        written.status = serde_json::from_value(
+            json!({"loadBalancer": {"ingress": [{"ip": ip.to_string(), "ipMode": "VIP"}]}}),
+        )
+        .unwrap();
         assert!(run(&[written], &[], &o).status.is_empty());
     }
 }
