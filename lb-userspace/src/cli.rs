@@ -16,7 +16,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Load the XDP program, attach it to interfaces and keep it running.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show services, backends and counters from the pinned maps.
     Status(StatusArgs),
     /// Build a Maglev table and print it (--json) or a summary of its balance.

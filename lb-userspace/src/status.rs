@@ -193,7 +193,7 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
             id: v.id,
             name: names
                 .get(&v.id)
-                .map(|n| crate::dataplane::service_name_str(n))
+                .map(crate::dataplane::service_name_str)
                 .unwrap_or_default(),
             vip: words_to_addr(&k.vip, k.family & !SVC_KEY_ENCAPSULATED).to_string(),
             port: u16::from_be(k.port),

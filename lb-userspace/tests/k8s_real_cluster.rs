@@ -15,7 +15,7 @@ fn real_cluster_objects_translate_consistently() {
         return;
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (svcs, slices) = rt.block_on(async {
+    let (svcs, slices, nodes) = rt.block_on(async {
         let client = Client::try_default()
             .await
             .expect("a client from KUBECONFIG");
@@ -23,22 +23,28 @@ fn real_cluster_objects_translate_consistently() {
             .list(&ListParams::default())
             .await
             .expect("list Services");
-        let slices = Api::<EndpointSlice>::all(client)
+        let slices = Api::<EndpointSlice>::all(client.clone())
             .list(&ListParams::default())
             .await
             .expect("list EndpointSlices");
-        (svcs.items, slices.items)
+        let nodes = Api::<k8s_openapi::api::core::v1::Node>::all(client)
+            .list(&ListParams::default())
+            .await
+            .expect("list Nodes");
+        (svcs.items, slices.items, nodes.items)
     });
     let opts = Options {
         class: DEFAULT_CLASS.into(),
         default_class: true,
         node_name: None,
         pools: vec!["198.18.0.0/24".parse().unwrap()],
+        cluster_forwarding: xlb::k8s::translate::ClusterForwarding::Dsr,
     };
     let s: Vec<&Service> = svcs.iter().collect();
     let e: Vec<&EndpointSlice> = slices.iter().collect();
-    let a = translate(&s, &e, &opts);
-    let b = translate(&s, &e, &opts);
+    let n: Vec<_> = nodes.iter().collect();
+    let a = translate(&s, &e, &n, &opts);
+    let b = translate(&s, &e, &n, &opts);
     assert_eq!(a.services, b.services, "translation is deterministic");
     for svc in &a.services {
         assert_ne!(svc.port, 0);

@@ -292,7 +292,7 @@ fn dsr_check_config_requires_the_service_port() {
     let text = "services:\n  - name: web\n    vip: 192.0.2.10\n    port: 80\n    protocol: tcp\n    mode: dsr\n    backends: [{address: \"10.20.0.2:8080\"}]\n";
     let err = format!(
         "{:#}",
-        Config::parse(&text).and_then(|c| c.validate()).unwrap_err()
+        Config::parse(text).and_then(|c| c.validate()).unwrap_err()
     );
     assert!(
         err.contains("8080") && err.contains("service's port 80"),
@@ -396,8 +396,10 @@ fn privileged_dsr_too_big_for_the_path_gets_icmp_with_the_mtu_left() {
 fn privileged_decap_strips_the_outer_header_of_packets_for_this_host() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        let mut cfg = Config::default();
-        cfg.decap = true;
+        let cfg = Config {
+            decap: true,
+            ..Default::default()
+        };
         f.dp.apply(&cfg).unwrap();
         // As the LB sends them: from its address to this host's (10.20.0.1 / fd20::1
         // are local here), around the client's packet.

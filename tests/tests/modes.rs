@@ -96,7 +96,7 @@ fn check_traffic(
         let vip: IpAddr = vip.parse().unwrap();
         let o = one_try_each(
             &lab.client,
-            client_addr(&lab, vip),
+            client_addr(lab, vip),
             vip,
             n,
             lab.backends.len(),

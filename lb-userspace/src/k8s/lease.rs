@@ -125,7 +125,7 @@ impl VipLeases {
                 age_ms > spec.lease_duration_seconds.unwrap_or(LEASE_SECONDS) as i64 * 1000
             });
             let mine = current.is_some() && holder == self.me;
-            if !mine && !(current.is_none() || holder.is_empty() || expired) {
+            if !(mine || current.is_none() || holder.is_empty() || expired) {
                 self.free_since.remove(&vip);
                 self.held.remove(&vip);
                 continue;
