@@ -163,6 +163,42 @@ fn shared_hop(
     Ok(hop)
 }
 
+/// bpf_fib_lookup for `src` → `dst` as if arriving on `ingress`, in `p` (the per-CPU
+/// scratch's: the struct is too big for the stack). Returns the helper's code.
+#[inline(always)]
+pub fn query(
+    ctx: &XdpContext,
+    p: &mut bpf_fib_lookup,
+    (family, proto): (u8, u8),
+    (src, dst): (&Addr, &Addr),
+    ingress: u32,
+    tot_len: u16,
+) -> i64 {
+    // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid start.
+    *p = unsafe { core::mem::zeroed() };
+    p.l4_protocol = proto;
+    p.ifindex = ingress;
+    p.__bindgen_anon_1.tot_len = tot_len;
+    if family == FAMILY_V4 {
+        p.family = AF_INET;
+        p.__bindgen_anon_3.ipv4_src = src[0];
+        p.__bindgen_anon_4.ipv4_dst = dst[0];
+    } else {
+        p.family = AF_INET6;
+        p.__bindgen_anon_3.ipv6_src = *src;
+        p.__bindgen_anon_4.ipv6_dst = *dst;
+    }
+    // SAFETY: ctx.ctx is the program's own context, p a valid struct of the given size.
+    unsafe {
+        fib_lookup(
+            ctx.ctx as *mut _,
+            p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    }
+}
+
 /// Asks the FIB: the next hop, or the verdict when there is none to use.
 #[inline(always)]
 fn fib(ctx: &XdpContext, route: &Route, ingress: u32) -> Result<NextHop, (u32, StatIndex)> {
@@ -179,29 +215,7 @@ fn fib(ctx: &XdpContext, route: &Route, ingress: u32) -> Result<NextHop, (u32, S
     };
     // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
     let p = unsafe { &mut (*p).fib };
-    // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid start.
-    *p = unsafe { core::mem::zeroed() };
-    p.l4_protocol = proto;
-    p.ifindex = ingress;
-    p.__bindgen_anon_1.tot_len = tot_len;
-    if family == FAMILY_V4 {
-        p.family = AF_INET;
-        p.__bindgen_anon_3.ipv4_src = src[0];
-        p.__bindgen_anon_4.ipv4_dst = dst[0];
-    } else {
-        p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = *src;
-        p.__bindgen_anon_4.ipv6_dst = *dst;
-    }
-    // SAFETY: ctx.ctx is the program's own context, p a valid struct of the given size.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx as *mut _,
-            p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = query(ctx, p, (family, proto), (src, dst), ingress, tot_len);
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
             expires_ns: 0,

@@ -31,7 +31,7 @@ const IPV6_DST_OFF: usize = 24;
 const PORT_PROBES: u32 = 32;
 
 #[inline(always)]
-fn fold(mut s: u64) -> u16 {
+pub fn fold(mut s: u64) -> u16 {
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
     s = (s & 0xffff) + (s >> 16);
@@ -169,7 +169,7 @@ pub fn rewrite_icmp_error(
 }
 
 #[inline(always)]
-fn put_addr(out: &mut [u8], a: &Addr) {
+pub fn put_addr(out: &mut [u8], a: &Addr) {
     let mut i = 0;
     while i < 4 {
         let b = a[i].to_ne_bytes();

@@ -4,8 +4,7 @@
 //! side (`decap`), stripping the outer header again.
 
 use aya_ebpf::{
-    bindings::bpf_fib_lookup,
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
     programs::XdpContext,
 };
 use lb_common::{flow_hash, Addr, StatIndex, FAMILY_V4};
@@ -30,8 +29,6 @@ const QUOTE_V6: usize = IPV6_HDR_LEN + 8;
 const OUTER_TTL: u8 = 64;
 const BPF_FIB_LKUP_RET_NOT_FWDED: i64 = 4;
 const BPF_FIB_LKUP_RET_FWD_DISABLED: i64 = 5;
-const AF_INET: u8 = 2;
-const AF_INET6: u8 = 10;
 
 /// Bytes the outer header adds for a packet of this family.
 #[inline(always)]
@@ -68,23 +65,10 @@ fn sum_addr(a: &Addr, words: usize) -> u64 {
     s
 }
 
+/// The checksum field for a one's-complement sum.
 #[inline(always)]
-fn fold(mut s: u64) -> u16 {
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    !(s as u16)
-}
-
-#[inline(always)]
-fn put_addr(out: &mut [u8], a: &Addr) {
-    let mut i = 0;
-    while i < 4 {
-        let b = a[i].to_ne_bytes();
-        out[i * 4..i * 4 + 4].copy_from_slice(&b);
-        i += 1;
-    }
+fn fold(s: u64) -> u16 {
+    !crate::nat::fold(s)
 }
 
 /// Moves the Ethernet header `delta` bytes towards the end of the frame (positive) or
@@ -154,8 +138,8 @@ pub fn encapsulate(ctx: &XdpContext, pkt: &Packet, src: &Addr, dst: &Addr) -> Op
         h[5] = len[1];
         h[6] = IPPROTO_IPV6;
         h[7] = OUTER_TTL;
-        put_addr(&mut h[8..24], src);
-        put_addr(&mut h[24..40], dst);
+        crate::nat::put_addr(&mut h[8..24], src);
+        crate::nat::put_addr(&mut h[24..40], dst);
         let eth = bytes_mut::<2>(ctx, 12)?;
         *eth = ETH_P_IPV6.to_be_bytes();
     }
@@ -246,8 +230,8 @@ pub fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Option<()> {
         let h = bytes_mut::<IPV6_HDR_LEN>(ctx, ETH_LEN)?;
         let len = payload.to_be_bytes();
         h[..8].copy_from_slice(&[0x60, 0, 0, 0, len[0], len[1], IPPROTO_ICMPV6, OUTER_TTL]);
-        put_addr(&mut h[8..24], &k.dst);
-        put_addr(&mut h[24..40], &k.src);
+        crate::nat::put_addr(&mut h[8..24], &k.dst);
+        crate::nat::put_addr(&mut h[24..40], &k.src);
     }
     Some(())
 }
@@ -299,26 +283,13 @@ fn is_local(ctx: &XdpContext, family: u8, src: &Addr, dst: &Addr) -> bool {
     };
     // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
     let p = unsafe { &mut (*p).fib };
-    // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid start.
-    *p = unsafe { core::mem::zeroed() };
-    p.ifindex = ctx.ingress_ifindex() as u32;
-    if family == FAMILY_V4 {
-        p.family = AF_INET;
-        p.__bindgen_anon_3.ipv4_src = src[0];
-        p.__bindgen_anon_4.ipv4_dst = dst[0];
-    } else {
-        p.family = AF_INET6;
-        p.__bindgen_anon_3.ipv6_src = *src;
-        p.__bindgen_anon_4.ipv6_dst = *dst;
-    }
-    // SAFETY: ctx.ctx is the program's own context, p a valid struct of the given size.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.ctx as *mut _,
-            p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let rc = crate::forward::query(
+        ctx,
+        p,
+        (family, 0),
+        (src, dst),
+        ctx.ingress_ifindex() as u32,
+        0,
+    );
     rc == BPF_FIB_LKUP_RET_NOT_FWDED || rc == BPF_FIB_LKUP_RET_FWD_DISABLED
 }

@@ -22,6 +22,28 @@ use crate::{
     topology::{VIP4, VIP6},
 };
 
+/// Waits (bounded) until no IPv6 address in `ns` is still tentative: the link-local
+/// addresses of fresh veths pass duplicate address detection a second or two after
+/// the link comes up, and until then the kernel's own neighbour discovery (the return
+/// path of a reply, which is not xlb's) waits a retransmission.
+fn links_up(ns: &Netns) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let out = ns.ip(&["-6", "addr", "show", "tentative"])?;
+        if out.stdout.iter().all(|b| b.is_ascii_whitespace()) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!(
+                "IPv6 addresses still tentative in {}: {}",
+                ns.name,
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 pub struct Node {
     pub ns: Netns,
     /// Its one interface, on the router's bridge.
@@ -99,6 +121,13 @@ impl SegmentLab {
             client6: "fd31::2".parse()?,
         };
         lab.route_vips_via(0)?;
+        for ns in [&lab.client, &lab.router]
+            .into_iter()
+            .chain(lab.lbs.iter().map(|n| &n.ns))
+            .chain(lab.backends.iter().map(|n| &n.ns))
+        {
+            links_up(ns)?;
+        }
         Ok(lab)
     }
 
@@ -132,6 +161,7 @@ impl SegmentLab {
             veth_pair_untuned(&ns, &["10.61.0.50/24", "fd61::50/64"], &self.router, &[])?;
         self.router
             .ip(&["link", "set", &port.name, "master", "br0"])?;
+        links_up(&ns)?;
         Ok(Node {
             ns,
             iface: end.name,
@@ -182,6 +212,8 @@ impl SegmentLab {
             &[&format!("10.62.{slot}.1/24"), &format!("fd62:{slot}::1/64")],
         )?;
         pod.ip(&["route", "add", "default", "via", &format!("10.62.{slot}.1")])?;
+        links_up(&pod)?;
+        links_up(node)?;
         pod.ip(&[
             "-6",
             "route",
