@@ -86,6 +86,10 @@ fn parse(ctx: &TcContext) -> Option<Reply> {
 }
 
 #[inline(always)]
+#[allow(
+    clippy::unnecessary_cast,
+    reason = "the binding's type is per target: u32 for BPF, i32 on the host build"
+)]
 pub fn reply(ctx: &TcContext) -> i32 {
     let _ = translate(ctx);
     TC_ACT_OK as i32

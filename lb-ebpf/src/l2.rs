@@ -35,7 +35,7 @@ fn mac_for(ctx: &XdpContext, off: usize, family: u8) -> Option<[u8; 6]> {
     key.ifindex = ctx.ingress_ifindex() as u32;
     key.family = family as u32;
     // SAFETY: the value is copied out at once.
-    unsafe { L2_VIPS.get(&*key) }.map(|v| v.mac)
+    unsafe { L2_VIPS.get(key) }.map(|v| v.mac)
 }
 
 /// An ARP request for an announced VIP becomes the reply, in place. None: not one.
@@ -56,9 +56,7 @@ pub fn arp(ctx: &XdpContext) -> Option<()> {
               // Sender ↔ target: the requester becomes the target, the VIP the sender.
     let mut i = 0;
     while i < 10 {
-        let t = a[8 + i];
-        a[8 + i] = a[18 + i];
-        a[18 + i] = t;
+        a.swap(8 + i, 18 + i);
         i += 1;
     }
     a[8..14].copy_from_slice(&mac);

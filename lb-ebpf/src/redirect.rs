@@ -58,7 +58,7 @@ fn watched(dev: u64) -> bool {
         return false;
     };
     // SAFETY: a read-only lookup whose value is not kept.
-    unsafe { REDIRECT_WATCH.get(&watch_key(inum, ifindex)).is_some() }
+    unsafe { REDIRECT_WATCH.get(watch_key(inum, ifindex)).is_some() }
 }
 
 #[inline(always)]
