@@ -59,6 +59,8 @@ pub enum StatIndex {
     /// kernel would not fragment it either), or a dsr packet that could not be answered
     /// with ICMP too-big (IPv4 options).
     DropTooBig,
+    /// dsr could not put the outer header in front (no headroom in the frame).
+    DropEncapFailed,
     /// An IP-in-IP or IPv6-in-IPv6 packet to this host, decapsulated (`decap`) and
     /// passed to the kernel.
     PassDecapsulated,
@@ -120,6 +122,7 @@ impl StatIndex {
         StatIndex::DropNoSnatAddress,
         StatIndex::DropNeighbourUnknown,
         StatIndex::DropTooBig,
+        StatIndex::DropEncapFailed,
         StatIndex::PassDecapsulated,
         StatIndex::L2Answered,
         StatIndex::IcmpTranslated,
@@ -175,6 +178,7 @@ impl StatIndex {
             StatIndex::DropNoSnatAddress => "drop_no_snat_address",
             StatIndex::DropNeighbourUnknown => "drop_neighbour_unknown",
             StatIndex::DropTooBig => "drop_too_big",
+            StatIndex::DropEncapFailed => "drop_encap_failed",
             StatIndex::PassDecapsulated => "pass_decapsulated",
             StatIndex::L2Answered => "l2_answered",
             StatIndex::IcmpTranslated => "icmp_translated",

@@ -40,18 +40,23 @@ use crate::{
 
 type Verdict = (u32, StatIndex);
 
-// Inlined into the entry the macro generates: as a BPF subprogram the pipeline would
-// need its own stack frame next to the entry's, which the verifier refuses.
+// The entry: the pipeline, then the debug log. Two calls side by side, not nested: the
+// log's subprogram needs a frame of its own (80 bytes), which the pipeline's would
+// leave no room for under the 512-byte limit on a chain of calls.
 #[xdp]
-#[inline(always)]
 pub fn xlb(ctx: XdpContext) -> u32 {
-    pipeline(&ctx)
+    let out = pipeline(ctx.ctx);
+    let (action, reason) = (out as u32, (out >> 32) as u32);
+    trace::packet_raw(action, reason);
+    action
 }
 
-// Forced inline: as a BPF subprogram it would share the 512-byte stack with the
-// entry's frame, and the verifier rejects its argument passing.
-#[inline(always)]
-fn pipeline(ctx: &XdpContext) -> u32 {
+// A BPF subprogram of its own, taking the context pointer itself (a pointer to the
+// entry's stack is what the verifier refused here). Returns the action in the low 32
+// bits, the reason's index in the high 32: a subprogram returns one register.
+#[inline(never)]
+fn pipeline(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
+    let ctx = &XdpContext { ctx: raw };
     // The backend's side of dsr: the tunnel's header goes, and the inner packet is
     // what the rest of the pipeline sees.
     let decapsulated =
@@ -85,8 +90,7 @@ fn pipeline(ctx: &XdpContext) -> u32 {
         }
     };
     stats::count(reason, len);
-    trace::packet(action, reason);
-    action
+    action as u64 | (reason as u64) << 32
 }
 
 /// dnat replies leaving this host from a local backend (see egress.rs).
