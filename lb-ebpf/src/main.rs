@@ -323,7 +323,7 @@ fn encapsulate_and_send(
         Err(verdict) => return verdict,
     };
     if tunnel::encapsulate(ctx, pkt, outer_src, outer_dst).is_none() {
-        return (xdp_action::XDP_DROP, StatIndex::DropTooBig);
+        return (xdp_action::XDP_DROP, StatIndex::DropEncapFailed);
     }
     stats::count_flow(service_id, backend_id, len, new_flow);
     forward::send(ctx, &hop, StatIndex::FwdForward)
