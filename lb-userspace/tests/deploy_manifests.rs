@@ -72,6 +72,19 @@ fn every_manifest_parses_into_its_kubernetes_type() {
                         Some(xlb::k8s::translate::DEFAULT_CLASS)
                     );
                 }
+                // A CRD of the Prometheus Operator: checked by hand, not by type.
+                "PodMonitor" => {
+                    assert_eq!(doc["apiVersion"], "monitoring.coreos.com/v1");
+                    assert_eq!(
+                        doc["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+                        "xlb"
+                    );
+                    let ep = &doc["spec"]["podMetricsEndpoints"][0];
+                    assert_eq!(
+                        (ep["port"].as_str(), ep["path"].as_str()),
+                        (Some("metrics"), Some("/metrics"))
+                    );
+                }
                 other => panic!("{}: unexpected kind {other:?}", path.display()),
             }
             kinds.push(kind);
@@ -167,6 +180,17 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
     let mut add = caps.add.unwrap();
     add.sort();
     assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    // Metrics on the node's addresses (hostNetwork), not loopback only: a scraper
+    // reaches them on the named port the PodMonitor uses.
+    let args = c.args.clone().unwrap_or_default();
+    assert!(
+        args.iter().any(|a| a == "--metrics-addr=0.0.0.0:9464"),
+        "{args:?}"
+    );
+    let ports = c.ports.clone().unwrap_or_default();
+    assert!(ports
+        .iter()
+        .any(|p| p.name.as_deref() == Some("metrics") && p.container_port == 9464));
     let mounts = c.volume_mounts.clone().unwrap();
     let bpffs = mounts
         .iter()
@@ -251,9 +275,10 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
     };
     assert!(run.kubernetes);
     let metrics = run.metrics_addr.and_then(|m| m.0).expect("metrics address");
+    // On every node address, for Prometheus (GET only; no secrets in the series).
     assert!(
-        metrics.ip().is_loopback(),
-        "metrics stay on loopback: {metrics}"
+        metrics.ip().is_unspecified() && metrics.port() == 9464,
+        "metrics on the node's addresses: {metrics}"
     );
 
     // The shared config in the ConfigMap is a valid xlb config.
