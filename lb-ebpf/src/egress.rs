@@ -18,11 +18,11 @@ use aya_ebpf::{
 };
 use lb_common::{Addr, FlowKey, StatIndex, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
-use crate::{conntrack, lookup, stats};
-
-const ETH_LEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+use crate::{
+    conntrack, lookup,
+    parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6},
+    stats,
+};
 
 /// The reply's 5-tuple and where its fields are.
 struct Reply {

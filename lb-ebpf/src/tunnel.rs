@@ -12,13 +12,11 @@ use lb_common::{flow_hash, Addr, StatIndex, FAMILY_V4};
 use crate::{
     maps::SCRATCH,
     mem::{bytes_mut, load, store},
-    parse::{Packet, ETH_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6},
+    parse::{Packet, ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_ICMP, IPPROTO_ICMPV6},
 };
 
 pub const IPPROTO_IPIP: u8 = 4;
 pub const IPPROTO_IPV6: u8 = 41;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
 const IPV4_HDR_LEN: usize = 20;
 const IPV6_HDR_LEN: usize = 40;
 const ICMP_HDR_LEN: usize = 8;

@@ -96,34 +96,12 @@ impl RouteSink {
 
     /// xlb's routes in the table, as the kernel has them.
     async fn ours(&self) -> Result<BTreeSet<IpAddr>> {
-        let mut out = BTreeSet::new();
-        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut msg = RouteMessage::default();
-            msg.header.address_family = family;
-            let mut routes = self.handle.route().get(msg).execute();
-            while let Some(r) = routes.try_next().await.context("listing routes")? {
-                let table = r
-                    .attributes
-                    .iter()
-                    .find_map(|a| match a {
-                        RouteAttribute::Table(t) => Some(*t),
-                        _ => None,
-                    })
-                    .unwrap_or(r.header.table as u32);
-                if table != self.table || r.header.protocol != RouteProtocol::Other(RTPROT_XLB) {
-                    continue;
-                }
-                let dst = r.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
-                    RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
-                    _ => None,
-                });
-                if let Some(dst) = dst {
-                    out.insert(dst);
-                }
-            }
-        }
-        Ok(out)
+        Ok(xlb_routes(&self.handle)
+            .await?
+            .into_iter()
+            .filter(|(table, _, _)| *table == self.table)
+            .map(|(_, dst, _)| dst)
+            .collect())
     }
 
     fn message(&self, vip: IpAddr) -> RouteMessage {
@@ -288,13 +266,9 @@ pub fn read_announced(pin_path: &std::path::Path) -> Vec<(IpAddr, u32, u64)> {
     out
 }
 
-/// Deletes xlb's routes to `vips` from every table (for `xlb detach`, which does not
-/// know the table an agent used). Returns how many were deleted.
-pub async fn withdraw_everywhere(vips: &BTreeSet<IpAddr>) -> Result<usize> {
-    let (conn, handle, _) =
-        rtnetlink::new_connection().context("opening a netlink route socket")?;
-    tokio::spawn(conn);
-    let mut doomed = Vec::new();
+/// Every route marked RTPROT_XLB, in any table: (table, destination, the message).
+async fn xlb_routes(handle: &Handle) -> Result<Vec<(u32, IpAddr, RouteMessage)>> {
+    let mut out = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         let mut msg = RouteMessage::default();
         msg.header.address_family = family;
@@ -303,16 +277,39 @@ pub async fn withdraw_everywhere(vips: &BTreeSet<IpAddr>) -> Result<usize> {
             if r.header.protocol != RouteProtocol::Other(RTPROT_XLB) {
                 continue;
             }
+            let table = r
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Table(t) => Some(*t),
+                    _ => None,
+                })
+                .unwrap_or(r.header.table as u32);
             let dst = r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
                 RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),
                 _ => None,
             });
-            if dst.is_some_and(|d| vips.contains(&d)) {
-                doomed.push(r);
+            if let Some(dst) = dst {
+                out.push((table, dst, r));
             }
         }
     }
+    Ok(out)
+}
+
+/// Deletes xlb's routes to `vips` from every table (for `xlb detach`, which does not
+/// know the table an agent used). Returns how many were deleted.
+pub async fn withdraw_everywhere(vips: &BTreeSet<IpAddr>) -> Result<usize> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().context("opening a netlink route socket")?;
+    tokio::spawn(conn);
+    let doomed: Vec<RouteMessage> = xlb_routes(&handle)
+        .await?
+        .into_iter()
+        .filter(|(_, dst, _)| vips.contains(dst))
+        .map(|(_, _, r)| r)
+        .collect();
     let n = doomed.len();
     for r in doomed {
         handle

@@ -115,6 +115,29 @@ impl Netns {
         }
         Ok(mac)
     }
+
+    /// This namespace's neighbour entry for `addr`: its MAC as `ip neigh` prints it
+    /// (`aa:bb:...`), if it has one.
+    pub fn neighbour_mac(&self, addr: &str) -> Option<String> {
+        let fam = if addr.contains(':') { "-6" } else { "-4" };
+        let out = self.ip(&[fam, "neigh", "show", addr]).ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        words
+            .windows(2)
+            .find(|w| w[0] == "lladdr")
+            .map(|w| w[1].to_owned())
+    }
+
+    /// An interface's MAC as `ip neigh` prints it.
+    pub fn mac_string(&self, ifname: &str) -> Result<String> {
+        Ok(self
+            .mac(ifname)?
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":"))
+    }
 }
 
 impl Drop for Netns {

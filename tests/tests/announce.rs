@@ -335,25 +335,6 @@ fn privileged_bgp_through_bird_ecmp_drain_and_node_failure() {
     drop(router);
 }
 
-/// The client's neighbour entry for `vip`: its MAC, if it has one.
-fn neighbour_mac(ns: &Netns, vip: &str) -> Option<String> {
-    let fam = if vip.contains(':') { "-6" } else { "-4" };
-    let out = ns.ip(&[fam, "neigh", "show", vip]).ok()?;
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let words: Vec<&str> = text.split_whitespace().collect();
-    words
-        .windows(2)
-        .find(|w| w[0] == "lladdr")
-        .map(|w| w[1].to_owned())
-}
-
-fn mac_string(m: [u8; 6]) -> String {
-    m.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// For networks without BGP: a client on the segment, with no route to the VIPs (they
 /// are in the segment's own subnet) and no static neighbour, reaches them through
 /// xlb's answers to its ARP requests and neighbour solicitations. Then node A stops
@@ -429,11 +410,11 @@ fn privileged_l2_answers_arp_and_ndp_and_a_takeover_moves_the_clients_entry() {
         }
     };
     connect_all("via-a");
-    let mac_a = mac_string(lab.lbs[0].ns.mac(&lab.lbs[0].iface).unwrap());
-    let mac_b = mac_string(lab.lbs[1].ns.mac(&lab.lbs[1].iface).unwrap());
+    let mac_a = lab.lbs[0].ns.mac_string(&lab.lbs[0].iface).unwrap();
+    let mac_b = lab.lbs[1].ns.mac_string(&lab.lbs[1].iface).unwrap();
     for vip in [L2_VIP4, L2_VIP6] {
         assert_eq!(
-            neighbour_mac(&client.ns, vip).as_deref(),
+            client.ns.neighbour_mac(vip).as_deref(),
             Some(mac_a.as_str()),
             "the client resolved {vip} to node A"
         );
@@ -449,7 +430,7 @@ fn privileged_l2_answers_arp_and_ndp_and_a_takeover_moves_the_clients_entry() {
     loop {
         let now: Vec<Option<String>> = [L2_VIP4, L2_VIP6]
             .iter()
-            .map(|v| neighbour_mac(&client.ns, v))
+            .map(|v| client.ns.neighbour_mac(v))
             .collect();
         if now.iter().all(|m| m.as_deref() == Some(mac_b.as_str())) {
             break;

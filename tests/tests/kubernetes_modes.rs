@@ -337,7 +337,6 @@ fn privileged_k8s_cluster_dsr_spreads_over_nodes_and_pods_see_the_client() {
 /// client's entry moves. Failover is measured from the kill.
 #[test]
 fn privileged_k8s_l2_lease_per_vip_and_failover() {
-    use xlb_tests::netns::Netns;
     if !privileged() {
         return;
     }
@@ -425,26 +424,8 @@ fn privileged_k8s_l2_lease_per_vip_and_failover() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let macs: Vec<String> = (0..2)
-        .map(|k| {
-            lab.lbs[k]
-                .ns
-                .mac(&lab.lbs[k].iface)
-                .unwrap()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<Vec<_>>()
-                .join(":")
-        })
+        .map(|k| lab.lbs[k].ns.mac_string(&lab.lbs[k].iface).unwrap())
         .collect();
-    let neigh = |ns: &Netns, vip: &str| -> Option<String> {
-        let fam = if vip.contains(':') { "-6" } else { "-4" };
-        let out = ns.ip(&[fam, "neigh", "show", vip]).ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let w: Vec<&str> = text.split_whitespace().collect();
-        w.windows(2)
-            .find(|w| w[0] == "lladdr")
-            .map(|w| w[1].to_owned())
-    };
     let exchange_with = |vip: &str, n: usize| {
         let vip: IpAddr = vip.parse().unwrap();
         let me = if vip.is_ipv4() {
@@ -465,7 +446,7 @@ fn privileged_k8s_l2_lease_per_vip_and_failover() {
             .position(|n| Some(n.to_string()) == holder(vip))
             .unwrap();
         assert_eq!(
-            neigh(&client.ns, vip).as_deref(),
+            client.ns.neighbour_mac(vip).as_deref(),
             Some(macs[owner].as_str()),
             "{vip}: the Lease holder answered"
         );
@@ -492,7 +473,7 @@ fn privileged_k8s_l2_lease_per_vip_and_failover() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let lease_moved = t0.elapsed();
-    while neigh(&client.ns, L2_VIP4).as_deref() != Some(macs[other].as_str()) {
+    while client.ns.neighbour_mac(L2_VIP4).as_deref() != Some(macs[other].as_str()) {
         assert!(
             Instant::now() < deadline,
             "the client's entry stayed on the failed node"
