@@ -10,8 +10,10 @@ fail() { printf '[setup] FAILED at step "%s": %s\n' "$1" "$2" >&2; exit 1; }
 
 # 1. Debian packages the tests and demo use.
 # bird2: the routing daemon of the announcement tests (each test starts its own, in its
-# namespaces; the package's own service must not start on the host).
-PKGS=(iproute2 ethtool nftables iptables haproxy fonts-dejavu-core python3 bird2)
+# namespaces; the package's own service must not start on the host). buildah builds the
+# image offline (cargo xtask image); podman with crun or runc runs it in the tests.
+PKGS=(iproute2 ethtool nftables iptables haproxy fonts-dejavu-core python3 bird2
+      buildah podman crun runc binutils)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -13,6 +13,9 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "[test] building binaries"
 # Default members only: lb-ebpf's host build is an empty binary also named xlb.
 cargo build --bins --quiet
+echo "[test] building the container image (cargo xtask image: offline, FROM scratch)"
+# The container tests run this image; building it is part of what is tested.
+cargo xtask image
 echo "[test] running tests"
 status=0
 # Reliability tests append their counts here (packets fuzzed, flows churned, failures).

@@ -331,6 +331,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     for iface in &args.ifaces {
         check_interface(iface)?;
     }
+    crate::privileges::check()?;
     let client = if args.kubernetes {
         Some(
             kube::Client::try_default()

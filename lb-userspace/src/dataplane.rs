@@ -685,11 +685,14 @@ fn mount_bpffs(path: &Path) -> Result<()> {
         )
     };
     if rc != 0 {
-        bail!(
-            "mounting bpffs at {}: {}",
-            path.display(),
-            std::io::Error::last_os_error()
-        );
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EPERM) {
+            bail!(
+                "{} is not a BPF filesystem, and mounting one there needs CAP_SYS_ADMIN: mount the host's (in Kubernetes a hostPath volume of /sys/fs/bpf, as the DaemonSet has; with podman -v /sys/fs/bpf:/sys/fs/bpf)",
+                path.display()
+            );
+        }
+        bail!("mounting bpffs at {}: {err}", path.display());
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ pub mod l2;
 pub mod maglev;
 pub mod metrics;
 pub mod nexthop;
+pub mod privileges;
 pub mod status;
 
 /// The XDP object built by build.rs from lb-ebpf.

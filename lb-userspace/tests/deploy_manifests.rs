@@ -175,11 +175,21 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
     let c = &pod.containers[0];
     let sc = c.security_context.clone().unwrap();
     assert_eq!(sc.privileged, Some(false));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
+    // bpf(2) with CAP_BPF alone: runtimes' default profiles refuse it.
+    assert_eq!(sc.seccomp_profile.clone().unwrap().type_, "Unconfined");
     let caps = sc.capabilities.unwrap();
     assert_eq!(caps.drop.unwrap(), ["ALL"]);
     let mut add = caps.add.unwrap();
     add.sort();
-    assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    // Exactly what `xlb run` checks for at start (and names when one is missing).
+    let mut needed: Vec<String> = xlb::privileges::REQUIRED
+        .iter()
+        .map(|c| c.name.trim_start_matches("CAP_").to_owned())
+        .collect();
+    needed.sort();
+    assert_eq!(add, needed);
     // Metrics on the node's addresses (hostNetwork), not loopback only: a scraper
     // reaches them on the named port the PodMonitor uses.
     let args = c.args.clone().unwrap_or_default();

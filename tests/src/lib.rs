@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bird;
+pub mod container;
 pub mod fakeapi;
 pub mod natlab;
 pub mod netns;

@@ -182,10 +182,10 @@ fn privileged_more_services_than_the_maps_hold_is_rejected_and_state_kept() {
     );
 }
 
-/// The agent needs only CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON and CAP_SYS_RESOURCE;
+/// The agent needs only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON (the DaemonSet's);
 /// its pins are root-only; its metrics are on loopback and read-only.
 #[test]
-fn privileged_runs_with_four_capabilities_root_only_pins_and_read_only_metrics() {
+fn privileged_runs_with_three_capabilities_root_only_pins_and_read_only_metrics() {
     if !privileged() {
         return;
     }
@@ -194,7 +194,7 @@ fn privileged_runs_with_four_capabilities_root_only_pins_and_read_only_metrics()
     let _servers = lab.start_backends(Duration::from_secs(30)).unwrap();
     let cfg = lab.config_path.to_str().unwrap().to_owned();
     let iface = lab.iface_arg();
-    let caps = "-all,+bpf,+net_admin,+perfmon,+sys_resource";
+    let caps = "-all,+bpf,+net_admin,+perfmon";
     let agent = Agent::start_wrapped(
         &lab.lb,
         // Root's capabilities after exec are its bounding set.
@@ -202,24 +202,18 @@ fn privileged_runs_with_four_capabilities_root_only_pins_and_read_only_metrics()
         &["--iface", &iface, "--xdp-mode", "generic", "--config", &cfg],
     )
     .unwrap();
-    // Exactly those four in its effective set.
+    // Exactly those three in its effective set.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
     let eff = u64::from_str_radix(eff.split_whitespace().nth(1).unwrap(), 16).unwrap();
     const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_RESOURCE: u32 = 24;
     const CAP_PERFMON: u32 = 38;
     const CAP_BPF: u32 = 39;
-    let want = [CAP_NET_ADMIN, CAP_SYS_RESOURCE, CAP_PERFMON, CAP_BPF]
+    let want = [CAP_NET_ADMIN, CAP_PERFMON, CAP_BPF]
         .iter()
         .map(|c| 1u64 << c)
         .sum::<u64>();
-    // What this machine's bounding set allows of those (a container may lack
-    // CAP_SYS_RESOURCE; the agent must work without it then too).
-    let own = std::fs::read_to_string("/proc/self/status").unwrap();
-    let bnd = own.lines().find(|l| l.starts_with("CapBnd:")).unwrap();
-    let bnd = u64::from_str_radix(bnd.split_whitespace().nth(1).unwrap(), 16).unwrap();
-    assert_eq!(eff, want & bnd, "CapEff {eff:#x}");
+    assert_eq!(eff, want, "CapEff {eff:#x}");
     // And it balances.
     let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     assert_eq!(connect(&lab.client, vip).exchange("capped").unwrap(), 0);

@@ -1,7 +1,8 @@
-//! Developer and CI commands: `cargo xtask build-ebpf | demo | bench`.
+//! Developer and CI commands: `cargo xtask build-ebpf | demo | bench | image`.
 
 mod bench;
 mod demo;
+mod image;
 
 use std::{path::PathBuf, process::Command};
 
@@ -22,6 +23,8 @@ enum Cmd {
     Demo(demo::DemoArgs),
     /// Per-packet cost against an XDP_PASS baseline, side by side (needs root).
     Bench(bench::BenchArgs),
+    /// Build the container image offline (buildah, FROM scratch) and export xlb-image.tar.
+    Image(image::ImageArgs),
 }
 
 fn main() -> Result<()> {
@@ -32,6 +35,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Demo(args) => demo::run(args),
+        Cmd::Image(args) => image::run(args),
         Cmd::Bench(args) => {
             // Control-plane timings are the agent's code's: measure an optimized build.
             // The --quick smoke run (CI) takes the build it is given.
