@@ -31,6 +31,28 @@ pub enum Command {
     Undrain(DetachArgs),
     /// Validate a config file, as `xlb run` and reloads do, and say what is wrong.
     CheckConfig(CheckConfigArgs),
+    /// Remove everything xlb wrote: on this node as `xlb detach` (routes, pins, links);
+    /// with --kubernetes also its Services' status addresses, its Events and its Leases.
+    /// Run it after deleting the DaemonSet (docs/kubernetes.md).
+    Uninstall(UninstallArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UninstallArgs {
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Also clean up in the cluster (in-cluster config or KUBECONFIG).
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// The spec.loadBalancerClass the agents served (as `xlb run --lb-class`).
+    #[arg(long, default_value = crate::k8s::translate::DEFAULT_CLASS)]
+    pub lb_class: String,
+    /// The agents also served LoadBalancer Services that name no class.
+    #[arg(long)]
+    pub default_class: bool,
+    /// The namespace of the per-VIP Leases (as `xlb run --lease-namespace`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "xlb-system")]
+    pub lease_namespace: String,
 }
 
 #[derive(clap::Args, Debug)]

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod nexthop;
 pub mod privileges;
 pub mod status;
+pub mod uninstall;
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));

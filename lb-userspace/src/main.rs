@@ -34,24 +34,8 @@ async fn real_main() -> Result<()> {
         Command::Run(args) => xlb::agent::run(*args).await,
         Command::Status(args) => status_cmd(args).await,
         Command::Maglev(args) => maglev_cmd(args),
-        Command::Detach(args) => {
-            // The routes first: the VIPs are read from the service map that goes next.
-            let vips = xlb::status::read_services(&args.pin_path)
-                .map(|s| {
-                    s.iter()
-                        .filter_map(|s| s.vip.parse().ok())
-                        .collect::<std::collections::BTreeSet<std::net::IpAddr>>()
-                })
-                .unwrap_or_default();
-            let withdrawn = xlb::announce::withdraw_everywhere(&vips).await?;
-            if withdrawn > 0 {
-                println!("withdrew {withdrawn} VIP routes");
-            }
-            for name in xlb::dataplane::detach_all(&args.pin_path)? {
-                println!("removed {name}");
-            }
-            Ok(())
-        }
+        Command::Detach(args) => xlb::uninstall::detach_node(&args.pin_path).await,
+        Command::Uninstall(args) => xlb::uninstall::run(args).await,
         Command::Drain(args) => {
             xlb::announce::set_drained(&args.pin_path, true)?;
             println!("drained: the agent withdraws every VIP within a second; established flows keep being forwarded");

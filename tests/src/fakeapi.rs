@@ -249,6 +249,11 @@ impl FakeApi {
             .map(str::to_owned)
     }
 
+    /// Records an Event as another controller would.
+    pub fn add_event(&self, ev: Value) {
+        self.shared.store.lock().unwrap().events.push(ev);
+    }
+
     pub fn events(&self) -> Vec<Value> {
         self.shared.store.lock().unwrap().events.clone()
     }
@@ -419,6 +424,59 @@ async fn handle(
                     StatusCode::NOT_FOUND,
                     &status(404, "NotFound", "no such lease"),
                 ),
+            }
+        }
+        (&Method::GET, ["apis", "coordination.k8s.io", "v1", "namespaces", ns, "leases"]) => {
+            let st = shared.store.lock().unwrap();
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|((k, n, _), _)| *k == Kind::Lease && n == ns)
+                .map(|(_, v)| v.clone())
+                .collect();
+            let list = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "LeaseList",
+                              "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+            respond(StatusCode::OK, &list)
+        }
+        // Events across namespaces; fieldSelector reportingController=X is honoured.
+        (&Method::GET, ["apis", "events.k8s.io", "v1", "events"]) => {
+            let st = shared.store.lock().unwrap();
+            let selector = query.get("fieldSelector").map(|s| s.replace("%3D", "="));
+            let items: Vec<Value> = st
+                .events
+                .iter()
+                .filter(|e| {
+                    match selector
+                        .as_deref()
+                        .and_then(|s| s.strip_prefix("reportingController="))
+                    {
+                        Some(c) => e["reportingController"].as_str() == Some(c),
+                        None => true,
+                    }
+                })
+                .cloned()
+                .collect();
+            let list = json!({"apiVersion": "events.k8s.io/v1", "kind": "EventList",
+                              "metadata": {"resourceVersion": st.rv.to_string()}, "items": items});
+            respond(StatusCode::OK, &list)
+        }
+        (&Method::DELETE, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events", name]) => {
+            let mut st = shared.store.lock().unwrap();
+            let before = st.events.len();
+            st.events.retain(|e| {
+                !(e["metadata"]["namespace"].as_str() == Some(ns)
+                    && e["metadata"]["name"].as_str() == Some(name))
+            });
+            if st.events.len() < before {
+                respond(
+                    StatusCode::OK,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                )
+            } else {
+                respond(
+                    StatusCode::NOT_FOUND,
+                    &status(404, "NotFound", "no such event"),
+                )
             }
         }
         (&Method::POST, ["apis", "events.k8s.io", "v1", "namespaces", ns, "events"]) => {

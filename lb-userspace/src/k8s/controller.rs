@@ -105,7 +105,7 @@ async fn run(
         node_events
     ));
     let reporter = Reporter {
-        controller: "xlb".into(),
+        controller: super::REPORTING_CONTROLLER.into(),
         instance: opts.node_name.clone(),
     };
     let mut state = State {
@@ -305,7 +305,7 @@ pub struct AnnounceEvents {
 impl AnnounceEvents {
     pub fn new(client: Client, node: Option<String>) -> Self {
         let reporter = Reporter {
-            controller: "xlb".into(),
+            controller: super::REPORTING_CONTROLLER.into(),
             instance: node.clone(),
         };
         Self {

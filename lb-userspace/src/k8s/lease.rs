@@ -32,6 +32,8 @@ use kube::{
 use tracing::{debug, info, warn};
 
 pub const LEASE_SECONDS: i32 = 3;
+/// The label on every Lease xlb creates (`xlb uninstall` deletes them by it).
+pub const LABEL: (&str, &str) = ("app.kubernetes.io/name", "xlb");
 const SPREAD_MS: u64 = 500;
 
 pub fn lease_name(vip: IpAddr) -> String {
@@ -78,7 +80,7 @@ impl VipLeases {
             metadata: ObjectMeta {
                 name: Some(lease_name(vip)),
                 resource_version: rv,
-                labels: Some([("app.kubernetes.io/name".to_owned(), "xlb".to_owned())].into()),
+                labels: Some([(LABEL.0.to_owned(), LABEL.1.to_owned())].into()),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {

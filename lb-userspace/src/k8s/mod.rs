@@ -8,3 +8,6 @@ pub mod health_port;
 pub mod ipam;
 pub mod lease;
 pub mod translate;
+
+/// The controller name on every Event xlb records (`xlb uninstall` deletes them by it).
+pub const REPORTING_CONTROLLER: &str = "xlb";
