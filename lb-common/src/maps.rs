@@ -308,6 +308,10 @@ pub struct DatapathConfig {
     /// Non-zero: IP-in-IP and IPv6-in-IPv6 packets addressed to this host are
     /// decapsulated and passed to the kernel (the backend side of dsr).
     pub decap: u32,
+    /// The flood guard: new flows per second on one CPU above which dsr and dnat flows
+    /// are forwarded by Maglev alone (no conntrack entry) and nat flows get no entry
+    /// (dropped, counted). 0: off.
+    pub new_flow_limit: u32,
 }
 
 #[cfg(feature = "user")]

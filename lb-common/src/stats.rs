@@ -61,6 +61,10 @@ pub enum StatIndex {
     DropTooBig,
     /// dsr could not put the outer header in front (no headroom in the frame).
     DropEncapFailed,
+    /// The flood guard was on (more new flows on this CPU in this second than
+    /// `flood_guard.new_flows_per_cpu`) and a nat flow needed a new entry: none was
+    /// made. Established flows are not affected; the client's retransmission retries.
+    DropFloodNat,
     /// An IP-in-IP or IPv6-in-IPv6 packet to this host, decapsulated (`decap`) and
     /// passed to the kernel.
     PassDecapsulated,
@@ -87,6 +91,10 @@ pub enum StatIndex {
     /// A dnat reply leaving this host (from a backend on it) translated by the TC
     /// egress program: not an XDP packet, so it has no reason of its own.
     EventEgressTranslated,
+    /// The flood guard was on and a dsr or dnat flow was forwarded by Maglev alone,
+    /// without a conntrack entry (its next packet is balanced again, to the same
+    /// backend while the backends do not change).
+    EventFloodStateless,
     /// Keep last: the number of counters.
     Count,
 }
@@ -123,6 +131,7 @@ impl StatIndex {
         StatIndex::DropNeighbourUnknown,
         StatIndex::DropTooBig,
         StatIndex::DropEncapFailed,
+        StatIndex::DropFloodNat,
         StatIndex::PassDecapsulated,
         StatIndex::L2Answered,
         StatIndex::IcmpTranslated,
@@ -131,6 +140,7 @@ impl StatIndex {
         StatIndex::EventPortReclaimed,
         StatIndex::EventRedirectFailed,
         StatIndex::EventEgressTranslated,
+        StatIndex::EventFloodStateless,
     ];
 
     /// Parser classification: every packet counts one of these.
@@ -179,6 +189,7 @@ impl StatIndex {
             StatIndex::DropNeighbourUnknown => "drop_neighbour_unknown",
             StatIndex::DropTooBig => "drop_too_big",
             StatIndex::DropEncapFailed => "drop_encap_failed",
+            StatIndex::DropFloodNat => "drop_flood_nat",
             StatIndex::PassDecapsulated => "pass_decapsulated",
             StatIndex::L2Answered => "l2_answered",
             StatIndex::IcmpTranslated => "icmp_translated",
@@ -187,6 +198,7 @@ impl StatIndex {
             StatIndex::EventPortReclaimed => "event_port_reclaimed",
             StatIndex::EventRedirectFailed => "event_redirect_failed",
             StatIndex::EventEgressTranslated => "event_egress_translated",
+            StatIndex::EventFloodStateless => "event_flood_stateless",
             StatIndex::Count => "count",
         }
     }

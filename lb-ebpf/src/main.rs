@@ -9,6 +9,7 @@
 mod bench;
 mod conntrack;
 mod egress;
+mod flood;
 mod forward;
 mod l2;
 mod lookup;
@@ -149,8 +150,14 @@ fn forward_path(
             };
             // nat's source, and dsr's outer source; dnat keeps the client's.
             let snat = backend.snat;
-            if snat == [0; 4] && effective_mode(svc, &backend) != MODE_DNAT {
+            let mode = effective_mode(svc, &backend);
+            if snat == [0; 4] && mode != MODE_DNAT {
                 return (xdp_action::XDP_DROP, StatIndex::DropNoSnatAddress);
+            }
+            // Above the new-flow rate no entry is made: nat cannot do without one.
+            let flooded = flood::over_limit(now, cfg);
+            if flooded && mode == MODE_NAT {
+                return (xdp_action::XDP_DROP, StatIndex::DropFloodNat);
             }
             // Never missing: a per-CPU array of one.
             let Some(scratch) = maps::SCRATCH.get_ptr_mut(0) else {
@@ -171,7 +178,7 @@ fn forward_path(
             };
             let rev = &scratch.rev;
             // Where the backend's replies are recognised, and the source the backend sees.
-            let (nat_addr, nat_port) = match effective_mode(svc, &backend) {
+            let (nat_addr, nat_port) = match mode {
                 MODE_NAT => {
                     let Some(port) =
                         nat::alloc_port(key, backend.addr, backend.port, snat, cfg, rev)
@@ -196,7 +203,12 @@ fn forward_path(
                 last_seen_ns: now,
                 hop: NextHop::default(),
             };
-            conntrack::insert(key, &scratch.ct);
+            if flooded {
+                // Maglev alone: the next packet of this flow picks the same backend.
+                stats::count(StatIndex::EventFloodStateless, len);
+            } else {
+                conntrack::insert(key, &scratch.ct);
+            }
             if key.proto == PROTO_TCP && pkt.tcp_flags & parse::TCP_SYN == 0 {
                 stats::count(StatIndex::EventFlowRecreated, len);
             }

@@ -109,6 +109,10 @@ pub struct LogFlow {
     pub valid: u8,
 }
 
+/// The flood guard's per-CPU window (flood.rs). Not pinned: a rate, not state.
+#[map(name = "XLB_FLOOD")]
+pub static FLOOD: PerCpuArray<crate::flood::Window> = PerCpuArray::with_max_entries(1, 0);
+
 /// Next hops bpf_fib_lookup resolved, shared by all flows to a destination; each flow
 /// also keeps its own copy in its entry (see forward.rs). Not pinned: a cache, and a new agent starts it cold.
 #[map(name = "XLB_NEXTHOP")]

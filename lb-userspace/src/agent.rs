@@ -47,6 +47,8 @@ struct Agent {
     /// Seconds since the last conntrack sweep, and the datapath counters last seen.
     since_sweep: u32,
     last_counters: BTreeMap<&'static str, u64>,
+    /// While the datapath's flood guard is on: since when, and its two counters then.
+    flood_since: Option<(std::time::Instant, u64, u64)>,
     conntrack_max: u32,
     /// Routes and next hops of the backends: SNAT sources, managed neighbours.
     nexthops: NextHops,
@@ -244,8 +246,40 @@ impl Agent {
                     "new flows to a service without backends were dropped (drop_no_backend)"
                 );
             }
+            self.log_flood_guard(
+                &now,
+                delta("event_flood_stateless") + delta("drop_flood_nat"),
+            );
         }
         self.last_counters = now;
+    }
+
+    /// One line when the flood guard turns on, one when a second passed without it.
+    fn log_flood_guard(&mut self, now: &BTreeMap<&'static str, u64>, moved: u64) {
+        let get = |name: &str| now.get(name).copied().unwrap_or(0);
+        let (stateless, refused) = (get("event_flood_stateless"), get("drop_flood_nat"));
+        let limit = self.base.flood_guard.new_flows_per_cpu;
+        match (self.flood_since, moved > 0) {
+            (None, true) => {
+                warn!(limit, "flood guard on: more than {limit} new flows per second on a CPU; dsr and dnat flows are forwarded without conntrack entries (event_flood_stateless), nat flows without an entry are dropped (drop_flood_nat); established flows are unaffected");
+                let before = |name: &str| self.last_counters.get(name).copied().unwrap_or(0);
+                self.flood_since = Some((
+                    std::time::Instant::now(),
+                    before("event_flood_stateless"),
+                    before("drop_flood_nat"),
+                ));
+            }
+            (Some((since, s0, r0)), false) => {
+                info!(
+                    seconds = since.elapsed().as_secs(),
+                    forwarded_without_state = stateless - s0,
+                    nat_dropped = refused - r0,
+                    "flood guard off: new flows are below the limit again"
+                );
+                self.flood_since = None;
+            }
+            _ => {}
+        }
     }
 
     /// The route sink's pass: the VIPs that can take new flows now, unless drained.
@@ -413,6 +447,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         snat_overrides: (args.snat_ipv4, args.snat_ipv6),
         since_sweep: 0,
         last_counters: BTreeMap::new(),
+        flood_since: None,
         conntrack_max: args.conntrack_max,
         nexthops,
         since_routes: 0,

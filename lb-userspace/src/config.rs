@@ -34,6 +34,26 @@ pub struct Config {
     /// How this node announces the VIPs it can serve (docs/announce.md).
     #[serde(default)]
     pub announce: Announce,
+    /// Above a rate of new flows, stop making conntrack entries (docs/robustness.md).
+    #[serde(default)]
+    pub flood_guard: FloodGuard,
+}
+
+/// The flood guard: new flows per second on one CPU above which dsr and dnat flows are
+/// forwarded by Maglev alone and nat flows get no entry (dropped). 0 turns it off.
+#[derive(Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FloodGuard {
+    pub new_flows_per_cpu: u32,
+}
+
+impl Default for FloodGuard {
+    /// Katran's default max_conn_rate.
+    fn default() -> Self {
+        Self {
+            new_flows_per_cpu: 125_000,
+        }
+    }
 }
 
 #[derive(Deserialize, Debug, Clone, Default, PartialEq, Eq)]
@@ -359,6 +379,7 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             decap: false,
             announce: Announce::default(),
+            flood_guard: FloodGuard::default(),
         }
     }
 }

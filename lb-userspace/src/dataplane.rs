@@ -876,6 +876,7 @@ impl Dataplane {
             tcp_closing_timeout_s: cfg.timeouts.tcp_closing,
             tcp_syn_timeout_s: cfg.timeouts.tcp_syn,
             decap: (cfg.decap || cfg.services.iter().any(|s| s.encapsulated)) as u32,
+            new_flow_limit: cfg.flood_guard.new_flows_per_cpu,
         };
         let mut config_map: Array<&mut MapData, DatapathConfig> =
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;

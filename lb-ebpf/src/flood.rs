@@ -1,0 +1,39 @@
+//! The flood guard: counts this CPU's new flows (conntrack misses) per one-second
+//! window. Above the configured rate, the forward path stops making entries: dsr and
+//! dnat flows are forwarded by Maglev alone, nat flows (which need an entry for their
+//! SNAT port) are dropped. Established flows keep their entries, so a SYN flood from
+//! random sources cannot push them out of the table. As Katran's max_conn_rate, per
+//! CPU, so no two CPUs share a counter.
+
+use lb_common::DatapathConfig;
+
+use crate::maps::FLOOD;
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// This CPU's new flows in the current window.
+pub struct Window {
+    pub start_ns: u64,
+    pub new_flows: u32,
+    pub _pad: u32,
+}
+
+/// Counts one new flow; true if this CPU is above the limit in this second.
+#[inline(always)]
+pub fn over_limit(now: u64, cfg: &DatapathConfig) -> bool {
+    let limit = cfg.new_flow_limit;
+    if limit == 0 {
+        return false;
+    }
+    let Some(w) = FLOOD.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it during this run.
+    let w = unsafe { &mut *w };
+    if now.wrapping_sub(w.start_ns) >= NS_PER_S {
+        w.start_ns = now;
+        w.new_flows = 0;
+    }
+    w.new_flows = w.new_flows.saturating_add(1);
+    w.new_flows > limit
+}
