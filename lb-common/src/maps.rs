@@ -312,6 +312,12 @@ pub struct DatapathConfig {
     /// are forwarded by Maglev alone (no conntrack entry) and nat flows get no entry
     /// (dropped, counted). 0: off.
     pub new_flow_limit: u32,
+    /// Non-zero when some flow may be dnat (a dnat service, or a dsr backend DNATed on
+    /// this host): their replies are keyed by the client's own port, so every packet
+    /// that is not for a VIP may be one. Otherwise only packets to a port in the SNAT
+    /// range can be replies, and the rest skip the reverse lookup.
+    pub dnat_in_use: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]

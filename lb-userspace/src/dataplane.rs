@@ -877,6 +877,12 @@ impl Dataplane {
             tcp_syn_timeout_s: cfg.timeouts.tcp_syn,
             decap: (cfg.decap || cfg.services.iter().any(|s| s.encapsulated)) as u32,
             new_flow_limit: cfg.flood_guard.new_flows_per_cpu,
+            dnat_in_use: cfg
+                .services
+                .iter()
+                .any(|s| s.mode == Mode::Dnat || s.backends.iter().any(|b| b.dnat_here))
+                as u32,
+            _pad: 0,
         };
         let mut config_map: Array<&mut MapData, DatapathConfig> =
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
