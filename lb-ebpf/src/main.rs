@@ -123,8 +123,8 @@ fn balance(ctx: &XdpContext, pkt: &Packet, len: u64, decapsulated: bool) -> Verd
     // A nat reply comes to a port of the SNAT range, which is kept apart from the
     // host's own ephemeral ports: the rest of the host's traffic skips the lookup.
     let dport = u16::from_be(pkt.key.dport);
-    let maybe_reply = cfg.dnat_in_use != 0
-        || (dport >= cfg.snat_port_min && dport <= cfg.snat_port_max);
+    let maybe_reply =
+        cfg.dnat_in_use != 0 || (dport >= cfg.snat_port_min && dport <= cfg.snat_port_max);
     if maybe_reply {
         if let Some(rev) = lookup::reverse(&pkt.key) {
             return reverse_path(ctx, pkt, rev, len);

@@ -94,11 +94,11 @@ pub fn hundred_backends(lab: &LbLab, cfg: &mut Config) -> Result<()> {
         }
     }
     for svc in &mut cfg.services {
-        let template = svc.backends[0].clone();
+        let template = svc.backends[0];
         let v6 = svc.vip.is_ipv6();
         svc.backends = (0..BACKENDS)
             .map(|i| {
-                let mut b = template.clone();
+                let mut b = template;
                 let ip: IpAddr = if v6 {
                     format!("fd40:0::{:x}", 2 + i).parse().unwrap()
                 } else {
