@@ -160,7 +160,7 @@ def sh(*args):
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
 
 
-def setup(ns, pin, cfg_path, xlb):
+def setup(ns, pin, cfg_path, xlb, guard_key=True):
     """The LB namespace `ns` (client side 10.30.0.1/24, backend side 10.40.0.1/24) and a
     backend namespace holding the 100 backend addresses, so the agent's neighbour
     entries resolve by ARP as on a real network."""
@@ -181,7 +181,9 @@ def setup(ns, pin, cfg_path, xlb):
     backends = ", ".join(f'{{address: "10.40.0.{2 + i}:8080"}}' for i in range(BACKENDS))
     with open(cfg_path, "w") as f:
         f.write(
-            "snat: {ipv4: 10.40.0.1}\nmaglev_table_size: 65537\nflood_guard: {new_flows_per_cpu: 0}\n"
+            "snat: {ipv4: 10.40.0.1}\nmaglev_table_size: 65537\n"
+            + ("flood_guard: {new_flows_per_cpu: 0}\n" if guard_key else "")
+            +
             f'services:\n  - name: web\n    vip: "{VIP}"\n    port: 80\n    protocol: tcp\n    backends: [{backends}]\n'
             f'  - name: dns\n    vip: "{VIP}"\n    port: 53\n    protocol: udp\n    backends: [{backends}]\n'
         )
@@ -236,6 +238,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--calls", type=int, default=20000)
     ap.add_argument("--fills", default="20000,200000")
+    ap.add_argument("--no-guard-key", action="store_true",
+                    help="for an xlb from before the flood guard: leave flood_guard out of the config")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("root only (netns, BPF)")
@@ -244,7 +248,7 @@ def main():
     cfg = tempfile.NamedTemporaryFile(suffix=".yaml", delete=False).name
     agent = None
     try:
-        agent = setup(ns, pin, cfg, os.path.abspath(args.xlb))
+        agent = setup(ns, pin, cfg, os.path.abspath(args.xlb), not args.no_guard_key)
         fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
         if libc.setns(fd, CLONE_NEWNET) != 0:
             raise SystemExit("setns failed")

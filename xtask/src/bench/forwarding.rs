@@ -86,6 +86,9 @@ pub struct ConnRow {
     pub per_second: f64,
     /// xlb only: new flows dropped for want of a free SNAT port (drop_port_alloc).
     pub snat_port_exhausted: Option<u64>,
+    /// From connect() to the answer's first byte, over all connections, microseconds.
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
 }
 
 pub struct Results {
@@ -168,9 +171,16 @@ struct Topo {
 }
 
 fn threaded_napi(ns: &Netns, dev: &str) -> Result<()> {
+    set_threaded_napi(ns, dev, true)
+}
+
+fn set_threaded_napi(ns: &Netns, dev: &str, on: bool) -> Result<()> {
     ns.exec(
         "sh",
-        &["-c", &format!("echo 1 > /sys/class/net/{dev}/threaded")],
+        &[
+            "-c",
+            &format!("echo {} > /sys/class/net/{dev}/threaded", on as u8),
+        ],
     )?;
     Ok(())
 }
@@ -433,13 +443,28 @@ pub fn measure(seconds: f64, clients: usize) -> Result<Results> {
                 rates.push(row);
             }
             let drops_before = port_alloc_drops(&f)?;
-            let mut row = connections(lab, seconds, clients, &label)?;
+            // Connections in lock-step are bound by latency: with XLB_BENCH_CONNS_NAPI=softirq
+            // the LB's and the backend's receive NAPI run as softirqs for this part (as
+            // on a NIC), not as the threads the rate part uses to measure CPU time.
+            let softirq = std::env::var("XLB_BENCH_CONNS_NAPI").is_ok_and(|v| v == "softirq");
+            if softirq {
+                set_threaded_napi(&lab.lb, &topo.lb_in, false)?;
+                set_threaded_napi(&lab.backends[0], &topo.sink_if, false)?;
+            }
+            let row = connections(lab, seconds, clients, &label);
+            if softirq {
+                threaded_napi(&lab.lb, &topo.lb_in)?;
+                threaded_napi(&lab.backends[0], &topo.sink_if)?;
+                pin_to_cpu(napi_thread(&topo.lb_in)?, 1)?;
+                pin_to_cpu(napi_thread(&topo.sink_if)?, 1)?;
+            }
+            let mut row = row?;
             if matches!(lb, Lb::XlbNative | Lb::XlbGeneric) {
                 row.snat_port_exhausted = Some(port_alloc_drops(&f)? - drops_before);
             }
             println!(
-                "  {:<44} {:>7.0} TCP connections/s ({} errors)",
-                row.lb, row.per_second, row.errors
+                "  {:<44} {:>7.0} TCP connections/s ({} errors), first byte p50 {} µs, p99 {} µs",
+                row.lb, row.per_second, row.errors, row.latency_p50_us, row.latency_p99_us
             );
             conns.push(row);
             Ok(())
@@ -585,27 +610,44 @@ fn connections(lab: &LbLab, seconds: f64, clients: usize, label: &str) -> Result
         false
     })?;
     // Threads started inside the namespace thread inherit its namespace.
-    let (ok, errors) = lab.client.run(move || {
+    let (ok, errors, mut latencies) = lab.client.run(move || {
         let (ok, errors) = (AtomicU64::new(0), AtomicU64::new(0));
+        let latencies = std::sync::Mutex::new(Vec::new());
         if ready {
             std::thread::scope(|s| {
                 for _ in 0..clients {
                     s.spawn(|| {
                         let start = Instant::now();
                         let mut n = 0u32;
+                        let mut mine = Vec::new();
                         while start.elapsed().as_secs_f64() < seconds && n < 1_000_000 {
                             n += 1;
                             match one_connection(vip) {
-                                Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
+                                Ok(first_byte) => {
+                                    mine.push(first_byte.as_micros() as u64);
+                                    ok.fetch_add(1, Ordering::Relaxed)
+                                }
                                 Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                             };
                         }
+                        latencies.lock().unwrap().extend(mine);
                     });
                 }
             });
         }
-        (ok.into_inner(), errors.into_inner())
+        (
+            ok.into_inner(),
+            errors.into_inner(),
+            latencies.into_inner().unwrap(),
+        )
     })?;
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     stop.store(true, Ordering::Relaxed);
     for s in servers {
         let _ = s.join();
@@ -620,6 +662,8 @@ fn connections(lab: &LbLab, seconds: f64, clients: usize, label: &str) -> Result
         seconds,
         per_second: ok as f64 / seconds,
         snat_port_exhausted: None,
+        latency_p50_us: pct(0.50),
+        latency_p99_us: pct(0.99),
     })
 }
 
@@ -629,16 +673,21 @@ fn port_alloc_drops(f: &Fixture) -> Result<u64> {
         .map_or(0, |c| c.packets))
 }
 
-fn one_connection(vip: SocketAddr) -> std::io::Result<()> {
+/// One connection; returns the time from connect() to the answer's first byte.
+fn one_connection(vip: SocketAddr) -> std::io::Result<Duration> {
     use std::io::{Read, Write};
+    let t0 = Instant::now();
     let mut s = TcpStream::connect_timeout(&vip, Duration::from_secs(1))?;
     s.set_read_timeout(Some(Duration::from_secs(1)))?;
     s.write_all(b"x")?;
-    let mut buf = Vec::new();
+    let mut buf = vec![0u8; 8];
+    let n = s.read(&mut buf)?;
+    let first_byte = t0.elapsed();
+    buf.truncate(n);
     s.read_to_end(&mut buf)?;
     let _ = s.shutdown(Shutdown::Both);
     if buf != b"ok\n" {
         return Err(std::io::Error::other("wrong answer"));
     }
-    Ok(())
+    Ok(first_byte)
 }

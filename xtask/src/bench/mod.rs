@@ -361,16 +361,18 @@ fn forwarding_report(r: &forwarding::Results) -> (String, serde_json::Value, Opt
         ));
     }
     md.push_str(&format!(
-        "\nTCP connections per second through the same LB ({} client threads, each connect → send a byte → read the answer → close, for {:.1} s; two backend threads; xlb with SNAT ports 1024–65535, as a closed flow holds its port for `tcp_closing`, 10 s):\n\n| LB | connections/s | errors | SYNs dropped, no free SNAT port | ÷ nftables |\n| --- | --- | --- | --- | --- |\n",
+        "\nTCP connections per second through the same LB ({} client threads, each connect → send a byte → read the answer → close, for {:.1} s; two backend threads; xlb with SNAT ports 1024–65535, as a closed flow holds its port for `tcp_closing`, 10 s); latency from connect() to the answer's first byte:\n\n| LB | connections/s | errors | SYNs dropped, no free SNAT port | latency p50 µs | p99 µs | ÷ nftables |\n| --- | --- | --- | --- | --- | --- | --- |\n",
         r.clients, r.seconds
     ));
     for x in &r.conns {
         md.push_str(&format!(
-            "| {} | {:.0} | {} | {} | {} |\n",
+            "| {} | {:.0} | {} | {} | {} | {} | {} |\n",
             x.lb,
             x.per_second,
             x.errors,
             x.snat_port_exhausted.map_or("–".into(), |n| n.to_string()),
+            x.latency_p50_us,
+            x.latency_p99_us,
             fmt(ratio(x.per_second, nft_conn.map(|n| n.per_second)))
         ));
     }
