@@ -210,15 +210,15 @@ def setup(ns, pin, cfg_path, xlb, guard_key=True):
     return agent
 
 
-def measure(run, xlb_fd, pass_fd, frames_for, first, calls, want, rounds, block=256, prefill=None):
+def measure(run, xlb_fd, pass_fd, frames_for, first, calls, want, rounds, block=256):
     xs, ps = [], []
-    for _ in range(rounds):
-        if prefill:
-            prefill()
+    for rnd in range(rounds):
         x, p = [], []
-        i = first
-        while i < first + calls:
-            blk = [frames_for(j) for j in range(i, min(i + block, first + calls))]
+        # Each round its own frames' indices: new-flow cases need new clients.
+        start = first + rnd * calls
+        i = start
+        while i < start + calls:
+            blk = [frames_for(j) for j in range(i, min(i + block, start + calls))]
             for fr in blk:
                 v, d = run(xlb_fd, fr)
                 if v != want:
@@ -268,22 +268,26 @@ def main():
         assert v == XDP_REDIRECT, f"opening the flow: verdict {v}"
         ack = frame("10.30.0.2", 40000, VIP, 80, flags=0x10)
         cases.append(("established TCP flow (IPv4)", lambda i: ack, XDP_REDIRECT, None, 0))
-        for fill in [int(x) for x in args.fills.split(",") if x]:
-            # Fresh clients per round: the table grows by `calls` per round on top of
-            # what earlier rounds and the fill left (the agent's tables are never
-            # emptied here), so `fill` is the table's size at the first round.
-            base = 1_000_000 * (1 + len(results))
+        # New flows: the agent's tables are never emptied here (deleting entries from
+        # an LRU map leaves its free lists in a state that makes inserts dearer), so
+        # the table grows: to each size in turn, plus a hundredth of it per round.
+        in_table = 1  # the established flow above
+        next_client = 0
 
-            def new(i, base=base):
-                s, p = new_client(base + i)
-                return frame(s, p, VIP, 80)
+        def new(i):
+            s, p = new_client(i)
+            return frame(s, p, VIP, 80)
 
-            for i in range(fill):
+        for fill in sorted(int(x) for x in args.fills.split(",") if x):
+            for i in range(next_client, next_client + fill - in_table):
                 v, _ = r.run(xlb_fd, new(i))
                 assert v == XDP_REDIRECT, f"filling: verdict {v}"
-            per_round = min(args.calls, max(fill // 10, 1000))
+            next_client += fill - in_table
+            per_round = max(fill // 100, 1000)
             name = f"new TCP flow (SYN), {fill // 1000}k flows in the table"
-            x, p = measure(r.run, xlb_fd, pass_fd, new, fill, per_round, XDP_REDIRECT, args.rounds)
+            x, p = measure(r.run, xlb_fd, pass_fd, new, next_client, per_round, XDP_REDIRECT, args.rounds)
+            next_client += per_round * args.rounds
+            in_table = fill + per_round * args.rounds
             results.append({"case": name, "xlb_ns": x, "xdp_pass_ns": p, "ratio": x / p})
             print(f"{name:<48} xlb {x:6.0f} ns  XDP_PASS {p:5.0f} ns  ratio {x / p:5.2f}")
         for name, f, want, _, _ in cases:
