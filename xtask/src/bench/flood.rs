@@ -5,8 +5,8 @@
 //! the per-packet part's service (nat, 100 backends, M=65537) and the default
 //! conntrack size (262,144). First 1,000 established flows; then the flood, SYNs from a
 //! new source address each, as fast as one thread sends them. 100 of the established
-//! flows send a packet after every 10,000 flood SYNs ("active"); the other 900 only
-//! after the flood ("idle"). A packet of an established flow is lost when it is not
+//! flows send a packet after every 10,000 flood SYNs ("active"); the other 900 one
+//! second after the flood ("idle"), when the guard's window has passed. A packet of an established flow is lost when it is not
 //! forwarded with the flow's original translation (backend and SNAT port): a backend
 //! would see a different 4-tuple, and the connection would break.
 
@@ -58,7 +58,9 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
     lab.lb.run(move || -> Result<Vec<Run>> {
         super::pin_to_this_cpu()?;
         let mut runs = Vec::new();
-        for guard in [0, xlb::config::FloodGuard::default().new_flows_per_cpu] {
+        // Off, the default, and a rate at which the flood's entries over its few
+        // seconds stay below the table's size.
+        for guard in [0, xlb::config::FloodGuard::default().new_flows_per_cpu, 20_000] {
             let mut cfg = cfg.clone();
             cfg.flood_guard.new_flows_per_cpu = guard;
             let mut f = Fixture::new()?;
@@ -95,6 +97,9 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
                 }
             }
             let seconds = started.elapsed().as_secs_f64();
+            // A second later, when a retransmission would come: the guard's window has
+            // passed, so what is lost now is the flow itself, not one packet.
+            std::thread::sleep(std::time::Duration::from_millis(1100));
             let mut idle_lost = 0;
             for (ack, was) in &est[ACTIVE as usize..] {
                 let r = f.run_on(ack, client_if)?;

@@ -245,7 +245,7 @@ pub fn pin_to_this_cpu() -> Result<()> {
 fn flood_report(runs: &[flood::Run]) -> String {
     let mut md = String::from("## 5. SYN flood against established flows
 
-BPF_PROG_TEST_RUN on one CPU, nat service with 100 backends, conntrack 262,144. 1,000 established flows, then the flood (a new source address per SYN, as fast as one thread sends); 100 established flows send a packet after every 10,000 SYNs (active), the other 900 once after the flood (idle). Lost: not forwarded with the flow's original backend and SNAT port.
+BPF_PROG_TEST_RUN on one CPU, nat service with 100 backends, conntrack 262,144. 1,000 established flows, then the flood (a new source address per SYN, as fast as one thread sends); 100 established flows send a packet after every 10,000 SYNs (active), the other 900 one second after the flood (idle). Lost: not forwarded with the flow's original backend and SNAT port.
 
 | flood guard (new flows/s per CPU) | SYNs | SYNs/s sent | flood SYNs forwarded | dropped by the guard | active packets lost | idle flows lost | conntrack entries after |
 | --- | --- | --- | --- | --- | --- | --- | --- |
