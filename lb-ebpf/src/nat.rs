@@ -218,9 +218,20 @@ pub fn alloc_port(
     }
     let range = max - min + 1;
     let h = flow_hash(key, false);
+    // The client's own port first, where the range has it, as MASQUERADE does: a
+    // backend that still holds the previous connection of this 4-tuple in TIME_WAIT
+    // then sees the same client's next connection, whose sequence numbers follow on
+    // and reopen it. A hashed port would reuse some other client's 4-tuple, whose
+    // TIME_WAIT refuses the SYN (the connection then waits for a retransmission).
+    let client_port = u16::from_be(key.sport) as u32;
+    let keep = client_port >= min && client_port <= max;
     let mut i = 0;
     while i < PORT_PROBES {
-        let port = (min + h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % range) as u16;
+        let port = if keep && i == 0 {
+            client_port as u16
+        } else {
+            (min + h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % range) as u16
+        };
         let rkey = FlowKey {
             src: reply_src,
             dst: snat,

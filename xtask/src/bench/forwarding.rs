@@ -347,7 +347,7 @@ pub fn measure(seconds: f64, clients: usize) -> Result<Results> {
         t.set(0, <[u8; 42]>::try_from(&frame[..42])?, 0)?;
     }
     let client_ifindex = lab.client.ifindex(&topo.client_if)?;
-    let napi = napi_thread(&topo.lb_in)?;
+    let mut napi = napi_thread(&topo.lb_in)?;
 
     let mut rates = Vec::new();
     let mut conns = Vec::new();
@@ -455,8 +455,19 @@ pub fn measure(seconds: f64, clients: usize) -> Result<Results> {
             if softirq {
                 threaded_napi(&lab.lb, &topo.lb_in)?;
                 threaded_napi(&lab.backends[0], &topo.sink_if)?;
-                pin_to_cpu(napi_thread(&topo.lb_in)?, 1)?;
-                pin_to_cpu(napi_thread(&topo.sink_if)?, 1)?;
+                // The threads are new ones: find them again (they take a moment).
+                let find = |dev: &str| -> Result<u32> {
+                    for _ in 0..50 {
+                        if let Ok(pid) = napi_thread(dev) {
+                            return Ok(pid);
+                        }
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    napi_thread(dev)
+                };
+                napi = find(&topo.lb_in)?;
+                pin_to_cpu(napi, 1)?;
+                pin_to_cpu(find(&topo.sink_if)?, 1)?;
             }
             let mut row = row?;
             if matches!(lb, Lb::XlbNative | Lb::XlbGeneric) {
