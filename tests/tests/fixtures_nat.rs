@@ -176,6 +176,36 @@ fn privileged_many_flows_spread_as_predicted_and_ports_never_collide() {
     });
 }
 
+/// The SNAT port is the client's own where the range has it (as MASQUERADE keeps it),
+/// so a backend sees one client's successive connections on one 4-tuple; another
+/// client on the same port to the same backend gets another port; a client port
+/// outside the range gets one from the range.
+#[test]
+fn privileged_snat_keeps_the_client_port_when_it_is_free() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        // One backend, so both clients' flows go to it.
+        f.dp.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6[..1]))
+            .unwrap();
+        let out = |f: &mut Fixture, src: &str, sport: u16| {
+            let frame = Frame::tcp(src, sport, "192.0.2.10", 80);
+            decode(&f.run_on(&frame.build(), lab.client_if).unwrap().data).unwrap()
+        };
+        let first = out(&mut f, "10.10.0.5", 25000);
+        assert_eq!(first.sport, 25000, "the client's port, inside 20000-32767");
+        let other = out(&mut f, "10.10.0.6", 25000);
+        assert_eq!(other.dst, first.dst);
+        assert_ne!(other.sport, 25000, "taken: another port for another client");
+        assert!((20000..=32767).contains(&other.sport));
+        let outside = out(&mut f, "10.10.0.5", 40000);
+        assert!(
+            (20000..=32767).contains(&outside.sport),
+            "a port from the range: {}",
+            outside.sport
+        );
+    });
+}
+
 /// A flow whose backend is removed is rebalanced; flows on the survivors stay put.
 #[test]
 fn privileged_removed_backend_rebalances_only_its_flows() {

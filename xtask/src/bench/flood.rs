@@ -60,7 +60,11 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
         let mut runs = Vec::new();
         // Off, the default, and a rate at which the flood's entries over its few
         // seconds stay below the table's size.
-        for guard in [0, xlb::config::FloodGuard::default().new_flows_per_cpu, 20_000] {
+        for guard in [
+            0,
+            xlb::config::FloodGuard::default().new_flows_per_cpu,
+            20_000,
+        ] {
             let mut cfg = cfg.clone();
             cfg.flood_guard.new_flows_per_cpu = guard;
             let mut f = Fixture::new()?;
