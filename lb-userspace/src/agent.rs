@@ -474,8 +474,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut k8s_rx = if args.kubernetes {
         let client = client.expect("made above when --kubernetes is given");
         let opts = crate::k8s::translate::Options {
-            class: args.lb_class.clone(),
-            default_class: args.default_class,
+            class: args.served.lb_class.clone(),
+            default_class: args.served.default_class,
             node_name: args.node_name.clone(),
             pools: args.ipam_pool.clone(),
             cluster_forwarding: args.cluster_forwarding,
@@ -503,7 +503,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 .context("--announce-l2 with --kubernetes needs --node-name (the Lease holder)")?;
             agent.leases = Some(crate::k8s::lease::VipLeases::new(
                 client,
-                &args.lease_namespace,
+                &args.served.lease_namespace,
                 &me,
             ));
         }

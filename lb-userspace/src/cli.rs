@@ -44,13 +44,24 @@ pub struct UninstallArgs {
     /// Also clean up in the cluster (in-cluster config or KUBECONFIG).
     #[arg(long)]
     pub kubernetes: bool,
-    /// The spec.loadBalancerClass the agents served (as `xlb run --lb-class`).
+    /// Which Services the agents served and where their Leases are, as `xlb run` was
+    /// given them.
+    #[command(flatten)]
+    pub served: ServedArgs,
+}
+
+/// Which Services are xlb's, and where its Leases live: `xlb run --kubernetes` serves
+/// them, `xlb uninstall --kubernetes` cleans them up.
+#[derive(clap::Args, Debug)]
+pub struct ServedArgs {
+    /// The spec.loadBalancerClass served.
     #[arg(long, default_value = crate::k8s::translate::DEFAULT_CLASS)]
     pub lb_class: String,
-    /// The agents also served LoadBalancer Services that name no class.
+    /// Also serve LoadBalancer Services that name no class.
     #[arg(long)]
     pub default_class: bool,
-    /// The namespace of the per-VIP Leases (as `xlb run --lease-namespace`).
+    /// With --kubernetes and --announce-l2: the namespace of the per-VIP Leases that
+    /// make one node the L2 owner of each VIP (the DaemonSet's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "xlb-system")]
     pub lease_namespace: String,
 }
@@ -119,10 +130,6 @@ pub struct RunArgs {
     /// `announce.l2.interfaces`.
     #[arg(long, value_delimiter = ',', env = "XLB_ANNOUNCE_L2")]
     pub announce_l2: Vec<String>,
-    /// With --kubernetes and --announce-l2: the namespace of the per-VIP Leases that
-    /// make one node the L2 owner of each VIP (the DaemonSet's own).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "xlb-system")]
-    pub lease_namespace: String,
     /// Decapsulate IP-in-IP and IPv6-in-IPv6 packets addressed to this host and pass
     /// the inner packet to the kernel: the backend's side of `mode: dsr`. Needs no
     /// --config (`decap: true` in a config file does the same).
@@ -135,12 +142,8 @@ pub struct RunArgs {
     /// KUBECONFIG. With --config too, the file adds its settings and static services.
     #[arg(long)]
     pub kubernetes: bool,
-    /// The spec.loadBalancerClass served.
-    #[arg(long, default_value = crate::k8s::translate::DEFAULT_CLASS)]
-    pub lb_class: String,
-    /// Also serve LoadBalancer Services that name no class.
-    #[arg(long)]
-    pub default_class: bool,
+    #[command(flatten)]
+    pub served: ServedArgs,
     /// How externalTrafficPolicy: Cluster Services reach endpoints: `nat` (source
     /// NAT; replies return through this node) or `dsr` (encapsulated to the endpoint's
     /// node, whose xlb DNATs to the pod and answers the client directly, with the

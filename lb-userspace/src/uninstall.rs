@@ -26,15 +26,15 @@ pub async fn run(args: UninstallArgs) -> Result<()> {
             .await
             .context("connecting to Kubernetes (no in-cluster config, and KUBECONFIG or ~/.kube/config gave none that works)")?;
         let opts = translate::Options {
-            class: args.lb_class.clone(),
-            default_class: args.default_class,
+            class: args.served.lb_class.clone(),
+            default_class: args.served.default_class,
             node_name: None,
             pools: Vec::new(),
             cluster_forwarding: Default::default(),
         };
         clear_status(&client, &opts).await?;
         delete_events(&client).await?;
-        delete_leases(&client, &args.lease_namespace).await?;
+        delete_leases(&client, &args.served.lease_namespace).await?;
     }
     // Nothing pinned: this node holds nothing of xlb's (already uninstalled).
     if args.pin_path.exists() {
