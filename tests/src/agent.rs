@@ -136,14 +136,7 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("spawning xlb")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().context("stderr")?;
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let log = capture_stderr(&mut child)?;
         let mut agent = Self {
             child,
             pin_path,
@@ -238,6 +231,19 @@ impl Agent {
     pub fn status(&self) -> Result<serde_json::Value> {
         status_json(&self.pin_path)
     }
+}
+
+/// Collects a child's stderr, line by line, on a thread of its own (until it closes).
+pub fn capture_stderr(child: &mut Child) -> Result<Arc<Mutex<Vec<String>>>> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().context("stderr not piped")?;
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Ok(log)
 }
 
 /// Runs `xlb ARGS...` to completion and returns its output (status checked by caller).

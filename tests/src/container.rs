@@ -4,7 +4,6 @@
 //! namespace of the test's own (`--network ns:/run/netns/NAME`). Removed on drop.
 
 use std::{
-    io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
@@ -139,14 +138,7 @@ impl Container {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("spawning podman")?;
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().context("stderr")?;
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let log = crate::agent::capture_stderr(&mut child)?;
         Ok(Self { name, child, log })
     }
 
