@@ -17,7 +17,7 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use rtnetlink::{
     packet_route::{
         neighbour::{
@@ -32,6 +32,11 @@ use rtnetlink::{
 use tracing::{debug, info, warn};
 
 use crate::config::Config;
+
+/// Route lookups (one netlink round trip each) in flight at once.
+const ROUTE_LOOKUPS_IN_FLIGHT: usize = 64;
+/// Unroutable backends named one by one in the log; more are counted.
+const UNROUTABLE_NAMED: usize = 10;
 
 /// The routing protocol number xlb marks its neighbour entries (and, later, routes)
 /// with: `ip neigh show proto 248`. 248 is unassigned in iproute2's rt_protos.
@@ -96,9 +101,18 @@ impl NextHops {
             .iter()
             .flat_map(|s| s.backends.iter().map(|b| b.target()))
             .collect();
+        // Many lookups in flight at once: one after another, 100,000 backends took
+        // seconds of round trips before the first apply (BENCHMARKS.md).
+        let this: &Self = self;
+        let answers: Vec<(IpAddr, Result<Path>)> = futures::stream::iter(wanted.iter().copied())
+            .map(|addr| async move { (addr, this.route(addr).await) })
+            .buffer_unordered(ROUTE_LOOKUPS_IN_FLIGHT)
+            .collect()
+            .await;
         let mut paths = BTreeMap::new();
-        for &addr in &wanted {
-            match self.route(addr).await {
+        let mut newly_unroutable = Vec::new();
+        for (addr, answer) in answers {
+            match answer {
                 Ok(path) => {
                     if self.unroutable.remove(&addr) {
                         info!(backend = %addr, "backend has a route again");
@@ -107,10 +121,28 @@ impl NextHops {
                 }
                 Err(e) => {
                     if self.unroutable.insert(addr) {
-                        warn!(backend = %addr, "no usable route to the backend: {e:#}");
+                        newly_unroutable.push((addr, e));
                     }
                 }
             }
+        }
+        // Each by name while they are few; past that, a count and the first ones.
+        if newly_unroutable.len() <= UNROUTABLE_NAMED {
+            for (addr, e) in &newly_unroutable {
+                warn!(backend = %addr, "no usable route to the backend: {e:#}");
+            }
+        } else {
+            let first: Vec<String> = newly_unroutable
+                .iter()
+                .take(UNROUTABLE_NAMED)
+                .map(|(a, _)| a.to_string())
+                .collect();
+            warn!(
+                count = newly_unroutable.len(),
+                "no usable route to {} backends (their new flows are dropped as drop_no_snat_address), among them: {}",
+                newly_unroutable.len(),
+                first.join(", ")
+            );
         }
         self.unroutable.retain(|a| wanted.contains(a));
         let changed = paths != self.paths;
