@@ -262,12 +262,12 @@ def main():
         fr = frame("10.30.0.2", 5000, "10.30.0.1", 9999, "udp")
         plain = [statistics.median(r.run(pass_fd, fr)[1] for _ in range(args.calls)) for _ in range(args.rounds)]
         print(f"XDP_PASS alone: {statistics.median(plain):.0f} ns")
-        cases = [("not a VIP (UDP to the LB itself)", lambda i: fr, XDP_PASS, None, 0)]
+        cases = [("not a VIP (UDP to the LB itself)", lambda i: fr, XDP_PASS)]
         syn = frame("10.30.0.2", 40000, VIP, 80)
         v, _ = r.run(xlb_fd, syn)
         assert v == XDP_REDIRECT, f"opening the flow: verdict {v}"
         ack = frame("10.30.0.2", 40000, VIP, 80, flags=0x10)
-        cases.append(("established TCP flow (IPv4)", lambda i: ack, XDP_REDIRECT, None, 0))
+        cases.append(("established TCP flow (IPv4)", lambda i: ack, XDP_REDIRECT))
         # New flows: the agent's tables are never emptied here (deleting entries from
         # an LRU map leaves its free lists in a state that makes inserts dearer), so
         # the table grows: to each size in turn, plus a hundredth of it per round.
@@ -290,7 +290,7 @@ def main():
             in_table = fill + per_round * args.rounds
             results.append({"case": name, "xlb_ns": x, "xdp_pass_ns": p, "ratio": x / p})
             print(f"{name:<48} xlb {x:6.0f} ns  XDP_PASS {p:5.0f} ns  ratio {x / p:5.2f}")
-        for name, f, want, _, _ in cases:
+        for name, f, want in cases:
             x, p = measure(r.run, xlb_fd, pass_fd, f, 0, args.calls, want, args.rounds)
             results.append({"case": name, "xlb_ns": x, "xdp_pass_ns": p, "ratio": x / p})
             print(f"{name:<48} xlb {x:6.0f} ns  XDP_PASS {p:5.0f} ns  ratio {x / p:5.2f}")
