@@ -5,7 +5,7 @@
 //! finaliser per word): no loops with data-dependent bounds, no tables, so the
 //! verifier accepts it and both sides get bit-identical results.
 
-use crate::maps::FlowKey;
+use crate::maps::{Addr, FlowKey, VIP_FILTER_WORDS};
 
 /// Part of the contract between nodes: every agent and every datapath must use the
 /// same seed, or ECMP-spread flows would land on different backends per node.
@@ -51,4 +51,18 @@ pub const fn flow_hash(key: &FlowKey, client_only: bool) -> u32 {
         h = mix(h, key.proto as u32);
     }
     fmix(h ^ 40)
+}
+
+/// The bit of XLB_VIP_FILTER for a service key's VIP, port (network order) and protocol.
+/// The family is left out: an IPv4 and an IPv6 key that share words share a bit,
+/// which only costs a lookup.
+#[inline(always)]
+pub const fn vip_filter_bit(vip: &Addr, port: u16, proto: u8) -> u32 {
+    let mut h = FLOW_HASH_SEED;
+    h = mix(h, vip[0]);
+    h = mix(h, vip[1]);
+    h = mix(h, vip[2]);
+    h = mix(h, vip[3]);
+    h = mix(h, (port as u32) | ((proto as u32) << 16));
+    fmix(h) & (VIP_FILTER_WORDS * 64 - 1)
 }

@@ -64,6 +64,15 @@ pub struct Announced {
 /// stack stays small.
 pub const MAP_BACKEND_TUNNELS: &str = "XLB_BACKEND_TUNNELS";
 
+/// A bitmap over every service's (VIP, port, protocol), one bit each at
+/// [`crate::hash::vip_filter_bit`]: a packet whose bit is clear is for no service and
+/// skips the hashed service lookup. An array, whose lookup the verifier inlines; bits
+/// shared by two keys only send a packet on to the lookup.
+pub const MAP_VIP_FILTER: &str = "XLB_VIP_FILTER";
+/// 65,536 bits (8 KiB): at 10,000 services one packet in seven that is not for a
+/// service still goes on to the lookup.
+pub const VIP_FILTER_WORDS: u32 = 1024;
+
 /// Longest service name kept for status and metrics (longer ones are cut at a
 /// character boundary). A Kubernetes name, `namespace/name:port/proto@vip`, fits.
 pub const SERVICE_NAME_MAX: usize = 192;
@@ -317,7 +326,9 @@ pub struct DatapathConfig {
     /// that is not for a VIP may be one. Otherwise only packets to a port in the SNAT
     /// range can be replies, and the rest skip the reverse lookup.
     pub dnat_in_use: u32,
-    pub _pad: u32,
+    /// Non-zero once XLB_VIP_FILTER holds the bit of every service in XLB_SERVICES;
+    /// until then every packet goes to the service lookup.
+    pub vip_filter: u32,
 }
 
 #[cfg(feature = "user")]

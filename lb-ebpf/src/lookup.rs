@@ -1,9 +1,26 @@
 //! Stage 2: is this packet for a service (forward path) or a reply to a NAT flow
 //! (reverse path)?
 
-use lb_common::{FlowKey, ReverseNat, ServiceKey, ServiceValue, SVC_KEY_ENCAPSULATED};
+use lb_common::{
+    hash::vip_filter_bit, DatapathConfig, FlowKey, ReverseNat, ServiceKey, ServiceValue,
+    SVC_KEY_ENCAPSULATED,
+};
 
-use crate::maps::{REVERSE_NAT, SERVICES};
+use crate::maps::{REVERSE_NAT, SERVICES, VIP_FILTER};
+
+/// False when the packet is for no service, known without the hashed lookup: the
+/// agent has filled the VIP filter and the packet's bit is clear. Most of a host's
+/// traffic is not for a VIP, and this is its cheaper way through.
+#[inline(always)]
+pub fn may_be_service(key: &FlowKey, cfg: &DatapathConfig) -> bool {
+    if cfg.vip_filter == 0 {
+        return true;
+    }
+    let bit = vip_filter_bit(&key.dst, key.dport, key.proto);
+    VIP_FILTER
+        .get(bit / 64)
+        .is_none_or(|word| word & (1 << (bit % 64)) != 0)
+}
 
 /// The service a client's packet is for; `encapsulated`: the packet arrived in a tunnel
 /// to this host, and only services for such packets apply (SVC_KEY_ENCAPSULATED).

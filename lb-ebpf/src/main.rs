@@ -114,8 +114,10 @@ fn balance(ctx: &XdpContext, pkt: &Packet, len: u64, decapsulated: bool) -> Verd
     let Some(cfg) = maps::CONFIG.get(0) else {
         return (xdp_action::XDP_PASS, StatIndex::PassNotVip);
     };
-    if let Some(svc) = lookup::service(&pkt.key, decapsulated) {
-        return forward_path(ctx, pkt, &svc, cfg, len);
+    if decapsulated || lookup::may_be_service(&pkt.key, cfg) {
+        if let Some(svc) = lookup::service(&pkt.key, decapsulated) {
+            return forward_path(ctx, pkt, &svc, cfg, len);
+        }
     }
     if decapsulated {
         return (xdp_action::XDP_PASS, StatIndex::PassDecapsulated);

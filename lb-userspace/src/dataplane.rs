@@ -66,6 +66,9 @@ pub struct Dataplane {
     /// dsr tunnel destinations last written, by backend id (empty after a restart:
     /// the first apply writes every backend's, zeros too).
     written_tunnels: BTreeMap<u32, Addr>,
+    /// The VIP filter's words as last written (None after a restart: the first apply
+    /// writes every word).
+    written_filter: Option<Vec<u64>>,
     /// What the service and backend maps hold, as last written by `apply`, so an
     /// update does not read 100k entries back through syscalls. None until the first
     /// apply reads the maps (they may be adopted), and after a failed apply.
@@ -120,6 +123,7 @@ impl Dataplane {
             written_tables: BTreeMap::new(),
             written_names: BTreeMap::new(),
             written_tunnels: BTreeMap::new(),
+            written_filter: None,
             mirror: None,
             retired: Vec::new(),
             max_services: 0,
@@ -857,6 +861,30 @@ impl Dataplane {
         // Before anything is written: a config the maps cannot hold changes nothing.
         cfg.check_capacity(self.max_services, self.max_backends)?;
         self.collect_retired()?;
+        // What is programmed now. Taken, not borrowed: if this apply fails midway, the
+        // next one reads the maps again.
+        let Mirror {
+            services: services_now,
+            backends: backends_now,
+        } = match self.mirror.take() {
+            Some(m) => m,
+            None => Mirror {
+                services: self
+                    .hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
+                    .iter()
+                    .collect::<Result<_, _>>()?,
+                backends: live_backends(&self.backends_map()?)?,
+            },
+        };
+        // The filter holds every service there is and will be before the config says
+        // it is complete, or before a new service's entry exists; it loses the
+        // removed ones' bits only after their entries are gone (below).
+        let wanted_filter = vip_filter(cfg.services.iter().map(config_service_key));
+        let mut superset = vip_filter(services_now.keys().copied());
+        for (word, wanted) in superset.iter_mut().zip(&wanted_filter) {
+            *word |= wanted;
+        }
+        self.write_filter(&superset)?;
         let mut summary = ApplySummary::default();
         let dp_cfg = DatapathConfig {
             snat_v4: cfg
@@ -882,27 +910,12 @@ impl Dataplane {
                 .iter()
                 .any(|s| s.mode == Mode::Dnat || s.backends.iter().any(|b| b.dnat_here))
                 as u32,
-            _pad: 0,
+            vip_filter: 1,
         };
         let mut config_map: Array<&mut MapData, DatapathConfig> =
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
         config_map.set(0, dp_cfg, 0)?;
 
-        // What is programmed now. Taken, not borrowed: if this apply fails midway, the
-        // next one reads the maps again.
-        let Mirror {
-            services: services_now,
-            backends: backends_now,
-        } = match self.mirror.take() {
-            Some(m) => m,
-            None => Mirror {
-                services: self
-                    .hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
-                    .iter()
-                    .collect::<Result<_, _>>()?,
-                backends: live_backends(&self.backends_map()?)?,
-            },
-        };
         let mut after = Mirror {
             services: services_now.clone(),
             backends: backends_now.clone(),
@@ -1090,9 +1103,41 @@ impl Dataplane {
                 summary.backends_removed += 1;
             }
         }
+        self.write_filter(&wanted_filter)?;
         self.mirror = Some(after);
         Ok(summary)
     }
+
+    /// Writes the words of the VIP filter that differ from what was last written.
+    fn write_filter(&mut self, words: &[u64]) -> Result<()> {
+        let mut written = self.written_filter.take();
+        let map = self
+            .ebpf
+            .map_mut(lb_common::MAP_VIP_FILTER)
+            .context("VIP filter map")?;
+        let mut map = Array::<&mut MapData, u64>::try_from(map)?;
+        for (i, word) in words.iter().enumerate() {
+            if written.as_ref().is_some_and(|w| w[i] == *word) {
+                continue;
+            }
+            map.set(i as u32, *word, 0)?;
+            if let Some(w) = written.as_mut() {
+                w[i] = *word;
+            }
+        }
+        self.written_filter = Some(words.to_vec());
+        Ok(())
+    }
+}
+
+/// The VIP filter's words with the bit of each of `keys` set.
+pub fn vip_filter(keys: impl IntoIterator<Item = ServiceKey>) -> Vec<u64> {
+    let mut words = vec![0u64; lb_common::VIP_FILTER_WORDS as usize];
+    for key in keys {
+        let bit = lb_common::hash::vip_filter_bit(&key.vip, key.port, key.proto);
+        words[(bit / 64) as usize] |= 1 << (bit % 64);
+    }
+    words
 }
 
 /// A name as the XLB_SERVICE_NAMES value: cut at a character boundary to fit.
@@ -1174,4 +1219,29 @@ struct TableInput {
     table_size: u32,
     /// Backend id of each entry of `backends`.
     ids: Vec<u32>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vip_filter_sets_each_keys_bit_and_spreads_ports() {
+        let keys: Vec<ServiceKey> = (1000..2000u16)
+            .map(|p| service_key("192.0.2.10".parse().unwrap(), p, Protocol::Tcp))
+            .collect();
+        let words = vip_filter(keys.iter().copied());
+        let mut bits = BTreeSet::new();
+        for k in &keys {
+            let bit = lb_common::hash::vip_filter_bit(&k.vip, k.port, k.proto);
+            assert!(bit < lb_common::VIP_FILTER_WORDS * 64);
+            assert_ne!(words[(bit / 64) as usize] & (1 << (bit % 64)), 0);
+            bits.insert(bit);
+        }
+        let set: u32 = words.iter().map(|w| w.count_ones()).sum();
+        assert_eq!(set as usize, bits.len(), "no bit beyond the keys'");
+        // 1,000 keys in 65,536 bits share about 8 by chance; many more is a poor hash.
+        assert!(bits.len() >= 980, "{} distinct bits", bits.len());
+        assert!(vip_filter([]).iter().all(|w| *w == 0));
+    }
 }

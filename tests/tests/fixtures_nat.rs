@@ -833,3 +833,98 @@ fn privileged_flow_entries_carry_their_next_hop() {
         assert_eq!(rev.hop.ingress, lab.backend_if);
     });
 }
+
+/// The VIP filter's words as the program reads them.
+fn vip_filter_words(f: &Fixture) -> Vec<u64> {
+    let data = MapData::from_pin(f.pin_path().join(lb_common::MAP_VIP_FILTER)).unwrap();
+    let map: aya::maps::Array<MapData, u64> = aya::maps::Array::try_from(Map::Array(data)).unwrap();
+    (0..lb_common::VIP_FILTER_WORDS)
+        .map(|i| map.get(&i, 0).unwrap())
+        .collect()
+}
+
+fn filter_bit(vip: &str, port: u16, proto: u8) -> u32 {
+    let (addr, _) = xlb::dataplane::addr_to_words(vip.parse().unwrap());
+    lb_common::hash::vip_filter_bit(&addr, port.to_be(), proto)
+}
+
+fn bits_set(words: &[u64]) -> Vec<u32> {
+    (0..words.len() as u32 * 64)
+        .filter(|b| words[(b / 64) as usize] & (1 << (b % 64)) != 0)
+        .collect()
+}
+
+/// Packets for no service skip the service lookup when their bit in the VIP filter is
+/// clear; a packet that shares a service's bit still goes to the lookup and is passed;
+/// a removed service's bit goes, an added service's first packet is balanced.
+#[test]
+fn privileged_vip_filter_holds_exactly_the_services_and_only_skips_the_rest() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let services = [
+            ("192.0.2.10", 80, PROTO_TCP),
+            ("192.0.2.10", 53, PROTO_UDP),
+            ("2001:db8::10", 80, PROTO_TCP),
+            ("2001:db8::10", 53, PROTO_UDP),
+        ];
+        let mut want: Vec<u32> = services
+            .iter()
+            .map(|(v, p, proto)| filter_bit(v, *p, *proto))
+            .collect();
+        want.sort();
+        want.dedup();
+        assert_eq!(bits_set(&vip_filter_words(&f)), want);
+
+        let passed_not_vip = |f: &mut Fixture, frame: Frame| {
+            let before = counter(f, "pass_not_vip");
+            let res = f.run_on(&frame.build(), lab.client_if).unwrap();
+            assert_eq!(res.verdict, XDP_PASS, "{frame:?}");
+            assert_eq!(counter(f, "pass_not_vip"), before + 1, "{frame:?}");
+        };
+        // Clear bit: for no service.
+        let web = filter_bit("192.0.2.10", 80, PROTO_TCP);
+        let clear = (1..u16::MAX)
+            .find(|p| !want.contains(&filter_bit("192.0.2.10", *p, PROTO_TCP)))
+            .unwrap();
+        passed_not_vip(&mut f, Frame::tcp("10.10.0.5", 40000, "192.0.2.10", clear));
+        // Web's bit, another key: found by trying addresses and ports.
+        let (addr, port) = (1..=254u8)
+            .flat_map(|a| (1..u16::MAX).map(move |p| (format!("192.0.2.{a}"), p)))
+            .find(|(a, p)| {
+                (a.as_str(), *p) != ("192.0.2.10", 80) && filter_bit(a, *p, PROTO_TCP) == web
+            })
+            .expect("a key sharing web's bit");
+        passed_not_vip(&mut f, Frame::tcp("10.10.0.5", 40000, &addr, port));
+        let res = f
+            .run_on(
+                &Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80).build(),
+                lab.client_if,
+            )
+            .unwrap();
+        assert_eq!(res.verdict, XDP_REDIRECT, "web is balanced");
+
+        // dns removed, web on 8443 added.
+        let text = format!(
+            "maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1}}\nservices:\n  - name: web\n    vip: \"192.0.2.10\"\n    port: 80\n    protocol: tcp\n    backends: [{{address: \"{b}\"}}]\n  - name: web-tls\n    vip: \"192.0.2.10\"\n    port: 8443\n    protocol: tcp\n    backends: [{{address: \"{b}\"}}]\n",
+            b = BACKENDS_V4[0]
+        );
+        f.dp.apply(&xlb::config::Config::parse(&text).unwrap())
+            .unwrap();
+        let mut want = vec![web, filter_bit("192.0.2.10", 8443, PROTO_TCP)];
+        want.sort();
+        want.dedup();
+        assert_eq!(bits_set(&vip_filter_words(&f)), want);
+        let res = f
+            .run_on(
+                &Frame::tcp("10.10.0.5", 40001, "192.0.2.10", 8443).build(),
+                lab.client_if,
+            )
+            .unwrap();
+        assert_eq!(
+            res.verdict, XDP_REDIRECT,
+            "the added service's first packet"
+        );
+        passed_not_vip(&mut f, Frame::udp("10.10.0.5", 40000, "192.0.2.10", 53));
+    });
+}
