@@ -66,3 +66,9 @@ pub const fn vip_filter_bit(vip: &Addr, port: u16, proto: u8) -> u32 {
     h = mix(h, (port as u32) | ((proto as u32) << 16));
     fmix(h) & (VIP_FILTER_WORDS * 64 - 1)
 }
+
+/// The word of XLB_VIP_FILTER that holds `bit`, and the bit's mask in it.
+#[inline(always)]
+pub const fn vip_filter_slot(bit: u32) -> (u32, u64) {
+    (bit / 64, 1 << (bit % 64))
+}

@@ -2,8 +2,8 @@
 //! (reverse path)?
 
 use lb_common::{
-    hash::vip_filter_bit, DatapathConfig, FlowKey, ReverseNat, ServiceKey, ServiceValue,
-    SVC_KEY_ENCAPSULATED,
+    hash::{vip_filter_bit, vip_filter_slot},
+    DatapathConfig, FlowKey, ReverseNat, ServiceKey, ServiceValue, SVC_KEY_ENCAPSULATED,
 };
 
 use crate::maps::{REVERSE_NAT, SERVICES, VIP_FILTER};
@@ -16,10 +16,8 @@ pub fn may_be_service(key: &FlowKey, cfg: &DatapathConfig) -> bool {
     if cfg.vip_filter == 0 {
         return true;
     }
-    let bit = vip_filter_bit(&key.dst, key.dport, key.proto);
-    VIP_FILTER
-        .get(bit / 64)
-        .is_none_or(|word| word & (1 << (bit % 64)) != 0)
+    let (word, mask) = vip_filter_slot(vip_filter_bit(&key.dst, key.dport, key.proto));
+    VIP_FILTER.get(word).is_none_or(|w| w & mask != 0)
 }
 
 /// The service a client's packet is for; `encapsulated`: the packet arrived in a tunnel

@@ -1110,19 +1110,16 @@ impl Dataplane {
 
     /// Writes the words of the VIP filter that differ from what was last written.
     fn write_filter(&mut self, words: &[u64]) -> Result<()> {
-        let mut written = self.written_filter.take();
+        // Taken: if a write fails, the next call writes every word.
+        let written = self.written_filter.take();
         let map = self
             .ebpf
             .map_mut(lb_common::MAP_VIP_FILTER)
             .context("VIP filter map")?;
         let mut map = Array::<&mut MapData, u64>::try_from(map)?;
         for (i, word) in words.iter().enumerate() {
-            if written.as_ref().is_some_and(|w| w[i] == *word) {
-                continue;
-            }
-            map.set(i as u32, *word, 0)?;
-            if let Some(w) = written.as_mut() {
-                w[i] = *word;
+            if written.as_ref().is_none_or(|w| w[i] != *word) {
+                map.set(i as u32, *word, 0)?;
             }
         }
         self.written_filter = Some(words.to_vec());
@@ -1134,8 +1131,10 @@ impl Dataplane {
 pub fn vip_filter(keys: impl IntoIterator<Item = ServiceKey>) -> Vec<u64> {
     let mut words = vec![0u64; lb_common::VIP_FILTER_WORDS as usize];
     for key in keys {
-        let bit = lb_common::hash::vip_filter_bit(&key.vip, key.port, key.proto);
-        words[(bit / 64) as usize] |= 1 << (bit % 64);
+        let (word, mask) = lb_common::hash::vip_filter_slot(lb_common::hash::vip_filter_bit(
+            &key.vip, key.port, key.proto,
+        ));
+        words[word as usize] |= mask;
     }
     words
 }
