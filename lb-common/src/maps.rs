@@ -180,6 +180,11 @@ pub const BACKEND_F_UNHEALTHY: u8 = 1;
 /// Backend flag: reached by dnat whatever the service's mode (a dsr service's
 /// endpoint on this very host: encapsulating to itself would go nowhere).
 pub const BACKEND_F_DNAT: u8 = 2;
+/// Backend flags: its service's mode is dnat, or dsr (neither: nat). A copy of the
+/// service's mode in each of its backends, so that an established flow, which finds
+/// its backend through its conntrack entry, needs no service lookup.
+pub const BACKEND_F_SVC_DNAT: u8 = 4;
+pub const BACKEND_F_SVC_DSR: u8 = 8;
 
 /// ServiceKey.family bit: the service serves packets that arrived encapsulated to this
 /// host and were decapsulated (the node side of dsr across nodes), not the clients'.
@@ -211,6 +216,19 @@ impl Backend {
     #[inline(always)]
     pub fn exists(&self) -> bool {
         self.family != 0
+    }
+
+    /// How flows reach this backend: dnat if it is marked so (BACKEND_F_DNAT),
+    /// otherwise its service's mode.
+    #[inline(always)]
+    pub fn mode(&self) -> u8 {
+        if self.flags & (BACKEND_F_DNAT | BACKEND_F_SVC_DNAT) != 0 {
+            MODE_DNAT
+        } else if self.flags & BACKEND_F_SVC_DSR != 0 {
+            MODE_DSR
+        } else {
+            MODE_NAT
+        }
     }
 }
 

@@ -114,13 +114,17 @@ fn balance(ctx: &XdpContext, pkt: &Packet, len: u64, decapsulated: bool) -> Verd
     let Some(cfg) = maps::CONFIG.get(0) else {
         return (xdp_action::XDP_PASS, StatIndex::PassNotVip);
     };
-    if decapsulated || lookup::may_be_service(&pkt.key, cfg) {
-        if let Some(svc) = lookup::service(&pkt.key, decapsulated) {
-            return forward_path(ctx, pkt, &svc, cfg, len);
-        }
-    }
+    let not_for_us = (xdp_action::XDP_PASS, StatIndex::PassDecapsulated);
     if decapsulated {
-        return (xdp_action::XDP_PASS, StatIndex::PassDecapsulated);
+        let Some(svc) = lookup::service(&pkt.key, true) else {
+            return not_for_us;
+        };
+        return forward_path(ctx, pkt, Some(&svc), cfg, len).unwrap_or(not_for_us);
+    }
+    if lookup::may_be_service(&pkt.key, cfg) {
+        if let Some(verdict) = forward_path(ctx, pkt, None, cfg, len) {
+            return verdict;
+        }
     }
     // A nat reply comes to a port of the SNAT range, which is kept apart from the
     // host's own ephemeral ports: the rest of the host's traffic skips the lookup.
@@ -136,98 +140,147 @@ fn balance(ctx: &XdpContext, pkt: &Packet, len: u64, decapsulated: bool) -> Verd
 }
 
 /// Client → VIP: keep the flow's backend, or pick one by Maglev; DNAT + SNAT; send.
+/// None: the packet is for no service. The flow's conntrack entry is looked up before
+/// the service: an established flow's backend carries its service's id and mode, so
+/// its packets need one hashed lookup, not two. `svc`: the service, when the caller
+/// has had to look it up already (decapsulated packets).
 #[inline(always)]
 fn forward_path(
     ctx: &XdpContext,
     pkt: &Packet,
-    svc: &ServiceValue,
+    svc: Option<&ServiceValue>,
     cfg: &DatapathConfig,
     len: u64,
-) -> Verdict {
-    // Untouched, so the kernel answers with ICMP time exceeded from the right address.
-    if pkt.ttl <= 1 {
-        return (xdp_action::XDP_PASS, StatIndex::PassTtlExceeded);
-    }
+) -> Option<Verdict> {
     let key = &pkt.key;
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let (ct, backend, new_flow) = match conntrack::lookup(key, pkt.tcp_flags, now, cfg) {
-        Some((ct, backend)) => (ct, backend, false),
+    let (ct, backend, service_id, new) = match conntrack::lookup(key, pkt.tcp_flags, now, cfg) {
+        Some((ct, backend)) => (ct, backend, backend.service_id, false),
         None => {
-            let Some((backend_id, backend)) = maglev::pick(svc, key) else {
-                return (xdp_action::XDP_DROP, StatIndex::DropNoBackend);
+            let svc = match svc {
+                Some(svc) => *svc,
+                None => lookup::service(key, false)?,
             };
-            // nat's source, and dsr's outer source; dnat keeps the client's.
-            let snat = backend.snat;
-            let mode = effective_mode(svc, &backend);
-            if snat == [0; 4] && mode != MODE_DNAT {
-                return (xdp_action::XDP_DROP, StatIndex::DropNoSnatAddress);
+            match new_flow(pkt, &svc, cfg, len, now) {
+                Ok((ct, backend)) => (ct, backend, svc.id, true),
+                Err(verdict) => return Some(verdict),
             }
-            // Above the new-flow rate no entry is made: nat cannot do without one.
-            let flooded = flood::over_limit(now, cfg);
-            if flooded && mode == MODE_NAT {
-                return (xdp_action::XDP_DROP, StatIndex::DropFloodNat);
-            }
-            // Never missing: a per-CPU array of one.
-            let Some(scratch) = maps::SCRATCH.get_ptr_mut(0) else {
-                return (xdp_action::XDP_DROP, StatIndex::DropPortAlloc);
-            };
-            // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-            let scratch = unsafe { &mut *scratch };
-            scratch.rev = ReverseNat {
-                client: key.src,
-                vip: key.dst,
-                client_port: key.sport,
-                vip_port: key.dport,
-                service_id: svc.id,
-                backend_id,
-                _pad: 0,
-                last_seen_ns: now,
-                hop: NextHop::default(),
-            };
-            let rev = &scratch.rev;
-            // Where the backend's replies are recognised, and the source the backend sees.
-            let (nat_addr, nat_port) = match mode {
-                MODE_NAT => {
-                    let Some(port) =
-                        nat::alloc_port(key, backend.addr, backend.port, snat, cfg, rev)
-                    else {
-                        return (xdp_action::XDP_DROP, StatIndex::DropPortAlloc);
-                    };
-                    (snat, port)
-                }
-                MODE_DNAT => {
-                    nat::claim_reply(key, backend.addr, backend.port, rev);
-                    (key.src, key.sport)
-                }
-                // No reply comes back: the backend answers the client itself.
-                _ => (snat, 0),
-            };
-            scratch.ct = ConnValue {
-                backend_id,
-                nat_port,
-                flags: conntrack::flags_from_tcp(pkt.tcp_flags),
-                _pad: 0,
-                nat_addr,
-                last_seen_ns: now,
-                hop: NextHop::default(),
-            };
-            if flooded {
-                // Maglev alone: the next packet of this flow picks the same backend.
-                stats::count(StatIndex::EventFloodStateless, len);
-            } else {
-                conntrack::insert(key, &scratch.ct);
-            }
-            if key.proto == PROTO_TCP && pkt.tcp_flags & parse::TCP_SYN == 0 {
-                stats::count(StatIndex::EventFlowRecreated, len);
-            }
-            (&mut scratch.ct, backend, true)
         }
     };
-    let ids = (svc.id, ct.backend_id);
-    // The new flow's entry is a copy of what went into the map: its next hop would be lost.
+    // Untouched, so the kernel answers with ICMP time exceeded from the right address.
+    if pkt.ttl <= 1 {
+        return Some((xdp_action::XDP_PASS, StatIndex::PassTtlExceeded));
+    }
+    Some(send_to_backend(
+        ctx,
+        pkt,
+        (ct, new),
+        &backend,
+        service_id,
+        (len, now),
+    ))
+}
+
+/// A new flow: its backend by Maglev, its SNAT port, and its entries (unless the flood
+/// guard is on). The returned entry is the scratch copy of what went into the map.
+#[inline(always)]
+fn new_flow<'run>(
+    pkt: &Packet,
+    svc: &ServiceValue,
+    cfg: &DatapathConfig,
+    len: u64,
+    now: u64,
+) -> Result<(&'run mut ConnValue, lb_common::Backend), Verdict> {
+    // No entry for a packet that will not be forwarded (see forward_path).
+    if pkt.ttl <= 1 {
+        return Err((xdp_action::XDP_PASS, StatIndex::PassTtlExceeded));
+    }
+    let key = &pkt.key;
+    let Some((backend_id, backend)) = maglev::pick(svc, key) else {
+        return Err((xdp_action::XDP_DROP, StatIndex::DropNoBackend));
+    };
+    // nat's source, and dsr's outer source; dnat keeps the client's.
+    let snat = backend.snat;
+    let mode = backend.mode();
+    if snat == [0; 4] && mode != MODE_DNAT {
+        return Err((xdp_action::XDP_DROP, StatIndex::DropNoSnatAddress));
+    }
+    // Above the new-flow rate no entry is made: nat cannot do without one.
+    let flooded = flood::over_limit(now, cfg);
+    if flooded && mode == MODE_NAT {
+        return Err((xdp_action::XDP_DROP, StatIndex::DropFloodNat));
+    }
+    // Never missing: a per-CPU array of one.
+    let Some(scratch) = maps::SCRATCH.get_ptr_mut(0) else {
+        return Err((xdp_action::XDP_DROP, StatIndex::DropPortAlloc));
+    };
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
+    let scratch = unsafe { &mut *scratch };
+    scratch.rev = ReverseNat {
+        client: key.src,
+        vip: key.dst,
+        client_port: key.sport,
+        vip_port: key.dport,
+        service_id: svc.id,
+        backend_id,
+        _pad: 0,
+        last_seen_ns: now,
+        hop: NextHop::default(),
+    };
+    let rev = &scratch.rev;
+    // Where the backend's replies are recognised, and the source the backend sees.
+    let (nat_addr, nat_port) = match mode {
+        MODE_NAT => {
+            let Some(port) = nat::alloc_port(key, backend.addr, backend.port, snat, cfg, rev)
+            else {
+                return Err((xdp_action::XDP_DROP, StatIndex::DropPortAlloc));
+            };
+            (snat, port)
+        }
+        MODE_DNAT => {
+            nat::claim_reply(key, backend.addr, backend.port, rev);
+            (key.src, key.sport)
+        }
+        // No reply comes back: the backend answers the client itself.
+        _ => (snat, 0),
+    };
+    scratch.ct = ConnValue {
+        backend_id,
+        nat_port,
+        flags: conntrack::flags_from_tcp(pkt.tcp_flags),
+        _pad: 0,
+        nat_addr,
+        last_seen_ns: now,
+        hop: NextHop::default(),
+    };
+    if flooded {
+        // Maglev alone: the next packet of this flow picks the same backend.
+        stats::count(StatIndex::EventFloodStateless, len);
+    } else {
+        conntrack::insert(key, &scratch.ct);
+    }
+    if key.proto == PROTO_TCP && pkt.tcp_flags & parse::TCP_SYN == 0 {
+        stats::count(StatIndex::EventFlowRecreated, len);
+    }
+    Ok((&mut scratch.ct, backend))
+}
+
+/// DNAT + SNAT (nat, dnat) or encapsulation (dsr), then the route to the backend.
+/// A new flow's `ct` is the scratch copy of its entry: only an entry found in the map
+/// keeps the next hop it is given.
+#[inline(always)]
+fn send_to_backend(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    (ct, new_flow): (&mut ConnValue, bool),
+    backend: &lb_common::Backend,
+    service_id: u32,
+    (len, now): (u64, u64),
+) -> Verdict {
+    let ids = (service_id, ct.backend_id);
     let flow_hop = (!new_flow).then_some(&mut ct.hop);
-    if effective_mode(svc, &backend) == MODE_DSR {
+    if backend.mode() == MODE_DSR {
         let tunnel = maps::BACKEND_TUNNELS
             .get(ct.backend_id)
             .copied()
@@ -292,17 +345,6 @@ fn translate_and_send(
         own_source,
     };
     forward::forward(ctx, &route, now, flow_hop, sent)
-}
-
-/// The service's mode, unless the backend is marked for dnat (a dsr service's endpoint
-/// on this very host).
-#[inline(always)]
-fn effective_mode(svc: &ServiceValue, backend: &lb_common::Backend) -> u8 {
-    if backend.flags & lb_common::BACKEND_F_DNAT != 0 {
-        MODE_DNAT
-    } else {
-        svc.mode
-    }
 }
 
 /// dsr: the packet, unchanged, inside an outer header from `outer.0` (this host) to

@@ -953,6 +953,11 @@ impl Dataplane {
                 if b.dnat_here {
                     flags |= lb_common::BACKEND_F_DNAT;
                 }
+                flags |= match svc.mode {
+                    Mode::Nat => 0,
+                    Mode::Dnat => lb_common::BACKEND_F_SVC_DNAT,
+                    Mode::Dsr => lb_common::BACKEND_F_SVC_DSR,
+                };
                 // A configured address wins; otherwise the route's source (`snat: auto`).
                 let configured: Option<IpAddr> = match b.address.ip() {
                     IpAddr::V4(_) => cfg.snat.ipv4.map(Into::into),

@@ -165,3 +165,56 @@ fn privileged_map_sizes_are_chosen_at_load_and_enforced_before_writing() {
     big.dp.apply(&cfg).unwrap();
     assert_eq!(tables(&big).len(), 300);
 }
+
+/// Each backend entry carries its service's mode (an established flow reaches its
+/// backend through its conntrack entry, without the service), and a mode change
+/// rewrites the entries in place, under the same ids.
+#[test]
+fn privileged_backends_carry_their_service_mode_through_a_change() {
+    if !privileged() {
+        return;
+    }
+    let config = |modes: [&str; 3]| {
+        let mut t = String::from("snat: {ipv4: 10.30.0.1}\nservices:\n");
+        for (i, mode) in modes.iter().enumerate() {
+            t.push_str(&format!(
+                "  - {{name: s{i}, vip: \"10.200.0.{}\", port: 80, protocol: tcp, mode: {mode}, backends: [{{address: \"172.16.{i}.1:80\"}}, {{address: \"172.16.{i}.2:80\"}}]}}\n",
+                i + 1
+            ));
+        }
+        Config::parse(&t).unwrap()
+    };
+    let modes_in_map = |f: &mut Fixture| -> BTreeMap<u32, (u32, u8)> {
+        let m: aya::maps::Array<_, Backend> =
+            aya::maps::Array::try_from(f.dp.ebpf.map(MAP_BACKENDS).unwrap()).unwrap();
+        xlb::dataplane::live_backends(&m)
+            .unwrap()
+            .into_iter()
+            .map(|(id, b)| (id, (b.addr[0], b.mode())))
+            .collect()
+    };
+    let by_service = |m: &BTreeMap<u32, (u32, u8)>| -> Vec<u8> {
+        // Backends 172.16.i.x: the third octet is the service's number.
+        let mut out = vec![u8::MAX; 3];
+        for (addr, mode) in m.values() {
+            let s = addr.to_ne_bytes()[2] as usize;
+            assert!(out[s] == u8::MAX || out[s] == *mode, "one mode per service");
+            out[s] = *mode;
+        }
+        out
+    };
+    use lb_common::{MODE_DNAT, MODE_DSR, MODE_NAT};
+    let mut f = Fixture::new().unwrap();
+    f.dp.apply(&config(["nat", "dnat", "dsr"])).unwrap();
+    let before = modes_in_map(&mut f);
+    assert_eq!(before.len(), 6);
+    assert_eq!(by_service(&before), [MODE_NAT, MODE_DNAT, MODE_DSR]);
+    f.dp.apply(&config(["dsr", "nat", "dnat"])).unwrap();
+    let after = modes_in_map(&mut f);
+    assert_eq!(by_service(&after), [MODE_DSR, MODE_NAT, MODE_DNAT]);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "the same backend ids, rewritten in place"
+    );
+}
