@@ -23,7 +23,7 @@ use lb_common::{Addr, NeighbourRequest, NextHop, StatIndex, FAMILY_V4};
 
 use crate::{
     maps::{NextHopKey, NEIGHBOUR_REQUESTS, NEXTHOP, SCRATCH},
-    mem::bytes_mut,
+    mem::{bytes_mut, zero},
 };
 
 const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
@@ -145,8 +145,7 @@ fn shared_hop(
     let key = NextHopKey {
         dst: *route.dst,
         ingress,
-        family: route.family,
-        _pad: [0; 3],
+        family: route.family as u32,
     };
     if let Some(h) = NEXTHOP.get_ptr(key) {
         // SAFETY: a valid map value pointer for this run; copied out at once.
@@ -174,8 +173,7 @@ pub fn query(
     ingress: u32,
     tot_len: u16,
 ) -> i64 {
-    // SAFETY: bpf_fib_lookup is plain old data; all-zero is a valid start.
-    *p = unsafe { core::mem::zeroed() };
+    zero(p);
     p.l4_protocol = proto;
     p.ifindex = ingress;
     p.__bindgen_anon_1.tot_len = tot_len;

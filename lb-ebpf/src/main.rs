@@ -1,6 +1,7 @@
 //! xlb's XDP program. The pipeline reads top to bottom (see docs/design.md):
-//! parse → service lookup → conntrack / Maglev → NAT rewrite → FIB forward, with the
-//! reverse path for replies. Each stage is a module; this file only wires them.
+//! parse → VIP filter → conntrack, or on a miss service lookup and Maglev → NAT
+//! rewrite → FIB forward, with the reverse path for replies. Each stage is a module;
+//! this file only wires them.
 // On the host (cargo clippy/build --workspace) this compiles as an empty binary, so
 // the code is still type-checked and linted; the real build is for target_arch = "bpf".
 #![cfg_attr(target_arch = "bpf", no_std)]
@@ -217,6 +218,8 @@ fn new_flow<'run>(
     };
     // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
     let scratch = unsafe { &mut *scratch };
+    // The next hop is kept in the literal and zeroed after it, word by word: a zeroed
+    // part of a literal is a memset (see mem::zero).
     scratch.rev = ReverseNat {
         client: key.src,
         vip: key.dst,
@@ -226,8 +229,9 @@ fn new_flow<'run>(
         backend_id,
         _pad: 0,
         last_seen_ns: now,
-        hop: NextHop::default(),
+        hop: scratch.rev.hop,
     };
+    mem::zero(&mut scratch.rev.hop);
     let rev = &scratch.rev;
     // Where the backend's replies are recognised, and the source the backend sees.
     let (nat_addr, nat_port) = match mode {
@@ -252,8 +256,9 @@ fn new_flow<'run>(
         _pad: 0,
         nat_addr,
         last_seen_ns: now,
-        hop: NextHop::default(),
+        hop: scratch.ct.hop,
     };
+    mem::zero(&mut scratch.ct.hop);
     if flooded {
         // Maglev alone: the next packet of this flow picks the same backend.
         stats::count(StatIndex::EventFloodStateless, len);

@@ -128,8 +128,8 @@ pub struct NextHopKey {
     pub dst: Addr,
     /// The lookup routes from the ingress interface (it matters with VRFs and rules).
     pub ingress: u32,
-    pub family: u8,
-    pub _pad: [u8; 3],
+    /// A whole word, so the key has no padding to zero (see mem::zero).
+    pub family: u32,
 }
 
 /// Next hops the FIB knew no link-layer address for, for the agent to resolve (see

@@ -53,3 +53,36 @@ pub fn bytes_mut<const N: usize>(ctx: &XdpContext, offset: usize) -> Option<&mut
     // modify while the context lives, and no other reference to these bytes is live.
     ptr_at::<[u8; N]>(ctx, offset).map(|p| unsafe { &mut *p })
 }
+
+/// Plain data for which all-zero bytes are a valid value, in whole aligned 32-bit
+/// words: what `zero` may be used on.
+///
+/// # Safety
+/// The implementing type must accept all-zero bytes, have a size that is a multiple
+/// of 4 and an alignment of at least 4.
+pub unsafe trait Zeroable {}
+
+// SAFETY: integers and byte arrays only; 32 bytes, aligned to 8.
+unsafe impl Zeroable for lb_common::NextHop {}
+// SAFETY: the kernel's plain C struct (integers, arrays, unions of them); 64 bytes,
+// aligned to 4.
+unsafe impl Zeroable for aya_ebpf::bindings::bpf_fib_lookup {}
+
+/// Zeroes `v` with one 32-bit store per word. A zeroed struct or array is otherwise
+/// a `memset`, which on BPF is a call to a subprogram storing a byte per loop
+/// iteration (a new flow made three); volatile stores are neither merged back into
+/// one nor looped.
+#[inline(always)]
+pub fn zero<T: Zeroable>(v: &mut T) {
+    const {
+        assert!(core::mem::size_of::<T>().is_multiple_of(4) && core::mem::align_of::<T>() >= 4);
+    }
+    let words = v as *mut T as *mut u32;
+    let mut i = 0;
+    while i < core::mem::size_of::<T>() / 4 {
+        // SAFETY: `v` is valid for writes of its whole size, a whole number of aligned
+        // words (asserted above); all-zero is a valid T (Zeroable).
+        unsafe { words.add(i).write_volatile(0) };
+        i += 1;
+    }
+}

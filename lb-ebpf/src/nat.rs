@@ -20,10 +20,10 @@ use crate::{
     stats,
 };
 
-/// Offsets in the IPv6 header: next header (hop limit follows), source, destination.
+/// Offsets in the IPv6 header: next header (hop limit follows), source (the
+/// destination follows).
 const IPV6_NEXT_HDR_OFF: usize = 6;
 const IPV6_SRC_OFF: usize = 8;
-const IPV6_DST_OFF: usize = 24;
 
 /// How many ports the allocator tries before it gives up (and counts a drop). With 8,
 /// `cargo xtask bench` saw a failure at 33% occupancy of the range (0.33^8 ≈ 1e-4 per
@@ -93,8 +93,12 @@ fn rewrite_ip(ctx: &XdpContext, family: u8, to_src: &Addr, to_dst: &Addr) -> Opt
             ETH_LEN + IPV6_NEXT_HDR_OFF,
             [hop_limit[0], hop_limit[1] - 1],
         )?;
-        store(ctx, ETH_LEN + IPV6_SRC_OFF, *to_src)?;
-        store(ctx, ETH_LEN + IPV6_DST_OFF, *to_dst)
+        // Byte by byte through put_addr: an unaligned store of a whole address is a
+        // memmove, a call to a byte loop on BPF (see mem::zero).
+        let addrs = bytes_mut::<32>(ctx, ETH_LEN + IPV6_SRC_OFF)?;
+        put_addr(&mut addrs[..16], to_src);
+        put_addr(&mut addrs[16..], to_dst);
+        Some(())
     }
 }
 
