@@ -69,9 +69,16 @@ pub const MAP_BACKEND_TUNNELS: &str = "XLB_BACKEND_TUNNELS";
 /// skips the hashed service lookup. An array, whose lookup the verifier inlines; bits
 /// shared by two keys only send a packet on to the lookup.
 pub const MAP_VIP_FILTER: &str = "XLB_VIP_FILTER";
-/// 65,536 bits (8 KiB): at 10,000 services one packet in seven that is not for a
-/// service still goes on to the lookup.
-pub const VIP_FILTER_WORDS: u32 = 1024;
+/// 65,536 bits (8 KiB) in 32-bit words: at 10,000 services one packet in seven that
+/// is not for a service still goes on to the lookup. (Words were 64-bit while the bit
+/// was a murmur hash: the word size changing makes an upgraded agent replace the
+/// pinned map rather than have the program it replaces read bits placed by another
+/// hash; see dataplane::drop_incompatible_pins.)
+pub const VIP_FILTER_WORDS: u32 = 2048;
+/// A word of XLB_VIP_FILTER.
+pub type VipFilterWord = u32;
+/// Bits per word of XLB_VIP_FILTER.
+pub const VIP_FILTER_WORD_BITS: u32 = VipFilterWord::BITS;
 
 /// Longest service name kept for status and metrics (longer ones are cut at a
 /// character boundary). A Kubernetes name, `namespace/name:port/proto@vip`, fits.

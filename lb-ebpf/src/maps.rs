@@ -10,7 +10,7 @@ use aya_ebpf::{
 use lb_common::{Addr, Announced, L2Key, L2Value, NetdevLayout, VipKey};
 use lb_common::{
     Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevChunk, MaglevKey, NextHop,
-    ReverseNat, ServiceKey, ServiceName, ServiceValue, TrafficStats, CONNTRACK_MAX,
+    ReverseNat, ServiceKey, ServiceName, ServiceValue, TrafficStats, VipFilterWord, CONNTRACK_MAX,
     MAGLEV_MAX_CHUNKS, MAX_BACKENDS, MAX_SERVICES, STAT_COUNT, VIP_FILTER_WORDS,
 };
 
@@ -56,7 +56,7 @@ pub static L2_VIPS: HashMap<L2Key, L2Value> = HashMap::pinned(4096, 0);
 
 /// See lb_common::MAP_VIP_FILTER.
 #[map(name = "XLB_VIP_FILTER")]
-pub static VIP_FILTER: Array<u64> = Array::pinned(VIP_FILTER_WORDS, 0);
+pub static VIP_FILTER: Array<VipFilterWord> = Array::pinned(VIP_FILTER_WORDS, 0);
 
 #[map(name = "XLB_CONFIG")]
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);

@@ -835,9 +835,10 @@ fn privileged_flow_entries_carry_their_next_hop() {
 }
 
 /// The VIP filter's words as the program reads them.
-fn vip_filter_words(f: &Fixture) -> Vec<u64> {
+fn vip_filter_words(f: &Fixture) -> Vec<lb_common::VipFilterWord> {
     let data = MapData::from_pin(f.pin_path().join(lb_common::MAP_VIP_FILTER)).unwrap();
-    let map: aya::maps::Array<MapData, u64> = aya::maps::Array::try_from(Map::Array(data)).unwrap();
+    let map: aya::maps::Array<MapData, lb_common::VipFilterWord> =
+        aya::maps::Array::try_from(Map::Array(data)).unwrap();
     (0..lb_common::VIP_FILTER_WORDS)
         .map(|i| map.get(&i, 0).unwrap())
         .collect()
@@ -848,9 +849,12 @@ fn filter_bit(vip: &str, port: u16, proto: u8) -> u32 {
     lb_common::hash::vip_filter_bit(&addr, port.to_be(), proto)
 }
 
-fn bits_set(words: &[u64]) -> Vec<u32> {
-    (0..words.len() as u32 * 64)
-        .filter(|b| words[(b / 64) as usize] & (1 << (b % 64)) != 0)
+fn bits_set(words: &[lb_common::VipFilterWord]) -> Vec<u32> {
+    (0..words.len() as u32 * lb_common::VIP_FILTER_WORD_BITS)
+        .filter(|&b| {
+            let (word, mask) = lb_common::hash::vip_filter_slot(b);
+            words[word as usize] & mask != 0
+        })
         .collect()
 }
 
