@@ -56,7 +56,7 @@ pub fn lookup<'run>(
     tcp_flags: u8,
     now: u64,
     cfg: &DatapathConfig,
-) -> Option<(&'run mut ConnValue, Backend)> {
+) -> Option<(&'run mut ConnValue, &'static Backend)> {
     let entry = CONNTRACK.get_ptr_mut(key)?;
     // SAFETY: a valid map value pointer for the duration of this program run. Other
     // CPUs may write the same entry: its fields are each written whole.
@@ -64,11 +64,12 @@ pub fn lookup<'run>(
     if now.saturating_sub(ct.last_seen_ns) > timeout_ns(key.proto, ct.flags, cfg) {
         return None;
     }
-    // Copied out at once: the agent rewrites a slot whole (see lookup::service).
-    let backend = BACKENDS
-        .get(ct.backend_id)
-        .copied()
-        .filter(Backend::exists)?;
+    // Read in place, not copied (a profile put the 44-byte copy at a tenth of the
+    // program's own samples; measured, 1-4 ns). A copy would not have made the read
+    // atomic either: the agent rewrites a slot whole only when the backend's weight,
+    // health, mode or SNAT source changes (its address and port stay), and clears it
+    // when the backend goes, before its flows are swept.
+    let backend = BACKENDS.get(ct.backend_id).filter(|b| b.exists())?;
     ct.last_seen_ns = now;
     ct.flags |= flags_from_tcp(tcp_flags);
     Some((ct, backend))

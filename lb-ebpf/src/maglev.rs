@@ -9,7 +9,7 @@ use lb_common::{
 use crate::maps::{BACKENDS, MAGLEV};
 
 #[inline(always)]
-pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
+pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, &'static Backend)> {
     if svc.table_size == 0 {
         return None;
     }
@@ -29,7 +29,7 @@ pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, Backend)> {
     let chunk = MAGLEV.get_ptr(chunk_key)?;
     // SAFETY: a valid map value pointer; index < MAGLEV_CHUNK_SLOTS was checked above.
     let id = unsafe { *(*chunk).slots.as_ptr().add(index) };
-    // Copied out at once: the agent rewrites a slot whole.
-    let backend = BACKENDS.get(id).copied().filter(Backend::exists)?;
+    // Read in place, as conntrack::lookup does.
+    let backend = BACKENDS.get(id).filter(|b| b.exists())?;
     Some((id, backend))
 }

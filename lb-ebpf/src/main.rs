@@ -177,7 +177,7 @@ fn forward_path(
         ctx,
         pkt,
         (ct, new),
-        &backend,
+        backend,
         service_id,
         (len, now),
     ))
@@ -192,7 +192,7 @@ fn new_flow<'run>(
     cfg: &DatapathConfig,
     len: u64,
     now: u64,
-) -> Result<(&'run mut ConnValue, lb_common::Backend), Verdict> {
+) -> Result<(&'run mut ConnValue, &'static lb_common::Backend), Verdict> {
     // No entry for a packet that will not be forwarded (see forward_path).
     if pkt.ttl <= 1 {
         return Err((xdp_action::XDP_PASS, StatIndex::PassTtlExceeded));
