@@ -115,17 +115,25 @@ fn balance(ctx: &XdpContext, pkt: &Packet, len: u64, decapsulated: bool) -> Verd
     let Some(cfg) = maps::CONFIG.get(0) else {
         return (xdp_action::XDP_PASS, StatIndex::PassNotVip);
     };
+    // Decapsulated packets are for this host's `encapsulated` services only: theirs is
+    // looked up first, and none means the packet is not for us. One call of the
+    // forward path for both kinds of packet, so that it is inlined once.
     let not_for_us = (xdp_action::XDP_PASS, StatIndex::PassDecapsulated);
-    if decapsulated {
-        let Some(svc) = lookup::service(&pkt.key, true) else {
-            return not_for_us;
-        };
-        return forward_path(ctx, pkt, Some(&svc), cfg, len).unwrap_or(not_for_us);
-    }
-    if lookup::may_be_service(&pkt.key, cfg) {
-        if let Some(verdict) = forward_path(ctx, pkt, None, cfg, len) {
+    let decap_svc = if decapsulated {
+        match lookup::service(&pkt.key, true) {
+            Some(svc) => Some(svc),
+            None => return not_for_us,
+        }
+    } else {
+        None
+    };
+    if decapsulated || lookup::may_be_service(&pkt.key, cfg) {
+        if let Some(verdict) = forward_path(ctx, pkt, decap_svc.as_ref(), cfg, len) {
             return verdict;
         }
+    }
+    if decapsulated {
+        return not_for_us;
     }
     // A nat reply comes to a port of the SNAT range, which is kept apart from the
     // host's own ephemeral ports: the rest of the host's traffic skips the lookup.
