@@ -932,3 +932,46 @@ fn privileged_vip_filter_holds_exactly_the_services_and_only_skips_the_rest() {
         passed_not_vip(&mut f, Frame::udp("10.10.0.5", 40000, "192.0.2.10", 53));
     });
 }
+
+/// An established flow finds its backend through its conntrack entry, without the
+/// service (the service is looked up only on a miss): once its service is removed,
+/// its next packet is passed untouched all the same, although its entry is still in
+/// the map (only the agent's sweep removes it), and it counts as for no VIP.
+#[test]
+fn privileged_an_established_flow_ends_with_its_service() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        let syn = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80);
+        let ack = syn.clone().flags(ACK);
+        for frame in [&syn, &ack] {
+            let res = f.run_on(&frame.build(), lab.client_if).unwrap();
+            assert_eq!(res.verdict, XDP_REDIRECT, "{frame:?}: balanced");
+        }
+        // web (TCP 80) removed; dns (UDP 53) stays, with the same backends.
+        let text = format!(
+            "maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1}}\nservices:\n  - name: dns\n    vip: \"192.0.2.10\"\n    port: 53\n    protocol: udp\n    backends: [{}]\n",
+            BACKENDS_V4
+                .iter()
+                .map(|b| format!("{{address: \"{b}\"}}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        f.dp.apply(&xlb::config::Config::parse(&text).unwrap())
+            .unwrap();
+        let ct: AyaHashMap<_, FlowKey, ConnValue> = AyaHashMap::try_from(Map::LruHashMap(
+            MapData::from_pin(f.pin_path().join(MAP_CONNTRACK)).unwrap(),
+        ))
+        .unwrap();
+        assert_eq!(ct.keys().count(), 1, "the flow's entry is still there");
+        let before = counter(&f, "pass_not_vip");
+        let bytes = ack.build();
+        let res = f.run_on(&bytes, lab.client_if).unwrap();
+        assert_eq!(
+            (res.verdict, &res.data),
+            (XDP_PASS, &bytes),
+            "passed untouched"
+        );
+        assert_eq!(counter(&f, "pass_not_vip"), before + 1);
+    });
+}
