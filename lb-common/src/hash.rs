@@ -58,8 +58,8 @@ pub const fn flow_hash(key: &FlowKey, client_only: bool) -> u32 {
 /// which only costs a lookup.
 ///
 /// Every packet the program sees pays for this hash, so it is one multiplication
-/// (Fibonacci hashing: the top 16 bits of the key times 2^64/φ), not the flow hash's
-/// ten murmur rounds, which cost an eighth of an established packet's own time. It
+/// (Fibonacci hashing: the top 16 bits of the key times 2^64/φ), not five murmur
+/// rounds as it was, which cost an eighth of an established packet's own time. It
 /// spreads the keys a service set is made of (consecutive VIPs, IPv6 prefixes, port
 /// ranges, TCP and UDP alike) over distinct bits, which random keys would not do
 /// (the unit tests in dataplane.rs hold it to that). The address words are folded

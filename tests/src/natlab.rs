@@ -31,20 +31,23 @@ pub struct Lab {
     pub backend_side_mac: [u8; 6],
 }
 
+/// A YAML flow list of backends: `{address: "…"}, …`.
+pub fn backend_list(backends: &[&str]) -> String {
+    backends
+        .iter()
+        .map(|b| format!("{{address: \"{b}\"}}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 pub fn config(backends_v4: &[&str], backends_v6: &[&str]) -> Config {
     config_with("", backends_v4, backends_v6)
 }
 
 /// `extra` is YAML put before the rest (e.g. `timeouts:`).
 pub fn config_with(extra: &str, backends_v4: &[&str], backends_v6: &[&str]) -> Config {
-    let list = |bs: &[&str]| {
-        bs.iter()
-            .map(|b| format!("{{address: \"{b}\"}}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let svc = |name: &str, vip: &str, port: u16, proto: &str, bs: &[&str]| {
-        format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    backends: [{}]\n", list(bs))
+        format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    backends: [{}]\n", backend_list(bs))
     };
     let text = format!(
         "{extra}maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n{}{}{}{}",

@@ -23,14 +23,8 @@ const DSR_UDP_V6: [&str; 3] = ["[fd20::2]:53", "[fd20::3]:53", "[fd20::4]:53"];
 
 /// web/dns (IPv4) and web6/dns6 (IPv6) in `mode`, with these backends.
 fn mode_config(mode: &str, extra: &str, b: [&[&str]; 4]) -> Config {
-    let list = |bs: &[&str]| {
-        bs.iter()
-            .map(|b| format!("{{address: \"{b}\"}}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let svc = |name: &str, vip: &str, port: u16, proto: &str, bs: &[&str]| {
-        format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    mode: {mode}\n    backends: [{}]\n", list(bs))
+        format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    mode: {mode}\n    backends: [{}]\n", backend_list(bs))
     };
     let text = format!(
         "{extra}maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n{}{}{}{}",

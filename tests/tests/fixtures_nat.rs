@@ -951,11 +951,7 @@ fn privileged_an_established_flow_ends_with_its_service() {
         // web (TCP 80) removed; dns (UDP 53) stays, with the same backends.
         let text = format!(
             "maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1}}\nservices:\n  - name: dns\n    vip: \"192.0.2.10\"\n    port: 53\n    protocol: udp\n    backends: [{}]\n",
-            BACKENDS_V4
-                .iter()
-                .map(|b| format!("{{address: \"{b}\"}}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            backend_list(&BACKENDS_V4)
         );
         f.dp.apply(&xlb::config::Config::parse(&text).unwrap())
             .unwrap();
