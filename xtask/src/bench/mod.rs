@@ -34,6 +34,10 @@ pub struct BenchArgs {
     /// TCP flow (IPv4)"), for profiling one path.
     #[arg(long)]
     case: Option<String>,
+    /// Per-packet part: entries of the conntrack and reverse-NAT maps (the agent's
+    /// --conntrack-max). The new-flow cases' cost depends on how full they are.
+    #[arg(long, default_value_t = lb_common::CONNTRACK_MAX)]
+    conntrack_max: u32,
 }
 
 impl BenchArgs {
@@ -78,9 +82,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let wanted = |p: Part| args.only.is_empty() || args.only.contains(&p);
     let (mut est_ratio, mut rate_ratio) = (None, None);
     if wanted(Part::PerPacket) {
-        println!("1. per-packet cost, BPF_PROG_TEST_RUN, {packets} single-packet calls per case in {rounds} rounds (ns):");
-        let rows = per_packet::measure(packets, rounds, args.case.as_deref())?;
-        let (pp_md, pp_json, ratio) = per_packet_report(&rows, packets, rounds);
+        let ct = args.conntrack_max;
+        println!("1. per-packet cost, BPF_PROG_TEST_RUN, {packets} single-packet calls per case in {rounds} rounds, conntrack maps of {ct} entries (ns):");
+        let rows = per_packet::measure(packets, rounds, args.case.as_deref(), ct)?;
+        let (pp_md, pp_json, ratio) = per_packet_report(&rows, packets, rounds, ct);
         panels.push(chart::Panel::Bars(chart::Bars {
             title: "1. Per-packet cost (BPF_PROG_TEST_RUN, ns, lower is better)".into(),
             y_label: "ns per packet".into(),
@@ -301,12 +306,14 @@ fn per_packet_report(
     rows: &[per_packet::Row],
     packets: u32,
     rounds: u32,
+    conntrack_max: u32,
 ) -> (String, serde_json::Value, Option<f64>) {
     let mut md = format!(
-        "## 1. Per-packet cost\n\nBPF_PROG_TEST_RUN, single-packet calls, {packets} calls per case in {rounds} rounds, median of the rounds' medians; XDP_PASS measured in the same run.\n\n| case | xlb ns | XDP_PASS ns | net ns | ratio |\n| --- | --- | --- | --- | --- |\n"
+        "## 1. Per-packet cost\n\nBPF_PROG_TEST_RUN, single-packet calls, {packets} calls per case in {rounds} rounds, median of the rounds' medians; XDP_PASS measured in the same run. Conntrack and reverse-NAT maps of {conntrack_max} entries each.\n\n| case | xlb ns | XDP_PASS ns | net ns | ratio |\n| --- | --- | --- | --- | --- |\n"
     );
+    let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(4);
     println!(
-        "  {:<40} {:>8} {:>10} {:>8} {:>8}",
+        "  {:<w$} {:>8} {:>10} {:>8} {:>8}",
         "case", "xlb", "XDP_PASS", "net", "ratio"
     );
     let mut cases = Vec::new();
@@ -314,7 +321,7 @@ fn per_packet_report(
         let net = r.xlb_ns.saturating_sub(r.pass_ns);
         let ratio = r.xlb_ns as f64 / r.pass_ns.max(1) as f64;
         println!(
-            "  {:<40} {:>8} {:>10} {net:>8} {ratio:>8.2}",
+            "  {:<w$} {:>8} {:>10} {net:>8} {ratio:>8.2}",
             r.name, r.xlb_ns, r.pass_ns
         );
         md.push_str(&format!(
@@ -331,7 +338,7 @@ fn per_packet_report(
     md.push_str("\nDESIGN.md's reference for Katran on this kind of machine (measured with `repeat`, so its XDP_PASS is 23 ns): 135 ns established, 289 ns new flow, 70 ns not a VIP.\n\n");
     let json = json!({
         "method": "BPF_PROG_TEST_RUN single-packet calls, median of round medians",
-        "calls_per_case": packets, "rounds": rounds, "cases": cases,
+        "calls_per_case": packets, "rounds": rounds, "conntrack_max": conntrack_max, "cases": cases,
     });
     (md, json, est_ratio)
 }
@@ -488,7 +495,10 @@ fn short_case(name: &str) -> &'static str {
         n if n.starts_with("established UDP") => "est. UDP v4",
         n if n.starts_with("established TCP flow (IPv6)") => "est. TCP v6",
         n if n.starts_with("reply") => "reply",
+        n if n.starts_with("one-arm: established") => "est. v4 1-arm",
+        n if n.starts_with("dsr one-arm: established") => "dsr est. 1-arm",
         n if n.starts_with("dsr: established") => "dsr est. v4",
+        n if n.starts_with("dsr: new") && n.contains("200k") => "dsr new, 200k",
         n if n.starts_with("dsr: new") => "dsr new, 20k",
         n if n.starts_with("new") && n.contains("200k") => "new, 200k",
         n if n.starts_with("new") => "new, 20k",

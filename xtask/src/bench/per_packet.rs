@@ -21,7 +21,7 @@ use anyhow::{bail, Result};
 use xlb::config::Config;
 use xlb_tests::{
     packet::{Frame, ACK},
-    testrun::{Fixture, XDP_PASS, XDP_REDIRECT},
+    testrun::{Fixture, XDP_PASS, XDP_REDIRECT, XDP_TX},
     topology::{LbLab, VIP4, VIP6},
 };
 
@@ -100,7 +100,16 @@ pub fn hundred_backends(lab: &LbLab, cfg: &mut Config) -> Result<()> {
 }
 
 /// `case`: only the cases whose name contains it (for profiling one path).
-pub fn measure(packets: u32, rounds: u32, case: Option<&str>) -> Result<Vec<Row>> {
+pub fn measure(
+    packets: u32,
+    rounds: u32,
+    case: Option<&str>,
+    conntrack_max: u32,
+) -> Result<Vec<Row>> {
+    let load = xlb::dataplane::LoadOptions {
+        conntrack_max,
+        ..Default::default()
+    };
     let lab = LbLab::two_arm(3)?;
     lab.write_config(&[0, 1, 2])?;
     let mut cfg = Config::load(&lab.config_path)?;
@@ -122,7 +131,7 @@ pub fn measure(packets: u32, rounds: u32, case: Option<&str>) -> Result<Vec<Row>
     let (client, snat, client6) = (lab.client4, lab.snat4, lab.client6);
     let case = case.map(str::to_owned);
     let rows = lab.lb.run(move || -> Result<Vec<Row>> {
-        let mut f = Fixture::new()?;
+        let mut f = Fixture::with_options(&load)?;
         f.dp.apply(&cfg)?;
         // Flows to establish first: their later packets are the established cases.
         let open = |f: &mut Fixture, frame: Frame| -> Result<Vec<u8>> {
@@ -140,11 +149,13 @@ pub fn measure(packets: u32, rounds: u32, case: Option<&str>) -> Result<Vec<Row>
         let dsr_port = xlb_tests::topology::BACKEND_PORT;
         open(&mut f, Frame::tcp(&c4, 40003, VIP4, dsr_port))?;
         let est_dsr = Frame::tcp(&c4, 40003, VIP4, dsr_port).flags(ACK);
+        let est_dsr_one_arm = est_dsr.clone();
         let nat_port = u16::from_be_bytes([fwd[34], fwd[35]]);
         let backend = IpAddr::from([fwd[30], fwd[31], fwd[32], fwd[33]]);
         let mut reply =
             Frame::tcp(&backend.to_string(), 8080, &snat.to_string(), nat_port).flags(ACK);
         reply.src_mac = [2, 0, 0, 0, 0, 9];
+        let est4_one_arm = Frame::tcp(&c4, 40000, VIP4, 80).flags(ACK);
         let (est4, udp4, est6) = (
             Frame::tcp(&c4, 40000, VIP4, 80).flags(ACK),
             Frame::udp(&c4, 40001, VIP4, 53),
@@ -200,12 +211,35 @@ pub fn measure(packets: u32, rounds: u32, case: Option<&str>) -> Result<Vec<Row>
                 XDP_REDIRECT,
                 0,
             ),
+            // One-arm: the packet comes in on the backends' link, so it leaves by XDP_TX,
+            // as Katran's do, where two-arm pays for a bpf_redirect call.
+            (
+                "one-arm: established TCP flow (IPv4, XDP_TX)",
+                Box::new(move |_| est4_one_arm.build()),
+                backend_if,
+                XDP_TX,
+                0,
+            ),
+            (
+                "dsr one-arm: established TCP flow (IPv4, IP-in-IP, XDP_TX)",
+                Box::new(move |_| est_dsr_one_arm.build()),
+                backend_if,
+                XDP_TX,
+                0,
+            ),
             (
                 "dsr: new TCP flow (SYN), 20k flows in the table",
                 Box::new(syn(dsr_port)),
                 client_if,
                 XDP_REDIRECT,
                 FILLS[0],
+            ),
+            (
+                "dsr: new TCP flow (SYN), 200k flows in the table",
+                Box::new(syn(dsr_port)),
+                client_if,
+                XDP_REDIRECT,
+                FILLS[1],
             ),
             (
                 "new TCP flow (SYN), 20k flows in the table",
@@ -246,7 +280,7 @@ pub fn measure(packets: u32, rounds: u32, case: Option<&str>) -> Result<Vec<Row>
             let (mut xr, mut br) = (Vec::new(), Vec::new());
             for _ in 0..rounds {
                 if fill > 0 {
-                    f = Fixture::new()?;
+                    f = Fixture::with_options(&load)?;
                     f.dp.apply(&cfg)?;
                     for i in 0..fill {
                         let r = f.run_on(&frame(i), ifindex)?;
