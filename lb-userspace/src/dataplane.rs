@@ -160,6 +160,13 @@ impl Dataplane {
             ),
             Err(e) => warn!(error = %e, "XDP program loaded; its info is unavailable"),
         }
+        let restored = dp.restore_mode_flags()?;
+        if restored > 0 {
+            info!(
+                backends = restored,
+                "backend entries written by an older agent given their service's mode"
+            );
+        }
         restrict_pins(pin_path)?;
         Ok(dp)
     }
@@ -713,10 +720,10 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use lb_common::{
     maglev_chunks, Addr, Backend, DatapathConfig, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
-    ServiceValue, VipFilterWord, BACKEND_F_UNHEALTHY, FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK_SLOTS,
-    MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES,
-    MAX_BACKENDS, MAX_SERVICES, MODE_DNAT, MODE_DSR, MODE_NAT, PROTO_TCP, PROTO_UDP,
-    SVC_F_CLIENT_AFFINITY,
+    ServiceValue, VipFilterWord, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR, BACKEND_F_UNHEALTHY,
+    FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK_SLOTS, MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_CONFIG,
+    MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAX_BACKENDS, MAX_SERVICES, MODE_DNAT, MODE_DSR,
+    MODE_NAT, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_AFFINITY,
 };
 
 use crate::{
@@ -784,6 +791,49 @@ pub struct ApplySummary {
 }
 
 impl Dataplane {
+    /// Gives backend entries that carry no service mode (written by an agent older than
+    /// `BACKEND_F_SVC_DNAT`/`_DSR`) their service's mode, read from the pinned service
+    /// entries that the older program took it from. The program reads an established
+    /// flow's mode from its backend's entry, so without this a dsr or dnat flow would
+    /// be NATed from the upgrade until the first apply, which with Kubernetes as the
+    /// source comes after the program is attached. Run at load, before any attach; a
+    /// no-op once every entry carries its mode. Returns how many entries it rewrote.
+    pub fn restore_mode_flags(&mut self) -> Result<usize> {
+        let services: BpfHashMap<&MapData, ServiceKey, ServiceValue> = BpfHashMap::try_from(
+            self.ebpf
+                .map(MAP_SERVICES)
+                .with_context(|| format!("map {MAP_SERVICES} missing"))?,
+        )?;
+        let mut modes = BTreeMap::new();
+        for entry in services.iter() {
+            let (_, svc) = entry.context("reading the pinned services")?;
+            let flag = match svc.mode {
+                MODE_DNAT => BACKEND_F_SVC_DNAT,
+                MODE_DSR => BACKEND_F_SVC_DSR,
+                _ => continue,
+            };
+            modes.insert(svc.id, flag);
+        }
+        if modes.is_empty() {
+            return Ok(0);
+        }
+        let mut map = self.backends_map()?;
+        let mut rewritten = 0;
+        for (id, mut b) in live_backends(&map)? {
+            let Some(&flag) = modes.get(&b.service_id) else {
+                continue;
+            };
+            if b.flags & (BACKEND_F_SVC_DNAT | BACKEND_F_SVC_DSR) != 0 {
+                continue;
+            }
+            b.flags |= flag;
+            map.set(id, b, 0)
+                .with_context(|| format!("writing backend {id}'s mode"))?;
+            rewritten += 1;
+        }
+        Ok(rewritten)
+    }
+
     fn backends_map(&mut self) -> Result<Array<&mut MapData, Backend>> {
         let map = self
             .ebpf
@@ -956,8 +1006,8 @@ impl Dataplane {
                 }
                 flags |= match svc.mode {
                     Mode::Nat => 0,
-                    Mode::Dnat => lb_common::BACKEND_F_SVC_DNAT,
-                    Mode::Dsr => lb_common::BACKEND_F_SVC_DSR,
+                    Mode::Dnat => BACKEND_F_SVC_DNAT,
+                    Mode::Dsr => BACKEND_F_SVC_DSR,
                 };
                 // A configured address wins; otherwise the route's source (`snat: auto`).
                 let configured: Option<IpAddr> = match b.address.ip() {

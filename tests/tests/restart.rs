@@ -249,3 +249,71 @@ fn privileged_pinned_maps_of_another_layout_are_replaced() {
         .unwrap()
         .is_empty());
 }
+
+/// Upgrading across the backend mode flags (`BACKEND_F_SVC_DNAT`/`_DSR`): the backend
+/// entries an older agent wrote carry none, and the program reads an established
+/// flow's mode from them. The upgraded agent's load gives them their service's mode,
+/// before anything is attached, so established dsr and dnat flows are not NATed until
+/// its first apply.
+#[test]
+fn privileged_an_upgrade_gives_older_backend_entries_their_service_mode() {
+    if !privileged() {
+        return;
+    }
+    use lb_common::{Backend, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR, MAP_BACKENDS};
+    use lb_common::{MODE_DNAT, MODE_DSR, MODE_NAT};
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
+    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    let mut cfg = String::from("snat: {ipv4: 10.30.0.1}\nservices:\n");
+    for (i, mode) in ["nat", "dnat", "dsr"].iter().enumerate() {
+        cfg.push_str(&format!(
+            "  - {{name: s{i}, vip: \"10.200.0.{}\", port: 80, protocol: tcp, mode: {mode}, backends: [{{address: \"172.16.{i}.1:80\"}}, {{address: \"172.16.{i}.2:80\"}}]}}\n",
+            i + 1
+        ));
+    }
+    let cfg = xlb::config::Config::parse(&cfg).unwrap();
+    let modes = |dp: &mut Dataplane| -> Vec<(u32, u8)> {
+        let m: aya::maps::Array<_, Backend> =
+            aya::maps::Array::try_from(dp.ebpf.map(MAP_BACKENDS).unwrap()).unwrap();
+        xlb::dataplane::live_backends(&m)
+            .unwrap()
+            .into_values()
+            .map(|b| (b.addr[0], b.mode()))
+            .collect()
+    };
+    let want = {
+        let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
+        dp.apply(&cfg).unwrap();
+        let want = modes(&mut dp);
+        let mut by_mode: Vec<u8> = want.iter().map(|(_, m)| *m).collect();
+        by_mode.sort();
+        assert_eq!(
+            by_mode,
+            [MODE_NAT, MODE_NAT, MODE_DNAT, MODE_DNAT, MODE_DSR, MODE_DSR]
+        );
+        // What an older agent left: the same entries, without the mode flags.
+        let mut m: aya::maps::Array<_, Backend> =
+            aya::maps::Array::try_from(dp.ebpf.map_mut(MAP_BACKENDS).unwrap()).unwrap();
+        for (id, mut b) in xlb::dataplane::live_backends(&m).unwrap() {
+            b.flags &= !(BACKEND_F_SVC_DNAT | BACKEND_F_SVC_DSR);
+            m.set(id, b, 0).unwrap();
+        }
+        assert!(
+            modes(&mut dp).iter().all(|(_, m)| *m == MODE_NAT),
+            "an older agent's entries read as nat"
+        );
+        want
+    };
+    // The upgraded agent loads over the same pins; nothing is applied yet.
+    let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
+    assert_eq!(
+        modes(&mut dp),
+        want,
+        "each backend has its service's mode again"
+    );
+    assert_eq!(
+        dp.restore_mode_flags().unwrap(),
+        0,
+        "and a second pass changes nothing"
+    );
+}
