@@ -160,11 +160,19 @@ impl Dataplane {
             ),
             Err(e) => warn!(error = %e, "XDP program loaded; its info is unavailable"),
         }
+        // What an upgrade may have left behind, put right before anything is attached.
         let restored = dp.restore_mode_flags()?;
         if restored > 0 {
             info!(
                 backends = restored,
                 "backend entries written by an older agent given their service's mode"
+            );
+        }
+        let words = dp.restore_vip_filter()?;
+        if words > 0 {
+            info!(
+                words,
+                "VIP filter rebuilt from the pinned services (it was replaced or incomplete)"
             );
         }
         restrict_pins(pin_path)?;
@@ -832,6 +840,43 @@ impl Dataplane {
             rewritten += 1;
         }
         Ok(rewritten)
+    }
+
+    /// Sets the VIP filter's bit of every service in the pinned service map. The filter
+    /// is derived from the services, and a filter map replaced by an upgrade (another
+    /// layout or hash) starts empty: the new program would then pass every packet for
+    /// a VIP to the kernel until the first apply, which with Kubernetes as the source
+    /// comes after the program is attached. Bits already set stay (a spare bit only
+    /// costs a lookup). Run at load, before any attach. Returns how many words changed.
+    pub fn restore_vip_filter(&mut self) -> Result<usize> {
+        let services: BpfHashMap<&MapData, ServiceKey, ServiceValue> = BpfHashMap::try_from(
+            self.ebpf
+                .map(MAP_SERVICES)
+                .with_context(|| format!("map {MAP_SERVICES} missing"))?,
+        )?;
+        let keys: Vec<ServiceKey> = services
+            .keys()
+            .collect::<Result<_, _>>()
+            .context("reading the pinned services")?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let wanted = vip_filter(keys);
+        let map = self
+            .ebpf
+            .map_mut(lb_common::MAP_VIP_FILTER)
+            .context("VIP filter map")?;
+        let mut map = Array::<&mut MapData, VipFilterWord>::try_from(map)?;
+        let mut changed = 0;
+        for (i, want) in wanted.iter().enumerate() {
+            let i = i as u32;
+            let have = map.get(&i, 0)?;
+            if have | want != have {
+                map.set(i, have | want, 0)?;
+                changed += 1;
+            }
+        }
+        Ok(changed)
     }
 
     fn backends_map(&mut self) -> Result<Array<&mut MapData, Backend>> {

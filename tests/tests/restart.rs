@@ -317,3 +317,49 @@ fn privileged_an_upgrade_gives_older_backend_entries_their_service_mode() {
         "and a second pass changes nothing"
     );
 }
+
+/// Upgrading across a change of the VIP filter (its word size and hash changed, so the
+/// pinned map is replaced and starts empty): the upgraded agent's load rebuilds it from
+/// the pinned services before anything is attached, so packets for the VIPs are not
+/// passed to the kernel until its first apply.
+#[test]
+fn privileged_an_upgrade_rebuilds_a_replaced_vip_filter_from_the_services() {
+    if !privileged() {
+        return;
+    }
+    use lb_common::{VipFilterWord, MAP_VIP_FILTER};
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
+    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    let filter = |dp: &mut Dataplane| -> Vec<VipFilterWord> {
+        let m: aya::maps::Array<_, VipFilterWord> =
+            aya::maps::Array::try_from(dp.ebpf.map(MAP_VIP_FILTER).unwrap()).unwrap();
+        m.iter().map(Result::unwrap).collect()
+    };
+    let keys = {
+        let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
+        dp.apply(&xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6))
+            .unwrap();
+        let services: aya::maps::HashMap<_, ServiceKey, ServiceValue> =
+            aya::maps::HashMap::try_from(dp.ebpf.map(MAP_SERVICES).unwrap()).unwrap();
+        let keys: Vec<ServiceKey> = services.keys().map(Result::unwrap).collect();
+        assert!(keys.len() >= 2, "the lab's services are in the map");
+        assert_eq!(filter(&mut dp), xlb::dataplane::vip_filter(keys.clone()));
+        keys
+    };
+    // What an upgrade across a filter change does before the new program loads.
+    std::fs::remove_file(pin.join(MAP_VIP_FILTER)).unwrap();
+    let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
+    let words = filter(&mut dp);
+    for k in &keys {
+        let (word, mask) = lb_common::hash::vip_filter_slot(lb_common::hash::vip_filter_bit(
+            &k.vip, k.port, k.proto,
+        ));
+        assert_ne!(words[word as usize] & mask, 0, "{k:?}'s bit is set again");
+    }
+    assert_eq!(words, xlb::dataplane::vip_filter(keys), "and no other bit");
+    assert_eq!(
+        dp.restore_vip_filter().unwrap(),
+        0,
+        "a second pass changes nothing"
+    );
+}
