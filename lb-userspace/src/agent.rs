@@ -119,6 +119,11 @@ impl Agent {
         k8s: Option<Vec<ServiceConfig>>,
     ) -> Result<Option<crate::dataplane::ApplySummary>> {
         let Some(cfg) = self.merged(&base, k8s.as_ref()) else {
+            // Waiting for Kubernetes: settings an upgrade emptied are written from the
+            // file now, before the program is attached (see Dataplane::seed_config).
+            if self.dp.seed_config(&base)? {
+                info!("datapath settings written ahead of the first Kubernetes sync: the pinned ones were empty");
+            }
             self.base = base;
             return Ok(None);
         };

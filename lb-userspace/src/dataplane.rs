@@ -879,6 +879,50 @@ impl Dataplane {
         Ok(changed)
     }
 
+    /// Writes the datapath's settings from `base` (the config without the services yet
+    /// to come) when the pinned settings are empty while services are pinned: the
+    /// settings map was replaced by an upgrade. Zeroed settings would time every flow
+    /// out and give new ones SNAT port 0 until the first apply, which with Kubernetes
+    /// as the source comes after the program is attached. The settings that depend on
+    /// the services (dnat in use, decapsulation) are read from the pinned services and
+    /// backends. Returns whether it wrote.
+    pub fn seed_config(&mut self, base: &Config) -> Result<bool> {
+        let config_map: Array<&MapData, DatapathConfig> =
+            Array::try_from(self.ebpf.map(MAP_CONFIG).context("config map")?)?;
+        if config_map.get(&0, 0)? != DatapathConfig::default() {
+            return Ok(false);
+        }
+        let services: BpfHashMap<&MapData, ServiceKey, ServiceValue> = BpfHashMap::try_from(
+            self.ebpf
+                .map(MAP_SERVICES)
+                .with_context(|| format!("map {MAP_SERVICES} missing"))?,
+        )?;
+        let pinned: Vec<(ServiceKey, ServiceValue)> = services
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the pinned services")?;
+        if pinned.is_empty() {
+            return Ok(false);
+        }
+        let mut dp_cfg = datapath_config(base);
+        let dnat_here = live_backends(&self.backends_map()?)?
+            .values()
+            .any(|b| b.flags & lb_common::BACKEND_F_DNAT != 0);
+        if dnat_here || pinned.iter().any(|(_, v)| v.mode == MODE_DNAT) {
+            dp_cfg.dnat_in_use = 1;
+        }
+        if pinned
+            .iter()
+            .any(|(k, _)| k.family & lb_common::SVC_KEY_ENCAPSULATED != 0)
+        {
+            dp_cfg.decap = 1;
+        }
+        let mut config_map: Array<&mut MapData, DatapathConfig> =
+            Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
+        config_map.set(0, dp_cfg, 0)?;
+        Ok(true)
+    }
+
     fn backends_map(&mut self) -> Result<Array<&mut MapData, Backend>> {
         let map = self
             .ebpf
@@ -982,32 +1026,7 @@ impl Dataplane {
         }
         self.write_filter(&superset)?;
         let mut summary = ApplySummary::default();
-        let dp_cfg = DatapathConfig {
-            snat_v4: cfg
-                .snat
-                .ipv4
-                .map(|a| addr_to_words(a.into()).0)
-                .unwrap_or_default(),
-            snat_v6: cfg
-                .snat
-                .ipv6
-                .map(|a| addr_to_words(a.into()).0)
-                .unwrap_or_default(),
-            snat_port_min: cfg.snat.port_min,
-            snat_port_max: cfg.snat.port_max,
-            tcp_idle_timeout_s: cfg.timeouts.tcp_idle,
-            udp_idle_timeout_s: cfg.timeouts.udp_idle,
-            tcp_closing_timeout_s: cfg.timeouts.tcp_closing,
-            tcp_syn_timeout_s: cfg.timeouts.tcp_syn,
-            decap: (cfg.decap || cfg.services.iter().any(|s| s.encapsulated)) as u32,
-            new_flow_limit: cfg.flood_guard.new_flows_per_cpu,
-            dnat_in_use: cfg
-                .services
-                .iter()
-                .any(|s| s.mode == Mode::Dnat || s.backends.iter().any(|b| b.dnat_here))
-                as u32,
-            vip_filter: 1,
-        };
+        let dp_cfg = datapath_config(cfg);
         let mut config_map: Array<&mut MapData, DatapathConfig> =
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
         config_map.set(0, dp_cfg, 0)?;
@@ -1225,6 +1244,36 @@ impl Dataplane {
         }
         self.written_filter = Some(words.to_vec());
         Ok(())
+    }
+}
+
+/// The datapath's settings for `cfg`.
+fn datapath_config(cfg: &Config) -> DatapathConfig {
+    DatapathConfig {
+        snat_v4: cfg
+            .snat
+            .ipv4
+            .map(|a| addr_to_words(a.into()).0)
+            .unwrap_or_default(),
+        snat_v6: cfg
+            .snat
+            .ipv6
+            .map(|a| addr_to_words(a.into()).0)
+            .unwrap_or_default(),
+        snat_port_min: cfg.snat.port_min,
+        snat_port_max: cfg.snat.port_max,
+        tcp_idle_timeout_s: cfg.timeouts.tcp_idle,
+        udp_idle_timeout_s: cfg.timeouts.udp_idle,
+        tcp_closing_timeout_s: cfg.timeouts.tcp_closing,
+        tcp_syn_timeout_s: cfg.timeouts.tcp_syn,
+        decap: (cfg.decap || cfg.services.iter().any(|s| s.encapsulated)) as u32,
+        new_flow_limit: cfg.flood_guard.new_flows_per_cpu,
+        dnat_in_use: cfg
+            .services
+            .iter()
+            .any(|s| s.mode == Mode::Dnat || s.backends.iter().any(|b| b.dnat_here))
+            as u32,
+        vip_filter: 1,
     }
 }
 

@@ -363,3 +363,50 @@ fn privileged_an_upgrade_rebuilds_a_replaced_vip_filter_from_the_services() {
         "a second pass changes nothing"
     );
 }
+
+/// Upgrading across a change of the datapath's settings (XLB_CONFIG replaced, so
+/// empty): zeroed settings would time every flow out and give new flows SNAT port 0.
+/// An agent that waits for its first Kubernetes sync writes them from its config file
+/// first, with what depends on the services (dnat in use) read from the pinned maps.
+#[test]
+fn privileged_an_upgrade_that_emptied_the_settings_gets_them_before_the_first_sync() {
+    if !privileged() {
+        return;
+    }
+    use lb_common::{DatapathConfig, MAP_CONFIG};
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
+    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    let settings = |dp: &mut Dataplane| -> DatapathConfig {
+        let m: aya::maps::Array<_, DatapathConfig> =
+            aya::maps::Array::try_from(dp.ebpf.map(MAP_CONFIG).unwrap()).unwrap();
+        m.get(&0, 0).unwrap()
+    };
+    let cfg = xlb::config::Config::parse(
+        "snat: {ipv4: 10.30.0.1, port_min: 40000, port_max: 50000}\nservices:\n  - {name: n, vip: \"10.200.0.1\", port: 80, protocol: tcp, backends: [{address: \"172.16.0.1:80\"}]}\n  - {name: d, vip: \"10.200.0.2\", port: 80, protocol: tcp, mode: dnat, backends: [{address: \"172.16.1.1:80\"}]}\n",
+    )
+    .unwrap();
+    let want = {
+        let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
+        dp.apply(&cfg).unwrap();
+        settings(&mut dp)
+    };
+    assert_eq!(want.dnat_in_use, 1);
+    assert_eq!(want.snat_port_min, 40000);
+    assert_ne!(want.tcp_idle_timeout_s, 0);
+    std::fs::remove_file(pin.join(MAP_CONFIG)).unwrap();
+    let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
+    assert_eq!(
+        settings(&mut dp),
+        DatapathConfig::default(),
+        "replaced: empty"
+    );
+    // The file's part of the config: the services come from Kubernetes.
+    let mut base = cfg.clone();
+    base.services.clear();
+    assert!(dp.seed_config(&base).unwrap());
+    assert_eq!(settings(&mut dp), want, "as the last apply wrote them");
+    assert!(
+        !dp.seed_config(&base).unwrap(),
+        "settings already there are left alone"
+    );
+}
