@@ -807,14 +807,8 @@ impl Dataplane {
     /// source comes after the program is attached. Run at load, before any attach; a
     /// no-op once every entry carries its mode. Returns how many entries it rewrote.
     pub fn restore_mode_flags(&mut self) -> Result<usize> {
-        let services: BpfHashMap<&MapData, ServiceKey, ServiceValue> = BpfHashMap::try_from(
-            self.ebpf
-                .map(MAP_SERVICES)
-                .with_context(|| format!("map {MAP_SERVICES} missing"))?,
-        )?;
         let mut modes = BTreeMap::new();
-        for entry in services.iter() {
-            let (_, svc) = entry.context("reading the pinned services")?;
+        for (_, svc) in self.pinned_services()? {
             let flag = match svc.mode {
                 MODE_DNAT => BACKEND_F_SVC_DNAT,
                 MODE_DSR => BACKEND_F_SVC_DSR,
@@ -849,15 +843,11 @@ impl Dataplane {
     /// comes after the program is attached. Bits already set stay (a spare bit only
     /// costs a lookup). Run at load, before any attach. Returns how many words changed.
     pub fn restore_vip_filter(&mut self) -> Result<usize> {
-        let services: BpfHashMap<&MapData, ServiceKey, ServiceValue> = BpfHashMap::try_from(
-            self.ebpf
-                .map(MAP_SERVICES)
-                .with_context(|| format!("map {MAP_SERVICES} missing"))?,
-        )?;
-        let keys: Vec<ServiceKey> = services
-            .keys()
-            .collect::<Result<_, _>>()
-            .context("reading the pinned services")?;
+        let keys: Vec<ServiceKey> = self
+            .pinned_services()?
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
         if keys.is_empty() {
             return Ok(0);
         }
@@ -892,15 +882,7 @@ impl Dataplane {
         if config_map.get(&0, 0)? != DatapathConfig::default() {
             return Ok(false);
         }
-        let services: BpfHashMap<&MapData, ServiceKey, ServiceValue> = BpfHashMap::try_from(
-            self.ebpf
-                .map(MAP_SERVICES)
-                .with_context(|| format!("map {MAP_SERVICES} missing"))?,
-        )?;
-        let pinned: Vec<(ServiceKey, ServiceValue)> = services
-            .iter()
-            .collect::<Result<_, _>>()
-            .context("reading the pinned services")?;
+        let pinned = self.pinned_services()?;
         if pinned.is_empty() {
             return Ok(false);
         }
@@ -921,6 +903,14 @@ impl Dataplane {
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
         config_map.set(0, dp_cfg, 0)?;
         Ok(true)
+    }
+
+    /// The services in the pinned map, as the running program sees them.
+    fn pinned_services(&mut self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+        self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("reading the pinned services")
     }
 
     fn backends_map(&mut self) -> Result<Array<&mut MapData, Backend>> {
