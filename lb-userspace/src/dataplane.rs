@@ -561,6 +561,19 @@ pub fn mode_name(mode: XdpMode) -> &'static str {
 /// as they are, and the verifier would then reject the program, or a value of the same
 /// size but another layout would be read wrong. A fresh map replaces each; what it held
 /// (flows, for conntrack and reverse NAT) is lost, and said so. Returns their names.
+/// The maps whose size `LoadOptions` sets (see `Dataplane::load`).
+const SIZED_AT_LOAD: [&str; 9] = [
+    lb_common::MAP_CONNTRACK,
+    lb_common::MAP_REVERSE_NAT,
+    MAP_SERVICES,
+    MAP_MAGLEV,
+    lb_common::MAP_SERVICE_STATS,
+    lb_common::MAP_SERVICE_NAMES,
+    MAP_BACKENDS,
+    lb_common::MAP_BACKEND_STATS,
+    lb_common::MAP_BACKEND_TUNNELS,
+];
+
 pub fn drop_incompatible_pins(pin_path: &Path) -> Result<Vec<String>> {
     let obj = aya_obj::Object::parse(crate::EBPF_OBJECT).context("parsing the eBPF object")?;
     let mut dropped = Vec::new();
@@ -571,18 +584,28 @@ pub fn drop_incompatible_pins(pin_path: &Path) -> Result<Vec<String>> {
         }
         let info = aya::maps::MapInfo::from_pin(&pin)
             .with_context(|| format!("reading the pinned map {}", pin.display()))?;
+        // Maps sized by the operator keep the size they were created with (load warns
+        // of it); any other map of another size was left by a version with another
+        // fixed size, e.g. fewer counters, whose new entries would not exist.
+        let sized_here = !SIZED_AT_LOAD.contains(&name.as_str());
         let pinned = (
             info.map_type().map(|t| t as u32).ok(),
             info.key_size(),
             info.value_size(),
+            sized_here.then(|| info.max_entries()),
         );
-        let wanted = (Some(def.map_type()), def.key_size(), def.value_size());
+        let wanted = (
+            Some(def.map_type()),
+            def.key_size(),
+            def.value_size(),
+            sized_here.then(|| def.max_entries()),
+        );
         if pinned != wanted {
             warn!(
                 map = %name,
                 ?pinned,
                 ?wanted,
-                "pinned map has another layout (type, key size, value size): replacing it, its contents are lost"
+                "pinned map has another layout (type, key size, value size, fixed size): replacing it, its contents are lost"
             );
             std::fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
             dropped.push(name.clone());

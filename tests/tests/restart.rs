@@ -167,7 +167,7 @@ fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
 
 /// Pins a map of the given type and sizes at `path`, as another xlb version would have
 /// left it (created with the raw syscall: aya creates maps only from an object).
-fn pin_raw_map(path: &Path, map_type: u32, key_size: u32, value_size: u32) {
+fn pin_raw_map(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_entries: u32) {
     #[repr(C)]
     struct MapCreate {
         map_type: u32,
@@ -188,7 +188,7 @@ fn pin_raw_map(path: &Path, map_type: u32, key_size: u32, value_size: u32) {
         map_type,
         key_size,
         value_size,
-        max_entries: 64,
+        max_entries,
         map_flags: 0,
     };
     let fd = bpf(BPF_MAP_CREATE, &create);
@@ -224,12 +224,13 @@ fn privileged_pinned_maps_of_another_layout_are_replaced() {
     xlb::dataplane::ensure_bpffs(&pin).unwrap();
     let key = std::mem::size_of::<FlowKey>() as u32;
     // The conntrack layout before flows carried their next hop: 32-byte values.
-    pin_raw_map(&pin.join(MAP_CONNTRACK), BPF_MAP_TYPE_LRU_HASH, key, 32);
+    pin_raw_map(&pin.join(MAP_CONNTRACK), BPF_MAP_TYPE_LRU_HASH, key, 32, 64);
     pin_raw_map(
         &pin.join(MAP_SERVICES),
         BPF_MAP_TYPE_HASH,
         std::mem::size_of::<ServiceKey>() as u32,
         std::mem::size_of::<ServiceValue>() as u32,
+        64,
     );
     let services_id = MapInfo::from_pin(pin.join(MAP_SERVICES)).unwrap().id();
 
@@ -408,5 +409,75 @@ fn privileged_an_upgrade_that_emptied_the_settings_gets_them_before_the_first_sy
     assert!(
         !dp.seed_config(&base).unwrap(),
         "settings already there are left alone"
+    );
+}
+
+/// Upgrading across new counters: the global statistics array an older xlb pinned has
+/// fewer entries, with the same layout otherwise. Adopted as it is, the new counters
+/// would never count (the program's lookups past its end fail) and reading them would
+/// fail. A fixed-size map of another size is replaced like one of another layout.
+#[test]
+fn privileged_a_pinned_statistics_map_with_fewer_counters_is_replaced() {
+    if !privileged() {
+        return;
+    }
+    use lb_common::{Counter, MAP_GLOBAL_STATS, STAT_COUNT};
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
+    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    xlb::dataplane::ensure_bpffs(&pin).unwrap();
+    pin_raw_map(
+        &pin.join(MAP_GLOBAL_STATS),
+        BPF_MAP_TYPE_PERCPU_ARRAY,
+        4,
+        std::mem::size_of::<Counter>() as u32,
+        STAT_COUNT - 3,
+    );
+    let _dp = Dataplane::load(&pin, &Default::default()).unwrap();
+    let info = MapInfo::from_pin(pin.join(MAP_GLOBAL_STATS)).unwrap();
+    assert_eq!(info.max_entries(), STAT_COUNT, "a counter for every index");
+    let counters = xlb::status::read_global_counters(&pin).expect("every counter reads");
+    assert_eq!(counters.len(), STAT_COUNT as usize);
+}
+
+/// The maps the operator sizes (`--conntrack-max`, `--max-services`, `--max-backends`)
+/// keep the size they were created with when the next agent asks for another: they are
+/// adopted with their contents, not taken for maps of another version.
+#[test]
+fn privileged_maps_sized_by_the_operator_are_adopted_at_any_size() {
+    if !privileged() {
+        return;
+    }
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
+    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    let small = xlb::dataplane::LoadOptions {
+        conntrack_max: 1024,
+        max_services: 8,
+        max_backends: 64,
+        ..Default::default()
+    };
+    let ids = |pin: &Path| -> Vec<u32> {
+        let mut ids = Vec::new();
+        for entry in std::fs::read_dir(pin).unwrap() {
+            let path = entry.unwrap().path();
+            if let Ok(info) = MapInfo::from_pin(&path) {
+                ids.push(info.id());
+            }
+        }
+        ids.sort();
+        ids
+    };
+    let before = {
+        let mut dp = Dataplane::load(&pin, &small).unwrap();
+        dp.apply(&xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6))
+            .unwrap();
+        ids(&pin)
+    };
+    assert!(before.len() >= 10, "the maps are pinned: {before:?}");
+    let dp = Dataplane::load(&pin, &Default::default()).unwrap();
+    assert_eq!(ids(&pin), before, "every pinned map adopted, none replaced");
+    assert_eq!(
+        (dp.conntrack_max, dp.max_services, dp.max_backends),
+        (1024, 8, 64)
     );
 }
