@@ -40,6 +40,24 @@ pub struct LoadOptions {
     pub max_backends: u32,
 }
 
+impl LoadOptions {
+    /// The maps these options size, and their sizes (every other map has the size the
+    /// object gives it).
+    pub fn map_sizes(&self) -> [(&'static str, u32); 9] {
+        [
+            (lb_common::MAP_CONNTRACK, self.conntrack_max),
+            (lb_common::MAP_REVERSE_NAT, self.conntrack_max),
+            (MAP_SERVICES, self.max_services),
+            (MAP_MAGLEV, self.max_services * 2 * MAGLEV_MAX_CHUNKS),
+            (lb_common::MAP_SERVICE_STATS, self.max_services),
+            (lb_common::MAP_SERVICE_NAMES, self.max_services),
+            (MAP_BACKENDS, self.max_backends),
+            (lb_common::MAP_BACKEND_STATS, self.max_backends),
+            (lb_common::MAP_BACKEND_TUNNELS, self.max_backends),
+        ]
+    }
+}
+
 impl Default for LoadOptions {
     fn default() -> Self {
         Self {
@@ -96,25 +114,21 @@ impl Dataplane {
         let private_pins = ensure_bpffs(pin_path)?;
         let lock = lock_pin_path(pin_path)?;
         drop_incompatible_pins(pin_path)?;
-        let ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_path)
-            .override_global("AYA_LOG_LEVEL", &opts.log_level, true)
-            .map_max_entries(lb_common::MAP_CONNTRACK, opts.conntrack_max)
-            .map_max_entries(lb_common::MAP_REVERSE_NAT, opts.conntrack_max)
-            .map_max_entries(MAP_SERVICES, opts.max_services)
-            .map_max_entries(MAP_MAGLEV, opts.max_services * 2 * MAGLEV_MAX_CHUNKS)
-            .map_max_entries(lb_common::MAP_SERVICE_STATS, opts.max_services)
-            .map_max_entries(lb_common::MAP_SERVICE_NAMES, opts.max_services)
-            .map_max_entries(MAP_BACKENDS, opts.max_backends)
-            .map_max_entries(lb_common::MAP_BACKEND_STATS, opts.max_backends)
-            .map_max_entries(lb_common::MAP_BACKEND_TUNNELS, opts.max_backends)
-            .load(crate::EBPF_OBJECT)
-            .with_context(|| {
-                format!(
-                    "loading the XDP program (maps pinned in {})",
-                    pin_path.display()
-                )
-            })?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_path).override_global(
+            "AYA_LOG_LEVEL",
+            &opts.log_level,
+            true,
+        );
+        for (name, size) in opts.map_sizes() {
+            loader.map_max_entries(name, size);
+        }
+        let ebpf = loader.load(crate::EBPF_OBJECT).with_context(|| {
+            format!(
+                "loading the XDP program (maps pinned in {})",
+                pin_path.display()
+            )
+        })?;
         let mut dp = Self {
             ebpf,
             pin_path: pin_path.to_owned(),
@@ -561,21 +575,9 @@ pub fn mode_name(mode: XdpMode) -> &'static str {
 /// as they are, and the verifier would then reject the program, or a value of the same
 /// size but another layout would be read wrong. A fresh map replaces each; what it held
 /// (flows, for conntrack and reverse NAT) is lost, and said so. Returns their names.
-/// The maps whose size `LoadOptions` sets (see `Dataplane::load`).
-const SIZED_AT_LOAD: [&str; 9] = [
-    lb_common::MAP_CONNTRACK,
-    lb_common::MAP_REVERSE_NAT,
-    MAP_SERVICES,
-    MAP_MAGLEV,
-    lb_common::MAP_SERVICE_STATS,
-    lb_common::MAP_SERVICE_NAMES,
-    MAP_BACKENDS,
-    lb_common::MAP_BACKEND_STATS,
-    lb_common::MAP_BACKEND_TUNNELS,
-];
-
 pub fn drop_incompatible_pins(pin_path: &Path) -> Result<Vec<String>> {
     let obj = aya_obj::Object::parse(crate::EBPF_OBJECT).context("parsing the eBPF object")?;
+    let operator_sized = LoadOptions::default().map_sizes().map(|(name, _)| name);
     let mut dropped = Vec::new();
     for (name, def) in &obj.maps {
         let pin = pin_path.join(name);
@@ -587,7 +589,7 @@ pub fn drop_incompatible_pins(pin_path: &Path) -> Result<Vec<String>> {
         // Maps sized by the operator keep the size they were created with (load warns
         // of it); any other map of another size was left by a version with another
         // fixed size, e.g. fewer counters, whose new entries would not exist.
-        let sized_here = !SIZED_AT_LOAD.contains(&name.as_str());
+        let sized_here = !operator_sized.contains(&name.as_str());
         let pinned = (
             info.map_type().map(|t| t as u32).ok(),
             info.key_size(),
