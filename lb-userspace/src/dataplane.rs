@@ -174,18 +174,16 @@ impl Dataplane {
             ),
             Err(e) => warn!(error = %e, "XDP program loaded; its info is unavailable"),
         }
-        // What an upgrade may have left behind, put right before anything is attached.
-        let restored = dp.restore_mode_flags()?;
-        if restored > 0 {
+        let restored = dp.restore_derived_state()?;
+        if restored.backend_modes > 0 {
             info!(
-                backends = restored,
+                backends = restored.backend_modes,
                 "backend entries written by an older agent given their service's mode"
             );
         }
-        let words = dp.restore_vip_filter()?;
-        if words > 0 {
+        if restored.filter_words > 0 {
             info!(
-                words,
+                words = restored.filter_words,
                 "VIP filter rebuilt from the pinned services (it was replaced or incomplete)"
             );
         }
@@ -823,75 +821,70 @@ pub struct ApplySummary {
     pub backends_removed: usize,
 }
 
-impl Dataplane {
-    /// Gives backend entries that carry no service mode (written by an agent older than
-    /// `BACKEND_F_SVC_DNAT`/`_DSR`) their service's mode, read from the pinned service
-    /// entries that the older program took it from. The program reads an established
-    /// flow's mode from its backend's entry, so without this a dsr or dnat flow would
-    /// be NATed from the upgrade until the first apply, which with Kubernetes as the
-    /// source comes after the program is attached. Run at load, before any attach; a
-    /// no-op once every entry carries its mode. Returns how many entries it rewrote.
-    pub fn restore_mode_flags(&mut self) -> Result<usize> {
-        let mut modes = BTreeMap::new();
-        for (_, svc) in self.pinned_services()? {
-            let flag = match svc.mode {
-                MODE_DNAT => BACKEND_F_SVC_DNAT,
-                MODE_DSR => BACKEND_F_SVC_DSR,
-                _ => continue,
-            };
-            modes.insert(svc.id, flag);
-        }
-        if modes.is_empty() {
-            return Ok(0);
-        }
-        let mut map = self.backends_map()?;
-        let mut rewritten = 0;
-        for (id, mut b) in live_backends(&map)? {
-            let Some(&flag) = modes.get(&b.service_id) else {
-                continue;
-            };
-            if b.flags & (BACKEND_F_SVC_DNAT | BACKEND_F_SVC_DSR) != 0 {
-                continue;
-            }
-            b.flags |= flag;
-            map.set(id, b, 0)
-                .with_context(|| format!("writing backend {id}'s mode"))?;
-            rewritten += 1;
-        }
-        Ok(rewritten)
-    }
+/// What `Dataplane::restore_derived_state` rewrote.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub backend_modes: usize,
+    pub filter_words: usize,
+}
 
-    /// Sets the VIP filter's bit of every service in the pinned service map. The filter
-    /// is derived from the services, and a filter map replaced by an upgrade (another
-    /// layout or hash) starts empty: the new program would then pass every packet for
-    /// a VIP to the kernel until the first apply, which with Kubernetes as the source
-    /// comes after the program is attached. Bits already set stay (a spare bit only
-    /// costs a lookup). Run at load, before any attach. Returns how many words changed.
-    pub fn restore_vip_filter(&mut self) -> Result<usize> {
-        let keys: Vec<ServiceKey> = self
-            .pinned_services()?
-            .into_iter()
-            .map(|(k, _)| k)
-            .collect();
-        if keys.is_empty() {
-            return Ok(0);
+impl Dataplane {
+    /// Puts right what an upgrade may have left in the maps it kept, from the pinned
+    /// services, before the new program is attached. With Kubernetes as the source the
+    /// first apply comes only after the attach, and until then the new program would:
+    /// - NAT dsr and dnat flows, whose backend entries an agent older than
+    ///   `BACKEND_F_SVC_DNAT`/`_DSR` wrote without the mode the program now reads
+    ///   there: each such entry is given its service's mode;
+    /// - pass every packet for a VIP to the kernel, when the VIP filter was replaced
+    ///   (another layout or hash) and so is empty: every service's bit is set again
+    ///   (bits already set stay; a spare bit only costs a lookup).
+    ///
+    /// A no-op once both are right.
+    pub fn restore_derived_state(&mut self) -> Result<Restored> {
+        let services = self.pinned_services()?;
+        let mut restored = Restored::default();
+        if services.is_empty() {
+            return Ok(restored);
         }
-        let wanted = vip_filter(keys);
+        let modes: BTreeMap<u32, u8> = services
+            .iter()
+            .filter_map(|(_, svc)| match svc.mode {
+                MODE_DNAT => Some((svc.id, BACKEND_F_SVC_DNAT)),
+                MODE_DSR => Some((svc.id, BACKEND_F_SVC_DSR)),
+                _ => None,
+            })
+            .collect();
+        if !modes.is_empty() {
+            let mut map = self.backends_map()?;
+            for (id, mut b) in live_backends(&map)? {
+                let Some(&flag) = modes.get(&b.service_id) else {
+                    continue;
+                };
+                if b.flags & (BACKEND_F_SVC_DNAT | BACKEND_F_SVC_DSR) != 0 {
+                    continue;
+                }
+                b.flags |= flag;
+                map.set(id, b, 0)
+                    .with_context(|| format!("writing backend {id}'s mode"))?;
+                restored.backend_modes += 1;
+            }
+        }
+        let wanted = vip_filter(services.into_iter().map(|(k, _)| k));
         let map = self
             .ebpf
             .map_mut(lb_common::MAP_VIP_FILTER)
             .context("VIP filter map")?;
         let mut map = Array::<&mut MapData, VipFilterWord>::try_from(map)?;
-        let mut changed = 0;
-        for (i, want) in wanted.iter().enumerate() {
+        // Only the words that hold a service's bit: a read each, not one per word.
+        for (i, want) in wanted.iter().enumerate().filter(|(_, w)| **w != 0) {
             let i = i as u32;
             let have = map.get(&i, 0)?;
             if have | want != have {
                 map.set(i, have | want, 0)?;
-                changed += 1;
+                restored.filter_words += 1;
             }
         }
-        Ok(changed)
+        Ok(restored)
     }
 
     /// Writes the datapath's settings from `base` (the config without the services yet
