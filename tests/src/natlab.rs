@@ -59,6 +59,21 @@ pub fn config_with(extra: &str, backends_v4: &[&str], backends_v6: &[&str]) -> C
     Config::parse(&text).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{text}"))
 }
 
+/// One TCP service per mode in `modes` (`nat`, `dnat`, `dsr`): service i is `s{i}` at
+/// 10.200.0.{i+1}:80 with backends 172.16.{i}.1:80 and 172.16.{i}.2:80, so a backend's
+/// third octet names its service.
+pub fn config_with_modes(modes: &[&str]) -> Config {
+    let mut t = String::from("snat: {ipv4: 10.30.0.1}\nservices:\n");
+    for (i, mode) in modes.iter().enumerate() {
+        t.push_str(&format!(
+            "  - {{name: s{i}, vip: \"10.200.0.{}\", port: 80, protocol: tcp, mode: {mode}, backends: [{}]}}\n",
+            i + 1,
+            backend_list(&[&format!("172.16.{i}.1:80"), &format!("172.16.{i}.2:80")])
+        ));
+    }
+    Config::parse(&t).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{t}"))
+}
+
 /// Builds the namespace, then runs `body` on a thread inside it.
 pub fn in_lab(body: impl FnOnce(&Lab) + Send + 'static) {
     if !privileged() {

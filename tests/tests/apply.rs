@@ -174,16 +174,7 @@ fn privileged_backends_carry_their_service_mode_through_a_change() {
     if !privileged() {
         return;
     }
-    let config = |modes: [&str; 3]| {
-        let mut t = String::from("snat: {ipv4: 10.30.0.1}\nservices:\n");
-        for (i, mode) in modes.iter().enumerate() {
-            t.push_str(&format!(
-                "  - {{name: s{i}, vip: \"10.200.0.{}\", port: 80, protocol: tcp, mode: {mode}, backends: [{{address: \"172.16.{i}.1:80\"}}, {{address: \"172.16.{i}.2:80\"}}]}}\n",
-                i + 1
-            ));
-        }
-        Config::parse(&t).unwrap()
-    };
+    let config = |modes: [&str; 3]| xlb_tests::natlab::config_with_modes(&modes);
     let modes_in_map = |f: &mut Fixture| -> BTreeMap<u32, (u32, u8)> {
         let m: aya::maps::Array<_, Backend> =
             aya::maps::Array::try_from(f.dp.ebpf.map(MAP_BACKENDS).unwrap()).unwrap();

@@ -151,6 +151,12 @@ fn privileged_restart_generic_keeps_every_flow() {
     restart_keeps_every_flow("generic");
 }
 
+/// A pin directory of the test's own, removed when the guard drops.
+fn own_pin_path() -> (PathBuf, xlb_tests::RemoveOnDrop) {
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
+    (pin.clone(), xlb_tests::RemoveOnDrop(pin))
+}
+
 /// The bpf(2) syscall with `attr` as its attribute.
 fn bpf<T>(cmd: libc::c_long, attr: &T) -> libc::c_long {
     // SAFETY: `attr` is a valid, fully initialised attribute of the size given; what it
@@ -219,8 +225,7 @@ fn privileged_pinned_maps_of_another_layout_are_replaced() {
     }
     const BPF_MAP_TYPE_HASH: u32 = 1;
     const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
-    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
-    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    let (pin, _cleanup) = own_pin_path();
     xlb::dataplane::ensure_bpffs(&pin).unwrap();
     let key = std::mem::size_of::<FlowKey>() as u32;
     // The conntrack layout before flows carried their next hop: 32-byte values.
@@ -263,16 +268,8 @@ fn privileged_an_upgrade_gives_older_backend_entries_their_service_mode() {
     }
     use lb_common::{Backend, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR, MAP_BACKENDS};
     use lb_common::{MODE_DNAT, MODE_DSR, MODE_NAT};
-    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
-    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
-    let mut cfg = String::from("snat: {ipv4: 10.30.0.1}\nservices:\n");
-    for (i, mode) in ["nat", "dnat", "dsr"].iter().enumerate() {
-        cfg.push_str(&format!(
-            "  - {{name: s{i}, vip: \"10.200.0.{}\", port: 80, protocol: tcp, mode: {mode}, backends: [{{address: \"172.16.{i}.1:80\"}}, {{address: \"172.16.{i}.2:80\"}}]}}\n",
-            i + 1
-        ));
-    }
-    let cfg = xlb::config::Config::parse(&cfg).unwrap();
+    let (pin, _cleanup) = own_pin_path();
+    let cfg = xlb_tests::natlab::config_with_modes(&["nat", "dnat", "dsr"]);
     let modes = |dp: &mut Dataplane| -> Vec<(u32, u8)> {
         let m: aya::maps::Array<_, Backend> =
             aya::maps::Array::try_from(dp.ebpf.map(MAP_BACKENDS).unwrap()).unwrap();
@@ -329,8 +326,7 @@ fn privileged_an_upgrade_rebuilds_a_replaced_vip_filter_from_the_services() {
         return;
     }
     use lb_common::{VipFilterWord, MAP_VIP_FILTER};
-    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
-    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    let (pin, _cleanup) = own_pin_path();
     let filter = |dp: &mut Dataplane| -> Vec<VipFilterWord> {
         let m: aya::maps::Array<_, VipFilterWord> =
             aya::maps::Array::try_from(dp.ebpf.map(MAP_VIP_FILTER).unwrap()).unwrap();
@@ -375,8 +371,7 @@ fn privileged_an_upgrade_that_emptied_the_settings_gets_them_before_the_first_sy
         return;
     }
     use lb_common::{DatapathConfig, MAP_CONFIG};
-    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
-    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    let (pin, _cleanup) = own_pin_path();
     let settings = |dp: &mut Dataplane| -> DatapathConfig {
         let m: aya::maps::Array<_, DatapathConfig> =
             aya::maps::Array::try_from(dp.ebpf.map(MAP_CONFIG).unwrap()).unwrap();
@@ -423,8 +418,7 @@ fn privileged_a_pinned_statistics_map_with_fewer_counters_is_replaced() {
     }
     use lb_common::{Counter, MAP_GLOBAL_STATS, STAT_COUNT};
     const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
-    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    let (pin, _cleanup) = own_pin_path();
     xlb::dataplane::ensure_bpffs(&pin).unwrap();
     pin_raw_map(
         &pin.join(MAP_GLOBAL_STATS),
@@ -448,8 +442,7 @@ fn privileged_maps_sized_by_the_operator_are_adopted_at_any_size() {
     if !privileged() {
         return;
     }
-    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
-    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
+    let (pin, _cleanup) = own_pin_path();
     let small = xlb::dataplane::LoadOptions {
         conntrack_max: 1024,
         max_services: 8,
