@@ -115,6 +115,66 @@ pub const fn maglev_chunks(table_size: u32) -> u32 {
 }
 pub const CONNTRACK_MAX: u32 = 262_144;
 
+/// XLB_FRAGMENTS: the datagrams whose first fragment was balanced, so that their later
+/// fragments (which carry no ports) follow it. An LRU map of its own: a flood of
+/// fragments can only evict fragment records, never flows.
+pub const MAP_FRAGMENTS: &str = "XLB_FRAGMENTS";
+/// Its default size (`--fragments-max`).
+pub const FRAGMENTS_MAX: u32 = 16_384;
+/// How long a record serves later fragments: the kernel's own reassembly timeout
+/// (net.ipv4.ipfrag_time), after which the datagram is lost anyway.
+pub const FRAGMENT_LIFETIME_S: u64 = 30;
+
+/// XLB_FRAGMENTS key: one datagram, as its fragments all carry it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: Addr,
+    pub dst: Addr,
+    /// IPv4's 16-bit or IPv6's 32-bit identification, as on the wire.
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// XLB_FRAGMENTS value: the first fragment's ports, network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragmentValue {
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+    /// bpf_ktime_get_coarse_ns when the first fragment was seen.
+    pub first_seen_ns: u64,
+}
+
+/// XLB_SOURCE_RANGES: an LPM trie of the clients each restricted service admits
+/// (SVC_F_SOURCE_RANGES). The key's bits are the service id, the family, then the
+/// address: a range of prefix length L is stored with prefix_len
+/// SOURCE_RANGE_HEADER_BITS + L, so a lookup matches only the ranges of its own
+/// service and family. IPv4 ranges fill the first 4 address bytes.
+pub const MAP_SOURCE_RANGES: &str = "XLB_SOURCE_RANGES";
+/// Ranges over all services (the trie allocates per entry: its size costs nothing).
+pub const SOURCE_RANGES_MAX: u32 = 65_536;
+
+/// XLB_SOURCE_RANGES key data (the trie's key is `prefix_len` then this).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SourceRangeKey {
+    /// Big-endian, so that the trie's bit order is the number's.
+    pub service_id_be: u32,
+    /// FAMILY_V4 or FAMILY_V6.
+    pub family: u8,
+    /// The address bytes as on the wire; IPv4 in the first 4.
+    pub addr: [u8; 16],
+    /// Past every prefix: never compared.
+    pub _pad: [u8; 3],
+}
+
+/// Bits of SourceRangeKey before the address: the service id and the family.
+pub const SOURCE_RANGE_HEADER_BITS: u32 = 40;
+
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
@@ -146,6 +206,9 @@ pub const MODE_DSR: u8 = 2;
 
 /// Hash flows on the client address only (sessionAffinity: ClientIP).
 pub const SVC_F_CLIENT_AFFINITY: u8 = 1;
+/// Only clients inside the service's ranges in XLB_SOURCE_RANGES may reach it
+/// (`allow:`, `loadBalancerSourceRanges`). Unset: everyone, and no lookup is made.
+pub const SVC_F_SOURCE_RANGES: u8 = 2;
 
 /// SERVICES value.
 #[repr(C)]
@@ -192,6 +255,9 @@ pub const BACKEND_F_DNAT: u8 = 2;
 /// its backend through its conntrack entry, needs no service lookup.
 pub const BACKEND_F_SVC_DNAT: u8 = 4;
 pub const BACKEND_F_SVC_DSR: u8 = 8;
+/// Backend flag: its service has source ranges (SVC_F_SOURCE_RANGES), so that an
+/// established flow, which never reads the service, is checked against them too.
+pub const BACKEND_F_SVC_SOURCE_RANGES: u8 = 16;
 
 /// ServiceKey.family bit: the service serves packets that arrived encapsulated to this
 /// host and were decapsulated (the node side of dsr across nodes), not the clients'.
@@ -378,6 +444,9 @@ mod pod {
     unsafe impl aya::Pod for L2Key {}
     unsafe impl aya::Pod for L2Value {}
     unsafe impl aya::Pod for Announced {}
+    unsafe impl aya::Pod for FragmentKey {}
+    unsafe impl aya::Pod for FragmentValue {}
+    unsafe impl aya::Pod for SourceRangeKey {}
 }
 
 /// Where the redirect-failure tracepoints find a device's ifindex and network

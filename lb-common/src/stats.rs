@@ -15,6 +15,9 @@ pub struct TrafficStats {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Per service: packets dropped because their source is outside its ranges
+    /// (drop_source_denied). Unused per backend.
+    pub denied: u64,
 }
 
 /// Index into GLOBAL_STATS. Every packet bumps exactly one of the `Seen*` protocol
@@ -35,6 +38,9 @@ pub enum StatIndex {
     // Why a packet was passed to the kernel untouched.
     PassNotIp,
     PassNotVip,
+    /// A later fragment (non-zero offset) of a datagram xlb holds no record of: not
+    /// balanced, or its first fragment has not arrived (yet). The kernel gets it, as it
+    /// gets the host's own fragments (docs/datapath.md, "Fragments").
     PassFragment,
     PassVlan,
     PassParseError,
@@ -76,6 +82,17 @@ pub enum StatIndex {
     /// A dsr packet too big for the path once encapsulated, answered with ICMP
     /// fragmentation-needed / packet-too-big carrying the MTU left for it.
     IcmpTooBigSent,
+    /// A later fragment whose offset reaches into the transport header it follows
+    /// (RFC 1858's tiny-fragment overlap): it could rewrite the ports after
+    /// translation, so it is dropped.
+    DropFragmentOverlap,
+    /// dsr: an IPv4 fragment too big for the path once encapsulated. A fragment never
+    /// carries DF, so there is no ICMP to answer with; IPv6 is answered with too-big.
+    DropFragmentTooBig,
+    /// The client's address is outside the service's allowed source ranges
+    /// (`allow:`, `loadBalancerSourceRanges`): dropped before any state is made, and an
+    /// established flow from it is cut.
+    DropSourceDenied,
     // Events, counted besides a packet's reason (not a reason themselves).
     /// A TCP packet without SYN started a flow: its conntrack entry had been evicted
     /// (table full) or had expired, or the flow began before xlb saw it.
@@ -95,6 +112,12 @@ pub enum StatIndex {
     /// without a conntrack entry (its next packet is balanced again, to the same
     /// backend while the backends do not change).
     EventFloodStateless,
+    /// A first fragment (offset 0, more to come) balanced: its ports were recorded in
+    /// XLB_FRAGMENTS under (addresses, identification, protocol) for the rest.
+    EventFragmentRecorded,
+    /// A later fragment found its datagram's record and followed the first fragment's
+    /// flow (its reason says where it went).
+    EventFragmentFollowed,
     /// Keep last: the number of counters.
     Count,
 }
@@ -136,11 +159,16 @@ impl StatIndex {
         StatIndex::L2Answered,
         StatIndex::IcmpTranslated,
         StatIndex::IcmpTooBigSent,
+        StatIndex::DropFragmentOverlap,
+        StatIndex::DropFragmentTooBig,
+        StatIndex::DropSourceDenied,
         StatIndex::EventFlowRecreated,
         StatIndex::EventPortReclaimed,
         StatIndex::EventRedirectFailed,
         StatIndex::EventEgressTranslated,
         StatIndex::EventFloodStateless,
+        StatIndex::EventFragmentRecorded,
+        StatIndex::EventFragmentFollowed,
     ];
 
     /// Parser classification: every packet counts one of these.
@@ -194,11 +222,16 @@ impl StatIndex {
             StatIndex::L2Answered => "l2_answered",
             StatIndex::IcmpTranslated => "icmp_translated",
             StatIndex::IcmpTooBigSent => "icmp_too_big_sent",
+            StatIndex::DropFragmentOverlap => "drop_fragment_overlap",
+            StatIndex::DropFragmentTooBig => "drop_fragment_too_big",
+            StatIndex::DropSourceDenied => "drop_source_denied",
             StatIndex::EventFlowRecreated => "event_flow_recreated",
             StatIndex::EventPortReclaimed => "event_port_reclaimed",
             StatIndex::EventRedirectFailed => "event_redirect_failed",
             StatIndex::EventEgressTranslated => "event_egress_translated",
             StatIndex::EventFloodStateless => "event_flood_stateless",
+            StatIndex::EventFragmentRecorded => "event_fragment_recorded",
+            StatIndex::EventFragmentFollowed => "event_fragment_followed",
             StatIndex::Count => "count",
         }
     }

@@ -13,7 +13,7 @@ use lb_common::{
 };
 
 use crate::{
-    maps::{BACKENDS, CONNTRACK},
+    maps::{BACKENDS, CONNTRACK, REVERSE_NAT},
     parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -88,4 +88,22 @@ pub fn mark(key: &FlowKey, tcp_flags: u8) {
 pub fn insert(key: &FlowKey, value: &ConnValue) {
     // Failure only means the LRU could not take it now; the next packet retries.
     let _ = CONNTRACK.insert(key, value, 0);
+}
+
+/// Ends a flow at once: its entry, and the reply entry nat and dnat made for it (keyed
+/// backend → the source it saw). The next packet of the flow starts afresh.
+#[inline(always)]
+pub fn cut(key: &FlowKey, ct: &ConnValue, backend: &Backend) {
+    let reply = FlowKey {
+        src: backend.addr,
+        dst: ct.nat_addr,
+        sport: backend.port,
+        dport: ct.nat_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    // Failure means the entry is already gone.
+    let _ = REVERSE_NAT.remove(reply);
+    let _ = CONNTRACK.remove(key);
 }

@@ -7,11 +7,13 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod allow;
 mod bench;
 mod conntrack;
 mod egress;
 mod flood;
 mod forward;
+mod fragments;
 mod l2;
 mod lookup;
 mod maglev;
@@ -32,7 +34,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Addr, ConnValue, DatapathConfig, FlowKey, NextHop, ReverseNat, ServiceValue, StatIndex,
-    MODE_DNAT, MODE_DSR, MODE_NAT, PROTO_TCP,
+    BACKEND_F_SVC_SOURCE_RANGES, FAMILY_V4, MODE_DNAT, MODE_DSR, MODE_NAT, PROTO_TCP,
+    SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
@@ -67,10 +70,18 @@ fn pipeline(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let (seen, parsed) = parse::parse(ctx);
     stats::count(seen, len);
     let (action, reason) = match parsed {
-        Ok(Parsed::Flow(pkt)) => {
-            trace::note(Some(&pkt.key));
-            balance(ctx, &pkt, len, decapsulated)
-        }
+        // A later fragment takes its first's ports first (one Packet for both kinds:
+        // the stack has no room for a second).
+        Ok(Parsed::Flow(mut pkt)) => match fragments::follow(&mut pkt) {
+            Ok(()) => {
+                trace::note(Some(&pkt.key));
+                balance(ctx, &pkt, len, decapsulated)
+            }
+            Err(verdict) => {
+                trace::note(Some(&pkt.key));
+                verdict
+            }
+        },
         _ if decapsulated => (xdp_action::XDP_PASS, StatIndex::PassDecapsulated),
         Ok(Parsed::Icmp(outer)) => {
             trace::note(Some(&outer.key));
@@ -165,18 +176,32 @@ fn forward_path(
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     let (ct, backend, service_id, new) = match conntrack::lookup(key, pkt.tcp_flags, now, cfg) {
-        Some((ct, backend)) => (ct, backend, backend.service_id, false),
+        Some((ct, backend)) => {
+            // The ranges may have changed since the flow began: it is cut.
+            if backend.flags & BACKEND_F_SVC_SOURCE_RANGES != 0
+                && !allow::admits(backend.service_id, key.family, &key.src)
+            {
+                conntrack::cut(key, ct, backend);
+                return Some(denied(backend.service_id));
+            }
+            (ct, backend, backend.service_id, false)
+        }
         None => {
             let svc = match svc {
                 Some(svc) => *svc,
                 None => lookup::service(key, false)?,
             };
+            if svc.flags & SVC_F_SOURCE_RANGES != 0 && !allow::admits(svc.id, key.family, &key.src)
+            {
+                return Some(denied(svc.id));
+            }
             match new_flow(pkt, &svc, cfg, len, now) {
                 Ok((ct, backend)) => (ct, backend, svc.id, true),
                 Err(verdict) => return Some(verdict),
             }
         }
     };
+    fragments::record(pkt, now);
     // Untouched, so the kernel answers with ICMP time exceeded from the right address.
     if pkt.ttl <= 1 {
         return Some((xdp_action::XDP_PASS, StatIndex::PassTtlExceeded));
@@ -189,6 +214,13 @@ fn forward_path(
         service_id,
         (len, now),
     ))
+}
+
+/// A client outside the service's source ranges: dropped, counted per service.
+#[inline(always)]
+fn denied(service_id: u32) -> Verdict {
+    stats::count_denied(service_id);
+    (xdp_action::XDP_DROP, StatIndex::DropSourceDenied)
 }
 
 /// A new flow: its backend by Maglev, its SNAT port, and its entries (unless the flood
@@ -389,6 +421,12 @@ fn encapsulate_and_send(
     };
     let hop = match forward::resolve(ctx, &route, now, flow_hop) {
         Ok(hop) => hop,
+        // A fragment carries no DF: nothing asked for an ICMP answer (IPv6 always does).
+        Err((_, StatIndex::DropTooBig))
+            if pkt.frag != parse::FRAG_NONE && k.family == FAMILY_V4 =>
+        {
+            return (xdp_action::XDP_DROP, StatIndex::DropFragmentTooBig);
+        }
         Err((_, StatIndex::DropTooBig)) => {
             let mtu = forward::mtu_of_last_lookup().saturating_sub(overhead);
             return match tunnel::too_big(ctx, pkt, mtu) {
@@ -416,6 +454,7 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) 
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     rev.last_seen_ns = now;
+    fragments::record(pkt, now);
     let to = Rewrite {
         src: rev.vip,
         dst: rev.client,
@@ -480,6 +519,14 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
     if let Some(rev) = lookup::reverse(&scratch.reply_key) {
         // SAFETY: a valid map value pointer for the duration of this run.
         let rev = unsafe { &*rev };
+        // About a flow of a client the service no longer admits: its flow is cut.
+        let restricted = maps::BACKENDS
+            .get(rev.backend_id)
+            .is_some_and(|b| b.flags & BACKEND_F_SVC_SOURCE_RANGES != 0);
+        let family = scratch.reply_key.family;
+        if restricted && !allow::admits(rev.service_id, family, &rev.client) {
+            return denied(rev.service_id);
+        }
         // To the client, about its own client → VIP packet.
         let inner = Rewrite {
             src: rev.client,
@@ -491,6 +538,15 @@ fn icmp_error(ctx: &XdpContext, outer: &Packet) -> Verdict {
     }
     if let Some(cfg) = maps::CONFIG.get(0) {
         if let Some((ct, backend)) = conntrack::lookup(&scratch.reply_key, 0, now, cfg) {
+            if backend.flags & BACKEND_F_SVC_SOURCE_RANGES != 0
+                && !allow::admits(
+                    backend.service_id,
+                    scratch.reply_key.family,
+                    &scratch.reply_key.src,
+                )
+            {
+                return denied(backend.service_id);
+            }
             // To the backend, about its own backend → SNAT packet.
             let inner = Rewrite {
                 src: backend.addr,

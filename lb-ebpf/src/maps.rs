@@ -5,13 +5,14 @@ use crate::parse::IcmpError;
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{Addr, Announced, L2Key, L2Value, NetdevLayout, VipKey};
 use lb_common::{
-    Backend, ConnValue, Counter, DatapathConfig, FlowKey, MaglevChunk, MaglevKey, NextHop,
-    ReverseNat, ServiceKey, ServiceName, ServiceValue, TrafficStats, VipFilterWord, CONNTRACK_MAX,
-    MAGLEV_MAX_CHUNKS, MAX_BACKENDS, MAX_SERVICES, STAT_COUNT, VIP_FILTER_WORDS,
+    Backend, ConnValue, Counter, DatapathConfig, FlowKey, FragmentKey, FragmentValue, MaglevChunk,
+    MaglevKey, NextHop, ReverseNat, ServiceKey, ServiceName, ServiceValue, SourceRangeKey,
+    TrafficStats, VipFilterWord, CONNTRACK_MAX, FRAGMENTS_MAX, MAGLEV_MAX_CHUNKS, MAX_BACKENDS,
+    MAX_SERVICES, SOURCE_RANGES_MAX, STAT_COUNT, VIP_FILTER_WORDS,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -32,6 +33,17 @@ pub static CONNTRACK: LruHashMap<FlowKey, ConnValue> = LruHashMap::pinned(CONNTR
 
 #[map(name = "XLB_REVERSE_NAT")]
 pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> = LruHashMap::pinned(CONNTRACK_MAX, 0);
+
+/// See lb_common::MAP_FRAGMENTS. Sized from --fragments-max at load.
+#[map(name = "XLB_FRAGMENTS")]
+pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(FRAGMENTS_MAX, 0);
+
+/// See lb_common::MAP_SOURCE_RANGES (allow.rs).
+#[map(name = "XLB_SOURCE_RANGES")]
+pub static SOURCE_RANGES: LpmTrie<SourceRangeKey, u32> = LpmTrie::pinned(SOURCE_RANGES_MAX, 0);
+
+/// The key type of SOURCE_RANGES.
+pub type SourceRangeLpmKey = LpmKey<SourceRangeKey>;
 
 /// Service names by id, for status and metrics; the program never reads it. Sized
 /// from --max-services at load; BPF_F_NO_PREALLOC: only names that exist take memory.
@@ -93,6 +105,10 @@ pub struct Scratch {
     pub fib: bpf_fib_lookup,
     /// The L2 answer's lookup key (l2.rs).
     pub l2: L2Key,
+    /// A fragment's datagram (fragments.rs).
+    pub frag: FragmentKey,
+    /// A source-range lookup (allow.rs).
+    pub allow: SourceRangeLpmKey,
 }
 
 /// Per-CPU scratch for the debug log: the packet's flow, noted before the pipeline

@@ -16,7 +16,7 @@ use network_types::ip::Ipv4Hdr;
 use crate::{
     maps::REVERSE_NAT,
     mem::{bytes_mut, load, store},
-    parse::{IcmpError, Packet, ETH_LEN},
+    parse::{IcmpError, Packet, ETH_LEN, FRAG_LATER},
     stats,
 };
 
@@ -132,6 +132,11 @@ pub fn rewrite(ctx: &XdpContext, pkt: &Packet, to: &Rewrite) -> Option<()> {
     let k = &pkt.key;
     let words = if k.family == FAMILY_V4 { 1 } else { 4 };
     rewrite_ip(ctx, k.family, &to.src, &to.dst)?;
+    // A later fragment holds no transport header: the first fragment's checksum
+    // update covers the whole datagram's, pseudo-header included.
+    if pkt.frag == FRAG_LATER {
+        return Some(());
+    }
     // Ports, then the transport checksum (it covers the pseudo-header addresses too).
     store(ctx, pkt.l4_off, [to.sport, to.dport])?;
     let check_off = match k.proto {

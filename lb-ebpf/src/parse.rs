@@ -30,6 +30,9 @@ const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 const IPV6_AH: u8 = 51;
 const IPV6_DSTOPTS: u8 = 60;
+/// IPv4's fragment field: more fragments, and the offset in 8-byte units.
+const IPV4_MORE_FRAGMENTS: u16 = 0x2000;
+const IPV4_OFFSET_MASK: u16 = 0x1fff;
 /// How many IPv6 extension headers we walk before giving up (a bounded loop).
 const IPV6_MAX_EXT_HEADERS: usize = 4;
 
@@ -43,9 +46,20 @@ const IPV6_SRC_OFF: usize = 8;
 /// ICMP and ICMPv6 error headers are 8 bytes, then the packet that caused the error.
 const ICMP_ERROR_HDR_LEN: usize = 8;
 
+/// Packet.frag: not a fragment (or IPv6's atomic fragment, which is whole).
+pub const FRAG_NONE: u8 = 0;
+/// Offset 0, more to come: it carries the transport header, and is balanced as any
+/// packet is (fragments.rs records its ports for the rest).
+pub const FRAG_FIRST: u8 = 1;
+/// A non-zero offset: no transport header; its ports come from the first's record.
+pub const FRAG_LATER: u8 = 2;
+/// A later fragment whose offset reaches into the transport header (fragments.rs).
+pub const FRAG_OVERLAP: u8 = 3;
+
 /// What the pipeline works on.
 pub enum Parsed {
-    /// TCP or UDP.
+    /// TCP or UDP. For a later fragment (FRAG_LATER, FRAG_OVERLAP), `key`'s ports are
+    /// zero until fragments::follow fills them in.
     Flow(Packet),
     /// An ICMP or ICMPv6 packet; `parse_icmp_error` looks inside it.
     Icmp(Packet),
@@ -78,6 +92,11 @@ pub struct Packet {
     pub ttl: u8,
     /// Length of the IP packet (for the FIB's MTU check).
     pub ip_len: u16,
+    /// FRAG_*: whether this is a fragment, and which kind.
+    pub frag: u8,
+    /// The datagram's identification (fragments only): IPv4's 16 bits, IPv6's 32, as
+    /// on the wire.
+    pub frag_id: u32,
 }
 
 /// An IP packet's network layer, before the transport is examined.
@@ -87,7 +106,11 @@ struct Network {
     src: [u32; 4],
     dst: [u32; 4],
     l4_off: usize,
-    fragment: bool,
+    /// FRAG_NONE, FRAG_FIRST or FRAG_LATER.
+    frag: u8,
+    frag_id: u32,
+    /// Where a fragment's data starts in its datagram, in bytes.
+    frag_offset: usize,
     ttl: u8,
     ip_len: u16,
 }
@@ -124,8 +147,8 @@ pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Parsed, StatIndex>) {
     if ETH_LEN + net.ip_len as usize > frame_len(ctx) {
         return (seen, Err(StatIndex::PassParseError));
     }
-    if net.fragment {
-        return (seen, Err(StatIndex::PassFragment));
+    if net.frag == FRAG_LATER {
+        return (seen, later_fragment(&net));
     }
     (seen, parse_transport(ctx, &net))
 }
@@ -159,14 +182,17 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Network, u8> {
         return Err(FAMILY_V4);
     }
     let frags = u16::from_be_bytes(ip.frags);
+    let frag_offset = ((frags & IPV4_OFFSET_MASK) as usize) * 8;
     Ok(Network {
         family: FAMILY_V4,
         proto: ip.proto,
         src: [u32::from_ne_bytes(ip.src_addr), 0, 0, 0],
         dst: [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0],
         l4_off: ETH_LEN + ihl,
-        // More-fragments set, or a non-zero offset.
-        fragment: frags & 0x3fff != 0,
+        frag: fragment_kind(frag_offset, frags & IPV4_MORE_FRAGMENTS != 0),
+        // The field's 16 bits where IPv6's 32 sit (the key compares them whole).
+        frag_id: u16::from_ne_bytes(ip.id) as u32,
+        frag_offset,
         ttl: ip.ttl,
         ip_len: u16::from_be_bytes(ip.tot_len),
     })
@@ -185,7 +211,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
     }
     let mut next = first_next;
     let mut off = ETH_LEN + Ipv6Hdr::LEN;
-    let mut fragment = false;
+    let (mut frag, mut frag_id, mut frag_offset) = (FRAG_NONE, 0, 0);
     for i in 0..IPV6_MAX_EXT_HEADERS {
         match next {
             // RFC 8200: Hop-by-Hop only right after the fixed header; elsewhere the
@@ -202,11 +228,19 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
                     (ext[1] as usize + 1) * 8
                 };
             }
+            // Next header, reserved, offset (13 bits) and M flag, identification.
             IPV6_FRAGMENT => {
-                fragment = true;
-                let ext = load::<[u8; 2]>(ctx, off).ok_or(FAMILY_V6)?;
-                next = ext[0];
+                let [nh, _, off_hi, off_lo, i0, i1, i2, i3] =
+                    load::<[u8; 8]>(ctx, off).ok_or(FAMILY_V6)?;
+                let word = u16::from_be_bytes([off_hi, off_lo]);
+                next = nh;
                 off += 8;
+                frag_offset = ((word >> 3) as usize) * 8;
+                frag = fragment_kind(frag_offset, word & 1 != 0);
+                frag_id = u32::from_ne_bytes([i0, i1, i2, i3]);
+                // The transport header follows (a later fragment's data does). Headers
+                // behind the fragment header are not walked: each walked header is
+                // another path the verifier follows through the whole pipeline.
                 break;
             }
             _ => break,
@@ -219,7 +253,9 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
         src: addrs[0],
         dst: addrs[1],
         l4_off: off,
-        fragment,
+        frag,
+        frag_id,
+        frag_offset,
         ttl: hop_limit,
         ip_len: (payload_len + Ipv6Hdr::LEN) as u16,
     })
@@ -260,33 +296,76 @@ fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Parsed, StatIndex>
             let udp = load::<UdpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
             // As the kernel's UDP receive does: a length outside [8, the IP payload]
             // is a malformed datagram.
+            // A first fragment's UDP length is the whole datagram's, past this packet.
             let udp_len = u16::from_be_bytes(udp.len) as usize;
-            if udp_len < UdpHdr::LEN || net.l4_off + udp_len > ip_end {
+            let whole = net.frag == FRAG_NONE;
+            if udp_len < UdpHdr::LEN || (whole && net.l4_off + udp_len > ip_end) {
                 return Err(StatIndex::PassParseError);
             }
             key.sport = u16::from_ne_bytes(udp.src);
             key.dport = u16::from_ne_bytes(udp.dst);
             0
         }
-        IPPROTO_ICMP | IPPROTO_ICMPV6 => {
-            let outer = Packet {
-                key,
-                l4_off: net.l4_off,
-                tcp_flags: 0,
-                ttl: net.ttl,
-                ip_len: net.ip_len,
-            };
-            return Ok(Parsed::Icmp(outer));
+        // ICMP in fragments is never an error we translate (errors are small).
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if net.frag == FRAG_NONE => {
+            return Ok(Parsed::Icmp(packet(net, key, 0)));
         }
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => return Err(StatIndex::PassIcmpNotRelated),
         _ => return Err(StatIndex::PassUnsupportedProto),
     };
-    Ok(Parsed::Flow(Packet {
+    Ok(Parsed::Flow(packet(net, key, tcp_flags)))
+}
+
+#[inline(always)]
+fn packet(net: &Network, key: FlowKey, tcp_flags: u8) -> Packet {
+    Packet {
         key,
         l4_off: net.l4_off,
         tcp_flags,
         ttl: net.ttl,
         ip_len: net.ip_len,
-    }))
+        frag: net.frag,
+        frag_id: net.frag_id,
+    }
+}
+
+/// A later fragment of a TCP or UDP datagram, its ports left for fragments::follow.
+/// One whose data starts inside the transport header it follows is marked: together
+/// with the first, it would let the receiver's reassembly rewrite the translated
+/// ports (RFC 1858).
+#[inline(always)]
+fn later_fragment(net: &Network) -> Result<Parsed, StatIndex> {
+    let header = match net.proto {
+        PROTO_TCP => TcpHdr::LEN,
+        PROTO_UDP => UdpHdr::LEN,
+        _ => return Err(StatIndex::PassFragment),
+    };
+    let key = FlowKey {
+        src: net.src,
+        dst: net.dst,
+        sport: 0,
+        dport: 0,
+        proto: net.proto,
+        family: net.family,
+        _pad: [0; 2],
+    };
+    let mut pkt = packet(net, key, 0);
+    if net.frag_offset < header {
+        pkt.frag = FRAG_OVERLAP;
+    }
+    Ok(Parsed::Flow(pkt))
+}
+
+/// FRAG_* from a fragment's offset (bytes) and its more-fragments flag.
+#[inline(always)]
+fn fragment_kind(offset: usize, more: bool) -> u8 {
+    if offset != 0 {
+        FRAG_LATER
+    } else if more {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    }
 }
 
 /// Destination unreachable (with fragmentation needed), packet too big and time

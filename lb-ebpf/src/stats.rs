@@ -44,3 +44,12 @@ pub fn count_flow(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) 
         }
     }
 }
+
+/// A packet refused by its service's source ranges (allow.rs), per service.
+#[inline(always)]
+pub fn count_denied(service_id: u32) {
+    if let Some(s) = SERVICE_STATS.get_ptr_mut(service_id) {
+        // SAFETY: per-CPU slot, as above.
+        unsafe { (*s).denied += 1 };
+    }
+}

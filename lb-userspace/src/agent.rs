@@ -408,6 +408,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         conntrack_max: args.conntrack_max,
         max_services: args.max_services,
         max_backends: args.max_backends,
+        fragments_max: args.fragments_max,
     };
     let mut dp = Dataplane::load(&args.pin_path, &load)?;
     if crate::ebpf_log::spawn(&mut dp.ebpf, log_level)?.is_some() {

@@ -173,6 +173,11 @@ pub struct RunArgs {
     /// when the maps are first created: an agent adopting pinned maps keeps their size.
     #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
     pub conntrack_max: u32,
+    /// Fragmented datagrams (first fragment seen, later ones expected) followed at
+    /// once, each about 100 bytes; the oldest record goes first when it is full. Fixed
+    /// when the map is first created.
+    #[arg(long, default_value_t = lb_common::FRAGMENTS_MAX, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
+    pub fragments_max: u32,
     /// Services (VIP, port, protocol) the maps hold. A service's Maglev table takes
     /// memory only while it exists, in 4 KiB chunks of 1008 slots: 68 KiB at the
     /// default table size 16381, 264 KiB at 65537 (twice that for a moment while a new

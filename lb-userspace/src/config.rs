@@ -8,7 +8,8 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_common::MAGLEV_MAX_TABLE_SIZE;
+use ipnet::IpNet;
+use lb_common::{MAGLEV_MAX_TABLE_SIZE, SOURCE_RANGES_MAX};
 use serde::Deserialize;
 
 use crate::maglev;
@@ -103,6 +104,60 @@ pub struct ServiceConfig {
     /// decapsulation.
     #[serde(default)]
     pub encapsulated: bool,
+    /// Only clients inside these ranges reach the service (Kubernetes'
+    /// `loadBalancerSourceRanges`); the rest are dropped in XDP and counted. Empty or
+    /// absent: everyone. Only the ranges of the VIP's family apply.
+    #[serde(default, deserialize_with = "source_ranges")]
+    pub allow: Vec<IpNet>,
+}
+
+impl ServiceConfig {
+    /// The ranges that apply to this service's VIP: those of its family. `None`: the
+    /// service is open to everyone. `Some` and empty: it admits no one (its ranges are
+    /// all of the other family).
+    pub fn source_ranges(&self) -> Option<Vec<IpNet>> {
+        if self.allow.is_empty() {
+            return None;
+        }
+        Some(
+            self.allow
+                .iter()
+                .filter(|n| n.addr().is_ipv4() == self.vip.is_ipv4())
+                .copied()
+                .collect(),
+        )
+    }
+}
+
+/// Parses a source range: a CIDR, or one address (a /32 or /128). Host bits are
+/// cleared, as Kubernetes' own parsing does.
+pub fn parse_source_range(text: &str) -> std::result::Result<IpNet, String> {
+    let t = text.trim();
+    let net = match t.parse::<IpNet>() {
+        Ok(n) => n,
+        Err(_) => match t.parse::<IpAddr>() {
+            Ok(a) => IpNet::from(a),
+            Err(_) => {
+                return Err(format!(
+                    "{text:?} is not a CIDR range (e.g. 203.0.113.0/24 or 2001:db8::/48)"
+                ))
+            }
+        },
+    };
+    Ok(net.trunc())
+}
+
+fn source_ranges<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<IpNet>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .enumerate()
+        .map(|(k, t)| {
+            parse_source_range(t).map_err(|e| serde::de::Error::custom(format!("allow[{k}]: {e}")))
+        })
+        .collect()
 }
 
 /// An unhealthy backend leaves the Maglev table: no new flows. With
@@ -485,6 +540,7 @@ impl Config {
                     "port" => s.port.as_ref(),
                     "vip" => s.vip.as_ref(),
                     "health_check" => s.health_check.as_ref(),
+                    "allow" => s.allow.as_ref(),
                     _ => s.name.as_ref(),
                 })
                 .map(|sp| format!("line {}: ", sp.referenced.line()))
@@ -593,6 +649,15 @@ impl Config {
                     svc_line(i, "port")
                 );
             }
+            if s.source_ranges().is_some_and(|r| r.is_empty()) {
+                bail!(
+                    "{}{at}: field allow: no {} range for the {} VIP {}, so no client could reach it; add one (0.0.0.0/0 or ::/0 admits everyone)",
+                    svc_line(i, "allow"),
+                    family(s.vip),
+                    family(s.vip),
+                    s.vip
+                );
+            }
             let mut addrs = BTreeSet::new();
             for (j, b) in s.backends.iter().enumerate() {
                 if let Some(via) = b.via {
@@ -690,6 +755,10 @@ impl Config {
         if total_backends > max_backends as usize {
             bail!("field services: {total_backends} backends in all, the maps hold {max_backends} (--max-backends)");
         }
+        let total_ranges: usize = self.services.iter().map(|s| s.allow.len()).sum();
+        if total_ranges > SOURCE_RANGES_MAX as usize {
+            bail!("field services: {total_ranges} source ranges (allow) in all, the datapath holds {SOURCE_RANGES_MAX}");
+        }
         Ok(())
     }
 }
@@ -712,6 +781,7 @@ struct LocatedService {
     vip: Here,
     port: Here,
     health_check: Here,
+    allow: Here,
     #[serde(default)]
     backends: Vec<LocatedBackend>,
 }

@@ -38,14 +38,17 @@ pub struct LoadOptions {
     pub max_services: u32,
     /// Entries of the backend map and its statistics map.
     pub max_backends: u32,
+    /// Datagrams whose later fragments can be followed at once (XLB_FRAGMENTS).
+    pub fragments_max: u32,
 }
 
 impl LoadOptions {
     /// The maps these options size, and their sizes (every other map has the size the
     /// object gives it).
-    pub fn map_sizes(&self) -> [(&'static str, u32); 9] {
+    pub fn map_sizes(&self) -> [(&'static str, u32); 10] {
         [
             (lb_common::MAP_CONNTRACK, self.conntrack_max),
+            (lb_common::MAP_FRAGMENTS, self.fragments_max),
             (lb_common::MAP_REVERSE_NAT, self.conntrack_max),
             (MAP_SERVICES, self.max_services),
             (MAP_MAGLEV, self.max_services * 2 * MAGLEV_MAX_CHUNKS),
@@ -65,6 +68,7 @@ impl Default for LoadOptions {
             conntrack_max: lb_common::CONNTRACK_MAX,
             max_services: MAX_SERVICES,
             max_backends: MAX_BACKENDS,
+            fragments_max: lb_common::FRAGMENTS_MAX,
         }
     }
 }
@@ -84,6 +88,9 @@ pub struct Dataplane {
     /// dsr tunnel destinations last written, by backend id (empty after a restart:
     /// the first apply writes every backend's, zeros too).
     written_tunnels: BTreeMap<u32, Addr>,
+    /// The source ranges as last written (None after a restart: the first apply reads
+    /// the pinned trie).
+    written_ranges: Option<BTreeSet<source_ranges::Entry>>,
     /// The VIP filter's words as last written (None after a restart: the first apply
     /// writes every word).
     written_filter: Option<Vec<lb_common::VipFilterWord>>,
@@ -138,6 +145,7 @@ impl Dataplane {
             written_names: BTreeMap::new(),
             written_tunnels: BTreeMap::new(),
             written_filter: None,
+            written_ranges: None,
             mirror: None,
             retired: Vec::new(),
             max_services: 0,
@@ -751,15 +759,16 @@ use std::{
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use lb_common::{
     maglev_chunks, Addr, Backend, DatapathConfig, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
-    ServiceValue, VipFilterWord, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR, BACKEND_F_UNHEALTHY,
-    FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK_SLOTS, MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_CONFIG,
-    MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAX_BACKENDS, MAX_SERVICES, MODE_DNAT, MODE_DSR,
-    MODE_NAT, PROTO_TCP, PROTO_UDP, SVC_F_CLIENT_AFFINITY,
+    ServiceValue, VipFilterWord, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR,
+    BACKEND_F_SVC_SOURCE_RANGES, BACKEND_F_UNHEALTHY, FAMILY_V4, FAMILY_V6, MAGLEV_CHUNK_SLOTS,
+    MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_CONFIG, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES,
+    MAX_BACKENDS, MAX_SERVICES, MODE_DNAT, MODE_DSR, MODE_NAT, PROTO_TCP, PROTO_UDP,
+    SVC_F_CLIENT_AFFINITY, SVC_F_SOURCE_RANGES,
 };
 
 use crate::{
     config::{Config, Mode, Protocol, SessionAffinity},
-    maglev,
+    maglev, source_ranges,
 };
 
 pub fn addr_to_words(ip: IpAddr) -> (Addr, u8) {
@@ -1054,6 +1063,11 @@ impl Dataplane {
             .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
             .collect();
 
+        let mut written_ranges = match self.written_ranges.take() {
+            Some(w) => w,
+            None => source_ranges::read(&source_ranges::trie(&mut self.ebpf)?)?,
+        };
+        let mut wanted_ranges = BTreeSet::new();
         let mut wanted_keys = BTreeSet::new();
         let mut wanted_backend_ids = BTreeSet::new();
         for svc in &cfg.services {
@@ -1068,6 +1082,16 @@ impl Dataplane {
                     id
                 }
             };
+            // The ranges before the flags that make the datapath read them (on the
+            // service, and on its backends for established flows).
+            let ranges = svc.source_ranges();
+            let restricted = ranges.is_some();
+            let mine: BTreeSet<source_ranges::Entry> =
+                ranges.into_iter().flatten().map(|net| (id, net)).collect();
+            let new: Vec<_> = mine.difference(&written_ranges).copied().collect();
+            source_ranges::add(&mut source_ranges::trie(&mut self.ebpf)?, &new)?;
+            written_ranges.extend(new);
+            wanted_ranges.extend(mine);
             // Backends: keep ids of known ones, allocate the rest.
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
@@ -1081,6 +1105,9 @@ impl Dataplane {
                     Mode::Dnat => BACKEND_F_SVC_DNAT,
                     Mode::Dsr => BACKEND_F_SVC_DSR,
                 };
+                if restricted {
+                    flags |= BACKEND_F_SVC_SOURCE_RANGES;
+                }
                 // A configured address wins; otherwise the route's source (`snat: auto`).
                 let configured: Option<IpAddr> = match b.address.ip() {
                     IpAddr::V4(_) => cfg.snat.ipv4.map(Into::into),
@@ -1192,7 +1219,7 @@ impl Dataplane {
                 flags: match svc.session_affinity {
                     SessionAffinity::None => 0,
                     SessionAffinity::ClientIp => SVC_F_CLIENT_AFFINITY,
-                },
+                } | if restricted { SVC_F_SOURCE_RANGES } else { 0 },
                 generation,
                 _pad: 0,
             };
@@ -1231,6 +1258,10 @@ impl Dataplane {
                 summary.backends_removed += 1;
             }
         }
+        // Ranges no service wants any more, once no flag makes the datapath read them.
+        let stale = source_ranges::plan(&written_ranges, &wanted_ranges).remove;
+        source_ranges::remove(&mut source_ranges::trie(&mut self.ebpf)?, &stale)?;
+        self.written_ranges = Some(wanted_ranges);
         self.write_filter(&wanted_filter)?;
         self.mirror = Some(after);
         Ok(summary)

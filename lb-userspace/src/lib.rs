@@ -19,6 +19,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod nexthop;
 pub mod privileges;
+pub mod source_ranges;
 pub mod status;
 pub mod uninstall;
 

@@ -153,6 +153,8 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
     let backends = TrafficFamilies::default();
     let healthy = Family::<Labels, Gauge>::default();
     let weight = Family::<Labels, Gauge>::default();
+    let denied = Family::<Labels, Counter>::default();
+    let ranges = Family::<Labels, Gauge>::default();
     for svc in status::read_services(pin_path)? {
         let s = labels(&[
             ("service", svc.name.clone()),
@@ -161,6 +163,10 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
             ("protocol", svc.protocol.to_string()),
         ]);
         services.add(&s, &svc.stats);
+        denied.get_or_create(&s).inc_by(svc.stats.denied);
+        if let Some(r) = &svc.allow {
+            ranges.get_or_create(&s).set(r.len() as i64);
+        }
         for b in &svc.backends {
             let mut l = s.clone();
             l.push(("backend".into(), b.address.clone()));
@@ -180,6 +186,31 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
         "backend_weight",
         "The backend's configured weight (0: draining, no new flows)",
         weight,
+    );
+    reg.register(
+        "service_denied",
+        "Packets dropped because their source is outside the service's source ranges",
+        denied,
+    );
+    reg.register(
+        "service_source_ranges",
+        "Source ranges a restricted service admits (absent: the service admits everyone; 0: no one)",
+        ranges,
+    );
+    let fragments = status::fragment_fill(pin_path);
+    let records = Gauge::<i64>::default();
+    records.set(fragments.entries as i64);
+    reg.register(
+        "fragment_records",
+        "Fragmented datagrams whose later fragments the datapath can follow now",
+        records,
+    );
+    let records_max = Gauge::<i64>::default();
+    records_max.set(fragments.max as i64);
+    reg.register(
+        "fragment_records_max",
+        "Records the fragment map holds (--fragments-max); the oldest goes first when full",
+        records_max,
     );
 
     let announced = Family::<Labels, Gauge>::default();

@@ -25,6 +25,8 @@ pub struct TrafficView {
     pub packets: u64,
     pub bytes: u64,
     pub new_flows: u64,
+    /// Packets refused by the service's source ranges (always 0 per backend).
+    pub denied: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -40,6 +42,9 @@ pub struct ServiceView {
     /// Serves packets that arrive encapsulated to this host (dsr across nodes).
     pub encapsulated: bool,
     pub table_size: u32,
+    /// The source ranges it admits (`allow:`, `loadBalancerSourceRanges`); None:
+    /// everyone.
+    pub allow: Option<Vec<String>>,
     pub stats: TrafficView,
     pub backends: Vec<BackendView>,
 }
@@ -75,6 +80,28 @@ pub struct AttachmentView {
     pub tc_egress: bool,
 }
 
+/// How full a map is.
+#[derive(Serialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FillView {
+    pub entries: u64,
+    pub max: u32,
+}
+
+/// Entries in a pinned hash map (one syscall per key: for status, not a hot path).
+/// Zero when the map is absent (pins from an older version).
+pub fn fragment_fill(pin_path: &Path) -> FillView {
+    let Ok(map) = open_pinned(pin_path, lb_common::MAP_FRAGMENTS) else {
+        return FillView::default();
+    };
+    let max = map.info().map(|i| i.max_entries()).unwrap_or(0);
+    let entries = HashMap::<_, lb_common::FragmentKey, lb_common::FragmentValue>::try_from(
+        Map::LruHashMap(map),
+    )
+    .map(|m| m.keys().filter(|k| k.is_ok()).count() as u64)
+    .unwrap_or(0);
+    FillView { entries, max }
+}
+
 /// A VIP announced as a route (docs/announce.md).
 #[derive(Serialize, Debug)]
 pub struct AnnouncedView {
@@ -96,6 +123,9 @@ pub struct Status {
     pub max_services: u32,
     pub max_backends: u32,
     pub conntrack_max: u32,
+    /// Datagrams whose later fragments xlb can follow now, and how many it can hold
+    /// (`--fragments-max`); a table near full loses the oldest records first.
+    pub fragments: FillView,
     pub services: Vec<ServiceView>,
     /// Datapath counters by reason, summed over CPUs.
     pub counters: BTreeMap<&'static str, CounterView>,
@@ -140,6 +170,7 @@ fn traffic(map: &PerCpuArray<MapData, TrafficStats>, idx: u32) -> Result<Traffic
             packets: a.packets + s.packets,
             bytes: a.bytes + s.bytes,
             new_flows: a.new_flows + s.new_flows,
+            denied: a.denied + s.denied,
         }))
 }
 
@@ -167,6 +198,18 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
             .and_then(|m| HashMap::<_, u32, ServiceName>::try_from(Map::HashMap(m)).ok())
             .map(|m| m.iter().filter_map(|e| e.ok()).collect())
             .unwrap_or_default();
+    // Absent in pins from before source ranges: nothing is restricted there.
+    let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    if let Ok(m) = open_pinned(pin_path, lb_common::MAP_SOURCE_RANGES) {
+        let trie = aya::maps::lpm_trie::LpmTrie::<_, lb_common::SourceRangeKey, u32>::try_from(
+            Map::LpmTrie(m),
+        )?;
+        for key in trie.keys() {
+            if let Some((id, net)) = crate::source_ranges::decode(&key?) {
+                ranges.entry(id).or_default().push(net.to_string());
+            }
+        }
+    }
     let mut out = Vec::new();
     for entry in services.iter() {
         let (k, v) = entry?;
@@ -205,6 +248,8 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
             },
             encapsulated: k.family & SVC_KEY_ENCAPSULATED != 0,
             table_size: v.table_size,
+            allow: (v.flags & lb_common::SVC_F_SOURCE_RANGES != 0)
+                .then(|| ranges.get(&v.id).cloned().unwrap_or_default()),
             stats: traffic(&svc_stats, v.id)?,
             backends: bes,
         });
@@ -329,6 +374,7 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
         max_services: size(MAP_SERVICES)?,
         max_backends: size(MAP_BACKENDS)?,
         conntrack_max: size(lb_common::MAP_CONNTRACK)?,
+        fragments: fragment_fill(pin_path),
         services,
         counters: read_global_counters(pin_path)?,
     })
@@ -360,9 +406,23 @@ pub fn render_text(status: &Status) -> String {
         "map sizes: {} services, {} backends, {} flows\n",
         status.max_services, status.max_backends, status.conntrack_max
     ));
+    s.push_str(&format!(
+        "fragmented datagrams followed: {} of {} records\n",
+        status.fragments.entries, status.fragments.max
+    ));
     for svc in &status.services {
+        let allow = match &svc.allow {
+            None => String::new(),
+            Some(r) if r.is_empty() => ", allow: no one".to_owned(),
+            Some(r) => format!(", allow: {}", r.join(" ")),
+        };
+        let denied = if svc.stats.denied > 0 {
+            format!(", {} denied", svc.stats.denied)
+        } else {
+            String::new()
+        };
         s.push_str(&format!(
-            "service #{} {} {}:{}/{} (M={}): {} pkts, {} new flows\n",
+            "service #{} {} {}:{}/{} (M={}): {} pkts, {} new flows{denied}{allow}\n",
             svc.id,
             if svc.name.is_empty() { "-" } else { &svc.name },
             svc.vip,

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod bird;
 pub mod container;
 pub mod fakeapi;
+pub mod fragment;
 pub mod natlab;
 pub mod netns;
 pub mod packet;

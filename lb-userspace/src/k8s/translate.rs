@@ -26,6 +26,9 @@ pub const SHARED_IP_ANNOTATION: &str = "xlb.dev/allow-shared-ip";
 /// `dsr` or `nat`: how an `externalTrafficPolicy: Cluster` Service reaches endpoints
 /// on other nodes, overriding `--cluster-forwarding`.
 pub const FORWARDING_ANNOTATION: &str = "xlb.dev/forwarding";
+/// The older way to give source ranges, read when `spec.loadBalancerSourceRanges` is
+/// empty (as kube-proxy does): a comma-separated list of CIDRs.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
 /// How `externalTrafficPolicy: Cluster` traffic reaches the endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -294,7 +297,21 @@ pub fn translate(
                 opts.cluster_forwarding
             }
         };
+        let Some(allow) = source_ranges(c.svc, &c.sref, &mut out.problems) else {
+            continue;
+        };
         for vip in &vips {
+            if !allow.is_empty() && !allow.iter().any(|n| n.addr().is_ipv4() == vip.is_ipv4()) {
+                out.problems.push(Problem {
+                    service: c.sref.clone(),
+                    reason: "SourceRangesOtherFamily",
+                    message: format!(
+                        "loadBalancerSourceRanges has no {} range, so no client may reach {vip}: not serving it",
+                        if vip.is_ipv4() { "IPv4" } else { "IPv6" }
+                    ),
+                });
+                continue;
+            }
             for p in &c.ports {
                 let name = format!("{}:{}/{}@{vip}", c.sref, p.port, p.protocol.name());
                 let eps = endpoints_for(my_slices, p, vip.is_ipv6(), local, opts, &mut local_ready);
@@ -308,6 +325,7 @@ pub fn translate(
                     session_affinity: affinity,
                     health_check: None,
                     encapsulated,
+                    allow: allow.clone(),
                 };
                 // Local: only this node's endpoints, which see the client's address.
                 if local {
@@ -385,6 +403,59 @@ pub fn translate(
     out.problems.sort();
     out.problems.dedup();
     out
+}
+
+/// The Service's source ranges (`spec.loadBalancerSourceRanges`, or the annotation
+/// when the field is empty). None: a range does not parse, and the Service is not
+/// served at all, with an Event: served open it would admit the clients its owner
+/// meant to refuse, and served with the valid ranges only, a typo would refuse the
+/// clients the owner meant to admit without anything to show why.
+fn source_ranges(
+    svc: &Service,
+    sref: &ServiceRef,
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<IpNet>> {
+    let field: Vec<String> = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_source_ranges.clone())
+        .unwrap_or_default();
+    let (what, texts) = if field.is_empty() {
+        let annotation = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION))
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        (SOURCE_RANGES_ANNOTATION, annotation)
+    } else {
+        ("spec.loadBalancerSourceRanges", field)
+    };
+    let mut out = Vec::new();
+    for (k, t) in texts.iter().enumerate() {
+        match crate::config::parse_source_range(t) {
+            Ok(n) if !out.contains(&n) => out.push(n),
+            Ok(_) => {}
+            Err(e) => {
+                problems.push(Problem {
+                    service: sref.clone(),
+                    reason: "InvalidSourceRange",
+                    message: format!(
+                        "{what}[{k}]: {e}; not serving this Service until it is fixed"
+                    ),
+                });
+                return None;
+            }
+        }
+    }
+    Some(out)
 }
 
 pub fn service_ref_of(svc: &Service) -> ServiceRef {
