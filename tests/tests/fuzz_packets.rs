@@ -1,7 +1,8 @@
 //! Hostile packets through the real program (BPF_PROG_TEST_RUN), in the NAT fixtures'
 //! namespace with live services, flows and replies:
 //! - a corpus of malformed frames: truncated at every byte, bad lengths, every IHL,
-//!   IPv6 extension-header chains, fragments, every TCP data offset, stacked VLAN tags,
+//!   IPv6 extension-header chains, fragments (real ones, in and out of order, cut
+//!   through the transport header; and mangled fragment fields), every TCP data offset, stacked VLAN tags,
 //!   and frames shorter than Ethernet;
 //! - seeded random mutations of valid frames (VIP traffic, replies, ICMP errors, other
 //!   traffic), a bounded count.
@@ -11,7 +12,8 @@
 //! - a packet that is neither for a VIP nor a reply nor an ICMP error leaves unmodified;
 //! - a modified packet whose checksums were valid still has valid checksums;
 //! - every packet is counted exactly once as seen and once with a reason;
-//! - malformed packets, fragments and VLAN-tagged ones create no map entries.
+//! - malformed packets, VLAN-tagged ones and fragments of no VIP's datagram create no
+//!   map entries (a first fragment to a VIP is balanced like any packet).
 
 use std::{
     collections::BTreeSet,
@@ -77,7 +79,7 @@ fn classify(frame: &[u8], backends: &BTreeSet<IpAddr>) -> Class {
     };
     let h = ip.header();
     if h.is_fragmenting_payload() {
-        return Class::Stateless;
+        return classify_v4_fragment(frame, backends);
     }
     let (src, dst) = (IpAddr::from(h.source()), IpAddr::from(h.destination()));
     match &p.transport {
@@ -86,6 +88,67 @@ fn classify(frame: &[u8], backends: &BTreeSet<IpAddr>) -> Class {
         Some(TransportSlice::Icmpv4(_)) => Class::Icmp,
         _ => Class::Other,
     }
+}
+
+/// An IPv4 fragment, as xlb treats it: the first (offset 0) is parsed through to its
+/// ports and balanced like any packet; a later one may follow a recorded datagram,
+/// which only a datagram to a VIP or from a backend can be.
+fn classify_v4_fragment(frame: &[u8], backends: &BTreeSet<IpAddr>) -> Class {
+    let ihl = (frame[14] & 0x0f) as usize * 4;
+    let end = 14 + u16::from_be_bytes([frame[16], frame[17]]) as usize;
+    let offset = u16::from_be_bytes([frame[20], frame[21]]) & 0x1fff;
+    let v4 = |o: usize| IpAddr::from(<[u8; 4]>::try_from(&frame[o..o + 4]).unwrap());
+    let (src, dst) = (v4(26), v4(30));
+    let proto = frame[23];
+    if offset != 0 {
+        return later_fragment_class(src, dst, backends);
+    }
+    first_fragment_class(frame, 14 + ihl, end, src, dst, proto, backends)
+}
+
+/// A first fragment's transport header, checked as xlb's parser does (a UDP length
+/// past the fragment is the whole datagram's).
+fn first_fragment_class(
+    frame: &[u8],
+    l4: usize,
+    end: usize,
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    backends: &BTreeSet<IpAddr>,
+) -> Class {
+    match proto {
+        6 if l4 + 20 <= end => {
+            let doff = (frame[l4 + 12] >> 4) as usize * 4;
+            if doff < 20 || l4 + doff > end {
+                return Class::Malformed;
+            }
+        }
+        17 if l4 + 8 <= end => {
+            if u16::from_be_bytes([frame[l4 + 4], frame[l4 + 5]]) < 8 {
+                return Class::Malformed;
+            }
+        }
+        6 | 17 => return Class::Malformed,
+        _ => return Class::Stateless,
+    }
+    let dport = u16::from_be_bytes([frame[l4 + 2], frame[l4 + 3]]);
+    flow_class(src, dst, dport, proto, backends)
+}
+
+/// A later fragment: translated only if it follows a recorded datagram, to a VIP or
+/// from a backend; anything else is passed untouched.
+fn later_fragment_class(src: IpAddr, dst: IpAddr, backends: &BTreeSet<IpAddr>) -> Class {
+    if VIPS
+        .iter()
+        .any(|(v, ..)| dst == v.parse::<IpAddr>().unwrap())
+    {
+        return Class::Vip;
+    }
+    if backends.contains(&src) {
+        return Class::Reply;
+    }
+    Class::Stateless
 }
 
 /// IPv6 by RFC 8200 (etherparse stops at a repeated extension header, which the kernel
@@ -118,12 +181,22 @@ fn classify_v6(frame: &[u8], backends: &BTreeSet<IpAddr>) -> Class {
                 next = frame[off];
                 off += len;
             }
+            // xlb walks no header behind the fragment header.
             44 => {
-                return if off + 8 > end {
-                    Class::Malformed
-                } else {
-                    Class::Stateless
+                if off + 8 > end {
+                    return Class::Malformed;
                 }
+                let word = u16::from_be_bytes([frame[off + 2], frame[off + 3]]);
+                let inner = frame[off];
+                if word >> 3 != 0 {
+                    return later_fragment_class(src, dst, backends);
+                }
+                if word & 1 != 0 {
+                    return first_fragment_class(frame, off + 8, end, src, dst, inner, backends);
+                }
+                next = inner;
+                off += 8;
+                break;
             }
             _ => break,
         }
@@ -339,6 +412,21 @@ fn corpus(seeds: &[Vec<u8>]) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for (s, frame) in seeds.iter().enumerate() {
         let v4 = u16::from_be_bytes([frame[12], frame[13]]) == 0x0800;
+        // Real fragments of it, as a sender's kernel cuts them, in order and last
+        // first, at sizes that cut through the transport header.
+        for chunk in [8, 16, 24, 64] {
+            let frags = xlb_tests::fragment::fragment(frame, chunk, 100 + s as u32);
+            for (k, f) in frags
+                .iter()
+                .enumerate()
+                .chain(frags.iter().enumerate().rev())
+            {
+                out.push((
+                    format!("seed {s} fragment {k} of {} at {chunk}", frags.len()),
+                    f.clone(),
+                ));
+            }
+        }
         // Truncated at every byte (frames shorter than 14 bytes included).
         for n in 0..frame.len() {
             out.push((format!("seed {s} truncated to {n}"), frame[..n].to_vec()));
