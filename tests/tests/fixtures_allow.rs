@@ -50,11 +50,19 @@ fn denied(f: &Fixture, name: &str) -> u64 {
         .denied
 }
 
+/// (name, allow for IPv4, allow for IPv6, client, admitted)
+type Row = (
+    &'static str,
+    Option<&'static str>,
+    Option<&'static str>,
+    &'static str,
+    bool,
+);
+
 #[test]
 fn privileged_source_range_rows() {
     in_lab(|lab| {
-        // (name, allow for IPv4, allow for IPv6, client, admitted)
-        let rows: &[(&str, Option<&str>, Option<&str>, &str, bool)] = &[
+        let rows: &[Row] = &[
             ("no ranges", None, None, "10.10.0.5", true),
             ("no ranges v6", None, None, "fd10::5", true),
             ("inside", Some("10.10.0.0/24"), None, "10.10.0.5", true),
