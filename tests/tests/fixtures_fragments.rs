@@ -160,6 +160,9 @@ fn privileged_nat_fragments_both_ways() {
 const BACKENDS_UDP_V4: [&str; 3] = ["10.20.0.2:5353", "10.20.0.3:5353", "10.20.0.4:5353"];
 const BACKENDS_UDP_V6: [&str; 3] = ["[fd20::2]:5353", "[fd20::3]:5353", "[fd20::4]:5353"];
 
+/// A row: its name, the frames in arrival order, and per frame the verdict and reason.
+type Row = (&'static str, Vec<Vec<u8>>, Vec<(u32, &'static str)>);
+
 /// The rows that pass or drop: each a name, fragments in arrival order, and per
 /// fragment the verdict and the reason counted. A passed fragment comes out untouched.
 #[test]
@@ -169,7 +172,7 @@ fn privileged_fragment_rows() {
             // Later fragment before its first: passed (no record yet); once the first
             // has come, a later one follows it.
             let (_, frags) = datagram(v6, PROTO_UDP, 42000, 3000, 1200, 7);
-            let rows: Vec<(&str, Vec<Vec<u8>>, Vec<(u32, &str)>)> = vec![
+            let rows: Vec<Row> = vec![
                 (
                     "later before first",
                     vec![frags[1].clone(), frags[0].clone(), frags[2].clone()],
