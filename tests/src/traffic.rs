@@ -179,3 +179,70 @@ impl Conn {
         Ok(backend_index(&name))
     }
 }
+
+/// The bytes of a large test datagram: a pattern that a lost, duplicated or misplaced
+/// fragment shows up in.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u8)
+                .wrapping_mul(31)
+                .wrapping_add((i >> 8) as u8 ^ seed)
+        })
+        .collect()
+}
+
+/// A UDP server for datagrams of any size up to 65,535 bytes, in `ns` on `addr`. A
+/// request `Q<size>` is answered with `b{i}|` and `pattern(size, 7)`; anything else
+/// is echoed as `b{i}|{request}`. Serves until `lifetime` passes.
+pub fn udp_big_echo(
+    ns: &Netns,
+    addr: SocketAddr,
+    name: &str,
+    lifetime: Duration,
+) -> Result<JoinHandle<usize>> {
+    let name = name.to_owned();
+    let sock = ns.run(move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_millis(50)))?;
+        Ok(s)
+    })??;
+    Ok(std::thread::spawn(move || {
+        let deadline = Instant::now() + lifetime;
+        let mut served = 0;
+        let mut buf = vec![0u8; 65_535];
+        while Instant::now() < deadline {
+            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                served += 1;
+                let req = &buf[..n];
+                let size = req
+                    .strip_prefix(b"Q")
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse::<usize>().ok());
+                let answer = match size {
+                    Some(size) => reply(&name, &pattern(size, 7)),
+                    None => reply(&name, req),
+                };
+                let _ = sock.send_to(&answer, peer);
+            }
+        }
+        served
+    }))
+}
+
+/// One datagram to `to` from a fresh socket in `ns`, and its answer (up to 2 s): the
+/// answering server's name and the rest of the answer.
+pub fn udp_big_request(ns: &Netns, to: SocketAddr, payload: Vec<u8>) -> Result<(String, Vec<u8>)> {
+    ns.run(move || -> Result<(String, Vec<u8>)> {
+        let bind: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let s = UdpSocket::bind(bind)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.send_to(&payload, to)?;
+        let mut buf = vec![0u8; 65_535];
+        let (n, from) = s.recv_from(&mut buf).context("no answer")?;
+        if from != to {
+            bail!("answer came from {from}, not {to}");
+        }
+        parse_reply(&buf[..n]).context("an answer without a server name")
+    })?
+}
