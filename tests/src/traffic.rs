@@ -246,3 +246,164 @@ pub fn udp_big_request(ns: &Netns, to: SocketAddr, payload: Vec<u8>) -> Result<(
         parse_reply(&buf[..n]).context("an answer without a server name")
     })?
 }
+
+/// What `burst` got back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Burst {
+    pub tcp_answered: usize,
+    pub udp_answered: usize,
+}
+
+/// `n` TCP request/replies and `n` UDP queries to `vip` from the source address `src`
+/// (one of the client namespace's own), all at once, each on a fresh socket, waiting
+/// at most `wait` for all of them: a refused client costs one wait, not one per try.
+/// Answers must come from the VIP and echo the request.
+pub fn burst(
+    ns: &Netns,
+    src: std::net::IpAddr,
+    vip: std::net::IpAddr,
+    (tcp_port, udp_port): (u16, u16),
+    n: usize,
+    wait: Duration,
+) -> Result<Burst> {
+    ns.run(move || -> Result<Burst> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let deadline = Instant::now() + wait;
+        let bind = SocketAddr::new(src, 0);
+        // UDP: every query sent first, the answers collected after.
+        let mut udp = Vec::new();
+        for i in 0..n {
+            let s = UdpSocket::bind(bind)?;
+            s.set_nonblocking(true)?;
+            s.send_to(format!("u{i}").as_bytes(), SocketAddr::new(vip, udp_port))?;
+            udp.push(s);
+        }
+        // TCP: non-blocking connects from `src`, all in flight together.
+        let mut pending: Vec<(usize, OwnedFd)> = Vec::new();
+        for i in 0..n {
+            let fam = if vip.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
+            // SAFETY: plain socket calls; the descriptor is owned at once.
+            let fd = unsafe { libc::socket(fam, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0) };
+            if fd < 0 {
+                bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            // SAFETY: fd is a new descriptor nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let (sa, len) = sockaddr(bind);
+            // SAFETY: sa is a valid sockaddr of len bytes.
+            if unsafe {
+                libc::bind(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_storage).cast(),
+                    len,
+                )
+            } != 0
+            {
+                bail!("bind {bind}: {}", std::io::Error::last_os_error());
+            }
+            let (sa, len) = sockaddr(SocketAddr::new(vip, tcp_port));
+            // SAFETY: as above; EINPROGRESS is the expected answer.
+            unsafe {
+                libc::connect(
+                    fd.as_raw_fd(),
+                    (&sa as *const libc::sockaddr_storage).cast(),
+                    len,
+                )
+            };
+            pending.push((i, fd));
+        }
+        let mut out = Burst::default();
+        let mut connected = Vec::new();
+        let mut buf = [0u8; 2048];
+        for _ in 0..10_000 {
+            if Instant::now() > deadline || (pending.is_empty() && udp.is_empty()) {
+                break;
+            }
+            udp.retain(|s| match s.recv_from(&mut buf) {
+                Ok((len, from)) => {
+                    if from.ip() == vip && parse_reply(&buf[..len]).is_some() {
+                        out.udp_answered += 1;
+                    }
+                    false
+                }
+                Err(_) => true,
+            });
+            let mut still = Vec::new();
+            for (i, fd) in pending {
+                let mut p = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, no wait.
+                unsafe { libc::poll(&mut p, 1, 0) };
+                if p.revents & libc::POLLOUT != 0 {
+                    let mut err: libc::c_int = 0;
+                    let mut l = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                    // SAFETY: err and l are valid out-parameters.
+                    unsafe {
+                        libc::getsockopt(
+                            fd.as_raw_fd(),
+                            libc::SOL_SOCKET,
+                            libc::SO_ERROR,
+                            (&mut err as *mut libc::c_int).cast(),
+                            &mut l,
+                        )
+                    };
+                    if err == 0 {
+                        connected.push((i, TcpStream::from(fd)));
+                    }
+                } else {
+                    still.push((i, fd));
+                }
+            }
+            pending = still;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for (i, mut s) in connected {
+            s.set_nonblocking(false)?;
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let msg = format!("t{i}");
+            let ok =
+                s.write_all(msg.as_bytes()).is_ok() && s.shutdown(Shutdown::Write).is_ok() && {
+                    let mut got = Vec::new();
+                    s.read_to_end(&mut got).is_ok()
+                        && parse_reply(&got).is_some_and(|(_, echoed)| echoed == msg.as_bytes())
+                };
+            out.tcp_answered += ok as usize;
+        }
+        Ok(out)
+    })?
+}
+
+fn sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match a {
+        SocketAddr::V4(v4) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let sin = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = v4.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(v4.ip().octets());
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = v6.port().to_be();
+            sin6.sin6_addr.s6_addr = v6.ip().octets();
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (ss, len as libc::socklen_t)
+}
