@@ -939,4 +939,46 @@ services:
             "{e}"
         );
     }
+
+    #[test]
+    fn allow_is_validated_with_its_line_and_field() {
+        let base =
+            "services:\n  - name: web\n    vip: 192.0.2.10\n    port: 80\n    protocol: tcp\n";
+        let ok = Config::parse(&format!(
+            "{base}    allow: [10.0.0.0/8, \"2001:db8::/32\", 192.0.2.7]\n"
+        ))
+        .unwrap();
+        let nets: Vec<String> = ok.services[0]
+            .allow
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "2001:db8::/32", "192.0.2.7/32"]);
+        assert_eq!(
+            ok.services[0].source_ranges().unwrap().len(),
+            2,
+            "only IPv4 ranges for an IPv4 VIP"
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse(&format!("{base}    allow: [10.0.0.0/33]\n")).unwrap_err()
+        );
+        assert!(
+            e.contains("allow[0]") && e.contains("10.0.0.0/33") && e.contains("line 6"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            Config::parse(&format!("{base}    allow: [\"2001:db8::/32\"]\n")).unwrap_err()
+        );
+        assert!(
+            e.contains("field allow") && e.contains("no IPv4 range"),
+            "{e}"
+        );
+        let open = Config::parse(&format!("{base}    allow: []\n")).unwrap();
+        assert!(
+            open.services[0].source_ranges().is_none(),
+            "an empty list admits everyone"
+        );
+    }
 }

@@ -817,3 +817,113 @@ fn privileged_k8s_local_policy_health_port_and_client_affinity() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// `spec.loadBalancerSourceRanges` from the API: the client (10.30.0.2, and a second
+/// address 10.30.0.3 of its namespace) inside the ranges is answered, the other is
+/// denied; an update of the Service swaps them; an invalid range stops the Service
+/// being served, with an Event naming the range.
+#[test]
+fn privileged_k8s_load_balancer_source_ranges_and_their_update() {
+    if !privileged() {
+        return;
+    }
+    let k = K8sLab::new(&[]);
+    let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
+    let out = k
+        .lab
+        .client
+        .ip(&["-o", "-4", "addr", "show", "to", "10.30.0.2"])
+        .unwrap();
+    let iface = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    k.lab
+        .client
+        .ip(&["addr", "add", "10.30.0.3/24", "dev", &iface])
+        .unwrap();
+    let (inside, outside): (IpAddr, IpAddr) =
+        ("10.30.0.2".parse().unwrap(), "10.30.0.3".parse().unwrap());
+    let (b0, b1) = (k.b(0), k.b(1));
+    let with_ranges =
+        |ranges: &[&str]| service("web", json!({"loadBalancerSourceRanges": ranges}), &[VIP4]);
+    k.api.apply(Kind::Service, &with_ranges(&["10.30.0.2/32"]));
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
+    );
+    let agent = k.agent(&[]);
+    let tcp = format!("{VIP4}:80/tcp");
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the Service",
+        |t| members(t, &tcp) == addrs(&[b0, b1]),
+    );
+    let vip: IpAddr = VIP4.parse().unwrap();
+    let n = 50;
+    let answered = |src: IpAddr, wait_ms: u64| {
+        xlb_tests::traffic::burst(
+            &k.lab.client,
+            src,
+            vip,
+            (80, 53),
+            n,
+            Duration::from_millis(wait_ms),
+        )
+        .unwrap()
+    };
+    let all = xlb_tests::traffic::Burst {
+        tcp_answered: n,
+        udp_answered: n,
+    };
+    let none = xlb_tests::traffic::Burst::default();
+    assert_eq!(answered(inside, 5000), all, "inside the ranges");
+    assert_eq!(answered(outside, 1500), none, "outside the ranges");
+
+    // The Service's ranges change: applied within the usual latency.
+    k.api.apply(Kind::Service, &with_ranges(&["10.30.0.3/32"]));
+    let start = Instant::now();
+    loop {
+        let st = agent.status().unwrap();
+        let svc = st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["port"] == 80)
+            .cloned()
+            .unwrap();
+        if svc["allow"] == json!(["10.30.0.3/32"]) {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "ranges not updated: {svc}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(answered(outside, 5000), all, "now inside the ranges");
+    assert_eq!(answered(inside, 1500), none, "now outside the ranges");
+
+    // An invalid range: the Service is not served, and an Event says why.
+    k.api.apply(Kind::Service, &with_ranges(&["10.30.0.0/33"]));
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the Service withdrawn",
+        |t| !t.contains_key(&tcp),
+    );
+    let start = Instant::now();
+    while !k.api.events().iter().any(|e| {
+        let text = format!("{} {}", e["note"], e["message"]);
+        e["reason"] == "InvalidSourceRange" && text.contains("10.30.0.0/33")
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no InvalidSourceRange Event: {:?}",
+            k.api.events()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

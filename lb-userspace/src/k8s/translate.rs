@@ -807,6 +807,97 @@ mod tests {
     }
 
     #[test]
+    fn source_ranges_from_the_field_or_the_annotation_and_per_family() {
+        let t = "2026-01-01T00:00:00Z";
+        let svc = |extra: serde_json::Value, annotation: Option<&str>, ip: &str| {
+            let mut s = service("web", t, lb_spec(extra), Some(ip));
+            if let Some(a) = annotation {
+                s.metadata.annotations =
+                    Some([(SOURCE_RANGES_ANNOTATION.to_string(), a.to_string())].into());
+            }
+            s
+        };
+        let allow = |d: &Desired| -> Vec<String> {
+            d.services[0]
+                .allow
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        // The field; host bits are cleared as Kubernetes' own parsing does.
+        let d = run(
+            &[svc(
+                json!({"loadBalancerSourceRanges": ["10.1.2.3/8", "192.0.2.0/24"]}),
+                None,
+                "192.0.2.1",
+            )],
+            &[],
+            &opts(),
+        );
+        assert_eq!(allow(&d), ["10.0.0.0/8", "192.0.2.0/24"]);
+        // The annotation, read only when the field is empty.
+        let d = run(
+            &[svc(
+                json!({}),
+                Some(" 10.0.0.0/8 , 172.16.0.0/12"),
+                "192.0.2.1",
+            )],
+            &[],
+            &opts(),
+        );
+        assert_eq!(allow(&d), ["10.0.0.0/8", "172.16.0.0/12"]);
+        let d = run(
+            &[svc(
+                json!({"loadBalancerSourceRanges": ["192.0.2.0/24"]}),
+                Some("10.0.0.0/8"),
+                "192.0.2.1",
+            )],
+            &[],
+            &opts(),
+        );
+        assert_eq!(allow(&d), ["192.0.2.0/24"], "the field wins");
+        // None at all: everyone.
+        let d = run(&[svc(json!({}), None, "192.0.2.1")], &[], &opts());
+        assert!(d.services[0].allow.is_empty() && d.services[0].source_ranges().is_none());
+        // An invalid range: the Service is not served, with an Event naming it.
+        let d = run(
+            &[svc(
+                json!({"loadBalancerSourceRanges": ["10.0.0.0/8", "bogus"]}),
+                None,
+                "192.0.2.1",
+            )],
+            &[],
+            &opts(),
+        );
+        assert!(d.services.is_empty(), "not served: {:?}", d.services);
+        assert!(
+            d.problems
+                .iter()
+                .any(|p| p.reason == "InvalidSourceRange" && p.message.contains("bogus")),
+            "{:?}",
+            d.problems
+        );
+        // Only IPv6 ranges for an IPv4 VIP: that VIP admits no one, so it is not served.
+        let d = run(
+            &[svc(
+                json!({"loadBalancerSourceRanges": ["2001:db8::/32"]}),
+                None,
+                "192.0.2.1",
+            )],
+            &[],
+            &opts(),
+        );
+        assert!(d.services.is_empty());
+        assert!(
+            d.problems
+                .iter()
+                .any(|p| p.reason == "SourceRangesOtherFamily"),
+            "{:?}",
+            d.problems
+        );
+    }
+
+    #[test]
     fn only_load_balancers_of_our_class() {
         let mine = service(
             "mine",
