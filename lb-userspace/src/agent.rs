@@ -534,6 +534,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(1));
     let detach = loop {
+        // Once per turn (at least once a second: housekeeping): /healthz fails when the
+        // loop stops turning.
+        agent.metrics.heartbeat.beat();
         tokio::select! {
             _ = term.recv() => break args.detach_on_exit,
             _ = int.recv() => break true,
