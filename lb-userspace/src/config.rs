@@ -666,6 +666,13 @@ impl Config {
                         be_line(i, j)
                     );
                 }
+                if b.address.ip() == s.vip && b.address.port() == s.port {
+                    bail!(
+                        "{}{at}: backends[{j}].address: {} is the service's own VIP and port: its packets would come back to the service",
+                        be_line(i, j),
+                        b.address
+                    );
+                }
                 if !addrs.insert(b.address) {
                     bail!(
                         "{}{at}: backends[{j}].address: duplicate backend {}",
@@ -876,6 +883,25 @@ services:
         assert_eq!(Config::parse(&v4).unwrap().snat.ipv4, None);
         let e = err(&GOOD.replace("snat:\n  ipv4: 10.0.0.1\n", "snat: masquerade\n"));
         assert!(e.contains("neither `auto` nor a table"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_at_its_own_services_vip_and_port_is_rejected() {
+        let e = err(&GOOD.replace("198.51.100.2:8080", "192.0.2.10:80"));
+        assert!(
+            e.contains("backends[0].address")
+                && e.contains("192.0.2.10:80")
+                && e.contains("own VIP and port"),
+            "{e}"
+        );
+        let line = GOOD
+            .lines()
+            .position(|l| l.contains("198.51.100.2:8080"))
+            .unwrap()
+            + 1;
+        assert!(e.contains(&format!("line {line}:")), "{e}");
+        // The VIP on another port is a backend like any other.
+        Config::parse(&GOOD.replace("198.51.100.2:8080", "192.0.2.10:8080")).unwrap();
     }
 
     #[test]
