@@ -529,12 +529,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .store(true, std::sync::atomic::Ordering::Relaxed);
     info!(pin_path = %args.pin_path.display(), "xlb running");
     // The config file is watched by content, once a second: robust to editors that
-    // replace the file, and a file being written is retried until it validates.
-    let read = |p: &std::path::Path| std::fs::read(p).ok();
-    let mut last_seen = args.config.as_deref().and_then(read);
+    // replace the file, and a file being written is retried until it validates. Read
+    // as SIGHUP reads it: bounded, regular files only, never blocking; a path that
+    // cannot be read so is rejected, and said once per distinct problem.
+    let read = |p: &std::path::Path| crate::config::read_limited(p, max_bytes);
+    let mut last_seen = args.config.as_deref().and_then(|p| read(p).ok());
+    let mut last_problem: Option<String> = None;
     let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(1));
     let detach = loop {
+        // Once per turn (at least once a second: housekeeping): /healthz fails when the
+        // loop stops turning.
+        agent.metrics.heartbeat.beat();
         tokio::select! {
             _ = term.recv() => break args.detach_on_exit,
             _ = int.recv() => break true,
@@ -559,12 +565,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 agent.announce().await;
             }
             _ = watch.tick(), if args.config.is_some() => {
-                let now = args.config.as_deref().and_then(read);
-                if now.is_some() && now != last_seen {
-                    info!("config file changed");
-                    last_seen = now;
-                    agent.reload(args.config.as_deref()).await;
-                    agent.announce().await;
+                match args.config.as_deref().map(read) {
+                    None => {}
+                    Some(Ok(now)) => {
+                        last_problem = None;
+                        if last_seen.as_ref() != Some(&now) {
+                            info!("config file changed");
+                            last_seen = Some(now);
+                            agent.reload(args.config.as_deref()).await;
+                            agent.announce().await;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let problem = format!("{e:#}");
+                        if last_problem.as_ref() != Some(&problem) {
+                            agent.metrics.applied(false);
+                            error!("config file rejected, keeping the running state: {problem}");
+                            last_problem = Some(problem);
+                        }
+                    }
                 }
             }
         }

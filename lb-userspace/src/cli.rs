@@ -227,3 +227,43 @@ fn parse_metrics_addr(s: &str) -> Result<MetricsAddr, String> {
         .map(|a| MetricsAddr(Some(a)))
         .map_err(|e| format!("{s:?}: {e} (an address:port, or `off`)"))
 }
+
+/// Writes a command's output to stdout. A closed stdout (`xlb ... | head -2`, the
+/// reader gone) ends the output quietly: the rest is dropped and the command carries on
+/// (an uninstall still removes everything) and exits 0, where `println!` panicked.
+/// Any other write error still fails loudly, as `println!` does.
+pub fn write_stdout(args: std::fmt::Arguments, newline: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out
+        .write_fmt(args)
+        .and_then(|()| {
+            if newline {
+                out.write_all(b"\n")
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => panic!("failed printing to stdout: {e}"),
+    }
+}
+
+/// `println!` through [`write_stdout`]: quiet on a closed stdout.
+#[macro_export]
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*), true)
+    };
+}
+
+/// `print!` through [`write_stdout`]: quiet on a closed stdout.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::write_stdout(format_args!($($arg)*), false)
+    };
+}

@@ -480,17 +480,15 @@ fn parse_options() -> serde_saphyr::Options {
     }
 }
 
-impl Config {
-    pub fn load(path: &Path) -> Result<Self> {
-        Self::load_limited(path, DEFAULT_MAX_CONFIG_BYTES)
-    }
-
-    /// Reads at most `max_bytes` of a regular file: a config path pointed at a device
-    /// or a pipe (`/dev/zero`) must fail, not grow without end.
-    pub fn load_limited(path: &Path, max_bytes: u64) -> Result<Self> {
-        use std::io::Read;
-        let meta =
-            std::fs::metadata(path).with_context(|| format!("{}: cannot read", path.display()))?;
+/// The bytes of the config file at `path`, as every reader takes them (start, SIGHUP,
+/// the watcher, check-config): at most `max_bytes`, of a regular file only, and never
+/// blocking. The path is checked before it is opened, so a device or a FIFO is never
+/// opened; it is opened with O_NONBLOCK and checked again through the open descriptor,
+/// which is the one read, so a path swapped in between is caught too.
+pub fn read_limited(path: &Path, max_bytes: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let check = |meta: &std::fs::Metadata| -> Result<()> {
         if !meta.is_file() {
             bail!("{}: not a regular file", path.display());
         }
@@ -501,16 +499,40 @@ impl Config {
                 meta.len()
             );
         }
-        let mut text = String::new();
-        std::fs::File::open(path)
-            .and_then(|f| f.take(max_bytes + 1).read_to_string(&mut text))
-            .with_context(|| format!("{}: cannot read (is it UTF-8 text?)", path.display()))?;
-        if text.len() as u64 > max_bytes {
-            bail!(
-                "{}: grew past the limit of {max_bytes} bytes while being read",
-                path.display()
-            );
-        }
+        Ok(())
+    };
+    let cannot = || format!("{}: cannot read", path.display());
+    check(&std::fs::metadata(path).with_context(cannot)?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .with_context(cannot)?;
+    check(&file.metadata().with_context(cannot)?)?;
+    let mut bytes = Vec::new();
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .with_context(cannot)?;
+    if bytes.len() as u64 > max_bytes {
+        bail!(
+            "{}: grew past the limit of {max_bytes} bytes while being read",
+            path.display()
+        );
+    }
+    Ok(bytes)
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_limited(path, DEFAULT_MAX_CONFIG_BYTES)
+    }
+
+    /// Reads at most `max_bytes` of a regular file: a config path pointed at a device
+    /// or a pipe (`/dev/zero`) must fail, not grow without end.
+    pub fn load_limited(path: &Path, max_bytes: u64) -> Result<Self> {
+        let bytes = read_limited(path, max_bytes)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| anyhow::anyhow!("{}: cannot read (is it UTF-8 text?)", path.display()))?;
         Self::parse(&text).with_context(|| format!("{}: invalid config", path.display()))
     }
 
@@ -707,6 +729,13 @@ impl Config {
                     bail!(
                         "{}{at}: backends[{j}].address: port 0 is not a backend port",
                         be_line(i, j)
+                    );
+                }
+                if b.address.ip() == s.vip && b.address.port() == s.port {
+                    bail!(
+                        "{}{at}: backends[{j}].address: {} is the service's own VIP and port: its packets would come back to the service",
+                        be_line(i, j),
+                        b.address
                     );
                 }
                 if !addrs.insert(b.address) {
@@ -924,6 +953,43 @@ services:
         assert_eq!(Config::parse(&v4).unwrap().snat.ipv4, None);
         let e = err(&GOOD.replace("snat:\n  ipv4: 10.0.0.1\n", "snat: masquerade\n"));
         assert!(e.contains("neither `auto` nor a table"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_at_its_own_services_vip_and_port_is_rejected() {
+        let e = err(&GOOD.replace("198.51.100.2:8080", "192.0.2.10:80"));
+        assert!(
+            e.contains("backends[0].address")
+                && e.contains("192.0.2.10:80")
+                && e.contains("own VIP and port"),
+            "{e}"
+        );
+        let line = GOOD
+            .lines()
+            .position(|l| l.contains("198.51.100.2:8080"))
+            .unwrap()
+            + 1;
+        assert!(e.contains(&format!("line {line}:")), "{e}");
+        // The VIP on another port is a backend like any other.
+        Config::parse(&GOOD.replace("198.51.100.2:8080", "192.0.2.10:8080")).unwrap();
+    }
+
+    #[test]
+    fn a_fifo_is_rejected_without_blocking() {
+        let fifo = std::env::temp_dir().join(format!("xlb-fifo-{}.yaml", std::process::id()));
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // No writer ever comes: a blocking open would never return.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(format!("{:#}", Config::load(&path).unwrap_err()));
+        });
+        let got = rx.recv_timeout(std::time::Duration::from_secs(5));
+        std::fs::remove_file(&fifo).ok();
+        let e = got.expect("reading a FIFO blocked");
+        assert!(e.contains("not a regular file"), "{e}");
     }
 
     #[test]

@@ -38,12 +38,12 @@ async fn real_main() -> Result<()> {
         Command::Uninstall(args) => xlb::uninstall::run(args).await,
         Command::Drain(args) => {
             xlb::announce::set_drained(&args.pin_path, true)?;
-            println!("drained: the agent withdraws every VIP within a second; established flows keep being forwarded");
+            xlb::outln!("drained: the agent withdraws every VIP within a second; established flows keep being forwarded");
             Ok(())
         }
         Command::Undrain(args) => {
             xlb::announce::set_drained(&args.pin_path, false)?;
-            println!("undrained: the agent announces again within a second");
+            xlb::outln!("undrained: the agent announces again within a second");
             Ok(())
         }
         Command::CheckConfig(args) => {
@@ -51,7 +51,7 @@ async fn real_main() -> Result<()> {
             cfg.check_capacity(args.max_services, args.max_backends)
                 .with_context(|| format!("{}: does not fit the maps", args.file.display()))?;
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
-            println!(
+            xlb::outln!(
                 "{}: ok ({} services, {backends} backends)",
                 args.file.display(),
                 cfg.services.len()
@@ -66,15 +66,15 @@ async fn status_cmd(args: StatusArgs) -> Result<()> {
         Ok(st) => st,
         // A script reading --json gets JSON even when there is nothing to read.
         Err(e) if args.json => {
-            println!("{}", serde_json::json!({"error": format!("{e:#}")}));
+            xlb::outln!("{}", serde_json::json!({"error": format!("{e:#}")}));
             std::process::exit(1);
         }
         Err(e) => return Err(e),
     };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&st)?);
+        xlb::outln!("{}", serde_json::to_string_pretty(&st)?);
     } else {
-        print!("{}", status::render_text(&st));
+        xlb::out!("{}", status::render_text(&st));
     }
     Ok(())
 }
@@ -106,7 +106,7 @@ fn maglev_cmd(args: MaglevArgs) -> Result<()> {
             backends,
             table,
         };
-        println!("{}", serde_json::to_string(&out)?);
+        xlb::outln!("{}", serde_json::to_string(&out)?);
         return Ok(());
     }
     let counts = maglev::slot_counts(&table, args.backends.len());
@@ -116,15 +116,19 @@ fn maglev_cmd(args: MaglevArgs) -> Result<()> {
         .filter(|(_, b)| b.weight > 0)
         .collect();
     let total_weight: u64 = active.iter().map(|(_, b)| b.weight as u64).sum();
-    println!(
+    xlb::outln!(
         "Maglev table: M={} slots, {} backends ({} active)",
         args.table_size,
         args.backends.len(),
         active.len()
     );
-    println!(
+    xlb::outln!(
         "{:<44} {:>6} {:>8} {:>8} {:>9}",
-        "backend", "weight", "slots", "share", "vs ideal"
+        "backend",
+        "weight",
+        "slots",
+        "share",
+        "vs ideal"
     );
     let mut worst: f64 = 0.0;
     for (b, &c) in args.backends.iter().zip(&counts) {
@@ -132,7 +136,7 @@ fn maglev_cmd(args: MaglevArgs) -> Result<()> {
         let ideal = b.weight as f64 / total_weight as f64;
         let ratio = if ideal > 0.0 { share / ideal } else { 0.0 };
         worst = worst.max(ratio);
-        println!(
+        xlb::outln!(
             "{:<44} {:>6} {:>8} {:>7.3}% {:>8.4}x",
             b.addr.to_string(),
             b.weight,
@@ -141,6 +145,6 @@ fn maglev_cmd(args: MaglevArgs) -> Result<()> {
             ratio
         );
     }
-    println!("max/average share (weighted): {worst:.4}");
+    xlb::outln!("max/average share (weighted): {worst:.4}");
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Prometheus metrics at `--metrics-addr`: `/metrics` (text format, prometheus-client),
-//! `/healthz` (the agent is alive) and `/readyz` (the datapath is attached and the
-//! config applied).
+//! `/healthz` (the agent's control loop is making progress: see [`Heartbeat`]) and
+//! `/readyz` (the datapath is attached and the config applied).
 //!
 //! Datapath values are absolute sums over the per-CPU maps, read from the pinned maps
 //! at each scrape into a fresh registry; the agent's own metrics (reloads, map update
@@ -10,9 +10,10 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc,
     },
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
@@ -44,6 +45,52 @@ pub struct AgentMetrics {
     /// Entries the conntrack sweep removed, by why: expired | orphaned.
     pub conntrack_swept: Family<Labels, Counter>,
     pub ready: Arc<AtomicBool>,
+    /// The control loop's last turn, for /healthz.
+    pub heartbeat: Heartbeat,
+}
+
+/// How long the control loop may go without a turn before /healthz fails. It turns at
+/// least once a second (housekeeping); one turn waits at most a few seconds (a reload's
+/// next-hop resolution, a conntrack sweep).
+pub const HEARTBEAT_LIMIT: Duration = Duration::from_secs(10);
+
+/// When the control loop last turned: the loop beats once per turn, and /healthz fails
+/// when the last beat is older than [`HEARTBEAT_LIMIT`]. A loop blocked in a system call
+/// (it was, opening a FIFO at the config path) keeps the process and this server alive,
+/// so only this can tell.
+#[derive(Clone)]
+pub struct Heartbeat {
+    start: Instant,
+    /// Milliseconds since `start` at the last beat, plus 1; 0 before the first beat.
+    last: Arc<AtomicU64>,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+impl Heartbeat {
+    pub fn beat(&self) {
+        let ms = self.start.elapsed().as_millis() as u64 + 1;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long since the last beat, if that is longer than `limit`; None while the
+    /// loop turns, and before its first beat (start-up).
+    pub fn stalled(&self, limit: Duration) -> Option<Duration> {
+        let last = self.last.load(Ordering::Relaxed);
+        if last == 0 {
+            return None;
+        }
+        let now = self.start.elapsed().as_millis() as u64 + 1;
+        let age = Duration::from_millis(now.saturating_sub(last));
+        (age > limit).then_some(age)
+    }
 }
 
 impl Default for AgentMetrics {
@@ -53,6 +100,7 @@ impl Default for AgentMetrics {
             map_update_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             conntrack_swept: Family::default(),
             ready: Arc::new(AtomicBool::new(false)),
+            heartbeat: Heartbeat::default(),
         }
     }
 }
@@ -291,6 +339,20 @@ async fn readyz(State(s): State<Shared>) -> impl IntoResponse {
     }
 }
 
+async fn healthz(State(s): State<Shared>) -> impl IntoResponse {
+    match s.agent.heartbeat.stalled(HEARTBEAT_LIMIT) {
+        None => (StatusCode::OK, "ok\n".to_owned()),
+        Some(age) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "unhealthy: the control loop has made no progress for {:.1} s (limit {} s): it handles no reload, signal or health change\n",
+                age.as_secs_f64(),
+                HEARTBEAT_LIMIT.as_secs()
+            ),
+        ),
+    }
+}
+
 /// Binds `addr` (so a bad address fails `xlb run` at once) and serves in the background.
 pub async fn serve(addr: SocketAddr, pin_path: PathBuf, agent: AgentMetrics) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
@@ -298,7 +360,7 @@ pub async fn serve(addr: SocketAddr, pin_path: PathBuf, agent: AgentMetrics) -> 
         .with_context(|| format!("binding metrics address {addr}"))?;
     let app = Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(Shared { pin_path, agent });
     tokio::spawn(async move {
@@ -307,4 +369,26 @@ pub async fn serve(addr: SocketAddr, pin_path: PathBuf, agent: AgentMetrics) -> 
         }
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_is_healthy_until_the_loop_stalls() {
+        let hb = Heartbeat::default();
+        assert_eq!(hb.stalled(HEARTBEAT_LIMIT), None, "before the first beat");
+        hb.beat();
+        assert_eq!(hb.stalled(HEARTBEAT_LIMIT), None, "just beaten");
+        // A loop that last turned 20 s ago.
+        let old = Heartbeat {
+            start: Instant::now() - Duration::from_secs(20),
+            last: Arc::new(AtomicU64::new(1)),
+        };
+        let age = old.stalled(HEARTBEAT_LIMIT).expect("stalled");
+        assert!(age >= Duration::from_secs(19), "{age:?}");
+        old.beat();
+        assert_eq!(old.stalled(HEARTBEAT_LIMIT), None, "turning again");
+    }
 }

@@ -55,10 +55,10 @@ pub async fn detach_node(pin_path: &Path) -> Result<()> {
         .unwrap_or_default();
     let withdrawn = crate::announce::withdraw_everywhere(&vips).await?;
     if withdrawn > 0 {
-        println!("withdrew {withdrawn} VIP routes");
+        crate::outln!("withdrew {withdrawn} VIP routes");
     }
     for name in crate::dataplane::detach_all(pin_path)? {
-        println!("removed {name}");
+        crate::outln!("removed {name}");
     }
     Ok(())
 }
@@ -95,7 +95,7 @@ async fn clear_status(client: &Client, opts: &translate::Options) -> Result<()> 
         )
         .await
         .with_context(|| format!("clearing the status of Service {ns}/{}", svc.name_any()))?;
-        println!(
+        crate::outln!(
             "cleared status.loadBalancer.ingress of Service {ns}/{} ({})",
             svc.name_any(),
             ingress.join(", ")
@@ -135,7 +135,7 @@ async fn delete_events(client: &Client) -> Result<()> {
                 )
             })
             .unwrap_or_default();
-        println!(
+        crate::outln!(
             "deleted Event {ns}/{} ({}{regarding})",
             ev.name_any(),
             ev.reason.clone().unwrap_or_default()
@@ -159,7 +159,7 @@ async fn delete_leases(client: &Client, namespace: &str) -> Result<()> {
             .delete(&lease.name_any(), &DeleteParams::default())
             .await
         {
-            Ok(_) => println!("deleted Lease {namespace}/{}", lease.name_any()),
+            Ok(_) => crate::outln!("deleted Lease {namespace}/{}", lease.name_any()),
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => {
                 return Err(e)

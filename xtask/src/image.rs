@@ -228,7 +228,7 @@ fn git_revision(root: &Path) -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-fn which(tool: &str) -> Option<PathBuf> {
+pub(crate) fn which(tool: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|d| d.join(tool))

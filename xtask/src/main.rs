@@ -62,6 +62,7 @@ fn rerun_release() -> Result<()> {
 /// The eBPF object is built by lb-userspace's build.rs (the single build path); this
 /// runs that build and copies the object out of its OUT_DIR.
 fn build_ebpf() -> Result<PathBuf> {
+    check_ebpf_prerequisites()?;
     let out = Command::new(env!("CARGO"))
         .args([
             "build",
@@ -95,9 +96,63 @@ fn build_ebpf() -> Result<PathBuf> {
     Ok(dst)
 }
 
+/// What the eBPF build needs besides stable Rust: nightly with rust-src (the target is
+/// built with -Z build-std=core) and bpf-linker. Checked first, so that a fresh machine
+/// is told to run scripts/setup.sh rather than shown rustup's or cargo's raw message.
+fn check_ebpf_prerequisites() -> Result<()> {
+    let sysroot = Command::new("rustc")
+        .args(["+nightly", "--print", "sysroot"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    let linker = image::which("bpf-linker").is_some();
+    if let Some(missing) = missing_ebpf_prerequisites(sysroot.as_deref(), linker) {
+        bail!("the eBPF build needs {missing}: run `bash scripts/setup.sh` (as root), which installs what is missing");
+    }
+    Ok(())
+}
+
+/// What is missing, given nightly's sysroot (None: no nightly) and whether bpf-linker
+/// is on PATH.
+fn missing_ebpf_prerequisites(sysroot: Option<&std::path::Path>, linker: bool) -> Option<String> {
+    let mut missing = Vec::new();
+    match sysroot {
+        None => missing.push("the nightly toolchain (rustup toolchain install nightly)"),
+        Some(root) if !root.join("lib/rustlib/src/rust/library/core").is_dir() => {
+            missing.push("nightly's rust-src (rustup component add rust-src --toolchain nightly)")
+        }
+        Some(_) => {}
+    }
+    if !linker {
+        missing.push("bpf-linker, built against nightly's LLVM");
+    }
+    (!missing.is_empty()).then(|| missing.join(" and "))
+}
+
 fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap()
         .to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_ebpf_prerequisites_are_named() {
+        let dir = std::env::temp_dir().join(format!("xtask-sysroot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let no_src = missing_ebpf_prerequisites(Some(&dir), true).unwrap();
+        assert!(no_src.contains("rust-src"), "{no_src}");
+        std::fs::create_dir_all(dir.join("lib/rustlib/src/rust/library/core")).unwrap();
+        assert_eq!(missing_ebpf_prerequisites(Some(&dir), true), None);
+        let no_linker = missing_ebpf_prerequisites(Some(&dir), false).unwrap();
+        assert!(no_linker.contains("bpf-linker"), "{no_linker}");
+        std::fs::remove_dir_all(&dir).unwrap();
+        let none = missing_ebpf_prerequisites(None, true).unwrap();
+        assert!(none.contains("nightly"), "{none}");
+    }
 }
