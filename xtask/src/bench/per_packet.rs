@@ -121,6 +121,20 @@ pub fn measure(
     dsr.port = xlb_tests::topology::BACKEND_PORT;
     dsr.mode = xlb::config::Mode::Dsr;
     cfg.services.push(dsr);
+    // The UDP service again on port 54, restricted to 100 source ranges, the client's
+    // the last: what a service with ranges costs an established flow.
+    let mut ranged = cfg.services[1].clone();
+    ranged.name = "udp-v4-ranges".into();
+    ranged.port = 54;
+    ranged.allow = (0..99)
+        .map(|i| {
+            format!("172.{}.{}.0/24", 16 + i / 64, i % 64)
+                .parse()
+                .unwrap()
+        })
+        .chain([ipnet::IpNet::from(lab.client4)])
+        .collect();
+    cfg.services.push(ranged);
     hundred_backends(&lab, &mut cfg)?;
     cfg.maglev_table_size = 65537;
     // Every new flow inserted, as Katran's reference run with its rate limit raised.
@@ -134,13 +148,14 @@ pub fn measure(
         let mut f = Fixture::with_options(&load)?;
         f.dp.apply(&cfg)?;
         // Flows to establish first: their later packets are the established cases.
-        let open = |f: &mut Fixture, frame: Frame| -> Result<Vec<u8>> {
-            let r = f.run_on(&frame.build(), client_if)?;
+        let open_frame = |f: &mut Fixture, frame: &[u8]| -> Result<Vec<u8>> {
+            let r = f.run_on(frame, client_if)?;
             if r.verdict != XDP_REDIRECT {
                 bail!("opening a flow: verdict {}", r.verdict);
             }
             Ok(r.data)
         };
+        let open = |f: &mut Fixture, frame: Frame| open_frame(f, &frame.build());
         let c4 = client.to_string();
         let c6 = client6.to_string();
         let fwd = open(&mut f, Frame::tcp(&c4, 40000, VIP4, 80))?;
@@ -149,6 +164,15 @@ pub fn measure(
         let dsr_port = xlb_tests::topology::BACKEND_PORT;
         open(&mut f, Frame::tcp(&c4, 40003, VIP4, dsr_port))?;
         let est_dsr = Frame::tcp(&c4, 40003, VIP4, dsr_port).flags(ACK);
+        open(&mut f, Frame::udp(&c4, 40005, VIP4, 54))?;
+        let est_ranged = Frame::udp(&c4, 40005, VIP4, 54);
+        // A datagram in fragments: its first opens the flow and records the ports; the
+        // case is a later fragment, which follows them.
+        let mut big = Frame::udp(&c4, 40004, VIP4, 53);
+        big.payload = vec![0x5a; 3000];
+        let frags = xlb_tests::fragment::fragment(&big.build(), 1400, 0x4242);
+        open_frame(&mut f, &frags[0])?;
+        let later = frags[1].clone();
         let est_dsr_one_arm = est_dsr.clone();
         let nat_port = u16::from_be_bytes([fwd[34], fwd[35]]);
         let backend = IpAddr::from([fwd[30], fwd[31], fwd[32], fwd[33]]);
@@ -193,6 +217,20 @@ pub fn measure(
             (
                 "established TCP flow (IPv6)",
                 Box::new(move |_| est6.build()),
+                client_if,
+                XDP_REDIRECT,
+                0,
+            ),
+            (
+                "established UDP flow (IPv4), service with 100 source ranges",
+                Box::new(move |_| est_ranged.build()),
+                client_if,
+                XDP_REDIRECT,
+                0,
+            ),
+            (
+                "later fragment of a datagram (UDP, IPv4)",
+                Box::new(move |_| later.clone()),
                 client_if,
                 XDP_REDIRECT,
                 0,
