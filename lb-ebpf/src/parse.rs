@@ -263,15 +263,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
 
 #[inline(always)]
 fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Parsed, StatIndex> {
-    let mut key = FlowKey {
-        src: net.src,
-        dst: net.dst,
-        sport: 0,
-        dport: 0,
-        proto: net.proto,
-        family: net.family,
-        _pad: [0; 2],
-    };
+    let mut key = portless_key(net);
     let ip_end = ETH_LEN + net.ip_len as usize;
     let tcp_flags = match net.proto {
         PROTO_TCP => {
@@ -316,6 +308,20 @@ fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Parsed, StatIndex>
     Ok(Parsed::Flow(packet(net, key, tcp_flags)))
 }
 
+/// The packet's flow key before its ports are known.
+#[inline(always)]
+fn portless_key(net: &Network) -> FlowKey {
+    FlowKey {
+        src: net.src,
+        dst: net.dst,
+        sport: 0,
+        dport: 0,
+        proto: net.proto,
+        family: net.family,
+        _pad: [0; 2],
+    }
+}
+
 #[inline(always)]
 fn packet(net: &Network, key: FlowKey, tcp_flags: u8) -> Packet {
     Packet {
@@ -340,16 +346,7 @@ fn later_fragment(net: &Network) -> Result<Parsed, StatIndex> {
         PROTO_UDP => UdpHdr::LEN,
         _ => return Err(StatIndex::PassFragment),
     };
-    let key = FlowKey {
-        src: net.src,
-        dst: net.dst,
-        sport: 0,
-        dport: 0,
-        proto: net.proto,
-        family: net.family,
-        _pad: [0; 2],
-    };
-    let mut pkt = packet(net, key, 0);
+    let mut pkt = packet(net, portless_key(net), 0);
     if net.frag_offset < header {
         pkt.frag = FRAG_OVERLAP;
     }

@@ -304,6 +304,27 @@ impl LbLab {
         Ok(servers)
     }
 
+    /// A second client on the client's own link: `addrs` added to its interface (a
+    /// source of its own, as another host there would have).
+    pub fn add_client_addresses(&self, addrs: &[&str]) -> Result<()> {
+        let out = self
+            .client
+            .ip(&["-o", "-4", "addr", "show", "to", &self.client4.to_string()])?;
+        let iface = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .nth(1)
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow::anyhow!("no interface holds {}", self.client4))?;
+        for a in addrs {
+            let mut args = vec!["addr", "add", a, "dev", &iface];
+            if a.contains(':') {
+                args.push("nodad");
+            }
+            self.client.ip(&args)?;
+        }
+        Ok(())
+    }
+
     pub fn iface_arg(&self) -> String {
         self.lb_ifaces.join(",")
     }

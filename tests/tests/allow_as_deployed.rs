@@ -53,20 +53,7 @@ fn privileged_source_ranges_as_deployed_and_across_a_reload() {
     let lab = LbLab::two_arm_on(3, Network::AsDeployed).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(120)).unwrap();
     // The second client: another address on the client's own link.
-    let out = lab
-        .client
-        .ip(&["-o", "-4", "addr", "show", "to", "10.30.0.2"])
-        .unwrap();
-    let iface = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_owned();
-    lab.client
-        .ip(&["addr", "add", "10.30.0.3/24", "dev", &iface])
-        .unwrap();
-    lab.client
-        .ip(&["addr", "add", "fd30::3/64", "dev", &iface, "nodad"])
+    lab.add_client_addresses(&["10.30.0.3/24", "fd30::3/64"])
         .unwrap();
     let clients: [(IpAddr, IpAddr); 2] = [
         ("10.30.0.2".parse().unwrap(), "fd30::2".parse().unwrap()),

@@ -829,20 +829,7 @@ fn privileged_k8s_load_balancer_source_ranges_and_their_update() {
     }
     let k = K8sLab::new(&[]);
     let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
-    let out = k
-        .lab
-        .client
-        .ip(&["-o", "-4", "addr", "show", "to", "10.30.0.2"])
-        .unwrap();
-    let iface = String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .to_owned();
-    k.lab
-        .client
-        .ip(&["addr", "add", "10.30.0.3/24", "dev", &iface])
-        .unwrap();
+    k.lab.add_client_addresses(&["10.30.0.3/24"]).unwrap();
     let (inside, outside): (IpAddr, IpAddr) =
         ("10.30.0.2".parse().unwrap(), "10.30.0.3".parse().unwrap());
     let (b0, b1) = (k.b(0), k.b(1));
