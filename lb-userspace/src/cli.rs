@@ -22,8 +22,8 @@ pub enum Command {
     /// Build a Maglev table and print it (--json) or a summary of its balance.
     Maglev(MaglevArgs),
     /// Remove everything xlb pinned: detach from every interface, delete the maps, and
-    /// withdraw the VIPs' routes.
-    Detach(DetachArgs),
+    /// withdraw the VIPs' routes. Refused while an agent runs on the pin path.
+    Detach(DetachNodeArgs),
     /// Withdraw every VIP this node announces, for maintenance; established flows keep
     /// being forwarded. `xlb undrain`, or a restart of the agent, announces again.
     Drain(DetachArgs),
@@ -48,6 +48,10 @@ pub struct UninstallArgs {
     /// given them.
     #[command(flatten)]
     pub served: ServedArgs,
+    /// Remove the pins even while an agent runs on them (it is named otherwise, and
+    /// nothing is removed).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Which Services are xlb's, and where its Leases live: `xlb run --kubernetes` serves
@@ -70,6 +74,16 @@ pub struct ServedArgs {
 pub struct DetachArgs {
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DetachNodeArgs {
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Detach even while an agent runs on the pin path (it is named otherwise, and
+    /// nothing is removed). The agent keeps running with its maps gone.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(clap::Args, Debug)]

@@ -673,12 +673,23 @@ fn private_mount_namespace() -> bool {
 /// agent on the same pins would take the links over and the first one's reloads would
 /// silently apply to nothing. The error names the agent holding it.
 fn lock_pin_path(dir: &Path) -> Result<std::fs::File> {
+    match try_lock_pin_path(dir)? {
+        Ok(f) => Ok(f),
+        Err(who) => bail!(
+            "another xlb agent runs on {}: {who}. One agent per pin path: stop it, or give this one another --pin-path",
+            dir.display()
+        ),
+    }
+}
+
+/// The pin directory's lock, if no one holds it; otherwise who does ("pid N (cmdline)").
+pub fn try_lock_pin_path(dir: &Path) -> Result<std::result::Result<std::fs::File, String>> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
     let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(f);
+        return Ok(Ok(f));
     }
     let inode = f.metadata().map(|m| m.ino()).unwrap_or(0);
     let holder = std::fs::read_to_string("/proc/locks")
@@ -690,7 +701,7 @@ fn lock_pin_path(dir: &Path) -> Result<std::fs::File> {
             let ino = f.get(5)?.rsplit(':').next()?.parse::<u64>().ok()?;
             (f.get(1) == Some(&"FLOCK") && ino == inode).then(|| f.get(4).map(|p| p.to_string()))?
         });
-    let who = match holder {
+    Ok(Err(match holder {
         Some(pid) => {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| {
@@ -703,11 +714,7 @@ fn lock_pin_path(dir: &Path) -> Result<std::fs::File> {
             format!("pid {pid} ({cmd})")
         }
         None => "another process (in another PID namespace?)".to_owned(),
-    };
-    bail!(
-        "another xlb agent runs on {}: {who}. One agent per pin path: stop it, or give this one another --pin-path",
-        dir.display()
-    )
+    }))
 }
 
 fn is_bpffs(path: &Path) -> bool {
