@@ -205,7 +205,8 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_backends: u32,
     /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
-    /// for a restart or an upgrade; SIGINT always detaches.
+    /// for a restart or an upgrade; SIGINT always detaches. Detaching removes every pin
+    /// of xlb's, maps included, as `xlb detach` does.
     #[arg(long)]
     pub detach_on_exit: bool,
 }
