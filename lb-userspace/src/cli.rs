@@ -31,7 +31,8 @@ pub enum Command {
     Undrain(DetachArgs),
     /// Validate a config file, as `xlb run` and reloads do, and say what is wrong.
     CheckConfig(CheckConfigArgs),
-    /// Remove everything xlb wrote: on this node as `xlb detach` (routes, pins, links);
+    /// Remove everything xlb wrote: on this node as `xlb detach` (routes, pins, links)
+    /// and the managed neighbour entries it made (`ip neigh show proto 248`);
     /// with --kubernetes also its Services' status addresses, its Events and its Leases.
     /// Run it after deleting the DaemonSet (docs/kubernetes.md).
     Uninstall(UninstallArgs),

@@ -249,17 +249,44 @@ impl NextHops {
         for ((ifindex, addr), entry) in &current {
             if entry.ours && !hops.contains(&(*ifindex, *addr)) {
                 debug!(%addr, ifindex, "deleting a managed neighbour entry no backend needs");
-                let mut msg = NeighbourMessage::default();
-                msg.header.family = family_of(*addr);
-                msg.header.ifindex = *ifindex;
-                msg.attributes
-                    .push(NeighbourAttribute::Destination(neighbour_addr(*addr)));
-                if let Err(e) = self.handle.neighbours().del(msg).execute().await {
+                if let Err(e) = self.delete(*ifindex, *addr).await {
                     debug!(%addr, "deleting the neighbour entry failed: {e}");
                 }
             }
         }
         Ok(())
+    }
+
+    async fn delete(&self, ifindex: u32, addr: IpAddr) -> Result<(), rtnetlink::Error> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family_of(addr);
+        msg.header.ifindex = ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_addr(addr)));
+        self.handle.neighbours().del(msg).execute().await
+    }
+
+    /// `xlb uninstall`: deletes every neighbour entry xlb made (protocol RTPROT_XLB) in
+    /// this network namespace, and only those. Returns them as (ifindex, address).
+    pub async fn remove_all_ours(&self) -> Result<Vec<(u32, IpAddr)>> {
+        let mut removed = Vec::new();
+        for ((ifindex, addr), entry) in self.neighbours().await? {
+            if !entry.ours {
+                continue;
+            }
+            match self.delete(ifindex, addr).await {
+                Ok(()) => removed.push((ifindex, addr)),
+                // Gone meanwhile (its interface went, or the kernel dropped it).
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.code.map(|c| c.get()) == Some(-libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("deleting the neighbour entry for {addr} (ifindex {ifindex})")
+                    })
+                }
+            }
+        }
+        Ok(removed)
     }
 
     async fn ensure(

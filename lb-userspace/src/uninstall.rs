@@ -1,5 +1,6 @@
 //! `xlb uninstall`: removes what xlb wrote. On the node: the VIPs' routes, then every
-//! pin (maps and links, so the XDP and TC programs detach), as `xlb detach`. With
+//! pin (maps and links, so the XDP and TC programs detach), as `xlb detach`, then the
+//! managed neighbour entries the agent made (`ip neigh show proto 248`). With
 //! `--kubernetes`, in the cluster: the addresses xlb wrote into its Services'
 //! `status.loadBalancer.ingress`, the Events it recorded, and its per-VIP Leases.
 //! Each step says what it removed; a second run finds nothing and succeeds.
@@ -40,7 +41,31 @@ pub async fn run(args: UninstallArgs) -> Result<()> {
     if args.pin_path.exists() {
         detach_node(&args.pin_path, args.force).await?;
     }
+    // The next hops the agent kept resolved (managed entries, protocol 248), in this
+    // network namespace; after the datapath, which no longer needs them.
+    let hops = crate::nexthop::NextHops::new()?;
+    for (ifindex, addr) in hops.remove_all_ours().await? {
+        crate::outln!(
+            "removed neighbour entry {addr} dev {} (proto {})",
+            ifname(ifindex),
+            crate::nexthop::RTPROT_XLB
+        );
+    }
     Ok(())
+}
+
+/// The interface's name, or its index when it has none any more.
+fn ifname(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("#{ifindex}");
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// What `xlb detach` does: withdraws the VIPs' routes, then removes every pin.
