@@ -602,7 +602,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
             leases.release_all().await;
         }
         agent.dp.detach()?;
-        info!("detached");
+        // And the maps, as `xlb detach` does: with no program left they serve no packet,
+        // and the conntrack table alone holds ~100 bytes per flow of kernel memory
+        // (94 MB at the defaults) until someone removes it.
+        match crate::dataplane::detach_all(&args.pin_path) {
+            Ok(removed) => info!(
+                pin_path = %args.pin_path.display(),
+                pins = removed.len(),
+                "detached, and removed xlb's pins"
+            ),
+            Err(e) => warn!(
+                pin_path = %args.pin_path.display(),
+                "detached, but the maps stay pinned ({e:#}); `xlb detach --pin-path {}` removes them",
+                args.pin_path.display()
+            ),
+        }
     } else {
         let pinned = agent
             .dp

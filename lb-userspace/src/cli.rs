@@ -22,8 +22,8 @@ pub enum Command {
     /// Build a Maglev table and print it (--json) or a summary of its balance.
     Maglev(MaglevArgs),
     /// Remove everything xlb pinned: detach from every interface, delete the maps, and
-    /// withdraw the VIPs' routes.
-    Detach(DetachArgs),
+    /// withdraw the VIPs' routes. Refused while an agent runs on the pin path.
+    Detach(DetachNodeArgs),
     /// Withdraw every VIP this node announces, for maintenance; established flows keep
     /// being forwarded. `xlb undrain`, or a restart of the agent, announces again.
     Drain(DetachArgs),
@@ -31,7 +31,8 @@ pub enum Command {
     Undrain(DetachArgs),
     /// Validate a config file, as `xlb run` and reloads do, and say what is wrong.
     CheckConfig(CheckConfigArgs),
-    /// Remove everything xlb wrote: on this node as `xlb detach` (routes, pins, links);
+    /// Remove everything xlb wrote: on this node as `xlb detach` (routes, pins, links)
+    /// and the managed neighbour entries it made (`ip neigh show proto 248`);
     /// with --kubernetes also its Services' status addresses, its Events and its Leases.
     /// Run it after deleting the DaemonSet (docs/kubernetes.md).
     Uninstall(UninstallArgs),
@@ -48,6 +49,10 @@ pub struct UninstallArgs {
     /// given them.
     #[command(flatten)]
     pub served: ServedArgs,
+    /// Remove the pins even while an agent runs on them (it is named otherwise, and
+    /// nothing is removed).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// Which Services are xlb's, and where its Leases live: `xlb run --kubernetes` serves
@@ -70,6 +75,16 @@ pub struct ServedArgs {
 pub struct DetachArgs {
     #[arg(long, default_value = DEFAULT_PIN_PATH)]
     pub pin_path: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DetachNodeArgs {
+    #[arg(long, default_value = DEFAULT_PIN_PATH)]
+    pub pin_path: PathBuf,
+    /// Detach even while an agent runs on the pin path (it is named otherwise, and
+    /// nothing is removed). The agent keeps running with its maps gone.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -191,7 +206,8 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_backends: u32,
     /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
-    /// for a restart or an upgrade; SIGINT always detaches.
+    /// for a restart or an upgrade; SIGINT always detaches. Detaching removes every pin
+    /// of xlb's, maps included, as `xlb detach` does.
     #[arg(long)]
     pub detach_on_exit: bool,
 }

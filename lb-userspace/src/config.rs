@@ -209,6 +209,48 @@ fn port<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u16, D::E
     })
 }
 
+/// A backend's weight, with its range in the message (the parser's own message was
+/// "invalid u32", at whatever integer or text it was given).
+fn weight<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = u32;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a weight (a whole number from 0 to {})", u32::MAX)
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> std::result::Result<u32, E> {
+            u32::try_from(n).map_err(|_| E::custom(not_a_weight(n)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> std::result::Result<u32, E> {
+            u32::try_from(n).map_err(|_| E::custom(not_a_weight(n)))
+        }
+        fn visit_i128<E: serde::de::Error>(self, n: i128) -> std::result::Result<u32, E> {
+            u32::try_from(n).map_err(|_| E::custom(not_a_weight(n)))
+        }
+        fn visit_u128<E: serde::de::Error>(self, n: u128) -> std::result::Result<u32, E> {
+            u32::try_from(n).map_err(|_| E::custom(not_a_weight(n)))
+        }
+        // Said here rather than as the parser's "invalid type", which points at the key.
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> std::result::Result<u32, E> {
+            Err(E::custom(not_a_weight(n)))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<u32, E> {
+            Err(E::custom(not_a_weight(format!("{v:?}"))))
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<u32, E> {
+            Err(E::custom(not_a_weight(v)))
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
+fn not_a_weight(n: impl std::fmt::Display) -> String {
+    format!(
+        "{n} is not a weight (0 to {}; 0 drains the backend)",
+        u32::MAX
+    )
+}
+
 fn opt_port<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<u16>, D::Error> {
     port(d).map(Some)
 }
@@ -232,7 +274,7 @@ fn yes() -> bool {
 #[serde(deny_unknown_fields)]
 pub struct BackendConfig {
     pub address: SocketAddr,
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "weight")]
     pub weight: u32,
     /// Set by the health checker, never read from the file.
     #[serde(skip, default = "yes")]
@@ -533,13 +575,19 @@ impl Config {
         let bytes = read_limited(path, max_bytes)?;
         let text = String::from_utf8(bytes)
             .map_err(|_| anyhow::anyhow!("{}: cannot read (is it UTF-8 text?)", path.display()))?;
-        Self::parse(&text).with_context(|| format!("{}: invalid config", path.display()))
+        Self::parse_named(&text, Some(&path.display().to_string()))
+            .with_context(|| format!("{}: invalid config", path.display()))
     }
 
     pub fn parse(text: &str) -> Result<Self> {
+        Self::parse_named(text, None)
+    }
+
+    /// Parses `text`, read from the file `source` if given (named in the snippet of a
+    /// parse error).
+    pub fn parse_named(text: &str, source: Option<&str>) -> Result<Self> {
         let cfg: Config = serde_saphyr::from_str_with_options(text, parse_options())
-            // Its message starts with its own "error: ", and ours is printed after one.
-            .map_err(|e| anyhow::anyhow!("{}", e.to_string().trim_start_matches("error: ")))?;
+            .map_err(|e| anyhow::anyhow!("{}", describe_parse_error(&e, text, source)))?;
         // Where things are, for the messages of the checks below (the types already
         // parsed, so this cannot fail on anything the typed parse accepted).
         let located: Option<Located> =
@@ -800,6 +848,9 @@ struct Located {
     snat: Here,
     timeouts: Here,
     maglev_table_size: Here,
+    decap: Here,
+    announce: Here,
+    flood_guard: Here,
 }
 
 type Here = Option<serde_saphyr::Spanned<serde::de::IgnoredAny>>;
@@ -809,7 +860,11 @@ struct LocatedService {
     name: Here,
     vip: Here,
     port: Here,
+    protocol: Here,
+    mode: Here,
+    session_affinity: Here,
     health_check: Here,
+    encapsulated: Here,
     allow: Here,
     #[serde(default)]
     backends: Vec<LocatedBackend>,
@@ -818,6 +873,123 @@ struct LocatedService {
 #[derive(Deserialize)]
 struct LocatedBackend {
     address: Here,
+    weight: Here,
+    via: Here,
+}
+
+impl Located {
+    /// The path of the field whose value is at `at` ("services[0].backends[1].weight").
+    fn field_at(&self, at: &serde_saphyr::Location) -> Option<String> {
+        let is_at = |h: &Here| {
+            h.as_ref().is_some_and(|sp| {
+                sp.referenced.line() == at.line() && sp.referenced.column() == at.column()
+            })
+        };
+        let top = [
+            ("snat", &self.snat),
+            ("timeouts", &self.timeouts),
+            ("maglev_table_size", &self.maglev_table_size),
+            ("decap", &self.decap),
+            ("announce", &self.announce),
+            ("flood_guard", &self.flood_guard),
+        ];
+        if let Some((name, _)) = top.iter().find(|(_, h)| is_at(h)) {
+            return Some((*name).to_owned());
+        }
+        for (i, s) in self.services.iter().enumerate() {
+            let fields = [
+                ("name", &s.name),
+                ("vip", &s.vip),
+                ("port", &s.port),
+                ("protocol", &s.protocol),
+                ("mode", &s.mode),
+                ("session_affinity", &s.session_affinity),
+                ("health_check", &s.health_check),
+                ("encapsulated", &s.encapsulated),
+                ("allow", &s.allow),
+            ];
+            if let Some((name, _)) = fields.iter().find(|(_, h)| is_at(h)) {
+                return Some(format!("services[{i}].{name}"));
+            }
+            for (j, b) in s.backends.iter().enumerate() {
+                let fields = [
+                    ("address", &b.address),
+                    ("weight", &b.weight),
+                    ("via", &b.via),
+                ];
+                if let Some((name, _)) = fields.iter().find(|(_, h)| is_at(h)) {
+                    return Some(format!("services[{i}].backends[{j}].{name}"));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// A parse error as one location: "line L column C: FIELD: MESSAGE", then the line
+/// with a caret under the value, headed "--> SOURCE:L:C" (the parser's own snippet
+/// said `<input>`, and its header gave the column within its cropped window, not the
+/// line's).
+fn describe_parse_error(e: &serde_saphyr::Error, text: &str, source: Option<&str>) -> String {
+    use serde_saphyr::MessageFormatter;
+    let mut inner = e;
+    while let serde_saphyr::Error::AliasError { error, .. }
+    | serde_saphyr::Error::WithSnippet { error, .. } = inner
+    {
+        inner = error;
+    }
+    let msg = clean(&serde_saphyr::DefaultMessageFormatter.format_message(inner));
+    let Some(at) = e.location().filter(|l| l.line() > 0 && l.column() > 0) else {
+        return msg;
+    };
+    let (line, col) = (at.line(), at.column());
+    // Which field, when the value it points at is one the located parse knows.
+    let field = serde_saphyr::from_str_with_options::<Located>(text, parse_options())
+        .ok()
+        .and_then(|l| l.field_at(&at));
+    let head = match field {
+        // The message may already name the field ("port 70000 is out of range").
+        Some(f) => format!("line {line} column {col}: {f}: {msg}"),
+        None => format!("line {line} column {col}: {msg}"),
+    };
+    let Some(src_line) = text.lines().nth(line as usize - 1) else {
+        return head;
+    };
+    // A window of the line around the column, so a long (flow-style) line stays
+    // readable; columns count characters, as the parser's do.
+    let chars: Vec<char> = src_line.chars().collect();
+    let c = (col as usize - 1).min(chars.len());
+    let from = c.saturating_sub(60);
+    let to = (c + 40).min(chars.len());
+    let mut shown: String = clean(&chars[from..to].iter().collect::<String>());
+    let mut caret_at = c - from;
+    if from > 0 {
+        shown.insert(0, '…');
+        caret_at += 1;
+    }
+    if to < chars.len() {
+        shown.push('…');
+    }
+    let width = (at.span().len() as usize).clamp(1, (to - c).max(1));
+    let gutter = " ".repeat(line.to_string().len());
+    let source = clean(source.unwrap_or("(config text)"));
+    format!(
+        "{head}\n{gutter}--> {source}:{line}:{col}\n{gutter} |\n{line} | {shown}\n{gutter} | {}{}",
+        " ".repeat(caret_at),
+        "^".repeat(width)
+    )
+}
+
+/// Text from the file or the parser, safe for a terminal or a log: control characters
+/// (other than tabs, shown as spaces to keep the caret aligned) are replaced.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '\t' => ' ',
+            c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => '\u{fffd}',
+            c => c,
+        })
+        .collect()
 }
 
 /// Why an address cannot be a VIP or a source, if it cannot.
@@ -1046,5 +1218,106 @@ services:
             open.services[0].source_ranges().is_none(),
             "an empty list admits everyone"
         );
+    }
+
+    /// The caret's column in a rendered snippet, under the shown line's text, as the
+    /// column of that text in the source line (the shown line may be cropped with "…").
+    fn caret_under(e: &str, line: usize) -> String {
+        let lines: Vec<&str> = e.lines().collect();
+        let shown = lines
+            .iter()
+            .position(|l| l.starts_with(&format!("{line} | ")))
+            .unwrap_or_else(|| panic!("no line {line} shown in {e}"));
+        let text: Vec<char> = lines[shown].chars().collect();
+        let caret: Vec<char> = lines[shown + 1].chars().collect();
+        let at = caret
+            .iter()
+            .position(|&c| c == '^')
+            .unwrap_or_else(|| panic!("no caret in {e}"));
+        let len = caret[at..].iter().take_while(|&&c| c == '^').count();
+        text[at..at + len].iter().collect()
+    }
+
+    #[test]
+    fn parse_errors_name_the_file_and_the_field_at_the_value() {
+        let flow = "services:\n  - {name: web, vip: 192.0.2.10, port: 80, protocol: tcp, backends: [{address: \"198.51.100.2:8080\", weight: -1}]}\n";
+        let col = flow.lines().nth(1).unwrap().find("-1").unwrap() + 1;
+        let block = GOOD.replace("weight: 2", "weight: -1");
+        let bline = block
+            .lines()
+            .position(|l| l.contains("weight: -1"))
+            .unwrap()
+            + 1;
+        let bcol = block.lines().nth(bline - 1).unwrap().find("-1").unwrap() + 1;
+        for (text, line, col) in [(flow.to_owned(), 2, col), (block, bline, bcol)] {
+            let path =
+                std::env::temp_dir().join(format!("xlb-weight-{}-{line}.yaml", std::process::id()));
+            std::fs::write(&path, &text).unwrap();
+            let e = format!("{:#}", Config::load(&path).unwrap_err());
+            std::fs::remove_file(&path).ok();
+            // One location, said the same way in the message and in the snippet's header.
+            assert!(
+                e.contains(&format!("line {line} column {col}: ")),
+                "{col}: {e}"
+            );
+            assert!(
+                e.contains(&format!("--> {}:{line}:{col}\n", path.display())),
+                "{e}"
+            );
+            assert!(!e.contains("<input>"), "{e}");
+            assert!(
+                e.contains("services[0].backends[0].weight: -1 is not a weight (0 to 4294967295"),
+                "{e}"
+            );
+            assert_eq!(caret_under(&e, line), "-1", "{e}");
+        }
+        // Other values that are not weights, at the value too.
+        for (bad, shown) in [
+            ("abc", "\"abc\""),
+            ("1.5", "1.5"),
+            ("4294967296", "4294967296"),
+        ] {
+            let e = err(&GOOD.replace("weight: 2", &format!("weight: {bad}")));
+            assert!(
+                e.contains(&format!(
+                    "services[0].backends[0].weight: {shown} is not a weight"
+                )),
+                "{e}"
+            );
+            assert_eq!(caret_under(&e, 11), bad, "{e}");
+            assert!(e.contains("--> (config text):11:17"), "{e}");
+        }
+        // Other fields are named where the value is the error's location.
+        let e = err(&GOOD.replace("port: 80", "port: 70000"));
+        assert!(
+            e.contains("services[0].port: port 70000 is out of range"),
+            "{e}"
+        );
+        assert_eq!(caret_under(&e, 7), "70000", "{e}");
+        // A weight that is one is still one.
+        let ok = Config::parse(&GOOD.replace("weight: 2", "weight: 4294967295")).unwrap();
+        assert_eq!(ok.services[0].backends[0].weight, u32::MAX);
+    }
+
+    #[test]
+    fn parse_error_snippets_are_clean_and_cropped() {
+        // A long flow line: the window around the column, with the caret still under
+        // the value; control characters from the file never reach the terminal.
+        let pad = "x".repeat(300);
+        let text = format!(
+            "services:\n  - {{name: \"{pad}\", vip: 192.0.2.10, port: 80, protocol: tcp, backends: [{{address: \"198.51.100.2:8080\", weight: -7}}], comment: \"{pad}\"}}\n"
+        );
+        let e = err(&text);
+        assert!(e.contains("weight: -7 is not a weight"), "{e}");
+        assert_eq!(caret_under(&e, 2), "-7", "{e}");
+        let shown = e.lines().find(|l| l.starts_with("2 | ")).unwrap();
+        assert!(
+            shown.starts_with("2 | …") && shown.ends_with('…'),
+            "{shown}"
+        );
+        assert!(shown.chars().count() < 120, "{shown}");
+        let e = err("services: [\u{7}\n");
+        assert!(e.contains("1 | services: [\u{fffd}"), "{e:?}");
+        assert!(!e.chars().any(|c| c.is_control() && c != '\n'), "{e:?}");
     }
 }

@@ -673,24 +673,24 @@ fn private_mount_namespace() -> bool {
 /// agent on the same pins would take the links over and the first one's reloads would
 /// silently apply to nothing. The error names the agent holding it.
 fn lock_pin_path(dir: &Path) -> Result<std::fs::File> {
+    match try_lock_pin_path(dir)? {
+        Ok(f) => Ok(f),
+        Err(who) => bail!(
+            "another xlb agent runs on {}: {who}. One agent per pin path: stop it, or give this one another --pin-path",
+            dir.display()
+        ),
+    }
+}
+
+/// The pin directory's lock, if no one holds it; otherwise who does ("pid N (cmdline)").
+pub fn try_lock_pin_path(dir: &Path) -> Result<std::result::Result<std::fs::File, String>> {
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::MetadataExt;
     let f = std::fs::File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-        return Ok(f);
+        return Ok(Ok(f));
     }
-    let inode = f.metadata().map(|m| m.ino()).unwrap_or(0);
-    let holder = std::fs::read_to_string("/proc/locks")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let ino = f.get(5)?.rsplit(':').next()?.parse::<u64>().ok()?;
-            (f.get(1) == Some(&"FLOCK") && ino == inode).then(|| f.get(4).map(|p| p.to_string()))?
-        });
-    let who = match holder {
+    Ok(Err(match pin_lock_holder(dir) {
         Some(pid) => {
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
                 .map(|c| {
@@ -703,11 +703,29 @@ fn lock_pin_path(dir: &Path) -> Result<std::fs::File> {
             format!("pid {pid} ({cmd})")
         }
         None => "another process (in another PID namespace?)".to_owned(),
-    };
-    bail!(
-        "another xlb agent runs on {}: {who}. One agent per pin path: stop it, or give this one another --pin-path",
-        dir.display()
-    )
+    }))
+}
+
+/// The process holding the pin directory's lock (the agent running on it), read from
+/// /proc/locks without taking the lock. None: no one, or one in another PID namespace.
+pub fn pin_lock_holder(dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).ok()?;
+    let id = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev()),
+        meta.ino()
+    );
+    std::fs::read_to_string("/proc/locks")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            // "1: FLOCK  ADVISORY  WRITE 1234 00:2a:5678 0 EOF"
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1) == Some(&"FLOCK") && f.get(5) == Some(&id.as_str()))
+                .then(|| f.get(4)?.parse().ok())?
+        })
 }
 
 fn is_bpffs(path: &Path) -> bool {

@@ -34,7 +34,7 @@ async fn real_main() -> Result<()> {
         Command::Run(args) => xlb::agent::run(*args).await,
         Command::Status(args) => status_cmd(args).await,
         Command::Maglev(args) => maglev_cmd(args),
-        Command::Detach(args) => xlb::uninstall::detach_node(&args.pin_path).await,
+        Command::Detach(args) => xlb::uninstall::detach_node(&args.pin_path, args.force).await,
         Command::Uninstall(args) => xlb::uninstall::run(args).await,
         Command::Drain(args) => {
             xlb::announce::set_drained(&args.pin_path, true)?;

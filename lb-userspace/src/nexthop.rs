@@ -249,17 +249,44 @@ impl NextHops {
         for ((ifindex, addr), entry) in &current {
             if entry.ours && !hops.contains(&(*ifindex, *addr)) {
                 debug!(%addr, ifindex, "deleting a managed neighbour entry no backend needs");
-                let mut msg = NeighbourMessage::default();
-                msg.header.family = family_of(*addr);
-                msg.header.ifindex = *ifindex;
-                msg.attributes
-                    .push(NeighbourAttribute::Destination(neighbour_addr(*addr)));
-                if let Err(e) = self.handle.neighbours().del(msg).execute().await {
+                if let Err(e) = self.delete(*ifindex, *addr).await {
                     debug!(%addr, "deleting the neighbour entry failed: {e}");
                 }
             }
         }
         Ok(())
+    }
+
+    async fn delete(&self, ifindex: u32, addr: IpAddr) -> Result<(), rtnetlink::Error> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family_of(addr);
+        msg.header.ifindex = ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_addr(addr)));
+        self.handle.neighbours().del(msg).execute().await
+    }
+
+    /// `xlb uninstall`: deletes every neighbour entry xlb made (protocol RTPROT_XLB) in
+    /// this network namespace, and only those. Returns them as (ifindex, address).
+    pub async fn remove_all_ours(&self) -> Result<Vec<(u32, IpAddr)>> {
+        let mut removed = Vec::new();
+        for ((ifindex, addr), entry) in self.neighbours().await? {
+            if !entry.ours {
+                continue;
+            }
+            match self.delete(ifindex, addr).await {
+                Ok(()) => removed.push((ifindex, addr)),
+                // Gone meanwhile (its interface went, or the kernel dropped it).
+                Err(rtnetlink::Error::NetlinkError(e))
+                    if e.code.map(|c| c.get()) == Some(-libc::ENOENT) => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!("deleting the neighbour entry for {addr} (ifindex {ifindex})")
+                    })
+                }
+            }
+        }
+        Ok(removed)
     }
 
     async fn ensure(
@@ -352,23 +379,57 @@ impl NextHops {
     }
 }
 
-/// How an XDP program is attached to `iface` in this network namespace, as the
-/// kernel reports it (`ip -d link` shows the same): None if it cannot tell.
-pub async fn xdp_mode(iface: &str) -> Option<&'static str> {
+/// The XDP programs attached to an interface, by mode (program ids; 0: none).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdpProgs {
+    pub native: u32,
+    pub generic: u32,
+    pub offload: u32,
+}
+
+/// The XDP programs attached to `iface` in this network namespace, as the kernel
+/// reports them (`ip -d link` shows the same). None: no interface of that name here.
+pub async fn xdp_progs(iface: &str) -> Result<Option<XdpProgs>> {
     use rtnetlink::packet_route::link::{LinkAttribute, LinkXdp, XdpAttached};
-    let (conn, handle, _) = rtnetlink::new_connection().ok()?;
+    let (conn, handle, _) = rtnetlink::new_connection().context("opening rtnetlink")?;
     tokio::spawn(conn);
     let mut links = handle.link().get().match_name(iface.to_owned()).execute();
-    let link = links.try_next().await.ok()??;
-    link.attributes.iter().find_map(|a| match a {
-        LinkAttribute::Xdp(x) => x.iter().find_map(|x| match x {
-            LinkXdp::Attached(XdpAttached::Driver) => Some("native"),
-            LinkXdp::Attached(XdpAttached::SocketBuffer) => Some("generic"),
-            LinkXdp::Attached(XdpAttached::Hardware) => Some("offload"),
-            _ => None,
-        }),
-        _ => None,
-    })
+    let link = match links.try_next().await {
+        Ok(Some(link)) => link,
+        Ok(None) => return Ok(None),
+        Err(rtnetlink::Error::NetlinkError(e))
+            if e.code.map(|c| c.get()) == Some(-libc::ENODEV) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading link {iface}")),
+    };
+    let mut progs = XdpProgs::default();
+    let (mut attached, mut single) = (None, 0);
+    for a in &link.attributes {
+        if let LinkAttribute::Xdp(x) = a {
+            for x in x {
+                match x {
+                    LinkXdp::DrvProgId(id) => progs.native = *id,
+                    LinkXdp::SkbProgId(id) => progs.generic = *id,
+                    LinkXdp::HwProgId(id) => progs.offload = *id,
+                    LinkXdp::ProgId(id) => single = *id,
+                    LinkXdp::Attached(mode) => attached = Some(*mode),
+                    _ => {}
+                }
+            }
+        }
+    }
+    // Kernels that give only the one program's id with its mode.
+    if progs == XdpProgs::default() && single != 0 {
+        match attached {
+            Some(XdpAttached::Driver) => progs.native = single,
+            Some(XdpAttached::SocketBuffer) => progs.generic = single,
+            Some(XdpAttached::Hardware) => progs.offload = single,
+            _ => {}
+        }
+    }
+    Ok(Some(progs))
 }
 
 #[derive(Clone, Copy, Debug, Default)]

@@ -73,9 +73,11 @@ pub struct BackendView {
 #[derive(Serialize, Debug)]
 pub struct AttachmentView {
     pub iface: String,
-    /// native, generic, offload, or unknown (the interface is not in this network
-    /// namespace, or the kernel reports no program on it).
+    /// native, generic or offload: the mode in which the kernel runs the pinned link's
+    /// program on the interface; unknown when it cannot be told from here, and then
+    /// `xdp_mode_unknown` says why.
     pub xdp_mode: String,
+    pub xdp_mode_unknown: Option<String>,
     /// The TC egress program (dnat replies from backends on this host) is attached.
     pub tc_egress: bool,
 }
@@ -110,6 +112,10 @@ pub struct AnnouncedView {
     pub table: u32,
     /// Seconds since the epoch.
     pub since: u64,
+    /// The same, as a UTC time (RFC 3339).
+    pub since_utc: String,
+    /// Seconds since then.
+    pub age_s: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -344,26 +350,33 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
         .unwrap_or_default();
     names.sort();
     for iface in names {
-        let xdp_mode = crate::nexthop::xdp_mode(&iface)
-            .await
-            .unwrap_or("unknown")
-            .to_owned();
+        let (xdp_mode, xdp_mode_unknown) = match attachment_mode(pin_path, &iface).await {
+            Ok(mode) => (mode.to_owned(), None),
+            Err(why) => ("unknown".to_owned(), Some(why)),
+        };
         let tc_egress = pin_path.join(format!("tclink_{iface}")).exists();
         attachments.push(AttachmentView {
             iface,
             xdp_mode,
+            xdp_mode_unknown,
             tc_egress,
         });
     }
     let size = |name: &str| -> Result<u32> {
         Ok(aya::maps::MapInfo::from_pin(pin_path.join(name))?.max_entries())
     };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let announced = crate::announce::read_announced(pin_path)
         .into_iter()
         .map(|(vip, table, since)| AnnouncedView {
             vip: vip.to_string(),
             table,
             since,
+            since_utc: utc(since),
+            age_s: now.saturating_sub(since),
         })
         .collect();
     Ok(Status {
@@ -380,15 +393,106 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
     })
 }
 
+/// The mode in which the kernel runs the program of the pinned link `link_<iface>` on
+/// `iface`: the mode whose program id is the link's. Err: why that cannot be told here.
+async fn attachment_mode(
+    pin_path: &Path,
+    iface: &str,
+) -> std::result::Result<&'static str, String> {
+    let pin = pin_path.join(format!("link_{iface}"));
+    let prog = aya::programs::links::PinnedLink::from_pin(&pin)
+        .map(aya::programs::links::FdLink::from)
+        .and_then(|l| l.info())
+        .map(|i| i.program_id())
+        .map_err(|e| format!("reading the pinned link {}: {e}", pin.display()))?;
+    // Where the agent runs, when it is in another network namespace than this command.
+    let elsewhere = || -> Option<String> {
+        let pid = crate::dataplane::pin_lock_holder(pin_path)?;
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok()?;
+        let ours = std::fs::read_link("/proc/self/ns/net").ok()?;
+        (theirs != ours).then(|| {
+            format!(
+                "the agent (pid {pid}) runs in another network namespace ({}); run `nsenter --net=/proc/{pid}/ns/net xlb status` there",
+                theirs.display()
+            )
+        })
+    };
+    let progs = match crate::nexthop::xdp_progs(iface).await {
+        Ok(Some(p)) => p,
+        Ok(None) => {
+            return Err(match elsewhere() {
+                Some(hint) => format!("no interface {iface} in this network namespace: {hint}"),
+                None => format!(
+                    "no interface {iface} in this network namespace (it was deleted, or the agent attached it in another namespace)"
+                ),
+            })
+        }
+        Err(e) => return Err(format!("{e:#}")),
+    };
+    match prog {
+        0 => Err("the pinned link holds no program".to_owned()),
+        id if id == progs.native => Ok("native"),
+        id if id == progs.generic => Ok("generic"),
+        id if id == progs.offload => Ok("offload"),
+        id => Err(match elsewhere() {
+            Some(hint) => format!(
+                "the interface {iface} here does not run xlb's program (id {id}): {hint}"
+            ),
+            None => format!(
+                "the interface {iface} here does not run xlb's program (id {id}; its XDP programs: native {}, generic {}): it was replaced, or the link is in another network namespace",
+                progs.native, progs.generic
+            ),
+        }),
+    }
+}
+
+/// Seconds since the epoch as a UTC time, RFC 3339 ("2026-12-06T05:58:04Z").
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// A duration for people: "42 s", "3 min 5 s", "2 h 10 min", "3 d 4 h".
+pub fn age(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s} s"),
+        s if s < 3600 => format!("{} min {} s", s / 60, s % 60),
+        s if s < 86_400 => format!("{} h {} min", s / 3600, s / 60 % 60),
+        s => format!("{} d {} h", s / 86_400, s / 3600 % 24),
+    }
+}
+
 /// The human view: non-zero counters, one per line.
 pub fn render_text(status: &Status) -> String {
     let mut s = format!("xlb status ({})\n", status.pin_path);
     for a in &status.attachments {
         let egress = if a.tc_egress { ", TC egress" } else { "" };
-        s.push_str(&format!(
-            "attached to {} ({} XDP{egress})\n",
-            a.iface, a.xdp_mode
-        ));
+        match &a.xdp_mode_unknown {
+            None => s.push_str(&format!(
+                "attached to {} ({} XDP{egress})\n",
+                a.iface, a.xdp_mode
+            )),
+            Some(why) => s.push_str(&format!(
+                "attached to {} (XDP mode unknown{egress}): {why}\n",
+                a.iface
+            )),
+        }
     }
     if status.attachments.is_empty() {
         s.push_str("attached to no interface\n");
@@ -398,8 +502,11 @@ pub fn render_text(status: &Status) -> String {
     }
     for a in &status.announced {
         s.push_str(&format!(
-            "announced {} (route in table {}, since {} s after the epoch)\n",
-            a.vip, a.table, a.since
+            "announced {} (route in table {}, since {}, {} ago)\n",
+            a.vip,
+            a.table,
+            a.since_utc,
+            age(a.age_s)
         ));
     }
     s.push_str(&format!(
@@ -451,4 +558,28 @@ pub fn render_text(status: &Status) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_utc_and_ages_read_as_durations() {
+        // Against Python's datetime.fromtimestamp(t, UTC): the epoch, leap days of a
+        // century year and of 2024, the issue's own figure, the end of a century.
+        for (t, want) in [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (1_709_164_800, "2024-02-29T00:00:00Z"),
+            (1_796_531_762, "2026-12-06T04:36:02Z"),
+            (4_102_444_799, "2099-12-31T23:59:59Z"),
+        ] {
+            assert_eq!(utc(t), want, "{t}");
+        }
+        assert_eq!(age(42), "42 s");
+        assert_eq!(age(185), "3 min 5 s");
+        assert_eq!(age(7_800), "2 h 10 min");
+        assert_eq!(age(3 * 86_400 + 4 * 3600 + 59), "3 d 4 h");
+    }
 }

@@ -1,12 +1,13 @@
 //! `xlb uninstall`: removes what xlb wrote. On the node: the VIPs' routes, then every
-//! pin (maps and links, so the XDP and TC programs detach), as `xlb detach`. With
+//! pin (maps and links, so the XDP and TC programs detach), as `xlb detach`, then the
+//! managed neighbour entries the agent made (`ip neigh show proto 248`). With
 //! `--kubernetes`, in the cluster: the addresses xlb wrote into its Services'
 //! `status.loadBalancer.ingress`, the Events it recorded, and its per-VIP Leases.
 //! Each step says what it removed; a second run finds nothing and succeeds.
 
 use std::{collections::BTreeSet, net::IpAddr, path::Path};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Service, events::v1::Event as K8sEvent};
 use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams},
@@ -38,13 +39,59 @@ pub async fn run(args: UninstallArgs) -> Result<()> {
     }
     // Nothing pinned: this node holds nothing of xlb's (already uninstalled).
     if args.pin_path.exists() {
-        detach_node(&args.pin_path).await?;
+        detach_node(&args.pin_path, args.force).await?;
+    }
+    // The next hops the agent kept resolved (managed entries, protocol 248), in this
+    // network namespace; after the datapath, which no longer needs them.
+    let hops = crate::nexthop::NextHops::new()?;
+    for (ifindex, addr) in hops.remove_all_ours().await? {
+        crate::outln!(
+            "removed neighbour entry {addr} dev {} (proto {})",
+            ifname(ifindex),
+            crate::nexthop::RTPROT_XLB
+        );
     }
     Ok(())
 }
 
+/// The interface's name, or its index when it has none any more.
+fn ifname(ifindex: u32) -> String {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    let p = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return format!("#{ifindex}");
+    }
+    // SAFETY: on success buf holds a NUL-terminated name.
+    unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// What `xlb detach` does: withdraws the VIPs' routes, then removes every pin.
-pub async fn detach_node(pin_path: &Path) -> Result<()> {
+/// Refused while an agent runs on `pin_path` (it holds the directory's lock, as for a
+/// second `xlb run`), unless `force`: its XDP program would stay attached with its maps
+/// gone, `xlb status` would fail, and the agent would only notice when it exits.
+pub async fn detach_node(pin_path: &Path, force: bool) -> Result<()> {
+    // Held until the pins are gone, so that no agent starts on them meanwhile.
+    let _lock = if pin_path.is_dir() {
+        match crate::dataplane::try_lock_pin_path(pin_path)? {
+            Ok(lock) => Some(lock),
+            Err(who) if force => {
+                tracing::warn!(
+                    "an xlb agent runs on {}: {who}; removing its pins anyway (--force)",
+                    pin_path.display()
+                );
+                None
+            }
+            Err(who) => bail!(
+                "an xlb agent runs on {}: {who}. Removing its pins would leave its XDP program attached with its maps gone; stop it first, or pass --force to remove them anyway",
+                pin_path.display()
+            ),
+        }
+    } else {
+        None
+    };
     // The routes first: the VIPs are read from the service map that goes next.
     let vips = crate::status::read_services(pin_path)
         .map(|s| {

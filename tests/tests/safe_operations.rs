@@ -213,3 +213,69 @@ fn privileged_a_private_bpffs_is_detected_and_no_false_promise_is_made() {
     assert!(logs.contains("the datapath ends with it"), "{logs}");
     assert!(!logs.contains("stays attached and pinned"), "{logs}");
 }
+
+#[test]
+fn privileged_detach_of_a_running_agents_pins_is_refused_by_name_unless_forced() {
+    if !privileged() {
+        return;
+    }
+    let lab = LbLab::two_arm(1).unwrap();
+    lab.write_config(&[0]).unwrap();
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbd")));
+    let _c = RemoveOnDrop(pin.clone());
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let iface = lab.iface_arg();
+    let mut agent = Agent::start_at(&lab.lb, &pin, &["--iface", &iface, "--config", &cfg]).unwrap();
+    let pin_s = pin.to_str().unwrap();
+    let pins = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(&pin)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let before = pins();
+    assert!(
+        before.contains(&"XLB_SERVICES".to_owned())
+            && before.iter().any(|p| p.starts_with("link_")),
+        "{before:?}"
+    );
+    // Both commands that remove the pins refuse, name the agent, and remove nothing.
+    for cmd in [
+        &["detach", "--pin-path", pin_s][..],
+        &["uninstall", "--pin-path", pin_s][..],
+    ] {
+        let out = xlb_cmd(cmd).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{cmd:?} succeeded: {err}");
+        assert!(
+            err.contains("an xlb agent runs on") && err.contains(&format!("pid {} ", agent.pid())),
+            "{cmd:?}: {err}"
+        );
+        assert!(err.contains("--force"), "{cmd:?}: {err}");
+        assert_eq!(pins(), before, "{cmd:?} removed something");
+    }
+    // The agent still owns the datapath: status reads it and a reload applies.
+    agent.status().unwrap();
+    lab.write_config(&[0]).unwrap();
+    agent.reload().unwrap();
+    // --force removes the pins anyway.
+    let out = xlb_cmd(&["detach", "--force", "--pin-path", pin_s]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pin.exists(), "--force removed the pins: {:?}", pins());
+    // The agent's own descriptors keep its links until it exits; then nothing is left.
+    agent.stop_with(libc::SIGTERM).unwrap();
+    let links = String::from_utf8(lab.lb.ip(&["link", "show"]).unwrap().stdout).unwrap();
+    assert!(
+        !links.contains("xdp"),
+        "detached once the agent exited:\n{links}"
+    );
+}

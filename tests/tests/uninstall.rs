@@ -2,7 +2,8 @@
 //! served a Service (address from its pool, status written, an L2 Lease taken, an
 //! Announced Event recorded, a route in table 200, XDP and TC attached) was stopped
 //! with SIGTERM, which leaves all of that in place. Afterwards nothing of xlb's is
-//! left, what belongs to others is untouched, and a second run finds nothing.
+//! left (managed neighbour entries, proto 248, included), what belongs to others is
+//! untouched, and a second run finds nothing.
 
 use std::{
     path::PathBuf,
@@ -138,6 +139,64 @@ fn privileged_uninstall_removes_what_xlb_wrote_and_nothing_else() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     wait("route", &agent, || routes().contains(&vip));
+    // The backend's next hop, kept resolved as a managed entry of xlb's.
+    let neigh = |ns: &xlb_tests::netns::Netns, args: &[&str]| {
+        let mut full = vec!["neigh", "show"];
+        full.extend_from_slice(args);
+        String::from_utf8_lossy(&ns.ip(&full).unwrap().stdout).into_owned()
+    };
+    wait("managed neighbour entry", &agent, || {
+        neigh(&lab.lb, &["proto", "248"]).contains("10.40.0.2 ")
+    });
+    assert!(neigh(&lab.lb, &["proto", "248"]).contains("managed"));
+    // Others' entries: the operator's static one and one of another protocol on the
+    // LB, and a proto 248 entry in another namespace (the backend's).
+    let backend_side = &lab.lb_ifaces[1];
+    for extra in [
+        &[
+            "10.40.0.99",
+            "lladdr",
+            "02:00:00:00:00:99",
+            "nud",
+            "permanent",
+        ][..],
+        &[
+            "10.40.0.98",
+            "lladdr",
+            "02:00:00:00:00:98",
+            "nud",
+            "stale",
+            "protocol",
+            "249",
+        ][..],
+    ] {
+        let mut args = vec!["neigh", "replace"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["dev", backend_side]);
+        let out = lab.lb.ip(&args).unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let b_route = lab.backends[0]
+        .ip(&["-j", "route", "get", "10.40.0.1"])
+        .unwrap();
+    let b_route: serde_json::Value = serde_json::from_slice(&b_route.stdout).unwrap();
+    let b_dev = b_route[0]["dev"].as_str().unwrap().to_owned();
+    let out = lab.backends[0]
+        .ip(&[
+            "neigh",
+            "replace",
+            "10.40.0.97",
+            "lladdr",
+            "02:00:00:00:00:97",
+            "nud",
+            "permanent",
+            "protocol",
+            "248",
+            "dev",
+            &b_dev,
+        ])
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
     let xdp_on = |dev: &str| {
         let out = lab.lb.ip(&["-d", "link", "show", "dev", dev]).unwrap();
         String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
@@ -184,11 +243,24 @@ fn privileged_uninstall_removes_what_xlb_wrote_and_nothing_else() {
         assert!(!xdp_on(dev), "XDP still on {dev}");
     }
     assert!(!pin.exists(), "pins removed");
+    // Neighbours: xlb's gone from its namespace, everyone else's kept.
+    assert_eq!(
+        neigh(&lab.lb, &["proto", "248"]).trim(),
+        "",
+        "managed entries removed"
+    );
+    let kept = neigh(&lab.lb, &[]);
+    assert!(
+        kept.contains("10.40.0.99 ") && kept.contains("10.40.0.98 "),
+        "{kept}"
+    );
+    assert!(neigh(&lab.backends[0], &["proto", "248"]).contains("10.40.0.97 "));
     for line in [
         "cleared status.loadBalancer.ingress of Service default/web",
         "deleted Lease xlb-system/",
         "deleted Event default/",
         "withdrew 1 VIP routes",
+        "removed neighbour entry 10.40.0.2 dev ",
     ] {
         assert!(said.contains(line), "{line:?} not said:\n{said}");
     }
