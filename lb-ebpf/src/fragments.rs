@@ -20,23 +20,12 @@ use crate::{
 
 const NS_PER_S: u64 = 1_000_000_000;
 
-/// The datagram's key, built in per-CPU scratch memory: the pipeline's stack has no
-/// 40 bytes to spare.
+/// The datagram's key, which the parser put in per-CPU scratch memory.
 #[inline(always)]
-fn key(pkt: &Packet) -> Option<&'static FragmentKey> {
+fn key() -> Option<&'static FragmentKey> {
     let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let key = unsafe { &mut (*scratch).frag };
-    let k = &pkt.key;
-    *key = FragmentKey {
-        src: k.src,
-        dst: k.dst,
-        id: pkt.frag_id,
-        proto: k.proto,
-        family: k.family,
-        _pad: [0; 2],
-    };
-    Some(key)
+    // SAFETY: this CPU's scratch slot; only the parser wrote it during this run.
+    Some(unsafe { &(*scratch).frag })
 }
 
 /// A later fragment: its datagram's ports, from the first fragment's record. Err is
@@ -49,7 +38,7 @@ pub fn follow(pkt: &mut Packet) -> Result<(), (u32, StatIndex)> {
         return Ok(());
     }
     let unknown = (XDP_PASS, StatIndex::PassFragment);
-    let key = key(pkt).ok_or(unknown)?;
+    let key = key().ok_or(unknown)?;
     // SAFETY: the value is copied out at once.
     let rec = (unsafe { FRAGMENTS.get(key) }).copied().ok_or(unknown)?;
     // SAFETY: a plain helper call.
@@ -79,7 +68,7 @@ pub fn record(pkt: &Packet, now: u64) {
         _pad: 0,
         first_seen_ns: now,
     };
-    let Some(key) = key(pkt) else {
+    let Some(key) = key() else {
         return;
     };
     // A full LRU evicts its oldest record; failure only leaves the rest unbalanced.

@@ -2,7 +2,7 @@
 //! TCP or UDP. Anything else is classified with the reason it will be passed for.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{FlowKey, StatIndex, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
+use lb_common::{FlowKey, FragmentKey, StatIndex, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 use network_types::{
     eth::EthHdr,
     ip::{Ipv4Hdr, Ipv6Hdr},
@@ -10,7 +10,7 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::mem::load;
+use crate::{maps::SCRATCH, mem::load};
 
 pub const ETH_LEN: usize = EthHdr::LEN;
 pub const ETH_P_IP: u16 = 0x0800;
@@ -92,11 +92,10 @@ pub struct Packet {
     pub ttl: u8,
     /// Length of the IP packet (for the FIB's MTU check).
     pub ip_len: u16,
-    /// FRAG_*: whether this is a fragment, and which kind.
+    /// FRAG_*: whether this is a fragment, and which kind. A fragment's datagram key
+    /// (addresses, identification, protocol) is in per-CPU scratch memory, where the
+    /// parser put it (fragments.rs reads it): unfragmented packets carry nothing more.
     pub frag: u8,
-    /// The datagram's identification (fragments only): IPv4's 16 bits, IPv6's 32, as
-    /// on the wire.
-    pub frag_id: u32,
 }
 
 /// An IP packet's network layer, before the transport is examined.
@@ -106,11 +105,11 @@ struct Network {
     src: [u32; 4],
     dst: [u32; 4],
     l4_off: usize,
-    /// FRAG_NONE, FRAG_FIRST or FRAG_LATER.
+    /// FRAG_NONE, FRAG_FIRST, FRAG_LATER or FRAG_OVERLAP.
     frag: u8,
+    /// The datagram's identification (fragments only): IPv4's 16 bits, IPv6's 32, as
+    /// on the wire.
     frag_id: u32,
-    /// Where a fragment's data starts in its datagram, in bytes.
-    frag_offset: usize,
     ttl: u8,
     ip_len: u16,
 }
@@ -147,8 +146,11 @@ pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Parsed, StatIndex>) {
     if ETH_LEN + net.ip_len as usize > frame_len(ctx) {
         return (seen, Err(StatIndex::PassParseError));
     }
-    if net.frag == FRAG_LATER {
-        return (seen, later_fragment(&net));
+    if net.frag != FRAG_NONE {
+        note_datagram(&net);
+        if net.frag != FRAG_FIRST {
+            return (seen, later_fragment(&net));
+        }
     }
     (seen, parse_transport(ctx, &net))
 }
@@ -182,17 +184,26 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Network, u8> {
         return Err(FAMILY_V4);
     }
     let frags = u16::from_be_bytes(ip.frags);
-    let frag_offset = ((frags & IPV4_OFFSET_MASK) as usize) * 8;
+    // Most packets are whole: one test, and nothing else computed for them.
+    let (frag, frag_id) = if frags & (IPV4_MORE_FRAGMENTS | IPV4_OFFSET_MASK) == 0 {
+        (FRAG_NONE, 0)
+    } else {
+        let offset = ((frags & IPV4_OFFSET_MASK) as usize) * 8;
+        let more = frags & IPV4_MORE_FRAGMENTS != 0;
+        // The field's 16 bits where IPv6's 32 sit (the key compares them whole).
+        (
+            fragment_kind(offset, more, ip.proto),
+            u16::from_ne_bytes(ip.id) as u32,
+        )
+    };
     Ok(Network {
         family: FAMILY_V4,
         proto: ip.proto,
         src: [u32::from_ne_bytes(ip.src_addr), 0, 0, 0],
         dst: [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0],
         l4_off: ETH_LEN + ihl,
-        frag: fragment_kind(frag_offset, frags & IPV4_MORE_FRAGMENTS != 0),
-        // The field's 16 bits where IPv6's 32 sit (the key compares them whole).
-        frag_id: u16::from_ne_bytes(ip.id) as u32,
-        frag_offset,
+        frag,
+        frag_id,
         ttl: ip.ttl,
         ip_len: u16::from_be_bytes(ip.tot_len),
     })
@@ -211,7 +222,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
     }
     let mut next = first_next;
     let mut off = ETH_LEN + Ipv6Hdr::LEN;
-    let (mut frag, mut frag_id, mut frag_offset) = (FRAG_NONE, 0, 0);
+    let (mut frag, mut frag_id) = (FRAG_NONE, 0);
     for i in 0..IPV6_MAX_EXT_HEADERS {
         match next {
             // RFC 8200: Hop-by-Hop only right after the fixed header; elsewhere the
@@ -235,8 +246,7 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
                 let word = u16::from_be_bytes([off_hi, off_lo]);
                 next = nh;
                 off += 8;
-                frag_offset = ((word >> 3) as usize) * 8;
-                frag = fragment_kind(frag_offset, word & 1 != 0);
+                frag = fragment_kind(((word >> 3) as usize) * 8, word & 1 != 0, nh);
                 frag_id = u32::from_ne_bytes([i0, i1, i2, i3]);
                 // The transport header follows (a later fragment's data does). Headers
                 // behind the fragment header are not walked: each walked header is
@@ -255,7 +265,6 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
         l4_off: off,
         frag,
         frag_id,
-        frag_offset,
         ttl: hop_limit,
         ip_len: (payload_len + Ipv6Hdr::LEN) as u16,
     })
@@ -331,32 +340,46 @@ fn packet(net: &Network, key: FlowKey, tcp_flags: u8) -> Packet {
         ttl: net.ttl,
         ip_len: net.ip_len,
         frag: net.frag,
-        frag_id: net.frag_id,
     }
 }
 
 /// A later fragment of a TCP or UDP datagram, its ports left for fragments::follow.
-/// One whose data starts inside the transport header it follows is marked: together
-/// with the first, it would let the receiver's reassembly rewrite the translated
-/// ports (RFC 1858).
 #[inline(always)]
 fn later_fragment(net: &Network) -> Result<Parsed, StatIndex> {
-    let header = match net.proto {
-        PROTO_TCP => TcpHdr::LEN,
-        PROTO_UDP => UdpHdr::LEN,
-        _ => return Err(StatIndex::PassFragment),
-    };
-    let mut pkt = packet(net, portless_key(net), 0);
-    if net.frag_offset < header {
-        pkt.frag = FRAG_OVERLAP;
+    if net.proto != PROTO_TCP && net.proto != PROTO_UDP {
+        return Err(StatIndex::PassFragment);
     }
-    Ok(Parsed::Flow(pkt))
+    Ok(Parsed::Flow(packet(net, portless_key(net), 0)))
 }
 
-/// FRAG_* from a fragment's offset (bytes) and its more-fragments flag.
+/// A fragment's datagram key, into per-CPU scratch memory for fragments.rs: the
+/// pipeline's stack has no room for it, and whole packets need none.
 #[inline(always)]
-fn fragment_kind(offset: usize, more: bool) -> u8 {
-    if offset != 0 {
+fn note_datagram(net: &Network) {
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
+    let key = unsafe { &mut (*scratch).frag };
+    *key = FragmentKey {
+        src: net.src,
+        dst: net.dst,
+        id: net.frag_id,
+        proto: net.proto,
+        family: net.family,
+        _pad: [0; 2],
+    };
+}
+
+/// FRAG_* from a fragment's offset (bytes), its more-fragments flag and its protocol.
+/// A later fragment whose data starts inside the TCP header it follows is marked:
+/// with the first, it would let the receiver's reassembly rewrite the translated
+/// ports (RFC 1858). (UDP's 8-byte header cannot be overlapped: offsets count in 8s.)
+#[inline(always)]
+fn fragment_kind(offset: usize, more: bool, proto: u8) -> u8 {
+    if offset != 0 && proto == PROTO_TCP && offset < TcpHdr::LEN {
+        FRAG_OVERLAP
+    } else if offset != 0 {
         FRAG_LATER
     } else if more {
         FRAG_FIRST
