@@ -637,9 +637,10 @@ pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
         private = private_mount_namespace();
         if private {
             warn!(
-                "mounted a bpffs at /sys/fs/bpf in a mount namespace of this process's own (as `ip netns exec` makes): \
-                 the pins, and with them the datapath, end when xlb exits. Mount a bpffs that outlives it \
-                 (`mount -t bpf bpf /sys/fs/bpf` in the host's namespace before `ip netns exec`) or run xlb in the host's mount namespace"
+                "mounted a bpffs at /sys/fs/bpf in a mount namespace of this process's own (as `ip netns exec` makes, \
+                 with a fresh /sys that hides the host's bpffs whether or not one is mounted there): the pins, and with \
+                 them the datapath, end when xlb exits. To run xlb in a network namespace and keep its pins, join only \
+                 the network namespace: `nsenter --net=/run/netns/NAME xlb run ...`"
             );
         } else {
             info!("mounted bpffs at /sys/fs/bpf");

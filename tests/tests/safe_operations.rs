@@ -279,3 +279,39 @@ fn privileged_detach_of_a_running_agents_pins_is_refused_by_name_unless_forced()
         "detached once the agent exited:\n{links}"
     );
 }
+
+/// `ip netns exec` gives xlb a private mount namespace with a fresh /sys: its pins
+/// cannot outlive it, and the warning says how to run it instead (join only the
+/// network namespace with nsenter), not to mount a bpffs on the host, which `ip netns
+/// exec` would hide all the same.
+#[test]
+fn privileged_ip_netns_exec_warns_with_advice_that_works() {
+    if !xlb_tests::privileged() {
+        return;
+    }
+    let ns = xlb_tests::netns::Netns::new("nx").unwrap();
+    ns.ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d1"])
+        .unwrap();
+    ns.ip(&["link", "set", "d0", "up"]).unwrap();
+    ns.ip(&["link", "set", "d1", "up"]).unwrap();
+    // The host has a bpffs at /sys/fs/bpf (the tests pin there): ip netns exec hides it.
+    let agent = xlb_tests::agent::Agent::start_wrapped(
+        &ns,
+        &["ip", "netns", "exec", &ns.name],
+        &["--iface", "d0", "--decap"],
+    )
+    .unwrap();
+    let logs = agent.logs();
+    assert!(
+        logs.contains("nsenter --net=/run/netns/NAME"),
+        "the warning names the way that keeps the pins:\n{logs}"
+    );
+    assert!(
+        !logs.contains("in the host's namespace before `ip netns exec`"),
+        "the old advice, which does not work, is gone:\n{logs}"
+    );
+    assert!(
+        !agent.pin_path.exists(),
+        "the pins are in a private bpffs, invisible to the host"
+    );
+}
