@@ -358,7 +358,53 @@ impl Agent {
     }
 }
 
+/// The signal that came during start-up, if one did (SIGTERM or SIGINT).
+fn stop_requested(
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) -> Option<&'static str> {
+    use futures::FutureExt;
+    if term.recv().now_or_never().is_some() {
+        Some("SIGTERM")
+    } else if int.recv().now_or_never().is_some() {
+        Some("SIGINT")
+    } else {
+        None
+    }
+}
+
+/// Ends a start that a signal interrupted, before anything was attached: the maps this
+/// start created are unpinned (no datapath used them); an earlier agent's, adopted, are
+/// left as they were, still forwarding through its pinned links.
+fn stop_during_start(
+    sig: &str,
+    dp: Dataplane,
+    pin_path: &std::path::Path,
+    adopting: bool,
+) -> Result<()> {
+    drop(dp);
+    if adopting {
+        warn!(
+            signal = sig,
+            "stopped during start-up, before attaching: the pinned datapath found there is left as it was"
+        );
+        return Ok(());
+    }
+    let removed = crate::dataplane::detach_all(pin_path)
+        .with_context(|| format!("{sig} during start-up: removing the pins this start made"))?;
+    warn!(
+        signal = sig,
+        pins = removed.len(),
+        "stopped during start-up, before attaching: the maps this start pinned are removed"
+    );
+    Ok(())
+}
+
 pub async fn run(args: RunArgs) -> Result<()> {
+    // First of all: a SIGTERM or SIGINT during start-up must not end the process by its
+    // default action, halfway, with maps pinned and nothing said (stop_during_start).
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     // Everything that can be checked is checked before anything is touched: a failed
     // start leaves no maps pinned and no config written.
     let max_bytes = args.max_config_bytes;
@@ -410,7 +456,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         max_backends: args.max_backends,
         fragments_max: args.fragments_max,
     };
+    // Pins already there are an earlier agent's running datapath: a start that stops
+    // early leaves them as they are.
+    let adopting = args.pin_path.join(lb_common::MAP_SERVICES).exists();
     let mut dp = Dataplane::load(&args.pin_path, &load)?;
+    if let Some(sig) = stop_requested(&mut term, &mut int) {
+        return stop_during_start(sig, dp, &args.pin_path, adopting);
+    }
     if crate::ebpf_log::spawn(&mut dp.ebpf, log_level)?.is_some() {
         info!(
             level = log_level,
@@ -470,6 +522,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     if let Some(summary) = agent.adopt(base, None).await? {
         info!(?summary, services, "config applied");
     }
+    // Applying waits for the backends' neighbours (up to 5 s): the likeliest moment
+    // for a signal to come, and the last before anything is attached.
+    if let Some(sig) = stop_requested(&mut term, &mut int) {
+        return stop_during_start(sig, agent.dp, &args.pin_path, adopting);
+    }
     let lease_client = client.clone();
     if let Some(c) = &client {
         agent.events = Some(crate::k8s::controller::AnnounceEvents::new(
@@ -520,8 +577,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         agent.record_announced();
         agent.announce().await;
     }
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     agent
         .metrics
