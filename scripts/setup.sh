@@ -12,8 +12,10 @@ fail() { printf '[setup] FAILED at step "%s": %s\n' "$1" "$2" >&2; exit 1; }
 # bird2: the routing daemon of the announcement tests (each test starts its own, in its
 # namespaces; the package's own service must not start on the host). buildah builds the
 # image offline (cargo xtask image); podman with crun or runc runs it in the tests.
+# prometheus ships promtool, which lints the agent's text exposition (its server is
+# not started: the policy below).
 PKGS=(iproute2 ethtool nftables iptables haproxy fonts-dejavu-core python3 bird2
-      buildah podman crun runc binutils)
+      buildah podman crun runc binutils prometheus)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -33,6 +35,13 @@ if [ ${#missing[@]} -gt 0 ]; then
   [ -n "$own_policy" ] && rm -f /usr/sbin/policy-rc.d
 fi
 
+
+# 1b. Prometheus' reference OpenMetrics parser (PyPI prometheus-client), for the
+# metrics test, in the python3 the tests run.
+if ! python3 -c 'import prometheus_client.openmetrics.parser' >/dev/null 2>&1; then
+  step "installing prometheus-client (PyPI) for python3"
+  python3 -m pip install -q prometheus-client >/dev/null || fail "prometheus-client" "pip install prometheus-client failed"
+fi
 
 # 2. Rust: nightly with rust-src (the eBPF target is built with -Z build-std=core).
 command -v rustup >/dev/null || fail "rustup" "rustup not found; this machine kind ships it"

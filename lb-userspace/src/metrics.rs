@@ -1,4 +1,5 @@
-//! Prometheus metrics at `--metrics-addr`: `/metrics` (text format, prometheus-client),
+//! Prometheus metrics at `--metrics-addr`: `/metrics` (OpenMetrics 1.0 to scrapers
+//! that accept it, Prometheus text 0.0.4 to the rest: the negotiation Prometheus does),
 //! `/healthz` (the agent's control loop is making progress: see [`Heartbeat`]) and
 //! `/readyz` (the datapath is attached and the config applied).
 //!
@@ -318,12 +319,87 @@ struct Shared {
     agent: AgentMetrics,
 }
 
-async fn metrics(State(s): State<Shared>) -> impl IntoResponse {
+/// The OpenMetrics media type, served to scrapers that ask for it.
+pub const OPENMETRICS_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The Prometheus text format 0.0.4, served to everyone else.
+pub const TEXT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Whether an Accept header asks for OpenMetrics (Prometheus sends
+/// `application/openmetrics-text;version=1.0.0;q=0.5,...,text/plain;version=0.0.4;q=0.3,...`).
+/// A q of 0 refuses it.
+pub fn wants_openmetrics(accept: &str) -> bool {
+    accept.split(',').any(|part| {
+        let mut params = part.split(';').map(str::trim);
+        let media = params.next().unwrap_or("");
+        let refused = params.any(|p| {
+            p.strip_prefix("q=")
+                .and_then(|q| q.parse::<f32>().ok())
+                .is_some_and(|q| q <= 0.0)
+        });
+        media.eq_ignore_ascii_case("application/openmetrics-text") && !refused
+    })
+}
+
+/// The OpenMetrics body that prometheus-client writes, as Prometheus text 0.0.4: no
+/// `# EOF` or `# UNIT` lines, and each counter family's HELP and TYPE under the name its
+/// samples carry (`…_total`), which is what a 0.0.4 parser matches them by (under the
+/// bare family name, Prometheus and promtool saw counters without type or help).
+/// `info` families become gauges (0.0.4 has no info type).
+pub fn openmetrics_to_text(body: &str) -> String {
+    let mut counters = std::collections::BTreeSet::new();
+    for line in body.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            if let Some(name) = rest.strip_suffix(" counter") {
+                counters.insert(name.to_owned());
+            }
+        }
+    }
+    let mut out = String::with_capacity(body.len());
+    for line in body.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = line
+            .strip_prefix("# HELP ")
+            .map(|r| ("HELP", r))
+            .or_else(|| line.strip_prefix("# TYPE ").map(|r| ("TYPE", r)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) && !name.ends_with("_total") {
+                    format!("{name}_total")
+                } else {
+                    name.to_owned()
+                };
+                let tail = if kind == "TYPE" && tail == "info" {
+                    "gauge"
+                } else {
+                    tail
+                };
+                out.push_str(&format!("# {kind} {name} {tail}\n"));
+            }
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+async fn metrics(State(s): State<Shared>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    let openmetrics = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(wants_openmetrics);
     match tokio::task::spawn_blocking(move || render(&s.pin_path, &s.agent)).await {
-        Ok(Ok(text)) => (
+        Ok(Ok(body)) if openmetrics => {
+            (StatusCode::OK, [("content-type", OPENMETRICS_TYPE)], body).into_response()
+        }
+        Ok(Ok(body)) => (
             StatusCode::OK,
-            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-            text,
+            [("content-type", TEXT_TYPE)],
+            openmetrics_to_text(&body),
         )
             .into_response(),
         Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")).into_response(),
@@ -390,5 +466,26 @@ mod tests {
         assert!(age >= Duration::from_secs(19), "{age:?}");
         old.beat();
         assert_eq!(old.stalled(HEARTBEAT_LIMIT), None, "turning again");
+    }
+
+    #[test]
+    fn text_format_names_counters_by_their_samples_and_drops_openmetrics_lines() {
+        let om = "# HELP xlb_service_packets Packets per service.\n# TYPE xlb_service_packets counter\nxlb_service_packets_total{service=\"web\"} 3\n# HELP xlb_build_info xlb build information.\n# TYPE xlb_build_info gauge\nxlb_build_info{version=\"0.1.0\"} 1\n# UNIT xlb_map_update_seconds seconds\n# EOF\n";
+        let text = openmetrics_to_text(om);
+        assert_eq!(
+            text,
+            "# HELP xlb_service_packets_total Packets per service.\n# TYPE xlb_service_packets_total counter\nxlb_service_packets_total{service=\"web\"} 3\n# HELP xlb_build_info xlb build information.\n# TYPE xlb_build_info gauge\nxlb_build_info{version=\"0.1.0\"} 1\n"
+        );
+    }
+
+    #[test]
+    fn openmetrics_only_for_scrapers_that_accept_it() {
+        // Prometheus 2.x's own Accept header.
+        assert!(wants_openmetrics("application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"));
+        assert!(!wants_openmetrics("text/plain;version=0.0.4"));
+        assert!(!wants_openmetrics("*/*"));
+        assert!(!wants_openmetrics(
+            "application/openmetrics-text;q=0, text/plain"
+        ));
     }
 }

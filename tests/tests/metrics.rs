@@ -255,3 +255,137 @@ fn privileged_ebpf_logs_reach_tracing_when_enabled() {
     let line = logs.lines().find(|l| l.contains(&reply)).unwrap();
     assert!(line.ends_with("reason=fwd_reverse"), "{line}");
 }
+
+/// GET /metrics with `accept`; returns the content type and the body.
+fn scrape(lab: &LbLab, accept: &str) -> (String, String) {
+    let accept = accept.to_owned();
+    lab.lb
+        .run(move || {
+            let mut s =
+                TcpStream::connect_timeout(&METRICS.parse().unwrap(), Duration::from_secs(5))
+                    .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
+            let mut resp = String::new();
+            s.read_to_string(&mut resp).unwrap();
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+            let ctype = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-type: ")
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default();
+            (ctype, body.to_owned())
+        })
+        .unwrap()
+}
+
+/// What Prometheus itself would make of the two bodies: the OpenMetrics one, served to a
+/// scraper that asks for it, parses with Prometheus' reference parser (PyPI
+/// prometheus-client); the text 0.0.4 one, served to the rest, lints clean with
+/// promtool (Debian's prometheus), every counter with its type and help.
+#[test]
+fn privileged_metrics_negotiate_openmetrics_and_text_and_both_parse() {
+    if !privileged() {
+        return;
+    }
+    let lab = LbLab::two_arm(3).unwrap();
+    lab.write_config(&[0, 1, 2]).unwrap();
+    let _servers = lab.start_backends(Duration::from_secs(30)).unwrap();
+    let cfg = lab.config_path.to_str().unwrap().to_owned();
+    let _agent = Agent::start(
+        &lab.lb,
+        &[
+            "--iface",
+            &lab.iface_arg(),
+            "--xdp-mode",
+            "generic",
+            "--config",
+            &cfg,
+            "--metrics-addr",
+            METRICS,
+        ],
+    )
+    .unwrap();
+    // Some traffic, so that per-service and per-backend series exist.
+    for i in 0..5 {
+        let mut c = connect(&lab.client, SocketAddr::new(VIP4.parse().unwrap(), 80));
+        c.exchange(&format!("m{i}")).unwrap();
+    }
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (ctype, om) = scrape(&lab, prometheus_accept);
+    assert!(
+        ctype.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{ctype}"
+    );
+    assert!(
+        om.trim_end().ends_with("# EOF"),
+        "an OpenMetrics body ends with # EOF"
+    );
+    let dir = std::env::temp_dir().join(xlb_tests::unique_name("xlbmet"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _rm = xlb_tests::RemoveOnDrop(dir.clone());
+    std::fs::write(dir.join("om.txt"), &om).unwrap();
+    let parsed = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys; from prometheus_client.openmetrics.parser import text_string_to_metric_families as p; \
+             fams = list(p(open(sys.argv[1]).read())); \
+             counters = [f.name for f in fams if f.type == 'counter']; \
+             print(len(fams), len(counters)); \
+             assert all(f.documentation for f in fams)",
+            dir.join("om.txt").to_str().unwrap(),
+        ])
+        .output()
+        .expect("python3 (scripts/setup.sh installs prometheus-client)");
+    assert!(
+        parsed.status.success(),
+        "the reference parser refused the OpenMetrics body: {}\n{om}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let counts: Vec<usize> = String::from_utf8_lossy(&parsed.stdout)
+        .split_whitespace()
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(
+        counts[0] >= 10 && counts[1] >= 5,
+        "families and counters parsed: {counts:?}"
+    );
+
+    let (ctype, text) = scrape(&lab, "text/plain");
+    assert_eq!(ctype, "text/plain; version=0.0.4; charset=utf-8");
+    assert!(!text.contains("# EOF"));
+    let mut lint = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (scripts/setup.sh installs Debian's prometheus)");
+    lint.stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = lint.wait_with_output().unwrap();
+    let problems = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && problems.trim().is_empty(),
+        "promtool: {problems}\n{text}"
+    );
+    // The same counter, by the name its samples carry, with its type.
+    assert!(
+        text.contains("# TYPE xlb_service_new_flows_total counter"),
+        "{text}"
+    );
+}
