@@ -43,6 +43,13 @@ if ! python3 -c 'import prometheus_client.openmetrics.parser' >/dev/null 2>&1; t
   python3 -m pip install -q prometheus-client >/dev/null || fail "prometheus-client" "pip install prometheus-client failed"
 fi
 
+# kubernetes-validate (PyPI) validates the rendered kustomize base and overlays.
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  step "installing kubernetes-validate (PyPI)"
+  python3 -m pip install -q kubernetes-validate >/dev/null || fail "kubernetes-validate" "pip install kubernetes-validate failed"
+fi
+command -v kubectl >/dev/null 2>&1 || step "warning: no kubectl on PATH; the kustomize tests need one (this machine kind ships it)"
+
 # 2. Rust: nightly with rust-src (the eBPF target is built with -Z build-std=core).
 command -v rustup >/dev/null || fail "rustup" "rustup not found; this machine kind ships it"
 if ! rustup toolchain list | grep -q '^nightly'; then

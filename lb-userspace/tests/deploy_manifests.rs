@@ -18,7 +18,9 @@ fn manifests() -> Vec<PathBuf> {
     for dir in ["kubernetes", "examples"] {
         for e in std::fs::read_dir(root.join(dir)).unwrap() {
             let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "yaml") {
+            // The kustomize base is not a manifest: kustomize_* tests check it.
+            let kustomization = p.file_name().is_some_and(|n| n == "kustomization.yaml");
+            if p.extension().is_some_and(|x| x == "yaml") && !kustomization {
                 out.push(p);
             }
         }
@@ -311,4 +313,103 @@ fn the_daemonset_runs_with_capabilities_not_privilege() {
     argv.extend(["--xdp-mode".into(), data["xdp-mode"].clone()]);
     argv.extend(["--ipam-pool".into(), data["ipam-pools"].clone()]);
     xlb::cli::Cli::try_parse_from(&argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+}
+
+/// `kubectl kustomize` of `dir`, with the kubectl on PATH (this machine kind ships one
+/// with kustomize; Debian's kubernetes-client conflicts with it).
+fn kustomize(dir: &Path) -> String {
+    let out = std::process::Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .expect("kubectl on PATH (with kustomize)");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `kubernetes-validate --strict` (PyPI; scripts/setup.sh installs it) of `yaml`
+/// against Kubernetes `version`.
+fn validate_strict(yaml: &str, version: &str) {
+    let dir = std::env::temp_dir().join(format!("xlb-kustomize-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("rendered-{version}.yaml"));
+    std::fs::write(&file, yaml).unwrap();
+    let out = std::process::Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet", "-k", version])
+        .arg(&file)
+        .output()
+        .expect("kubernetes-validate (scripts/setup.sh installs it)");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict -k {version}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The base renders, and validates strictly against a current Kubernetes.
+#[test]
+fn kustomize_base_renders_and_validates() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/kubernetes");
+    let yaml = kustomize(&base);
+    let docs = serde_saphyr::from_multiple::<Value>(&yaml).unwrap();
+    for kind in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "DaemonSet",
+        "ConfigMap",
+    ] {
+        assert!(docs.iter().any(|d| d["kind"] == kind), "no {kind} rendered");
+    }
+    validate_strict(&yaml, "1.33.0");
+}
+
+/// An overlay sets the namespace, the image and the node selector, as operators do:
+/// every namespaced object and the bindings' subjects follow the namespace.
+#[test]
+fn kustomize_overlay_sets_namespace_image_and_nodes() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dir = root.join(format!("target/kustomize-overlay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("kustomization.yaml"),
+        "resources: [../../deploy/kubernetes]\nnamespace: lb\nimages: [{name: localhost/xlb, newName: registry.example/xlb, newTag: \"1.2\"}]\npatches:\n  - target: {kind: DaemonSet, name: xlb}\n    patch: |\n      - op: replace\n        path: /spec/template/spec/nodeSelector\n        value: {node-role.kubernetes.io/lb: \"\"}\n",
+    )
+    .unwrap();
+    let yaml = kustomize(&dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    let docs = serde_saphyr::from_multiple::<Value>(&yaml).unwrap();
+    let ds = docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    assert_eq!(ds["metadata"]["namespace"], "lb");
+    let ns = docs.iter().find(|d| d["kind"] == "Namespace").unwrap();
+    assert_eq!(
+        ns["metadata"]["name"], "lb",
+        "the Namespace object itself follows"
+    );
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["containers"][0]["image"], "registry.example/xlb:1.2");
+    assert_eq!(
+        pod["nodeSelector"],
+        serde_json::json!({"node-role.kubernetes.io/lb": ""})
+    );
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+    {
+        assert_eq!(d["subjects"][0]["namespace"], "lb", "{d}");
+    }
+    for d in docs
+        .iter()
+        .filter(|d| d["metadata"]["namespace"].is_string())
+    {
+        assert_eq!(d["metadata"]["namespace"], "lb", "{d}");
+    }
+    validate_strict(&yaml, "1.33.0");
 }
