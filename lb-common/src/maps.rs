@@ -41,7 +41,16 @@ pub struct L2Value {
     pub _pad: [u8; 2],
 }
 
-/// XLB_ANNOUNCED key.
+/// XLB_VIPS: every VIP with a service that can take new flows (VipKey → VIP_F_*), for
+/// what the datapath answers about the address itself: ICMP echo.
+pub const MAP_VIPS: &str = "XLB_VIPS";
+/// VIPs the map holds (BPF_F_NO_PREALLOC: only VIPs that exist take memory).
+pub const VIPS_MAX: u32 = 65_536;
+/// XLB_VIPS flag: ICMP echo requests to the VIP are answered (`icmp_echo: true`, the
+/// default).
+pub const VIP_F_ECHO: u32 = 1;
+
+/// XLB_ANNOUNCED key (and XLB_VIPS').
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct VipKey {

@@ -93,6 +93,9 @@ pub enum StatIndex {
     /// (`allow:`, `loadBalancerSourceRanges`): dropped before any state is made, and an
     /// established flow from it is cut.
     DropSourceDenied,
+    /// An ICMP echo request to a VIP that can take new flows, answered from the VIP
+    /// (XDP_TX).
+    IcmpEchoAnswered,
     // Events, counted besides a packet's reason (not a reason themselves).
     /// A TCP packet without SYN started a flow: its conntrack entry had been evicted
     /// (table full) or had expired, or the flow began before xlb saw it.
@@ -162,6 +165,7 @@ impl StatIndex {
         StatIndex::DropFragmentOverlap,
         StatIndex::DropFragmentTooBig,
         StatIndex::DropSourceDenied,
+        StatIndex::IcmpEchoAnswered,
         StatIndex::EventFlowRecreated,
         StatIndex::EventPortReclaimed,
         StatIndex::EventRedirectFailed,
@@ -225,6 +229,7 @@ impl StatIndex {
             StatIndex::DropFragmentOverlap => "drop_fragment_overlap",
             StatIndex::DropFragmentTooBig => "drop_fragment_too_big",
             StatIndex::DropSourceDenied => "drop_source_denied",
+            StatIndex::IcmpEchoAnswered => "icmp_echo_answered",
             StatIndex::EventFlowRecreated => "event_flow_recreated",
             StatIndex::EventPortReclaimed => "event_port_reclaimed",
             StatIndex::EventRedirectFailed => "event_redirect_failed",

@@ -10,6 +10,7 @@
 mod allow;
 mod bench;
 mod conntrack;
+mod echo;
 mod egress;
 mod flood;
 mod forward;
@@ -89,6 +90,8 @@ fn pipeline(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
                 && l2::neighbour_solicitation(ctx, &outer).is_some()
             {
                 (xdp_action::XDP_TX, StatIndex::L2Answered)
+            } else if echo::answer(ctx, &outer).is_some() {
+                (xdp_action::XDP_TX, StatIndex::IcmpEchoAnswered)
             } else {
                 icmp_error(ctx, &outer)
             }

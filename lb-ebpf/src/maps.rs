@@ -12,7 +12,7 @@ use lb_common::{
     Backend, ConnValue, Counter, DatapathConfig, FlowKey, FragmentKey, FragmentValue, MaglevChunk,
     MaglevKey, NextHop, ReverseNat, ServiceKey, ServiceName, ServiceValue, SourceRangeKey,
     TrafficStats, VipFilterWord, CONNTRACK_MAX, FRAGMENTS_MAX, MAGLEV_MAX_CHUNKS, MAX_BACKENDS,
-    MAX_SERVICES, SOURCE_RANGES_MAX, STAT_COUNT, VIP_FILTER_WORDS,
+    MAX_SERVICES, SOURCE_RANGES_MAX, STAT_COUNT, VIPS_MAX, VIP_FILTER_WORDS,
 };
 
 #[map(name = "XLB_SERVICES")]
@@ -37,6 +37,10 @@ pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> = LruHashMap::pinned(CON
 /// See lb_common::MAP_FRAGMENTS. Sized from --fragments-max at load.
 #[map(name = "XLB_FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(FRAGMENTS_MAX, 0);
+
+/// See lb_common::MAP_VIPS (echo.rs).
+#[map(name = "XLB_VIPS")]
+pub static VIPS: HashMap<VipKey, u32> = HashMap::pinned(VIPS_MAX, 1);
 
 /// See lb_common::MAP_SOURCE_RANGES (allow.rs).
 #[map(name = "XLB_SOURCE_RANGES")]
@@ -109,6 +113,8 @@ pub struct Scratch {
     pub frag: FragmentKey,
     /// A source-range lookup (allow.rs).
     pub allow: SourceRangeLpmKey,
+    /// An echo request's VIP (echo.rs).
+    pub vip: VipKey,
 }
 
 /// Per-CPU scratch for the debug log: the packet's flow, noted before the pipeline

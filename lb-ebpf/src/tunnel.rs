@@ -40,7 +40,7 @@ pub fn overhead(family: u8) -> u16 {
 
 /// The one's-complement sum of `N` bytes as 16-bit words (in memory order).
 #[inline(always)]
-fn sum_words<const N: usize>(b: &[u8; N]) -> u64 {
+pub fn sum_words<const N: usize>(b: &[u8; N]) -> u64 {
     let mut s = 0u64;
     let mut i = 0;
     while i + 1 < N {

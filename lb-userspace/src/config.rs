@@ -38,6 +38,10 @@ pub struct Config {
     /// Above a rate of new flows, stop making conntrack entries (docs/robustness.md).
     #[serde(default)]
     pub flood_guard: FloodGuard,
+    /// Answer ICMP echo (ping) to a VIP from XDP while one of its services can take new
+    /// flows. On by default; `icmp_echo: false` leaves echo requests to the host.
+    #[serde(default = "yes")]
+    pub icmp_echo: bool,
 }
 
 /// The flood guard: new flows per second on one CPU above which dsr and dnat flows are
@@ -477,6 +481,7 @@ impl Default for Config {
             decap: false,
             announce: Announce::default(),
             flood_guard: FloodGuard::default(),
+            icmp_echo: true,
         }
     }
 }

@@ -91,6 +91,8 @@ pub struct Dataplane {
     /// The source ranges as last written (None after a restart: the first apply reads
     /// the pinned trie).
     written_ranges: Option<BTreeSet<source_ranges::Entry>>,
+    /// XLB_VIPS as last written (None after a restart: read back at the first apply).
+    written_vips: Option<crate::vips::Wanted>,
     /// The VIP filter's words as last written (None after a restart: the first apply
     /// writes every word).
     written_filter: Option<Vec<lb_common::VipFilterWord>>,
@@ -146,6 +148,7 @@ impl Dataplane {
             written_tunnels: BTreeMap::new(),
             written_filter: None,
             written_ranges: None,
+            written_vips: None,
             mirror: None,
             retired: Vec::new(),
             max_services: 0,
@@ -1087,6 +1090,12 @@ impl Dataplane {
             None => source_ranges::read(&source_ranges::trie(&mut self.ebpf)?)?,
         };
         let mut wanted_ranges = BTreeSet::new();
+        let mut wanted_vips = crate::vips::Wanted::new();
+        let echo = if cfg.icmp_echo {
+            lb_common::VIP_F_ECHO
+        } else {
+            0
+        };
         let mut wanted_keys = BTreeSet::new();
         let mut wanted_backend_ids = BTreeSet::new();
         for svc in &cfg.services {
@@ -1242,6 +1251,11 @@ impl Dataplane {
                 generation,
                 _pad: 0,
             };
+            // A VIP answers for itself while one of its services takes new flows.
+            if table_size > 0 && !svc.encapsulated {
+                let (addr, family) = addr_to_words(svc.vip);
+                wanted_vips.insert((family as u32, addr), echo);
+            }
             if self.written_names.get(&id) != Some(&svc.name) {
                 self.hash_map::<u32, ServiceName>(MAP_SERVICE_NAMES)?
                     .insert(id, service_name(&svc.name), 0)?;
@@ -1281,6 +1295,12 @@ impl Dataplane {
         let stale = source_ranges::plan(&written_ranges, &wanted_ranges).remove;
         source_ranges::remove(&mut source_ranges::trie(&mut self.ebpf)?, &stale)?;
         self.written_ranges = Some(wanted_ranges);
+        let written_vips = match self.written_vips.take() {
+            Some(w) => w,
+            None => crate::vips::read(&mut self.ebpf)?,
+        };
+        crate::vips::write(&mut self.ebpf, &written_vips, &wanted_vips)?;
+        self.written_vips = Some(wanted_vips);
         self.write_filter(&wanted_filter)?;
         self.mirror = Some(after);
         Ok(summary)

@@ -22,6 +22,7 @@ pub mod privileges;
 pub mod source_ranges;
 pub mod status;
 pub mod uninstall;
+pub mod vips;
 
 /// The XDP object built by build.rs from lb-ebpf.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xlb"));
