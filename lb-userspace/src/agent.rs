@@ -64,6 +64,8 @@ struct Agent {
     leases: Option<crate::k8s::lease::VipLeases>,
     /// In Kubernetes: Events on the Services whose VIPs this node announces.
     events: Option<crate::k8s::controller::AnnounceEvents>,
+    /// The file as last adopted, to the Kubernetes controller (None without it).
+    base_tx: Option<tokio::sync::watch::Sender<Config>>,
     /// The drain switch as last seen, to log its changes.
     drained: bool,
 }
@@ -101,13 +103,48 @@ impl Agent {
 
     /// The config to program for this base and these Kubernetes services, if it is
     /// time to program anything.
+    /// The file's services and Kubernetes'. The file wins: a Kubernetes service at one
+    /// of its VIPs, ports and protocols, or past the room it leaves in the maps, is left
+    /// out until the controller, which follows the file through `base_tx`, sends a list
+    /// that fits (with Events for what it leaves out). Without this a reload that adds
+    /// file services would be rejected for the Kubernetes list made before it.
     fn merged(&self, base: &Config, k8s: Option<&Vec<ServiceConfig>>) -> Option<Config> {
         if self.kubernetes && k8s.is_none() {
             return None;
         }
         let mut cfg = base.clone();
-        cfg.services.extend(k8s.into_iter().flatten().cloned());
+        let taken: std::collections::BTreeSet<_> = base
+            .services
+            .iter()
+            .map(crate::k8s::controller::service_slot)
+            .collect();
+        let names: std::collections::BTreeSet<&String> =
+            base.services.iter().map(|s| &s.name).collect();
+        let room = (self.dp.max_services as usize).saturating_sub(base.services.len());
+        cfg.services.extend(
+            k8s.into_iter()
+                .flatten()
+                .filter(|s| {
+                    !taken.contains(&crate::k8s::controller::service_slot(s))
+                        && !names.contains(&s.name)
+                })
+                .take(room)
+                .cloned(),
+        );
         Some(cfg)
+    }
+
+    /// Tells the Kubernetes controller the file as it now stands.
+    fn publish_base(&self) {
+        if let Some(tx) = &self.base_tx {
+            tx.send_if_modified(|b| {
+                if *b == self.base {
+                    return false;
+                }
+                *b = self.base.clone();
+                true
+            });
+        }
     }
 
     /// Makes `base` and `k8s` the running state: validate the merge, apply it, then
@@ -125,6 +162,7 @@ impl Agent {
                 info!("datapath settings written ahead of the first Kubernetes sync: the pinned ones were empty");
             }
             self.base = base;
+            self.publish_base();
             return Ok(None);
         };
         cfg.validate()?;
@@ -147,6 +185,7 @@ impl Agent {
         self.checker = Some(health::start(&cfg, &self.health, self.health_tx.clone()));
         self.config = Some(cfg);
         self.base = base;
+        self.publish_base();
         self.k8s = k8s;
         self.metrics.applied(true);
         Ok(Some(summary))
@@ -515,6 +554,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         l2: None,
         leases: None,
         events: None,
+        base_tx: None,
         drained: false,
     };
     let base = agent.with_overrides(file.unwrap_or_default())?;
@@ -545,10 +585,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         };
         info!(class = %opts.class, default_class = opts.default_class, node = ?opts.node_name,
               pools = ?opts.pools, "watching Kubernetes Services and EndpointSlices");
+        let (base_tx, base_rx) = tokio::sync::watch::channel(agent.base.clone());
+        agent.base_tx = Some(base_tx);
         Some(crate::k8s::controller::spawn(
             client,
             opts,
-            agent.base.clone(),
+            base_rx,
             agent.dp.max_services as usize,
         ))
     } else {

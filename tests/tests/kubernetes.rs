@@ -914,3 +914,69 @@ fn privileged_k8s_load_balancer_source_ranges_and_their_update() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The Kubernetes side follows the config file through reloads: a SIGHUP that adds
+/// file services changes the room the Kubernetes services have (`--max-services`) and
+/// what they are checked against (a file service's VIP, port and protocol stay the
+/// file's). Before, the controller kept the copy of the file it was started with, and
+/// such a reload was rejected whole for the Kubernetes list made before it.
+#[test]
+fn privileged_k8s_side_follows_a_reload_that_adds_file_services() {
+    if !privileged() {
+        return;
+    }
+    let k = K8sLab::new(&[]);
+    let (b0, b1) = (k.b(0), k.b(1));
+    // Two Service ports (TCP 80, UDP 53) on VIP4.
+    k.api
+        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
+    );
+    let cfg = k.dir.join("base.yaml");
+    std::fs::write(&cfg, "services: []\n").unwrap();
+    let mut agent = k.agent(&["--config", cfg.to_str().unwrap(), "--max-services", "3"]);
+    let tcp = format!("{VIP4}:80/tcp");
+    let udp = format!("{VIP4}:53/udp");
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the Service",
+        |t| t.contains_key(&tcp) && t.contains_key(&udp),
+    );
+    // The file now claims VIP4:80/tcp itself and adds another service: three in all,
+    // so one Kubernetes service port fits, and it cannot be VIP4:80/tcp.
+    let file_backend = SocketAddr::new(b1, BACKEND_PORT);
+    std::fs::write(
+        &cfg,
+        format!(
+            "services:\n  - {{name: file-web, vip: \"{VIP4}\", port: 80, protocol: tcp, backends: [{{address: \"{file_backend}\"}}]}}\n  - {{name: file-other, vip: \"{VIP4}\", port: 8443, protocol: tcp, backends: [{{address: \"{file_backend}\"}}]}}\n"
+        ),
+    )
+    .unwrap();
+    agent.reload().expect("the reload is applied, not rejected");
+    let t = wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "file and Kubernetes services",
+        |t| t.len() == 3 && t.contains_key(&format!("{VIP4}:8443/tcp")) && t.contains_key(&udp),
+    );
+    assert_eq!(
+        members(&t, &tcp),
+        [file_backend.to_string()].into(),
+        "VIP4:80/tcp is the file's"
+    );
+    // The controller said why the Kubernetes port was left out.
+    let start = Instant::now();
+    while !k.api.events().iter().any(|e| {
+        format!("{} {}", e["note"], e["message"]).contains("is a service of the config file")
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no Event: {:?}",
+            k.api.events()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

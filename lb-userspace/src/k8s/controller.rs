@@ -30,7 +30,7 @@ use kube::{
     },
     Api, Client,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::{
@@ -46,13 +46,16 @@ pub const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 /// against the agent's base config on its own.
 pub type Update = Vec<ServiceConfig>;
 
-/// Starts the controller. `base` supplies what a service is checked against (SNAT,
-/// table size); its own services are not used here. `max_services` is what the
-/// service map holds, the base config's services included.
+/// Starts the controller. `base` is the agent's config file as it stands, followed
+/// through reloads (a channel, never a copy taken here): what a service is checked
+/// against (SNAT, table size), the services the file already holds (a Kubernetes
+/// service at one of their VIP, port and protocol is left out, with an Event), and the
+/// room they leave. `max_services` is what the service map holds, the file's services
+/// included.
 pub fn spawn(
     client: Client,
     opts: Options,
-    base: Config,
+    base: watch::Receiver<Config>,
     max_services: usize,
 ) -> mpsc::UnboundedReceiver<Update> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -70,10 +73,11 @@ enum Change {
 async fn run(
     client: Client,
     opts: Options,
-    base: Config,
+    mut base_rx: watch::Receiver<Config>,
     max_services: usize,
     tx: mpsc::UnboundedSender<Update>,
 ) {
+    let base = base_rx.borrow_and_update().clone();
     let (svc_store, svc_writer) = reflector::store::<Service>();
     let (eps_store, eps_writer) = reflector::store::<EndpointSlice>();
     let wcfg = watcher::Config::default();
@@ -161,8 +165,22 @@ async fn run(
                 first_change = None;
                 state.sync(&svc_store, &eps_store, &node_store).await;
             }
+            // The file was reloaded: check and size the services against it again.
+            Ok(()) = base_rx.changed() => {
+                state.base = base_rx.borrow_and_update().clone();
+                if svc_listed && eps_listed && nodes_listed {
+                    last_change = Instant::now();
+                    first_change.get_or_insert(last_change);
+                }
+            }
         }
     }
+}
+
+/// What two services may not share: VIP, port, protocol (and whether it is the
+/// decapsulated side).
+pub fn service_slot(s: &ServiceConfig) -> (std::net::IpAddr, u16, crate::config::Protocol, bool) {
+    (s.vip, s.port, s.protocol, s.encapsulated)
 }
 
 struct State {
@@ -193,14 +211,26 @@ impl State {
         let node_refs: Vec<&Node> = nodes.iter().map(|s| s.as_ref()).collect();
         let mut desired = translate(&svc_refs, &slice_refs, &node_refs, &self.opts);
 
-        // Checked one by one, so one bad Service cannot block the others.
+        // Checked one by one, so one bad Service cannot block the others; a file
+        // service's VIP, port and protocol stay the file's.
+        let taken: BTreeSet<_> = self.base.services.iter().map(service_slot).collect();
         let mut services = Vec::with_capacity(desired.services.len());
         for s in desired.services {
             let alone = Config {
                 services: vec![s.clone()],
                 ..self.base.clone()
             };
-            match alone.validate() {
+            let checked = if taken.contains(&service_slot(&s)) {
+                Err(anyhow::anyhow!(
+                    "{}:{}/{} is a service of the config file, which keeps it",
+                    s.vip,
+                    s.port,
+                    s.protocol.name()
+                ))
+            } else {
+                alone.validate()
+            };
+            match checked {
                 Ok(()) => services.push(s),
                 Err(e) => {
                     if let Some(c) = svcs.iter().find(|c| s.name.starts_with(&sref_prefix(c))) {
