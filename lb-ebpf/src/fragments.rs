@@ -44,6 +44,8 @@ pub fn follow(pkt: &mut Packet) -> Result<(), (u32, StatIndex)> {
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
     if now.saturating_sub(rec.first_seen_ns) > FRAGMENT_LIFETIME_S * NS_PER_S {
+        // Its room goes back to the map now, not when the LRU gets to it.
+        let _ = FRAGMENTS.remove(key);
         return Err(unknown);
     }
     if pkt.frag == FRAG_OVERLAP {

@@ -189,8 +189,9 @@ pub struct RunArgs {
     #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
     pub conntrack_max: u32,
     /// Fragmented datagrams (first fragment seen, later ones expected) followed at
-    /// once, each about 100 bytes; the oldest record goes first when it is full. Fixed
-    /// when the map is first created.
+    /// once, 16 to 4194304, each record about 100 bytes. An LRU map: when it is full the
+    /// least recently used records go first (approximately: the kernel's LRU works per
+    /// CPU). Fixed when the map is first created.
     #[arg(long, default_value_t = lb_common::FRAGMENTS_MAX, value_parser = clap::value_parser!(u32).range(16..=4_194_304))]
     pub fragments_max: u32,
     /// Services (VIP, port, protocol) the maps hold. A service's Maglev table takes

@@ -134,7 +134,7 @@ impl ServiceConfig {
 }
 
 /// Parses a source range: a CIDR, or one address (a /32 or /128). Host bits are
-/// cleared, as Kubernetes' own parsing does.
+/// cleared, as Kubernetes' own parsing does (`parse_file_source_range` refuses them).
 pub fn parse_source_range(text: &str) -> std::result::Result<IpNet, String> {
     let t = text.trim();
     let net = match t.parse::<IpNet>() {
@@ -151,15 +151,36 @@ pub fn parse_source_range(text: &str) -> std::result::Result<IpNet, String> {
     Ok(net.trunc())
 }
 
+/// A range in the config file: as `parse_source_range`, but one with host bits set is
+/// refused. Cleared silently, a typo widens who may reach a service
+/// (`::ffff:10.0.0.0/8` would admit `::/8`); an operator writing the file can fix it.
+pub fn parse_file_source_range(text: &str) -> std::result::Result<IpNet, String> {
+    let net = parse_source_range(text)?;
+    let written: IpNet = match text.trim().parse() {
+        Ok(n) => n,
+        Err(_) => return Ok(net),
+    };
+    if written != net {
+        return Err(format!(
+            "{text:?} has bits set past its prefix length: did you mean {net} (the range) or {}/{} (that one address)?",
+            written.addr(),
+            written.max_prefix_len()
+        ));
+    }
+    Ok(net)
+}
+
 fn source_ranges<'de, D: serde::Deserializer<'de>>(
     d: D,
 ) -> std::result::Result<Vec<IpNet>, D::Error> {
-    let texts = Vec::<String>::deserialize(d)?;
+    // `allow:` with no value is the same as no allow: everyone.
+    let texts = Option::<Vec<String>>::deserialize(d)?.unwrap_or_default();
     texts
         .iter()
         .enumerate()
         .map(|(k, t)| {
-            parse_source_range(t).map_err(|e| serde::de::Error::custom(format!("allow[{k}]: {e}")))
+            parse_file_source_range(t)
+                .map_err(|e| serde::de::Error::custom(format!("allow[{k}]: {e}")))
         })
         .collect()
 }
@@ -726,11 +747,13 @@ impl Config {
             }
             if s.source_ranges().is_some_and(|r| r.is_empty()) {
                 bail!(
-                    "{}{at}: field allow: no {} range for the {} VIP {}, so no client could reach it; add one (0.0.0.0/0 or ::/0 admits everyone)",
+                    "{}{at}: field allow: no {} range for the {} VIP {}, so no client could reach it; add one ({} admits every {} client)",
                     svc_line(i, "allow"),
                     family(s.vip),
                     family(s.vip),
-                    s.vip
+                    s.vip,
+                    if s.vip.is_ipv4() { "0.0.0.0/0" } else { "::/0" },
+                    family(s.vip)
                 );
             }
             let mut addrs = BTreeSet::new();

@@ -514,7 +514,7 @@ pub fn render_text(status: &Status) -> String {
         status.max_services, status.max_backends, status.conntrack_max
     ));
     s.push_str(&format!(
-        "fragmented datagrams followed: {} of {} records\n",
+        "fragment records in use: {} of {} (datagrams whose later fragments can be followed)\n",
         status.fragments.entries, status.fragments.max
     ));
     for svc in &status.services {
