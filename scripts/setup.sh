@@ -15,7 +15,7 @@ fail() { printf '[setup] FAILED at step "%s": %s\n' "$1" "$2" >&2; exit 1; }
 # prometheus ships promtool, which lints the agent's text exposition (its server is
 # not started: the policy below).
 PKGS=(iproute2 ethtool nftables iptables haproxy fonts-dejavu-core python3 bird2
-      buildah podman crun runc binutils prometheus iputils-ping)
+      buildah podman crun runc binutils prometheus iputils-ping frr)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

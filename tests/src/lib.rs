@@ -6,6 +6,7 @@ pub mod bird;
 pub mod container;
 pub mod fakeapi;
 pub mod fragment;
+pub mod frr;
 pub mod natlab;
 pub mod netns;
 pub mod packet;

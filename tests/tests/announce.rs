@@ -448,3 +448,104 @@ fn privileged_l2_answers_arp_and_ndp_and_a_takeover_moves_the_clients_entry() {
         serde_json::json!({"arp_ndp_answered_by_a": answered, "takeover_ms_from_b_start": moved.as_millis() as u64, "exchanges": 40}),
     );
 }
+
+/// deploy/bgp/frr.conf for LB node `k`, as shipped, addresses substituted.
+fn frr_conf(lab: &SegmentLab, k: usize) -> String {
+    shipped("frr.conf")
+        .replace("10.0.0.11", &lab.lbs[k].addr4.to_string())
+        .replace("10.0.0.1 ", "10.61.0.1 ")
+        .replace("2001:db8::1 ", "fd61::1 ")
+}
+
+/// The router's IPv4 paths to VIP4 become `want`; returns how long it took.
+fn wait_paths4(lab: &SegmentLab, want: &[IpAddr], what: &str) -> Duration {
+    let start = Instant::now();
+    loop {
+        let p4 = router_paths(lab, VIP4);
+        if p4 == want {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "{what}: router paths {p4:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The shipped deploy/bgp/frr.conf, run as users run it: xlb and FRR (zebra and bgpd,
+/// `ip import-table 200`, `redistribute table 200`) on each of two LB nodes, and a
+/// BIRD router. The router learns the IPv4 VIP from both nodes, loses a node's path
+/// within seconds of `xlb drain` there, and loses a node that goes. IPv4 only: FRR 8.4
+/// (Debian's) has no `ipv6 import-table` (docs/announce.md).
+#[test]
+fn privileged_bgp_through_frr_as_shipped() {
+    if !privileged() {
+        return;
+    }
+    let lab = SegmentLab::new(2, 1).unwrap();
+    lab.router
+        .ip(&["route", "del", &format!("{VIP4}/32")])
+        .unwrap();
+    let cfgs: Vec<(PathBuf, RemoveOnDrop)> = (0..2)
+        .map(|_| {
+            let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("xfc")));
+            std::fs::write(&p, lab.config("dsr", TCP_PORT, 53)).unwrap();
+            (p.clone(), RemoveOnDrop(p))
+        })
+        .collect();
+    let pins: Vec<(PathBuf, RemoveOnDrop)> = (0..2)
+        .map(|_| {
+            let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xfp")));
+            (p.clone(), RemoveOnDrop(p))
+        })
+        .collect();
+    let mut agents: Vec<Agent> = (0..2)
+        .map(|k| {
+            let n = &lab.lbs[k];
+            Agent::start_at(
+                &n.ns,
+                &pins[k].0,
+                &[
+                    "--iface",
+                    &n.iface,
+                    "--config",
+                    cfgs[k].0.to_str().unwrap(),
+                    "--announce-routes-table",
+                    TABLE,
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    let router = Bird::start(&lab.router, &router_conf(&lab)).unwrap();
+    let frrs: Vec<xlb_tests::frr::Frr> = (0..2)
+        .map(|k| xlb_tests::frr::Frr::start(&lab.lbs[k].ns, &frr_conf(&lab, k)).unwrap())
+        .collect();
+    if let Err(e) = router.wait_established(2, Duration::from_secs(30)) {
+        panic!("{e:#}\nFRR node A:\n{}", frrs[0].log());
+    }
+    let (a4, b4) = (lab.lbs[0].addr4, lab.lbs[1].addr4);
+    let learnt = wait_paths4(&lab, &[a4, b4], "both nodes through FRR");
+    let out = xlb_cmd(&["drain", "--pin-path", pins[0].0.to_str().unwrap()]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let drained = wait_paths4(&lab, &[b4], "after xlb drain on node A");
+    assert!(drained < Duration::from_secs(5), "withdrawn in {drained:?}");
+    let out = xlb_cmd(&["undrain", "--pin-path", pins[0].0.to_str().unwrap()]).unwrap();
+    assert!(out.status.success());
+    wait_paths4(&lab, &[a4, b4], "after undrain");
+    // Node B goes: its agent stops and detaches, its routes leave table 200.
+    agents[1].stop_with(libc::SIGINT).unwrap();
+    let gone = wait_paths4(&lab, &[a4], "after node B went");
+    report(
+        "announce_bgp_frr",
+        serde_json::json!({"bgp_sessions_ipv4": 2, "learnt_ms": learnt.as_millis() as u64,
+                           "drain_to_router_ms": drained.as_millis() as u64,
+                           "node_gone_to_router_ms": gone.as_millis() as u64}),
+    );
+    drop(frrs);
+}
