@@ -63,6 +63,50 @@ fn router_conf(lab: &SegmentLab) -> String {
         .replace("10.0.0.1", "10.61.0.1")
 }
 
+/// One agent per LB node, each with its own dsr config file and pin path and
+/// `--announce-routes-table 200`, otherwise default flags.
+struct Nodes {
+    cfgs: Vec<(PathBuf, RemoveOnDrop)>,
+    pins: Vec<(PathBuf, RemoveOnDrop)>,
+    agents: Vec<Agent>,
+}
+
+fn start_nodes(lab: &SegmentLab) -> Nodes {
+    let n = lab.lbs.len();
+    let cfgs: Vec<(PathBuf, RemoveOnDrop)> = (0..n)
+        .map(|_| {
+            let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("xan")));
+            std::fs::write(&p, lab.config("dsr", TCP_PORT, 53)).unwrap();
+            (p.clone(), RemoveOnDrop(p))
+        })
+        .collect();
+    let pins: Vec<(PathBuf, RemoveOnDrop)> = (0..n)
+        .map(|_| {
+            let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xan")));
+            (p.clone(), RemoveOnDrop(p))
+        })
+        .collect();
+    let agents = (0..n)
+        .map(|k| {
+            let node = &lab.lbs[k];
+            Agent::start_at(
+                &node.ns,
+                &pins[k].0,
+                &[
+                    "--iface",
+                    &node.iface,
+                    "--config",
+                    cfgs[k].0.to_str().unwrap(),
+                    "--announce-routes-table",
+                    TABLE,
+                ],
+            )
+            .unwrap()
+        })
+        .collect();
+    Nodes { cfgs, pins, agents }
+}
+
 /// The router's next hops for `vip`, as the kernel has them.
 fn router_paths(lab: &SegmentLab, vip: &str) -> Vec<IpAddr> {
     let fam = if vip.contains(':') { "-6" } else { "-4" };
@@ -196,37 +240,11 @@ fn privileged_bgp_through_bird_ecmp_drain_and_node_failure() {
             (a, RemoveOnDrop(p))
         })
         .collect();
-    let cfg_paths: Vec<(PathBuf, RemoveOnDrop)> = (0..2)
-        .map(|_| {
-            let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("xan")));
-            std::fs::write(&p, lab.config("dsr", TCP_PORT, 53)).unwrap();
-            (p.clone(), RemoveOnDrop(p))
-        })
-        .collect();
-    let pins: Vec<(PathBuf, RemoveOnDrop)> = (0..2)
-        .map(|_| {
-            let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xan")));
-            (p.clone(), RemoveOnDrop(p))
-        })
-        .collect();
-    let mut agents: Vec<Agent> = (0..2)
-        .map(|k| {
-            let n = &lab.lbs[k];
-            Agent::start_at(
-                &n.ns,
-                &pins[k].0,
-                &[
-                    "--iface",
-                    &n.iface,
-                    "--config",
-                    cfg_paths[k].0.to_str().unwrap(),
-                    "--announce-routes-table",
-                    TABLE,
-                ],
-            )
-            .unwrap()
-        })
-        .collect();
+    let Nodes {
+        cfgs: cfg_paths,
+        pins,
+        mut agents,
+    } = start_nodes(&lab);
     // Table 200 holds both VIPs, marked as xlb's.
     for k in 0..2 {
         let t = table_200(&lab.lbs[k].ns);
@@ -487,37 +505,11 @@ fn privileged_bgp_through_frr_as_shipped() {
     lab.router
         .ip(&["route", "del", &format!("{VIP4}/32")])
         .unwrap();
-    let cfgs: Vec<(PathBuf, RemoveOnDrop)> = (0..2)
-        .map(|_| {
-            let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("xfc")));
-            std::fs::write(&p, lab.config("dsr", TCP_PORT, 53)).unwrap();
-            (p.clone(), RemoveOnDrop(p))
-        })
-        .collect();
-    let pins: Vec<(PathBuf, RemoveOnDrop)> = (0..2)
-        .map(|_| {
-            let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xfp")));
-            (p.clone(), RemoveOnDrop(p))
-        })
-        .collect();
-    let mut agents: Vec<Agent> = (0..2)
-        .map(|k| {
-            let n = &lab.lbs[k];
-            Agent::start_at(
-                &n.ns,
-                &pins[k].0,
-                &[
-                    "--iface",
-                    &n.iface,
-                    "--config",
-                    cfgs[k].0.to_str().unwrap(),
-                    "--announce-routes-table",
-                    TABLE,
-                ],
-            )
-            .unwrap()
-        })
-        .collect();
+    let Nodes {
+        cfgs: _cfgs,
+        pins,
+        mut agents,
+    } = start_nodes(&lab);
     let router = Bird::start(&lab.router, &router_conf(&lab)).unwrap();
     let frrs: Vec<xlb_tests::frr::Frr> = (0..2)
         .map(|k| xlb_tests::frr::Frr::start(&lab.lbs[k].ns, &frr_conf(&lab, k)).unwrap())

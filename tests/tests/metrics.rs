@@ -19,7 +19,19 @@ const METRICS: &str = "127.0.0.1:9464";
 
 /// GET `path` from the agent's metrics server, inside the LB namespace.
 fn get(lab: &LbLab, path: &str) -> (u16, String) {
-    let path = path.to_owned();
+    let (code, _, body) = request(lab, path, "*/*");
+    (code, body)
+}
+
+/// GET /metrics with `accept`; returns the content type and the body.
+fn scrape(lab: &LbLab, accept: &str) -> (String, String) {
+    let (_, ctype, body) = request(lab, "/metrics", accept);
+    (ctype, body)
+}
+
+/// GET `path` with `accept`: the status code, the content type and the body.
+fn request(lab: &LbLab, path: &str, accept: &str) -> (u16, String, String) {
+    let (path, accept) = (path.to_owned(), accept.to_owned());
     lab.lb
         .run(move || {
             let mut s =
@@ -28,17 +40,22 @@ fn get(lab: &LbLab, path: &str) -> (u16, String) {
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
             write!(
                 s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                "GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
             )
             .unwrap();
             let mut resp = String::new();
             s.read_to_string(&mut resp).unwrap();
             let code = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-            let body = resp
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_owned())
+            let (head, body) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+            let ctype = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-type: ")
+                        .map(str::to_owned)
+                })
                 .unwrap_or_default();
-            (code, body)
+            (code, ctype, body.to_owned())
         })
         .unwrap()
 }
@@ -254,36 +271,6 @@ fn privileged_ebpf_logs_reach_tracing_when_enabled() {
     let logs = agent.logs();
     let line = logs.lines().find(|l| l.contains(&reply)).unwrap();
     assert!(line.ends_with("reason=fwd_reverse"), "{line}");
-}
-
-/// GET /metrics with `accept`; returns the content type and the body.
-fn scrape(lab: &LbLab, accept: &str) -> (String, String) {
-    let accept = accept.to_owned();
-    lab.lb
-        .run(move || {
-            let mut s =
-                TcpStream::connect_timeout(&METRICS.parse().unwrap(), Duration::from_secs(5))
-                    .unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-            write!(
-                s,
-                "GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n"
-            )
-            .unwrap();
-            let mut resp = String::new();
-            s.read_to_string(&mut resp).unwrap();
-            let (head, body) = resp.split_once("\r\n\r\n").unwrap();
-            let ctype = head
-                .lines()
-                .find_map(|l| {
-                    l.to_ascii_lowercase()
-                        .strip_prefix("content-type: ")
-                        .map(str::to_owned)
-                })
-                .unwrap_or_default();
-            (ctype, body.to_owned())
-        })
-        .unwrap()
 }
 
 /// What Prometheus itself would make of the two bodies: the OpenMetrics one, served to a
