@@ -16,6 +16,8 @@ cargo build --bins --quiet
 echo "[test] building the container image (cargo xtask image: offline, FROM scratch)"
 # The container tests run this image; building it is part of what is tested.
 cargo xtask image
+echo "[test] building the older xlb the upgrade test starts from (once; target/upgrade-base)"
+bash scripts/upgrade_base.sh
 echo "[test] running tests"
 status=0
 # Reliability tests append their counts here (packets fuzzed, flows churned, failures).

@@ -108,6 +108,16 @@ impl Agent {
         Self::spawn_with(ns, pin_path, &[], args, env)
     }
 
+    /// Like `start_at`, with another build of xlb (an older one, for upgrades).
+    pub fn start_at_with_bin(
+        ns: &Netns,
+        bin: &std::path::Path,
+        pin_path: &std::path::Path,
+        args: &[&str],
+    ) -> Result<Self> {
+        Self::spawn_bin(ns, bin, pin_path, &[], args, &[])
+    }
+
     fn spawn_with(
         ns: &Netns,
         pin_path: &std::path::Path,
@@ -115,8 +125,18 @@ impl Agent {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::spawn_bin(ns, &xlb_bin()?, pin_path, wrapper, args, env)
+    }
+
+    fn spawn_bin(
+        ns: &Netns,
+        bin: &std::path::Path,
+        pin_path: &std::path::Path,
+        wrapper: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let pin_path = pin_path.to_owned();
-        let bin = xlb_bin()?;
         let bin = bin.to_str().context("utf-8 path")?;
         let mut cmd = match wrapper.split_first() {
             Some((prog, rest)) => {

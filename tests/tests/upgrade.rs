@@ -1,0 +1,145 @@
+//! An upgrade as a DaemonSet rollout does it, end to end: the xlb of an older commit,
+//! built from this repository's own history (`scripts/upgrade_base.sh`, once, into
+//! target/upgrade-base/), runs with nat, dnat and dsr services and long-lived TCP
+//! flows; it is stopped with SIGTERM (the datapath stays pinned) and this build starts
+//! on the same pins. Every flow keeps its backend: 0 broken, and 0 re-created
+//! (`event_flow_recreated`).
+
+use std::{
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use xlb_tests::{
+    agent::{status_json, Agent},
+    peer::{parse, serve},
+    privileged, report,
+    segment::SegmentLab,
+    topology::VIP4,
+    unique_name, RemoveOnDrop,
+};
+
+const MODES: [(&str, u16); 3] = [("nat", 80), ("dnat", 81), ("dsr", 82)];
+const FLOWS: usize = 8;
+
+fn old_xlb() -> Option<PathBuf> {
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/upgrade-base/target/debug/xlb");
+    p.exists().then_some(p)
+}
+
+fn exchange(s: &mut TcpStream, msg: &str) -> Option<usize> {
+    s.write_all(msg.as_bytes()).ok()?;
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).ok()?;
+    let (b, _, echoed) = parse(&buf[..n])?;
+    (echoed == msg).then_some(b)
+}
+
+#[test]
+fn privileged_upgrade_from_an_older_commit_keeps_every_flow() {
+    if !privileged() {
+        return;
+    }
+    let Some(old) = old_xlb() else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "target/upgrade-base has no older xlb: scripts/test.sh builds it (scripts/upgrade_base.sh)"
+        );
+        eprintln!("SKIPPED: no older xlb built; run scripts/upgrade_base.sh");
+        return;
+    };
+    let lab = SegmentLab::new(1, 2).unwrap();
+    lab.backends_return_via(0).unwrap();
+    lab.vips_on_backends().unwrap();
+    let life = Duration::from_secs(120);
+    let _servers: Vec<_> = lab
+        .backends
+        .iter()
+        .enumerate()
+        .flat_map(|(i, b)| {
+            MODES
+                .iter()
+                .flat_map(move |(_, port)| serve(&b.ns, i, *port, &[], life))
+        })
+        .collect();
+    let _decap: Vec<_> = lab
+        .backends
+        .iter()
+        .map(|b| {
+            let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xud")));
+            let a = Agent::start_at(&b.ns, &p, &["--iface", &b.iface, "--decap"]).unwrap();
+            (a, RemoveOnDrop(p))
+        })
+        .collect();
+    let mut text = "services:\n".to_owned();
+    for (mode, port) in MODES {
+        let list = lab
+            .backends
+            .iter()
+            .map(|b| format!("{{address: \"{}\"}}", SocketAddr::new(b.addr4, port)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        text.push_str(&format!(
+            "  - {{name: {mode}, vip: \"{VIP4}\", port: {port}, protocol: tcp, mode: {mode}, backends: [{list}]}}\n"
+        ));
+    }
+    let cfg = std::env::temp_dir().join(format!("{}.yaml", unique_name("xup")));
+    let _cfg_guard = RemoveOnDrop(cfg.clone());
+    std::fs::write(&cfg, &text).unwrap();
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xup")));
+    let _pin_guard = RemoveOnDrop(pin.clone());
+    let lb = &lab.lbs[0];
+    let args = [
+        "--iface",
+        lb.iface.as_str(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ];
+    let mut older = Agent::start_at_with_bin(&lb.ns, &old, &pin, &args).unwrap();
+
+    // Long-lived flows through the older agent, each on its backend.
+    let vip: IpAddr = VIP4.parse().unwrap();
+    let mut flows = Vec::new();
+    for (mode, port) in MODES {
+        for i in 0..FLOWS {
+            let mut s = lab
+                .client
+                .run(move || {
+                    TcpStream::connect_timeout(&SocketAddr::new(vip, port), Duration::from_secs(5))
+                })
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{mode} flow {i}: {e}\n{}", older.logs()));
+            s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+            let b = exchange(&mut s, &format!("{mode}{i}"))
+                .unwrap_or_else(|| panic!("{mode} flow {i} before"));
+            flows.push((mode, s, b));
+        }
+    }
+    // The rollout: the old pod goes (SIGTERM keeps the datapath), the new one adopts it.
+    assert!(older.stop_with(libc::SIGTERM).unwrap().success());
+    let newer = Agent::start_at(&lb.ns, &pin, &args).unwrap();
+    let mut broken = Vec::new();
+    for (k, (mode, s, b)) in flows.iter_mut().enumerate() {
+        if exchange(s, &format!("after{k}")) != Some(*b) {
+            broken.push(format!("{mode} flow {k}"));
+        }
+    }
+    let st = status_json(&pin).unwrap();
+    let recreated = st["counters"]["event_flow_recreated"]["packets"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        broken.is_empty(),
+        "broken by the upgrade: {broken:?}\n{}",
+        newer.logs()
+    );
+    assert_eq!(recreated, 0, "flows re-created after the upgrade");
+    report(
+        "upgrade",
+        serde_json::json!({"from": std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/upgrade-base/commit")).unwrap_or_default().trim(),
+                           "flows": flows.len(), "broken": broken.len(), "recreated": recreated}),
+    );
+}
