@@ -1251,10 +1251,13 @@ impl Dataplane {
                 generation,
                 _pad: 0,
             };
-            // A VIP answers for itself while one of its services takes new flows.
+            // A VIP answers for itself while one of its services takes new flows; echo
+            // only for a service open to everyone: a VIP whose every service restricts
+            // its clients tells a refused one nothing, not even that it is there.
             if table_size > 0 && !svc.encapsulated {
                 let (addr, family) = addr_to_words(svc.vip);
-                wanted_vips.insert((family as u32, addr), echo);
+                let flags = if restricted { 0 } else { echo };
+                *wanted_vips.entry((family as u32, addr)).or_insert(0) |= flags;
             }
             if self.written_names.get(&id) != Some(&svc.name) {
                 self.hash_map::<u32, ServiceName>(MAP_SERVICE_NAMES)?

@@ -142,6 +142,16 @@ fn privileged_echo_to_a_vip_is_answered_from_it() {
                 "{vip} without backends"
             );
         }
+        // Every service of the VIP restricts its clients: no answer, to anyone.
+        let restricted = "services:\n  - {name: a, vip: 192.0.2.10, port: 80, protocol: tcp, allow: [10.10.0.0/24], backends: [{address: \"10.20.0.2:8080\"}]}\n  - {name: b, vip: 192.0.2.10, port: 53, protocol: udp, allow: [10.10.0.0/24], backends: [{address: \"10.20.0.2:8080\"}]}\n";
+        f.dp.apply(&Config::parse(&format!("snat: {{ipv4: 10.20.0.1}}\n{restricted}")).unwrap())
+            .unwrap();
+        let req = echo_request("10.10.0.5", "192.0.2.10");
+        assert_eq!(
+            f.run_on(&req, lab.client_if).unwrap().verdict,
+            XDP_PASS,
+            "a VIP of restricted services only"
+        );
         // Turned off.
         f.dp.apply(&with("icmp_echo: false\n", true)).unwrap();
         let req = echo_request("10.10.0.5", "192.0.2.10");
