@@ -85,6 +85,19 @@ pub fn udp_echo(
     lifetime: Duration,
 ) -> Result<JoinHandle<usize>> {
     let name = name.to_owned();
+    udp_server(ns, addr, 2048, lifetime, move |req| reply(&name, req))
+}
+
+/// A UDP server in `ns` on `addr` that answers each datagram (read into a buffer of
+/// `buf_len` bytes) with `answer(request)`, until `lifetime` passes; returns how many
+/// it served. Binding happens before this returns.
+fn udp_server(
+    ns: &Netns,
+    addr: SocketAddr,
+    buf_len: usize,
+    lifetime: Duration,
+    answer: impl Fn(&[u8]) -> Vec<u8> + Send + 'static,
+) -> Result<JoinHandle<usize>> {
     let sock = ns.run(move || -> Result<UdpSocket> {
         let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
         s.set_read_timeout(Some(Duration::from_millis(50)))?;
@@ -93,11 +106,11 @@ pub fn udp_echo(
     Ok(std::thread::spawn(move || {
         let deadline = Instant::now() + lifetime;
         let mut served = 0;
-        let mut buf = [0u8; 2048];
+        let mut buf = vec![0u8; buf_len];
         while Instant::now() < deadline {
             if let Ok((n, peer)) = sock.recv_from(&mut buf) {
                 served += 1;
-                let _ = sock.send_to(&reply(&name, &buf[..n]), peer);
+                let _ = sock.send_to(&answer(&buf[..n]), peer);
             }
         }
         served
@@ -202,32 +215,16 @@ pub fn udp_big_echo(
     lifetime: Duration,
 ) -> Result<JoinHandle<usize>> {
     let name = name.to_owned();
-    let sock = ns.run(move || -> Result<UdpSocket> {
-        let s = UdpSocket::bind(addr).with_context(|| format!("bind udp {addr}"))?;
-        s.set_read_timeout(Some(Duration::from_millis(50)))?;
-        Ok(s)
-    })??;
-    Ok(std::thread::spawn(move || {
-        let deadline = Instant::now() + lifetime;
-        let mut served = 0;
-        let mut buf = vec![0u8; 65_535];
-        while Instant::now() < deadline {
-            if let Ok((n, peer)) = sock.recv_from(&mut buf) {
-                served += 1;
-                let req = &buf[..n];
-                let size = req
-                    .strip_prefix(b"Q")
-                    .and_then(|s| std::str::from_utf8(s).ok())
-                    .and_then(|s| s.parse::<usize>().ok());
-                let answer = match size {
-                    Some(size) => reply(&name, &pattern(size, 7)),
-                    None => reply(&name, req),
-                };
-                let _ = sock.send_to(&answer, peer);
-            }
+    udp_server(ns, addr, 65_535, lifetime, move |req| {
+        let size = req
+            .strip_prefix(b"Q")
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(|s| s.parse::<usize>().ok());
+        match size {
+            Some(size) => reply(&name, &pattern(size, 7)),
+            None => reply(&name, req),
         }
-        served
-    }))
+    })
 }
 
 /// One datagram to `to` from a fresh socket in `ns`, and its answer (up to 2 s): the

@@ -818,6 +818,22 @@ fn privileged_k8s_local_policy_health_port_and_client_affinity() {
     }
 }
 
+/// Waits (bounded) for an Event with `reason` whose text contains `needle`.
+fn wait_event(api: &FakeApi, reason: &str, needle: &str) {
+    let start = Instant::now();
+    while !api.events().iter().any(|e| {
+        let text = format!("{} {}", e["note"], e["message"]);
+        e["reason"] == reason && text.contains(needle)
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {reason} Event with {needle:?}: {:?}",
+            api.events()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// `spec.loadBalancerSourceRanges` from the API: the client (10.30.0.2, and a second
 /// address 10.30.0.3 of its namespace) inside the ranges is answered, the other is
 /// denied; an update of the Service swaps them; an invalid range stops the Service
@@ -901,18 +917,7 @@ fn privileged_k8s_load_balancer_source_ranges_and_their_update() {
         "the Service withdrawn",
         |t| !t.contains_key(&tcp),
     );
-    let start = Instant::now();
-    while !k.api.events().iter().any(|e| {
-        let text = format!("{} {}", e["note"], e["message"]);
-        e["reason"] == "InvalidSourceRange" && text.contains("10.30.0.0/33")
-    }) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no InvalidSourceRange Event: {:?}",
-            k.api.events()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_event(&k.api, "InvalidSourceRange", "10.30.0.0/33");
 }
 
 /// The Kubernetes side follows the config file through reloads: a SIGHUP that adds
@@ -968,15 +973,5 @@ fn privileged_k8s_side_follows_a_reload_that_adds_file_services() {
         "VIP4:80/tcp is the file's"
     );
     // The controller said why the Kubernetes port was left out.
-    let start = Instant::now();
-    while !k.api.events().iter().any(|e| {
-        format!("{} {}", e["note"], e["message"]).contains("is a service of the config file")
-    }) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "no Event: {:?}",
-            k.api.events()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_event(&k.api, "InvalidService", "is a service of the config file");
 }
