@@ -227,7 +227,10 @@ pub struct ServiceValue {
     pub id: u32,
     /// Prime M of this service's Maglev table; 0 while the service has no backends.
     pub table_size: u32,
-    pub mode: u8,
+    /// Was the service's mode. The mode is kept once, on the service's backend entries
+    /// (`BACKEND_F_SVC_*`), where the packet reads it; this byte is written 0 and keeps
+    /// the layout of maps pinned by earlier versions.
+    pub _reserved: u8,
     pub flags: u8,
     /// Which of the service's two table generations is live (0 or 1). A new table is
     /// written under the other one, then this value is replaced in one update: a

@@ -31,17 +31,7 @@ use rtnetlink::{
 };
 use tracing::{info, warn};
 
-use crate::{config::Config, nexthop::RTPROT_XLB};
-
-/// The VIPs `cfg` has a service for that can take new flows now.
-pub fn servable_vips(cfg: &Config) -> BTreeSet<IpAddr> {
-    cfg.services
-        .iter()
-        .filter(|s| !s.encapsulated)
-        .filter(|s| s.backends.iter().any(|b| b.weight > 0 && b.healthy))
-        .map(|s| s.vip)
-        .collect()
-}
+use crate::{model::Desired, nexthop::RTPROT_XLB, sink::Sink};
 
 pub struct RouteSink {
     handle: Handle,
@@ -49,6 +39,16 @@ pub struct RouteSink {
     lo: u32,
     /// What is in the table now, and since when (seconds since the epoch).
     announced: BTreeMap<IpAddr, u64>,
+}
+
+/// The routes sink: a host route per VIP to announce, in xlb's own table.
+impl Sink for RouteSink {
+    /// (announced, withdrawn).
+    type Changes = (Vec<IpAddr>, Vec<IpAddr>);
+
+    async fn apply(&mut self, desired: &Desired) -> Result<Self::Changes> {
+        Ok(self.set_routes(&desired.announce).await)
+    }
 }
 
 fn now_s() -> u64 {
@@ -125,7 +125,7 @@ impl RouteSink {
     }
 
     /// Makes the table hold exactly `want`. Returns (announced, withdrawn).
-    pub async fn apply(&mut self, want: &BTreeSet<IpAddr>) -> (Vec<IpAddr>, Vec<IpAddr>) {
+    pub async fn set_routes(&mut self, want: &BTreeSet<IpAddr>) -> (Vec<IpAddr>, Vec<IpAddr>) {
         let (mut added, mut removed) = (Vec::new(), Vec::new());
         let have: Vec<IpAddr> = self.announced.keys().copied().collect();
         for vip in have.iter().filter(|v| !want.contains(v)) {
@@ -206,7 +206,7 @@ pub fn record(
     let mut map =
         aya::maps::HashMap::<_, VipKey, Announced>::try_from(aya::maps::Map::HashMap(data))?;
     let key = |vip: &IpAddr| {
-        let (addr, family) = crate::dataplane::addr_to_words(*vip);
+        let (addr, family) = crate::codec::addr_to_words(*vip);
         VipKey {
             addr,
             family: family as u32,
@@ -256,7 +256,7 @@ pub fn read_announced(pin_path: &std::path::Path) -> Vec<(IpAddr, u32, u64)> {
         .filter_map(Result::ok)
         .map(|(k, v)| {
             (
-                crate::dataplane::words_to_addr(&k.addr, k.family as u8),
+                crate::codec::words_to_addr(&k.addr, k.family as u8),
                 v.table,
                 v.since_s,
             )

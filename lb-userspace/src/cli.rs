@@ -163,8 +163,8 @@ pub struct RunArgs {
     /// NAT; replies return through this node) or `dsr` (encapsulated to the endpoint's
     /// node, whose xlb DNATs to the pod and answers the client directly, with the
     /// client's address at the pod). The annotation xlb.dev/forwarding overrides it.
-    #[arg(long, value_enum, default_value_t = crate::k8s::translate::ClusterForwarding::Nat, env = "XLB_CLUSTER_FORWARDING")]
-    pub cluster_forwarding: crate::k8s::translate::ClusterForwarding,
+    #[arg(long, value_enum, default_value_t = ClusterForwardingArg::Nat, env = "XLB_CLUSTER_FORWARDING")]
+    pub cluster_forwarding: ClusterForwardingArg,
     /// This node's name, for externalTrafficPolicy: Local (the DaemonSet passes it
     /// from the downward API).
     #[arg(long, env = "NODE_NAME")]
@@ -227,6 +227,36 @@ pub enum XdpModeArg {
     Auto,
     Native,
     Generic,
+}
+
+impl From<XdpModeArg> for crate::dataplane::XdpAttachMode {
+    fn from(m: XdpModeArg) -> Self {
+        match m {
+            XdpModeArg::Auto => Self::Auto,
+            XdpModeArg::Native => Self::Native,
+            XdpModeArg::Generic => Self::Generic,
+        }
+    }
+}
+
+/// How `externalTrafficPolicy: Cluster` traffic reaches the endpoints.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ClusterForwardingArg {
+    /// Source NAT to the LB node's address; replies come back through it.
+    #[default]
+    Nat,
+    /// Encapsulated to the node that hosts the endpoint, whose xlb decapsulates, DNATs
+    /// to the pod and translates its reply, which goes to the client from there.
+    Dsr,
+}
+
+impl From<ClusterForwardingArg> for crate::k8s::translate::ClusterForwarding {
+    fn from(m: ClusterForwardingArg) -> Self {
+        match m {
+            ClusterForwardingArg::Nat => Self::Nat,
+            ClusterForwardingArg::Dsr => Self::Dsr,
+        }
+    }
 }
 
 /// Where metrics are served when `--metrics-addr` is not given.

@@ -14,7 +14,7 @@ use lb_common::{
     MAP_REVERSE_NAT, PROTO_TCP,
 };
 
-use crate::{config::Timeouts, dataplane::Dataplane};
+use crate::{dataplane::Dataplane, model::Timeouts};
 
 const NS_PER_S: u64 = 1_000_000_000;
 /// A reverse entry is made just before its conntrack entry: one younger than this is

@@ -13,7 +13,7 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::config::{CheckKind, Config, HealthCheck};
+use crate::model::{CheckKind, HealthCheck, Service};
 
 /// (service name, backend address).
 pub type BackendKey = (String, SocketAddr);
@@ -39,12 +39,12 @@ impl Drop for Checker {
 /// were already being checked (so a reload does not reset them); others start healthy,
 /// so a (re)started agent never empties a service before the first probes.
 pub fn start(
-    cfg: &Config,
+    services: &[Service],
     known: &BTreeMap<BackendKey, bool>,
     tx: UnboundedSender<Transition>,
 ) -> Checker {
     let mut tasks = Vec::new();
-    for svc in &cfg.services {
+    for svc in services {
         let Some(hc) = &svc.health_check else {
             continue;
         };
@@ -124,11 +124,13 @@ async fn probe(target: SocketAddr, hc: &HealthCheck) -> bool {
     matches!(timeout(limit, attempt).await, Ok(Some(true)))
 }
 
-/// The config the datapath should run: unhealthy backends out of the Maglev tables
-/// (weight 0, flagged unhealthy), or removed where established flows are not kept.
-pub fn effective(cfg: &Config, health: &BTreeMap<BackendKey, bool>) -> Config {
-    let mut out = cfg.clone();
-    for svc in &mut out.services {
+/// Resolves the backends' health: unhealthy ones out of the Maglev tables (weight 0,
+/// flagged unhealthy), or removed where established flows are not kept.
+pub fn resolve(services: &mut [Service], health: &BTreeMap<BackendKey, bool>) {
+    if health.values().all(|h| *h) {
+        return;
+    }
+    for svc in services {
         let keep = svc
             .health_check
             .as_ref()
@@ -147,7 +149,6 @@ pub fn effective(cfg: &Config, health: &BTreeMap<BackendKey, bool>) -> Config {
             keep
         });
     }
-    out
 }
 
 #[cfg(test)]

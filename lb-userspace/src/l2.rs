@@ -18,11 +18,16 @@ use aya::maps::{HashMap, MapData};
 use lb_common::{L2Key, L2Value, MAP_L2_VIPS};
 use tracing::{info, warn};
 
-use crate::dataplane::{addr_to_words, Dataplane};
+use crate::{codec::addr_to_words, k8s::lease::VipLeases, model::Desired, sink::Sink};
 
 pub struct L2Sink {
     /// (name, ifindex, MAC) of each interface answered on.
     ifaces: Vec<(String, u32, [u8; 6])>,
+    /// XLB_L2_VIPS, taken from the loaded program: this sink is its only writer.
+    map: HashMap<MapData, L2Key, L2Value>,
+    /// In Kubernetes: the VIPs this node may answer for are the ones whose Lease it
+    /// holds (one node per VIP on a segment).
+    leases: Option<VipLeases>,
     answered: BTreeSet<IpAddr>,
     /// VIPs still to announce once more (the second gratuitous announcement).
     again: BTreeSet<IpAddr>,
@@ -30,7 +35,12 @@ pub struct L2Sink {
 
 impl L2Sink {
     /// Checks each interface (it must exist here and carry the XDP program) and reads its MAC.
-    pub fn new(ifaces: &[String], attached: &[String]) -> Result<Self> {
+    pub fn new(
+        ifaces: &[String],
+        attached: &[String],
+        ebpf: &mut aya::Ebpf,
+        leases: Option<VipLeases>,
+    ) -> Result<Self> {
         let mut out = Vec::new();
         for name in ifaces {
             if !attached.contains(name) {
@@ -44,8 +54,11 @@ impl L2Sink {
             }
             out.push((name.clone(), ifindex, mac_of(name)?));
         }
+        let map = ebpf.take_map(MAP_L2_VIPS).context("L2 map")?;
         Ok(Self {
             ifaces: out,
+            map: HashMap::try_from(map)?,
+            leases,
             answered: BTreeSet::new(),
             again: BTreeSet::new(),
         })
@@ -53,12 +66,8 @@ impl L2Sink {
 
     /// Makes the datapath answer for exactly `want`, and announces the VIPs it takes.
     /// Returns (taken, given up).
-    pub fn apply(
-        &mut self,
-        dp: &mut Dataplane,
-        want: &BTreeSet<IpAddr>,
-    ) -> (Vec<IpAddr>, Vec<IpAddr>) {
-        if let Err(e) = self.sync_map(dp, want) {
+    fn answer(&mut self, want: &BTreeSet<IpAddr>) -> (Vec<IpAddr>, Vec<IpAddr>) {
+        if let Err(e) = self.sync_map(want) {
             warn!("updating the L2 answers failed: {e:#}");
             return Default::default();
         }
@@ -80,9 +89,8 @@ impl L2Sink {
         (taken, given_up)
     }
 
-    fn sync_map(&self, dp: &mut Dataplane, want: &BTreeSet<IpAddr>) -> Result<()> {
-        let map = dp.ebpf.map_mut(MAP_L2_VIPS).context("L2 map")?;
-        let mut map = HashMap::<&mut MapData, L2Key, L2Value>::try_from(map)?;
+    fn sync_map(&mut self, want: &BTreeSet<IpAddr>) -> Result<()> {
+        let map = &mut self.map;
         let mut desired = BTreeMap::new();
         for vip in want {
             let (addr, family) = addr_to_words(*vip);
@@ -124,9 +132,27 @@ impl L2Sink {
         }
     }
 
-    /// Withdraws every answer (detach, drain).
-    pub fn clear(&mut self, dp: &mut Dataplane) {
-        let _ = self.apply(dp, &BTreeSet::new());
+    /// Withdraws every answer and releases the Leases (detach).
+    pub async fn clear(&mut self) {
+        let _ = self.answer(&BTreeSet::new());
+        if let Some(leases) = self.leases.as_mut() {
+            leases.release_all().await;
+        }
+    }
+}
+
+/// The L2 sink: ARP and NDP answers for the VIPs to announce (those whose Lease this
+/// node holds, in Kubernetes).
+impl Sink for L2Sink {
+    /// (taken, given up).
+    type Changes = (Vec<IpAddr>, Vec<IpAddr>);
+
+    async fn apply(&mut self, desired: &Desired) -> Result<Self::Changes> {
+        let owned = match self.leases.as_mut() {
+            Some(leases) => leases.update(&desired.announce).await,
+            None => desired.announce.clone(),
+        };
+        Ok(self.answer(&owned))
     }
 }
 

@@ -43,7 +43,7 @@ pub enum MaglevError {
 }
 
 /// A backend as Maglev sees it: its identity and its weight.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct WeightedBackend {
     pub addr: SocketAddr,
     pub weight: u32,

@@ -48,7 +48,8 @@ async fn real_main() -> Result<()> {
         }
         Command::CheckConfig(args) => {
             let cfg = xlb::config::Config::load_limited(&args.file, args.max_config_bytes)?;
-            cfg.check_capacity(args.max_services, args.max_backends)
+            cfg.desired()
+                .check_capacity(args.max_services, args.max_backends)
                 .with_context(|| format!("{}: does not fit the maps", args.file.display()))?;
             let backends: usize = cfg.services.iter().map(|s| s.backends.len()).sum();
             xlb::outln!(

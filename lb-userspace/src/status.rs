@@ -6,12 +6,15 @@ use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
     maglev_chunks, Backend, Counter, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceValue,
-    StatIndex, TrafficStats, BACKEND_F_UNHEALTHY, MAP_BACKENDS, MAP_BACKEND_STATS,
-    MAP_GLOBAL_STATS, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SERVICE_STATS, MODE_DNAT,
-    MODE_DSR, PROTO_TCP, SVC_KEY_ENCAPSULATED,
+    StatIndex, TrafficStats, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR, BACKEND_F_UNHEALTHY,
+    MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES,
+    MAP_SERVICE_STATS, PROTO_TCP, SVC_KEY_ENCAPSULATED,
 };
 
-use crate::dataplane::{backend_addr, live_backends, words_to_addr};
+use crate::{
+    codec::{backend_addr, words_to_addr},
+    dataplane::live_backends,
+};
 use serde::Serialize;
 
 #[derive(Serialize, Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -220,7 +223,16 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
     for entry in services.iter() {
         let (k, v) = entry?;
         let mut bes = Vec::new();
+        // The mode is kept on the backend entries: a service without backends shows "-".
+        let mut mode = "-";
         for (id, b) in all_backends.iter().filter(|(_, b)| b.service_id == v.id) {
+            mode = if b.flags & BACKEND_F_SVC_DSR != 0 {
+                "dsr"
+            } else if b.flags & BACKEND_F_SVC_DNAT != 0 {
+                "dnat"
+            } else {
+                "nat"
+            };
             bes.push(BackendView {
                 id: *id,
                 address: backend_addr(b).to_string(),
@@ -242,16 +254,12 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
             id: v.id,
             name: names
                 .get(&v.id)
-                .map(crate::dataplane::service_name_str)
+                .map(crate::codec::service_name_str)
                 .unwrap_or_default(),
             vip: words_to_addr(&k.vip, k.family & !SVC_KEY_ENCAPSULATED).to_string(),
             port: u16::from_be(k.port),
             protocol: if k.proto == PROTO_TCP { "tcp" } else { "udp" },
-            mode: match v.mode {
-                MODE_DNAT => "dnat",
-                MODE_DSR => "dsr",
-                _ => "nat",
-            },
+            mode,
             encapsulated: k.family & SVC_KEY_ENCAPSULATED != 0,
             table_size: v.table_size,
             allow: (v.flags & lb_common::SVC_F_SOURCE_RANGES != 0)

@@ -1,6 +1,6 @@
 //! XLB_VIPS: the VIPs with a service that can take new flows, and what the datapath
 //! answers for the address itself (ICMP echo, `icmp_echo:`). Written by each apply as
-//! a difference against what was last written.
+//! a difference against what was last written (`dataplane::plan`).
 
 use std::collections::BTreeMap;
 
@@ -30,18 +30,14 @@ pub fn read(ebpf: &mut aya::Ebpf) -> Result<Wanted> {
         .context("reading the VIP map")
 }
 
-/// Writes what changed from `written` to `wanted`.
-pub fn write(ebpf: &mut aya::Ebpf, written: &Wanted, wanted: &Wanted) -> Result<()> {
-    let mut m = map(ebpf)?;
-    for (k, flags) in wanted {
-        if written.get(k) != Some(flags) {
-            m.insert(key(k), flags, 0)
-                .context("writing a VIP's entry")?;
-        }
-    }
-    for k in written.keys().filter(|k| !wanted.contains_key(*k)) {
-        // Already gone is fine.
-        let _ = m.remove(&key(k));
-    }
+pub fn set(ebpf: &mut aya::Ebpf, vip: (u32, [u32; 4]), flags: u32) -> Result<()> {
+    map(ebpf)?
+        .insert(key(&vip), flags, 0)
+        .context("writing a VIP's entry")
+}
+
+pub fn remove(ebpf: &mut aya::Ebpf, vip: (u32, [u32; 4])) -> Result<()> {
+    // Already gone is fine.
+    let _ = map(ebpf)?.remove(&key(&vip));
     Ok(())
 }

@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{flow_hash, FlowKey};
 use xlb::{
+    codec::addr_to_words,
     config::Config,
-    dataplane::addr_to_words,
     maglev::{build, WeightedBackend},
     status::read_global_counters,
 };

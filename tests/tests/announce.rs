@@ -19,7 +19,7 @@ use std::{
 
 use lb_common::{flow_hash, FlowKey, PROTO_TCP};
 use xlb::{
-    dataplane::addr_to_words,
+    codec::addr_to_words,
     maglev::{build, WeightedBackend, DEFAULT_TABLE_SIZE},
 };
 use xlb_tests::{

@@ -99,7 +99,8 @@ fn new_flow_then_established_then_reply(
 fn privileged_ipv4_tcp_and_udp_new_established_reply() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         new_flow_then_established_then_reply(
             &mut f,
             lab,
@@ -133,7 +134,8 @@ fn privileged_ipv4_tcp_and_udp_new_established_reply() {
 fn privileged_ipv6_tcp_and_udp_new_established_reply() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         new_flow_then_established_then_reply(
             &mut f,
             lab,
@@ -156,7 +158,8 @@ fn privileged_ipv6_tcp_and_udp_new_established_reply() {
 fn privileged_many_flows_spread_as_predicted_and_ports_never_collide() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         let mut seen = std::collections::BTreeSet::new();
         let mut per_backend = std::collections::BTreeMap::new();
         for sport in 30000..30300u16 {
@@ -185,7 +188,7 @@ fn privileged_snat_keeps_the_client_port_when_it_is_free() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
         // One backend, so both clients' flows go to it.
-        f.dp.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6[..1]))
+        f.dp.apply(&(config(&BACKENDS_V4[..1], &BACKENDS_V6[..1])).desired())
             .unwrap();
         let out = |f: &mut Fixture, src: &str, sport: u16| {
             let frame = Frame::tcp(src, sport, "192.0.2.10", 80);
@@ -211,7 +214,8 @@ fn privileged_snat_keeps_the_client_port_when_it_is_free() {
 fn privileged_removed_backend_rebalances_only_its_flows() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         let mut before = Vec::new();
         for sport in 31000..31060u16 {
             for frame in [
@@ -224,7 +228,7 @@ fn privileged_removed_backend_rebalances_only_its_flows() {
         }
         let removed: SocketAddr = BACKENDS_V4[1].parse().unwrap();
         let summary =
-            f.dp.apply(&config(&[BACKENDS_V4[0], BACKENDS_V4[2]], &BACKENDS_V6))
+            f.dp.apply(&(config(&[BACKENDS_V4[0], BACKENDS_V4[2]], &BACKENDS_V6)).desired())
                 .unwrap();
         // Backend ids are per service: it leaves both "web" and "dns".
         assert_eq!(summary.backends_removed, 2);
@@ -252,7 +256,7 @@ fn privileged_removed_backend_rebalances_only_its_flows() {
 fn privileged_service_without_backends_drops_and_counts() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&[], &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&[], &BACKENDS_V6)).desired()).unwrap();
         let res = f
             .run_on(
                 &Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80).build(),
@@ -268,7 +272,8 @@ fn privileged_service_without_backends_drops_and_counts() {
 fn privileged_ttl_1_and_not_a_vip_pass_untouched() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         let ttl1 = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80)
             .ttl(1)
             .build();
@@ -293,7 +298,8 @@ fn privileged_ttl_1_and_not_a_vip_pass_untouched() {
 fn privileged_udp_zero_checksum_stays_zero() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         let mut bytes = Frame::udp("10.10.0.5", 40002, "192.0.2.10", 53).build();
         bytes[14 + 20 + 6] = 0;
         bytes[14 + 20 + 7] = 0;
@@ -309,7 +315,8 @@ fn privileged_udp_zero_checksum_stays_zero() {
 fn privileged_one_arm_uses_xdp_tx() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         let res = f
             .run_on(
                 &Frame::tcp("10.10.0.5", 40003, "192.0.2.10", 80).build(),
@@ -409,7 +416,8 @@ fn icmp_errors_are_translated(
     let backends: Vec<String> = backends.iter().map(|s| s.to_string()).collect();
     in_lab(move |lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
         let frame = Frame::tcp(&client.to_string(), 41000, &vip.to_string(), 80);
         let backend = predicted_backend(&refs, &frame, PROTO_TCP);
@@ -506,7 +514,7 @@ fn privileged_icmpv6_packet_too_big_is_translated_both_ways() {
 fn privileged_unknown_neighbour_is_requested_and_never_handed_over_as_a_martian() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&["10.20.0.99:8080"], &["[fd20::99]:8080"]))
+        f.dp.apply(&(config(&["10.20.0.99:8080"], &["[fd20::99]:8080"])).desired())
             .unwrap();
         let v4 = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80);
         let res = f.run_on(&v4.build(), lab.client_if).unwrap();
@@ -534,7 +542,7 @@ fn privileged_unknown_neighbour_is_requested_and_never_handed_over_as_a_martian(
             let r: lb_common::NeighbourRequest =
                 unsafe { std::ptr::read_unaligned(item.as_ptr().cast()) };
             assert_ne!(r.ifindex, 0);
-            asked.push(xlb::dataplane::words_to_addr(&r.addr, r.family));
+            asked.push(xlb::codec::words_to_addr(&r.addr, r.family));
         }
         assert_eq!(
             asked,
@@ -555,7 +563,7 @@ fn privileged_idle_and_closing_timeouts_expire_entries() {
         let mut f = Fixture::new().unwrap();
         let timeouts = "timeouts: {tcp_idle: 3600, tcp_closing: 1, udp_idle: 1}\n";
         let two = [BACKENDS_V4[0], BACKENDS_V4[1]];
-        f.dp.apply(&config_with(timeouts, &two, &BACKENDS_V6))
+        f.dp.apply(&(config_with(timeouts, &two, &BACKENDS_V6)).desired())
             .unwrap();
         // Flows whose Maglev pick changes when the third backend is added.
         let mut udp = None;
@@ -593,7 +601,7 @@ fn privileged_idle_and_closing_timeouts_expire_entries() {
             ..Default::default()
         });
         assert_eq!(dst(&mut f, &fin), tcp_first);
-        f.dp.apply(&config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6))
+        f.dp.apply(&(config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6)).desired())
             .unwrap();
         assert_eq!(
             dst(&mut f, &udp),
@@ -623,7 +631,7 @@ fn privileged_half_open_flows_expire_after_the_syn_timeout() {
         let mut f = Fixture::new().unwrap();
         let timeouts = "timeouts: {tcp_idle: 3600, tcp_closing: 10, udp_idle: 60, tcp_syn: 1}\n";
         let two = [BACKENDS_V4[0], BACKENDS_V4[1]];
-        f.dp.apply(&config_with(timeouts, &two, &BACKENDS_V6))
+        f.dp.apply(&(config_with(timeouts, &two, &BACKENDS_V6)).desired())
             .unwrap();
         // Two flows whose Maglev pick changes when the third backend is added.
         let moving: Vec<Frame> = (40000..42000u16)
@@ -646,7 +654,7 @@ fn privileged_half_open_flows_expire_after_the_syn_timeout() {
             ..Default::default()
         });
         assert_eq!(dst(&mut f, &ack), est_first);
-        f.dp.apply(&config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6))
+        f.dp.apply(&(config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6)).desired())
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2200));
         assert_ne!(
@@ -668,7 +676,8 @@ fn privileged_half_open_flows_expire_after_the_syn_timeout() {
 fn privileged_ipv4_with_options_is_translated() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         let frame = Frame::tcp("10.10.0.5", 40100, "192.0.2.10", 80);
         let plain = frame.build();
         let mut ip = plain[14..34].to_vec();
@@ -706,7 +715,7 @@ fn privileged_next_hop_cache_expires_and_never_skips_the_mtu_check() {
             assert!(st.success(), "ip {args:?}");
         };
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6))
+        f.dp.apply(&(config(&BACKENDS_V4[..1], &BACKENDS_V6)).desired())
             .unwrap();
         let flow = Frame::tcp("10.10.0.5", 40100, "192.0.2.10", 80);
         let first = f.run_on(&flow.build(), lab.client_if).unwrap();
@@ -779,7 +788,7 @@ fn write_entry<V: aya::Pod>(f: &Fixture, map: &str, key: &FlowKey, value: &V) {
 fn privileged_flow_entries_carry_their_next_hop() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6))
+        f.dp.apply(&(config(&BACKENDS_V4[..1], &BACKENDS_V6)).desired())
             .unwrap();
         let flow = Frame::tcp("10.10.0.5", 40200, "192.0.2.10", 80);
         let opened = decode(&f.run_on(&flow.build(), lab.client_if).unwrap().data).unwrap();
@@ -845,7 +854,7 @@ fn vip_filter_words(f: &Fixture) -> Vec<lb_common::VipFilterWord> {
 }
 
 fn filter_bit(vip: &str, port: u16, proto: u8) -> u32 {
-    let (addr, _) = xlb::dataplane::addr_to_words(vip.parse().unwrap());
+    let (addr, _) = xlb::codec::addr_to_words(vip.parse().unwrap());
     lb_common::hash::vip_filter_bit(&addr, port.to_be(), proto)
 }
 
@@ -865,7 +874,8 @@ fn bits_set(words: &[lb_common::VipFilterWord]) -> Vec<u32> {
 fn privileged_vip_filter_holds_exactly_the_services_and_only_skips_the_rest() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         let services = [
             ("192.0.2.10", 80, PROTO_TCP),
             ("192.0.2.10", 53, PROTO_UDP),
@@ -913,7 +923,7 @@ fn privileged_vip_filter_holds_exactly_the_services_and_only_skips_the_rest() {
             "maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1}}\nservices:\n  - name: web\n    vip: \"192.0.2.10\"\n    port: 80\n    protocol: tcp\n    backends: [{{address: \"{b}\"}}]\n  - name: web-tls\n    vip: \"192.0.2.10\"\n    port: 8443\n    protocol: tcp\n    backends: [{{address: \"{b}\"}}]\n",
             b = BACKENDS_V4[0]
         );
-        f.dp.apply(&xlb::config::Config::parse(&text).unwrap())
+        f.dp.apply(&(xlb::config::Config::parse(&text).unwrap()).desired())
             .unwrap();
         let mut want = vec![web, filter_bit("192.0.2.10", 8443, PROTO_TCP)];
         want.sort();
@@ -941,7 +951,8 @@ fn privileged_vip_filter_holds_exactly_the_services_and_only_skips_the_rest() {
 fn privileged_an_established_flow_ends_with_its_service() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
+            .unwrap();
         let syn = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80);
         let ack = syn.clone().flags(ACK);
         for frame in [&syn, &ack] {
@@ -953,7 +964,7 @@ fn privileged_an_established_flow_ends_with_its_service() {
             "maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1}}\nservices:\n  - name: dns\n    vip: \"192.0.2.10\"\n    port: 53\n    protocol: udp\n    backends: [{}]\n",
             backend_list(&BACKENDS_V4)
         );
-        f.dp.apply(&xlb::config::Config::parse(&text).unwrap())
+        f.dp.apply(&(xlb::config::Config::parse(&text).unwrap()).desired())
             .unwrap();
         let ct: AyaHashMap<_, FlowKey, ConnValue> = AyaHashMap::try_from(Map::LruHashMap(
             MapData::from_pin(f.pin_path().join(MAP_CONNTRACK)).unwrap(),

@@ -9,7 +9,7 @@ use std::{
 
 use lb_common::{flow_hash, FlowKey, PROTO_TCP, PROTO_UDP};
 use xlb::{
-    dataplane::addr_to_words,
+    codec::addr_to_words,
     maglev::{build, WeightedBackend},
 };
 use xlb_tests::{

@@ -249,71 +249,11 @@ fn privileged_pinned_maps_of_another_layout_are_replaced() {
         "the compatible map is adopted, not replaced"
     );
     // And the datapath works on them: a service can be applied.
-    dp.apply(&xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6))
+    dp.apply(&(xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6)).desired())
         .unwrap();
     assert!(xlb::dataplane::drop_incompatible_pins(&pin)
         .unwrap()
         .is_empty());
-}
-
-/// Upgrading across the backend mode flags (`BACKEND_F_SVC_DNAT`/`_DSR`): the backend
-/// entries an older agent wrote carry none, and the program reads an established
-/// flow's mode from them. The upgraded agent's load gives them their service's mode,
-/// before anything is attached, so established dsr and dnat flows are not NATed until
-/// its first apply.
-#[test]
-fn privileged_an_upgrade_gives_older_backend_entries_their_service_mode() {
-    if !privileged() {
-        return;
-    }
-    use lb_common::{Backend, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR, MAP_BACKENDS};
-    use lb_common::{MODE_DNAT, MODE_DSR, MODE_NAT};
-    let (pin, _cleanup) = own_pin_path();
-    let cfg = xlb_tests::natlab::config_with_modes(&["nat", "dnat", "dsr"]);
-    let modes = |dp: &mut Dataplane| -> Vec<(u32, u8)> {
-        let m: aya::maps::Array<_, Backend> =
-            aya::maps::Array::try_from(dp.ebpf.map(MAP_BACKENDS).unwrap()).unwrap();
-        xlb::dataplane::live_backends(&m)
-            .unwrap()
-            .into_values()
-            .map(|b| (b.addr[0], b.mode()))
-            .collect()
-    };
-    let want = {
-        let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        dp.apply(&cfg).unwrap();
-        let want = modes(&mut dp);
-        let mut by_mode: Vec<u8> = want.iter().map(|(_, m)| *m).collect();
-        by_mode.sort();
-        assert_eq!(
-            by_mode,
-            [MODE_NAT, MODE_NAT, MODE_DNAT, MODE_DNAT, MODE_DSR, MODE_DSR]
-        );
-        // What an older agent left: the same entries, without the mode flags.
-        let mut m: aya::maps::Array<_, Backend> =
-            aya::maps::Array::try_from(dp.ebpf.map_mut(MAP_BACKENDS).unwrap()).unwrap();
-        for (id, mut b) in xlb::dataplane::live_backends(&m).unwrap() {
-            b.flags &= !(BACKEND_F_SVC_DNAT | BACKEND_F_SVC_DSR);
-            m.set(id, b, 0).unwrap();
-        }
-        assert!(
-            modes(&mut dp).iter().all(|(_, m)| *m == MODE_NAT),
-            "an older agent's entries read as nat"
-        );
-        want
-    };
-    // The upgraded agent loads over the same pins; nothing is applied yet.
-    let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-    assert_eq!(
-        modes(&mut dp),
-        want,
-        "each backend has its service's mode again"
-    );
-    assert_eq!(
-        dp.restore_derived_state().unwrap(),
-        Default::default(),
-        "and a second pass changes nothing"
-    );
 }
 
 /// Upgrading across a change of the VIP filter (its word size and hash changed, so the
@@ -334,13 +274,13 @@ fn privileged_an_upgrade_rebuilds_a_replaced_vip_filter_from_the_services() {
     };
     let keys = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        dp.apply(&xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6))
+        dp.apply(&(xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6)).desired())
             .unwrap();
         let services: aya::maps::HashMap<_, ServiceKey, ServiceValue> =
             aya::maps::HashMap::try_from(dp.ebpf.map(MAP_SERVICES).unwrap()).unwrap();
         let keys: Vec<ServiceKey> = services.keys().map(Result::unwrap).collect();
         assert!(keys.len() >= 2, "the lab's services are in the map");
-        assert_eq!(filter(&mut dp), xlb::dataplane::vip_filter(keys.clone()));
+        assert_eq!(filter(&mut dp), xlb::codec::vip_filter(keys.clone()));
         keys
     };
     // What an upgrade across a filter change does before the new program loads.
@@ -353,7 +293,7 @@ fn privileged_an_upgrade_rebuilds_a_replaced_vip_filter_from_the_services() {
         ));
         assert_ne!(words[word as usize] & mask, 0, "{k:?}'s bit is set again");
     }
-    assert_eq!(words, xlb::dataplane::vip_filter(keys), "and no other bit");
+    assert_eq!(words, xlb::codec::vip_filter(keys), "and no other bit");
     assert_eq!(
         dp.restore_derived_state().unwrap(),
         Default::default(),
@@ -383,7 +323,7 @@ fn privileged_an_upgrade_that_emptied_the_settings_gets_them_before_the_first_sy
     .unwrap();
     let want = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        dp.apply(&cfg).unwrap();
+        dp.apply(&cfg.desired()).unwrap();
         settings(&mut dp)
     };
     assert_eq!(want.dnat_in_use, 1);
@@ -399,10 +339,10 @@ fn privileged_an_upgrade_that_emptied_the_settings_gets_them_before_the_first_sy
     // The file's part of the config: the services come from Kubernetes.
     let mut base = cfg.clone();
     base.services.clear();
-    assert!(dp.seed_config(&base).unwrap());
+    assert!(dp.seed_config(&base.settings()).unwrap());
     assert_eq!(settings(&mut dp), want, "as the last apply wrote them");
     assert!(
-        !dp.seed_config(&base).unwrap(),
+        !dp.seed_config(&base.settings()).unwrap(),
         "settings already there are left alone"
     );
 }
@@ -462,7 +402,7 @@ fn privileged_maps_sized_by_the_operator_are_adopted_at_any_size() {
     };
     let before = {
         let mut dp = Dataplane::load(&pin, &small).unwrap();
-        dp.apply(&xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6))
+        dp.apply(&(xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6)).desired())
             .unwrap();
         ids(&pin)
     };

@@ -37,14 +37,14 @@ use super::{
     health_port::HealthPorts,
     translate::{translate, Options, Problem, ServiceRef},
 };
-use crate::config::{Config, ServiceConfig};
+use crate::model::{self, Desired};
 
 pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(20);
 pub const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 
 /// What the agent is sent: the services Kubernetes wants, each already checked
 /// against the agent's base config on its own.
-pub type Update = Vec<ServiceConfig>;
+pub type Update = Vec<model::Service>;
 
 /// Starts the controller. `base` is the agent's config file as it stands, followed
 /// through reloads (a channel, never a copy taken here): what a service is checked
@@ -55,7 +55,7 @@ pub type Update = Vec<ServiceConfig>;
 pub fn spawn(
     client: Client,
     opts: Options,
-    base: watch::Receiver<Config>,
+    base: watch::Receiver<Desired>,
     max_services: usize,
 ) -> mpsc::UnboundedReceiver<Update> {
     let (tx, rx) = mpsc::unbounded_channel();
@@ -73,7 +73,7 @@ enum Change {
 async fn run(
     client: Client,
     opts: Options,
-    mut base_rx: watch::Receiver<Config>,
+    mut base_rx: watch::Receiver<Desired>,
     max_services: usize,
     tx: mpsc::UnboundedSender<Update>,
 ) {
@@ -177,17 +177,11 @@ async fn run(
     }
 }
 
-/// What two services may not share: VIP, port, protocol (and whether it is the
-/// decapsulated side).
-pub fn service_slot(s: &ServiceConfig) -> (std::net::IpAddr, u16, crate::config::Protocol, bool) {
-    (s.vip, s.port, s.protocol, s.encapsulated)
-}
-
 struct State {
     client: Client,
     recorder: Recorder,
     opts: Options,
-    base: Config,
+    base: Desired,
     max_services: usize,
     last_sent: Option<Update>,
     /// Problems already reported as Events, so a steady problem is reported once.
@@ -213,14 +207,15 @@ impl State {
 
         // Checked one by one, so one bad Service cannot block the others; a file
         // service's VIP, port and protocol stay the file's.
-        let taken: BTreeSet<_> = self.base.services.iter().map(service_slot).collect();
+        let taken: BTreeSet<_> = self
+            .base
+            .services
+            .iter()
+            .map(model::Service::slot)
+            .collect();
         let mut services = Vec::with_capacity(desired.services.len());
         for s in desired.services {
-            let alone = Config {
-                services: vec![s.clone()],
-                ..self.base.clone()
-            };
-            let checked = if taken.contains(&service_slot(&s)) {
+            let checked = if taken.contains(&s.slot()) {
                 Err(anyhow::anyhow!(
                     "{}:{}/{} is a service of the config file, which keeps it",
                     s.vip,
@@ -228,7 +223,8 @@ impl State {
                     s.protocol.name()
                 ))
             } else {
-                alone.validate()
+                let snat = self.base.settings.snat.addresses();
+                model::validate::services(std::slice::from_ref(&s), &snat).map_err(Into::into)
             };
             match checked {
                 Ok(()) => services.push(s),
@@ -345,7 +341,7 @@ impl AnnounceEvents {
     }
 
     /// One Event per Service (named `namespace/name:...` by translate) that has `vip`.
-    pub async fn announced(&self, cfg: &Config, vip: IpAddr, up: bool, how: &str) {
+    pub async fn announced(&self, cfg: &Desired, vip: IpAddr, up: bool, how: &str) {
         let mut services = BTreeSet::new();
         for s in cfg
             .services

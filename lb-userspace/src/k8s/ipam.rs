@@ -20,7 +20,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::config::Protocol;
+use crate::model::Protocol;
 
 /// One Service's view for the allocator, in the order allocation runs (oldest first).
 #[derive(Debug, Clone)]

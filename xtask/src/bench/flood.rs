@@ -62,13 +62,13 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
         // seconds stay below the table's size.
         for guard in [
             0,
-            xlb::config::FloodGuard::default().new_flows_per_cpu,
+            xlb::model::FloodGuard::default().new_flows_per_cpu,
             20_000,
         ] {
             let mut cfg = cfg.clone();
             cfg.flood_guard.new_flows_per_cpu = guard;
             let mut f = Fixture::new()?;
-            f.dp.apply(&cfg)?;
+            f.dp.apply(&cfg.desired())?;
             let mut est = Vec::new();
             for i in 0..ESTABLISHED {
                 let syn = Frame::tcp(&client, 20_000 + i as u16, VIP4, 80);

@@ -27,7 +27,7 @@ use aya::{
     programs::{xdp::XdpMode, TestRun, TestRunAttrs, TestRunOptions, Xdp},
 };
 use serde::Serialize;
-use xlb::{cli::XdpModeArg, config::Config};
+use xlb::{config::Config, dataplane::XdpAttachMode};
 use xlb_tests::{
     netns::Netns,
     packet::Frame,
@@ -384,13 +384,13 @@ pub fn measure(seconds: f64, clients: usize) -> Result<Results> {
             }
             Lb::XlbNative | Lb::XlbGeneric => {
                 let mode = if lb == Lb::XlbNative {
-                    XdpModeArg::Native
+                    XdpAttachMode::Native
                 } else {
-                    XdpModeArg::Generic
+                    XdpAttachMode::Generic
                 };
                 let ifs = [&topo.lb_in, &topo.lb_out];
                 lab.lb.run_scoped(|| -> Result<()> {
-                    f.dp.apply(&cfg)?;
+                    f.dp.apply(&cfg.desired())?;
                     for i in ifs {
                         f.dp.attach(i, mode)?;
                     }

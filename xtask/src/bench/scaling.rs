@@ -109,7 +109,7 @@ pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Resu
         let (point, mem) = lab.lb.run_scoped(|| -> Result<(Point, f64)> {
             let mut f = Fixture::with_options(&opts)?;
             let before = mem_available_kib()?;
-            f.dp.apply(&cfg)?;
+            f.dp.apply(&cfg.desired())?;
             let mem = before.saturating_sub(mem_available_kib()?) as f64 / 1024.0;
             if f.run_on(&syn.build(), ifindex)?.verdict != XDP_REDIRECT {
                 bail!("opening the flow with {n} services");
@@ -143,7 +143,7 @@ pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Resu
     let flows = flows.to_vec();
     let ct_points = lab.lb.run_scoped(|| -> Result<Vec<Point>> {
         let mut f = Fixture::with_options(&opts)?;
-        f.dp.apply(&cfg)?;
+        f.dp.apply(&cfg.desired())?;
         if f.run_on(&syn.build(), ifindex)?.verdict != XDP_REDIRECT {
             bail!("opening the flow");
         }
@@ -162,7 +162,7 @@ pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Resu
                     // Other clients' flows to the same service.
                     let src = std::net::Ipv4Addr::from(0x0ac9_0000u32 + filled as u32);
                     let mut k = key;
-                    k.src = xlb::dataplane::addr_to_words(src.into()).0;
+                    k.src = xlb::codec::addr_to_words(src.into()).0;
                     m.insert(k, value, 0)?;
                     filled += 1;
                 }

@@ -31,7 +31,10 @@ use rtnetlink::{
 };
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
+use crate::model::Service;
+
+mod events;
+pub use events::{subscribe, Event};
 
 /// Route lookups (one netlink round trip each) in flight at once.
 const ROUTE_LOOKUPS_IN_FLIGHT: usize = 64;
@@ -57,9 +60,13 @@ pub struct Path {
 
 pub struct NextHops {
     handle: Handle,
+    /// The backends (their targets: `via`, else the backend) with a usable route.
     paths: BTreeMap<IpAddr, Path>,
     /// Backends without a usable route, already warned about.
     unroutable: BTreeSet<IpAddr>,
+    /// The links last seen up or down, so a link event that changes neither (an XDP
+    /// attach, a rename) looks nothing up again.
+    links: BTreeMap<u32, bool>,
 }
 
 impl NextHops {
@@ -72,48 +79,132 @@ impl NextHops {
             handle,
             paths: BTreeMap::new(),
             unroutable: BTreeSet::new(),
+            links: BTreeMap::new(),
         })
     }
 
-    /// Fills in each backend's route source (`snat: auto`) from the last refresh.
-    pub fn effective(&self, cfg: &Config) -> Config {
-        let mut out = cfg.clone();
-        for svc in &mut out.services {
+    /// Fills in each backend's resolved route source (`snat: auto`).
+    pub fn resolve(&self, services: &mut [Service]) {
+        for svc in services {
             for b in &mut svc.backends {
                 b.snat = self.paths.get(&b.target()).and_then(|p| p.source);
             }
         }
-        out
     }
 
-    /// Looks up the route to every backend of `cfg` again, and makes sure every next
-    /// hop is a managed neighbour entry. Returns whether any path changed (then the
-    /// maps need the new source addresses). Errors about single backends are logged,
-    /// never fatal: such a backend gets no SNAT address and its new flows are counted
-    /// as drop_no_snat_address.
+    /// Follows the set of backends: looks up the routes of the ones not known yet,
+    /// forgets the ones gone, and keeps every next hop a managed neighbour entry. A
+    /// reload that adds one backend looks up one route. Returns whether any path
+    /// changed (then the maps need the new source addresses). Errors about single
+    /// backends are logged, never fatal: such a backend gets no SNAT address and its
+    /// new flows are counted as drop_no_snat_address.
     ///
-    /// Then waits up to `wait` for every next hop to resolve: a backend's first packet
-    /// then finds its link-layer address (IPv6 neighbours on links that just came up
-    /// take a second or two).
-    pub async fn refresh(&mut self, cfg: &Config, wait: std::time::Duration) -> bool {
-        let wanted: BTreeSet<IpAddr> = cfg
-            .services
+    /// Then waits up to `wait` for the new next hops to resolve: a backend's first
+    /// packet then finds its link-layer address (IPv6 neighbours on links that just
+    /// came up take a second or two).
+    pub async fn track(&mut self, wanted: &BTreeSet<IpAddr>, wait: std::time::Duration) -> bool {
+        let before = self.paths.len() + self.unroutable.len();
+        self.paths.retain(|a, _| wanted.contains(a));
+        self.unroutable.retain(|a| wanted.contains(a));
+        let gone = before != self.paths.len() + self.unroutable.len();
+        let new: Vec<IpAddr> = wanted
             .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.target()))
+            .filter(|a| !self.paths.contains_key(a) && !self.unroutable.contains(a))
+            .copied()
             .collect();
-        // Many lookups in flight at once: one after another, 100,000 backends took
-        // seconds of round trips before the first apply (BENCHMARKS.md).
+        let hops_before = self.hops();
+        let changed = self.look_up(new).await || gone;
+        let hops = self.hops();
+        if hops != hops_before || changed {
+            if let Err(e) = self.sync_neighbours(&hops).await {
+                warn!("keeping the backends' next hops resolved failed: {e:#}");
+            }
+        }
+        if !wait.is_zero() {
+            let new_hops: BTreeSet<_> = hops.difference(&hops_before).copied().collect();
+            self.wait_resolved(&new_hops, wait).await;
+        }
+        changed
+    }
+
+    /// Looks up again the paths an event may have changed. Returns whether any did.
+    pub async fn changed(&mut self, event: &Event) -> bool {
+        let targets: Vec<IpAddr> = match *event {
+            Event::Route(net) => self.known().filter(|a| net.contains(a)).collect(),
+            Event::Address { ifindex, addr } => self
+                .known()
+                .filter(|a| *a == addr || self.paths.get(a).is_some_and(|p| p.ifindex == ifindex))
+                .collect(),
+            Event::Link { ifindex, up } => {
+                if self.links.insert(ifindex, up) == Some(up) {
+                    return false;
+                }
+                self.known()
+                    .filter(|a| {
+                        self.unroutable.contains(a)
+                            || self.paths.get(a).is_some_and(|p| p.ifindex == ifindex)
+                    })
+                    .collect()
+            }
+            Event::NeighbourGone { ifindex, addr } => {
+                // One of ours deleted by hand, or flushed: made again.
+                if self.hops().contains(&(ifindex, addr)) {
+                    self.request(ifindex, addr).await;
+                }
+                return false;
+            }
+            Event::Lost => self.known().collect(),
+        };
+        if targets.is_empty() {
+            return false;
+        }
+        debug!(
+            ?event,
+            backends = targets.len(),
+            "looking up the paths an event may have changed"
+        );
+        let hops_before = self.hops();
+        let changed = self.look_up(targets).await;
+        let hops = self.hops();
+        if hops != hops_before {
+            if let Err(e) = self.sync_neighbours(&hops).await {
+                warn!("keeping the backends' next hops resolved failed: {e:#}");
+            }
+        }
+        changed
+    }
+
+    /// Every target followed, routable or not.
+    fn known(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.paths.keys().chain(self.unroutable.iter()).copied()
+    }
+
+    /// The next hops of the routable, non-local targets.
+    fn hops(&self) -> BTreeSet<(u32, IpAddr)> {
+        self.paths
+            .values()
+            .filter(|p| !p.local)
+            .map(|p| (p.ifindex, p.neighbour))
+            .collect()
+    }
+
+    /// Looks up the routes of `targets`, many in flight at once (one after another,
+    /// 100,000 backends took seconds of round trips). Returns whether any path changed.
+    async fn look_up(&mut self, targets: Vec<IpAddr>) -> bool {
+        if targets.is_empty() {
+            return false;
+        }
         let this: &Self = self;
         // Errors as their one-line message: a whole error per unroutable backend, held
         // for 100,000 of them, doubled the agent's memory.
         let answers: Vec<(IpAddr, std::result::Result<Path, String>)> = futures::stream::iter(
-            wanted.iter().copied(),
+            targets,
         )
         .map(|addr| async move { (addr, this.route(addr).await.map_err(|e| format!("{e:#}"))) })
         .buffer_unordered(ROUTE_LOOKUPS_IN_FLIGHT)
         .collect()
         .await;
-        let mut paths = BTreeMap::new();
+        let mut changed = false;
         let mut newly_unroutable = Vec::new();
         for (addr, answer) in answers {
             match answer {
@@ -121,9 +212,13 @@ impl NextHops {
                     if self.unroutable.remove(&addr) {
                         info!(backend = %addr, "backend has a route again");
                     }
-                    paths.insert(addr, path);
+                    if self.paths.insert(addr, path) != Some(path) {
+                        debug!(backend = %addr, ?path, "path to backend");
+                        changed = true;
+                    }
                 }
                 Err(e) => {
+                    changed |= self.paths.remove(&addr).is_some();
                     if self.unroutable.insert(addr) {
                         newly_unroutable.push((addr, e));
                     }
@@ -147,28 +242,6 @@ impl NextHops {
                 newly_unroutable.len(),
                 first.join(", ")
             );
-        }
-        self.unroutable.retain(|a| wanted.contains(a));
-        let changed = paths != self.paths;
-        if changed {
-            for (addr, p) in &paths {
-                if self.paths.get(addr) != Some(p) {
-                    debug!(backend = %addr, ?p, "path to backend");
-                }
-            }
-        }
-        self.paths = paths;
-        let hops: BTreeSet<(u32, IpAddr)> = self
-            .paths
-            .values()
-            .filter(|p| !p.local)
-            .map(|p| (p.ifindex, p.neighbour))
-            .collect();
-        if let Err(e) = self.sync_neighbours(&hops).await {
-            warn!("keeping the backends' next hops resolved failed: {e:#}");
-        }
-        if !wait.is_zero() {
-            self.wait_resolved(&hops, wait).await;
         }
         changed
     }
@@ -441,7 +514,7 @@ struct Entry {
     static_entry: bool,
 }
 
-fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
+pub(crate) fn route_addr(a: &RouteAddress) -> Option<IpAddr> {
     match a {
         RouteAddress::Inet(a) => Some(IpAddr::V4(*a)),
         RouteAddress::Inet6(a) => Some(IpAddr::V6(*a)),

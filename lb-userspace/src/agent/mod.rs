@@ -1,0 +1,335 @@
+//! `xlb run`: the agent. One reconcile loop (`run`): sources give what they know, the
+//! loop merges it into the desired state (`crate::model::Desired`), and each sink
+//! brings what it owns to that state, writing the difference.
+//!
+//! Sources: the config file (`file`), Kubernetes (`k8s`, from the controller's task),
+//! health checks (`health`), routes and neighbours (`nexthops`, from netlink events).
+//! Sinks (`crate::sink::Sink`): the maps, the announced routes, the L2 answers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use anyhow::Result;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config,
+    dataplane::{ApplySummary, Dataplane},
+    health,
+    metrics::AgentMetrics,
+    model::{self, Desired},
+    nexthop::NextHops,
+    sink::Sink,
+};
+
+mod housekeeping;
+mod run;
+
+pub use run::run;
+
+/// How long the first apply waits for the backends' next hops to resolve before the
+/// program is attached, and how long a reload waits for new ones.
+const STARTUP_RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+const RELOAD_RESOLVE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the loop keeps between events: each source's last word, and the sinks.
+struct Agent {
+    dp: Dataplane,
+    /// The file source: the last config file that applied, with the command line's
+    /// overrides.
+    file: Config,
+    /// The Kubernetes source: its services; `None` until the first sync, and nothing
+    /// is applied before it (the pinned maps keep the state of the last agent).
+    k8s: Option<Vec<model::Service>>,
+    kubernetes: bool,
+    /// The merged intent last applied (file and Kubernetes), before health and routes
+    /// resolve it; None before the first apply.
+    intent: Option<Desired>,
+    /// The intent as resolved and applied to the sinks.
+    desired: Option<Desired>,
+    /// The health source: the health of checked backends, and the probes.
+    health: BTreeMap<health::BackendKey, bool>,
+    checker: Option<health::Checker>,
+    health_tx: UnboundedSender<health::Transition>,
+    /// The routes source: each backend's path, followed by netlink events.
+    nexthops: NextHops,
+    metrics: AgentMetrics,
+    snat_overrides: (Option<std::net::Ipv4Addr>, Option<std::net::Ipv6Addr>),
+    max_config_bytes: u64,
+    /// --decap, added to every config.
+    decap: bool,
+    /// The route sink (announce.rs), when announcing is configured.
+    routes: Option<crate::announce::RouteSink>,
+    /// The L2 sink (l2.rs): ARP/NDP answers on these interfaces.
+    l2: Option<crate::l2::L2Sink>,
+    /// In Kubernetes: Events on the Services whose VIPs this node announces.
+    events: Option<crate::k8s::controller::AnnounceEvents>,
+    /// The file as last adopted, to the Kubernetes controller (None without it).
+    file_tx: Option<tokio::sync::watch::Sender<Desired>>,
+    /// The drain switch as last seen, to log its changes.
+    drained: bool,
+    housekeeping: housekeeping::State,
+}
+
+impl Agent {
+    /// The config file's settings with the command line's on top.
+    fn with_overrides(&self, mut cfg: Config) -> Result<Config> {
+        cfg.decap |= self.decap;
+        let (v4, v6) = self.snat_overrides;
+        cfg.snat.ipv4 = v4.or(cfg.snat.ipv4);
+        cfg.snat.ipv6 = v6.or(cfg.snat.ipv6);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The file's services and Kubernetes', if it is time to program anything. The
+    /// file wins: a Kubernetes service at one of its VIPs, ports and protocols, or past
+    /// the room it leaves in the maps, is left out until the controller, which follows
+    /// the file through `file_tx`, sends a list that fits (with Events for what it
+    /// leaves out).
+    fn merged(&self, file: &Config, k8s: Option<&Vec<model::Service>>) -> Option<Desired> {
+        if self.kubernetes && k8s.is_none() {
+            return None;
+        }
+        let mut d = file.desired();
+        let taken: BTreeSet<_> = d.services.iter().map(model::Service::slot).collect();
+        let names: BTreeSet<String> = d.services.iter().map(|s| s.name.clone()).collect();
+        let room = (self.dp.max_services as usize).saturating_sub(d.services.len());
+        d.services.extend(
+            k8s.into_iter()
+                .flatten()
+                .filter(|s| !taken.contains(&s.slot()) && !names.contains(&s.name))
+                .take(room)
+                .cloned(),
+        );
+        Some(d)
+    }
+
+    /// Tells the Kubernetes controller the file as it now stands.
+    fn publish_file(&self) {
+        if let Some(tx) = &self.file_tx {
+            let now = self.file.desired();
+            tx.send_if_modified(|b| {
+                if *b == now {
+                    return false;
+                }
+                *b = now;
+                true
+            });
+        }
+    }
+
+    /// The intent with what the sources resolved: each backend's health and route
+    /// source, and the VIPs to announce.
+    fn resolved(&self, intent: &Desired) -> Desired {
+        let mut d = intent.clone();
+        health::resolve(&mut d.services, &self.health);
+        self.nexthops.resolve(&mut d.services);
+        d.announce = if self.drained {
+            BTreeSet::new()
+        } else {
+            d.servable_vips()
+        };
+        d
+    }
+
+    /// Makes `file` and `k8s` the running state: check the merge, resolve the routes of
+    /// new backends, apply it to every sink, then (re)start its health checks, keeping
+    /// the health of backends already checked. On error nothing changes.
+    async fn adopt(
+        &mut self,
+        file: Config,
+        k8s: Option<Vec<model::Service>>,
+    ) -> Result<Option<ApplySummary>> {
+        let Some(intent) = self.merged(&file, k8s.as_ref()) else {
+            // Waiting for Kubernetes: settings an upgrade emptied are written from the
+            // file now, before the program is attached (see Dataplane::seed_config).
+            if self.dp.seed_config(&file.settings())? {
+                info!("datapath settings written ahead of the first Kubernetes sync: the pinned ones were empty");
+            }
+            self.file = file;
+            self.publish_file();
+            return Ok(None);
+        };
+        model::validate::services(&intent.services, &intent.settings.snat.addresses())?;
+        intent.check_capacity(self.dp.max_services, self.dp.max_backends)?;
+        // Before the maps: a new backend's SNAT source and resolved next hop must be
+        // there for its first packet. Only new backends are looked up.
+        let wait = if self.intent.is_none() {
+            STARTUP_RESOLVE_WAIT
+        } else {
+            RELOAD_RESOLVE_WAIT
+        };
+        let targets: BTreeSet<IpAddr> = intent
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.target()))
+            .collect();
+        self.nexthops.track(&targets, wait).await;
+        let keys: BTreeSet<health::BackendKey> = intent
+            .services
+            .iter()
+            .filter(|s| s.health_check.is_some())
+            .flat_map(|s| s.backends.iter().map(|b| (s.name.clone(), b.address)))
+            .collect();
+        self.health.retain(|k, _| keys.contains(k));
+        let desired = self.resolved(&intent);
+        let summary = self.apply_maps(&desired)?;
+        self.desired = Some(desired);
+        self.checker = Some(health::start(
+            &intent.services,
+            &self.health,
+            self.health_tx.clone(),
+        ));
+        self.intent = Some(intent);
+        self.file = file;
+        self.publish_file();
+        self.k8s = k8s;
+        self.metrics.applied(true);
+        Ok(Some(summary))
+    }
+
+    /// The maps sink, timed, with the sweep a removed backend needs.
+    fn apply_maps(&mut self, desired: &Desired) -> Result<ApplySummary> {
+        let started = std::time::Instant::now();
+        let summary = self.dp.apply(desired)?;
+        self.metrics
+            .map_update_seconds
+            .observe(started.elapsed().as_secs_f64());
+        if summary.backends_removed > 0 {
+            // At once, not at the next sweep: a removed backend's id may be given to a
+            // new backend by the next apply, and its old flows must not follow it there.
+            if let Err(e) = crate::conntrack::sweep(&mut self.dp, &desired.settings.timeouts) {
+                warn!("conntrack sweep after removing backends failed: {e:#}");
+            }
+        }
+        Ok(summary)
+    }
+
+    /// A source of facts changed (health, routes): the intent resolved again, to the
+    /// maps, then announced.
+    async fn reconcile(&mut self, why: &str) {
+        let Some(intent) = self.intent.take() else {
+            return;
+        };
+        let desired = self.resolved(&intent);
+        self.intent = Some(intent);
+        match self.apply_maps(&desired) {
+            Ok(summary) => {
+                info!(?summary, "{why}: applied");
+                self.desired = Some(desired);
+            }
+            Err(e) => error!("{why}: applying failed: {e:#}"),
+        }
+        self.announce().await;
+    }
+
+    /// Applies the config file again. A file that does not load or validate is
+    /// rejected whole and the running state stays exactly as it was.
+    async fn reload(&mut self, path: Option<&std::path::Path>) {
+        let Some(path) = path else {
+            warn!("SIGHUP: no --config to reload");
+            return;
+        };
+        let loaded = Config::load_limited(path, self.max_config_bytes)
+            .and_then(|cfg| self.with_overrides(cfg));
+        let adopted = match loaded {
+            Ok(file) => self.adopt(file, self.k8s.clone()).await,
+            Err(e) => Err(e),
+        };
+        match adopted {
+            Ok(summary) => info!(?summary, "config reloaded"),
+            Err(e) => {
+                self.metrics.applied(false);
+                error!("config reload rejected, keeping the running state: {e:#}");
+            }
+        }
+    }
+
+    async fn kubernetes_changed(&mut self, services: Vec<model::Service>) {
+        let n = services.len();
+        match self.adopt(self.file.clone(), Some(services)).await {
+            Ok(summary) => info!(?summary, services = n, "Kubernetes services applied"),
+            Err(e) => {
+                self.metrics.applied(false);
+                error!("Kubernetes services rejected, keeping the running state: {e:#}");
+            }
+        }
+    }
+
+    /// The announcing sinks' pass: the VIPs that can take new flows now, unless
+    /// drained. Runs after every change and once a second.
+    async fn announce(&mut self) {
+        if self.routes.is_none() && self.l2.is_none() {
+            return;
+        }
+        let drained = crate::announce::is_drained(&self.dp.pin_path);
+        if drained != self.drained {
+            self.drained = drained;
+            if drained {
+                info!("drained: withdrawing every VIP; established flows keep being forwarded");
+            } else {
+                info!("undrained: announcing again");
+            }
+        }
+        if let Some(d) = self.desired.as_mut() {
+            d.announce = if drained {
+                BTreeSet::new()
+            } else {
+                d.servable_vips()
+            };
+        }
+        let empty = Desired::default();
+        let desired = self.desired.as_ref().unwrap_or(&empty);
+        let mut changes = Vec::new();
+        if let Some(l2) = self.l2.as_mut() {
+            if let Ok((taken, given_up)) = l2.apply(desired).await {
+                changes.extend(taken.into_iter().map(|v| (v, true, "on L2 (ARP/NDP)")));
+                changes.extend(given_up.into_iter().map(|v| (v, false, "on L2 (ARP/NDP)")));
+            }
+        }
+        if let Some(sink) = self.routes.as_mut() {
+            if let Ok((added, removed)) = sink.apply(desired).await {
+                if !added.is_empty() || !removed.is_empty() {
+                    self.record_announced();
+                }
+                changes.extend(added.into_iter().map(|v| (v, true, "as a route for BGP")));
+                changes.extend(
+                    removed
+                        .into_iter()
+                        .map(|v| (v, false, "as a route for BGP")),
+                );
+            }
+        }
+        if let Some(events) = &self.events {
+            for (vip, up, how) in changes {
+                events.announced(desired, vip, up, how).await;
+            }
+        }
+    }
+
+    fn record_announced(&self) {
+        if let Some(sink) = &self.routes {
+            if let Err(e) =
+                crate::announce::record(&self.dp.pin_path, sink.table(), sink.announced())
+            {
+                warn!("recording the announced VIPs for status failed: {e:#}");
+            }
+        }
+    }
+
+    async fn health_changed(&mut self, (key, healthy): health::Transition) {
+        self.health.insert(key, healthy);
+        self.reconcile("health change").await;
+    }
+
+    /// A route, address, link or neighbour changed: the paths it can affect are looked
+    /// up again, and applied if one changed.
+    async fn routes_changed(&mut self, event: crate::nexthop::Event) {
+        if self.nexthops.changed(&event).await {
+            self.reconcile("routes to backends changed: SNAT sources updated")
+                .await;
+        }
+    }
+}

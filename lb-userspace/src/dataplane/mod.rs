@@ -1,0 +1,216 @@
+//! The datapath: loading the XDP program (here), attaching it (`attach`), its pin
+//! directory (`pins`), and the maps sink (`plan`, the pure plan; `maps`, its writes).
+
+use std::{
+    collections::BTreeSet,
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::maps::MapData;
+use aya::{
+    programs::{
+        links::{FdLink, LinkOrder, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+        SchedClassifier, TcAttachType, Xdp, XdpMode,
+    },
+    Ebpf, EbpfLoader,
+};
+use lb_common::{
+    MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES,
+    PROGRAM_NAME,
+};
+use tracing::{info, warn};
+
+mod attach;
+mod maps;
+mod pins;
+pub mod plan;
+
+pub use attach::{driver_name, mode_name, XdpAttachMode};
+pub use maps::{live_backends, Restored};
+pub use pins::{
+    detach_all, drop_incompatible_pins, ensure_bpffs, pin_lock_holder, try_lock_pin_path,
+};
+pub use plan::ApplySummary;
+
+use attach::remove_link;
+use pins::{lock_pin_path, restrict_pins};
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// The TC egress program's name in the object.
+const EGRESS_PROGRAM: &str = "xlb_egress";
+
+/// The loaded program and its maps. Maps and attachments (bpf links) are pinned under
+/// `pin_path`, so they outlive the agent: the datapath keeps forwarding while no agent
+/// runs, and the next agent adopts them (see `attach`). `detach` removes the links.
+/// How to load the program.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// The program's aya-log level (0 = off; see `ebpf_log`).
+    pub log_level: u8,
+    /// Entries of the conntrack and reverse-NAT LRU maps.
+    pub conntrack_max: u32,
+    /// Entries of the service map and its Maglev and statistics maps.
+    pub max_services: u32,
+    /// Entries of the backend map and its statistics map.
+    pub max_backends: u32,
+    /// Datagrams whose later fragments can be followed at once (XLB_FRAGMENTS).
+    pub fragments_max: u32,
+}
+
+impl LoadOptions {
+    /// The maps these options size, and their sizes (every other map has the size the
+    /// object gives it).
+    pub fn map_sizes(&self) -> [(&'static str, u32); 10] {
+        [
+            (lb_common::MAP_CONNTRACK, self.conntrack_max),
+            (lb_common::MAP_FRAGMENTS, self.fragments_max),
+            (lb_common::MAP_REVERSE_NAT, self.conntrack_max),
+            (MAP_SERVICES, self.max_services),
+            (MAP_MAGLEV, self.max_services * 2 * MAGLEV_MAX_CHUNKS),
+            (lb_common::MAP_SERVICE_STATS, self.max_services),
+            (lb_common::MAP_SERVICE_NAMES, self.max_services),
+            (MAP_BACKENDS, self.max_backends),
+            (lb_common::MAP_BACKEND_STATS, self.max_backends),
+            (lb_common::MAP_BACKEND_TUNNELS, self.max_backends),
+        ]
+    }
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            log_level: 0,
+            conntrack_max: lb_common::CONNTRACK_MAX,
+            max_services: MAX_SERVICES,
+            max_backends: MAX_BACKENDS,
+            fragments_max: lb_common::FRAGMENTS_MAX,
+        }
+    }
+}
+
+pub struct Dataplane {
+    pub ebpf: Ebpf,
+    pub pin_path: PathBuf,
+    /// Interface, and whether the attachment was adopted from an earlier agent.
+    pub attached: Vec<(String, bool)>,
+    links: Vec<PinnedLink>,
+    /// What the maps hold as the last apply left them, so an update neither reads
+    /// 100k entries back through syscalls nor rewrites what is there. None until the
+    /// first apply reads the maps (they may be adopted), and after a failed apply.
+    applied: Option<plan::Applied>,
+    /// Table generations replaced by the last apply: (service id, generation, chunks).
+    /// Deleted at the next apply or housekeeping pass, by when no packet that read the
+    /// old service entry can still be looking them up.
+    retired: Vec<(u32, u8, u32)>,
+    /// The sizes of the service and backend maps as created (pinned maps keep theirs).
+    pub max_services: u32,
+    pub max_backends: u32,
+    pub conntrack_max: u32,
+    /// The pins end with this process (see `ensure_bpffs`).
+    pub private_pins: bool,
+    /// The redirect-failure tracepoints are attached (see `watch_redirects`).
+    watching_redirects: bool,
+    /// The pin directory's lock, held while the agent runs.
+    _lock: std::fs::File,
+}
+
+impl Dataplane {
+    /// Loads the program, reusing maps already pinned under `pin_path` (their sizes
+    /// are the ones they were created with).
+    pub fn load(pin_path: &Path, opts: &LoadOptions) -> Result<Self> {
+        let private_pins = ensure_bpffs(pin_path)?;
+        let lock = lock_pin_path(pin_path)?;
+        drop_incompatible_pins(pin_path)?;
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(pin_path).override_global(
+            "AYA_LOG_LEVEL",
+            &opts.log_level,
+            true,
+        );
+        for (name, size) in opts.map_sizes() {
+            loader.map_max_entries(name, size);
+        }
+        let ebpf = loader.load(crate::EBPF_OBJECT).with_context(|| {
+            format!(
+                "loading the XDP program (maps pinned in {})",
+                pin_path.display()
+            )
+        })?;
+        let mut dp = Self {
+            ebpf,
+            pin_path: pin_path.to_owned(),
+            attached: Vec::new(),
+            links: Vec::new(),
+            applied: None,
+            retired: Vec::new(),
+            max_services: 0,
+            max_backends: 0,
+            conntrack_max: 0,
+            private_pins,
+            watching_redirects: false,
+            _lock: lock,
+        };
+        dp.max_services = dp.map_size(MAP_SERVICES)?;
+        dp.max_backends = dp.map_size(MAP_BACKENDS)?;
+        dp.conntrack_max = dp.map_size(lb_common::MAP_CONNTRACK)?;
+        for (flag, asked, in_force) in [
+            ("--max-services", opts.max_services, dp.max_services),
+            ("--max-backends", opts.max_backends, dp.max_backends),
+            ("--conntrack-max", opts.conntrack_max, dp.conntrack_max),
+        ] {
+            if asked != in_force {
+                warn!(
+                    flag,
+                    asked,
+                    in_force,
+                    "the pinned maps were created with another size and are kept (with their flows): {flag} is ignored; `xlb detach` and a restart apply it, losing established flows"
+                );
+            }
+        }
+        let prog = dp.program()?;
+        prog.load().context("the kernel rejected the XDP program")?;
+        match prog.info() {
+            Ok(info) => info!(
+                instructions = info.size_translated().map(|b| b / 8),
+                verified_instructions = info.verified_instruction_count(),
+                "XDP program loaded"
+            ),
+            Err(e) => warn!(error = %e, "XDP program loaded; its info is unavailable"),
+        }
+        let restored = dp.restore_derived_state()?;
+        if restored.filter_words > 0 {
+            info!(
+                words = restored.filter_words,
+                "VIP filter rebuilt from the pinned services (it was replaced or incomplete)"
+            );
+        }
+        restrict_pins(pin_path)?;
+        Ok(dp)
+    }
+
+    fn map_size(&self, name: &str) -> Result<u32> {
+        let map = self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?;
+        let data: &MapData = match map {
+            aya::maps::Map::HashMap(m)
+            | aya::maps::Map::LruHashMap(m)
+            | aya::maps::Map::Array(m) => m,
+            _ => anyhow::bail!("map {name} is neither a hash map nor an array"),
+        };
+        Ok(data.info()?.max_entries())
+    }
+
+    fn program(&mut self) -> Result<&mut Xdp> {
+        Ok(self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .context("XDP program missing from the object")?
+            .try_into()?)
+    }
+}

@@ -1,0 +1,472 @@
+//! The maps' plan, pure: from what the maps hold (as last applied) and the desired
+//! state, the writes that bring them there, in an order the running datapath can read
+//! at every step. No map is touched here (`maps.rs` performs the writes), so the plan
+//! is tested without root.
+//!
+//! The order:
+//! 1. the VIP filter gains the bits of new services (a superset of old and new);
+//! 2. the settings;
+//! 3. per service: its new source ranges, then its backends and their tunnels, then a
+//!    new Maglev table generation written whole, then the service entry naming it;
+//! 4. removed services, then their tables and names; then removed backends, once no
+//!    table names them;
+//! 5. source ranges no flag reads any more; the VIP entries; the exact VIP filter.
+//!
+//! A service whose model and table inputs are those last applied is skipped whole: a
+//! one-backend change costs one service's work, not all of them.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    hash::{Hash, Hasher},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+};
+
+use anyhow::{Context, Result};
+use lb_common::{
+    maglev_chunks, Addr, Backend, DatapathConfig, ServiceKey, ServiceValue, VipFilterWord,
+    BACKEND_F_SVC_SOURCE_RANGES, BACKEND_F_UNHEALTHY, MAGLEV_MAX_CHUNKS, SVC_F_CLIENT_AFFINITY,
+    SVC_F_SOURCE_RANGES, VIP_F_ECHO,
+};
+
+use crate::{
+    codec::{self, addr_to_words, backend_addr},
+    maglev,
+    model::{self, Desired, SessionAffinity},
+    source_ranges,
+};
+
+/// A source range entry: (service id, range).
+pub type RangeEntry = source_ranges::Entry;
+/// A VIP entry: (family, address) → flags.
+pub type VipEntries = BTreeMap<(u32, Addr), u32>;
+
+/// What the maps hold, as the last apply left them (or as read back from adopted pins).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Applied {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    /// The Maglev table written per service id. Empty after a restart: the first
+    /// apply rewrites every table, with identical contents, which is harmless.
+    pub tables: BTreeMap<u32, WrittenTable>,
+    /// Service names by id (empty after a restart, as above).
+    pub names: BTreeMap<u32, String>,
+    /// dsr tunnel destinations by backend id (empty after a restart: every one is
+    /// written, zeros too).
+    pub tunnels: BTreeMap<u32, Addr>,
+    pub ranges: BTreeSet<RangeEntry>,
+    pub vips: VipEntries,
+    /// None: every word is written.
+    pub filter: Option<Vec<VipFilterWord>>,
+    pub config: Option<DatapathConfig>,
+    /// Each service as last applied, with its backend ids and what its table was built
+    /// with: an equal one is skipped. Empty after a restart.
+    pub sources: BTreeMap<ServiceKey, Source>,
+}
+
+/// A service as last applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Source {
+    pub service: model::Service,
+    pub backend_ids: Vec<u32>,
+    pub inputs: Inputs,
+}
+
+/// The settings a service's entries are built from, besides the service itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inputs {
+    pub table_size: u32,
+    pub snat: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    pub icmp_echo: bool,
+}
+
+/// What a service's Maglev table was built from (hashed: 1,000 tables of 16,381 slots
+/// held as slots took 64 MiB of the agent's memory) and how many slots it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrittenTable {
+    pub input: u64,
+    pub slots: u64,
+    pub len: u32,
+}
+
+/// One write, in the order the plan lists them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    FilterWord(u32, VipFilterWord),
+    Config(DatapathConfig),
+    AddRanges(Vec<RangeEntry>),
+    Backend(u32, Backend),
+    Tunnel(u32, Addr),
+    /// A table generation, written whole before the service entry names it.
+    Table {
+        id: u32,
+        generation: u8,
+        slots: Vec<u32>,
+    },
+    /// A replaced generation: deleted once no packet can still be reading it.
+    Retire {
+        id: u32,
+        generation: u8,
+        chunks: u32,
+    },
+    Name(u32, String),
+    Service(ServiceKey, ServiceValue),
+    RemoveService(ServiceKey),
+    /// Both generations of a removed service's table, and its name.
+    RemoveTables(u32),
+    RemoveName(u32),
+    ClearBackend(u32),
+    RemoveRanges(Vec<RangeEntry>),
+    Vip((u32, Addr), u32),
+    RemoveVip((u32, Addr)),
+}
+
+/// What one apply changed, for logs and tests.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplySummary {
+    pub services_added: usize,
+    pub services_removed: usize,
+    pub tables_written: usize,
+    pub backends_added: usize,
+    pub backends_removed: usize,
+}
+
+pub struct Plan {
+    pub writes: Vec<Write>,
+    /// What the maps hold once every write is done.
+    pub applied: Applied,
+    pub summary: ApplySummary,
+}
+
+/// The map sizes ids must fit in.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_services: u32,
+    pub max_backends: u32,
+}
+
+/// The writes that take the maps from `now` to `desired`.
+pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
+    desired.check_capacity(limits.max_services, limits.max_backends)?;
+    let settings = &desired.settings;
+    let inputs = Inputs {
+        table_size: settings.maglev_table_size,
+        snat: (settings.snat.ipv4, settings.snat.ipv6),
+        icmp_echo: settings.icmp_echo,
+    };
+    let mut writes = Vec::new();
+    let mut summary = ApplySummary::default();
+    let mut after = now.clone();
+
+    // The filter holds every service there is and will be before a new service's entry
+    // exists; it loses the removed ones' bits only after their entries are gone.
+    let keys: Vec<ServiceKey> = desired
+        .services
+        .iter()
+        .map(codec::model_service_key)
+        .collect();
+    let wanted_filter = codec::vip_filter(keys.iter().copied());
+    let mut superset = codec::vip_filter(now.services.keys().copied());
+    for (word, wanted) in superset.iter_mut().zip(&wanted_filter) {
+        *word |= wanted;
+    }
+    filter_writes(&mut writes, now.filter.as_deref(), &superset);
+    let dp_cfg = codec::datapath_config(desired);
+    if now.config != Some(dp_cfg) {
+        writes.push(Write::Config(dp_cfg));
+        after.config = Some(dp_cfg);
+    }
+
+    let mut service_ids = IdAllocator::new(
+        now.services.values().map(|v| v.id).collect(),
+        limits.max_services,
+    );
+    let mut backend_ids =
+        IdAllocator::new(now.backends.keys().copied().collect(), limits.max_backends);
+    let backend_id_of: BTreeMap<(u32, std::net::SocketAddr), u32> = now
+        .backends
+        .iter()
+        .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
+        .collect();
+    let mut wanted_ranges = BTreeSet::new();
+    let mut wanted_vips = VipEntries::new();
+    let mut wanted_backends = BTreeSet::new();
+    let mut sources = BTreeMap::new();
+    for (svc, key) in desired.services.iter().zip(&keys) {
+        let old = now.services.get(key).copied();
+        let id = match old {
+            Some(v) => v.id,
+            None => {
+                summary.services_added += 1;
+                service_ids.alloc().context("no free service id")?
+            }
+        };
+        let ranges = svc.source_ranges();
+        let restricted = ranges.is_some();
+        let mine: BTreeSet<RangeEntry> = ranges.into_iter().flatten().map(|n| (id, n)).collect();
+        let serving = svc.backends.iter().any(|b| b.weight > 0);
+        // A VIP answers for itself while one of its services takes new flows; echo only
+        // for a service open to everyone: a VIP whose every service restricts its
+        // clients tells a refused one nothing, not even that it is there.
+        if serving && !svc.encapsulated {
+            let flags = if restricted || !settings.icmp_echo {
+                0
+            } else {
+                VIP_F_ECHO
+            };
+            let (addr, family) = addr_to_words(svc.vip);
+            *wanted_vips.entry((family as u32, addr)).or_insert(0) |= flags;
+        }
+        // Unchanged since the last apply: nothing to write.
+        if let Some(src) = now
+            .sources
+            .get(key)
+            .filter(|s| s.inputs == inputs && s.service == *svc && old.is_some())
+        {
+            wanted_backends.extend(src.backend_ids.iter().copied());
+            wanted_ranges.extend(mine);
+            sources.insert(*key, src.clone());
+            continue;
+        }
+        // The ranges before the flags that make the datapath read them (on the
+        // service, and on its backends for established flows).
+        let new: Vec<_> = mine.difference(&after.ranges).copied().collect();
+        if !new.is_empty() {
+            after.ranges.extend(new.iter().copied());
+            writes.push(Write::AddRanges(new));
+        }
+        wanted_ranges.extend(mine);
+        let mut ids = Vec::with_capacity(svc.backends.len());
+        for b in &svc.backends {
+            let value = backend_value(svc, b, id, restricted, &settings.snat);
+            let bid = match backend_id_of.get(&(id, b.address)) {
+                Some(bid) => *bid,
+                None => {
+                    summary.backends_added += 1;
+                    backend_ids.alloc().context("no free backend id")?
+                }
+            };
+            if after.backends.get(&bid) != Some(&value) {
+                writes.push(Write::Backend(bid, value));
+                after.backends.insert(bid, value);
+            }
+            // Before the table names the backend: its first packet finds it.
+            let tunnel = b.via.map_or([0; 4], |a| addr_to_words(a).0);
+            if after.tunnels.get(&bid) != Some(&tunnel) {
+                writes.push(Write::Tunnel(bid, tunnel));
+                after.tunnels.insert(bid, tunnel);
+            }
+            wanted_backends.insert(bid);
+            ids.push(bid);
+        }
+        let weighted: Vec<maglev::WeightedBackend> = svc
+            .backends
+            .iter()
+            .map(|b| maglev::WeightedBackend {
+                addr: b.address,
+                weight: b.weight,
+            })
+            .collect();
+        let input = hash_of(&(&weighted, settings.maglev_table_size, &ids));
+        let previous = now.tables.get(&id).copied();
+        let live = old.map_or(0, |v| v.generation);
+        // The same backends, weights, ids and size give the same table.
+        let unchanged = previous.is_some_and(|w| w.input == input);
+        let built = if unchanged {
+            Ok(Vec::new())
+        } else {
+            maglev::build(&weighted, settings.maglev_table_size)
+        };
+        let (table_size, generation) = match built {
+            Ok(_) if unchanged => (settings.maglev_table_size, live),
+            Ok(table) => {
+                let slots: Vec<u32> = table.iter().map(|i| ids[*i as usize]).collect();
+                let written = WrittenTable {
+                    input,
+                    slots: hash_of(&slots),
+                    len: slots.len() as u32,
+                };
+                let generation =
+                    if previous.is_some_and(|w| w.slots == written.slots && w.len == written.len) {
+                        live
+                    } else {
+                        // The other generation, written whole before the service entry
+                        // names it; the live one is deleted once no packet can be reading
+                        // it.
+                        let next = if old.is_some() { live ^ 1 } else { 0 };
+                        let chunks = previous.map_or(MAGLEV_MAX_CHUNKS, |w| maglev_chunks(w.len));
+                        writes.push(Write::Table {
+                            id,
+                            generation: next,
+                            slots,
+                        });
+                        if old.is_some() {
+                            writes.push(Write::Retire {
+                                id,
+                                generation: live,
+                                chunks,
+                            });
+                        }
+                        summary.tables_written += 1;
+                        next
+                    };
+                after.tables.insert(id, written);
+                (settings.maglev_table_size, generation)
+            }
+            // No backends, or all draining: established flows keep going through
+            // conntrack, new ones are dropped and counted.
+            Err(maglev::MaglevError::NoBackends | maglev::MaglevError::AllDrained) => (0, live),
+            Err(e) => return Err(e).with_context(|| format!("service {}", svc.name)),
+        };
+        let value = ServiceValue {
+            id,
+            table_size,
+            _reserved: 0,
+            flags: match svc.session_affinity {
+                SessionAffinity::None => 0,
+                SessionAffinity::ClientIp => SVC_F_CLIENT_AFFINITY,
+            } | if restricted { SVC_F_SOURCE_RANGES } else { 0 },
+            generation,
+            _pad: 0,
+        };
+        if after.names.get(&id) != Some(&svc.name) {
+            writes.push(Write::Name(id, svc.name.clone()));
+            after.names.insert(id, svc.name.clone());
+        }
+        if old != Some(value) {
+            writes.push(Write::Service(*key, value));
+            after.services.insert(*key, value);
+        }
+        sources.insert(
+            *key,
+            Source {
+                service: svc.clone(),
+                backend_ids: ids,
+                inputs,
+            },
+        );
+    }
+    // Removals come last: nothing points at them any more.
+    let wanted_keys: BTreeSet<&ServiceKey> = keys.iter().collect();
+    for (key, value) in &now.services {
+        if !wanted_keys.contains(key) {
+            writes.push(Write::RemoveService(*key));
+            writes.push(Write::RemoveTables(value.id));
+            writes.push(Write::RemoveName(value.id));
+            after.services.remove(key);
+            after.tables.remove(&value.id);
+            after.names.remove(&value.id);
+            summary.services_removed += 1;
+        }
+    }
+    for id in now.backends.keys() {
+        if !wanted_backends.contains(id) {
+            writes.push(Write::ClearBackend(*id));
+            after.backends.remove(id);
+            after.tunnels.remove(id);
+            summary.backends_removed += 1;
+        }
+    }
+    // Ranges no service wants any more, once no flag makes the datapath read them.
+    let stale = source_ranges::plan(&after.ranges, &wanted_ranges).remove;
+    if !stale.is_empty() {
+        writes.push(Write::RemoveRanges(stale));
+    }
+    after.ranges = wanted_ranges;
+    for (k, flags) in &wanted_vips {
+        if now.vips.get(k) != Some(flags) {
+            writes.push(Write::Vip(*k, *flags));
+        }
+    }
+    for k in now.vips.keys().filter(|k| !wanted_vips.contains_key(*k)) {
+        writes.push(Write::RemoveVip(*k));
+    }
+    after.vips = wanted_vips;
+    filter_writes(&mut writes, Some(&superset), &wanted_filter);
+    after.filter = Some(wanted_filter);
+    after.sources = sources;
+    Ok(Plan {
+        writes,
+        applied: after,
+        summary,
+    })
+}
+
+/// A backend's map entry. Its mode flags say how the datapath treats the backend's
+/// flows (`codec::backend_mode_flags`); the rest is health, ranges and SNAT source.
+fn backend_value(
+    svc: &model::Service,
+    b: &model::Backend,
+    service_id: u32,
+    restricted: bool,
+    snat: &model::Snat,
+) -> Backend {
+    let (addr, family) = addr_to_words(b.address.ip());
+    let mut flags = codec::backend_mode_flags(svc.mode, b.local);
+    if !b.healthy {
+        flags |= BACKEND_F_UNHEALTHY;
+    }
+    if restricted {
+        flags |= BACKEND_F_SVC_SOURCE_RANGES;
+    }
+    // A configured address wins; otherwise the route's source (`snat: auto`).
+    let source: Option<IpAddr> = snat.configured(b.address.ip()).or(b.snat);
+    Backend {
+        addr,
+        port: b.address.port().to_be(),
+        family,
+        flags,
+        service_id,
+        snat: source.map_or([0; 4], |a| addr_to_words(a).0),
+        weight: b.weight,
+    }
+}
+
+/// The words of `wanted` that differ from `written` (every word when unknown).
+fn filter_writes(
+    writes: &mut Vec<Write>,
+    written: Option<&[VipFilterWord]>,
+    wanted: &[VipFilterWord],
+) {
+    for (i, word) in wanted.iter().enumerate() {
+        if written.is_none_or(|w| w[i] != *word) {
+            writes.push(Write::FilterWord(i as u32, *word));
+        }
+    }
+}
+
+fn hash_of(value: &impl Hash) -> u64 {
+    // Every DefaultHasher::new() hashes alike: the same input gives the same value for
+    // the life of the process, which is all a comparison with the last apply needs.
+    let mut h = std::hash::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+/// Hands out the lowest free ids below `limit`. Ids are only taken during one plan
+/// (removals come after), so a cursor that never moves back finds each in turn:
+/// allocating n ids is O(n log n), not the O(n²) of searching from 0 each time.
+struct IdAllocator {
+    used: BTreeSet<u32>,
+    next: u32,
+    limit: u32,
+}
+
+impl IdAllocator {
+    fn new(used: BTreeSet<u32>, limit: u32) -> Self {
+        Self {
+            used,
+            next: 0,
+            limit,
+        }
+    }
+
+    fn alloc(&mut self) -> Option<u32> {
+        let id = (self.next..self.limit).find(|i| !self.used.contains(i))?;
+        self.used.insert(id);
+        self.next = id + 1;
+        Some(id)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,335 @@
+//! The plan's rules, without root and without maps: what is written, in which order,
+//! and that a change costs what it changes.
+
+use super::*;
+use crate::model::{Backend as ModelBackend, Mode, Protocol, Service};
+
+const LIMITS: Limits = Limits {
+    max_services: 4096,
+    max_backends: 1 << 17,
+};
+
+fn service(n: u32, backends: u32) -> Service {
+    Service {
+        name: format!("s{n}"),
+        vip: IpAddr::from([10, 200, (n >> 8) as u8, n as u8]),
+        port: 80,
+        protocol: Protocol::Tcp,
+        mode: Mode::Nat,
+        backends: (0..backends)
+            .map(|b| {
+                let a = 0xac10_0000u32 + n * 1000 + b;
+                ModelBackend::new((std::net::Ipv4Addr::from(a), 8080).into(), 1, None)
+            })
+            .collect(),
+        session_affinity: SessionAffinity::None,
+        health_check: None,
+        encapsulated: false,
+        allow: Vec::new(),
+    }
+}
+
+fn desired(services: Vec<Service>) -> Desired {
+    let mut d = Desired {
+        services,
+        ..Default::default()
+    };
+    d.settings.maglev_table_size = 251;
+    d
+}
+
+/// The index of the first write that matches.
+fn at(writes: &[Write], f: impl Fn(&Write) -> bool) -> usize {
+    writes.iter().position(f).expect("a write of that kind")
+}
+
+fn is_service(w: &Write) -> bool {
+    matches!(w, Write::Service(..))
+}
+
+#[test]
+fn a_new_service_is_written_backends_first_then_table_then_entry() {
+    let d = desired(vec![service(1, 3)]);
+    let p = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let w = &p.writes;
+    let backends: Vec<usize> = (0..w.len())
+        .filter(|i| matches!(w[*i], Write::Backend(..)))
+        .collect();
+    assert_eq!(backends.len(), 3);
+    let table = at(w, |w| matches!(w, Write::Table { .. }));
+    let entry = at(w, is_service);
+    let first_filter = at(w, |w| matches!(w, Write::FilterWord(..)));
+    assert!(
+        first_filter < entry,
+        "the filter's bit before the service entry"
+    );
+    assert!(
+        backends.iter().all(|b| *b < table),
+        "backends before the table"
+    );
+    assert!(table < entry, "the table before the entry that names it");
+    assert!(
+        matches!(w[at(w, |w| matches!(w, Write::Config(..)))], Write::Config(c) if c.dnat_in_use == 0)
+    );
+    assert_eq!(
+        p.summary,
+        ApplySummary {
+            services_added: 1,
+            tables_written: 1,
+            backends_added: 3,
+            ..Default::default()
+        }
+    );
+    // The table names only the three backends written, by their ids.
+    let Write::Table {
+        slots, generation, ..
+    } = &w[table]
+    else {
+        unreachable!()
+    };
+    assert_eq!(*generation, 0);
+    assert_eq!(slots.len(), 251);
+    let ids: BTreeSet<u32> = slots.iter().copied().collect();
+    assert_eq!(ids, p.applied.backends.keys().copied().collect());
+}
+
+#[test]
+fn the_same_state_again_writes_nothing() {
+    let d = desired((0..50).map(|n| service(n, 10)).collect());
+    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let again = plan(&first.applied, &d, LIMITS).unwrap();
+    assert_eq!(again.writes, Vec::new());
+    assert_eq!(again.summary, ApplySummary::default());
+    assert_eq!(again.applied, first.applied);
+}
+
+#[test]
+fn one_backend_changed_touches_one_service() {
+    let mut d = desired((0..200).map(|n| service(n, 20)).collect());
+    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let old_id = first.applied.services[&codec::model_service_key(&d.services[77])].id;
+    d.services[77].backends[3].address = "172.31.0.1:8080".parse().unwrap();
+    let p = plan(&first.applied, &d, LIMITS).unwrap();
+    assert_eq!(
+        p.summary,
+        ApplySummary {
+            tables_written: 1,
+            backends_added: 1,
+            backends_removed: 1,
+            ..Default::default()
+        }
+    );
+    // The new backend, the other generation of one table, the old one retired, the
+    // entry pointing at the new one, the old backend cleared: nothing of the other 199.
+    let kinds: Vec<&str> = p
+        .writes
+        .iter()
+        .map(|w| match w {
+            Write::Backend(..) => "backend",
+            Write::Tunnel(..) => "tunnel",
+            Write::Table { id, generation, .. } => {
+                assert_eq!((*id, *generation), (old_id, 1));
+                "table"
+            }
+            Write::Retire { id, generation, .. } => {
+                assert_eq!((*id, *generation), (old_id, 0));
+                "retire"
+            }
+            Write::Service(_, v) => {
+                assert_eq!((v.id, v.generation), (old_id, 1));
+                "service"
+            }
+            Write::ClearBackend(..) => "clear",
+            other => panic!("unexpected write {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        ["backend", "tunnel", "table", "retire", "service", "clear"]
+    );
+}
+
+#[test]
+fn ids_stay_with_their_services_and_backends_whatever_the_order() {
+    let d = desired((0..20).map(|n| service(n, 5)).collect());
+    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let mut reversed = d.clone();
+    reversed.services.reverse();
+    let p = plan(&first.applied, &reversed, LIMITS).unwrap();
+    assert_eq!(p.applied.services, first.applied.services);
+    assert_eq!(p.applied.backends, first.applied.backends);
+    assert!(p
+        .writes
+        .iter()
+        .all(|w| !matches!(w, Write::Service(..) | Write::Backend(..))));
+}
+
+#[test]
+fn a_removed_service_goes_entry_first_then_its_table_then_its_backends() {
+    let d = desired(vec![service(1, 2), service(2, 2)]);
+    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let p = plan(&first.applied, &desired(vec![service(1, 2)]), LIMITS).unwrap();
+    let w = &p.writes;
+    let entry = at(w, |w| matches!(w, Write::RemoveService(..)));
+    let tables = at(w, |w| matches!(w, Write::RemoveTables(..)));
+    let clear = at(w, |w| matches!(w, Write::ClearBackend(..)));
+    assert!(entry < tables && tables < clear);
+    assert_eq!(p.summary.services_removed, 1);
+    assert_eq!(p.summary.backends_removed, 2);
+    // The filter loses the removed service's bit only at the end.
+    let last_filter = w
+        .iter()
+        .rposition(|w| matches!(w, Write::FilterWord(..)))
+        .unwrap();
+    assert!(last_filter > clear);
+    assert_eq!(
+        p.applied.filter.as_deref(),
+        Some(&codec::vip_filter([codec::model_service_key(&service(1, 2))])[..])
+    );
+}
+
+#[test]
+fn source_ranges_come_before_the_flags_that_read_them_and_go_after() {
+    let mut restricted = service(1, 2);
+    restricted.allow = vec![
+        "192.0.2.0/24".parse().unwrap(),
+        "2001:db8::/32".parse().unwrap(),
+    ];
+    let first = plan(
+        &Applied::default(),
+        &desired(vec![restricted.clone()]),
+        LIMITS,
+    )
+    .unwrap();
+    let w = &first.writes;
+    let add = at(w, |w| matches!(w, Write::AddRanges(r) if r.len() == 1));
+    let backend = at(
+        w,
+        |w| matches!(w, Write::Backend(_, b) if b.flags & BACKEND_F_SVC_SOURCE_RANGES != 0),
+    );
+    let entry = at(
+        w,
+        |w| matches!(w, Write::Service(_, v) if v.flags & SVC_F_SOURCE_RANGES != 0),
+    );
+    assert!(
+        add < backend && add < entry,
+        "only the VIP's family's range, before the flags"
+    );
+    // No echo for a restricted VIP.
+    assert!(w.iter().any(|w| matches!(w, Write::Vip(_, 0))));
+    // Opened again: the flags go, then the range.
+    let open = plan(&first.applied, &desired(vec![service(1, 2)]), LIMITS).unwrap();
+    let w = &open.writes;
+    let entry = at(
+        w,
+        |w| matches!(w, Write::Service(_, v) if v.flags & SVC_F_SOURCE_RANGES == 0),
+    );
+    let remove = at(w, |w| matches!(w, Write::RemoveRanges(..)));
+    assert!(entry < remove);
+    assert!(open.applied.ranges.is_empty());
+    assert!(w.iter().any(|w| matches!(w, Write::Vip(_, VIP_F_ECHO))));
+}
+
+#[test]
+fn the_mode_is_kept_on_the_backends_and_dnat_in_use_derives_from_it() {
+    let mut dnat = service(1, 1);
+    dnat.mode = Mode::Dnat;
+    let mut dsr = service(2, 1);
+    dsr.mode = Mode::Dsr;
+    let p = plan(
+        &Applied::default(),
+        &desired(vec![dnat, dsr.clone()]),
+        LIMITS,
+    )
+    .unwrap();
+    let flags: Vec<u8> = p.applied.backends.values().map(|b| b.flags).collect();
+    assert_eq!(
+        flags,
+        [lb_common::BACKEND_F_SVC_DNAT, lb_common::BACKEND_F_SVC_DSR]
+    );
+    assert_eq!(p.applied.config.unwrap().dnat_in_use, 1);
+    assert!(codec::derived_dnat_in_use(p.applied.backends.values()));
+    // A dsr service's backend on this node is reached by dnat.
+    dsr.backends[0].local = true;
+    let p = plan(&Applied::default(), &desired(vec![dsr]), LIMITS).unwrap();
+    let b = p.applied.backends.values().next().unwrap();
+    assert_eq!(b.mode(), lb_common::MODE_DNAT);
+    assert_eq!(p.applied.config.unwrap().dnat_in_use, 1);
+}
+
+#[test]
+fn resolved_facts_reach_the_backend_entries() {
+    let mut s = service(1, 2);
+    s.backends[0].healthy = false;
+    s.backends[0].weight = 0;
+    s.backends[1].snat = Some("10.9.0.1".parse().unwrap());
+    let p = plan(&Applied::default(), &desired(vec![s.clone()]), LIMITS).unwrap();
+    let entries: Vec<&Backend> = p.applied.backends.values().collect();
+    assert_ne!(entries[0].flags & BACKEND_F_UNHEALTHY, 0);
+    assert_eq!(
+        entries[1].snat,
+        addr_to_words("10.9.0.1".parse().unwrap()).0
+    );
+    // A configured SNAT address wins over the route's.
+    let mut d = desired(vec![s]);
+    d.settings.snat.ipv4 = Some("10.8.0.1".parse().unwrap());
+    let p = plan(&Applied::default(), &d, LIMITS).unwrap();
+    assert!(p
+        .applied
+        .backends
+        .values()
+        .all(|b| b.snat == addr_to_words("10.8.0.1".parse().unwrap()).0));
+}
+
+#[test]
+fn a_settings_change_rebuilds_every_table() {
+    let d = desired((0..5).map(|n| service(n, 3)).collect());
+    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let mut bigger = d.clone();
+    bigger.settings.maglev_table_size = 509;
+    let p = plan(&first.applied, &bigger, LIMITS).unwrap();
+    assert_eq!(p.summary.tables_written, 5);
+}
+
+#[test]
+fn more_than_the_maps_hold_is_refused_before_any_write() {
+    let d = desired((0..5).map(|n| service(n, 3)).collect());
+    let small = Limits {
+        max_services: 4,
+        max_backends: 100,
+    };
+    let e = plan(&Applied::default(), &d, small).err().unwrap();
+    assert!(format!("{e:#}").contains("--max-services"), "{e:#}");
+}
+
+/// After a restart the maps are read back without tables, names or sources: the first
+/// plan rewrites every table (alike), keeps every id, and then is as cheap as ever.
+#[test]
+fn adopted_maps_keep_their_ids() {
+    let d = desired((0..10).map(|n| service(n, 4)).collect());
+    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let adopted = Applied {
+        services: first.applied.services.clone(),
+        backends: first.applied.backends.clone(),
+        ranges: first.applied.ranges.clone(),
+        vips: first.applied.vips.clone(),
+        ..Default::default()
+    };
+    let p = plan(&adopted, &d, LIMITS).unwrap();
+    assert_eq!(
+        p.applied
+            .services
+            .values()
+            .map(|v| v.id)
+            .collect::<Vec<_>>(),
+        first
+            .applied
+            .services
+            .values()
+            .map(|v| v.id)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(p.applied.backends, first.applied.backends);
+    assert_eq!(p.summary.services_added + p.summary.backends_added, 0);
+    assert!(plan(&p.applied, &d, LIMITS).unwrap().writes.is_empty());
+}
