@@ -121,5 +121,6 @@ pub fn sweep(dp: &mut Dataplane, t: &Timeouts) -> Result<Sweep> {
             out.orphaned += 1;
         }
     }
+    dp.swept();
     Ok(out)
 }

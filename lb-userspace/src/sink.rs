@@ -14,11 +14,3 @@ pub trait Sink {
     /// (a sink never leaves half of a change it can undo).
     async fn apply(&mut self, desired: &Desired) -> anyhow::Result<Self::Changes>;
 }
-
-impl Sink for crate::dataplane::Dataplane {
-    type Changes = crate::dataplane::ApplySummary;
-
-    async fn apply(&mut self, desired: &Desired) -> anyhow::Result<Self::Changes> {
-        crate::dataplane::Dataplane::apply(self, desired)
-    }
-}

@@ -43,10 +43,10 @@ struct Agent {
     /// is applied before it (the pinned maps keep the state of the last agent).
     k8s: Option<Vec<model::Service>>,
     kubernetes: bool,
-    /// The merged intent last applied (file and Kubernetes), before health and routes
-    /// resolve it; None before the first apply.
-    intent: Option<Desired>,
-    /// The intent as resolved and applied to the sinks.
+    /// What the sinks were last given: the file's and Kubernetes' services merged, with
+    /// the facts resolved; None before the first apply. (The merge before resolving is
+    /// made again when a fact changes: a second copy of 100,000 backends, kept, was
+    /// the agent's largest use of memory.)
     desired: Option<Desired>,
     /// The health source: the health of checked backends, and the probes.
     health: BTreeMap<health::BackendKey, bool>,
@@ -122,8 +122,7 @@ impl Agent {
 
     /// The intent with what the sources resolved: each backend's health and route
     /// source, and the VIPs to announce.
-    fn resolved(&self, intent: &Desired) -> Desired {
-        let mut d = intent.clone();
+    fn resolved(&self, mut d: Desired) -> Desired {
         health::resolve(&mut d.services, &self.health);
         self.nexthops.resolve(&mut d.services);
         d.announce = if self.drained {
@@ -156,7 +155,7 @@ impl Agent {
         intent.check_capacity(self.dp.max_services, self.dp.max_backends)?;
         // Before the maps: a new backend's SNAT source and resolved next hop must be
         // there for its first packet. Only new backends are looked up.
-        let wait = if self.intent.is_none() {
+        let wait = if self.desired.is_none() {
             STARTUP_RESOLVE_WAIT
         } else {
             RELOAD_RESOLVE_WAIT
@@ -174,15 +173,22 @@ impl Agent {
             .flat_map(|s| s.backends.iter().map(|b| (s.name.clone(), b.address)))
             .collect();
         self.health.retain(|k, _| keys.contains(k));
-        let desired = self.resolved(&intent);
+        // The checked services as their sources gave them: resolving takes an unhealthy
+        // backend out, and its probe must go on.
+        let checked: Vec<model::Service> = intent
+            .services
+            .iter()
+            .filter(|s| s.health_check.is_some())
+            .cloned()
+            .collect();
+        let desired = self.resolved(intent);
         let summary = self.apply_maps(&desired)?;
         self.desired = Some(desired);
         self.checker = Some(health::start(
-            &intent.services,
+            &checked,
             &self.health,
             self.health_tx.clone(),
         ));
-        self.intent = Some(intent);
         self.file = file;
         self.publish_file();
         self.k8s = k8s;
@@ -190,37 +196,43 @@ impl Agent {
         Ok(Some(summary))
     }
 
-    /// The maps sink, timed, with the sweep a removed backend needs.
+    /// The maps sink, timed. A removed backend's id is not given out again before a
+    /// conntrack sweep has deleted its flows (the next one, within gc_interval); when
+    /// no other id is free, the sweep is made now and the apply tried again.
     fn apply_maps(&mut self, desired: &Desired) -> Result<ApplySummary> {
         let started = std::time::Instant::now();
-        let summary = self.dp.apply(desired)?;
+        let summary = match self.dp.apply(desired) {
+            Err(e)
+                if self.dp.freed_backends() > 0
+                    && format!("{e:#}").contains("no free backend id") =>
+            {
+                crate::conntrack::sweep(&mut self.dp, &desired.settings.timeouts)?;
+                self.dp.apply(desired)?
+            }
+            other => other?,
+        };
         self.metrics
             .map_update_seconds
             .observe(started.elapsed().as_secs_f64());
-        if summary.backends_removed > 0 {
-            // At once, not at the next sweep: a removed backend's id may be given to a
-            // new backend by the next apply, and its old flows must not follow it there.
-            if let Err(e) = crate::conntrack::sweep(&mut self.dp, &desired.settings.timeouts) {
-                warn!("conntrack sweep after removing backends failed: {e:#}");
-            }
-        }
         Ok(summary)
     }
 
     /// A source of facts changed (health, routes): the intent resolved again, to the
-    /// maps, then announced.
-    async fn reconcile(&mut self, why: &str) {
-        let Some(intent) = self.intent.take() else {
+    /// maps, then announced. `applied` and `failed` are the log's words for it.
+    async fn reconcile(&mut self, applied: &str, failed: &str) {
+        if self.desired.is_none() {
+            return;
+        }
+        let Some(intent) = self.merged(&self.file, self.k8s.as_ref()) else {
             return;
         };
-        let desired = self.resolved(&intent);
-        self.intent = Some(intent);
+        let desired = self.resolved(intent);
         match self.apply_maps(&desired) {
             Ok(summary) => {
-                info!(?summary, "{why}: applied");
+                info!(?summary, "{applied}");
                 self.desired = Some(desired);
             }
-            Err(e) => error!("{why}: applying failed: {e:#}"),
+            Err(e) => error!("{failed}: {e:#}"),
         }
         self.announce().await;
     }
@@ -321,15 +333,19 @@ impl Agent {
 
     async fn health_changed(&mut self, (key, healthy): health::Transition) {
         self.health.insert(key, healthy);
-        self.reconcile("health change").await;
+        self.reconcile("health change applied", "applying a health change failed")
+            .await;
     }
 
     /// A route, address, link or neighbour changed: the paths it can affect are looked
     /// up again, and applied if one changed.
     async fn routes_changed(&mut self, event: crate::nexthop::Event) {
         if self.nexthops.changed(&event).await {
-            self.reconcile("routes to backends changed: SNAT sources updated")
-                .await;
+            self.reconcile(
+                "routes to backends changed: SNAT sources updated",
+                "applying changed routes failed",
+            )
+            .await;
         }
     }
 }

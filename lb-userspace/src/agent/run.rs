@@ -151,7 +151,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         file: Config::default(),
         k8s: None,
         kubernetes: args.kubernetes,
-        intent: None,
         desired: None,
         health: BTreeMap::new(),
         checker: None,
@@ -250,7 +249,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // it: bounded, regular files only, never blocking; a path that cannot be read so
     // is rejected, and said once per distinct problem.
     let read = |p: &std::path::Path| crate::config::read_limited(p, max_bytes);
-    let mut last_seen = args.config.as_deref().and_then(|p| read(p).ok());
+    let mut last_seen = args
+        .config
+        .as_deref()
+        .and_then(|p| read(p).ok())
+        .map(digest);
     let mut last_stat = args.config.as_deref().map(crate::config::fingerprint);
     let mut last_problem: Option<String> = None;
     let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -263,6 +266,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             _ = term.recv() => break args.detach_on_exit,
             _ = int.recv() => break true,
             _ = hup.recv() => {
+                // What SIGHUP reads, the watcher has seen: it does not load it again.
+                if let Some(p) = args.config.as_deref() {
+                    last_stat = Some(crate::config::fingerprint(p));
+                    last_seen = read(p).ok().map(digest);
+                }
                 agent.reload(args.config.as_deref()).await;
                 agent.announce().await;
             }
@@ -292,8 +300,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 last_stat = stat;
                 match args.config.as_deref().map(read) {
                     None => {}
-                    Some(Ok(now)) => {
+                    Some(Ok(bytes)) => {
                         last_problem = None;
+                        let now = digest(bytes);
                         if last_seen.as_ref() != Some(&now) {
                             info!("config file changed");
                             last_seen = Some(now);
@@ -354,6 +363,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the watcher keeps of the file's contents: a 6 MB file held as bytes to compare
+/// was as much memory as the maps' mirror.
+fn digest(bytes: Vec<u8>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    bytes.hash(&mut h);
+    h.finish()
 }
 
 /// Reads the datapath's requests to resolve a next hop (XLB_NEIGH_REQ) on a task of its

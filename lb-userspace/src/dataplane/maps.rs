@@ -12,7 +12,7 @@ use lb_common::{
 };
 
 use super::{
-    plan::{self, Applied, ApplySummary, Limits, Plan, Write},
+    plan::{self, Applied, ApplySummary, Limits, Write},
     Dataplane,
 };
 use crate::{
@@ -20,6 +20,15 @@ use crate::{
     model::{Desired, Settings},
     source_ranges,
 };
+
+/// The maps sink.
+impl crate::sink::Sink for Dataplane {
+    type Changes = ApplySummary;
+
+    async fn apply(&mut self, desired: &Desired) -> Result<Self::Changes> {
+        Dataplane::apply(self, desired)
+    }
+}
 
 /// What `Dataplane::restore_derived_state` rewrote.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -180,6 +189,8 @@ impl Dataplane {
     /// services and backends that already exist (also ones adopted from pinned maps
     /// left by an earlier agent) are kept, so conntrack entries stay valid.
     pub fn apply(&mut self, desired: &Desired) -> Result<ApplySummary> {
+        // Before anything is written: what the maps cannot hold changes nothing.
+        desired.check_capacity(self.max_services, self.max_backends)?;
         self.collect_retired()?;
         // Taken, not borrowed: if a write fails midway, the next apply reads the maps
         // again.
@@ -191,23 +202,34 @@ impl Dataplane {
             max_services: self.max_services,
             max_backends: self.max_backends,
         };
-        let Plan {
-            writes,
-            applied,
-            summary,
-        } = match plan::plan(&now, desired, limits) {
-            Ok(p) => p,
-            Err(e) => {
-                // Nothing was written: what the maps hold is still known.
-                self.applied = Some(now);
-                return Err(e);
-            }
-        };
-        for write in writes {
-            self.write(write)?;
+        // Ids cleared since the last sweep wait for it (`Applied::freed`): when only
+        // they are left, nothing is written and the caller sweeps first.
+        let free =
+            (self.max_backends as usize).saturating_sub(now.backends.len() + now.freed.len());
+        let needed = plan::backends_to_add(&now, desired);
+        if needed > free {
+            let waiting = now.freed.len();
+            self.applied = Some(now);
+            anyhow::bail!("no free backend id: {needed} new backends, {free} ids free and {waiting} cleared ones waiting for a conntrack sweep");
         }
+        // Each write is made as the plan gives it. On an error the maps may hold part
+        // of the change: the next apply reads them back.
+        let (applied, summary) = plan::plan(now, desired, limits, &mut |w| self.write(w))?;
         self.applied = Some(applied);
         Ok(summary)
+    }
+
+    /// A conntrack sweep has deleted the flows of every backend id cleared before it:
+    /// those ids can be given out again.
+    pub fn swept(&mut self) {
+        if let Some(a) = self.applied.as_mut() {
+            a.freed.clear();
+        }
+    }
+
+    /// Backend ids cleared and not yet swept.
+    pub fn freed_backends(&self) -> usize {
+        self.applied.as_ref().map_or(0, |a| a.freed.len())
     }
 
     /// What the maps hold, read back (adopted pins, or after a failed apply). Tables,
@@ -220,6 +242,8 @@ impl Dataplane {
             backends: live_backends(&self.backends_map()?)?,
             ranges,
             vips: crate::vips::read(&mut self.ebpf)?,
+            // Only before any write: after a failed apply the map may hold anything.
+            tunnels_zeroed: std::mem::take(&mut self.tunnels_created),
             ..Default::default()
         })
     }

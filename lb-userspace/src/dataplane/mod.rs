@@ -102,6 +102,8 @@ pub struct Dataplane {
     /// 100k entries back through syscalls nor rewrites what is there. None until the
     /// first apply reads the maps (they may be adopted), and after a failed apply.
     applied: Option<plan::Applied>,
+    /// The tunnel map was created by this load, so it holds zeros (`Applied::tunnels_zeroed`).
+    tunnels_created: bool,
     /// Table generations replaced by the last apply: (service id, generation, chunks).
     /// Deleted at the next apply or housekeeping pass, by when no packet that read the
     /// old service entry can still be looking them up.
@@ -125,6 +127,7 @@ impl Dataplane {
         let private_pins = ensure_bpffs(pin_path)?;
         let lock = lock_pin_path(pin_path)?;
         drop_incompatible_pins(pin_path)?;
+        let tunnels_created = !pin_path.join(lb_common::MAP_BACKEND_TUNNELS).exists();
         let mut loader = EbpfLoader::new();
         loader.default_map_pin_directory(pin_path).override_global(
             "AYA_LOG_LEVEL",
@@ -146,6 +149,7 @@ impl Dataplane {
             attached: Vec::new(),
             links: Vec::new(),
             applied: None,
+            tunnels_created,
             retired: Vec::new(),
             max_services: 0,
             max_backends: 0,

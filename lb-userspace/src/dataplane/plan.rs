@@ -51,28 +51,45 @@ pub struct Applied {
     /// Service names by id (empty after a restart, as above).
     pub names: BTreeMap<u32, String>,
     /// dsr tunnel destinations by backend id (empty after a restart: every one is
-    /// written, zeros too).
+    /// written, zeros too), the non-zero ones only when `tunnels_zeroed`.
     pub tunnels: BTreeMap<u32, Addr>,
+    /// An id missing from `tunnels` holds zeros: the map was created empty by this
+    /// agent, and a cleared backend's tunnel is zeroed. (Writing 100,000 zeros was a
+    /// third of a full sync.)
+    pub tunnels_zeroed: bool,
     pub ranges: BTreeSet<RangeEntry>,
     pub vips: VipEntries,
     /// None: every word is written.
     pub filter: Option<Vec<VipFilterWord>>,
     pub config: Option<DatapathConfig>,
+    /// Backend ids cleared since the last conntrack sweep. Not given out again until a
+    /// sweep has deleted their flows: a new backend must not inherit an old one's
+    /// flows, and sweeping at once made every removal cost a walk of the whole
+    /// conntrack table.
+    pub freed: BTreeSet<u32>,
     /// Each service as last applied, with its backend ids and what its table was built
     /// with: an equal one is skipped. Empty after a restart.
     pub sources: BTreeMap<ServiceKey, Source>,
 }
 
-/// A service as last applied.
+/// The plan's writes go to `emit` as they are made, in order: a full sync of 1,000
+/// tables of 16,381 slots held as a list first was 64 MiB at once.
+pub type Emit<'a> = dyn FnMut(Write) -> Result<()> + 'a;
+
+/// A service as last applied: a digest of it and of the settings its entries were
+/// built from (a copy of 100,000 backends was the agent's largest allocation), and its
+/// backends' ids.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Source {
-    pub service: model::Service,
+    pub digest: Digest,
     pub backend_ids: Vec<u32>,
-    pub inputs: Inputs,
 }
 
+/// 128 bits of two differently keyed hashes: an accidental match is not a concern.
+pub type Digest = (u64, u64);
+
 /// The settings a service's entries are built from, besides the service itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Inputs {
     pub table_size: u32,
     pub snat: (Option<Ipv4Addr>, Option<Ipv6Addr>),
@@ -130,13 +147,6 @@ pub struct ApplySummary {
     pub backends_removed: usize,
 }
 
-pub struct Plan {
-    pub writes: Vec<Write>,
-    /// What the maps hold once every write is done.
-    pub applied: Applied,
-    pub summary: ApplySummary,
-}
-
 /// The map sizes ids must fit in.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -144,8 +154,16 @@ pub struct Limits {
     pub max_backends: u32,
 }
 
-/// The writes that take the maps from `now` to `desired`.
-pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
+/// The writes that take the maps from `now` to `desired`, to `emit` in order. Returns
+/// what the maps hold once they are done. On an error (before the first write when the
+/// desired state does not fit; else from `emit`) what the maps hold is unknown and is
+/// read back.
+pub fn plan(
+    now: Applied,
+    desired: &Desired,
+    limits: Limits,
+    emit: &mut Emit,
+) -> Result<(Applied, ApplySummary)> {
     desired.check_capacity(limits.max_services, limits.max_backends)?;
     let settings = &desired.settings;
     let inputs = Inputs {
@@ -153,9 +171,8 @@ pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
         snat: (settings.snat.ipv4, settings.snat.ipv6),
         icmp_echo: settings.icmp_echo,
     };
-    let mut writes = Vec::new();
     let mut summary = ApplySummary::default();
-    let mut after = now.clone();
+    let mut after = now;
 
     // The filter holds every service there is and will be before a new service's entry
     // exists; it loses the removed ones' bits only after their entries are gone.
@@ -165,24 +182,26 @@ pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
         .map(codec::model_service_key)
         .collect();
     let wanted_filter = codec::vip_filter(keys.iter().copied());
-    let mut superset = codec::vip_filter(now.services.keys().copied());
+    let mut superset = codec::vip_filter(after.services.keys().copied());
     for (word, wanted) in superset.iter_mut().zip(&wanted_filter) {
         *word |= wanted;
     }
-    filter_writes(&mut writes, now.filter.as_deref(), &superset);
+    filter_writes(emit, after.filter.as_deref(), &superset)?;
     let dp_cfg = codec::datapath_config(desired);
-    if now.config != Some(dp_cfg) {
-        writes.push(Write::Config(dp_cfg));
+    if after.config != Some(dp_cfg) {
+        emit(Write::Config(dp_cfg))?;
         after.config = Some(dp_cfg);
     }
 
     let mut service_ids = IdAllocator::new(
-        now.services.values().map(|v| v.id).collect(),
+        after.services.values().map(|v| v.id).collect(),
         limits.max_services,
     );
-    let mut backend_ids =
-        IdAllocator::new(now.backends.keys().copied().collect(), limits.max_backends);
-    let backend_id_of: BTreeMap<(u32, std::net::SocketAddr), u32> = now
+    let mut backend_ids = IdAllocator::new(
+        after.backends.keys().chain(&after.freed).copied().collect(),
+        limits.max_backends,
+    );
+    let backend_id_of: BTreeMap<(u32, std::net::SocketAddr), u32> = after
         .backends
         .iter()
         .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
@@ -192,7 +211,7 @@ pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
     let mut wanted_backends = BTreeSet::new();
     let mut sources = BTreeMap::new();
     for (svc, key) in desired.services.iter().zip(&keys) {
-        let old = now.services.get(key).copied();
+        let old = after.services.get(key).copied();
         let id = match old {
             Some(v) => v.id,
             None => {
@@ -217,14 +236,15 @@ pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
             *wanted_vips.entry((family as u32, addr)).or_insert(0) |= flags;
         }
         // Unchanged since the last apply: nothing to write.
-        if let Some(src) = now
+        let digest = digest(&(svc, inputs));
+        if let Some(src) = after
             .sources
-            .get(key)
-            .filter(|s| s.inputs == inputs && s.service == *svc && old.is_some())
+            .remove(key)
+            .filter(|s| s.digest == digest && old.is_some())
         {
             wanted_backends.extend(src.backend_ids.iter().copied());
             wanted_ranges.extend(mine);
-            sources.insert(*key, src.clone());
+            sources.insert(*key, src);
             continue;
         }
         // The ranges before the flags that make the datapath read them (on the
@@ -232,7 +252,7 @@ pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
         let new: Vec<_> = mine.difference(&after.ranges).copied().collect();
         if !new.is_empty() {
             after.ranges.extend(new.iter().copied());
-            writes.push(Write::AddRanges(new));
+            emit(Write::AddRanges(new))?;
         }
         wanted_ranges.extend(mine);
         let mut ids = Vec::with_capacity(svc.backends.len());
@@ -246,13 +266,22 @@ pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
                 }
             };
             if after.backends.get(&bid) != Some(&value) {
-                writes.push(Write::Backend(bid, value));
+                emit(Write::Backend(bid, value))?;
                 after.backends.insert(bid, value);
             }
             // Before the table names the backend: its first packet finds it.
             let tunnel = b.via.map_or([0; 4], |a| addr_to_words(a).0);
-            if after.tunnels.get(&bid) != Some(&tunnel) {
-                writes.push(Write::Tunnel(bid, tunnel));
+            let known = match after.tunnels.get(&bid) {
+                Some(t) => Some(*t),
+                None if after.tunnels_zeroed => Some([0; 4]),
+                None => None,
+            };
+            if known != Some(tunnel) {
+                emit(Write::Tunnel(bid, tunnel))?;
+            }
+            if tunnel == [0; 4] && after.tunnels_zeroed {
+                after.tunnels.remove(&bid);
+            } else {
                 after.tunnels.insert(bid, tunnel);
             }
             wanted_backends.insert(bid);
@@ -267,7 +296,7 @@ pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
             })
             .collect();
         let input = hash_of(&(&weighted, settings.maglev_table_size, &ids));
-        let previous = now.tables.get(&id).copied();
+        let previous = after.tables.get(&id).copied();
         let live = old.map_or(0, |v| v.generation);
         // The same backends, weights, ids and size give the same table.
         let unchanged = previous.is_some_and(|w| w.input == input);
@@ -294,17 +323,17 @@ pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
                         // it.
                         let next = if old.is_some() { live ^ 1 } else { 0 };
                         let chunks = previous.map_or(MAGLEV_MAX_CHUNKS, |w| maglev_chunks(w.len));
-                        writes.push(Write::Table {
+                        emit(Write::Table {
                             id,
                             generation: next,
                             slots,
-                        });
+                        })?;
                         if old.is_some() {
-                            writes.push(Write::Retire {
+                            emit(Write::Retire {
                                 id,
                                 generation: live,
                                 chunks,
-                            });
+                            })?;
                         }
                         summary.tables_written += 1;
                         next
@@ -329,66 +358,97 @@ pub fn plan(now: &Applied, desired: &Desired, limits: Limits) -> Result<Plan> {
             _pad: 0,
         };
         if after.names.get(&id) != Some(&svc.name) {
-            writes.push(Write::Name(id, svc.name.clone()));
+            emit(Write::Name(id, svc.name.clone()))?;
             after.names.insert(id, svc.name.clone());
         }
         if old != Some(value) {
-            writes.push(Write::Service(*key, value));
+            emit(Write::Service(*key, value))?;
             after.services.insert(*key, value);
         }
         sources.insert(
             *key,
             Source {
-                service: svc.clone(),
+                digest,
                 backend_ids: ids,
-                inputs,
             },
         );
     }
     // Removals come last: nothing points at them any more.
     let wanted_keys: BTreeSet<&ServiceKey> = keys.iter().collect();
-    for (key, value) in &now.services {
-        if !wanted_keys.contains(key) {
-            writes.push(Write::RemoveService(*key));
-            writes.push(Write::RemoveTables(value.id));
-            writes.push(Write::RemoveName(value.id));
-            after.services.remove(key);
-            after.tables.remove(&value.id);
-            after.names.remove(&value.id);
-            summary.services_removed += 1;
-        }
+    let removed: Vec<(ServiceKey, ServiceValue)> = after
+        .services
+        .iter()
+        .filter(|(k, _)| !wanted_keys.contains(k))
+        .map(|(k, v)| (*k, *v))
+        .collect();
+    for (key, value) in &removed {
+        emit(Write::RemoveService(*key))?;
+        emit(Write::RemoveTables(value.id))?;
+        emit(Write::RemoveName(value.id))?;
+        after.services.remove(key);
+        after.tables.remove(&value.id);
+        after.names.remove(&value.id);
+        summary.services_removed += 1;
     }
-    for id in now.backends.keys() {
-        if !wanted_backends.contains(id) {
-            writes.push(Write::ClearBackend(*id));
-            after.backends.remove(id);
-            after.tunnels.remove(id);
-            summary.backends_removed += 1;
+    let cleared: Vec<u32> = after
+        .backends
+        .keys()
+        .filter(|id| !wanted_backends.contains(id))
+        .copied()
+        .collect();
+    for id in &cleared {
+        emit(Write::ClearBackend(*id))?;
+        after.backends.remove(id);
+        if after.tunnels_zeroed && after.tunnels.get(id).is_some_and(|t| *t != [0; 4]) {
+            emit(Write::Tunnel(*id, [0; 4]))?;
         }
+        after.tunnels.remove(id);
+        after.freed.insert(*id);
+        summary.backends_removed += 1;
     }
     // Ranges no service wants any more, once no flag makes the datapath read them.
     let stale = source_ranges::plan(&after.ranges, &wanted_ranges).remove;
     if !stale.is_empty() {
-        writes.push(Write::RemoveRanges(stale));
+        emit(Write::RemoveRanges(stale))?;
     }
     after.ranges = wanted_ranges;
     for (k, flags) in &wanted_vips {
-        if now.vips.get(k) != Some(flags) {
-            writes.push(Write::Vip(*k, *flags));
+        if after.vips.get(k) != Some(flags) {
+            emit(Write::Vip(*k, *flags))?;
         }
     }
-    for k in now.vips.keys().filter(|k| !wanted_vips.contains_key(*k)) {
-        writes.push(Write::RemoveVip(*k));
+    for k in after.vips.keys().filter(|k| !wanted_vips.contains_key(*k)) {
+        emit(Write::RemoveVip(*k))?;
     }
     after.vips = wanted_vips;
-    filter_writes(&mut writes, Some(&superset), &wanted_filter);
+    filter_writes(emit, Some(&superset), &wanted_filter)?;
     after.filter = Some(wanted_filter);
     after.sources = sources;
-    Ok(Plan {
-        writes,
-        applied: after,
-        summary,
-    })
+    Ok((after, summary))
+}
+
+/// How many backend ids `desired` needs that `now` does not have: every backend of a
+/// new service, and the new backends of the others.
+pub fn backends_to_add(now: &Applied, desired: &Desired) -> usize {
+    let known: BTreeSet<(u32, std::net::SocketAddr)> = now
+        .backends
+        .values()
+        .map(|b| (b.service_id, backend_addr(b)))
+        .collect();
+    desired
+        .services
+        .iter()
+        .map(
+            |svc| match now.services.get(&codec::model_service_key(svc)) {
+                Some(v) => svc
+                    .backends
+                    .iter()
+                    .filter(|b| !known.contains(&(v.id, b.address)))
+                    .count(),
+                None => svc.backends.len(),
+            },
+        )
+        .sum()
 }
 
 /// A backend's map entry. Its mode flags say how the datapath treats the backend's
@@ -423,15 +483,26 @@ fn backend_value(
 
 /// The words of `wanted` that differ from `written` (every word when unknown).
 fn filter_writes(
-    writes: &mut Vec<Write>,
+    emit: &mut Emit,
     written: Option<&[VipFilterWord]>,
     wanted: &[VipFilterWord],
-) {
+) -> Result<()> {
     for (i, word) in wanted.iter().enumerate() {
         if written.is_none_or(|w| w[i] != *word) {
-            writes.push(Write::FilterWord(i as u32, *word));
+            emit(Write::FilterWord(i as u32, *word))?;
         }
     }
+    Ok(())
+}
+
+fn digest(value: &impl Hash) -> Digest {
+    let keyed = |k: u8| {
+        let mut h = std::hash::DefaultHasher::new();
+        k.hash(&mut h);
+        value.hash(&mut h);
+        h.finish()
+    };
+    (keyed(1), keyed(2))
 }
 
 fn hash_of(value: &impl Hash) -> u64 {

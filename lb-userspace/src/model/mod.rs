@@ -89,7 +89,7 @@ impl Default for Settings {
 }
 
 /// One service: a VIP, port and protocol, and its backends.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Service {
     pub name: String,
     pub vip: IpAddr,
@@ -130,7 +130,7 @@ impl Service {
 }
 
 /// One backend: what its source says, then the facts the agent resolved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Backend {
     pub address: SocketAddr,
     /// 0 drains the backend: no new flows, established ones stay.
@@ -167,7 +167,7 @@ impl Backend {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -191,7 +191,7 @@ impl Protocol {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub enum SessionAffinity {
     #[default]
     None,
@@ -199,7 +199,7 @@ pub enum SessionAffinity {
     ClientIp,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub enum Mode {
     /// Source and destination rewritten: the backend sees the LB's address, and its
     /// replies come back through the LB by plain routing.
@@ -225,7 +225,7 @@ impl Mode {
 
 /// An unhealthy backend leaves the Maglev table: no new flows. With
 /// `keep_established` its established flows stay, as when draining.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HealthCheck {
     pub kind: CheckKind,
     /// Port to probe; default: the backend's own.
@@ -246,7 +246,7 @@ impl HealthCheck {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum CheckKind {
     Tcp,
     Http,

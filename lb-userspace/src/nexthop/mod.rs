@@ -34,10 +34,14 @@ use tracing::{debug, info, warn};
 use crate::model::Service;
 
 mod events;
+mod shared;
 pub use events::{subscribe, Event};
 
 /// Route lookups (one netlink round trip each) in flight at once.
 const ROUTE_LOOKUPS_IN_FLIGHT: usize = 64;
+/// From this many backends looked up at once, those behind one gateway route share
+/// a lookup.
+const SHARED_FROM: usize = 64;
 /// Unroutable backends named one by one in the log; more are counted.
 const UNROUTABLE_NAMED: usize = 10;
 
@@ -131,9 +135,16 @@ impl NextHops {
     pub async fn changed(&mut self, event: &Event) -> bool {
         let targets: Vec<IpAddr> = match *event {
             Event::Route(net) => self.known().filter(|a| net.contains(a)).collect(),
+            // An address is a route source (and a backend may be it) for its own family
+            // only: the IPv6 link-local address a link gains when it comes up moves no
+            // IPv4 backend.
             Event::Address { ifindex, addr } => self
                 .known()
-                .filter(|a| *a == addr || self.paths.get(a).is_some_and(|p| p.ifindex == ifindex))
+                .filter(|a| {
+                    *a == addr
+                        || (a.is_ipv4() == addr.is_ipv4()
+                            && self.paths.get(a).is_some_and(|p| p.ifindex == ifindex))
+                })
                 .collect(),
             Event::Link { ifindex, up } => {
                 if self.links.insert(ifindex, up) == Some(up) {
@@ -174,6 +185,20 @@ impl NextHops {
         changed
     }
 
+    /// `ip route get` for each of `targets`, many in flight at once.
+    async fn look_up_each(
+        &self,
+        targets: Vec<IpAddr>,
+    ) -> Vec<(IpAddr, std::result::Result<Path, String>)> {
+        // Errors as their one-line message: a whole error per unroutable backend, held
+        // for 100,000 of them, doubled the agent's memory.
+        futures::stream::iter(targets)
+            .map(|addr| async move { (addr, self.route(addr).await.map_err(|e| format!("{e:#}"))) })
+            .buffer_unordered(ROUTE_LOOKUPS_IN_FLIGHT)
+            .collect()
+            .await
+    }
+
     /// Every target followed, routable or not.
     fn known(&self) -> impl Iterator<Item = IpAddr> + '_ {
         self.paths.keys().chain(self.unroutable.iter()).copied()
@@ -194,16 +219,30 @@ impl NextHops {
         if targets.is_empty() {
             return false;
         }
-        let this: &Self = self;
-        // Errors as their one-line message: a whole error per unroutable backend, held
-        // for 100,000 of them, doubled the agent's memory.
-        let answers: Vec<(IpAddr, std::result::Result<Path, String>)> = futures::stream::iter(
-            targets,
-        )
-        .map(|addr| async move { (addr, this.route(addr).await.map_err(|e| format!("{e:#}"))) })
-        .buffer_unordered(ROUTE_LOOKUPS_IN_FLIGHT)
-        .collect()
-        .await;
+        // Backends behind one gateway route share one lookup (shared.rs); a group
+        // whose lookup does not say "through that gateway" is looked up one by one.
+        let (groups, mut alone) = if targets.len() >= SHARED_FROM {
+            shared::group(&self.handle, targets).await
+        } else {
+            (Vec::new(), targets)
+        };
+        let firsts: Vec<IpAddr> = groups.iter().map(|g| g[0]).collect();
+        alone.extend(firsts.iter().copied());
+        let mut answers = self.look_up_each(alone).await;
+        let mut unshared = Vec::new();
+        for group in groups {
+            let first = answers
+                .iter()
+                .find(|(a, _)| *a == group[0])
+                .map(|(_, r)| r.clone());
+            match first {
+                Some(Ok(path)) if !path.local && path.neighbour != group[0] => {
+                    answers.extend(group[1..].iter().map(|a| (*a, Ok(path))))
+                }
+                _ => unshared.extend_from_slice(&group[1..]),
+            }
+        }
+        answers.extend(self.look_up_each(unshared).await);
         let mut changed = false;
         let mut newly_unroutable = Vec::new();
         for (addr, answer) in answers {

@@ -161,7 +161,7 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
         println!("  incremental update (one backend replaced), {updates} updates: median {inc_median:.1} ms, max {inc_max:.1} ms; no-op apply {noop_apply_ms:.1} ms");
 
         // The real agent with this config.
-        let bin = build_agent()?;
+        let bin = super::build_agent()?;
         std::env::set_var("XLB_BIN", &bin);
         let lab = LbLab::two_arm(1)?;
         let pin_args = [
@@ -206,26 +206,4 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
     })();
     let _ = std::fs::remove_file(&path);
     result
-}
-
-/// The agent binary of this bench's own profile, built if needed.
-fn build_agent() -> Result<std::path::PathBuf> {
-    let mut cmd = std::process::Command::new(env!("CARGO"));
-    cmd.args([
-        "build",
-        "--quiet",
-        "--package",
-        "lb-userspace",
-        "--bin",
-        "xlb",
-    ]);
-    if super::PROFILE == "release" {
-        cmd.arg("--release");
-    }
-    let status = cmd.current_dir(crate::workspace_root()).status()?;
-    anyhow::ensure!(status.success(), "building the agent failed");
-    Ok(crate::workspace_root()
-        .join("target")
-        .join(super::PROFILE)
-        .join("xlb"))
 }

@@ -3,6 +3,7 @@
 //! Writes `target/bench/report.json`, `report.md` and `report.png`. Nothing here
 //! asserts a time: the command fails only when it could not measure.
 
+mod agent_scale;
 mod chart;
 mod control_plane;
 mod flood;
@@ -60,6 +61,9 @@ enum Part {
     Forwarding,
     ControlPlane,
     Scaling,
+    /// The real agent at 1,000 services x 100 backends: start, reload, EndpointSlice
+    /// change, memory, idle CPU.
+    AgentScale,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -151,6 +155,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
             )],
         }));
         report["control_plane"] = serde_json::to_value(&cp)?;
+    }
+    if wanted(Part::AgentScale) {
+        let (services, changes, idle) = if args.quick {
+            (100, 5, 3)
+        } else {
+            (1000, 20, 10)
+        };
+        println!("6. the real agent: {services} services x 100 backends, snat: auto, one gateway:");
+        let a = agent_scale::measure(services, 100, changes, std::time::Duration::from_secs(idle))?;
+        md.push_str(&agent_scale_report(&a));
+        report["agent_scale"] = serde_json::to_value(&a)?;
     }
     if wanted(Part::Scaling) {
         let (vips, flows, calls, r): (&[usize], &[usize], u32, u32) = if args.quick {
@@ -396,6 +411,59 @@ fn forwarding_report(r: &forwarding::Results) -> (String, serde_json::Value, Opt
     (md, json, rate_ratio)
 }
 
+fn agent_scale_report(r: &agent_scale::Results) -> String {
+    let mut md = format!(
+        "## 6. The real agent: {} services x {} backends, `snat: auto`, one gateway, default flags\n\n| what | result |\n| --- | --- |\n",
+        r.services, r.backends_per_service
+    );
+    for (what, v) in [
+        (
+            "`xlb run` to \"xlb running\"".to_string(),
+            format!("{:.0} ms", r.file_start_ms),
+        ),
+        (
+            format!(
+                "one backend changed, SIGHUP to \"config reloaded\" ({} changes)",
+                r.file_reloads
+            ),
+            format!(
+                "p50 {:.0} ms, p99 {:.0} ms",
+                r.file_reload_ms_p50, r.file_reload_ms_p99
+            ),
+        ),
+        (
+            "agent RSS after them (peak)".into(),
+            format!("{:.1} MiB ({:.1} MiB)", r.file_rss_mib, r.file_peak_rss_mib),
+        ),
+        (
+            format!("agent CPU while nothing changes ({:.0} s)", r.idle_seconds),
+            format!("{:.2}% of one core", r.idle_cpu_percent),
+        ),
+        (
+            "Kubernetes: `xlb run` to the first sync applied".into(),
+            format!("{:.0} ms", r.k8s_start_ms),
+        ),
+        (
+            format!(
+                "one endpoint changed, EndpointSlice to the maps ({} changes)",
+                r.k8s_changes
+            ),
+            format!(
+                "p50 {:.0} ms, p99 {:.0} ms",
+                r.k8s_change_ms_p50, r.k8s_change_ms_p99
+            ),
+        ),
+        (
+            "Kubernetes: agent peak RSS".into(),
+            format!("{:.1} MiB", r.k8s_peak_rss_mib),
+        ),
+    ] {
+        md.push_str(&format!("| {what} | {v} |\n"));
+    }
+    md.push('\n');
+    md
+}
+
 fn control_plane_report(r: &control_plane::Results) -> String {
     let mut md = String::from(
         "## 3. Control plane\n\nMaglev table build (`xlb::maglev::build`, median):\n\n| M | backends | ms |\n| --- | --- | --- |\n",
@@ -519,4 +587,26 @@ fn short_lb(label: &str) -> String {
         } else {
             ""
         }
+}
+
+/// The agent binary of this bench's own profile, built if needed.
+pub(crate) fn build_agent() -> Result<std::path::PathBuf> {
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.args([
+        "build",
+        "--quiet",
+        "--package",
+        "lb-userspace",
+        "--bin",
+        "xlb",
+    ]);
+    if PROFILE == "release" {
+        cmd.arg("--release");
+    }
+    let status = cmd.current_dir(crate::workspace_root()).status()?;
+    anyhow::ensure!(status.success(), "building the agent failed");
+    Ok(crate::workspace_root()
+        .join("target")
+        .join(PROFILE)
+        .join("xlb"))
 }

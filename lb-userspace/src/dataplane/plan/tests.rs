@@ -29,6 +29,30 @@ fn service(n: u32, backends: u32) -> Service {
     }
 }
 
+/// A plan's writes, collected.
+struct Planned {
+    writes: Vec<Write>,
+    applied: Applied,
+    summary: ApplySummary,
+}
+
+fn plan_with(now: &Applied, d: &Desired, limits: Limits) -> Result<Planned> {
+    let mut writes = Vec::new();
+    let (applied, summary) = plan(now.clone(), d, limits, &mut |w| {
+        writes.push(w);
+        Ok(())
+    })?;
+    Ok(Planned {
+        writes,
+        applied,
+        summary,
+    })
+}
+
+fn plan_of(now: &Applied, d: &Desired) -> Result<Planned> {
+    plan_with(now, d, LIMITS)
+}
+
 fn desired(services: Vec<Service>) -> Desired {
     let mut d = Desired {
         services,
@@ -50,7 +74,7 @@ fn is_service(w: &Write) -> bool {
 #[test]
 fn a_new_service_is_written_backends_first_then_table_then_entry() {
     let d = desired(vec![service(1, 3)]);
-    let p = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let p = plan_of(&Applied::default(), &d).unwrap();
     let w = &p.writes;
     let backends: Vec<usize> = (0..w.len())
         .filter(|i| matches!(w[*i], Write::Backend(..)))
@@ -96,8 +120,8 @@ fn a_new_service_is_written_backends_first_then_table_then_entry() {
 #[test]
 fn the_same_state_again_writes_nothing() {
     let d = desired((0..50).map(|n| service(n, 10)).collect());
-    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
-    let again = plan(&first.applied, &d, LIMITS).unwrap();
+    let first = plan_of(&Applied::default(), &d).unwrap();
+    let again = plan_of(&first.applied, &d).unwrap();
     assert_eq!(again.writes, Vec::new());
     assert_eq!(again.summary, ApplySummary::default());
     assert_eq!(again.applied, first.applied);
@@ -106,10 +130,10 @@ fn the_same_state_again_writes_nothing() {
 #[test]
 fn one_backend_changed_touches_one_service() {
     let mut d = desired((0..200).map(|n| service(n, 20)).collect());
-    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let first = plan_of(&Applied::default(), &d).unwrap();
     let old_id = first.applied.services[&codec::model_service_key(&d.services[77])].id;
     d.services[77].backends[3].address = "172.31.0.1:8080".parse().unwrap();
-    let p = plan(&first.applied, &d, LIMITS).unwrap();
+    let p = plan_of(&first.applied, &d).unwrap();
     assert_eq!(
         p.summary,
         ApplySummary {
@@ -152,10 +176,10 @@ fn one_backend_changed_touches_one_service() {
 #[test]
 fn ids_stay_with_their_services_and_backends_whatever_the_order() {
     let d = desired((0..20).map(|n| service(n, 5)).collect());
-    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let first = plan_of(&Applied::default(), &d).unwrap();
     let mut reversed = d.clone();
     reversed.services.reverse();
-    let p = plan(&first.applied, &reversed, LIMITS).unwrap();
+    let p = plan_of(&first.applied, &reversed).unwrap();
     assert_eq!(p.applied.services, first.applied.services);
     assert_eq!(p.applied.backends, first.applied.backends);
     assert!(p
@@ -167,8 +191,8 @@ fn ids_stay_with_their_services_and_backends_whatever_the_order() {
 #[test]
 fn a_removed_service_goes_entry_first_then_its_table_then_its_backends() {
     let d = desired(vec![service(1, 2), service(2, 2)]);
-    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
-    let p = plan(&first.applied, &desired(vec![service(1, 2)]), LIMITS).unwrap();
+    let first = plan_of(&Applied::default(), &d).unwrap();
+    let p = plan_of(&first.applied, &desired(vec![service(1, 2)])).unwrap();
     let w = &p.writes;
     let entry = at(w, |w| matches!(w, Write::RemoveService(..)));
     let tables = at(w, |w| matches!(w, Write::RemoveTables(..)));
@@ -195,12 +219,7 @@ fn source_ranges_come_before_the_flags_that_read_them_and_go_after() {
         "192.0.2.0/24".parse().unwrap(),
         "2001:db8::/32".parse().unwrap(),
     ];
-    let first = plan(
-        &Applied::default(),
-        &desired(vec![restricted.clone()]),
-        LIMITS,
-    )
-    .unwrap();
+    let first = plan_of(&Applied::default(), &desired(vec![restricted.clone()])).unwrap();
     let w = &first.writes;
     let add = at(w, |w| matches!(w, Write::AddRanges(r) if r.len() == 1));
     let backend = at(
@@ -218,7 +237,7 @@ fn source_ranges_come_before_the_flags_that_read_them_and_go_after() {
     // No echo for a restricted VIP.
     assert!(w.iter().any(|w| matches!(w, Write::Vip(_, 0))));
     // Opened again: the flags go, then the range.
-    let open = plan(&first.applied, &desired(vec![service(1, 2)]), LIMITS).unwrap();
+    let open = plan_of(&first.applied, &desired(vec![service(1, 2)])).unwrap();
     let w = &open.writes;
     let entry = at(
         w,
@@ -236,12 +255,7 @@ fn the_mode_is_kept_on_the_backends_and_dnat_in_use_derives_from_it() {
     dnat.mode = Mode::Dnat;
     let mut dsr = service(2, 1);
     dsr.mode = Mode::Dsr;
-    let p = plan(
-        &Applied::default(),
-        &desired(vec![dnat, dsr.clone()]),
-        LIMITS,
-    )
-    .unwrap();
+    let p = plan_of(&Applied::default(), &desired(vec![dnat, dsr.clone()])).unwrap();
     let flags: Vec<u8> = p.applied.backends.values().map(|b| b.flags).collect();
     assert_eq!(
         flags,
@@ -251,7 +265,7 @@ fn the_mode_is_kept_on_the_backends_and_dnat_in_use_derives_from_it() {
     assert!(codec::derived_dnat_in_use(p.applied.backends.values()));
     // A dsr service's backend on this node is reached by dnat.
     dsr.backends[0].local = true;
-    let p = plan(&Applied::default(), &desired(vec![dsr]), LIMITS).unwrap();
+    let p = plan_of(&Applied::default(), &desired(vec![dsr])).unwrap();
     let b = p.applied.backends.values().next().unwrap();
     assert_eq!(b.mode(), lb_common::MODE_DNAT);
     assert_eq!(p.applied.config.unwrap().dnat_in_use, 1);
@@ -263,7 +277,7 @@ fn resolved_facts_reach_the_backend_entries() {
     s.backends[0].healthy = false;
     s.backends[0].weight = 0;
     s.backends[1].snat = Some("10.9.0.1".parse().unwrap());
-    let p = plan(&Applied::default(), &desired(vec![s.clone()]), LIMITS).unwrap();
+    let p = plan_of(&Applied::default(), &desired(vec![s.clone()])).unwrap();
     let entries: Vec<&Backend> = p.applied.backends.values().collect();
     assert_ne!(entries[0].flags & BACKEND_F_UNHEALTHY, 0);
     assert_eq!(
@@ -273,7 +287,7 @@ fn resolved_facts_reach_the_backend_entries() {
     // A configured SNAT address wins over the route's.
     let mut d = desired(vec![s]);
     d.settings.snat.ipv4 = Some("10.8.0.1".parse().unwrap());
-    let p = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let p = plan_of(&Applied::default(), &d).unwrap();
     assert!(p
         .applied
         .backends
@@ -284,10 +298,10 @@ fn resolved_facts_reach_the_backend_entries() {
 #[test]
 fn a_settings_change_rebuilds_every_table() {
     let d = desired((0..5).map(|n| service(n, 3)).collect());
-    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let first = plan_of(&Applied::default(), &d).unwrap();
     let mut bigger = d.clone();
     bigger.settings.maglev_table_size = 509;
-    let p = plan(&first.applied, &bigger, LIMITS).unwrap();
+    let p = plan_of(&first.applied, &bigger).unwrap();
     assert_eq!(p.summary.tables_written, 5);
 }
 
@@ -298,7 +312,7 @@ fn more_than_the_maps_hold_is_refused_before_any_write() {
         max_services: 4,
         max_backends: 100,
     };
-    let e = plan(&Applied::default(), &d, small).err().unwrap();
+    let e = plan_with(&Applied::default(), &d, small).err().unwrap();
     assert!(format!("{e:#}").contains("--max-services"), "{e:#}");
 }
 
@@ -307,7 +321,7 @@ fn more_than_the_maps_hold_is_refused_before_any_write() {
 #[test]
 fn adopted_maps_keep_their_ids() {
     let d = desired((0..10).map(|n| service(n, 4)).collect());
-    let first = plan(&Applied::default(), &d, LIMITS).unwrap();
+    let first = plan_of(&Applied::default(), &d).unwrap();
     let adopted = Applied {
         services: first.applied.services.clone(),
         backends: first.applied.backends.clone(),
@@ -315,7 +329,7 @@ fn adopted_maps_keep_their_ids() {
         vips: first.applied.vips.clone(),
         ..Default::default()
     };
-    let p = plan(&adopted, &d, LIMITS).unwrap();
+    let p = plan_of(&adopted, &d).unwrap();
     assert_eq!(
         p.applied
             .services
@@ -331,5 +345,58 @@ fn adopted_maps_keep_their_ids() {
     );
     assert_eq!(p.applied.backends, first.applied.backends);
     assert_eq!(p.summary.services_added + p.summary.backends_added, 0);
-    assert!(plan(&p.applied, &d, LIMITS).unwrap().writes.is_empty());
+    assert!(plan_of(&p.applied, &d).unwrap().writes.is_empty());
+}
+
+/// Maps this agent created hold zeros: a backend without `via` writes no tunnel, and a
+/// removed backend's tunnel is zeroed, so that a missing entry still means zeros.
+#[test]
+fn a_created_tunnel_map_is_not_written_zeros() {
+    let fresh = Applied {
+        tunnels_zeroed: true,
+        ..Default::default()
+    };
+    let mut via = service(2, 1);
+    via.mode = Mode::Dsr;
+    via.port = 8080;
+    via.backends[0].via = Some("10.9.9.9".parse().unwrap());
+    let d = desired(vec![service(1, 3), via.clone()]);
+    let p = plan_of(&fresh, &d).unwrap();
+    let tunnels: Vec<&Write> = p
+        .writes
+        .iter()
+        .filter(|w| matches!(w, Write::Tunnel(..)))
+        .collect();
+    assert_eq!(tunnels.len(), 1, "only the dsr backend's: {tunnels:?}");
+    let p = plan_of(&p.applied, &desired(vec![service(1, 3)])).unwrap();
+    assert!(
+        p.writes
+            .iter()
+            .any(|w| matches!(w, Write::Tunnel(_, t) if *t == [0; 4])),
+        "the removed backend's tunnel zeroed"
+    );
+    assert!(p.applied.tunnels.is_empty());
+}
+
+/// A removed backend's id waits for a conntrack sweep before a new backend gets it:
+/// the new one must not inherit the old one's flows.
+#[test]
+fn a_removed_backends_id_is_not_given_out_before_a_sweep() {
+    let first = plan_of(&Applied::default(), &desired(vec![service(1, 2)])).unwrap();
+    let mut changed = service(1, 2);
+    changed.backends[1].address = "172.31.0.1:8080".parse().unwrap();
+    let p = plan_of(&first.applied, &desired(vec![changed.clone()])).unwrap();
+    let ids: Vec<u32> = p.applied.backends.keys().copied().collect();
+    assert_eq!(ids, [0, 2], "id 1 waits");
+    assert_eq!(p.applied.freed, BTreeSet::from([1]));
+    assert_eq!(backends_to_add(&p.applied, &desired(vec![changed])), 0);
+    // Swept: given out again.
+    let mut swept = p.applied.clone();
+    swept.freed.clear();
+    let mut again = service(1, 2);
+    again.backends[1].address = "172.31.0.2:8080".parse().unwrap();
+    let d = desired(vec![again]);
+    assert_eq!(backends_to_add(&swept, &d), 1);
+    let p = plan_of(&swept, &d).unwrap();
+    assert!(p.applied.backends.contains_key(&1));
 }
