@@ -86,9 +86,9 @@ fn privileged_incremental_applies_end_where_a_fresh_apply_does() {
     let mut previous: Option<Services> = None;
     for (i, step) in steps.iter().enumerate() {
         let cfg = config(step);
-        let summary = live.dp.apply(&cfg).unwrap();
+        let summary = live.apply(&cfg).unwrap();
         let mut fresh = Fixture::new().unwrap();
-        fresh.dp.apply(&cfg).unwrap();
+        fresh.apply(&cfg).unwrap();
         assert_eq!(
             tables(&live),
             tables(&fresh),
@@ -135,11 +135,11 @@ fn privileged_map_sizes_are_chosen_at_load_and_enforced_before_writing() {
     let fits: Vec<_> = (0..8)
         .map(|s| (s, vec![(s * 2, 1), (s * 2 + 1, 1)]))
         .collect();
-    f.dp.apply(&config(&fits)).unwrap();
+    f.apply(&config(&fits)).unwrap();
     let before = tables(&f);
 
     let too_many: Vec<_> = (0..9).map(|s| (s, vec![(s, 1)])).collect();
-    let e = format!("{:#}", f.dp.apply(&config(&too_many)).unwrap_err());
+    let e = format!("{:#}", f.apply(&config(&too_many)).unwrap_err());
     assert!(
         e.contains("9 services, the maps hold 8 (--max-services)"),
         "{e}"
@@ -147,7 +147,7 @@ fn privileged_map_sizes_are_chosen_at_load_and_enforced_before_writing() {
     let too_many_backends: Vec<_> = (0..7)
         .map(|s| (s, vec![(s * 3, 1), (s * 3 + 1, 1), (s * 3 + 2, 1)]))
         .collect();
-    let e = format!("{:#}", f.dp.apply(&config(&too_many_backends)).unwrap_err());
+    let e = format!("{:#}", f.apply(&config(&too_many_backends)).unwrap_err());
     assert!(
         e.contains("21 backends in all, the maps hold 20 (--max-backends)"),
         "{e}"
@@ -162,7 +162,7 @@ fn privileged_map_sizes_are_chosen_at_load_and_enforced_before_writing() {
     let mut big = Fixture::with_options(&opts).unwrap();
     let many: Vec<_> = (0..300).map(|s| (s, vec![(s, 1)])).collect();
     let cfg = config(&many);
-    big.dp.apply(&cfg).unwrap();
+    big.apply(&cfg).unwrap();
     assert_eq!(tables(&big).len(), 300);
 }
 
@@ -196,11 +196,11 @@ fn privileged_backends_carry_their_service_mode_through_a_change() {
     };
     use lb_common::{MODE_DNAT, MODE_DSR, MODE_NAT};
     let mut f = Fixture::new().unwrap();
-    f.dp.apply(&config(["nat", "dnat", "dsr"])).unwrap();
+    f.apply(&config(["nat", "dnat", "dsr"])).unwrap();
     let before = modes_in_map(&mut f);
     assert_eq!(before.len(), 6);
     assert_eq!(by_service(&before), [MODE_NAT, MODE_DNAT, MODE_DSR]);
-    f.dp.apply(&config(["dsr", "nat", "dnat"])).unwrap();
+    f.apply(&config(["dsr", "nat", "dnat"])).unwrap();
     let after = modes_in_map(&mut f);
     assert_eq!(by_service(&after), [MODE_DSR, MODE_NAT, MODE_DNAT]);
     assert_eq!(

@@ -138,7 +138,7 @@ fn privileged_source_range_rows() {
         for &(name, a4, a6, client, admitted) in rows {
             for mode in ["nat", "dnat", "dsr"] {
                 let mut f = Fixture::new().unwrap();
-                f.dp.apply(&config(mode, a4, a6)).unwrap();
+                f.apply(&config(mode, a4, a6)).unwrap();
                 let vip = if client.contains(':') {
                     "2001:db8::10"
                 } else {
@@ -179,8 +179,7 @@ fn privileged_established_flow_cut_when_the_ranges_change() {
     in_lab(|lab| {
         for mode in ["nat", "dnat", "dsr"] {
             let mut f = Fixture::new().unwrap();
-            f.dp.apply(&config(mode, Some("10.10.0.0/24"), None))
-                .unwrap();
+            f.apply(&config(mode, Some("10.10.0.0/24"), None)).unwrap();
             let flow = Frame::udp("10.10.0.5", 40000, "192.0.2.10", 53);
             assert_eq!(
                 f.run_on(&flow.build(), lab.client_if).unwrap().verdict,
@@ -192,8 +191,7 @@ fn privileged_established_flow_cut_when_the_ranges_change() {
                     .verdict,
                 XDP_REDIRECT
             );
-            f.dp.apply(&config(mode, Some("10.99.0.0/16"), None))
-                .unwrap();
+            f.apply(&config(mode, Some("10.99.0.0/16"), None)).unwrap();
             assert_eq!(
                 f.run_on(&flow.build(), lab.client_if).unwrap().verdict,
                 XDP_DROP,
@@ -205,7 +203,7 @@ fn privileged_established_flow_cut_when_the_ranges_change() {
                 "{mode}: its conntrack entry is gone"
             );
             // Ranges removed: everyone again, the flow starts afresh.
-            f.dp.apply(&config(mode, None, None)).unwrap();
+            f.apply(&config(mode, None, None)).unwrap();
             assert_eq!(
                 f.run_on(&flow.build(), lab.client_if).unwrap().verdict,
                 XDP_REDIRECT,

@@ -111,7 +111,7 @@ fn with(extra: &str, backends: bool) -> Config {
 fn privileged_echo_to_a_vip_is_answered_from_it() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&with("", true)).unwrap();
+        f.apply(&with("", true)).unwrap();
         for (src, vip) in [("10.10.0.5", "192.0.2.10"), ("fd10::5", "2001:db8::10")] {
             let req = echo_request(src, vip);
             let r = f.run_on(&req, lab.client_if).unwrap();
@@ -132,7 +132,7 @@ fn privileged_echo_to_a_vip_is_answered_from_it() {
         assert_eq!(counter(&f, "icmp_echo_answered"), 2);
 
         // No backend can take a new flow: the VIP no longer answers.
-        f.dp.apply(&with("", false)).unwrap();
+        f.apply(&with("", false)).unwrap();
         for (src, vip) in [("10.10.0.5", "192.0.2.10"), ("fd10::5", "2001:db8::10")] {
             let req = echo_request(src, vip);
             let r = f.run_on(&req, lab.client_if).unwrap();
@@ -144,7 +144,7 @@ fn privileged_echo_to_a_vip_is_answered_from_it() {
         }
         // Every service of the VIP restricts its clients: no answer, to anyone.
         let restricted = "services:\n  - {name: a, vip: 192.0.2.10, port: 80, protocol: tcp, allow: [10.10.0.0/24], backends: [{address: \"10.20.0.2:8080\"}]}\n  - {name: b, vip: 192.0.2.10, port: 53, protocol: udp, allow: [10.10.0.0/24], backends: [{address: \"10.20.0.2:8080\"}]}\n";
-        f.dp.apply(&Config::parse(&format!("snat: {{ipv4: 10.20.0.1}}\n{restricted}")).unwrap())
+        f.apply(&Config::parse(&format!("snat: {{ipv4: 10.20.0.1}}\n{restricted}")).unwrap())
             .unwrap();
         let req = echo_request("10.10.0.5", "192.0.2.10");
         assert_eq!(
@@ -153,14 +153,14 @@ fn privileged_echo_to_a_vip_is_answered_from_it() {
             "a VIP of restricted services only"
         );
         // Turned off.
-        f.dp.apply(&with("icmp_echo: false\n", true)).unwrap();
+        f.apply(&with("icmp_echo: false\n", true)).unwrap();
         let req = echo_request("10.10.0.5", "192.0.2.10");
         assert_eq!(
             f.run_on(&req, lab.client_if).unwrap().verdict,
             XDP_PASS,
             "icmp_echo: false"
         );
-        f.dp.apply(&with("", true)).unwrap();
+        f.apply(&with("", true)).unwrap();
         assert_eq!(
             f.run_on(&req, lab.client_if).unwrap().verdict,
             XDP_TX,

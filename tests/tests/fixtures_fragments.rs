@@ -97,7 +97,7 @@ fn run_all(f: &mut Fixture, frames: &[Vec<u8>], ifindex: u32) -> Vec<(u32, Vec<u
 fn privileged_nat_fragments_both_ways() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config("nat", &BACKENDS_UDP_V4, &BACKENDS_UDP_V6))
+        f.apply(&config("nat", &BACKENDS_UDP_V4, &BACKENDS_UDP_V6))
             .unwrap();
         for (i, v6) in [false, true].into_iter().enumerate() {
             let backends: &[&str] = if v6 {
@@ -234,7 +234,7 @@ fn privileged_fragment_rows() {
             ];
             for (name, frames, want) in rows {
                 let mut f = Fixture::new().unwrap();
-                f.dp.apply(&config("nat", &BACKENDS_UDP_V4, &BACKENDS_UDP_V6))
+                f.apply(&config("nat", &BACKENDS_UDP_V4, &BACKENDS_UDP_V6))
                     .unwrap();
                 for (k, (frame, (verdict, reason))) in frames.iter().zip(&want).enumerate() {
                     let before = counter(&f, reason);
@@ -260,7 +260,7 @@ fn privileged_fragment_rows() {
 fn privileged_ipv6_fragment_header_behind_extension_headers() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config("nat", &BACKENDS_UDP_V4, &BACKENDS_UDP_V6))
+        f.apply(&config("nat", &BACKENDS_UDP_V4, &BACKENDS_UDP_V6))
             .unwrap();
         let mut frame = Frame::udp(client(true), 43000, vip(true), 53);
         frame.payload = payload(2500);
@@ -289,7 +289,7 @@ fn privileged_dnat_and_dsr_fragments_follow_the_first() {
     in_lab(|lab| {
         for v6 in [false, true] {
             let mut f = Fixture::new().unwrap();
-            f.dp.apply(&config("dnat", &BACKENDS_UDP_V4, &BACKENDS_UDP_V6))
+            f.apply(&config("dnat", &BACKENDS_UDP_V4, &BACKENDS_UDP_V6))
                 .unwrap();
             let backends: &[&str] = if v6 {
                 &BACKENDS_UDP_V6
@@ -312,8 +312,7 @@ fn privileged_dnat_and_dsr_fragments_follow_the_first() {
             assert_eq!(d.payload, frame.payload);
 
             let mut f = Fixture::new().unwrap();
-            f.dp.apply(&config("dsr", &DSR_UDP_V4, &DSR_UDP_V6))
-                .unwrap();
+            f.apply(&config("dsr", &DSR_UDP_V4, &DSR_UDP_V6)).unwrap();
             let dsr_backends: &[&str] = if v6 { &DSR_UDP_V6 } else { &DSR_UDP_V4 };
             let want = predicted_backend(dsr_backends, &frame, PROTO_UDP);
             let (outer, inner_at, dst_at) = if v6 { (40, 54, 38) } else { (20, 34, 30) };
@@ -347,8 +346,7 @@ fn privileged_dnat_and_dsr_fragments_follow_the_first() {
 fn privileged_dsr_fragment_too_big_for_the_tunnel() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config("dsr", &DSR_UDP_V4, &DSR_UDP_V6))
-            .unwrap();
+        f.apply(&config("dsr", &DSR_UDP_V4, &DSR_UDP_V6)).unwrap();
         let (_, v4) = datagram(false, PROTO_UDP, 45000, 4000, 1480, 3);
         let r = f.run_on(&v4[0], lab.client_if).unwrap();
         assert_eq!(r.verdict, XDP_DROP);

@@ -124,7 +124,7 @@ fn privileged_dnat_keeps_the_client_address_and_translates_replies() {
             "",
             [&BACKENDS_V4, &BACKENDS_V4, &BACKENDS_V6, &BACKENDS_V6],
         );
-        f.dp.apply(&cfg).unwrap();
+        f.apply(&cfg).unwrap();
         let cases = [
             (
                 Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80),
@@ -209,7 +209,7 @@ fn privileged_dsr_encapsulates_the_unchanged_packet() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
         let cfg = mode_config("dsr", "", [&DSR_V4, &DSR_UDP_V4, &DSR_V6, &DSR_UDP_V6]);
-        f.dp.apply(&cfg).unwrap();
+        f.apply(&cfg).unwrap();
         let cases = [
             (
                 Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80),
@@ -299,7 +299,7 @@ fn privileged_dsr_too_big_for_the_path_gets_icmp_with_the_mtu_left() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
         let cfg = mode_config("dsr", "", [&DSR_V4, &DSR_UDP_V4, &DSR_V6, &DSR_UDP_V6]);
-        f.dp.apply(&cfg).unwrap();
+        f.apply(&cfg).unwrap();
         let ns_ip = |args: &[&str]| {
             let st = std::process::Command::new("ip")
                 .args(args)
@@ -394,7 +394,7 @@ fn privileged_decap_strips_the_outer_header_of_packets_for_this_host() {
             decap: true,
             ..Default::default()
         };
-        f.dp.apply(&cfg).unwrap();
+        f.apply(&cfg).unwrap();
         // As the LB sends them: from its address to this host's (10.20.0.1 / fd20::1
         // are local here), around the client's packet.
         let cases: [(Frame, [u8; 2], Vec<u8>); 2] = [

@@ -99,7 +99,7 @@ fn new_flow_then_established_then_reply(
 fn privileged_ipv4_tcp_and_udp_new_established_reply() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         new_flow_then_established_then_reply(
             &mut f,
             lab,
@@ -133,7 +133,7 @@ fn privileged_ipv4_tcp_and_udp_new_established_reply() {
 fn privileged_ipv6_tcp_and_udp_new_established_reply() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         new_flow_then_established_then_reply(
             &mut f,
             lab,
@@ -156,7 +156,7 @@ fn privileged_ipv6_tcp_and_udp_new_established_reply() {
 fn privileged_many_flows_spread_as_predicted_and_ports_never_collide() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let mut seen = std::collections::BTreeSet::new();
         let mut per_backend = std::collections::BTreeMap::new();
         for sport in 30000..30300u16 {
@@ -185,7 +185,7 @@ fn privileged_snat_keeps_the_client_port_when_it_is_free() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
         // One backend, so both clients' flows go to it.
-        f.dp.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6[..1]))
+        f.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6[..1]))
             .unwrap();
         let out = |f: &mut Fixture, src: &str, sport: u16| {
             let frame = Frame::tcp(src, sport, "192.0.2.10", 80);
@@ -211,7 +211,7 @@ fn privileged_snat_keeps_the_client_port_when_it_is_free() {
 fn privileged_removed_backend_rebalances_only_its_flows() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let mut before = Vec::new();
         for sport in 31000..31060u16 {
             for frame in [
@@ -223,9 +223,9 @@ fn privileged_removed_backend_rebalances_only_its_flows() {
             }
         }
         let removed: SocketAddr = BACKENDS_V4[1].parse().unwrap();
-        let summary =
-            f.dp.apply(&config(&[BACKENDS_V4[0], BACKENDS_V4[2]], &BACKENDS_V6))
-                .unwrap();
+        let summary = f
+            .apply(&config(&[BACKENDS_V4[0], BACKENDS_V4[2]], &BACKENDS_V6))
+            .unwrap();
         // Backend ids are per service: it leaves both "web" and "dns".
         assert_eq!(summary.backends_removed, 2);
         let mut moved = 0;
@@ -252,7 +252,7 @@ fn privileged_removed_backend_rebalances_only_its_flows() {
 fn privileged_service_without_backends_drops_and_counts() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&[], &BACKENDS_V6)).unwrap();
+        f.apply(&config(&[], &BACKENDS_V6)).unwrap();
         let res = f
             .run_on(
                 &Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80).build(),
@@ -268,7 +268,7 @@ fn privileged_service_without_backends_drops_and_counts() {
 fn privileged_ttl_1_and_not_a_vip_pass_untouched() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let ttl1 = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80)
             .ttl(1)
             .build();
@@ -293,7 +293,7 @@ fn privileged_ttl_1_and_not_a_vip_pass_untouched() {
 fn privileged_udp_zero_checksum_stays_zero() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let mut bytes = Frame::udp("10.10.0.5", 40002, "192.0.2.10", 53).build();
         bytes[14 + 20 + 6] = 0;
         bytes[14 + 20 + 7] = 0;
@@ -309,7 +309,7 @@ fn privileged_udp_zero_checksum_stays_zero() {
 fn privileged_one_arm_uses_xdp_tx() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let res = f
             .run_on(
                 &Frame::tcp("10.10.0.5", 40003, "192.0.2.10", 80).build(),
@@ -409,7 +409,7 @@ fn icmp_errors_are_translated(
     let backends: Vec<String> = backends.iter().map(|s| s.to_string()).collect();
     in_lab(move |lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let refs: Vec<&str> = backends.iter().map(String::as_str).collect();
         let frame = Frame::tcp(&client.to_string(), 41000, &vip.to_string(), 80);
         let backend = predicted_backend(&refs, &frame, PROTO_TCP);
@@ -506,7 +506,7 @@ fn privileged_icmpv6_packet_too_big_is_translated_both_ways() {
 fn privileged_unknown_neighbour_is_requested_and_never_handed_over_as_a_martian() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&["10.20.0.99:8080"], &["[fd20::99]:8080"]))
+        f.apply(&config(&["10.20.0.99:8080"], &["[fd20::99]:8080"]))
             .unwrap();
         let v4 = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80);
         let res = f.run_on(&v4.build(), lab.client_if).unwrap();
@@ -555,8 +555,7 @@ fn privileged_idle_and_closing_timeouts_expire_entries() {
         let mut f = Fixture::new().unwrap();
         let timeouts = "timeouts: {tcp_idle: 3600, tcp_closing: 1, udp_idle: 1}\n";
         let two = [BACKENDS_V4[0], BACKENDS_V4[1]];
-        f.dp.apply(&config_with(timeouts, &two, &BACKENDS_V6))
-            .unwrap();
+        f.apply(&config_with(timeouts, &two, &BACKENDS_V6)).unwrap();
         // Flows whose Maglev pick changes when the third backend is added.
         let mut udp = None;
         let mut tcp = None;
@@ -593,7 +592,7 @@ fn privileged_idle_and_closing_timeouts_expire_entries() {
             ..Default::default()
         });
         assert_eq!(dst(&mut f, &fin), tcp_first);
-        f.dp.apply(&config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6))
+        f.apply(&config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6))
             .unwrap();
         assert_eq!(
             dst(&mut f, &udp),
@@ -623,8 +622,7 @@ fn privileged_half_open_flows_expire_after_the_syn_timeout() {
         let mut f = Fixture::new().unwrap();
         let timeouts = "timeouts: {tcp_idle: 3600, tcp_closing: 10, udp_idle: 60, tcp_syn: 1}\n";
         let two = [BACKENDS_V4[0], BACKENDS_V4[1]];
-        f.dp.apply(&config_with(timeouts, &two, &BACKENDS_V6))
-            .unwrap();
+        f.apply(&config_with(timeouts, &two, &BACKENDS_V6)).unwrap();
         // Two flows whose Maglev pick changes when the third backend is added.
         let moving: Vec<Frame> = (40000..42000u16)
             .map(|sport| Frame::tcp("10.10.0.6", sport, "192.0.2.10", 80))
@@ -646,7 +644,7 @@ fn privileged_half_open_flows_expire_after_the_syn_timeout() {
             ..Default::default()
         });
         assert_eq!(dst(&mut f, &ack), est_first);
-        f.dp.apply(&config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6))
+        f.apply(&config_with(timeouts, &BACKENDS_V4, &BACKENDS_V6))
             .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2200));
         assert_ne!(
@@ -668,7 +666,7 @@ fn privileged_half_open_flows_expire_after_the_syn_timeout() {
 fn privileged_ipv4_with_options_is_translated() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let frame = Frame::tcp("10.10.0.5", 40100, "192.0.2.10", 80);
         let plain = frame.build();
         let mut ip = plain[14..34].to_vec();
@@ -706,8 +704,7 @@ fn privileged_next_hop_cache_expires_and_never_skips_the_mtu_check() {
             assert!(st.success(), "ip {args:?}");
         };
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6))
-            .unwrap();
+        f.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6)).unwrap();
         let flow = Frame::tcp("10.10.0.5", 40100, "192.0.2.10", 80);
         let first = f.run_on(&flow.build(), lab.client_if).unwrap();
         assert_eq!(first.verdict, XDP_REDIRECT);
@@ -779,8 +776,7 @@ fn write_entry<V: aya::Pod>(f: &Fixture, map: &str, key: &FlowKey, value: &V) {
 fn privileged_flow_entries_carry_their_next_hop() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6))
-            .unwrap();
+        f.apply(&config(&BACKENDS_V4[..1], &BACKENDS_V6)).unwrap();
         let flow = Frame::tcp("10.10.0.5", 40200, "192.0.2.10", 80);
         let opened = decode(&f.run_on(&flow.build(), lab.client_if).unwrap().data).unwrap();
         let est = flow.clone().flags(ACK);
@@ -865,7 +861,7 @@ fn bits_set(words: &[lb_common::VipFilterWord]) -> Vec<u32> {
 fn privileged_vip_filter_holds_exactly_the_services_and_only_skips_the_rest() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let services = [
             ("192.0.2.10", 80, PROTO_TCP),
             ("192.0.2.10", 53, PROTO_UDP),
@@ -913,7 +909,7 @@ fn privileged_vip_filter_holds_exactly_the_services_and_only_skips_the_rest() {
             "maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1}}\nservices:\n  - name: web\n    vip: \"192.0.2.10\"\n    port: 80\n    protocol: tcp\n    backends: [{{address: \"{b}\"}}]\n  - name: web-tls\n    vip: \"192.0.2.10\"\n    port: 8443\n    protocol: tcp\n    backends: [{{address: \"{b}\"}}]\n",
             b = BACKENDS_V4[0]
         );
-        f.dp.apply(&xlb::config::Config::parse(&text).unwrap())
+        f.apply(&xlb::config::Config::parse(&text).unwrap())
             .unwrap();
         let mut want = vec![web, filter_bit("192.0.2.10", 8443, PROTO_TCP)];
         want.sort();
@@ -941,7 +937,7 @@ fn privileged_vip_filter_holds_exactly_the_services_and_only_skips_the_rest() {
 fn privileged_an_established_flow_ends_with_its_service() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let syn = Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80);
         let ack = syn.clone().flags(ACK);
         for frame in [&syn, &ack] {
@@ -953,7 +949,7 @@ fn privileged_an_established_flow_ends_with_its_service() {
             "maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1}}\nservices:\n  - name: dns\n    vip: \"192.0.2.10\"\n    port: 53\n    protocol: udp\n    backends: [{}]\n",
             backend_list(&BACKENDS_V4)
         );
-        f.dp.apply(&xlb::config::Config::parse(&text).unwrap())
+        f.apply(&xlb::config::Config::parse(&text).unwrap())
             .unwrap();
         let ct: AyaHashMap<_, FlowKey, ConnValue> = AyaHashMap::try_from(Map::LruHashMap(
             MapData::from_pin(f.pin_path().join(MAP_CONNTRACK)).unwrap(),

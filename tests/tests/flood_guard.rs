@@ -73,7 +73,7 @@ fn privileged_flood_guard_makes_no_entries_above_the_rate() {
         stay_on_this_cpu();
         for mode in ["nat", "dsr", "dnat"] {
             let mut f = Fixture::new().unwrap();
-            f.dp.apply(&config(mode)).unwrap();
+            f.apply(&config(mode)).unwrap();
             let backends: Vec<String> = BACKENDS_V4
                 .iter()
                 .map(|b| b.replace(":8080", ":80"))

@@ -249,8 +249,11 @@ fn privileged_pinned_maps_of_another_layout_are_replaced() {
         "the compatible map is adopted, not replaced"
     );
     // And the datapath works on them: a service can be applied.
-    dp.apply(&xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6))
-        .unwrap();
+    xlb_tests::testrun::apply(
+        &mut dp,
+        &xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6),
+    )
+    .unwrap();
     assert!(xlb::dataplane::drop_incompatible_pins(&pin)
         .unwrap()
         .is_empty());
@@ -281,7 +284,7 @@ fn privileged_an_upgrade_gives_older_backend_entries_their_service_mode() {
     };
     let want = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        dp.apply(&cfg).unwrap();
+        xlb_tests::testrun::apply(&mut dp, &cfg).unwrap();
         let want = modes(&mut dp);
         let mut by_mode: Vec<u8> = want.iter().map(|(_, m)| *m).collect();
         by_mode.sort();
@@ -334,8 +337,11 @@ fn privileged_an_upgrade_rebuilds_a_replaced_vip_filter_from_the_services() {
     };
     let keys = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        dp.apply(&xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6))
-            .unwrap();
+        xlb_tests::testrun::apply(
+            &mut dp,
+            &xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6),
+        )
+        .unwrap();
         let services: aya::maps::HashMap<_, ServiceKey, ServiceValue> =
             aya::maps::HashMap::try_from(dp.ebpf.map(MAP_SERVICES).unwrap()).unwrap();
         let keys: Vec<ServiceKey> = services.keys().map(Result::unwrap).collect();
@@ -383,7 +389,7 @@ fn privileged_an_upgrade_that_emptied_the_settings_gets_them_before_the_first_sy
     .unwrap();
     let want = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        dp.apply(&cfg).unwrap();
+        xlb_tests::testrun::apply(&mut dp, &cfg).unwrap();
         settings(&mut dp)
     };
     assert_eq!(want.dnat_in_use, 1);
@@ -462,8 +468,11 @@ fn privileged_maps_sized_by_the_operator_are_adopted_at_any_size() {
     };
     let before = {
         let mut dp = Dataplane::load(&pin, &small).unwrap();
-        dp.apply(&xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6))
-            .unwrap();
+        xlb_tests::testrun::apply(
+            &mut dp,
+            &xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6),
+        )
+        .unwrap();
         ids(&pin)
     };
     assert!(before.len() >= 10, "the maps are pinned: {before:?}");

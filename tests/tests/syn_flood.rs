@@ -171,7 +171,7 @@ fn privileged_syn_flood_keeps_established_flows_forwarded() {
 fn privileged_syn_flood_cost_per_packet() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         const N: usize = 20_000;
         let mut xlb = Vec::with_capacity(N);
         let mut pass = Vec::with_capacity(N);

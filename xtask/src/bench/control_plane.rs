@@ -133,7 +133,7 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
             let mut f = Fixture::with_options(&opts)?;
             let before = mem_available_kib()?;
             let start = Instant::now();
-            let summary = f.dp.apply(&cfg)?;
+            let summary = f.apply(&cfg)?;
             let full = ms(start.elapsed());
             let kmem = before.saturating_sub(mem_available_kib()?) as f64 / 1024.0;
             let mut inc = Vec::new();
@@ -144,12 +144,12 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
                 let s = (u * 7919) % services;
                 c.services[s].backends[0].address = backend_addr(next).parse()?;
                 let start = Instant::now();
-                f.dp.apply(&c)?;
+                f.apply(&c)?;
                 inc.push(start.elapsed().as_micros() as u64);
             }
             let start = Instant::now();
-            f.dp.apply(&cfg)?;
-            f.dp.apply(&cfg)?;
+            f.apply(&cfg)?;
+            f.apply(&cfg)?;
             let noop = ms(start.elapsed()) / 2.0;
             (full, summary.tables_written, kmem, inc, noop)
         };

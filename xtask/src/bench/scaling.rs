@@ -109,7 +109,7 @@ pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Resu
         let (point, mem) = lab.lb.run_scoped(|| -> Result<(Point, f64)> {
             let mut f = Fixture::with_options(&opts)?;
             let before = mem_available_kib()?;
-            f.dp.apply(&cfg)?;
+            f.apply(&cfg)?;
             let mem = before.saturating_sub(mem_available_kib()?) as f64 / 1024.0;
             if f.run_on(&syn.build(), ifindex)?.verdict != XDP_REDIRECT {
                 bail!("opening the flow with {n} services");
@@ -143,7 +143,7 @@ pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Resu
     let flows = flows.to_vec();
     let ct_points = lab.lb.run_scoped(|| -> Result<Vec<Point>> {
         let mut f = Fixture::with_options(&opts)?;
-        f.dp.apply(&cfg)?;
+        f.apply(&cfg)?;
         if f.run_on(&syn.build(), ifindex)?.verdict != XDP_REDIRECT {
             bail!("opening the flow");
         }
