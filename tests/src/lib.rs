@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bird;
+pub mod cfg;
 pub mod container;
 pub mod fakeapi;
 pub mod fragment;

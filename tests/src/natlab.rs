@@ -6,13 +6,19 @@ use std::net::{IpAddr, SocketAddr};
 
 use lb_common::{flow_hash, FlowKey};
 use xlb::{
-    config::Config,
+    config::{Config, Mode},
     dataplane::addr_to_words,
     maglev::{build, WeightedBackend},
     status::read_global_counters,
 };
 
-use crate::{netns::Netns, packet::Frame, privileged, testrun::Fixture};
+use crate::{
+    cfg::{Cfg, Svc},
+    netns::Netns,
+    packet::Frame,
+    privileged,
+    testrun::Fixture,
+};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
 pub const BACKEND_MACS: [[u8; 6]; 3] = [
@@ -31,6 +37,37 @@ pub struct Lab {
     pub backend_side_mac: [u8; 6],
 }
 
+/// The fixtures' services: web (TCP :80) and dns (UDP :53) on 192.0.2.10 with the
+/// backends `b[0]` and `b[1]`, web6 and dns6 on 2001:db8::10 with `b[2]` and `b[3]`, in
+/// `mode` if given; Maglev table size M, SNAT sources 10.20.0.1 and fd20::1.
+pub fn lab_services(mode: Option<Mode>, b: [&[&str]; 4]) -> Cfg {
+    let svc = |s: Svc, bs: &[&str]| {
+        let s = s.backends(bs);
+        match mode {
+            Some(m) => s.mode(m),
+            None => s,
+        }
+    };
+    Cfg::new()
+        .maglev_table_size(M)
+        .snat4("10.20.0.1")
+        .snat6("fd20::1")
+        .service(svc(Svc::tcp("web", "192.0.2.10", 80), b[0]))
+        .service(svc(Svc::udp("dns", "192.0.2.10", 53), b[1]))
+        .service(svc(Svc::tcp("web6", "2001:db8::10", 80), b[2]))
+        .service(svc(Svc::udp("dns6", "2001:db8::10", 53), b[3]))
+}
+
+/// [`lab_services`] in the default mode, the IPv4 services to `backends_v4`, the IPv6
+/// ones to `backends_v6`.
+pub fn services(backends_v4: &[&str], backends_v6: &[&str]) -> Cfg {
+    lab_services(None, [backends_v4, backends_v4, backends_v6, backends_v6])
+}
+
+pub fn config(backends_v4: &[&str], backends_v6: &[&str]) -> Config {
+    services(backends_v4, backends_v6).config()
+}
+
 /// A YAML flow list of backends: `{address: "…"}, …`.
 pub fn backend_list(backends: &[&str]) -> String {
     backends
@@ -38,10 +75,6 @@ pub fn backend_list(backends: &[&str]) -> String {
         .map(|b| format!("{{address: \"{b}\"}}"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-pub fn config(backends_v4: &[&str], backends_v6: &[&str]) -> Config {
-    config_with("", backends_v4, backends_v6)
 }
 
 /// `extra` is YAML put before the rest (e.g. `timeouts:`).
@@ -59,19 +92,19 @@ pub fn config_with(extra: &str, backends_v4: &[&str], backends_v6: &[&str]) -> C
     Config::parse(&text).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{text}"))
 }
 
-/// One TCP service per mode in `modes` (`nat`, `dnat`, `dsr`): service i is `s{i}` at
-/// 10.200.0.{i+1}:80 with backends 172.16.{i}.1:80 and 172.16.{i}.2:80, so a backend's
-/// third octet names its service.
-pub fn config_with_modes(modes: &[&str]) -> Config {
-    let mut t = String::from("snat: {ipv4: 10.30.0.1}\nservices:\n");
+/// One TCP service per mode in `modes`: service i is `s{i}` at 10.200.0.{i+1}:80 with
+/// backends 172.16.{i}.1:80 and 172.16.{i}.2:80, so a backend's third octet names its
+/// service.
+pub fn config_with_modes(modes: &[Mode]) -> Config {
+    let mut c = Cfg::new().snat4("10.30.0.1");
     for (i, mode) in modes.iter().enumerate() {
-        t.push_str(&format!(
-            "  - {{name: s{i}, vip: \"10.200.0.{}\", port: 80, protocol: tcp, mode: {mode}, backends: [{}]}}\n",
-            i + 1,
-            backend_list(&[&format!("172.16.{i}.1:80"), &format!("172.16.{i}.2:80")])
-        ));
+        c = c.service(
+            Svc::tcp(format!("s{i}"), format!("10.200.0.{}", i + 1), 80)
+                .mode(*mode)
+                .backends([format!("172.16.{i}.1:80"), format!("172.16.{i}.2:80")]),
+        );
     }
-    Config::parse(&t).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{t}"))
+    c.config()
 }
 
 /// Builds the namespace, then runs `body` on a thread inside it.

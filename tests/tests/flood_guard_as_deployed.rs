@@ -45,12 +45,8 @@ fn privileged_as_deployed_flood_guard_drops_new_nat_flows_and_spares_existing_on
         return;
     }
     let lab = LbLab::two_arm_on(3, Network::AsDeployed).unwrap();
-    lab.write_config(&[0, 1, 2]).unwrap();
-    let text = std::fs::read_to_string(&lab.config_path).unwrap();
-    lab.replace_config(&format!(
-        "flood_guard: {{new_flows_per_cpu: {LIMIT}}}\n{text}"
-    ))
-    .unwrap();
+    lab.write(&lab.services(&[0, 1, 2]).flood_guard(LIMIT as u32))
+        .unwrap();
     let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbf")));
     let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());

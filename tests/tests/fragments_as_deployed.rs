@@ -19,6 +19,7 @@ use std::{
 
 use xlb_tests::{
     agent::Agent,
+    cfg::{Cfg, Mode, Svc},
     netns::Netns,
     privileged, report,
     segment::SegmentLab,
@@ -110,18 +111,15 @@ fn any() -> Vec<IpAddr> {
     vec![IpAddr::from([0u16; 8])]
 }
 
-fn config(mode: &str, b4: &[IpAddr], b6: &[IpAddr]) -> String {
-    let list = |bs: &[IpAddr]| {
-        bs.iter()
-            .map(|b| format!("{{address: \"{}\"}}", SocketAddr::new(*b, PORT)))
-            .collect::<Vec<_>>()
-            .join(", ")
+fn config(mode: Mode, b4: &[IpAddr], b6: &[IpAddr]) -> Cfg {
+    let svc = |name: &str, vip: &str, bs: &[IpAddr]| {
+        Svc::udp(name, vip, PORT)
+            .mode(mode)
+            .backends(bs.iter().map(|b| SocketAddr::new(*b, PORT)))
     };
-    format!(
-        "services:\n  - {{name: big4, vip: \"{VIP4}\", port: {PORT}, protocol: udp, mode: {mode}, backends: [{}]}}\n  - {{name: big6, vip: \"{VIP6}\", port: {PORT}, protocol: udp, mode: {mode}, backends: [{}]}}\n",
-        list(b4),
-        list(b6)
-    )
+    Cfg::new()
+        .service(svc("big4", VIP4, b4))
+        .service(svc("big6", VIP6, b6))
 }
 
 fn pin() -> (PathBuf, RemoveOnDrop) {
@@ -155,7 +153,8 @@ fn privileged_fragments_through_nat_and_dnat_as_deployed_and_nftables() {
         let lab = LbLab::two_arm_on(3, Network::AsDeployed).unwrap();
         let b4: Vec<IpAddr> = (0..3).map(|i| lab.backend(i, false).ip()).collect();
         let b6: Vec<IpAddr> = (0..3).map(|i| lab.backend(i, true).ip()).collect();
-        lab.replace_config(&config(mode, &b4, &b6)).unwrap();
+        lab.write(&config(xlb_tests::cfg::mode(mode), &b4, &b6))
+            .unwrap();
         let _servers = servers(&lab.backends.iter().collect::<Vec<_>>(), &any());
         let (pin, _guard) = pin();
         let iface = lab.iface_arg();
@@ -271,7 +270,7 @@ fn privileged_fragments_through_dsr_as_deployed() {
     let b6: Vec<IpAddr> = lab.backends.iter().map(|b| b.addr6).collect();
     let cfg = std::env::temp_dir().join(format!("{}.yaml", unique_name("xfd")));
     let _rm = RemoveOnDrop(cfg.clone());
-    std::fs::write(&cfg, config("dsr", &b4, &b6)).unwrap();
+    config(Mode::Dsr, &b4, &b6).write(&cfg).unwrap();
     let (pin, _guard) = pin();
     let lb = &lab.lbs[0];
     let agent = Agent::start_at(

@@ -15,6 +15,7 @@ use std::{
 
 use xlb_tests::{
     agent::{status_json, Agent},
+    cfg::{Cfg, Mode},
     peer::{one_try_each, parse, serve, TCP_PORT, UDP_PORT},
     privileged, report,
     segment::SegmentLab,
@@ -64,9 +65,9 @@ fn decap_agents(lab: &SegmentLab) -> Vec<(Agent, PathBuf, RemoveOnDrop)> {
         .collect()
 }
 
-fn write_config(text: &str) -> (PathBuf, RemoveOnDrop) {
+fn write_config(cfg: &Cfg) -> (PathBuf, RemoveOnDrop) {
     let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("xmd")));
-    std::fs::write(&p, text).unwrap();
+    cfg.write(&p).unwrap();
     (p.clone(), RemoveOnDrop(p))
 }
 
@@ -142,7 +143,7 @@ fn privileged_dnat_backends_see_the_client_as_deployed() {
     let _servers: Vec<_> = (0..3)
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &[any], life))
         .collect();
-    let (cfg, _c) = write_config(&lab.config("dnat", TCP_PORT, UDP_PORT));
+    let (cfg, _c) = write_config(&lab.config(Mode::Dnat, TCP_PORT, UDP_PORT));
     let (p, _g) = pin();
     let agent = lb_agent(&lab, 0, &cfg, &p);
     let counts = check_traffic(&lab, "dnat", 100, &[&p]);
@@ -174,7 +175,7 @@ fn privileged_dsr_backends_see_the_client_and_replies_bypass_the_lb() {
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &binds, life))
         .collect();
     let decap = decap_agents(&lab);
-    let (cfg, _c) = write_config(&lab.config("dsr", TCP_PORT, UDP_PORT));
+    let (cfg, _c) = write_config(&lab.config(Mode::Dsr, TCP_PORT, UDP_PORT));
     let (p, _g) = pin();
     let agent = lb_agent(&lab, 0, &cfg, &p);
     let mut pins: Vec<&std::path::Path> = vec![&p];
@@ -265,7 +266,7 @@ fn move_between_nodes(mode: &str) -> (Vec<bool>, serde_json::Value) {
     } else {
         Vec::new()
     };
-    let (cfg, _c) = write_config(&lab.config(mode, TCP_PORT, UDP_PORT));
+    let (cfg, _c) = write_config(&lab.config(xlb_tests::cfg::mode(mode), TCP_PORT, UDP_PORT));
     let (p0, _g0) = pin();
     let (p1, _g1) = pin();
     let _a0 = lb_agent(&lab, 0, &cfg, &p0);
@@ -384,7 +385,11 @@ fn privileged_dnat_to_pods_on_the_lb_node_replies_through_tc_egress() {
         .flat_map(|(i, p)| serve(&p.ns, i, TCP_PORT, &[any], life))
         .collect();
     let (cfg, _c) = write_config(&xlb_tests::segment::config_for(
-        &pods, "dnat", TCP_PORT, UDP_PORT,
+        &pods,
+        [VIP4, VIP6],
+        Mode::Dnat,
+        TCP_PORT,
+        UDP_PORT,
     ));
     let (p, _g) = pin();
     let agent = lb_agent(&lab, 0, &cfg, &p);

@@ -18,7 +18,9 @@ use xlb_tests::natlab::{BACKENDS_V4, BACKENDS_V6};
 
 use xlb_tests::{
     agent::Agent,
+    cfg::{Cfg, Mode, Svc},
     privileged,
+    testrun::apply,
     topology::{LbLab, VIP4},
     traffic::{backend_index, connect, parse_reply, Conn},
     unique_name,
@@ -249,7 +251,7 @@ fn privileged_pinned_maps_of_another_layout_are_replaced() {
         "the compatible map is adopted, not replaced"
     );
     // And the datapath works on them: a service can be applied.
-    xlb_tests::testrun::apply(
+    apply(
         &mut dp,
         &xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6),
     )
@@ -272,7 +274,7 @@ fn privileged_an_upgrade_gives_older_backend_entries_their_service_mode() {
     use lb_common::{Backend, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR, MAP_BACKENDS};
     use lb_common::{MODE_DNAT, MODE_DSR, MODE_NAT};
     let (pin, _cleanup) = own_pin_path();
-    let cfg = xlb_tests::natlab::config_with_modes(&["nat", "dnat", "dsr"]);
+    let cfg = xlb_tests::natlab::config_with_modes(&[Mode::Nat, Mode::Dnat, Mode::Dsr]);
     let modes = |dp: &mut Dataplane| -> Vec<(u32, u8)> {
         let m: aya::maps::Array<_, Backend> =
             aya::maps::Array::try_from(dp.ebpf.map(MAP_BACKENDS).unwrap()).unwrap();
@@ -284,7 +286,7 @@ fn privileged_an_upgrade_gives_older_backend_entries_their_service_mode() {
     };
     let want = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        xlb_tests::testrun::apply(&mut dp, &cfg).unwrap();
+        apply(&mut dp, &cfg).unwrap();
         let want = modes(&mut dp);
         let mut by_mode: Vec<u8> = want.iter().map(|(_, m)| *m).collect();
         by_mode.sort();
@@ -337,7 +339,7 @@ fn privileged_an_upgrade_rebuilds_a_replaced_vip_filter_from_the_services() {
     };
     let keys = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        xlb_tests::testrun::apply(
+        apply(
             &mut dp,
             &xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6),
         )
@@ -383,13 +385,19 @@ fn privileged_an_upgrade_that_emptied_the_settings_gets_them_before_the_first_sy
             aya::maps::Array::try_from(dp.ebpf.map(MAP_CONFIG).unwrap()).unwrap();
         m.get(&0, 0).unwrap()
     };
-    let cfg = xlb::config::Config::parse(
-        "snat: {ipv4: 10.30.0.1, port_min: 40000, port_max: 50000}\nservices:\n  - {name: n, vip: \"10.200.0.1\", port: 80, protocol: tcp, backends: [{address: \"172.16.0.1:80\"}]}\n  - {name: d, vip: \"10.200.0.2\", port: 80, protocol: tcp, mode: dnat, backends: [{address: \"172.16.1.1:80\"}]}\n",
-    )
-    .unwrap();
+    let cfg = Cfg::new()
+        .snat4("10.30.0.1")
+        .snat_ports(40000, 50000)
+        .service(Svc::tcp("n", "10.200.0.1", 80).backends(["172.16.0.1:80"]))
+        .service(
+            Svc::tcp("d", "10.200.0.2", 80)
+                .mode(Mode::Dnat)
+                .backends(["172.16.1.1:80"]),
+        )
+        .config();
     let want = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        xlb_tests::testrun::apply(&mut dp, &cfg).unwrap();
+        apply(&mut dp, &cfg).unwrap();
         settings(&mut dp)
     };
     assert_eq!(want.dnat_in_use, 1);
@@ -468,7 +476,7 @@ fn privileged_maps_sized_by_the_operator_are_adopted_at_any_size() {
     };
     let before = {
         let mut dp = Dataplane::load(&pin, &small).unwrap();
-        xlb_tests::testrun::apply(
+        apply(
             &mut dp,
             &xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6),
         )

@@ -14,6 +14,7 @@ use std::{
 
 use xlb_tests::{
     agent::{status_json, Agent},
+    cfg::{Cfg, Svc},
     peer::{parse, serve},
     privileged, report,
     segment::SegmentLab,
@@ -74,21 +75,14 @@ fn privileged_upgrade_from_an_older_commit_keeps_every_flow() {
             (a, RemoveOnDrop(p))
         })
         .collect();
-    let mut text = "services:\n".to_owned();
-    for (mode, port) in MODES {
-        let list = lab
-            .backends
-            .iter()
-            .map(|b| format!("{{address: \"{}\"}}", SocketAddr::new(b.addr4, port)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        text.push_str(&format!(
-            "  - {{name: {mode}, vip: \"{VIP4}\", port: {port}, protocol: tcp, mode: {mode}, backends: [{list}]}}\n"
-        ));
-    }
+    let services = MODES.iter().map(|(mode, port)| {
+        Svc::tcp(*mode, VIP4, *port)
+            .mode(xlb_tests::cfg::mode(mode))
+            .backends(lab.backends.iter().map(|b| SocketAddr::new(b.addr4, *port)))
+    });
     let cfg = std::env::temp_dir().join(format!("{}.yaml", unique_name("xup")));
     let _cfg_guard = RemoveOnDrop(cfg.clone());
-    std::fs::write(&cfg, &text).unwrap();
+    Cfg::new().services(services).write(&cfg).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xup")));
     let _pin_guard = RemoveOnDrop(pin.clone());
     let lb = &lab.lbs[0];
