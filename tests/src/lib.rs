@@ -12,6 +12,7 @@ pub mod natlab;
 pub mod netns;
 pub mod packet;
 pub mod peer;
+pub mod rows;
 pub mod segment;
 pub mod testrun;
 pub mod topology;
