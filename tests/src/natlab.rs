@@ -68,30 +68,6 @@ pub fn config(backends_v4: &[&str], backends_v6: &[&str]) -> Config {
     services(backends_v4, backends_v6).config()
 }
 
-/// A YAML flow list of backends: `{address: "…"}, …`.
-pub fn backend_list(backends: &[&str]) -> String {
-    backends
-        .iter()
-        .map(|b| format!("{{address: \"{b}\"}}"))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// `extra` is YAML put before the rest (e.g. `timeouts:`).
-pub fn config_with(extra: &str, backends_v4: &[&str], backends_v6: &[&str]) -> Config {
-    let svc = |name: &str, vip: &str, port: u16, proto: &str, bs: &[&str]| {
-        format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    backends: [{}]\n", backend_list(bs))
-    };
-    let text = format!(
-        "{extra}maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n{}{}{}{}",
-        svc("web", "192.0.2.10", 80, "tcp", backends_v4),
-        svc("dns", "192.0.2.10", 53, "udp", backends_v4),
-        svc("web6", "2001:db8::10", 80, "tcp", backends_v6),
-        svc("dns6", "2001:db8::10", 53, "udp", backends_v6),
-    );
-    Config::parse(&text).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{text}"))
-}
-
 /// One TCP service per mode in `modes`: service i is `s{i}` at 10.200.0.{i+1}:80 with
 /// backends 172.16.{i}.1:80 and 172.16.{i}.2:80, so a backend's third octet names its
 /// service.
