@@ -18,6 +18,7 @@ use std::net::{IpAddr, SocketAddr};
 use anyhow::Result;
 
 use crate::{
+    agent::{Agent, Start},
     cfg::{Cfg, Mode, Protocol, Svc},
     netns::{veth_pair_untuned, Netns},
     topology::{VIP4, VIP6},
@@ -53,6 +54,13 @@ pub struct Node {
     pub addr6: IpAddr,
 }
 
+impl Node {
+    /// `xlb run` on the node's interface; the rest as [`Start`] says.
+    pub fn agent(&self) -> Start<'_> {
+        Start::new(&self.ns, &self.iface)
+    }
+}
+
 pub struct SegmentLab {
     pub client: Netns,
     pub router: Netns,
@@ -63,6 +71,15 @@ pub struct SegmentLab {
 }
 
 impl SegmentLab {
+    /// `xlb run --iface IF --decap` on every backend, no config at all: the backends'
+    /// side of dsr.
+    pub fn decap_agents(&self) -> Vec<Agent> {
+        self.backends
+            .iter()
+            .map(|b| b.agent().args(&["--decap"]).start().unwrap())
+            .collect()
+    }
+
     pub fn new(n_lbs: usize, n_backends: usize) -> Result<Self> {
         let client = Netns::new("sc")?;
         let router = Netns::new("sr")?;

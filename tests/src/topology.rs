@@ -29,6 +29,7 @@ use std::{
 use anyhow::Result;
 
 use crate::{
+    agent::Start,
     cfg::{Cfg, Protocol, Svc},
     netns::{veth_pair, veth_pair_untuned, Netns, VethEnd},
     traffic::{tcp_echo, udp_echo},
@@ -328,6 +329,12 @@ impl LbLab {
 
     pub fn iface_arg(&self) -> String {
         self.lb_ifaces.join(",")
+    }
+
+    /// `xlb run` on the LB, on the lab's interfaces with the lab's config file; the
+    /// rest as [`Start`] says.
+    pub fn agent(&self) -> Start<'_> {
+        Start::new(&self.lb, &self.iface_arg()).config(&self.config_path)
     }
 }
 

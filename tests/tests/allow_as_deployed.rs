@@ -13,7 +13,6 @@ use xlb_tests::{
     privileged, report,
     topology::{LbLab, Network, VIP4, VIP6},
     traffic::{burst, Burst},
-    unique_name, RemoveOnDrop,
 };
 
 const N: usize = 100;
@@ -58,12 +57,7 @@ fn privileged_source_ranges_as_deployed_and_across_a_reload() {
 
     lab.write(&config(&lab, "10.30.0.2/32", "fd30::2/128"))
         .unwrap();
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
-    let _cleanup = RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let ifaces = lab.iface_arg();
-    let mut agent =
-        Agent::start_at(&lab.lb, &pin, &["--iface", &ifaces, "--config", &cfg]).unwrap();
+    let mut agent = lab.agent().start().unwrap();
 
     let mut results = serde_json::Map::new();
     let mut phase = |name: &str, inside: usize, agent: &Agent| {

@@ -90,19 +90,12 @@ fn start_nodes(lab: &SegmentLab) -> Nodes {
     let agents = (0..n)
         .map(|k| {
             let node = &lab.lbs[k];
-            Agent::start_at(
-                &node.ns,
-                &pins[k].0,
-                &[
-                    "--iface",
-                    &node.iface,
-                    "--config",
-                    cfgs[k].0.to_str().unwrap(),
-                    "--announce-routes-table",
-                    TABLE,
-                ],
-            )
-            .unwrap()
+            node.agent()
+                .config(&cfgs[k].0)
+                .args(&["--announce-routes-table", TABLE])
+                .pin_path(&pins[k].0)
+                .start()
+                .unwrap()
         })
         .collect();
     Nodes { cfgs, pins, agents }
@@ -232,15 +225,7 @@ fn privileged_bgp_through_bird_ecmp_drain_and_node_failure() {
     let _servers: Vec<_> = (0..3)
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &[], life))
         .collect();
-    let _decap: Vec<_> = lab
-        .backends
-        .iter()
-        .map(|b| {
-            let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbd")));
-            let a = Agent::start_at(&b.ns, &p, &["--iface", &b.iface, "--decap"]).unwrap();
-            (a, RemoveOnDrop(p))
-        })
-        .collect();
+    let _decap = lab.decap_agents();
     let Nodes {
         cfgs: cfg_paths,
         pins,
@@ -383,19 +368,12 @@ fn privileged_l2_answers_arp_and_ndp_and_a_takeover_moves_the_clients_entry() {
     let _cfg = RemoveOnDrop(cfg.clone());
     let start = |k: usize, pin: &Path| {
         let n = &lab.lbs[k];
-        Agent::start_at(
-            &n.ns,
-            pin,
-            &[
-                "--iface",
-                &n.iface,
-                "--config",
-                cfg.to_str().unwrap(),
-                "--announce-l2",
-                &n.iface,
-            ],
-        )
-        .unwrap()
+        n.agent()
+            .config(&cfg)
+            .args(&["--announce-l2", &n.iface])
+            .pin_path(pin)
+            .start()
+            .unwrap()
     };
     let pins: Vec<(PathBuf, RemoveOnDrop)> = (0..2)
         .map(|_| {

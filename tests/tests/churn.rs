@@ -13,7 +13,6 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{ConnValue, FlowKey, ReverseNat, MAP_CONNTRACK, MAP_REVERSE_NAT};
 use xlb_tests::{
-    agent::Agent,
     cfg::{Cfg, Svc, Timeouts},
     privileged,
     topology::{LbLab, VIP4},
@@ -68,19 +67,7 @@ fn privileged_churn_under_load_moves_only_removed_backends_flows() {
     let mut weights: Vec<Option<u32>> = vec![Some(1), Some(1), Some(1), None];
     lab.write(&config(&lab, &weights)).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(120)).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let mut agent = Agent::start(
-        &lab.lb,
-        &[
-            "--iface",
-            &lab.iface_arg(),
-            "--xdp-mode",
-            "generic",
-            "--config",
-            &cfg,
-        ],
-    )
-    .unwrap();
+    let mut agent = lab.agent().xdp_mode("generic").start().unwrap();
     let tcp_vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let udp_vip: SocketAddr = format!("{VIP4}:53").parse().unwrap();
 

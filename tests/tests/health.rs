@@ -106,19 +106,7 @@ fn privileged_failing_backend_leaves_and_returns() {
         ),
     )
     .unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let mut agent = Agent::start(
-        &lab.lb,
-        &[
-            "--iface",
-            &lab.iface_arg(),
-            "--xdp-mode",
-            "generic",
-            "--config",
-            &cfg,
-        ],
-    )
-    .unwrap();
+    let mut agent = lab.agent().xdp_mode("generic").start().unwrap();
     let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let b1 = lab.backend(1, false).to_string();
 

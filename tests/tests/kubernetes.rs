@@ -12,7 +12,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::json;
 use xlb_tests::{
-    agent::Agent,
+    agent::{Agent, Start},
     cfg::{Cfg, Svc},
     fakeapi::{FakeApi, Kind},
     netns::{veth_pair, Netns},
@@ -108,22 +108,14 @@ impl K8sLab {
     fn agent_in(&self, ns: &Netns, iface: &str, extra: &[&str]) -> Agent {
         let snat4 = self.lab.snat4.to_string();
         let snat6 = self.lab.snat6.to_string();
-        let mut args = vec![
-            "--iface",
-            iface,
-            "--xdp-mode",
-            "generic",
-            "--kubernetes",
-            "--node-name",
-            NODE,
-            "--snat-ipv4",
-            &snat4,
-            "--snat-ipv6",
-            &snat6,
-        ];
-        args.extend_from_slice(extra);
-        let kc = self.kubeconfig.to_str().unwrap();
-        Agent::start_with_env(ns, &args, &[("KUBECONFIG", kc)]).unwrap()
+        Start::new(ns, iface)
+            .xdp_mode("generic")
+            .args(&["--kubernetes", "--node-name", NODE])
+            .args(&["--snat-ipv4", &snat4, "--snat-ipv6", &snat6])
+            .args(extra)
+            .env("KUBECONFIG", self.kubeconfig.to_str().unwrap())
+            .start()
+            .unwrap()
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {

@@ -44,25 +44,12 @@ fn counter(pin: &std::path::Path, name: &str) -> u64 {
 
 /// An LB node's agent with default flags: only its interface, a config, a pin path.
 fn lb_agent(lab: &SegmentLab, k: usize, cfg: &std::path::Path, pin: &std::path::Path) -> Agent {
-    let lb = &lab.lbs[k];
-    Agent::start_at(
-        &lb.ns,
-        pin,
-        &["--iface", &lb.iface, "--config", cfg.to_str().unwrap()],
-    )
-    .unwrap()
-}
-
-/// `xlb run --iface IF --decap` on every backend: no config at all.
-fn decap_agents(lab: &SegmentLab) -> Vec<(Agent, PathBuf, RemoveOnDrop)> {
-    lab.backends
-        .iter()
-        .map(|b| {
-            let (p, guard) = pin();
-            let a = Agent::start_at(&b.ns, &p, &["--iface", &b.iface, "--decap"]).unwrap();
-            (a, p, guard)
-        })
-        .collect()
+    lab.lbs[k]
+        .agent()
+        .config(cfg)
+        .pin_path(pin)
+        .start()
+        .unwrap()
 }
 
 fn write_config(cfg: &Cfg) -> (PathBuf, RemoveOnDrop) {
@@ -174,12 +161,12 @@ fn privileged_dsr_backends_see_the_client_and_replies_bypass_the_lb() {
     let _servers: Vec<_> = (0..3)
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &binds, life))
         .collect();
-    let decap = decap_agents(&lab);
+    let decap = lab.decap_agents();
     let (cfg, _c) = write_config(&lab.config(Mode::Dsr, TCP_PORT, UDP_PORT));
     let (p, _g) = pin();
     let agent = lb_agent(&lab, 0, &cfg, &p);
     let mut pins: Vec<&std::path::Path> = vec![&p];
-    pins.extend(decap.iter().map(|(_, p, _)| p.as_path()));
+    pins.extend(decap.iter().map(|a| a.pin_path.as_path()));
     let mut counts = check_traffic(&lab, "dsr", 100, &pins);
     // Nothing came back through the LB: every TCP/UDP packet it saw was one it sent on
     // to a backend, and it translated no reply.
@@ -200,7 +187,7 @@ fn privileged_dsr_backends_see_the_client_and_replies_bypass_the_lb() {
     );
     let decapsulated: u64 = decap
         .iter()
-        .map(|(_, p, _)| counter(p, "pass_decapsulated"))
+        .map(|a| counter(&a.pin_path, "pass_decapsulated"))
         .sum();
     assert_eq!(
         decapsulated, forwarded,
@@ -262,7 +249,7 @@ fn move_between_nodes(mode: &str) -> (Vec<bool>, serde_json::Value) {
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &binds, life))
         .collect();
     let _decap = if mode == "dsr" {
-        decap_agents(&lab)
+        lab.decap_agents()
     } else {
         Vec::new()
     };

@@ -17,7 +17,6 @@ use xlb::dataplane::Dataplane;
 use xlb_tests::natlab::{BACKENDS_V4, BACKENDS_V6};
 
 use xlb_tests::{
-    agent::Agent,
     cfg::{Cfg, Mode, Svc},
     privileged,
     testrun::apply,
@@ -51,14 +50,12 @@ fn restart_keeps_every_flow(mode: &str) {
     let lab = LbLab::two_arm(3).unwrap();
     let life = Duration::from_secs(60);
     let servers = lab.start_backends(life).unwrap();
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", xlb_tests::unique_name("xlbr")));
-    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let args = ["--iface", &iface, "--xdp-mode", mode, "--config", &cfg];
+    let (pin, _cleanup) = own_pin_path();
+    // Both agents on the same pins, with the same arguments.
+    let agent = || lab.agent().xdp_mode(mode).pin_path(&pin);
 
     lab.write_config(&[0, 2]).unwrap();
-    let mut first = Agent::start_at(&lab.lb, &pin, &args).unwrap();
+    let mut first = agent().start().unwrap();
     let tcp_vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let udp_vip: SocketAddr = format!("{VIP4}:53").parse().unwrap();
     let mut flows = Vec::new();
@@ -91,7 +88,7 @@ fn restart_keeps_every_flow(mode: &str) {
     // The new agent (with b1 added) starts while the flows keep talking.
     lab.write_config(&[0, 1, 2]).unwrap();
     let mut second = std::thread::scope(|scope| {
-        let starter = scope.spawn(|| Agent::start_at(&lab.lb, &pin, &args));
+        let starter = scope.spawn(|| agent().start());
         let mut rounds = 0;
         while !starter.is_finished() && rounds < 500 {
             for (f, b) in flows.iter_mut().zip(&backends) {

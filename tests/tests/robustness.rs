@@ -45,11 +45,7 @@ fn try_connect(ns: &Netns, to: SocketAddr, timeout: Duration) -> std::io::Result
 }
 
 fn start(lab: &LbLab, extra: &[&str]) -> Agent {
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let mut args = vec!["--iface", &iface, "--xdp-mode", "generic", "--config", &cfg];
-    args.extend_from_slice(extra);
-    Agent::start(&lab.lb, &args).unwrap()
+    lab.agent().xdp_mode("generic").args(extra).start().unwrap()
 }
 
 #[test]
@@ -185,16 +181,14 @@ fn privileged_runs_with_three_capabilities_root_only_pins_and_read_only_metrics(
     let lab = LbLab::two_arm(1).unwrap();
     lab.write(&one_service(&lab, &[0])).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(30)).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
     let caps = "-all,+bpf,+net_admin,+perfmon";
-    let agent = Agent::start_wrapped(
-        &lab.lb,
+    let agent = lab
+        .agent()
+        .xdp_mode("generic")
         // Root's capabilities after exec are its bounding set.
-        &["setpriv", &format!("--bounding-set={caps}"), "--"],
-        &["--iface", &iface, "--xdp-mode", "generic", "--config", &cfg],
-    )
-    .unwrap();
+        .wrapper(&["setpriv", &format!("--bounding-set={caps}"), "--"])
+        .start()
+        .unwrap();
     // Exactly those three in its effective set.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
