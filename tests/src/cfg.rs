@@ -114,7 +114,6 @@ pub struct Cfg {
     timeouts: Option<Timeouts>,
     flood_guard: Option<u32>,
     icmp_echo: Option<bool>,
-    decap: bool,
 }
 
 /// One service.
@@ -185,11 +184,6 @@ impl Cfg {
         self
     }
 
-    pub fn decap(mut self, on: bool) -> Self {
-        self.decap = on;
-        self
-    }
-
     /// The config file's text.
     pub fn yaml(&self) -> String {
         let mut t = String::new();
@@ -198,9 +192,6 @@ impl Cfg {
         }
         if let Some(on) = self.icmp_echo {
             writeln!(t, "icmp_echo: {on}").unwrap();
-        }
-        if self.decap {
-            t.push_str("decap: true\n");
         }
         if let Some(m) = self.maglev_table_size {
             writeln!(t, "maglev_table_size: {m}").unwrap();

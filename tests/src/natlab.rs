@@ -15,7 +15,7 @@ use xlb::{
 use crate::{
     cfg::{Cfg, Svc},
     netns::Netns,
-    packet::Frame,
+    packet::{Decoded, Frame},
     privileged,
     testrun::Fixture,
 };
@@ -170,6 +170,25 @@ pub fn predicted_backend(backends: &[&str], frame: &Frame, proto: u8) -> SocketA
         _pad: [0; 2],
     };
     bs[table[(flow_hash(&key, false) % M) as usize] as usize].addr
+}
+
+/// The LB's address on the backend side (10.20.0.1, fd20::1): the SNAT source, and
+/// the outer source of dsr's tunnel.
+pub fn backend_side_addr(v6: bool) -> IpAddr {
+    if v6 { "fd20::1" } else { "10.20.0.1" }.parse().unwrap()
+}
+
+/// Checks a reply translated back for the client, as it leaves on the client side:
+/// from where the client sent `sent`, to the client, between the client side's MACs.
+pub fn assert_back_to_client(lab: &Lab, back: &Decoded, sent: &Frame) {
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (sent.dst, sent.dport, sent.src, sent.sport)
+    );
+    assert_eq!(
+        (back.src_mac, back.dst_mac),
+        (lab.client_side_mac, CLIENT_MAC)
+    );
 }
 
 pub fn backend_mac(addr: IpAddr) -> [u8; 6] {

@@ -66,10 +66,6 @@ fn vip(v6: bool) -> &'static str {
     }
 }
 
-fn snat(v6: bool) -> IpAddr {
-    if v6 { "fd20::1" } else { "10.20.0.1" }.parse().unwrap()
-}
-
 /// A datagram of `len` payload bytes from the client to the VIP's port, in fragments of
 /// `chunk` bytes.
 fn datagram(
@@ -125,7 +121,7 @@ fn privileged_nat_fragments_both_ways() {
             let d = decode(&whole).expect("the reassembled datagram's checksums");
             let want = predicted_backend(backends, &frame, PROTO_UDP);
             assert_eq!((d.dst, d.dport), (want.ip(), want.port()), "v6={v6}");
-            assert_eq!(d.src, snat(v6));
+            assert_eq!(d.src, backend_side_addr(v6));
             assert_eq!(
                 d.payload, frame.payload,
                 "v6={v6}: the datagram arrives whole"
@@ -135,7 +131,7 @@ fn privileged_nat_fragments_both_ways() {
             let mut reply = Frame::udp(
                 &want.ip().to_string(),
                 want.port(),
-                &snat(v6).to_string(),
+                &backend_side_addr(v6).to_string(),
                 d.sport,
             );
             reply.src_mac = backend_mac(want.ip());

@@ -102,14 +102,7 @@ fn dnat_flow<'a>(
     let sent = frame.clone();
     let back = move |out: &[u8]| {
         let back = decode(out).expect("valid checksums after reverse DNAT");
-        assert_eq!(
-            (back.src, back.sport, back.dst, back.dport),
-            (sent.dst, sent.dport, sent.src, sent.sport)
-        );
-        assert_eq!(
-            (back.src_mac, back.dst_mac),
-            (lab.client_side_mac, CLIENT_MAC)
-        );
+        assert_back_to_client(lab, &back, &sent);
     };
     Row::new(format!("dnat {name}"))
         .config(cfg.clone())
@@ -259,13 +252,7 @@ fn privileged_dsr_encapsulates_the_unchanged_packet() {
         let mut rows = Vec::new();
         for (name, frame, backends, proto) in cases(&DSR_V4, &DSR_UDP_V4, &DSR_V6, &DSR_UDP_V6) {
             let want = predicted_backend(backends, &frame, proto);
-            let outer_src: IpAddr = if frame.src.is_ipv4() {
-                "10.20.0.1"
-            } else {
-                "fd20::1"
-            }
-            .parse()
-            .unwrap();
+            let outer_src = backend_side_addr(frame.src.is_ipv6());
             let mut row = Row::new(format!("dsr {name}")).config(cfg.clone());
             for f2 in [frame.clone(), frame.clone().flags(ACK)] {
                 let bytes = f2.build();

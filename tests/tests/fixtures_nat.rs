@@ -32,13 +32,7 @@ fn new_flow_then_established_then_reply(
     proto: u8,
 ) -> u16 {
     let want = predicted_backend(backends, &frame, proto);
-    let snat: IpAddr = if frame.src.is_ipv4() {
-        "10.20.0.1"
-    } else {
-        "fd20::1"
-    }
-    .parse()
-    .unwrap();
+    let snat = backend_side_addr(frame.src.is_ipv6());
     let res = f.run_on(&frame.build(), lab.client_if).unwrap();
     assert_eq!(
         res.verdict, XDP_REDIRECT,
@@ -89,14 +83,7 @@ fn new_flow_then_established_then_reply(
         "reply goes out on the client side"
     );
     let back = decode(&res.data).expect("valid checksums after reverse NAT");
-    assert_eq!(
-        (back.src, back.sport, back.dst, back.dport),
-        (frame.dst, frame.dport, frame.src, frame.sport)
-    );
-    assert_eq!(
-        (back.src_mac, back.dst_mac),
-        (lab.client_side_mac, CLIENT_MAC)
-    );
+    assert_back_to_client(lab, &back, &frame);
     assert_eq!(back.ttl, reply.ttl - 1);
     out.sport
 }
@@ -959,7 +946,7 @@ fn privileged_nat_rows() {
         let dns_only = Cfg::new()
             .maglev_table_size(M)
             .snat4("10.20.0.1")
-            .service(Svc::udp("dns", "192.0.2.10", 53).backends(&BACKENDS_V4));
+            .service(Svc::udp("dns", "192.0.2.10", 53).backends(BACKENDS_V4));
         rows.push(
             Row::new("an established flow ends with its service")
                 .config(all())
