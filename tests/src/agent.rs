@@ -2,7 +2,7 @@
 
 use std::{
     io::{BufRead, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -41,57 +41,104 @@ pub struct Agent {
     log: Arc<Mutex<Vec<String>>>,
 }
 
+/// How to start `xlb run`, for [`Agent::start`]: the namespace and the interfaces, and
+/// what differs from the defaults. The defaults: a pin path of the agent's own under
+/// /sys/fs/bpf (removed when the agent is dropped), XDP mode `auto`, no config, metrics
+/// on the agent's default address (the namespace's own loopback), `RUST_LOG=info`,
+/// this build's xlb ([`xlb_bin`]) run directly.
+pub struct Start<'a> {
+    ns: &'a Netns,
+    args: Vec<String>,
+    pin_path: Option<PathBuf>,
+    env: Vec<(String, String)>,
+    wrapper: Vec<String>,
+    bin: Option<PathBuf>,
+}
+
+impl<'a> Start<'a> {
+    /// `xlb run --iface IFACE` (IFACE: one or more, comma separated) in `ns`.
+    pub fn new(ns: &'a Netns, iface: &str) -> Self {
+        Self {
+            ns,
+            args: vec!["--iface".into(), iface.into()],
+            pin_path: None,
+            env: Vec::new(),
+            wrapper: Vec::new(),
+            bin: None,
+        }
+    }
+
+    /// `--config PATH`.
+    pub fn config(self, path: impl AsRef<Path>) -> Self {
+        let path = path
+            .as_ref()
+            .to_str()
+            .expect("a UTF-8 config path")
+            .to_owned();
+        self.args(&["--config", &path])
+    }
+
+    /// `--xdp-mode MODE` (`native`, `generic`).
+    pub fn xdp_mode(self, mode: &str) -> Self {
+        self.args(&["--xdp-mode", mode])
+    }
+
+    /// `--metrics-addr ADDR` (or `off`).
+    pub fn metrics_addr(self, addr: &str) -> Self {
+        self.args(&["--metrics-addr", addr])
+    }
+
+    /// More arguments, after the others.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// This pin path, which the caller owns and cleans up (to start another agent on
+    /// the same pins, or to look at them after this one has gone).
+    pub fn pin_path(mut self, path: &Path) -> Self {
+        self.pin_path = Some(path.to_owned());
+        self
+    }
+
+    /// An environment variable (`RUST_LOG` overrides the default).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Run through `wrapper`, a program that execs its last arguments (such as
+    /// setpriv): `wrapper... xlb run ...`.
+    pub fn wrapper(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
+        self
+    }
+
+    /// Another build of xlb (an older one, for upgrades).
+    pub fn bin(mut self, bin: &Path) -> Self {
+        self.bin = Some(bin.to_owned());
+        self
+    }
+
+    /// [`Agent::start`].
+    pub fn start(self) -> Result<Agent> {
+        Agent::start(self)
+    }
+}
+
 impl Agent {
-    /// Starts `xlb run --pin-path <unique> ARGS...` in `ns` and waits until it says it runs.
-    pub fn start(ns: &Netns, args: &[&str]) -> Result<Self> {
-        let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
-        // If xlb fails to start there is no Agent to drop: remove what it pinned.
-        let mut agent = Self::start_at(ns, &pin_path, args).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&pin_path);
-        })?;
-        agent.owns_pin_path = true;
-        Ok(agent)
-    }
-
-    /// Like `start`, with its tracing filter set to `rust_log`.
-    pub fn start_logging(ns: &Netns, args: &[&str], rust_log: &str) -> Result<Self> {
-        Self::start_with_env(ns, args, &[("RUST_LOG", rust_log)])
-    }
-
-    /// Like `start`, with these environment variables set too.
-    pub fn start_with_env(ns: &Netns, args: &[&str], env: &[(&str, &str)]) -> Result<Self> {
-        let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
-        let mut agent = Self::spawn(ns, &pin_path, args, env).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&pin_path);
-        })?;
-        agent.owns_pin_path = true;
-        Ok(agent)
-    }
-
-    /// Like `start`, on a pin path the caller owns (and cleans up).
-    pub fn start_at(ns: &Netns, pin_path: &std::path::Path, args: &[&str]) -> Result<Self> {
-        Self::spawn(ns, pin_path, args, &[])
-    }
-
-    /// Like `start_at`, with these environment variables set too.
-    pub fn start_at_with_env(
-        ns: &Netns,
-        pin_path: &std::path::Path,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
-        Self::spawn(ns, pin_path, args, env)
-    }
-
-    /// Like `start`, run through `wrapper` (a program that execs its last arguments,
-    /// such as setpriv): `wrapper... xlb run ...`.
-    pub fn start_wrapped(ns: &Netns, wrapper: &[&str], args: &[&str]) -> Result<Self> {
-        let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
-        let mut agent = Self::spawn_with(ns, &pin_path, wrapper, args, &[]).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&pin_path);
-        })?;
-        agent.owns_pin_path = true;
-        Ok(agent)
+    /// Starts `xlb run` as `start` says and waits until it says it runs.
+    pub fn start(start: Start) -> Result<Self> {
+        let Some(pin_path) = start.pin_path.clone() else {
+            let pin_path = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
+            // If xlb fails to start there is no Agent to drop: remove what it pinned.
+            let mut agent = Self::spawn(&start, &pin_path).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&pin_path);
+            })?;
+            agent.owns_pin_path = true;
+            return Ok(agent);
+        };
+        Self::spawn(&start, &pin_path)
     }
 
     /// The agent's process id (the wrapper's, which exec'd into xlb).
@@ -99,59 +146,26 @@ impl Agent {
         self.child.id()
     }
 
-    fn spawn(
-        ns: &Netns,
-        pin_path: &std::path::Path,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
-        Self::spawn_with(ns, pin_path, &[], args, env)
-    }
-
-    /// Like `start_at`, with another build of xlb (an older one, for upgrades).
-    pub fn start_at_with_bin(
-        ns: &Netns,
-        bin: &std::path::Path,
-        pin_path: &std::path::Path,
-        args: &[&str],
-    ) -> Result<Self> {
-        Self::spawn_bin(ns, bin, pin_path, &[], args, &[])
-    }
-
-    fn spawn_with(
-        ns: &Netns,
-        pin_path: &std::path::Path,
-        wrapper: &[&str],
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
-        Self::spawn_bin(ns, &xlb_bin()?, pin_path, wrapper, args, env)
-    }
-
-    fn spawn_bin(
-        ns: &Netns,
-        bin: &std::path::Path,
-        pin_path: &std::path::Path,
-        wrapper: &[&str],
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
-        let pin_path = pin_path.to_owned();
+    fn spawn(start: &Start, pin_path: &Path) -> Result<Self> {
+        let bin = match &start.bin {
+            Some(b) => b.clone(),
+            None => xlb_bin()?,
+        };
         let bin = bin.to_str().context("utf-8 path")?;
-        let mut cmd = match wrapper.split_first() {
+        let mut cmd = match start.wrapper.split_first() {
             Some((prog, rest)) => {
-                let mut c = ns.command(prog);
+                let mut c = start.ns.command(prog);
                 c.args(rest).arg(bin);
                 c
             }
-            None => ns.command(bin),
+            None => start.ns.command(bin),
         };
         cmd.arg("run")
             .arg("--pin-path")
-            .arg(&pin_path)
-            .args(args)
+            .arg(pin_path)
+            .args(&start.args)
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(start.env.iter().map(|(k, v)| (k, v)))
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -159,7 +173,7 @@ impl Agent {
         let log = capture_stderr(&mut child)?;
         let mut agent = Self {
             child,
-            pin_path,
+            pin_path: pin_path.to_owned(),
             owns_pin_path: false,
             log,
         };

@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod bird;
+pub mod cfg;
 pub mod container;
 pub mod fakeapi;
 pub mod fragment;
@@ -11,6 +12,7 @@ pub mod natlab;
 pub mod netns;
 pub mod packet;
 pub mod peer;
+pub mod rows;
 pub mod segment;
 pub mod testrun;
 pub mod topology;

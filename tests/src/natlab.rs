@@ -9,10 +9,17 @@ use xlb::{
     codec::addr_to_words,
     config::Config,
     maglev::{build, WeightedBackend},
+    model::Mode,
     status::read_global_counters,
 };
 
-use crate::{netns::Netns, packet::Frame, privileged, testrun::Fixture};
+use crate::{
+    cfg::{Cfg, Svc},
+    netns::Netns,
+    packet::{Decoded, Frame},
+    privileged,
+    testrun::Fixture,
+};
 
 pub const CLIENT_MAC: [u8; 6] = [0x02, 0xcc, 0, 0, 0, 0x05];
 pub const BACKEND_MACS: [[u8; 6]; 3] = [
@@ -31,47 +38,50 @@ pub struct Lab {
     pub backend_side_mac: [u8; 6],
 }
 
-/// A YAML flow list of backends: `{address: "…"}, …`.
-pub fn backend_list(backends: &[&str]) -> String {
-    backends
-        .iter()
-        .map(|b| format!("{{address: \"{b}\"}}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// The fixtures' services: web (TCP :80) and dns (UDP :53) on 192.0.2.10 with the
+/// backends `b[0]` and `b[1]`, web6 and dns6 on 2001:db8::10 with `b[2]` and `b[3]`, in
+/// `mode` if given; Maglev table size M, SNAT sources 10.20.0.1 and fd20::1.
+pub fn lab_services(mode: Option<Mode>, b: [&[&str]; 4]) -> Cfg {
+    let svc = |s: Svc, bs: &[&str]| {
+        let s = s.backends(bs);
+        match mode {
+            Some(m) => s.mode(m),
+            None => s,
+        }
+    };
+    Cfg::new()
+        .maglev_table_size(M)
+        .snat4("10.20.0.1")
+        .snat6("fd20::1")
+        .service(svc(Svc::tcp("web", "192.0.2.10", 80), b[0]))
+        .service(svc(Svc::udp("dns", "192.0.2.10", 53), b[1]))
+        .service(svc(Svc::tcp("web6", "2001:db8::10", 80), b[2]))
+        .service(svc(Svc::udp("dns6", "2001:db8::10", 53), b[3]))
+}
+
+/// [`lab_services`] in the default mode, the IPv4 services to `backends_v4`, the IPv6
+/// ones to `backends_v6`.
+pub fn services(backends_v4: &[&str], backends_v6: &[&str]) -> Cfg {
+    lab_services(None, [backends_v4, backends_v4, backends_v6, backends_v6])
 }
 
 pub fn config(backends_v4: &[&str], backends_v6: &[&str]) -> Config {
-    config_with("", backends_v4, backends_v6)
+    services(backends_v4, backends_v6).config()
 }
 
-/// `extra` is YAML put before the rest (e.g. `timeouts:`).
-pub fn config_with(extra: &str, backends_v4: &[&str], backends_v6: &[&str]) -> Config {
-    let svc = |name: &str, vip: &str, port: u16, proto: &str, bs: &[&str]| {
-        format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    backends: [{}]\n", backend_list(bs))
-    };
-    let text = format!(
-        "{extra}maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n{}{}{}{}",
-        svc("web", "192.0.2.10", 80, "tcp", backends_v4),
-        svc("dns", "192.0.2.10", 53, "udp", backends_v4),
-        svc("web6", "2001:db8::10", 80, "tcp", backends_v6),
-        svc("dns6", "2001:db8::10", 53, "udp", backends_v6),
-    );
-    Config::parse(&text).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{text}"))
-}
-
-/// One TCP service per mode in `modes` (`nat`, `dnat`, `dsr`): service i is `s{i}` at
-/// 10.200.0.{i+1}:80 with backends 172.16.{i}.1:80 and 172.16.{i}.2:80, so a backend's
-/// third octet names its service.
-pub fn config_with_modes(modes: &[&str]) -> Config {
-    let mut t = String::from("snat: {ipv4: 10.30.0.1}\nservices:\n");
+/// One TCP service per mode in `modes`: service i is `s{i}` at 10.200.0.{i+1}:80 with
+/// backends 172.16.{i}.1:80 and 172.16.{i}.2:80, so a backend's third octet names its
+/// service.
+pub fn config_with_modes(modes: &[Mode]) -> Config {
+    let mut c = Cfg::new().snat4("10.30.0.1");
     for (i, mode) in modes.iter().enumerate() {
-        t.push_str(&format!(
-            "  - {{name: s{i}, vip: \"10.200.0.{}\", port: 80, protocol: tcp, mode: {mode}, backends: [{}]}}\n",
-            i + 1,
-            backend_list(&[&format!("172.16.{i}.1:80"), &format!("172.16.{i}.2:80")])
-        ));
+        c = c.service(
+            Svc::tcp(format!("s{i}"), format!("10.200.0.{}", i + 1), 80)
+                .mode(*mode)
+                .backends([format!("172.16.{i}.1:80"), format!("172.16.{i}.2:80")]),
+        );
     }
-    Config::parse(&t).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{t}"))
+    c.config()
 }
 
 /// Builds the namespace, then runs `body` on a thread inside it.
@@ -161,6 +171,25 @@ pub fn predicted_backend(backends: &[&str], frame: &Frame, proto: u8) -> SocketA
         _pad: [0; 2],
     };
     bs[table[(flow_hash(&key, false) % M) as usize] as usize].addr
+}
+
+/// The LB's address on the backend side (10.20.0.1, fd20::1): the SNAT source, and
+/// the outer source of dsr's tunnel.
+pub fn backend_side_addr(v6: bool) -> IpAddr {
+    if v6 { "fd20::1" } else { "10.20.0.1" }.parse().unwrap()
+}
+
+/// Checks a reply translated back for the client, as it leaves on the client side:
+/// from where the client sent `sent`, to the client, between the client side's MACs.
+pub fn assert_back_to_client(lab: &Lab, back: &Decoded, sent: &Frame) {
+    assert_eq!(
+        (back.src, back.sport, back.dst, back.dport),
+        (sent.dst, sent.dport, sent.src, sent.sport)
+    );
+    assert_eq!(
+        (back.src_mac, back.dst_mac),
+        (lab.client_side_mac, CLIENT_MAC)
+    );
 }
 
 pub fn backend_mac(addr: IpAddr) -> [u8; 6] {

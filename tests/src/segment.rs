@@ -13,11 +13,13 @@
 //! no static neighbours, default sysctls apart from forwarding on the router and the
 //! LB nodes.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::Result;
 
 use crate::{
+    agent::{Agent, Start},
+    cfg::{Cfg, Mode, Protocol, Svc},
     netns::{veth_pair_untuned, Netns},
     topology::{VIP4, VIP6},
 };
@@ -52,6 +54,13 @@ pub struct Node {
     pub addr6: IpAddr,
 }
 
+impl Node {
+    /// `xlb run` on the node's interface; the rest as [`Start`] says.
+    pub fn agent(&self) -> Start<'_> {
+        Start::new(&self.ns, &self.iface)
+    }
+}
+
 pub struct SegmentLab {
     pub client: Netns,
     pub router: Netns,
@@ -62,6 +71,15 @@ pub struct SegmentLab {
 }
 
 impl SegmentLab {
+    /// `xlb run --iface IF --decap` on every backend, no config at all: the backends'
+    /// side of dsr.
+    pub fn decap_agents(&self) -> Vec<Agent> {
+        self.backends
+            .iter()
+            .map(|b| b.agent().args(&["--decap"]).start().unwrap())
+            .collect()
+    }
+
     pub fn new(n_lbs: usize, n_backends: usize) -> Result<Self> {
         let client = Netns::new("sc")?;
         let router = Netns::new("sr")?;
@@ -232,30 +250,31 @@ impl SegmentLab {
 
     /// A config with TCP and UDP on both VIPs, in `mode`, to every backend on `port`
     /// (TCP) and `port + 1` (UDP) (dsr needs the service's own ports).
-    pub fn config(&self, mode: &str, tcp_port: u16, udp_port: u16) -> String {
-        config_for(&self.backends, mode, tcp_port, udp_port)
+    pub fn config(&self, mode: Mode, tcp_port: u16, udp_port: u16) -> Cfg {
+        config_for(&self.backends, [VIP4, VIP6], mode, tcp_port, udp_port)
     }
 }
 
-/// The same config for any set of backend nodes.
-pub fn config_for(backends: &[Node], mode: &str, tcp_port: u16, udp_port: u16) -> String {
-    {
-        let mut text = "services:\n".to_owned();
-        for (fam, vip, v6) in [("v4", VIP4, false), ("v6", VIP6, true)] {
-            for (proto, port) in [("tcp", tcp_port), ("udp", udp_port)] {
-                let list = backends
-                    .iter()
-                    .map(|b| {
-                        let a = if v6 { b.addr6 } else { b.addr4 };
-                        format!("{{address: \"{}\"}}", std::net::SocketAddr::new(a, port))
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                text.push_str(&format!(
-                    "  - name: {proto}-{fam}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    mode: {mode}\n    backends: [{list}]\n"
-                ));
-            }
+/// The same config for any set of backend nodes, on these VIPs (IPv4, IPv6).
+pub fn config_for(
+    backends: &[Node],
+    vips: [&str; 2],
+    mode: Mode,
+    tcp_port: u16,
+    udp_port: u16,
+) -> Cfg {
+    let mut c = Cfg::new();
+    for (fam, vip, v6) in [("v4", vips[0], false), ("v6", vips[1], true)] {
+        for (proto, port) in [(Protocol::Tcp, tcp_port), (Protocol::Udp, udp_port)] {
+            let addrs = backends
+                .iter()
+                .map(|b| SocketAddr::new(if v6 { b.addr6 } else { b.addr4 }, port));
+            c = c.service(
+                Svc::new(format!("{}-{fam}", proto.name()), vip, port, proto)
+                    .mode(mode)
+                    .backends(addrs),
+            );
         }
-        text
     }
+    c
 }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_common::PROGRAM_NAME;
-use xlb::dataplane::Dataplane;
+use xlb::{
+    config::Config,
+    dataplane::{ApplySummary, Dataplane},
+};
 
 use crate::unique_name;
 
@@ -49,6 +52,11 @@ impl Fixture {
 
     pub fn pin_path(&self) -> &std::path::Path {
         &self.pin
+    }
+
+    /// Programs `cfg` into the fixture's maps (see [`apply`]).
+    pub fn apply(&mut self, cfg: &Config) -> Result<ApplySummary> {
+        apply(&mut self.dp, cfg)
     }
 
     fn program(&mut self) -> Result<&mut Xdp> {
@@ -119,6 +127,13 @@ impl Fixture {
     fn run_full(&mut self, frame: &[u8], repeat: u32, ifindex: Option<u32>) -> Result<RunResult> {
         run_program(self.program()?, frame, repeat, ifindex)
     }
+}
+
+/// Programs `cfg` into `dp`'s maps. Every test and bench that applies a config to a
+/// `Dataplane` of its own does it through here: the one place to change when
+/// `Dataplane::apply` changes.
+pub fn apply(dp: &mut Dataplane, cfg: &Config) -> Result<ApplySummary> {
+    dp.apply(&cfg.desired())
 }
 
 /// The XDP_PASS program in the same object (see lb-ebpf's main.rs).

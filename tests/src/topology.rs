@@ -29,6 +29,8 @@ use std::{
 use anyhow::Result;
 
 use crate::{
+    agent::Start,
+    cfg::{Cfg, Protocol, Svc},
     netns::{veth_pair, veth_pair_untuned, Netns, VethEnd},
     traffic::{tcp_echo, udp_echo},
     unique_name,
@@ -255,32 +257,32 @@ impl LbLab {
         })
     }
 
-    /// Writes the config: TCP :80 and UDP :53 on both VIPs, to the given backends.
-    pub fn write_config(&self, backends: &[usize]) -> Result<()> {
-        let list = |v6: bool| {
-            backends
-                .iter()
-                .map(|&i| format!("{{address: \"{}\"}}", self.backend(i, v6)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        // As deployed, the SNAT source is left to `snat: auto`.
-        let mut text = match self.network {
-            Network::Lab => format!(
-                "snat: {{ipv4: {}, ipv6: \"{}\"}}\nservices:\n",
-                self.snat4, self.snat6
-            ),
-            Network::AsDeployed => "services:\n".to_owned(),
-        };
-        for (name, vip, v6) in [("v4", VIP4, false), ("v6", VIP6, true)] {
-            for (proto, port) in [("tcp", 80), ("udp", 53)] {
-                text.push_str(&format!(
-                    "  - name: {proto}-{name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    backends: [{}]\n",
-                    list(v6)
-                ));
+    /// The lab's services: TCP :80 and UDP :53 on both VIPs, to the given backends. In
+    /// the lab the SNAT sources are the LB's addresses; as deployed, `snat: auto`.
+    pub fn services(&self, backends: &[usize]) -> Cfg {
+        let mut c = Cfg::new();
+        if self.network == Network::Lab {
+            c = c.snat4(self.snat4).snat6(self.snat6);
+        }
+        for (fam, vip, v6) in [("v4", VIP4, false), ("v6", VIP6, true)] {
+            for (proto, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 53)] {
+                c = c.service(
+                    Svc::new(format!("{}-{fam}", proto.name()), vip, port, proto)
+                        .backends(backends.iter().map(|&i| self.backend(i, v6))),
+                );
             }
         }
-        self.replace_config(&text)
+        c
+    }
+
+    /// Writes the config: [`LbLab::services`] to the given backends.
+    pub fn write_config(&self, backends: &[usize]) -> Result<()> {
+        self.write(&self.services(backends))
+    }
+
+    /// Replaces the config file with `cfg` (see [`LbLab::replace_config`]).
+    pub fn write(&self, cfg: &Cfg) -> Result<()> {
+        self.replace_config(&cfg.yaml())
     }
 
     /// Replaces the config file atomically (write, then rename), as config management
@@ -327,6 +329,12 @@ impl LbLab {
 
     pub fn iface_arg(&self) -> String {
         self.lb_ifaces.join(",")
+    }
+
+    /// `xlb run` on the LB, on the lab's interfaces with the lab's config file; the
+    /// rest as [`Start`] says.
+    pub fn agent(&self) -> Start<'_> {
+        Start::new(&self.lb, &self.iface_arg()).config(&self.config_path)
     }
 }
 

@@ -9,31 +9,26 @@ use std::{net::IpAddr, time::Duration};
 
 use xlb_tests::{
     agent::Agent,
+    cfg::{Cfg, Protocol, Svc},
     privileged, report,
     topology::{LbLab, Network, VIP4, VIP6},
     traffic::{burst, Burst},
-    unique_name, RemoveOnDrop,
 };
 
 const N: usize = 100;
 
-fn config(lab: &LbLab, allow4: &str, allow6: &str) -> String {
-    let list = |v6: bool| {
-        (0..3)
-            .map(|i| format!("{{address: \"{}\"}}", lab.backend(i, v6)))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let mut text = "services:\n".to_owned();
+fn config(lab: &LbLab, allow4: &str, allow6: &str) -> Cfg {
+    let mut c = Cfg::new();
     for (fam, vip, v6, allow) in [("v4", VIP4, false, allow4), ("v6", VIP6, true, allow6)] {
-        for (proto, port) in [("tcp", 80), ("udp", 53)] {
-            text.push_str(&format!(
-                "  - name: {proto}-{fam}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    allow: [\"{allow}\"]\n    backends: [{}]\n",
-                list(v6)
-            ));
+        for (proto, port) in [(Protocol::Tcp, 80), (Protocol::Udp, 53)] {
+            c = c.service(
+                Svc::new(format!("{}-{fam}", proto.name()), vip, port, proto)
+                    .allow([allow])
+                    .backends((0..3).map(|i| lab.backend(i, v6))),
+            );
         }
     }
-    text
+    c
 }
 
 fn denied(agent: &Agent) -> u64 {
@@ -60,14 +55,9 @@ fn privileged_source_ranges_as_deployed_and_across_a_reload() {
         ("10.30.0.3".parse().unwrap(), "fd30::3".parse().unwrap()),
     ];
 
-    lab.replace_config(&config(&lab, "10.30.0.2/32", "fd30::2/128"))
+    lab.write(&config(&lab, "10.30.0.2/32", "fd30::2/128"))
         .unwrap();
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlba")));
-    let _cleanup = RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let ifaces = lab.iface_arg();
-    let mut agent =
-        Agent::start_at(&lab.lb, &pin, &["--iface", &ifaces, "--config", &cfg]).unwrap();
+    let mut agent = lab.agent().start().unwrap();
 
     let mut results = serde_json::Map::new();
     let mut phase = |name: &str, inside: usize, agent: &Agent| {
@@ -135,7 +125,7 @@ fn privileged_source_ranges_as_deployed_and_across_a_reload() {
         "{allow:?}"
     );
 
-    lab.replace_config(&config(&lab, "10.30.0.3/32", "fd30::3/128"))
+    lab.write(&config(&lab, "10.30.0.3/32", "fd30::3/128"))
         .unwrap();
     agent.reload().unwrap();
     phase("after the reload", 1, &agent);

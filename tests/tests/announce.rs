@@ -25,6 +25,7 @@ use xlb::{
 use xlb_tests::{
     agent::{status_json, xlb_cmd, Agent},
     bird::Bird,
+    cfg::Mode,
     netns::Netns,
     peer::{parse, serve, TCP_PORT},
     privileged, report,
@@ -76,7 +77,7 @@ fn start_nodes(lab: &SegmentLab) -> Nodes {
     let cfgs: Vec<(PathBuf, RemoveOnDrop)> = (0..n)
         .map(|_| {
             let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("xan")));
-            std::fs::write(&p, lab.config("dsr", TCP_PORT, 53)).unwrap();
+            lab.config(Mode::Dsr, TCP_PORT, 53).write(&p).unwrap();
             (p.clone(), RemoveOnDrop(p))
         })
         .collect();
@@ -89,19 +90,12 @@ fn start_nodes(lab: &SegmentLab) -> Nodes {
     let agents = (0..n)
         .map(|k| {
             let node = &lab.lbs[k];
-            Agent::start_at(
-                &node.ns,
-                &pins[k].0,
-                &[
-                    "--iface",
-                    &node.iface,
-                    "--config",
-                    cfgs[k].0.to_str().unwrap(),
-                    "--announce-routes-table",
-                    TABLE,
-                ],
-            )
-            .unwrap()
+            node.agent()
+                .config(&cfgs[k].0)
+                .args(&["--announce-routes-table", TABLE])
+                .pin_path(&pins[k].0)
+                .start()
+                .unwrap()
         })
         .collect();
     Nodes { cfgs, pins, agents }
@@ -231,15 +225,7 @@ fn privileged_bgp_through_bird_ecmp_drain_and_node_failure() {
     let _servers: Vec<_> = (0..3)
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &[], life))
         .collect();
-    let _decap: Vec<_> = lab
-        .backends
-        .iter()
-        .map(|b| {
-            let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xbd")));
-            let a = Agent::start_at(&b.ns, &p, &["--iface", &b.iface, "--decap"]).unwrap();
-            (a, RemoveOnDrop(p))
-        })
-        .collect();
+    let _decap = lab.decap_agents();
     let Nodes {
         cfgs: cfg_paths,
         pins,
@@ -316,11 +302,14 @@ fn privileged_bgp_through_bird_ecmp_drain_and_node_failure() {
     let undrained_in = wait_paths(&lab, &[a4, b4], &[a6, b6], "after undrain");
 
     // A service left without backends is withdrawn; back with them, announced again.
-    let no_backends = xlb_tests::segment::config_for(&[], "dsr", TCP_PORT, 53);
+    let no_backends =
+        xlb_tests::segment::config_for(&[], [VIP4, VIP6], Mode::Dsr, TCP_PORT, 53).yaml();
     std::fs::write(&cfg_paths[1].0, &no_backends).unwrap();
     let emptied_in = wait_paths(&lab, &[a4], &[a6], "node B without backends");
     assert!(table_200(&lab.lbs[1].ns).is_empty(), "{no_backends}");
-    std::fs::write(&cfg_paths[1].0, lab.config("dsr", TCP_PORT, 53)).unwrap();
+    lab.config(Mode::Dsr, TCP_PORT, 53)
+        .write(&cfg_paths[1].0)
+        .unwrap();
     wait_paths(&lab, &[a4, b4], &[a6, b6], "node B with backends again");
 
     // Node A fails: its agent stops and detaches. Its paths go, its flows move to B and
@@ -372,28 +361,19 @@ fn privileged_l2_answers_arp_and_ndp_and_a_takeover_moves_the_clients_entry() {
     let _servers: Vec<_> = (0..3)
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &[], life))
         .collect();
-    let text = lab
-        .config("nat", TCP_PORT, 53)
-        .replace(VIP4, L2_VIP4)
-        .replace(VIP6, L2_VIP6);
     let cfg = std::env::temp_dir().join(format!("{}.yaml", unique_name("xl2")));
-    std::fs::write(&cfg, text).unwrap();
+    xlb_tests::segment::config_for(&lab.backends, [L2_VIP4, L2_VIP6], Mode::Nat, TCP_PORT, 53)
+        .write(&cfg)
+        .unwrap();
     let _cfg = RemoveOnDrop(cfg.clone());
     let start = |k: usize, pin: &Path| {
         let n = &lab.lbs[k];
-        Agent::start_at(
-            &n.ns,
-            pin,
-            &[
-                "--iface",
-                &n.iface,
-                "--config",
-                cfg.to_str().unwrap(),
-                "--announce-l2",
-                &n.iface,
-            ],
-        )
-        .unwrap()
+        n.agent()
+            .config(&cfg)
+            .args(&["--announce-l2", &n.iface])
+            .pin_path(pin)
+            .start()
+            .unwrap()
     };
     let pins: Vec<(PathBuf, RemoveOnDrop)> = (0..2)
         .map(|_| {

@@ -8,31 +8,26 @@ use std::collections::BTreeMap;
 
 use lb_common::{maglev_chunks, Backend, MaglevChunk, MaglevKey, MAP_BACKENDS, MAP_MAGLEV};
 use xlb::{config::Config, dataplane::LoadOptions};
-use xlb_tests::{privileged, testrun::Fixture};
+use xlb_tests::{
+    cfg::{Cfg, Mode, Svc},
+    privileged,
+    testrun::Fixture,
+};
 
 /// Services by number, each with its backends as (number, weight).
 type Services = Vec<(usize, Vec<(usize, u32)>)>;
 
 fn config(services: &[(usize, Vec<(usize, u32)>)]) -> Config {
-    let mut t = String::from("maglev_table_size: 2039\nsnat: {ipv4: 10.30.0.1}\nservices:\n");
+    let mut c = Cfg::new().maglev_table_size(2039).snat4("10.30.0.1");
     for (s, backends) in services {
-        let list: Vec<String> = backends
-            .iter()
-            .map(|(b, w)| {
-                format!(
-                    "{{address: \"172.16.{}.{}:8080\", weight: {w}}}",
-                    b / 250,
-                    b % 250 + 1
-                )
-            })
-            .collect();
-        t.push_str(&format!(
-            "  - {{name: s{s}, vip: \"{}\", port: 80, protocol: tcp, backends: [{}]}}\n",
-            std::net::Ipv4Addr::from(0x0ac8_0001u32 + *s as u32),
-            list.join(", ")
-        ));
+        let vip = std::net::Ipv4Addr::from(0x0ac8_0001u32 + *s as u32);
+        let mut svc = Svc::tcp(format!("s{s}"), vip, 80);
+        for (b, w) in backends {
+            svc = svc.weighted(format!("172.16.{}.{}:8080", b / 250, b % 250 + 1), *w);
+        }
+        c = c.service(svc);
     }
-    Config::parse(&t).unwrap()
+    c.config()
 }
 
 fn backends_in_map(f: &mut Fixture) -> usize {
@@ -86,9 +81,9 @@ fn privileged_incremental_applies_end_where_a_fresh_apply_does() {
     let mut previous: Option<Services> = None;
     for (i, step) in steps.iter().enumerate() {
         let cfg = config(step);
-        let summary = live.dp.apply(&cfg.desired()).unwrap();
+        let summary = live.apply(&cfg).unwrap();
         let mut fresh = Fixture::new().unwrap();
-        fresh.dp.apply(&cfg.desired()).unwrap();
+        fresh.apply(&cfg).unwrap();
         assert_eq!(
             tables(&live),
             tables(&fresh),
@@ -135,14 +130,11 @@ fn privileged_map_sizes_are_chosen_at_load_and_enforced_before_writing() {
     let fits: Vec<_> = (0..8)
         .map(|s| (s, vec![(s * 2, 1), (s * 2 + 1, 1)]))
         .collect();
-    f.dp.apply(&(config(&fits)).desired()).unwrap();
+    f.apply(&config(&fits)).unwrap();
     let before = tables(&f);
 
     let too_many: Vec<_> = (0..9).map(|s| (s, vec![(s, 1)])).collect();
-    let e = format!(
-        "{:#}",
-        f.dp.apply(&(config(&too_many)).desired()).unwrap_err()
-    );
+    let e = format!("{:#}", f.apply(&config(&too_many)).unwrap_err());
     assert!(
         e.contains("9 services, the maps hold 8 (--max-services)"),
         "{e}"
@@ -150,11 +142,7 @@ fn privileged_map_sizes_are_chosen_at_load_and_enforced_before_writing() {
     let too_many_backends: Vec<_> = (0..7)
         .map(|s| (s, vec![(s * 3, 1), (s * 3 + 1, 1), (s * 3 + 2, 1)]))
         .collect();
-    let e = format!(
-        "{:#}",
-        f.dp.apply(&(config(&too_many_backends)).desired())
-            .unwrap_err()
-    );
+    let e = format!("{:#}", f.apply(&config(&too_many_backends)).unwrap_err());
     assert!(
         e.contains("21 backends in all, the maps hold 20 (--max-backends)"),
         "{e}"
@@ -169,7 +157,7 @@ fn privileged_map_sizes_are_chosen_at_load_and_enforced_before_writing() {
     let mut big = Fixture::with_options(&opts).unwrap();
     let many: Vec<_> = (0..300).map(|s| (s, vec![(s, 1)])).collect();
     let cfg = config(&many);
-    big.dp.apply(&cfg.desired()).unwrap();
+    big.apply(&cfg).unwrap();
     assert_eq!(tables(&big).len(), 300);
 }
 
@@ -181,7 +169,7 @@ fn privileged_backends_carry_their_service_mode_through_a_change() {
     if !privileged() {
         return;
     }
-    let config = |modes: [&str; 3]| xlb_tests::natlab::config_with_modes(&modes);
+    let config = |modes: [Mode; 3]| xlb_tests::natlab::config_with_modes(&modes);
     let modes_in_map = |f: &mut Fixture| -> BTreeMap<u32, (u32, u8)> {
         let m: aya::maps::Array<_, Backend> =
             aya::maps::Array::try_from(f.dp.ebpf.map(MAP_BACKENDS).unwrap()).unwrap();
@@ -203,12 +191,12 @@ fn privileged_backends_carry_their_service_mode_through_a_change() {
     };
     use lb_common::{MODE_DNAT, MODE_DSR, MODE_NAT};
     let mut f = Fixture::new().unwrap();
-    f.dp.apply(&(config(["nat", "dnat", "dsr"])).desired())
+    f.apply(&config([Mode::Nat, Mode::Dnat, Mode::Dsr]))
         .unwrap();
     let before = modes_in_map(&mut f);
     assert_eq!(before.len(), 6);
     assert_eq!(by_service(&before), [MODE_NAT, MODE_DNAT, MODE_DSR]);
-    f.dp.apply(&(config(["dsr", "nat", "dnat"])).desired())
+    f.apply(&config([Mode::Dsr, Mode::Nat, Mode::Dnat]))
         .unwrap();
     let after = modes_in_map(&mut f);
     assert_eq!(by_service(&after), [MODE_DSR, MODE_NAT, MODE_DNAT]);

@@ -171,11 +171,12 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
     );
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbd")));
     let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let args = ["--iface", iface.as_str(), "--config", cfg.as_str()];
-    let debug = [("RUST_LOG", "info,xlb::agent=debug,xlb::nexthop=debug")];
-    let mut agent = Agent::start_at_with_env(&lab.lb, &pin, &args, &debug).unwrap();
+    let mut agent = lab
+        .agent()
+        .pin_path(&pin)
+        .env("RUST_LOG", "info,xlb::agent=debug,xlb::nexthop=debug")
+        .start()
+        .unwrap();
 
     let mut totals = serde_json::Map::new();
     let mut check = |phase: &str, n: usize, agent: &Agent| {
@@ -292,7 +293,7 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
     let b6 = long6.exchange("before").unwrap();
     agent.stop_with(libc::SIGTERM).unwrap();
     assert_eq!(long4.exchange("agentless").unwrap(), b4);
-    let agent = Agent::start_at(&lab.lb, &pin, &args).unwrap();
+    let agent = lab.agent().pin_path(&pin).start().unwrap();
     assert_eq!(
         long4.exchange("after").unwrap(),
         b4,
@@ -329,17 +330,12 @@ fn privileged_native_on_untuned_veth_counts_every_lost_redirect() {
     let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbr")));
     let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let args = [
-        "--iface",
-        iface.as_str(),
-        "--config",
-        cfg.as_str(),
-        "--xdp-mode",
-        "native",
-    ];
-    let agent = Agent::start_at(&lab.lb, &pin, &args).unwrap();
+    let agent = lab
+        .agent()
+        .xdp_mode("native")
+        .pin_path(&pin)
+        .start()
+        .unwrap();
     const N: usize = 40;
     let answered = lab
         .client

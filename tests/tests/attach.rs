@@ -6,7 +6,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use xlb_tests::{
-    agent::Agent,
+    agent::{Agent, Start},
     netns::{veth_pair, Netns},
     privileged,
     traffic::{parse_reply, tcp_echo, tcp_request, udp_echo, udp_request},
@@ -75,18 +75,11 @@ fn traffic_is_counted_exactly(mode: &str) {
             .unwrap();
     }
     let empty = xlb_tests::empty_config();
-    let agent = Agent::start(
-        &server,
-        &[
-            "--iface",
-            &s.name,
-            "--xdp-mode",
-            mode,
-            "--config",
-            empty.path(),
-        ],
-    )
-    .unwrap();
+    let agent = Start::new(&server, &s.name)
+        .xdp_mode(mode)
+        .config(empty.path())
+        .start()
+        .unwrap();
     assert!(
         agent.logs().contains(&format!("mode=\"{mode}\"")),
         "attach mode: {}",
@@ -202,16 +195,13 @@ fn privileged_stopping_is_explicit() {
         (libc::SIGTERM, None, true),
     ] {
         let empty = xlb_tests::empty_config();
-        let mut args = vec![
-            "--iface",
-            &va.name,
-            "--xdp-mode",
-            "generic",
-            "--config",
-            empty.path(),
-        ];
-        args.extend(extra);
-        let mut agent = Agent::start_at(&a, &pin, &args).unwrap();
+        let mut agent = Start::new(&a, &va.name)
+            .xdp_mode("generic")
+            .config(empty.path())
+            .args(extra.as_slice())
+            .pin_path(&pin)
+            .start()
+            .unwrap();
         assert!(xdp_shown(), "attached");
         let status = agent.stop_with(sig).unwrap();
         assert!(

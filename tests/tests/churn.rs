@@ -13,7 +13,7 @@ use std::{
 use aya::maps::{HashMap, Map, MapData};
 use lb_common::{ConnValue, FlowKey, ReverseNat, MAP_CONNTRACK, MAP_REVERSE_NAT};
 use xlb_tests::{
-    agent::Agent,
+    cfg::{Cfg, Svc, Timeouts},
     privileged,
     topology::{LbLab, VIP4},
     traffic::{backend_index, connect, parse_reply, Conn},
@@ -21,24 +21,24 @@ use xlb_tests::{
 
 const BACKENDS: usize = 4;
 
-fn config(lab: &LbLab, weights: &[Option<u32>]) -> String {
-    let list = |proto_port: u16| {
-        let _ = proto_port;
-        weights
-            .iter()
-            .enumerate()
-            .filter_map(|(i, w)| {
-                w.map(|w| format!("{{address: \"{}\", weight: {w}}}", lab.backend(i, false)))
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+fn config(lab: &LbLab, weights: &[Option<u32>]) -> Cfg {
+    let with_backends = |svc: Svc| {
+        weights.iter().enumerate().fold(svc, |svc, (i, w)| match w {
+            Some(w) => svc.weighted(lab.backend(i, false), *w),
+            None => svc,
+        })
     };
-    format!(
-        "snat: {{ipv4: {}}}\ntimeouts: {{tcp_idle: 30, tcp_closing: 1, udp_idle: 3, gc_interval: 1}}\nservices:\n  - {{name: web, vip: \"{VIP4}\", port: 80, protocol: tcp, backends: [{}]}}\n  - {{name: dns, vip: \"{VIP4}\", port: 53, protocol: udp, backends: [{}]}}\n",
-        lab.snat4,
-        list(80),
-        list(53)
-    )
+    Cfg::new()
+        .snat4(lab.snat4)
+        .timeouts(Timeouts {
+            tcp_idle: 30,
+            tcp_closing: 1,
+            udp_idle: 3,
+            gc_interval: 1,
+            ..Default::default()
+        })
+        .service(with_backends(Svc::tcp("web", VIP4, 80)))
+        .service(with_backends(Svc::udp("dns", VIP4, 53)))
 }
 
 fn udp_exchange(s: &UdpSocket, vip: SocketAddr, msg: &str) -> std::io::Result<usize> {
@@ -65,21 +65,9 @@ fn privileged_churn_under_load_moves_only_removed_backends_flows() {
     }
     let lab = LbLab::two_arm(BACKENDS).unwrap();
     let mut weights: Vec<Option<u32>> = vec![Some(1), Some(1), Some(1), None];
-    lab.replace_config(&config(&lab, &weights)).unwrap();
+    lab.write(&config(&lab, &weights)).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(120)).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let mut agent = Agent::start(
-        &lab.lb,
-        &[
-            "--iface",
-            &lab.iface_arg(),
-            "--xdp-mode",
-            "generic",
-            "--config",
-            &cfg,
-        ],
-    )
-    .unwrap();
+    let mut agent = lab.agent().xdp_mode("generic").start().unwrap();
     let tcp_vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let udp_vip: SocketAddr = format!("{VIP4}:53").parse().unwrap();
 
@@ -152,7 +140,7 @@ fn privileged_churn_under_load_moves_only_removed_backends_flows() {
             },
         };
         *ops.entry(op).or_default() += 1;
-        lab.replace_config(&config(&lab, &weights)).unwrap();
+        lab.write(&config(&lab, &weights)).unwrap();
         agent
             .reload()
             .unwrap_or_else(|e| panic!("round {round} ({op} b{i}): {e:#}"));

@@ -7,11 +7,7 @@ use std::{
     process::{Command, Stdio},
 };
 
-use xlb_tests::{
-    agent::{xlb_bin, Agent},
-    privileged,
-    topology::LbLab,
-};
+use xlb_tests::{agent::xlb_bin, privileged, topology::LbLab};
 
 #[test]
 fn privileged_uninstall_into_a_closed_pipe_removes_everything_and_exits_0() {
@@ -20,13 +16,7 @@ fn privileged_uninstall_into_a_closed_pipe_removes_everything_and_exits_0() {
     }
     let lab = LbLab::two_arm(1).unwrap();
     lab.write_config(&[0]).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let mut agent = Agent::start(
-        &lab.lb,
-        &["--iface", &iface, "--xdp-mode", "generic", "--config", &cfg],
-    )
-    .unwrap();
+    let mut agent = lab.agent().xdp_mode("generic").start().unwrap();
     // SIGTERM leaves the datapath pinned: many pins, one output line each.
     agent.stop_with(libc::SIGTERM).unwrap();
     let pins = std::fs::read_dir(&agent.pin_path).unwrap().count();

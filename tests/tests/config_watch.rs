@@ -55,13 +55,7 @@ impl Drop for RemoveFileOnDrop {
 }
 
 fn start(lab: &LbLab) -> Agent {
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    Agent::start(
-        &lab.lb,
-        &["--iface", &iface, "--xdp-mode", "generic", "--config", &cfg],
-    )
-    .unwrap()
+    lab.agent().xdp_mode("generic").start().unwrap()
 }
 
 fn backends_programmed(agent: &Agent) -> usize {

@@ -6,10 +6,8 @@
 use std::time::Duration;
 
 use xlb_tests::{
-    agent::Agent,
     privileged, report,
     topology::{LbLab, Network, VIP4, VIP6},
-    unique_name, RemoveOnDrop,
 };
 
 /// Replies `ping -c 3` got from `vip` in the client namespace.
@@ -41,12 +39,7 @@ fn privileged_ping_a_vip_as_deployed() {
     let lab = LbLab::two_arm_on(3, Network::AsDeployed).unwrap();
     lab.write_config(&[0, 1, 2]).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbe")));
-    let _cleanup = RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let ifaces = lab.iface_arg();
-    let mut agent =
-        Agent::start_at(&lab.lb, &pin, &["--iface", &ifaces, "--config", &cfg]).unwrap();
+    let mut agent = lab.agent().start().unwrap();
     let (v4, v6) = (ping(&lab, VIP4), ping(&lab, VIP6));
     assert_eq!(
         (v4, v6),

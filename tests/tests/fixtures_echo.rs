@@ -1,14 +1,17 @@
-//! ICMP echo to a VIP, through the real program: answered from the VIP while one of
-//! its services can take new flows, with exact bytes (addresses and MACs swapped, the
-//! type changed, every checksum valid); not answered for a VIP whose services have no
-//! backend, nor with `icmp_echo: false`, nor for an address that is not a VIP.
+//! ICMP echo to a VIP, through the real program, as rows: answered from the VIP while
+//! one of its services can take new flows, with exact bytes (addresses and MACs
+//! swapped, the type changed, every checksum valid); not answered for a VIP whose
+//! services have no backend or all restrict their clients, nor with `icmp_echo: false`,
+//! nor for an address that is not a VIP. Each row that turns the answer off starts from
+//! a VIP that answers, and changes the config.
 
 use etherparse::PacketBuilder;
-use xlb::config::Config;
 use xlb_tests::{
+    cfg::{Cfg, Svc},
     natlab::*,
     packet::{CLIENT_MAC, LB_MAC},
-    testrun::{Fixture, XDP_PASS, XDP_TX},
+    rows::{self, Packet, Row},
+    testrun::{XDP_PASS, XDP_TX},
 };
 
 fn echo_request(src: &str, dst: &str) -> Vec<u8> {
@@ -99,77 +102,91 @@ fn check_reply(req: &[u8], out: &[u8]) {
     }
 }
 
-fn with(extra: &str, backends: bool) -> Config {
+/// The fixtures' services, with or without backends.
+fn with(backends: bool) -> Cfg {
     if backends {
-        config_with(extra, &BACKENDS_V4, &BACKENDS_V6)
+        services(&BACKENDS_V4, &BACKENDS_V6)
     } else {
-        config_with(extra, &[], &[])
+        services(&[], &[])
     }
 }
 
 #[test]
-fn privileged_echo_to_a_vip_is_answered_from_it() {
+fn privileged_echo_rows() {
     in_lab(|lab| {
-        let mut f = Fixture::new().unwrap();
-        f.dp.apply(&(with("", true)).desired()).unwrap();
-        for (src, vip) in [("10.10.0.5", "192.0.2.10"), ("fd10::5", "2001:db8::10")] {
+        let echo = |src: &str, dst: &str| Packet::on(lab.client_if, echo_request(src, dst));
+        let answered = |src: &str, vip: &str| {
             let req = echo_request(src, vip);
-            let r = f.run_on(&req, lab.client_if).unwrap();
-            assert_eq!(r.verdict, XDP_TX, "{vip}");
-            check_reply(&req, &r.data);
-            // Not a VIP: the host's own business.
-            let other = echo_request(
-                src,
-                if vip.contains(':') {
-                    "2001:db8::99"
-                } else {
-                    "192.0.2.99"
-                },
+            echo(src, vip)
+                .verdict(XDP_TX)
+                .output_check(move |out| check_reply(&req, out))
+        };
+        let mut rows = Vec::new();
+        for (fam, src, vip, not_vip) in [
+            ("IPv4", "10.10.0.5", "192.0.2.10", "192.0.2.99"),
+            ("IPv6", "fd10::5", "2001:db8::10", "2001:db8::99"),
+        ] {
+            rows.push(
+                Row::new(format!("{fam}: a VIP answers"))
+                    .config(with(true).config())
+                    .packet(answered(src, vip))
+                    .total("icmp_echo_answered", 1),
             );
-            let r = f.run_on(&other, lab.client_if).unwrap();
-            assert_eq!((r.verdict, &r.data), (XDP_PASS, &other));
-        }
-        assert_eq!(counter(&f, "icmp_echo_answered"), 2);
-
-        // No backend can take a new flow: the VIP no longer answers.
-        f.dp.apply(&(with("", false)).desired()).unwrap();
-        for (src, vip) in [("10.10.0.5", "192.0.2.10"), ("fd10::5", "2001:db8::10")] {
-            let req = echo_request(src, vip);
-            let r = f.run_on(&req, lab.client_if).unwrap();
-            assert_eq!(
-                (r.verdict, &r.data),
-                (XDP_PASS, &req),
-                "{vip} without backends"
+            // Not a VIP: the host's own business.
+            rows.push(
+                Row::new(format!("{fam}: not a VIP"))
+                    .config(with(true).config())
+                    .packet(echo(src, not_vip).verdict(XDP_PASS).unchanged())
+                    .total("icmp_echo_answered", 0),
+            );
+            // No backend can take a new flow: the VIP no longer answers.
+            rows.push(
+                Row::new(format!("{fam}: a VIP whose backends are gone"))
+                    .config(with(true).config())
+                    .apply(with(false).config())
+                    .packet(
+                        echo(src, vip)
+                            .verdict(XDP_PASS)
+                            .unchanged()
+                            .note("without backends"),
+                    )
+                    .total("icmp_echo_answered", 0),
             );
         }
         // Every service of the VIP restricts its clients: no answer, to anyone.
-        let restricted = "services:\n  - {name: a, vip: 192.0.2.10, port: 80, protocol: tcp, allow: [10.10.0.0/24], backends: [{address: \"10.20.0.2:8080\"}]}\n  - {name: b, vip: 192.0.2.10, port: 53, protocol: udp, allow: [10.10.0.0/24], backends: [{address: \"10.20.0.2:8080\"}]}\n";
-        f.dp.apply(
-            &(Config::parse(&format!("snat: {{ipv4: 10.20.0.1}}\n{restricted}")).unwrap())
-                .desired(),
-        )
-        .unwrap();
-        let req = echo_request("10.10.0.5", "192.0.2.10");
-        assert_eq!(
-            f.run_on(&req, lab.client_if).unwrap().verdict,
-            XDP_PASS,
-            "a VIP of restricted services only"
+        let restricted = |s: Svc| s.allow(["10.10.0.0/24"]).backends(["10.20.0.2:8080"]);
+        let restricted = Cfg::new()
+            .snat4("10.20.0.1")
+            .service(restricted(Svc::tcp("a", "192.0.2.10", 80)))
+            .service(restricted(Svc::udp("b", "192.0.2.10", 53)));
+        rows.push(
+            Row::new("a VIP of restricted services only")
+                .config(with(true).config())
+                .apply(restricted.config())
+                .packet(
+                    echo("10.10.0.5", "192.0.2.10")
+                        .verdict(XDP_PASS)
+                        .note("a VIP of restricted services only"),
+                )
+                .total("icmp_echo_answered", 0),
         );
-        // Turned off.
-        f.dp.apply(&(with("icmp_echo: false\n", true)).desired())
-            .unwrap();
-        let req = echo_request("10.10.0.5", "192.0.2.10");
-        assert_eq!(
-            f.run_on(&req, lab.client_if).unwrap().verdict,
-            XDP_PASS,
-            "icmp_echo: false"
+        rows.push(
+            Row::new("turned off, then on again")
+                .config(with(true).config())
+                .apply(with(true).icmp_echo(false).config())
+                .packet(
+                    echo("10.10.0.5", "192.0.2.10")
+                        .verdict(XDP_PASS)
+                        .note("icmp_echo: false"),
+                )
+                .apply(with(true).config())
+                .packet(
+                    echo("10.10.0.5", "192.0.2.10")
+                        .verdict(XDP_TX)
+                        .note("on again"),
+                )
+                .total("icmp_echo_answered", 1),
         );
-        f.dp.apply(&(with("", true)).desired()).unwrap();
-        assert_eq!(
-            f.run_on(&req, lab.client_if).unwrap().verdict,
-            XDP_TX,
-            "on again"
-        );
-        assert_eq!(counter(&f, "icmp_echo_answered"), 3);
+        rows::run(rows);
     });
 }

@@ -11,30 +11,17 @@ use std::net::IpAddr;
 use lb_common::{PROTO_TCP, PROTO_UDP};
 use xlb::config::Config;
 use xlb_tests::{
+    cfg::Mode,
     natlab::*,
     packet::{decode, Frame, ACK},
-    testrun::{Fixture, XDP_PASS, XDP_REDIRECT, XDP_TX},
+    rows::{self, Packet, Row},
+    testrun::{XDP_PASS, XDP_REDIRECT, XDP_TX},
 };
 
 const DSR_V4: [&str; 3] = ["10.20.0.2:80", "10.20.0.3:80", "10.20.0.4:80"];
 const DSR_V6: [&str; 3] = ["[fd20::2]:80", "[fd20::3]:80", "[fd20::4]:80"];
 const DSR_UDP_V4: [&str; 3] = ["10.20.0.2:53", "10.20.0.3:53", "10.20.0.4:53"];
 const DSR_UDP_V6: [&str; 3] = ["[fd20::2]:53", "[fd20::3]:53", "[fd20::4]:53"];
-
-/// web/dns (IPv4) and web6/dns6 (IPv6) in `mode`, with these backends.
-fn mode_config(mode: &str, extra: &str, b: [&[&str]; 4]) -> Config {
-    let svc = |name: &str, vip: &str, port: u16, proto: &str, bs: &[&str]| {
-        format!("  - name: {name}\n    vip: \"{vip}\"\n    port: {port}\n    protocol: {proto}\n    mode: {mode}\n    backends: [{}]\n", backend_list(bs))
-    };
-    let text = format!(
-        "{extra}maglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n{}{}{}{}",
-        svc("web", "192.0.2.10", 80, "tcp", b[0]),
-        svc("dns", "192.0.2.10", 53, "udp", b[1]),
-        svc("web6", "2001:db8::10", 80, "tcp", b[2]),
-        svc("dns6", "2001:db8::10", 53, "udp", b[3]),
-    );
-    Config::parse(&text).unwrap_or_else(|e| panic!("fixture config: {e:#}\n{text}"))
-}
 
 /// The Internet checksum of `b` (0 when `b` already holds a valid checksum).
 fn csum(b: &[u8]) -> u16 {
@@ -57,33 +44,42 @@ fn v6_pseudo(src: &[u8], dst: &[u8], len: usize, next: u8) -> Vec<u8> {
     p
 }
 
-fn dnat_flow(f: &mut Fixture, lab: &Lab, frame: Frame, backends: &[&str], proto: u8) {
+/// A dnat flow as a row: the client's packet, the established one, the backend's reply
+/// leaving through TC egress (a backend on this host) and arriving through XDP (a
+/// backend elsewhere).
+fn dnat_flow<'a>(
+    lab: &'a Lab,
+    cfg: &Config,
+    name: &str,
+    frame: Frame,
+    backends: &[&str],
+    proto: u8,
+) -> Row<'a> {
     let want = predicted_backend(backends, &frame, proto);
-    let res = f.run_on(&frame.build(), lab.client_if).unwrap();
-    assert_eq!(res.verdict, XDP_REDIRECT, "out on the backend side");
-    let out = decode(&res.data).expect("valid checksums after DNAT");
-    assert_eq!(
-        (out.src, out.sport, out.dst, out.dport),
-        (frame.src, frame.sport, want.ip(), want.port()),
-        "only the destination rewritten: the backend sees the client"
-    );
-    assert_eq!(out.ttl, frame.ttl - 1);
-    assert_eq!(out.payload, frame.payload);
-    assert_eq!(
-        (out.src_mac, out.dst_mac),
-        (lab.backend_side_mac, backend_mac(want.ip()))
-    );
+    let sent = frame.clone();
+    let forward = move |out: &[u8]| {
+        let out = decode(out).expect("valid checksums after DNAT");
+        assert_eq!(
+            (out.src, out.sport, out.dst, out.dport),
+            (sent.src, sent.sport, want.ip(), want.port()),
+            "only the destination rewritten: the backend sees the client"
+        );
+        assert_eq!(out.ttl, sent.ttl - 1);
+        assert_eq!(out.payload, sent.payload);
+        assert_eq!(
+            (out.src_mac, out.dst_mac),
+            (lab.backend_side_mac, backend_mac(want.ip()))
+        );
+    };
     // Established: the same.
-    let again = decode(
-        &f.run_on(&frame.clone().flags(ACK).build(), lab.client_if)
-            .unwrap()
-            .data,
-    )
-    .unwrap();
-    assert_eq!(
-        (again.src, again.sport, again.dst),
-        (out.src, out.sport, out.dst)
-    );
+    let sent = frame.clone();
+    let established = move |out: &[u8]| {
+        let again = decode(out).unwrap();
+        assert_eq!(
+            (again.src, again.sport, again.dst),
+            (sent.src, sent.sport, want.ip())
+        );
+    };
     // The backend answers the client directly: backend → client becomes VIP → client.
     let mut reply = frame.clone().flags(ACK);
     reply.src = want.ip();
@@ -94,74 +90,115 @@ fn dnat_flow(f: &mut Fixture, lab: &Lab, frame: Frame, backends: &[&str], proto:
     reply.dst_mac = lab.backend_side_mac;
     // A backend on this host: its reply leaves through the TC egress program, which
     // translates it the same way (TTL and MACs are the kernel's business there).
-    let res = f.run_egress(&reply.build()).unwrap();
-    assert_eq!(res.verdict, 0, "TC_ACT_OK: egress never drops");
-    let left = decode(&res.data).expect("valid checksums after egress translation");
-    assert_eq!(
-        (left.src, left.sport, left.dst, left.dport, left.ttl),
-        (frame.dst, frame.dport, frame.src, frame.sport, reply.ttl)
-    );
-    assert_eq!(left.payload, reply.payload);
-    let res = f.run_on(&reply.build(), lab.backend_if).unwrap();
-    assert_eq!(res.verdict, XDP_REDIRECT, "reply out on the client side");
-    let back = decode(&res.data).expect("valid checksums after reverse DNAT");
-    assert_eq!(
-        (back.src, back.sport, back.dst, back.dport),
-        (frame.dst, frame.dport, frame.src, frame.sport)
-    );
-    assert_eq!(
-        (back.src_mac, back.dst_mac),
-        (lab.client_side_mac, CLIENT_MAC)
-    );
+    let (sent, replied) = (frame.clone(), reply.clone());
+    let egress = move |out: &[u8]| {
+        let left = decode(out).expect("valid checksums after egress translation");
+        assert_eq!(
+            (left.src, left.sport, left.dst, left.dport, left.ttl),
+            (sent.dst, sent.dport, sent.src, sent.sport, replied.ttl)
+        );
+        assert_eq!(left.payload, replied.payload);
+    };
+    let sent = frame.clone();
+    let back = move |out: &[u8]| {
+        let back = decode(out).expect("valid checksums after reverse DNAT");
+        assert_back_to_client(lab, &back, &sent);
+    };
+    Row::new(format!("dnat {name}"))
+        .config(cfg.clone())
+        .packet(
+            Packet::on(lab.client_if, frame.build())
+                .verdict(XDP_REDIRECT)
+                .note("out on the backend side")
+                .output_check(forward),
+        )
+        .packet(
+            Packet::on(lab.client_if, frame.clone().flags(ACK).build()).output_check(established),
+        )
+        .packet(
+            Packet::egress(reply.build())
+                .verdict(0)
+                .note("TC_ACT_OK: egress never drops")
+                .output_check(egress),
+        )
+        .packet(
+            Packet::on(lab.backend_if, reply.build())
+                .verdict(XDP_REDIRECT)
+                .note("reply out on the client side")
+                .output_check(back),
+        )
+        .total("fwd_forward", 2)
+        .total("fwd_reverse", 1)
+        .total("event_egress_translated", 1)
+        // dnat needs no SNAT port: the reply entries are keyed by the client's own.
+        .total("drop_port_alloc", 0)
+}
+
+/// The fixtures' four services (TCP :80 and UDP :53 on each VIP) as (name, client
+/// frame, backends, protocol), with these backends for TCP and UDP in each family.
+fn cases<'b>(
+    tcp4: &'b [&'b str],
+    udp4: &'b [&'b str],
+    tcp6: &'b [&'b str],
+    udp6: &'b [&'b str],
+) -> [(&'static str, Frame, &'b [&'b str], u8); 4] {
+    [
+        (
+            "TCP IPv4",
+            Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80),
+            tcp4,
+            PROTO_TCP,
+        ),
+        (
+            "UDP IPv4",
+            Frame::udp("10.10.0.5", 40001, "192.0.2.10", 53),
+            udp4,
+            PROTO_UDP,
+        ),
+        (
+            "TCP IPv6",
+            Frame::tcp("fd10::5", 40000, "2001:db8::10", 80),
+            tcp6,
+            PROTO_TCP,
+        ),
+        (
+            "UDP IPv6",
+            Frame::udp("fd10::5", 40001, "2001:db8::10", 53),
+            udp6,
+            PROTO_UDP,
+        ),
+    ]
 }
 
 #[test]
 fn privileged_dnat_keeps_the_client_address_and_translates_replies() {
     in_lab(|lab| {
-        let mut f = Fixture::new().unwrap();
-        let cfg = mode_config(
-            "dnat",
-            "",
+        let cfg = lab_services(
+            Some(Mode::Dnat),
             [&BACKENDS_V4, &BACKENDS_V4, &BACKENDS_V6, &BACKENDS_V6],
-        );
-        f.dp.apply(&cfg.desired()).unwrap();
-        let cases = [
-            (
-                Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80),
-                &BACKENDS_V4,
-                PROTO_TCP,
-            ),
-            (
-                Frame::udp("10.10.0.5", 40001, "192.0.2.10", 53),
-                &BACKENDS_V4,
-                PROTO_UDP,
-            ),
-            (
-                Frame::tcp("fd10::5", 40000, "2001:db8::10", 80),
-                &BACKENDS_V6,
-                PROTO_TCP,
-            ),
-            (
-                Frame::udp("fd10::5", 40001, "2001:db8::10", 53),
-                &BACKENDS_V6,
-                PROTO_UDP,
-            ),
-        ];
-        for (frame, backends, proto) in cases {
-            dnat_flow(&mut f, lab, frame, backends, proto);
-        }
-        assert_eq!(counter(&f, "fwd_forward"), 8);
-        assert_eq!(counter(&f, "fwd_reverse"), 4);
-        assert_eq!(counter(&f, "event_egress_translated"), 4);
-        // Anything else leaves untouched: a reply to another client port.
+        )
+        .config();
+        let cases = cases(&BACKENDS_V4, &BACKENDS_V4, &BACKENDS_V6, &BACKENDS_V6);
+        let mut rows: Vec<Row> = cases
+            .iter()
+            .map(|(name, frame, backends, proto)| {
+                dnat_flow(lab, &cfg, name, frame.clone(), backends, *proto)
+            })
+            .collect();
+        // Anything else leaves untouched: a reply to another client port, with the four
+        // flows open.
         let mut other = Frame::udp("10.20.0.2", 8080, "10.10.0.5", 1).flags(ACK);
         other.src_mac = backend_mac("10.20.0.2".parse().unwrap());
-        let bytes = other.build();
-        let res = f.run_egress(&bytes).unwrap();
-        assert_eq!((res.verdict, res.data), (0, bytes));
-        assert_eq!(counter(&f, "event_egress_translated"), 4);
-        // dnat needs no SNAT port: the reply entries are keyed by the client's own.
-        assert_eq!(counter(&f, "drop_port_alloc"), 0);
+        let mut row = Row::new("dnat: egress, a reply to another client port").config(cfg.clone());
+        for (_, frame, _, _) in &cases {
+            row = row.packet(Packet::on(lab.client_if, frame.build()).verdict(XDP_REDIRECT));
+        }
+        rows.push(
+            row.packet(Packet::egress(other.build()).verdict(0).unchanged())
+                .total("event_egress_translated", 0)
+                .total("drop_port_alloc", 0),
+        );
+        rows::run(rows);
     });
 }
 
@@ -207,77 +244,59 @@ fn check_outer(out: &[u8], inner_family_v4: bool, src: IpAddr, dst: IpAddr) -> V
 #[test]
 fn privileged_dsr_encapsulates_the_unchanged_packet() {
     in_lab(|lab| {
-        let mut f = Fixture::new().unwrap();
-        let cfg = mode_config("dsr", "", [&DSR_V4, &DSR_UDP_V4, &DSR_V6, &DSR_UDP_V6]);
-        f.dp.apply(&cfg.desired()).unwrap();
-        let cases = [
-            (
-                Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80),
-                &DSR_V4,
-                PROTO_TCP,
-                "10.20.0.1",
-            ),
-            (
-                Frame::udp("10.10.0.5", 40001, "192.0.2.10", 53),
-                &DSR_UDP_V4,
-                PROTO_UDP,
-                "10.20.0.1",
-            ),
-            (
-                Frame::tcp("fd10::5", 40000, "2001:db8::10", 80),
-                &DSR_V6,
-                PROTO_TCP,
-                "fd20::1",
-            ),
-            (
-                Frame::udp("fd10::5", 40001, "2001:db8::10", 53),
-                &DSR_UDP_V6,
-                PROTO_UDP,
-                "fd20::1",
-            ),
-        ];
-        let mut sent = 0;
-        for (frame, backends, proto, outer_src) in cases {
+        let cfg = lab_services(
+            Some(Mode::Dsr),
+            [&DSR_V4, &DSR_UDP_V4, &DSR_V6, &DSR_UDP_V6],
+        )
+        .config();
+        let mut rows = Vec::new();
+        for (name, frame, backends, proto) in cases(&DSR_V4, &DSR_UDP_V4, &DSR_V6, &DSR_UDP_V6) {
             let want = predicted_backend(backends, &frame, proto);
-            for (i, f2) in [frame.clone(), frame.clone().flags(ACK)]
-                .into_iter()
-                .enumerate()
-            {
+            let outer_src = backend_side_addr(frame.src.is_ipv6());
+            let mut row = Row::new(format!("dsr {name}")).config(cfg.clone());
+            for f2 in [frame.clone(), frame.clone().flags(ACK)] {
                 let bytes = f2.build();
-                let res = f.run_on(&bytes, lab.client_if).unwrap();
-                sent += 1;
-                assert_eq!(
-                    res.verdict, XDP_REDIRECT,
-                    "packet {i} out on the backend side"
-                );
-                let out = &res.data;
-                assert_eq!(
-                    (&out[6..12], &out[..6]),
-                    (&lab.backend_side_mac[..], &backend_mac(want.ip())[..])
-                );
-                let inner = check_outer(
-                    out,
-                    frame.src.is_ipv4(),
-                    outer_src.parse().unwrap(),
-                    want.ip(),
-                );
-                assert_eq!(
-                    inner,
-                    bytes[14..],
-                    "the client's packet, byte for byte (TTL too)"
+                let v4 = f2.src.is_ipv4();
+                let sent = bytes.clone();
+                let check = move |out: &[u8]| {
+                    assert_eq!(
+                        (&out[6..12], &out[..6]),
+                        (&lab.backend_side_mac[..], &backend_mac(want.ip())[..])
+                    );
+                    let inner = check_outer(out, v4, outer_src, want.ip());
+                    assert_eq!(
+                        inner,
+                        sent[14..],
+                        "the client's packet, byte for byte (TTL too)"
+                    );
+                };
+                row = row.packet(
+                    Packet::on(lab.client_if, bytes)
+                        .verdict(XDP_REDIRECT)
+                        .note("out on the backend side")
+                        .output_check(check),
                 );
             }
+            rows.push(
+                row.total("fwd_forward", 2)
+                    // No reply entries: replies never come back through the LB.
+                    .check(|f, _| {
+                        let rev = aya::maps::HashMap::<
+                            _,
+                            lb_common::FlowKey,
+                            lb_common::ReverseNat,
+                        >::try_from(aya::maps::Map::LruHashMap(
+                            aya::maps::MapData::from_pin(
+                                f.pin_path().join(lb_common::MAP_REVERSE_NAT),
+                            )
+                            .unwrap(),
+                        ))
+                        .unwrap();
+                        assert_eq!(rev.keys().count(), 0);
+                    }),
+            );
         }
-        assert_eq!(counter(&f, "fwd_forward"), sent);
-        // No reply entries: replies never come back through the LB.
-        let rev = aya::maps::HashMap::<_, lb_common::FlowKey, lb_common::ReverseNat>::try_from(
-            aya::maps::Map::LruHashMap(
-                aya::maps::MapData::from_pin(f.pin_path().join(lb_common::MAP_REVERSE_NAT))
-                    .unwrap(),
-            ),
-        )
-        .unwrap();
-        assert_eq!(rev.keys().count(), 0);
+        rows::run(rows);
     });
 }
 
@@ -294,111 +313,131 @@ fn dsr_check_config_requires_the_service_port() {
     );
 }
 
+/// The ICMP error dsr answers a packet too big for the path with, checked field by
+/// field against the packet sent (`sent`, the bytes of `big`).
+fn check_too_big(out: &[u8], sent: &[u8], big: &Frame) {
+    assert_eq!(
+        (&out[..6], &out[6..12]),
+        (&big.src_mac[..], &big.dst_mac[..]),
+    );
+    if big.src.is_ipv4() {
+        let h = &out[14..34];
+        assert_eq!(csum(h), 0, "IPv4 header checksum");
+        assert_eq!(h[9], 1, "ICMP");
+        assert_eq!(&h[12..16], &[192, 0, 2, 10], "from the VIP");
+        assert_eq!(&h[16..20], &[10, 10, 0, 5], "to the client");
+        assert_eq!(out.len(), 14 + 20 + 8 + 28);
+        let icmp = &out[34..];
+        assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
+        assert_eq!(csum(icmp), 0, "ICMP checksum");
+        assert_eq!(
+            u16::from_be_bytes([icmp[6], icmp[7]]),
+            1400 - 20,
+            "the MTU left"
+        );
+        assert_eq!(
+            &icmp[8..],
+            &sent[14..14 + 28],
+            "quotes the header and 8 bytes"
+        );
+    } else {
+        let h = &out[14..54];
+        assert_eq!(h[6], 58, "ICMPv6");
+        assert_eq!(
+            h[8..24],
+            "2001:db8::10"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets()
+        );
+        assert_eq!(
+            h[24..40],
+            "fd10::5".parse::<std::net::Ipv6Addr>().unwrap().octets()
+        );
+        assert_eq!(out.len(), 14 + 40 + 8 + 48);
+        let icmp = &out[54..];
+        assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
+        let mut sum = v6_pseudo(&h[8..24], &h[24..40], icmp.len(), 58);
+        sum.extend_from_slice(icmp);
+        assert_eq!(csum(&sum), 0, "ICMPv6 checksum with the pseudo-header");
+        assert_eq!(
+            u32::from_be_bytes(icmp[4..8].try_into().unwrap()),
+            1400 - 40
+        );
+        assert_eq!(&icmp[8..], &sent[14..14 + 48]);
+    }
+}
+
+/// Rows on a path of MTU 1400 (the backend side's): a packet that fits once
+/// encapsulated is sent, one byte more is answered with ICMP from the VIP.
 #[test]
 fn privileged_dsr_too_big_for_the_path_gets_icmp_with_the_mtu_left() {
     in_lab(|lab| {
-        let mut f = Fixture::new().unwrap();
-        let cfg = mode_config("dsr", "", [&DSR_V4, &DSR_UDP_V4, &DSR_V6, &DSR_UDP_V6]);
-        f.dp.apply(&cfg.desired()).unwrap();
-        let ns_ip = |args: &[&str]| {
-            let st = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .unwrap();
-            assert!(st.success(), "ip {args:?}");
-        };
-        ns_ip(&["link", "set", "bside", "mtu", "1400"]);
-        for (src, dst) in [("10.10.0.5", "192.0.2.10"), ("fd10::5", "2001:db8::10")] {
+        let cfg = lab_services(
+            Some(Mode::Dsr),
+            [&DSR_V4, &DSR_UDP_V4, &DSR_V6, &DSR_UDP_V6],
+        )
+        .config();
+        let st = std::process::Command::new("ip")
+            .args(["link", "set", "bside", "mtu", "1400"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip link set bside mtu 1400");
+        let mut rows = Vec::new();
+        for (fam, src, dst) in [
+            ("IPv4", "10.10.0.5", "192.0.2.10"),
+            ("IPv6", "fd10::5", "2001:db8::10"),
+        ] {
             let v4 = src.contains('.');
             let overhead = if v4 { 20 } else { 40 };
-            // Fits once encapsulated: sent.
             let mut fits = Frame::tcp(src, 40010, dst, 80).flags(ACK);
             let ip_hdr = if v4 { 20 } else { 40 };
             fits.payload = vec![0x5a; 1400 - overhead - ip_hdr - 20];
-            let res = f.run_on(&fits.build(), lab.client_if).unwrap();
-            assert_eq!(
-                res.verdict, XDP_REDIRECT,
-                "{src}: exactly the MTU once encapsulated"
+            rows.push(
+                Row::new(format!("fits once encapsulated ({fam})"))
+                    .config(cfg.clone())
+                    .packet(
+                        Packet::on(lab.client_if, fits.build())
+                            .verdict(XDP_REDIRECT)
+                            .note("exactly the MTU once encapsulated"),
+                    )
+                    .total("icmp_too_big_sent", 0)
+                    .total("drop_too_big", 0),
             );
             // One byte more: ICMP back to the client, from the VIP.
             let mut big = fits.clone();
             big.payload.push(0);
             let bytes = big.build();
-            let res = f.run_on(&bytes, lab.client_if).unwrap();
-            assert_eq!(
-                res.verdict, XDP_TX,
-                "{src}: answered on the interface it came from"
+            let sent = bytes.clone();
+            rows.push(
+                Row::new(format!("one byte more ({fam})"))
+                    .config(cfg.clone())
+                    .packet(
+                        Packet::on(lab.client_if, bytes)
+                            .verdict(XDP_TX)
+                            .note("answered on the interface it came from")
+                            .output_check(move |out| check_too_big(out, &sent, &big)),
+                    )
+                    .total("icmp_too_big_sent", 1)
+                    .total("drop_too_big", 0),
             );
-            let out = &res.data;
-            assert_eq!(
-                (&out[..6], &out[6..12]),
-                (&big.src_mac[..], &big.dst_mac[..]),
-            );
-            if v4 {
-                let h = &out[14..34];
-                assert_eq!(csum(h), 0, "IPv4 header checksum");
-                assert_eq!(h[9], 1, "ICMP");
-                assert_eq!(&h[12..16], &[192, 0, 2, 10], "from the VIP");
-                assert_eq!(&h[16..20], &[10, 10, 0, 5], "to the client");
-                assert_eq!(out.len(), 14 + 20 + 8 + 28);
-                let icmp = &out[34..];
-                assert_eq!((icmp[0], icmp[1]), (3, 4), "fragmentation needed");
-                assert_eq!(csum(icmp), 0, "ICMP checksum");
-                assert_eq!(
-                    u16::from_be_bytes([icmp[6], icmp[7]]),
-                    1400 - 20,
-                    "the MTU left"
-                );
-                assert_eq!(
-                    &icmp[8..],
-                    &bytes[14..14 + 28],
-                    "quotes the header and 8 bytes"
-                );
-            } else {
-                let h = &out[14..54];
-                assert_eq!(h[6], 58, "ICMPv6");
-                assert_eq!(
-                    h[8..24],
-                    "2001:db8::10"
-                        .parse::<std::net::Ipv6Addr>()
-                        .unwrap()
-                        .octets()
-                );
-                assert_eq!(
-                    h[24..40],
-                    "fd10::5".parse::<std::net::Ipv6Addr>().unwrap().octets()
-                );
-                assert_eq!(out.len(), 14 + 40 + 8 + 48);
-                let icmp = &out[54..];
-                assert_eq!((icmp[0], icmp[1]), (2, 0), "packet too big");
-                let mut sum = v6_pseudo(&h[8..24], &h[24..40], icmp.len(), 58);
-                sum.extend_from_slice(icmp);
-                assert_eq!(csum(&sum), 0, "ICMPv6 checksum with the pseudo-header");
-                assert_eq!(
-                    u32::from_be_bytes(icmp[4..8].try_into().unwrap()),
-                    1400 - 40
-                );
-                assert_eq!(&icmp[8..], &bytes[14..14 + 48]);
-            }
         }
-        assert_eq!(counter(&f, "icmp_too_big_sent"), 2);
-        assert_eq!(counter(&f, "drop_too_big"), 0);
+        rows::run(rows);
     });
 }
 
 #[test]
 fn privileged_decap_strips_the_outer_header_of_packets_for_this_host() {
     in_lab(|lab| {
-        let mut f = Fixture::new().unwrap();
         let cfg = Config {
             decap: true,
             ..Default::default()
         };
-        f.dp.apply(&cfg.desired()).unwrap();
         // As the LB sends them: from its address to this host's (10.20.0.1 / fd20::1
         // are local here), around the client's packet.
-        let cases: [(Frame, [u8; 2], Vec<u8>); 2] = [
+        let cases: [(&str, Frame, [u8; 2], Vec<u8>); 2] = [
             (
+                "IPv4",
                 Frame::tcp("10.10.0.5", 40000, "192.0.2.10", 80),
                 [0x08, 0x00],
                 {
@@ -408,6 +447,7 @@ fn privileged_decap_strips_the_outer_header_of_packets_for_this_host() {
                 },
             ),
             (
+                "IPv6",
                 Frame::udp("fd10::5", 40000, "2001:db8::10", 53),
                 [0x86, 0xdd],
                 {
@@ -418,7 +458,8 @@ fn privileged_decap_strips_the_outer_header_of_packets_for_this_host() {
                 },
             ),
         ];
-        for (frame, eth_type, mut outer) in cases {
+        let mut rows = Vec::new();
+        for (fam, frame, eth_type, mut outer) in cases {
             let inner = frame.build();
             let inner_ip = &inner[14..];
             if outer.len() == 20 {
@@ -433,9 +474,6 @@ fn privileged_decap_strips_the_outer_header_of_packets_for_this_host() {
             wire.extend_from_slice(&eth_type);
             wire.extend_from_slice(&outer);
             wire.extend_from_slice(inner_ip);
-            let res = f.run_on(&wire, lab.backend_if).unwrap();
-            assert_eq!(res.verdict, XDP_PASS);
-            assert_eq!(res.data, inner, "exactly the client's frame");
 
             // Not for this host (10.20.0.7 / fd20::7 are not local): left alone.
             let mut transit = wire.clone();
@@ -449,12 +487,28 @@ fn privileged_decap_strips_the_outer_header_of_packets_for_this_host() {
             } else {
                 transit[14 + 39] = 7;
             }
-            let res = f.run_on(&transit, lab.backend_if).unwrap();
-            assert_eq!(
-                res.data, transit,
-                "a tunnel packet passing through is not touched"
+            rows.push(
+                Row::new(format!("{fam} tunnel packet for this host"))
+                    .config(cfg.clone())
+                    .packet(
+                        Packet::on(lab.backend_if, wire)
+                            .verdict(XDP_PASS)
+                            .output(inner)
+                            .note("exactly the client's frame"),
+                    )
+                    .total("pass_decapsulated", 1),
+            );
+            rows.push(
+                Row::new(format!("{fam} tunnel packet passing through"))
+                    .config(cfg.clone())
+                    .packet(
+                        Packet::on(lab.backend_if, transit)
+                            .unchanged()
+                            .note("a tunnel packet passing through is not touched"),
+                    )
+                    .total("pass_decapsulated", 0),
             );
         }
-        assert_eq!(counter(&f, "pass_decapsulated"), 2);
+        rows::run(rows);
     });
 }

@@ -11,6 +11,7 @@ use aya::maps::{HashMap, MapData};
 use lb_common::{ConnValue, FlowKey, MAP_CONNTRACK, PROTO_TCP};
 use xlb::config::Config;
 use xlb_tests::{
+    cfg::{Cfg, Svc},
     natlab::*,
     packet::{decode, Frame, ACK},
     testrun::{Fixture, XDP_DROP, XDP_REDIRECT},
@@ -21,15 +22,17 @@ const FLOOD: usize = 300;
 const ESTABLISHED: usize = 5;
 
 fn config(mode: &str) -> Config {
-    let list = BACKENDS_V4
-        .iter()
-        .map(|b| format!("{{address: \"{}\"}}", b.replace(":8080", ":80")))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        "flood_guard: {{new_flows_per_cpu: {LIMIT}}}\nmaglev_table_size: {M}\nsnat: {{ipv4: 10.20.0.1, ipv6: \"fd20::1\"}}\nservices:\n  - name: web\n    vip: \"192.0.2.10\"\n    port: 80\n    protocol: tcp\n    mode: {mode}\n    backends: [{list}]\n"
-    );
-    Config::parse(&text).unwrap()
+    Cfg::new()
+        .flood_guard(LIMIT as u32)
+        .maglev_table_size(M)
+        .snat4("10.20.0.1")
+        .snat6("fd20::1")
+        .service(
+            Svc::tcp("web", "192.0.2.10", 80)
+                .mode(xlb_tests::cfg::mode(mode))
+                .backends(BACKENDS_V4.iter().map(|b| b.replace(":8080", ":80"))),
+        )
+        .config()
 }
 
 fn entries(f: &Fixture) -> usize {
@@ -73,7 +76,7 @@ fn privileged_flood_guard_makes_no_entries_above_the_rate() {
         stay_on_this_cpu();
         for mode in ["nat", "dsr", "dnat"] {
             let mut f = Fixture::new().unwrap();
-            f.dp.apply(&(config(mode)).desired()).unwrap();
+            f.apply(&config(mode)).unwrap();
             let backends: Vec<String> = BACKENDS_V4
                 .iter()
                 .map(|b| b.replace(":8080", ":80"))

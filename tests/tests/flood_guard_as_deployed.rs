@@ -11,10 +11,9 @@ use std::{
 };
 
 use xlb_tests::{
-    agent::{status_json, Agent},
+    agent::status_json,
     privileged,
     topology::{LbLab, Network, VIP4},
-    unique_name,
 };
 
 const LIMIT: u64 = 50;
@@ -45,23 +44,10 @@ fn privileged_as_deployed_flood_guard_drops_new_nat_flows_and_spares_existing_on
         return;
     }
     let lab = LbLab::two_arm_on(3, Network::AsDeployed).unwrap();
-    lab.write_config(&[0, 1, 2]).unwrap();
-    let text = std::fs::read_to_string(&lab.config_path).unwrap();
-    lab.replace_config(&format!(
-        "flood_guard: {{new_flows_per_cpu: {LIMIT}}}\n{text}"
-    ))
-    .unwrap();
+    lab.write(&lab.services(&[0, 1, 2]).flood_guard(LIMIT as u32))
+        .unwrap();
     let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbf")));
-    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let mut agent = Agent::start_at(
-        &lab.lb,
-        &pin,
-        &["--iface", iface.as_str(), "--config", cfg.as_str()],
-    )
-    .unwrap();
+    let mut agent = lab.agent().start().unwrap();
     let vip = SocketAddr::new(VIP4.parse::<IpAddr>().unwrap(), 53);
 
     let (existing_before, during, dropped_by_burst, after) = lab
@@ -103,7 +89,7 @@ fn privileged_as_deployed_flood_guard_drops_new_nat_flows_and_spares_existing_on
     agent
         .wait_for_log("flood guard on", Duration::from_secs(5))
         .unwrap_or_else(|e| panic!("{e:#}\n{}", agent.logs()));
-    let dropped = counter(&pin, "drop_flood_nat");
+    let dropped = counter(&agent.pin_path, "drop_flood_nat");
     // On one CPU at most LIMIT new flows per second get entries; the burst may straddle
     // a window's end and, if the sender moved, two CPUs' windows: 4 × LIMIT at most.
     assert!(

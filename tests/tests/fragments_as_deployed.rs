@@ -13,12 +13,11 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
-    path::PathBuf,
     time::Duration,
 };
 
 use xlb_tests::{
-    agent::Agent,
+    cfg::{Cfg, Mode, Svc},
     netns::Netns,
     privileged, report,
     segment::SegmentLab,
@@ -110,23 +109,15 @@ fn any() -> Vec<IpAddr> {
     vec![IpAddr::from([0u16; 8])]
 }
 
-fn config(mode: &str, b4: &[IpAddr], b6: &[IpAddr]) -> String {
-    let list = |bs: &[IpAddr]| {
-        bs.iter()
-            .map(|b| format!("{{address: \"{}\"}}", SocketAddr::new(*b, PORT)))
-            .collect::<Vec<_>>()
-            .join(", ")
+fn config(mode: Mode, b4: &[IpAddr], b6: &[IpAddr]) -> Cfg {
+    let svc = |name: &str, vip: &str, bs: &[IpAddr]| {
+        Svc::udp(name, vip, PORT)
+            .mode(mode)
+            .backends(bs.iter().map(|b| SocketAddr::new(*b, PORT)))
     };
-    format!(
-        "services:\n  - {{name: big4, vip: \"{VIP4}\", port: {PORT}, protocol: udp, mode: {mode}, backends: [{}]}}\n  - {{name: big6, vip: \"{VIP6}\", port: {PORT}, protocol: udp, mode: {mode}, backends: [{}]}}\n",
-        list(b4),
-        list(b6)
-    )
-}
-
-fn pin() -> (PathBuf, RemoveOnDrop) {
-    let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbf")));
-    (p.clone(), RemoveOnDrop(p))
+    Cfg::new()
+        .service(svc("big4", VIP4, b4))
+        .service(svc("big6", VIP6, b6))
 }
 
 fn check(label: &str, vip: &str, t: &Tally, agent_logs: &str) {
@@ -155,18 +146,16 @@ fn privileged_fragments_through_nat_and_dnat_as_deployed_and_nftables() {
         let lab = LbLab::two_arm_on(3, Network::AsDeployed).unwrap();
         let b4: Vec<IpAddr> = (0..3).map(|i| lab.backend(i, false).ip()).collect();
         let b6: Vec<IpAddr> = (0..3).map(|i| lab.backend(i, true).ip()).collect();
-        lab.replace_config(&config(mode, &b4, &b6)).unwrap();
+        lab.write(&config(xlb_tests::cfg::mode(mode), &b4, &b6))
+            .unwrap();
         let _servers = servers(&lab.backends.iter().collect::<Vec<_>>(), &any());
-        let (pin, _guard) = pin();
-        let iface = lab.iface_arg();
-        let cfg = lab.config_path.to_str().unwrap().to_owned();
-        let agent = Agent::start_at(&lab.lb, &pin, &["--iface", &iface, "--config", &cfg]).unwrap();
+        let agent = lab.agent().start().unwrap();
         for vip in [VIP4, VIP6] {
             let t = exchange(&lab.client, vip.parse().unwrap());
             check(&format!("xlb {mode}"), vip, &t, &agent.logs());
             results.insert(format!("xlb_{mode}_{vip}"), t.json());
         }
-        let st = xlb_tests::agent::status_json(&pin).unwrap();
+        let st = agent.status().unwrap();
         let c = |n: &str| st["counters"][n]["packets"].as_u64().unwrap_or(0);
         assert!(
             c("event_fragment_followed") > 0,
@@ -258,28 +247,13 @@ fn privileged_fragments_through_dsr_as_deployed() {
         &lab.backends.iter().map(|b| &b.ns).collect::<Vec<_>>(),
         &vips,
     );
-    let decap: Vec<_> = lab
-        .backends
-        .iter()
-        .map(|b| {
-            let (p, guard) = pin();
-            let a = Agent::start_at(&b.ns, &p, &["--iface", &b.iface, "--decap"]).unwrap();
-            (a, guard)
-        })
-        .collect();
+    let decap = lab.decap_agents();
     let b4: Vec<IpAddr> = lab.backends.iter().map(|b| b.addr4).collect();
     let b6: Vec<IpAddr> = lab.backends.iter().map(|b| b.addr6).collect();
     let cfg = std::env::temp_dir().join(format!("{}.yaml", unique_name("xfd")));
     let _rm = RemoveOnDrop(cfg.clone());
-    std::fs::write(&cfg, config("dsr", &b4, &b6)).unwrap();
-    let (pin, _guard) = pin();
-    let lb = &lab.lbs[0];
-    let agent = Agent::start_at(
-        &lb.ns,
-        &pin,
-        &["--iface", &lb.iface, "--config", cfg.to_str().unwrap()],
-    )
-    .unwrap();
+    config(Mode::Dsr, &b4, &b6).write(&cfg).unwrap();
+    let agent = lab.lbs[0].agent().config(&cfg).start().unwrap();
     let mut results = serde_json::Map::new();
     for vip in [VIP4, VIP6] {
         let t = exchange(&lab.client, vip.parse().unwrap());

@@ -591,8 +591,7 @@ fn privileged_hostile_packets_never_break_the_invariants() {
         .unwrap_or(0x786c_6266_757a_7a31);
     in_lab(move |lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
-            .unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         let backends: BTreeSet<IpAddr> = BACKENDS_V4
             .iter()
             .chain(&BACKENDS_V6)

@@ -14,6 +14,7 @@ use std::{
 
 use xlb_tests::{
     agent::Agent,
+    cfg::{Cfg, CheckKind, HealthCheck, Svc},
     netns::Netns,
     privileged,
     topology::{LbLab, VIP4},
@@ -88,28 +89,24 @@ fn privileged_failing_backend_leaves_and_returns() {
     let life = Duration::from_secs(60);
     let servers = lab.start_backends(life).unwrap();
     let mut health: Vec<HealthPort> = lab.backends.iter().map(HealthPort::start).collect();
-    let backends = (0..3)
-        .map(|i| format!("{{address: \"{}\"}}", lab.backend(i, false)))
-        .collect::<Vec<_>>()
-        .join(", ");
-    lab.replace_config(&format!(
-        "snat: {{ipv4: {}}}\nservices:\n  - name: web\n    vip: {VIP4}\n    port: 80\n    protocol: tcp\n    backends: [{backends}]\n    health_check: {{type: tcp, port: 9000, interval_ms: 200, timeout_ms: 100, rise: 2, fall: 2}}\n",
-        lab.snat4
-    ))
-    .unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let mut agent = Agent::start(
-        &lab.lb,
-        &[
-            "--iface",
-            &lab.iface_arg(),
-            "--xdp-mode",
-            "generic",
-            "--config",
-            &cfg,
-        ],
+    lab.write(
+        &Cfg::new().snat4(lab.snat4).service(
+            Svc::tcp("web", VIP4, 80)
+                .backends((0..3).map(|i| lab.backend(i, false)))
+                .health_check(HealthCheck {
+                    kind: CheckKind::Tcp,
+                    port: Some(9000),
+                    path: None,
+                    interval_ms: 200,
+                    timeout_ms: 100,
+                    rise: 2,
+                    fall: 2,
+                    keep_established: true,
+                }),
+        ),
     )
     .unwrap();
+    let mut agent = lab.agent().xdp_mode("generic").start().unwrap();
     let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let b1 = lab.backend(1, false).to_string();
 

@@ -12,7 +12,8 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::json;
 use xlb_tests::{
-    agent::Agent,
+    agent::{Agent, Start},
+    cfg::{Cfg, Svc},
     fakeapi::{FakeApi, Kind},
     netns::{veth_pair, Netns},
     privileged,
@@ -107,22 +108,14 @@ impl K8sLab {
     fn agent_in(&self, ns: &Netns, iface: &str, extra: &[&str]) -> Agent {
         let snat4 = self.lab.snat4.to_string();
         let snat6 = self.lab.snat6.to_string();
-        let mut args = vec![
-            "--iface",
-            iface,
-            "--xdp-mode",
-            "generic",
-            "--kubernetes",
-            "--node-name",
-            NODE,
-            "--snat-ipv4",
-            &snat4,
-            "--snat-ipv6",
-            &snat6,
-        ];
-        args.extend_from_slice(extra);
-        let kc = self.kubeconfig.to_str().unwrap();
-        Agent::start_with_env(ns, &args, &[("KUBECONFIG", kc)]).unwrap()
+        Start::new(ns, iface)
+            .xdp_mode("generic")
+            .args(&["--kubernetes", "--node-name", NODE])
+            .args(&["--snat-ipv4", &snat4, "--snat-ipv6", &snat6])
+            .args(extra)
+            .env("KUBECONFIG", self.kubeconfig.to_str().unwrap())
+            .start()
+            .unwrap()
     }
 
     fn agent(&self, extra: &[&str]) -> Agent {
@@ -953,13 +946,11 @@ fn privileged_k8s_side_follows_a_reload_that_adds_file_services() {
     // The file now claims VIP4:80/tcp itself and adds another service: three in all,
     // so one Kubernetes service port fits, and it cannot be VIP4:80/tcp.
     let file_backend = SocketAddr::new(b1, BACKEND_PORT);
-    std::fs::write(
-        &cfg,
-        format!(
-            "services:\n  - {{name: file-web, vip: \"{VIP4}\", port: 80, protocol: tcp, backends: [{{address: \"{file_backend}\"}}]}}\n  - {{name: file-other, vip: \"{VIP4}\", port: 8443, protocol: tcp, backends: [{{address: \"{file_backend}\"}}]}}\n"
-        ),
-    )
-    .unwrap();
+    Cfg::new()
+        .service(Svc::tcp("file-web", VIP4, 80).backends([file_backend]))
+        .service(Svc::tcp("file-other", VIP4, 8443).backends([file_backend]))
+        .write(&cfg)
+        .unwrap();
     agent.reload().expect("the reload is applied, not rejected");
     let t = wait_tables(
         &agent.pin_path,

@@ -121,13 +121,13 @@ impl Cluster {
         for (k, name) in NODES.iter().enumerate() {
             let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xk8p")));
             let node = &self.lab.lbs[k];
-            let agent = Agent::start_at_with_env(
-                &node.ns,
-                &pin,
-                &["--iface", &node.iface, "--kubernetes", "--node-name", name],
-                &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-            )
-            .unwrap();
+            let agent = node
+                .agent()
+                .args(&["--kubernetes", "--node-name", name])
+                .env("KUBECONFIG", kubeconfig.to_str().unwrap())
+                .pin_path(&pin)
+                .start()
+                .unwrap();
             self.agents.push((agent, pin.clone(), RemoveOnDrop(pin)));
         }
     }
@@ -393,21 +393,14 @@ fn privileged_k8s_l2_lease_per_vip_and_failover() {
         .map(|k| {
             let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xk8l")));
             let n = &lab.lbs[k];
-            let a = Agent::start_at_with_env(
-                &n.ns,
-                &pin,
-                &[
-                    "--iface",
-                    &n.iface,
-                    "--kubernetes",
-                    "--node-name",
-                    NODES[k],
-                    "--announce-l2",
-                    &n.iface,
-                ],
-                &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
-            )
-            .unwrap();
+            let a = n
+                .agent()
+                .args(&["--kubernetes", "--node-name", NODES[k]])
+                .args(&["--announce-l2", &n.iface])
+                .env("KUBECONFIG", kubeconfig.to_str().unwrap())
+                .pin_path(&pin)
+                .start()
+                .unwrap();
             (a, pin.clone(), RemoveOnDrop(pin))
         })
         .collect();

@@ -9,7 +9,6 @@ use std::{
 };
 
 use xlb_tests::{
-    agent::Agent,
     privileged,
     topology::{LbLab, VIP4},
     traffic::connect,
@@ -81,21 +80,12 @@ fn privileged_metrics_agree_with_the_traffic_sent() {
     lab.write_config(&[0, 1, 2]).unwrap();
     let life = Duration::from_secs(30);
     let servers = lab.start_backends(life).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let mut agent = Agent::start(
-        &lab.lb,
-        &[
-            "--iface",
-            &lab.iface_arg(),
-            "--xdp-mode",
-            "generic",
-            "--config",
-            &cfg,
-            "--metrics-addr",
-            METRICS,
-        ],
-    )
-    .unwrap();
+    let mut agent = lab
+        .agent()
+        .xdp_mode("generic")
+        .metrics_addr(METRICS)
+        .start()
+        .unwrap();
     assert_eq!(get(&lab, "/healthz").0, 200);
     assert_eq!(get(&lab, "/readyz").0, 200);
 
@@ -238,16 +228,12 @@ fn privileged_ebpf_logs_reach_tracing_when_enabled() {
     let lab = LbLab::two_arm(1).unwrap();
     lab.write_config(&[0]).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(20)).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let args = [
-        "--iface",
-        &lab.iface_arg(),
-        "--xdp-mode",
-        "generic",
-        "--config",
-        &cfg,
-    ];
-    let mut agent = Agent::start_logging(&lab.lb, &args, "info,xlb::ebpf=debug").unwrap();
+    let mut agent = lab
+        .agent()
+        .xdp_mode("generic")
+        .env("RUST_LOG", "info,xlb::ebpf=debug")
+        .start()
+        .unwrap();
     agent
         .wait_for_log("forwarding the XDP program's logs", Duration::from_secs(1))
         .unwrap();
@@ -285,21 +271,12 @@ fn privileged_metrics_negotiate_openmetrics_and_text_and_both_parse() {
     let lab = LbLab::two_arm(3).unwrap();
     lab.write_config(&[0, 1, 2]).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(30)).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let _agent = Agent::start(
-        &lab.lb,
-        &[
-            "--iface",
-            &lab.iface_arg(),
-            "--xdp-mode",
-            "generic",
-            "--config",
-            &cfg,
-            "--metrics-addr",
-            METRICS,
-        ],
-    )
-    .unwrap();
+    let _agent = lab
+        .agent()
+        .xdp_mode("generic")
+        .metrics_addr(METRICS)
+        .start()
+        .unwrap();
     // Some traffic, so that per-service and per-backend series exist.
     for i in 0..5 {
         let mut c = connect(&lab.client, SocketAddr::new(VIP4.parse().unwrap(), 80));

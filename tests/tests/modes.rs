@@ -15,6 +15,7 @@ use std::{
 
 use xlb_tests::{
     agent::{status_json, Agent},
+    cfg::{Cfg, Mode},
     peer::{one_try_each, parse, serve, TCP_PORT, UDP_PORT},
     privileged, report,
     segment::SegmentLab,
@@ -43,30 +44,17 @@ fn counter(pin: &std::path::Path, name: &str) -> u64 {
 
 /// An LB node's agent with default flags: only its interface, a config, a pin path.
 fn lb_agent(lab: &SegmentLab, k: usize, cfg: &std::path::Path, pin: &std::path::Path) -> Agent {
-    let lb = &lab.lbs[k];
-    Agent::start_at(
-        &lb.ns,
-        pin,
-        &["--iface", &lb.iface, "--config", cfg.to_str().unwrap()],
-    )
-    .unwrap()
+    lab.lbs[k]
+        .agent()
+        .config(cfg)
+        .pin_path(pin)
+        .start()
+        .unwrap()
 }
 
-/// `xlb run --iface IF --decap` on every backend: no config at all.
-fn decap_agents(lab: &SegmentLab) -> Vec<(Agent, PathBuf, RemoveOnDrop)> {
-    lab.backends
-        .iter()
-        .map(|b| {
-            let (p, guard) = pin();
-            let a = Agent::start_at(&b.ns, &p, &["--iface", &b.iface, "--decap"]).unwrap();
-            (a, p, guard)
-        })
-        .collect()
-}
-
-fn write_config(text: &str) -> (PathBuf, RemoveOnDrop) {
+fn write_config(cfg: &Cfg) -> (PathBuf, RemoveOnDrop) {
     let p = std::env::temp_dir().join(format!("{}.yaml", unique_name("xmd")));
-    std::fs::write(&p, text).unwrap();
+    cfg.write(&p).unwrap();
     (p.clone(), RemoveOnDrop(p))
 }
 
@@ -142,7 +130,7 @@ fn privileged_dnat_backends_see_the_client_as_deployed() {
     let _servers: Vec<_> = (0..3)
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &[any], life))
         .collect();
-    let (cfg, _c) = write_config(&lab.config("dnat", TCP_PORT, UDP_PORT));
+    let (cfg, _c) = write_config(&lab.config(Mode::Dnat, TCP_PORT, UDP_PORT));
     let (p, _g) = pin();
     let agent = lb_agent(&lab, 0, &cfg, &p);
     let counts = check_traffic(&lab, "dnat", 100, &[&p]);
@@ -173,12 +161,12 @@ fn privileged_dsr_backends_see_the_client_and_replies_bypass_the_lb() {
     let _servers: Vec<_> = (0..3)
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &binds, life))
         .collect();
-    let decap = decap_agents(&lab);
-    let (cfg, _c) = write_config(&lab.config("dsr", TCP_PORT, UDP_PORT));
+    let decap = lab.decap_agents();
+    let (cfg, _c) = write_config(&lab.config(Mode::Dsr, TCP_PORT, UDP_PORT));
     let (p, _g) = pin();
     let agent = lb_agent(&lab, 0, &cfg, &p);
     let mut pins: Vec<&std::path::Path> = vec![&p];
-    pins.extend(decap.iter().map(|(_, p, _)| p.as_path()));
+    pins.extend(decap.iter().map(|a| a.pin_path.as_path()));
     let mut counts = check_traffic(&lab, "dsr", 100, &pins);
     // Nothing came back through the LB: every TCP/UDP packet it saw was one it sent on
     // to a backend, and it translated no reply.
@@ -199,7 +187,7 @@ fn privileged_dsr_backends_see_the_client_and_replies_bypass_the_lb() {
     );
     let decapsulated: u64 = decap
         .iter()
-        .map(|(_, p, _)| counter(p, "pass_decapsulated"))
+        .map(|a| counter(&a.pin_path, "pass_decapsulated"))
         .sum();
     assert_eq!(
         decapsulated, forwarded,
@@ -261,11 +249,11 @@ fn move_between_nodes(mode: &str) -> (Vec<bool>, serde_json::Value) {
         .flat_map(|i| serve(&lab.backends[i].ns, i, TCP_PORT, &binds, life))
         .collect();
     let _decap = if mode == "dsr" {
-        decap_agents(&lab)
+        lab.decap_agents()
     } else {
         Vec::new()
     };
-    let (cfg, _c) = write_config(&lab.config(mode, TCP_PORT, UDP_PORT));
+    let (cfg, _c) = write_config(&lab.config(xlb_tests::cfg::mode(mode), TCP_PORT, UDP_PORT));
     let (p0, _g0) = pin();
     let (p1, _g1) = pin();
     let _a0 = lb_agent(&lab, 0, &cfg, &p0);
@@ -384,7 +372,11 @@ fn privileged_dnat_to_pods_on_the_lb_node_replies_through_tc_egress() {
         .flat_map(|(i, p)| serve(&p.ns, i, TCP_PORT, &[any], life))
         .collect();
     let (cfg, _c) = write_config(&xlb_tests::segment::config_for(
-        &pods, "dnat", TCP_PORT, UDP_PORT,
+        &pods,
+        [VIP4, VIP6],
+        Mode::Dnat,
+        TCP_PORT,
+        UDP_PORT,
     ));
     let (p, _g) = pin();
     let agent = lb_agent(&lab, 0, &cfg, &p);

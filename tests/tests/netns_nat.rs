@@ -13,7 +13,7 @@ use xlb::{
     maglev::{build, WeightedBackend},
 };
 use xlb_tests::{
-    agent::Agent,
+    agent::Start,
     netns::Netns,
     privileged,
     topology::{LbLab, VIP4, VIP6},
@@ -88,35 +88,16 @@ fn balance_through_namespaces(lab: LbLab, mode: &str) {
         (Some(sw), Some(port), "native") => {
             let empty = xlb_tests::empty_config();
             Some(
-                Agent::start(
-                    sw,
-                    &[
-                        "--iface",
-                        port,
-                        "--xdp-mode",
-                        "native",
-                        "--config",
-                        empty.path(),
-                    ],
-                )
-                .unwrap(),
+                Start::new(sw, port)
+                    .xdp_mode("native")
+                    .config(empty.path())
+                    .start()
+                    .unwrap(),
             )
         }
         _ => None,
     };
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let mut agent = Agent::start(
-        &lab.lb,
-        &[
-            "--iface",
-            &lab.iface_arg(),
-            "--xdp-mode",
-            mode,
-            "--config",
-            &cfg,
-        ],
-    )
-    .unwrap();
+    let mut agent = lab.agent().xdp_mode(mode).start().unwrap();
 
     // Short flows over both families: every one succeeds (so the checksums are right),
     // and lands where Maglev, computed in userspace, says it should.

@@ -17,8 +17,9 @@ use xlb::dataplane::Dataplane;
 use xlb_tests::natlab::{BACKENDS_V4, BACKENDS_V6};
 
 use xlb_tests::{
-    agent::Agent,
+    cfg::{Cfg, Mode, Svc},
     privileged,
+    testrun::apply,
     topology::{LbLab, VIP4},
     traffic::{backend_index, connect, parse_reply, Conn},
     unique_name,
@@ -49,14 +50,12 @@ fn restart_keeps_every_flow(mode: &str) {
     let lab = LbLab::two_arm(3).unwrap();
     let life = Duration::from_secs(60);
     let servers = lab.start_backends(life).unwrap();
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", xlb_tests::unique_name("xlbr")));
-    let _cleanup = xlb_tests::RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let args = ["--iface", &iface, "--xdp-mode", mode, "--config", &cfg];
+    let (pin, _cleanup) = own_pin_path();
+    // Both agents on the same pins, with the same arguments.
+    let agent = || lab.agent().xdp_mode(mode).pin_path(&pin);
 
     lab.write_config(&[0, 2]).unwrap();
-    let mut first = Agent::start_at(&lab.lb, &pin, &args).unwrap();
+    let mut first = agent().start().unwrap();
     let tcp_vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let udp_vip: SocketAddr = format!("{VIP4}:53").parse().unwrap();
     let mut flows = Vec::new();
@@ -89,7 +88,7 @@ fn restart_keeps_every_flow(mode: &str) {
     // The new agent (with b1 added) starts while the flows keep talking.
     lab.write_config(&[0, 1, 2]).unwrap();
     let mut second = std::thread::scope(|scope| {
-        let starter = scope.spawn(|| Agent::start_at(&lab.lb, &pin, &args));
+        let starter = scope.spawn(|| agent().start());
         let mut rounds = 0;
         while !starter.is_finished() && rounds < 500 {
             for (f, b) in flows.iter_mut().zip(&backends) {
@@ -249,8 +248,11 @@ fn privileged_pinned_maps_of_another_layout_are_replaced() {
         "the compatible map is adopted, not replaced"
     );
     // And the datapath works on them: a service can be applied.
-    dp.apply(&(xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6)).desired())
-        .unwrap();
+    apply(
+        &mut dp,
+        &xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6),
+    )
+    .unwrap();
     assert!(xlb::dataplane::drop_incompatible_pins(&pin)
         .unwrap()
         .is_empty());
@@ -274,8 +276,11 @@ fn privileged_an_upgrade_rebuilds_a_replaced_vip_filter_from_the_services() {
     };
     let keys = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        dp.apply(&(xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6)).desired())
-            .unwrap();
+        apply(
+            &mut dp,
+            &xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6),
+        )
+        .unwrap();
         let services: aya::maps::HashMap<_, ServiceKey, ServiceValue> =
             aya::maps::HashMap::try_from(dp.ebpf.map(MAP_SERVICES).unwrap()).unwrap();
         let keys: Vec<ServiceKey> = services.keys().map(Result::unwrap).collect();
@@ -317,13 +322,19 @@ fn privileged_an_upgrade_that_emptied_the_settings_gets_them_before_the_first_sy
             aya::maps::Array::try_from(dp.ebpf.map(MAP_CONFIG).unwrap()).unwrap();
         m.get(&0, 0).unwrap()
     };
-    let cfg = xlb::config::Config::parse(
-        "snat: {ipv4: 10.30.0.1, port_min: 40000, port_max: 50000}\nservices:\n  - {name: n, vip: \"10.200.0.1\", port: 80, protocol: tcp, backends: [{address: \"172.16.0.1:80\"}]}\n  - {name: d, vip: \"10.200.0.2\", port: 80, protocol: tcp, mode: dnat, backends: [{address: \"172.16.1.1:80\"}]}\n",
-    )
-    .unwrap();
+    let cfg = Cfg::new()
+        .snat4("10.30.0.1")
+        .snat_ports(40000, 50000)
+        .service(Svc::tcp("n", "10.200.0.1", 80).backends(["172.16.0.1:80"]))
+        .service(
+            Svc::tcp("d", "10.200.0.2", 80)
+                .mode(Mode::Dnat)
+                .backends(["172.16.1.1:80"]),
+        )
+        .config();
     let want = {
         let mut dp = Dataplane::load(&pin, &Default::default()).unwrap();
-        dp.apply(&cfg.desired()).unwrap();
+        apply(&mut dp, &cfg).unwrap();
         settings(&mut dp)
     };
     assert_eq!(want.dnat_in_use, 1);
@@ -402,8 +413,11 @@ fn privileged_maps_sized_by_the_operator_are_adopted_at_any_size() {
     };
     let before = {
         let mut dp = Dataplane::load(&pin, &small).unwrap();
-        dp.apply(&(xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6)).desired())
-            .unwrap();
+        apply(
+            &mut dp,
+            &xlb_tests::natlab::config(&BACKENDS_V4, &BACKENDS_V6),
+        )
+        .unwrap();
         ids(&pin)
     };
     assert!(before.len() >= 10, "the maps are pinned: {before:?}");

@@ -12,6 +12,7 @@ use std::{
 use xlb::status::read_global_counters;
 use xlb_tests::{
     agent::Agent,
+    cfg::{Cfg, Svc},
     netns::Netns,
     privileged,
     topology::{LbLab, VIP4},
@@ -22,18 +23,15 @@ fn counter(pin: &std::path::Path, name: &str) -> u64 {
     read_global_counters(pin).unwrap()[name].packets
 }
 
-/// A config with one TCP service on VIP4:80 over `backends`, plus `extra` YAML.
-fn one_service(lab: &LbLab, backends: &[usize], extra: &str) -> String {
-    let list: Vec<String> = backends
-        .iter()
-        .map(|&i| format!("{{address: \"{}\"}}", lab.backend(i, false)))
-        .collect();
-    format!(
-        "{extra}snat: {{ipv4: {}, ipv6: \"{}\", port_min: 20000, port_max: 32767}}\nservices:\n  - name: web\n    vip: \"{VIP4}\"\n    port: 80\n    protocol: tcp\n    backends: [{}]\n",
-        lab.snat4,
-        lab.snat6,
-        list.join(", ")
-    )
+/// A config with one TCP service on VIP4:80 over `backends`.
+fn one_service(lab: &LbLab, backends: &[usize]) -> Cfg {
+    Cfg::new()
+        .snat4(lab.snat4)
+        .snat6(lab.snat6)
+        .snat_ports(20000, 32767)
+        .service(
+            Svc::tcp("web", VIP4, 80).backends(backends.iter().map(|&i| lab.backend(i, false))),
+        )
 }
 
 /// A connection attempt that may fail, bounded by `timeout`.
@@ -47,11 +45,7 @@ fn try_connect(ns: &Netns, to: SocketAddr, timeout: Duration) -> std::io::Result
 }
 
 fn start(lab: &LbLab, extra: &[&str]) -> Agent {
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let mut args = vec!["--iface", &iface, "--xdp-mode", "generic", "--config", &cfg];
-    args.extend_from_slice(extra);
-    Agent::start(&lab.lb, &args).unwrap()
+    lab.agent().xdp_mode("generic").args(extra).start().unwrap()
 }
 
 #[test]
@@ -60,11 +54,8 @@ fn privileged_snat_port_exhaustion_is_counted_logged_and_spares_existing_flows()
         return;
     }
     let lab = LbLab::two_arm(1).unwrap();
-    let text = one_service(&lab, &[0], "").replace(
-        "port_min: 20000, port_max: 32767",
-        "port_min: 20000, port_max: 20003",
-    );
-    lab.replace_config(&text).unwrap();
+    lab.write(&one_service(&lab, &[0]).snat_ports(20000, 20003))
+        .unwrap();
     let _servers = lab.start_backends(Duration::from_secs(30)).unwrap();
     let mut agent = start(&lab, &[]);
     let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
@@ -96,8 +87,7 @@ fn privileged_full_conntrack_recreates_flows_on_their_backend() {
         return;
     }
     let lab = LbLab::two_arm(3).unwrap();
-    lab.replace_config(&one_service(&lab, &[0, 1, 2], ""))
-        .unwrap();
+    lab.write(&one_service(&lab, &[0, 1, 2])).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
     // A tiny table: 64 flows.
     let mut agent = start(&lab, &["--conntrack-max", "64"]);
@@ -150,22 +140,21 @@ fn privileged_more_services_than_the_maps_hold_is_rejected_and_state_kept() {
         return;
     }
     let lab = LbLab::two_arm(1).unwrap();
-    lab.replace_config(&one_service(&lab, &[0], "")).unwrap();
+    lab.write(&one_service(&lab, &[0])).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(30)).unwrap();
     let mut agent = start(&lab, &[]);
     let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let mut conn = connect(&lab.client, vip);
     conn.exchange("before").unwrap();
-    let mut text = one_service(&lab, &[0], "");
-    for i in 0..lb_common::MAX_SERVICES {
-        text.push_str(&format!(
-            "  - {{name: s{i}, vip: \"10.101.{}.{}\", port: 80, protocol: tcp, backends: [{{address: \"{}\"}}]}}\n",
-            i / 250,
-            i % 250 + 1,
-            lab.backend(0, false)
-        ));
-    }
-    lab.replace_config(&text).unwrap();
+    let full = one_service(&lab, &[0]).services((0..lb_common::MAX_SERVICES).map(|i| {
+        Svc::tcp(
+            format!("s{i}"),
+            format!("10.101.{}.{}", i / 250, i % 250 + 1),
+            80,
+        )
+        .backends([lab.backend(0, false)])
+    }));
+    lab.write(&full).unwrap();
     agent
         .wait_for_log("config reload rejected", Duration::from_secs(10))
         .unwrap();
@@ -190,18 +179,16 @@ fn privileged_runs_with_three_capabilities_root_only_pins_and_read_only_metrics(
         return;
     }
     let lab = LbLab::two_arm(1).unwrap();
-    lab.replace_config(&one_service(&lab, &[0], "")).unwrap();
+    lab.write(&one_service(&lab, &[0])).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(30)).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
     let caps = "-all,+bpf,+net_admin,+perfmon";
-    let agent = Agent::start_wrapped(
-        &lab.lb,
+    let agent = lab
+        .agent()
+        .xdp_mode("generic")
         // Root's capabilities after exec are its bounding set.
-        &["setpriv", &format!("--bounding-set={caps}"), "--"],
-        &["--iface", &iface, "--xdp-mode", "generic", "--config", &cfg],
-    )
-    .unwrap();
+        .wrapper(&["setpriv", &format!("--bounding-set={caps}"), "--"])
+        .start()
+        .unwrap();
     // Exactly those three in its effective set.
     let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap();
     let eff = status.lines().find(|l| l.starts_with("CapEff:")).unwrap();
@@ -269,7 +256,7 @@ fn privileged_a_stream_of_bad_configs_keeps_the_last_good_state() {
         return;
     }
     let lab = LbLab::two_arm(2).unwrap();
-    let good = one_service(&lab, &[0, 1], "");
+    let good = one_service(&lab, &[0, 1]).yaml();
     lab.replace_config(&good).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
     let mut agent = start(&lab, &[]);

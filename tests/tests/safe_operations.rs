@@ -5,11 +5,7 @@
 use std::path::PathBuf;
 
 use xlb_tests::{
-    agent::{xlb_cmd, Agent},
-    netns::Netns,
-    privileged,
-    topology::LbLab,
-    unique_name, RemoveOnDrop,
+    agent::xlb_cmd, netns::Netns, privileged, topology::LbLab, unique_name, RemoveOnDrop,
 };
 
 #[test]
@@ -33,9 +29,7 @@ fn privileged_detach_removes_only_xlbs_pins_on_a_bpffs() {
     lab.write_config(&[0]).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbs")));
     let _c2 = RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let mut agent = Agent::start_at(&lab.lb, &pin, &["--iface", &iface, "--config", &cfg]).unwrap();
+    let mut agent = lab.agent().pin_path(&pin).start().unwrap();
     agent.stop_with(libc::SIGTERM).unwrap();
     std::fs::create_dir(pin.join("someone-elses")).unwrap();
     let out = xlb_cmd(&["detach", "--pin-path", pin.to_str().unwrap()]).unwrap();
@@ -68,11 +62,8 @@ fn privileged_a_second_agent_on_the_same_pins_is_refused_by_name() {
     lab.write_config(&[0]).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbk")));
     let _c = RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let args = ["--iface", iface.as_str(), "--config", cfg.as_str()];
-    let first = Agent::start_at(&lab.lb, &pin, &args).unwrap();
-    let second = Agent::start_at(&lab.lb, &pin, &args);
+    let first = lab.agent().pin_path(&pin).start().unwrap();
+    let second = lab.agent().pin_path(&pin).start();
     let err = format!(
         "{:#}",
         second.err().expect("the second agent must not start")
@@ -155,25 +146,15 @@ fn privileged_sizes_of_adopted_maps_are_kept_warned_and_shown() {
     lab.write_config(&[0]).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbz")));
     let _c = RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let args = |ct: &'static str| {
-        vec![
-            "--iface".to_owned(),
-            iface.clone(),
-            "--config".to_owned(),
-            cfg.clone(),
-            "--conntrack-max".to_owned(),
-            ct.to_owned(),
-        ]
+    let agent = |ct: &str| {
+        lab.agent()
+            .args(&["--conntrack-max", ct])
+            .pin_path(&pin)
+            .start()
     };
-    let a1 = args("1000");
-    let a1: Vec<&str> = a1.iter().map(String::as_str).collect();
-    let mut first = Agent::start_at(&lab.lb, &pin, &a1).unwrap();
+    let mut first = agent("1000").unwrap();
     first.stop_with(libc::SIGTERM).unwrap();
-    let a2 = args("2000");
-    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
-    let second = Agent::start_at(&lab.lb, &pin, &a2).unwrap();
+    let second = agent("2000").unwrap();
     assert!(
         second.logs().contains("--conntrack-max is ignored"),
         "{}",
@@ -192,15 +173,12 @@ fn privileged_a_private_bpffs_is_detected_and_no_false_promise_is_made() {
     }
     let lab = LbLab::two_arm(1).unwrap();
     lab.write_config(&[0]).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
     let ns = lab.lb.name.clone();
-    let mut agent = Agent::start_wrapped(
-        &lab.lb,
-        &["ip", "netns", "exec", &ns],
-        &["--iface", &iface, "--config", &cfg],
-    )
-    .unwrap();
+    let mut agent = lab
+        .agent()
+        .wrapper(&["ip", "netns", "exec", &ns])
+        .start()
+        .unwrap();
     assert!(
         agent
             .logs()
@@ -223,9 +201,7 @@ fn privileged_detach_of_a_running_agents_pins_is_refused_by_name_unless_forced()
     lab.write_config(&[0]).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbd")));
     let _c = RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let iface = lab.iface_arg();
-    let mut agent = Agent::start_at(&lab.lb, &pin, &["--iface", &iface, "--config", &cfg]).unwrap();
+    let mut agent = lab.agent().pin_path(&pin).start().unwrap();
     let pin_s = pin.to_str().unwrap();
     let pins = || -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(&pin)
@@ -295,12 +271,11 @@ fn privileged_ip_netns_exec_warns_with_advice_that_works() {
     ns.ip(&["link", "set", "d0", "up"]).unwrap();
     ns.ip(&["link", "set", "d1", "up"]).unwrap();
     // The host has a bpffs at /sys/fs/bpf (the tests pin there): ip netns exec hides it.
-    let agent = xlb_tests::agent::Agent::start_wrapped(
-        &ns,
-        &["ip", "netns", "exec", &ns.name],
-        &["--iface", "d0", "--decap"],
-    )
-    .unwrap();
+    let agent = xlb_tests::agent::Start::new(&ns, "d0")
+        .args(&["--decap"])
+        .wrapper(&["ip", "netns", "exec", &ns.name])
+        .start()
+        .unwrap();
     let logs = agent.logs();
     assert!(
         logs.contains("nsenter --net=/run/netns/NAME"),

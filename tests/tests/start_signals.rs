@@ -9,7 +9,7 @@ use std::{
 };
 
 use xlb_tests::{
-    agent::{capture_stderr, xlb_bin, Agent},
+    agent::{capture_stderr, xlb_bin, Start},
     netns::Netns,
     privileged, unique_name, RemoveOnDrop,
 };
@@ -126,19 +126,12 @@ fn privileged_a_signal_during_start_up_leaves_an_adopted_datapath() {
     let empty = std::env::temp_dir().join(format!("{}.yaml", unique_name("xsg")));
     let _empty_guard = RemoveOnDrop(empty.clone());
     std::fs::write(&empty, "services: []\n").unwrap();
-    let mut first = Agent::start_at(
-        &ns,
-        &pin,
-        &[
-            "--iface",
-            "s0",
-            "--metrics-addr",
-            "off",
-            "--config",
-            empty.to_str().unwrap(),
-        ],
-    )
-    .unwrap();
+    let mut first = Start::new(&ns, "s0")
+        .metrics_addr("off")
+        .config(&empty)
+        .pin_path(&pin)
+        .start()
+        .unwrap();
     assert!(first.stop_with(libc::SIGTERM).unwrap().success());
     let before = pinned_maps(&pin);
     assert!(before > 0 && pin.join("link_s0").exists());

@@ -4,11 +4,7 @@
 use std::path::PathBuf;
 
 use xlb_tests::{
-    agent::{xlb_bin, Agent},
-    netns::Netns,
-    privileged,
-    topology::LbLab,
-    unique_name, RemoveOnDrop,
+    agent::xlb_bin, netns::Netns, privileged, topology::LbLab, unique_name, RemoveOnDrop,
 };
 
 /// `xlb status ARGS --pin-path PIN`, in `ns` (only its network namespace joined) or in
@@ -41,24 +37,15 @@ fn privileged_status_names_the_xdp_mode_and_when_announced() {
     lab.write_config(&[0]).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbst")));
     let _c = RemoveOnDrop(pin.clone());
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
     let iface = lab.iface_arg();
     let ifaces: Vec<&str> = iface.split(',').collect();
-    let mut agent = Agent::start_at(
-        &lab.lb,
-        &pin,
-        &[
-            "--iface",
-            &iface,
-            "--xdp-mode",
-            "generic",
-            "--config",
-            &cfg,
-            "--announce-routes-table",
-            "200",
-        ],
-    )
-    .unwrap();
+    let mut agent = lab
+        .agent()
+        .xdp_mode("generic")
+        .args(&["--announce-routes-table", "200"])
+        .pin_path(&pin)
+        .start()
+        .unwrap();
 
     // In the agent's namespace: generic, in the text and in JSON.
     let text = status(Some(&lab.lb), &pin, false);

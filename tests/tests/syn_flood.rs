@@ -18,7 +18,6 @@ use std::{
 
 use etherparse::PacketBuilder;
 use xlb_tests::{
-    agent::Agent,
     natlab::*,
     packet::Frame,
     privileged,
@@ -80,19 +79,7 @@ fn privileged_syn_flood_keeps_established_flows_forwarded() {
     let lab = LbLab::two_arm(3).unwrap();
     lab.write_config(&[0, 1, 2]).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
-    let cfg = lab.config_path.to_str().unwrap().to_owned();
-    let agent = Agent::start(
-        &lab.lb,
-        &[
-            "--iface",
-            &lab.iface_arg(),
-            "--xdp-mode",
-            "generic",
-            "--config",
-            &cfg,
-        ],
-    )
-    .unwrap();
+    let agent = lab.agent().xdp_mode("generic").start().unwrap();
     let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let mut long: Vec<_> = (0..8)
         .map(|i| {
@@ -171,8 +158,7 @@ fn privileged_syn_flood_keeps_established_flows_forwarded() {
 fn privileged_syn_flood_cost_per_packet() {
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
-        f.dp.apply(&(config(&BACKENDS_V4, &BACKENDS_V6)).desired())
-            .unwrap();
+        f.apply(&config(&BACKENDS_V4, &BACKENDS_V6)).unwrap();
         const N: usize = 20_000;
         let mut xlb = Vec::with_capacity(N);
         let mut pass = Vec::with_capacity(N);

@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::json;
 use xlb_tests::{
-    agent::{xlb_bin, Agent},
+    agent::{xlb_bin, Agent, Start},
     fakeapi::{FakeApi, Kind},
     privileged,
     topology::{LbLab, Network},
@@ -94,26 +94,15 @@ fn privileged_uninstall_removes_what_xlb_wrote_and_nothing_else() {
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xun")));
     let _pins = RemoveOnDrop(pin.clone());
     let client_side = lab.lb_ifaces[0].clone();
-    let iface = lab.iface_arg();
-    let mut agent = Agent::start_at_with_env(
-        &lab.lb,
-        &pin,
-        &[
-            "--iface",
-            &iface,
-            "--kubernetes",
-            "--node-name",
-            "node-a",
-            "--ipam-pool",
-            "10.100.0.0/28",
-            "--announce-l2",
-            &client_side,
-            "--announce-routes-table",
-            "200",
-        ],
-        &[("KUBECONFIG", &kubeconfig)],
-    )
-    .unwrap();
+    let mut agent = Start::new(&lab.lb, &lab.iface_arg())
+        .args(&["--kubernetes", "--node-name", "node-a"])
+        .args(&["--ipam-pool", "10.100.0.0/28"])
+        .args(&["--announce-l2", &client_side])
+        .args(&["--announce-routes-table", "200"])
+        .env("KUBECONFIG", &kubeconfig)
+        .pin_path(&pin)
+        .start()
+        .unwrap();
     wait("status written", &agent, || {
         ingress(&api, "web")
             .as_array()

@@ -13,7 +13,8 @@ use std::{
 };
 
 use xlb_tests::{
-    agent::{status_json, Agent},
+    agent::status_json,
+    cfg::{Cfg, Svc},
     peer::{parse, serve},
     privileged, report,
     segment::SegmentLab,
@@ -65,40 +66,21 @@ fn privileged_upgrade_from_an_older_commit_keeps_every_flow() {
                 .flat_map(move |(_, port)| serve(&b.ns, i, *port, &[], life))
         })
         .collect();
-    let _decap: Vec<_> = lab
-        .backends
-        .iter()
-        .map(|b| {
-            let p = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xud")));
-            let a = Agent::start_at(&b.ns, &p, &["--iface", &b.iface, "--decap"]).unwrap();
-            (a, RemoveOnDrop(p))
-        })
-        .collect();
-    let mut text = "services:\n".to_owned();
-    for (mode, port) in MODES {
-        let list = lab
-            .backends
-            .iter()
-            .map(|b| format!("{{address: \"{}\"}}", SocketAddr::new(b.addr4, port)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        text.push_str(&format!(
-            "  - {{name: {mode}, vip: \"{VIP4}\", port: {port}, protocol: tcp, mode: {mode}, backends: [{list}]}}\n"
-        ));
-    }
+    let _decap = lab.decap_agents();
+    let services = MODES.iter().map(|(mode, port)| {
+        Svc::tcp(*mode, VIP4, *port)
+            .mode(xlb_tests::cfg::mode(mode))
+            .backends(lab.backends.iter().map(|b| SocketAddr::new(b.addr4, *port)))
+    });
     let cfg = std::env::temp_dir().join(format!("{}.yaml", unique_name("xup")));
     let _cfg_guard = RemoveOnDrop(cfg.clone());
-    std::fs::write(&cfg, &text).unwrap();
+    Cfg::new().services(services).write(&cfg).unwrap();
     let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xup")));
     let _pin_guard = RemoveOnDrop(pin.clone());
     let lb = &lab.lbs[0];
-    let args = [
-        "--iface",
-        lb.iface.as_str(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ];
-    let mut older = Agent::start_at_with_bin(&lb.ns, &old, &pin, &args).unwrap();
+    // Both on the same pins, with the same arguments.
+    let agent = || lb.agent().config(&cfg).pin_path(&pin);
+    let mut older = agent().bin(&old).start().unwrap();
 
     // Long-lived flows through the older agent, each on its backend.
     let vip: IpAddr = VIP4.parse().unwrap();
@@ -120,7 +102,7 @@ fn privileged_upgrade_from_an_older_commit_keeps_every_flow() {
     }
     // The rollout: the old pod goes (SIGTERM keeps the datapath), the new one adopts it.
     assert!(older.stop_with(libc::SIGTERM).unwrap().success());
-    let newer = Agent::start_at(&lb.ns, &pin, &args).unwrap();
+    let newer = agent().start().unwrap();
     let mut broken = Vec::new();
     for (k, (mode, s, b)) in flows.iter_mut().enumerate() {
         if exchange(s, &format!("after{k}")) != Some(*b) {

@@ -11,7 +11,6 @@ use std::{
 
 use anyhow::{Context, Result};
 use xlb_tests::{
-    agent::Agent,
     topology::{LbLab, Network, VIP4},
     traffic::parse_reply,
 };
@@ -102,8 +101,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     lab.write_config(&[0, 1, 2])?;
     let life = Duration::from_secs(30 + 2 * args.rounds as u64);
     let servers = lab.start_backends(life)?;
-    let cfg = lab.config_path.to_string_lossy().into_owned();
-    let mut agent = Agent::start(&lab.lb, &["--iface", &lab.iface_arg(), "--config", &cfg])?;
+    let mut agent = lab.agent().start()?;
     let mode = if agent.logs().contains("mode=\"native\"") {
         "native"
     } else {

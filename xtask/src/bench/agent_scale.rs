@@ -16,7 +16,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
 use xlb_tests::{
-    agent::Agent,
+    agent::{Agent, Start},
     fakeapi::{FakeApi, Kind},
     topology::{LbLab, Network},
 };
@@ -167,20 +167,12 @@ pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> R
         let lab = lab()?;
         let path = &lab.config_path;
         std::fs::write(path, config_text(services, per, &[]))?;
-        let args = [
-            "--config",
-            path.to_str().context("path")?,
-            "--iface",
-            &lab.iface_arg(),
-            "--metrics-addr",
-            "off",
-            "--max-services",
-            "1024",
-            "--max-backends",
-            "131072",
-        ];
         let started = Instant::now();
-        let mut agent = Agent::start(&lab.lb, &args)?;
+        let mut agent = Start::new(&lab.lb, &lab.iface_arg())
+            .config(path)
+            .metrics_addr("off")
+            .args(&["--max-services", "1024", "--max-backends", "131072"])
+            .start()?;
         r.file_start_ms = started.elapsed().as_secs_f64() * 1e3;
         println!(
             "  file: xlb run to \"xlb running\": {:.0} ms",
@@ -254,22 +246,21 @@ pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> R
             );
             api.apply(Kind::EndpointSlice, &slice(s, s * per));
         }
-        let args = [
-            "--iface",
-            &lab.iface_arg(),
-            "--metrics-addr",
-            "off",
-            "--kubernetes",
-            "--node-name",
-            "node-a",
-            "--max-services",
-            "1024",
-            "--max-backends",
-            "131072",
-        ];
         let kc = kubeconfig.to_str().context("path")?.to_owned();
         let started = Instant::now();
-        let mut agent = Agent::start_with_env(&lab.lb, &args, &[("KUBECONFIG", &kc)])?;
+        let mut agent = Start::new(&lab.lb, &lab.iface_arg())
+            .metrics_addr("off")
+            .args(&[
+                "--kubernetes",
+                "--node-name",
+                "node-a",
+                "--max-services",
+                "1024",
+                "--max-backends",
+                "131072",
+            ])
+            .env("KUBECONFIG", &kc)
+            .start()?;
         agent.wait_for_log("Kubernetes services applied", Duration::from_secs(120))?;
         r.k8s_start_ms = started.elapsed().as_secs_f64() * 1e3;
         println!(

@@ -12,7 +12,11 @@ use xlb::{
     dataplane::LoadOptions,
     maglev::{self, WeightedBackend},
 };
-use xlb_tests::{agent::Agent, testrun::Fixture, topology::LbLab};
+use xlb_tests::{
+    agent::{Agent, Start},
+    testrun::Fixture,
+    topology::LbLab,
+};
 
 use super::per_packet::median;
 
@@ -133,7 +137,7 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
             let mut f = Fixture::with_options(&opts)?;
             let before = mem_available_kib()?;
             let start = Instant::now();
-            let summary = f.dp.apply(&cfg.desired())?;
+            let summary = f.apply(&cfg)?;
             let full = ms(start.elapsed());
             let kmem = before.saturating_sub(mem_available_kib()?) as f64 / 1024.0;
             let mut inc = Vec::new();
@@ -144,12 +148,12 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
                 let s = (u * 7919) % services;
                 c.services[s].backends[0].address = backend_addr(next).parse()?;
                 let start = Instant::now();
-                f.dp.apply(&c.desired())?;
+                f.apply(&c)?;
                 inc.push(start.elapsed().as_micros() as u64);
             }
             let start = Instant::now();
-            f.dp.apply(&cfg.desired())?;
-            f.dp.apply(&cfg.desired())?;
+            f.apply(&cfg)?;
+            f.apply(&cfg)?;
             let noop = ms(start.elapsed()) / 2.0;
             (full, summary.tables_written, kmem, inc, noop)
         };
@@ -164,20 +168,13 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
         let bin = super::build_agent()?;
         std::env::set_var("XLB_BIN", &bin);
         let lab = LbLab::two_arm(1)?;
-        let pin_args = [
-            "--config",
-            path.to_str().context("path")?,
-            "--iface",
-            &lab.iface_arg(),
-            "--metrics-addr",
-            "off",
-            "--max-services",
-            &opts.max_services.to_string(),
-            "--max-backends",
-            &opts.max_backends.to_string(),
-        ];
+        let agent = Start::new(&lab.lb, &lab.iface_arg())
+            .config(&path)
+            .metrics_addr("off")
+            .args(&["--max-services", &opts.max_services.to_string()])
+            .args(&["--max-backends", &opts.max_backends.to_string()]);
         let start = Instant::now();
-        let mut agent = Agent::start(&lab.lb, &pin_args)?;
+        let mut agent = Agent::start(agent)?;
         agent.wait_for_log("config applied", Duration::from_secs(300))?;
         let applied = ms(start.elapsed());
         // Let the first housekeeping pass run before reading memory.

@@ -68,7 +68,7 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
             let mut cfg = cfg.clone();
             cfg.flood_guard.new_flows_per_cpu = guard;
             let mut f = Fixture::new()?;
-            f.dp.apply(&cfg.desired())?;
+            f.apply(&cfg)?;
             let mut est = Vec::new();
             for i in 0..ESTABLISHED {
                 let syn = Frame::tcp(&client, 20_000 + i as u16, VIP4, 80);

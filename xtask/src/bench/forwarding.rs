@@ -390,7 +390,7 @@ pub fn measure(seconds: f64, clients: usize) -> Result<Results> {
                 };
                 let ifs = [&topo.lb_in, &topo.lb_out];
                 lab.lb.run_scoped(|| -> Result<()> {
-                    f.dp.apply(&cfg.desired())?;
+                    f.apply(&cfg)?;
                     for i in ifs {
                         f.dp.attach(i, mode)?;
                     }

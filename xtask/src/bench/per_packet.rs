@@ -146,7 +146,7 @@ pub fn measure(
     let case = case.map(str::to_owned);
     let rows = lab.lb.run(move || -> Result<Vec<Row>> {
         let mut f = Fixture::with_options(&load)?;
-        f.dp.apply(&cfg.desired())?;
+        f.apply(&cfg)?;
         // Flows to establish first: their later packets are the established cases.
         let open_frame = |f: &mut Fixture, frame: &[u8]| -> Result<Vec<u8>> {
             let r = f.run_on(frame, client_if)?;
@@ -319,7 +319,7 @@ pub fn measure(
             for _ in 0..rounds {
                 if fill > 0 {
                     f = Fixture::with_options(&load)?;
-                    f.dp.apply(&cfg.desired())?;
+                    f.apply(&cfg)?;
                     for i in 0..fill {
                         let r = f.run_on(&frame(i), ifindex)?;
                         if r.verdict != want {

@@ -7,8 +7,9 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{HashMap, MapData};
 use lb_common::{ConnValue, FlowKey, MAP_CONNTRACK};
 use serde::Serialize;
-use xlb::{config::Config, dataplane::LoadOptions};
+use xlb::dataplane::LoadOptions;
 use xlb_tests::{
+    cfg::Svc,
     packet::{Frame, ACK},
     testrun::{Fixture, XDP_REDIRECT},
     topology::{LbLab, VIP4},
@@ -82,8 +83,6 @@ fn timed(
 
 pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Result<Results> {
     let lab = LbLab::two_arm(1)?;
-    lab.write_config(&[0])?;
-    let base = std::fs::read_to_string(&lab.config_path)?;
     let ifindex = lab.lb.ifindex(&lab.lb_ifaces[0])?;
     let client = lab.client4.to_string();
     let syn = Frame::tcp(&client, 40000, VIP4, 80);
@@ -93,15 +92,12 @@ pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Resu
     let mut vip_points = Vec::new();
     let mut kmem = 0.0;
     for &n in vips {
-        let mut text = base.clone();
         // n services in all: the lab's four, and more VIPs on port 80.
-        for i in 0..n.saturating_sub(4) {
+        let more = (0..n.saturating_sub(4)).map(|i| {
             let vip = std::net::Ipv4Addr::from(0x0ac8_0000u32 + i as u32);
-            text.push_str(&format!(
-                "  - {{name: x{i}, vip: \"{vip}\", port: 80, protocol: tcp, backends: [{{address: \"{backend}\"}}]}}\n"
-            ));
-        }
-        let cfg = Config::parse(&text)?;
+            Svc::tcp(format!("x{i}"), vip, 80).backends([backend])
+        });
+        let cfg = lab.services(&[0]).services(more).config();
         let opts = LoadOptions {
             max_services: (n as u32).next_power_of_two().max(256),
             ..Default::default()
@@ -109,7 +105,7 @@ pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Resu
         let (point, mem) = lab.lb.run_scoped(|| -> Result<(Point, f64)> {
             let mut f = Fixture::with_options(&opts)?;
             let before = mem_available_kib()?;
-            f.dp.apply(&cfg.desired())?;
+            f.apply(&cfg)?;
             let mem = before.saturating_sub(mem_available_kib()?) as f64 / 1024.0;
             if f.run_on(&syn.build(), ifindex)?.verdict != XDP_REDIRECT {
                 bail!("opening the flow with {n} services");
@@ -139,11 +135,11 @@ pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Resu
         conntrack_max: (2 * max_flows).next_power_of_two().max(1024),
         ..Default::default()
     };
-    let cfg = Config::parse(&base)?;
+    let cfg = lab.services(&[0]).config();
     let flows = flows.to_vec();
     let ct_points = lab.lb.run_scoped(|| -> Result<Vec<Point>> {
         let mut f = Fixture::with_options(&opts)?;
-        f.dp.apply(&cfg.desired())?;
+        f.apply(&cfg)?;
         if f.run_on(&syn.build(), ifindex)?.verdict != XDP_REDIRECT {
             bail!("opening the flow");
         }
