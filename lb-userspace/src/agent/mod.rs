@@ -74,12 +74,16 @@ struct Agent {
 
 impl Agent {
     /// The config file's settings with the command line's on top.
+    /// The file was validated as it was loaded; with a SNAT address of the command
+    /// line's, it is checked again (a VIP may not be that address).
     fn with_overrides(&self, mut cfg: Config) -> Result<Config> {
         cfg.decap |= self.decap;
         let (v4, v6) = self.snat_overrides;
         cfg.snat.ipv4 = v4.or(cfg.snat.ipv4);
         cfg.snat.ipv6 = v6.or(cfg.snat.ipv6);
-        cfg.validate()?;
+        if v4.is_some() || v6.is_some() {
+            cfg.validate()?;
+        }
         Ok(cfg)
     }
 
@@ -151,7 +155,11 @@ impl Agent {
             self.publish_file();
             return Ok(None);
         };
-        model::validate::services(&intent.services, &intent.settings.snat.addresses())?;
+        // The file's services were checked as it loaded, and each of Kubernetes' on its
+        // own; together, once there are both.
+        if k8s.as_ref().is_some_and(|k| !k.is_empty()) {
+            model::validate::services(&intent.services, &intent.settings.snat.addresses())?;
+        }
         intent.check_capacity(self.dp.max_services, self.dp.max_backends)?;
         // Before the maps: a new backend's SNAT source and resolved next hop must be
         // there for its first packet. Only new backends are looked up.

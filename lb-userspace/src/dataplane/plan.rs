@@ -201,11 +201,9 @@ pub fn plan(
         after.backends.keys().chain(&after.freed).copied().collect(),
         limits.max_backends,
     );
-    let backend_id_of: BTreeMap<(u32, std::net::SocketAddr), u32> = after
-        .backends
-        .iter()
-        .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
-        .collect();
+    // Built at the first service that changed: an apply that changes nothing (or one
+    // service) need not index 100,000 backends first.
+    let mut backend_id_of: Option<BTreeMap<(u32, std::net::SocketAddr), u32>> = None;
     let mut wanted_ranges = BTreeSet::new();
     let mut wanted_vips = VipEntries::new();
     let mut wanted_backends = BTreeSet::new();
@@ -258,7 +256,14 @@ pub fn plan(
         let mut ids = Vec::with_capacity(svc.backends.len());
         for b in &svc.backends {
             let value = backend_value(svc, b, id, restricted, &settings.snat);
-            let bid = match backend_id_of.get(&(id, b.address)) {
+            let id_of = backend_id_of.get_or_insert_with(|| {
+                after
+                    .backends
+                    .iter()
+                    .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
+                    .collect()
+            });
+            let bid = match id_of.get(&(id, b.address)) {
                 Some(bid) => *bid,
                 None => {
                     summary.backends_added += 1;
