@@ -62,11 +62,12 @@ pub struct Applied {
     /// None: every word is written.
     pub filter: Option<Vec<VipFilterWord>>,
     pub config: Option<DatapathConfig>,
-    /// Backend ids cleared since the last conntrack sweep. Not given out again until a
-    /// sweep has deleted their flows: a new backend must not inherit an old one's
-    /// flows, and sweeping at once made every removal cost a walk of the whole
-    /// conntrack table.
-    pub freed: BTreeSet<u32>,
+    /// Backend ids cleared since the last conntrack sweep, with the backend each was
+    /// (service id, address). Not given to another backend until a sweep has deleted
+    /// their flows: a new backend must not inherit an old one's flows, and sweeping at
+    /// once made every removal cost a walk of the whole conntrack table. The same
+    /// backend back before the sweep gets its id again, flows and counters with it.
+    pub freed: BTreeMap<u32, (u32, std::net::SocketAddr)>,
     /// Each service as last applied, with its backend ids and what its table was built
     /// with: an equal one is skipped. Empty after a restart.
     pub sources: BTreeMap<ServiceKey, Source>,
@@ -198,7 +199,12 @@ pub fn plan(
         limits.max_services,
     );
     let mut backend_ids = IdAllocator::new(
-        after.backends.keys().chain(&after.freed).copied().collect(),
+        after
+            .backends
+            .keys()
+            .chain(after.freed.keys())
+            .copied()
+            .collect(),
         limits.max_backends,
     );
     // Built at the first service that changed: an apply that changes nothing (or one
@@ -257,14 +263,21 @@ pub fn plan(
         for b in &svc.backends {
             let value = backend_value(svc, b, id, restricted, &settings.snat);
             let id_of = backend_id_of.get_or_insert_with(|| {
+                let freed = after.freed.iter().map(|(id, key)| (*key, *id));
                 after
                     .backends
                     .iter()
                     .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
+                    .chain(freed)
                     .collect()
             });
             let bid = match id_of.get(&(id, b.address)) {
-                Some(bid) => *bid,
+                Some(bid) => {
+                    if after.freed.remove(bid).is_some() {
+                        summary.backends_added += 1;
+                    }
+                    *bid
+                }
                 None => {
                     summary.backends_added += 1;
                     backend_ids.alloc().context("no free backend id")?
@@ -403,12 +416,13 @@ pub fn plan(
         .collect();
     for id in &cleared {
         emit(Write::ClearBackend(*id))?;
-        after.backends.remove(id);
+        if let Some(b) = after.backends.remove(id) {
+            after.freed.insert(*id, (b.service_id, backend_addr(&b)));
+        }
         if after.tunnels_zeroed && after.tunnels.get(id).is_some_and(|t| *t != [0; 4]) {
             emit(Write::Tunnel(*id, [0; 4]))?;
         }
         after.tunnels.remove(id);
-        after.freed.insert(*id);
         summary.backends_removed += 1;
     }
     // Ranges no service wants any more, once no flag makes the datapath read them.

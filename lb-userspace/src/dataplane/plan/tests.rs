@@ -388,7 +388,7 @@ fn a_removed_backends_id_is_not_given_out_before_a_sweep() {
     let p = plan_of(&first.applied, &desired(vec![changed.clone()])).unwrap();
     let ids: Vec<u32> = p.applied.backends.keys().copied().collect();
     assert_eq!(ids, [0, 2], "id 1 waits");
-    assert_eq!(p.applied.freed, BTreeSet::from([1]));
+    assert_eq!(p.applied.freed.keys().copied().collect::<Vec<_>>(), [1]);
     assert_eq!(backends_to_add(&p.applied, &desired(vec![changed])), 0);
     // Swept: given out again.
     let mut swept = p.applied.clone();
@@ -399,4 +399,26 @@ fn a_removed_backends_id_is_not_given_out_before_a_sweep() {
     assert_eq!(backends_to_add(&swept, &d), 1);
     let p = plan_of(&swept, &d).unwrap();
     assert!(p.applied.backends.contains_key(&1));
+}
+
+/// The same backend back before the sweep gets its id again (its flows and counters
+/// with it), and the id leaves the waiting list.
+#[test]
+fn a_backend_back_before_the_sweep_gets_its_id_again() {
+    let first = plan_of(&Applied::default(), &desired(vec![service(1, 3)])).unwrap();
+    let mut fewer = service(1, 3);
+    let gone = fewer.backends.remove(1);
+    let p = plan_of(&first.applied, &desired(vec![fewer])).unwrap();
+    assert_eq!(p.applied.freed.len(), 1);
+    let p = plan_of(&p.applied, &desired(vec![service(1, 3)])).unwrap();
+    assert!(p.applied.freed.is_empty());
+    assert_eq!(
+        p.applied.backends, first.applied.backends,
+        "same ids, same entries"
+    );
+    assert_eq!(p.summary.backends_added, 1);
+    assert!(p
+        .writes
+        .iter()
+        .any(|w| matches!(w, Write::Backend(1, b) if backend_addr(b) == gone.address)));
 }
