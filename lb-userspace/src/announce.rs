@@ -277,14 +277,7 @@ async fn xlb_routes(handle: &Handle) -> Result<Vec<(u32, IpAddr, RouteMessage)>>
             if r.header.protocol != RouteProtocol::Other(RTPROT_XLB) {
                 continue;
             }
-            let table = r
-                .attributes
-                .iter()
-                .find_map(|a| match a {
-                    RouteAttribute::Table(t) => Some(*t),
-                    _ => None,
-                })
-                .unwrap_or(r.header.table as u32);
+            let table = crate::nexthop::route_table(&r);
             let dst = r.attributes.iter().find_map(|a| match a {
                 RouteAttribute::Destination(RouteAddress::Inet(a)) => Some(IpAddr::V4(*a)),
                 RouteAttribute::Destination(RouteAddress::Inet6(a)) => Some(IpAddr::V6(*a)),

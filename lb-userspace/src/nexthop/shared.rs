@@ -105,14 +105,7 @@ async fn shareable_routes(handle: &Handle) -> Option<Vec<Route>> {
     let mut dump = handle.route().get(msg).execute();
     let mut routes = Vec::new();
     while let Some(r) = dump.try_next().await.ok()? {
-        let table = r
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(r.header.table as u32);
+        let table = super::route_table(&r);
         if table != RT_TABLE_MAIN && table != RT_TABLE_LOCAL {
             continue;
         }

@@ -241,7 +241,8 @@ pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> R
                     "spec": {"type": "LoadBalancer", "loadBalancerClass": "xlb.dev/xdp",
                              "ipFamilies": ["IPv4"],
                              "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]},
-                    "status": {"loadBalancer": {"ingress": [{"ip": vip(s).to_string()}]}},
+                    // As an agent already wrote it: the first sync writes no status.
+                    "status": {"loadBalancer": {"ingress": [{"ip": vip(s).to_string(), "ipMode": "VIP"}]}},
                 }),
             );
             api.apply(Kind::EndpointSlice, &slice(s, s * per));
