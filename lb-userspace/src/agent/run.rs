@@ -61,11 +61,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Everything that can be checked is checked before anything is touched: a failed
     // start leaves no maps pinned and no config written.
     let max_bytes = args.max_config_bytes;
+    let t = std::time::Instant::now();
     let file = args
         .config
         .as_deref()
         .map(|p| Config::load_limited(p, max_bytes))
         .transpose()?;
+    debug!(ms = t.elapsed().as_millis() as u64, "config file read");
     for iface in &args.ifaces {
         check_interface(iface)?;
     }

@@ -42,23 +42,43 @@ impl std::error::Error for Invalid {}
 
 /// Checks `services` as one set served together, with these SNAT addresses.
 pub fn services(services: &[Service], snat_addrs: &[IpAddr]) -> Result<(), Invalid> {
-    let mut seen = BTreeSet::new();
-    let mut names = BTreeSet::new();
-    for (i, s) in services.iter().enumerate() {
+    let mut set = Set::new(snat_addrs);
+    services.iter().try_for_each(|s| set.add(s))
+}
+
+/// Services checked one at a time as one set: a source can check each as it makes it,
+/// without a second copy of all of them.
+pub struct Set<'a> {
+    snat_addrs: &'a [IpAddr],
+    seen: BTreeSet<(IpAddr, u16, super::Protocol, bool)>,
+    names: BTreeSet<String>,
+}
+
+impl<'a> Set<'a> {
+    pub fn new(snat_addrs: &'a [IpAddr]) -> Self {
+        Self {
+            snat_addrs,
+            seen: BTreeSet::new(),
+            names: BTreeSet::new(),
+        }
+    }
+
+    /// Checks the next service, on its own and against those added before.
+    pub fn add(&mut self, s: &Service) -> Result<(), Invalid> {
         let fail = |place: Place, message: String| Invalid {
-            service: i,
+            service: self.names.len(),
             name: s.name.clone(),
             place,
             message,
         };
-        if !names.insert(&s.name) {
+        if self.names.contains(&s.name) {
             return Err(fail(
                 Place::Name,
                 format!("field name: duplicate service name {:?}", s.name),
             ));
         }
-        service(s, snat_addrs).map_err(|(place, message)| fail(place, message))?;
-        if !seen.insert(s.slot()) {
+        service(s, self.snat_addrs).map_err(|(place, message)| fail(place, message))?;
+        if self.seen.contains(&s.slot()) {
             return Err(fail(
                 Place::Name,
                 format!(
@@ -69,8 +89,10 @@ pub fn services(services: &[Service], snat_addrs: &[IpAddr]) -> Result<(), Inval
                 ),
             ));
         }
+        self.names.insert(s.name.clone());
+        self.seen.insert(s.slot());
+        Ok(())
     }
-    Ok(())
 }
 
 /// The checks of one service on its own.

@@ -17,7 +17,7 @@ use ipnet::Ipv4Net;
 use rtnetlink::{
     packet_route::{
         route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
-        rule::RuleAttribute,
+        rule::{RuleAction, RuleAttribute},
         AddressFamily,
     },
     Handle, IpVersion,
@@ -35,9 +35,13 @@ pub(super) async fn group(
     targets: Vec<IpAddr>,
 ) -> (Vec<Vec<IpAddr>>, Vec<IpAddr>) {
     let (v4, mut rest): (Vec<IpAddr>, Vec<IpAddr>) = targets.into_iter().partition(|a| a.is_ipv4());
-    let Some(routes) = shareable_routes(handle).await else {
-        rest.extend(v4);
-        return (Vec::new(), rest);
+    let routes = match shareable_routes(handle).await {
+        Ok(r) => r,
+        Err(why) => {
+            tracing::debug!("no shared route lookups: {why}");
+            rest.extend(v4);
+            return (Vec::new(), rest);
+        }
     };
     let mut groups: Vec<Vec<IpAddr>> = vec![Vec::new(); routes.len()];
     for target in v4 {
@@ -48,6 +52,12 @@ pub(super) async fn group(
         }
     }
     groups.retain(|g| !g.is_empty());
+    tracing::debug!(
+        groups = groups.len(),
+        shared = groups.iter().map(Vec::len).sum::<usize>(),
+        alone = rest.len(),
+        "route lookups shared"
+    );
     (groups, rest)
 }
 
@@ -82,29 +92,41 @@ fn route_of(routes: &[Route], a: Ipv4Addr) -> Option<usize> {
 
 /// The IPv4 routes of the local and main tables, if the policy rules are the
 /// kernel's defaults and the tables are not too large to scan.
-async fn shareable_routes(handle: &Handle) -> Option<Vec<Route>> {
+async fn shareable_routes(handle: &Handle) -> Result<Vec<Route>, String> {
     let rules: Vec<_> = handle
         .rule()
         .get(IpVersion::V4)
         .execute()
         .try_collect()
         .await
-        .ok()?;
+        .map_err(|e| format!("reading the policy rules: {e}"))?;
     let default_rules = rules.len() == 3
         && rules.iter().all(|r| {
-            r.header.src_len == 0 && r.header.dst_len == 0 && r.attributes.iter().all(|a| {
-            matches!(a, RuleAttribute::Table(t) if [RT_TABLE_LOCAL, RT_TABLE_MAIN, 253].contains(t))
-                || matches!(a, RuleAttribute::Priority(_) | RuleAttribute::Protocol(_))
-        })
+            r.header.src_len == 0
+                && r.header.dst_len == 0
+                && r.header.action == RuleAction::ToTable
+                && r.attributes.iter().all(|a| match a {
+                    RuleAttribute::Table(t) => [RT_TABLE_LOCAL, RT_TABLE_MAIN, 253].contains(t),
+                    RuleAttribute::Priority(_) | RuleAttribute::Protocol(_) => true,
+                    // -1: no suppress_prefixlength.
+                    RuleAttribute::SuppressPrefixLen(n) => *n == u32::MAX,
+                    _ => false,
+                })
         });
     if !default_rules {
-        return None;
+        return Err(format!(
+            "policy rules other than the kernel's three: {rules:?}"
+        ));
     }
     let mut msg = RouteMessage::default();
     msg.header.address_family = AddressFamily::Inet;
     let mut dump = handle.route().get(msg).execute();
     let mut routes = Vec::new();
-    while let Some(r) = dump.try_next().await.ok()? {
+    while let Some(r) = dump
+        .try_next()
+        .await
+        .map_err(|e| format!("reading the routes: {e}"))?
+    {
         let table = super::route_table(&r);
         if table != RT_TABLE_MAIN && table != RT_TABLE_LOCAL {
             continue;
@@ -117,7 +139,8 @@ async fn shareable_routes(handle: &Handle) -> Option<Vec<Route>> {
                 _ => None,
             })
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        let net = Ipv4Net::new(dst, r.header.destination_prefix_length).ok()?;
+        let net = Ipv4Net::new(dst, r.header.destination_prefix_length)
+            .map_err(|e| format!("a route to {dst}: {e}"))?;
         let gateway = r
             .attributes
             .iter()
@@ -132,8 +155,8 @@ async fn shareable_routes(handle: &Handle) -> Option<Vec<Route>> {
             shareable: r.header.kind == RouteType::Unicast && gateway && !multipath,
         });
         if routes.len() > ROUTES_SCANNED {
-            return None;
+            return Err(format!("more than {ROUTES_SCANNED} routes"));
         }
     }
-    Some(routes)
+    Ok(routes)
 }

@@ -7,6 +7,8 @@
 //!   services applied" (logged once the maps are written);
 //! - the agent's peak RSS, and its CPU while nothing changes.
 //!
+//! `XLB_BENCH_AGENT=PATH` measures another build of the agent instead of this one's.
+//!
 //! Latencies are read from the agent's own log timestamps against the time the change
 //! was made (both the system clock), not from polling its output.
 
@@ -155,7 +157,12 @@ fn lab() -> Result<LbLab> {
 }
 
 pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> Result<Results> {
-    let bin = super::build_agent()?;
+    // Another build to compare with, in the same run (e.g. the one before a change).
+    let bin = match std::env::var_os("XLB_BENCH_AGENT") {
+        Some(b) => std::path::PathBuf::from(b),
+        None => super::build_agent()?,
+    };
+    println!("  agent: {}", bin.display());
     std::env::set_var("XLB_BIN", &bin);
     let mut r = Results {
         services,
