@@ -20,7 +20,7 @@ use lb_common::{Addr, FlowKey, StatIndex, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO
 
 use crate::{
     conntrack, lookup,
-    parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6},
+    packet::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, TCP_FIN, TCP_RST},
     stats,
 };
 
@@ -138,7 +138,7 @@ fn translate(ctx: &TcContext) -> Option<()> {
     ctx.l4_csum_replace(check_off, k.sport as u64, rev.vip_port as u64, mangled | 2)
         .ok()?;
     ctx.store(r.l4_off, &rev.vip_port, 0).ok()?;
-    if r.tcp_flags & (crate::parse::TCP_FIN | crate::parse::TCP_RST) != 0 {
+    if r.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         let forward_key = FlowKey {
             src: rev.client,
             dst: rev.vip,

@@ -14,7 +14,7 @@ use lb_common::{FragmentKey, FragmentValue, StatIndex, FRAGMENT_LIFETIME_S};
 
 use crate::{
     maps::{FRAGMENTS, SCRATCH},
-    parse::{Packet, FRAG_FIRST, FRAG_LATER, FRAG_OVERLAP},
+    packet::{Packet, FRAG_FIRST, FRAG_LATER, FRAG_OVERLAP},
     stats,
 };
 

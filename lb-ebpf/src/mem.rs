@@ -1,7 +1,11 @@
 //! The only place that touches packet memory through raw pointers. Every access is
 //! bounds-checked against `data_end` in the form the verifier recognises.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{
+    helpers::{bpf_xdp_adjust_head, bpf_xdp_adjust_tail},
+    programs::XdpContext,
+};
+use lb_common::Addr;
 
 /// The deepest header offset the program reads (Ethernet + IPv6 + four extension
 /// headers of the largest size is far beyond any real packet; 4 KiB covers jumbo frames).
@@ -85,4 +89,39 @@ pub fn zero<T: Zeroable>(v: &mut T) {
         unsafe { words.add(i).write_volatile(0) };
         i += 1;
     }
+}
+
+/// Writes an address as the bytes it has on the wire (its words are in network
+/// order), one byte at a time: an unaligned store of a whole address is a memmove, a
+/// call to a byte loop on BPF (see `zero`).
+#[inline(always)]
+pub fn put_addr(out: &mut [u8], a: &Addr) {
+    let mut i = 0;
+    while i < 4 {
+        let b = a[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+}
+
+/// Moves the frame's start by `delta` bytes (negative: room in front). Every pointer
+/// into the frame must be derived again afterwards: `load`, `store` and `bytes_mut`
+/// do, on each call.
+#[inline(always)]
+pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Option<()> {
+    // SAFETY: the helper only moves data/data_end; no pointer into the frame outlives
+    // this call in our code (each access bounds-checks afresh).
+    (unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } == 0).then_some(())
+}
+
+/// Moves the frame's end so that the frame is `len` bytes long. As `adjust_head`,
+/// pointers into the frame are derived again afterwards.
+#[inline(always)]
+pub fn truncate(ctx: &XdpContext, len: usize) -> Option<()> {
+    let delta = len as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: as adjust_head's.
+    (unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } == 0).then_some(())
 }

@@ -10,21 +10,18 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::{maps::SCRATCH, mem::load};
+use crate::{
+    maps::SCRATCH,
+    mem::load,
+    packet::{
+        IcmpError, Packet, ETH_LEN, ETH_P_IP, ETH_P_IPV6, FRAG_FIRST, FRAG_LATER, FRAG_NONE,
+        FRAG_OVERLAP, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    },
+};
 
-pub const ETH_LEN: usize = EthHdr::LEN;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_ICMPV6: u8 = 58;
 const IPV6_HOPOPTS: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
@@ -46,16 +43,6 @@ const IPV6_SRC_OFF: usize = 8;
 /// ICMP and ICMPv6 error headers are 8 bytes, then the packet that caused the error.
 const ICMP_ERROR_HDR_LEN: usize = 8;
 
-/// Packet.frag: not a fragment (or IPv6's atomic fragment, which is whole).
-pub const FRAG_NONE: u8 = 0;
-/// Offset 0, more to come: it carries the transport header, and is balanced as any
-/// packet is (fragments.rs records its ports for the rest).
-pub const FRAG_FIRST: u8 = 1;
-/// A non-zero offset: no transport header; its ports come from the first's record.
-pub const FRAG_LATER: u8 = 2;
-/// A later fragment whose offset reaches into the transport header (fragments.rs).
-pub const FRAG_OVERLAP: u8 = 3;
-
 /// What the pipeline works on.
 pub enum Parsed {
     /// TCP or UDP. For a later fragment (FRAG_LATER, FRAG_OVERLAP), `key`'s ports are
@@ -65,37 +52,13 @@ pub enum Parsed {
     Icmp(Packet),
 }
 
-/// An ICMP error and the packet it quotes.
-#[derive(Clone, Copy)]
-pub struct IcmpError {
-    /// Outer addresses; the outer ports are unused.
-    pub outer: Packet,
-    /// Offset of the ICMP header.
-    pub icmp_off: usize,
-    /// Offset of the quoted IP header, and of its transport header.
-    pub inner_ip_off: usize,
-    pub inner_l4_off: usize,
-    /// The quoted packet's 5-tuple as it was sent.
-    pub inner: FlowKey,
-}
-
-/// A TCP or UDP packet we may balance.
-#[derive(Clone, Copy)]
-pub struct Packet {
-    /// The 5-tuple as it is on the wire (source = sender).
-    pub key: FlowKey,
-    /// Offset of the TCP/UDP header.
-    pub l4_off: usize,
-    /// TCP flags byte (0 for UDP).
-    pub tcp_flags: u8,
-    /// TTL or hop limit.
-    pub ttl: u8,
-    /// Length of the IP packet (for the FIB's MTU check).
-    pub ip_len: u16,
-    /// FRAG_*: whether this is a fragment, and which kind. A fragment's datagram key
-    /// (addresses, identification, protocol) is in per-CPU scratch memory, where the
-    /// parser put it (fragments.rs reads it): unfragmented packets carry nothing more.
-    pub frag: u8,
+/// The flow of a parsed packet (TCP, UDP or ICMP), for the debug log.
+#[inline(always)]
+pub fn flow_key(parsed: &Result<Parsed, StatIndex>) -> Option<&FlowKey> {
+    match parsed {
+        Ok(Parsed::Flow(pkt) | Parsed::Icmp(pkt)) => Some(&pkt.key),
+        Err(_) => None,
+    }
 }
 
 /// An IP packet's network layer, before the transport is examined.
