@@ -11,7 +11,7 @@ use lb_common::{Addr, StatIndex, FAMILY_V4, SOURCE_RANGE_HEADER_BITS};
 
 use crate::{
     maps::{SCRATCH, SOURCE_RANGES},
-    mem::put_addr,
+    mem::{put_addr, this_cpu},
     packet::Verdict,
     stats,
 };
@@ -33,11 +33,10 @@ pub fn check(restricted: bool, service_id: u32, family: u8, src: &Addr) -> Resul
 /// The key is built in per-CPU scratch memory (the stack has no room for it).
 #[inline(always)]
 fn admits(service_id: u32, family: u8, src: &Addr) -> bool {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = this_cpu(&SCRATCH, 0) else {
         return false;
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let key = unsafe { &mut (*scratch).allow };
+    let key = &mut scratch.allow;
     let bits = if family == FAMILY_V4 { 32 } else { 128 };
     key.prefix_len = SOURCE_RANGE_HEADER_BITS + bits;
     key.data.service_id_be = service_id.to_be();

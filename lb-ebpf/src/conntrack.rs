@@ -14,7 +14,7 @@ use lb_common::{
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, REVERSE_NAT},
-    mem::zero,
+    mem::{entry, zero},
     packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     stats,
 };
@@ -59,10 +59,8 @@ pub fn lookup<'run>(
     now: u64,
     cfg: &DatapathConfig,
 ) -> Option<(&'run mut ConnValue, &'static Backend)> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: a valid map value pointer for the duration of this program run. Other
-    // CPUs may write the same entry: its fields are each written whole.
-    let ct = unsafe { &mut *entry };
+    // Other CPUs may write the same entry: its fields are each written whole.
+    let ct = entry(&CONNTRACK, key)?;
     if now.saturating_sub(ct.last_seen_ns) > timeout_ns(key.proto, ct.flags, cfg) {
         return None;
     }
@@ -133,9 +131,8 @@ pub fn mark_reply(pkt: &Packet, rev: &ReverseNat) {
 /// Records FIN/RST seen on the reply side in the forward entry.
 #[inline(always)]
 pub fn mark(key: &FlowKey, tcp_flags: u8) {
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: a valid map value pointer for the duration of this program run.
-        unsafe { (*entry).flags |= flags_from_tcp(tcp_flags) };
+    if let Some(ct) = entry(&CONNTRACK, key) {
+        ct.flags |= flags_from_tcp(tcp_flags);
     }
 }
 

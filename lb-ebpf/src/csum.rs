@@ -5,11 +5,9 @@
 //! one's-complement sum is byte-order independent as long as every operand is loaded
 //! the same way. Sums are kept in a u64 and folded once, at the end.
 
-use aya_ebpf::helpers::bpf_csum_diff;
-use lb_common::Addr;
+use crate::mem;
 
-/// A one's-complement sum folded to 16 bits. Four rounds bring any sum below 2^64
-/// made of fewer than 2^32 words under 2^16.
+/// A one's-complement sum folded to 16 bits (four rounds: enough for any u64).
 #[inline(always)]
 pub fn fold(mut s: u64) -> u16 {
     s = (s & 0xffff) + (s >> 16);
@@ -25,50 +23,25 @@ pub fn finish(s: u64) -> u16 {
     !fold(s)
 }
 
-/// `s` plus the bytes `from..to` of `b` as 16-bit words (in memory order). Added to
-/// `s` one word at a time, not summed apart and added at the end: a separate sum
-/// keeps more loads live at once, and their spills cost stack the pipeline lacks.
+/// The sum of all `N` bytes as 16-bit words (in memory order), unrolled: for the
+/// 20-byte IPv4 headers of the forward path, where a helper call would cost more.
 #[inline(always)]
-pub fn add_range<const N: usize>(mut s: u64, b: &[u8; N], from: usize, to: usize) -> u64 {
-    let mut i = from;
-    while i + 1 < to {
+pub fn sum_words<const N: usize>(b: &[u8; N]) -> u64 {
+    let mut s = 0u64;
+    let mut i = 0;
+    while i + 1 < N {
         s += u16::from_ne_bytes([b[i], b[i + 1]]) as u64;
         i += 2;
     }
     s
 }
 
-/// The sum of all `N` bytes as 16-bit words (in memory order).
+/// The sum of the `N` bytes at `b` (a multiple of 4), by the kernel (bpf_csum_diff):
+/// for the longer sums of the ICMP and neighbour answers. Unrolled, their loads are
+/// all hoisted ahead of the adds, and the spills take stack the pipeline lacks.
 #[inline(always)]
-pub fn sum_words<const N: usize>(b: &[u8; N]) -> u64 {
-    add_range(0, b, 0, N)
-}
-
-/// `seed` plus the `N` bytes at `b` (a multiple of 4), summed by the kernel
-/// (bpf_csum_diff). For the long sums of the ICMP and neighbour answers: unrolled here,
-/// their loads are all hoisted ahead of the adds, and their spills cost stack the
-/// pipeline does not have.
-#[inline(always)]
-pub fn sum_bytes<const N: usize>(b: &[u8; N], seed: u32) -> u64 {
-    const { assert!(N.is_multiple_of(4) && N <= 512) };
-    let p = b.as_ptr() as *mut u32;
-    // SAFETY: the helper only reads N bytes at `p`, all inside `b`; N is a multiple of
-    // 4 (asserted above), so it cannot fail.
-    (unsafe { bpf_csum_diff(core::ptr::null_mut(), 0, p, N as u32, seed) }) as u32 as u64
-}
-
-/// The sum of an address's first `words` 32-bit words (1 for IPv4, 4 for IPv6).
-#[inline(always)]
-pub fn sum_addr(a: &Addr, words: usize) -> u64 {
-    let mut s = 0u64;
-    let mut i = 0;
-    while i < 4 {
-        if i < words {
-            s += (a[i] & 0xffff) as u64 + (a[i] >> 16) as u64;
-        }
-        i += 1;
-    }
-    s
+pub fn sum_bytes<const N: usize>(b: &[u8; N]) -> u64 {
+    mem::csum_diff(&[0u8; 0], b, 0) as u64
 }
 
 /// An IPv6 pseudo-header's sum without the addresses: the upper-layer length and the

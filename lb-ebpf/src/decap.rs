@@ -7,9 +7,9 @@ use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Addr, StatIndex, FAMILY_V4, FAMILY_V6};
 
 use crate::{
-    encap,
+    encap, forward,
     maps::{CONFIG, SCRATCH},
-    mem::load,
+    mem::{load, this_cpu},
     packet::{
         Verdict, ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR_LEN,
         IPV6_HDR_LEN,
@@ -67,14 +67,12 @@ fn decapsulate(ctx: &XdpContext) -> Option<()> {
 /// packet that reaches it is for it, or dropped by the kernel anyway.
 #[inline(always)]
 fn is_local(ctx: &XdpContext, family: u8, src: &Addr, dst: &Addr) -> bool {
-    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = this_cpu(&SCRATCH, 0) else {
         return false;
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let p = unsafe { &mut (*p).fib };
-    let rc = crate::forward::query(
+    let rc = forward::query(
         ctx,
-        p,
+        &mut scratch.fib,
         (family, 0),
         (src, dst),
         ctx.ingress_ifindex() as u32,

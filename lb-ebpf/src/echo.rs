@@ -10,7 +10,7 @@ use lb_common::{StatIndex, FAMILY_V4, VIP_F_ECHO};
 use crate::{
     csum::{self, Delta},
     maps::{SCRATCH, VIPS},
-    mem::{bytes_mut, load},
+    mem::{bytes_mut, copied, load, this_cpu},
     packet::{Packet, Verdict, ETH_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HDR_LEN, IPV6_HDR_LEN},
 };
 
@@ -24,17 +24,14 @@ const REPLY_TTL: u8 = 64;
 /// per-CPU scratch (the stack has no room for it).
 #[inline(always)]
 fn answers(pkt: &Packet) -> bool {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = this_cpu(&SCRATCH, 0) else {
         return false;
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let key = unsafe { &mut (*scratch).vip };
+    let key = &mut scratch.vip;
     key.addr = pkt.key.dst;
     key.family = pkt.key.family as u32;
     // Looked up from the scratch slot itself: a copy would take stack.
-    let key: &lb_common::VipKey = key;
-    // SAFETY: the value is copied out at once.
-    unsafe { VIPS.get(key) }.is_some_and(|f| f & VIP_F_ECHO != 0)
+    copied(&VIPS, key).is_some_and(|f| f & VIP_F_ECHO != 0)
 }
 
 /// An echo request to a VIP that answers becomes the reply, in place, and is sent

@@ -8,7 +8,7 @@
 use aya_ebpf::bindings::xdp_action;
 use lb_common::{DatapathConfig, StatIndex, MODE_NAT};
 
-use crate::{maps::FLOOD, packet::Verdict};
+use crate::{maps::FLOOD, mem::this_cpu, packet::Verdict};
 
 const NS_PER_S: u64 = 1_000_000_000;
 
@@ -29,11 +29,9 @@ fn over_limit(now: u64, cfg: &DatapathConfig) -> bool {
     if limit == 0 {
         return false;
     }
-    let Some(w) = FLOOD.get_ptr_mut(0) else {
+    let Some(w) = this_cpu(&FLOOD, 0) else {
         return false;
     };
-    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it during this run.
-    let w = unsafe { &mut *w };
     if now.wrapping_sub(w.start_ns) >= NS_PER_S {
         w.start_ns = now;
         w.new_flows = 0;

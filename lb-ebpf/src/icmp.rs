@@ -7,12 +7,13 @@
 //! Its state lives in per-CPU scratch memory (XLB_ICMP_SCRATCH): it does not fit the
 //! 512-byte stack beside the rest of the pipeline.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{Addr, FlowKey, StatIndex, BACKEND_F_SVC_SOURCE_RANGES};
 
 use crate::{
     allow, conntrack, forward, lookup,
     maps::{BACKENDS, CONFIG, ICMP_SCRATCH},
+    mem::{self, this_cpu},
     nat::{self, Rewrite},
     packet::{IcmpError, Packet, Verdict},
     parse,
@@ -22,11 +23,9 @@ use crate::{
 /// about a flow of ours, else passed.
 #[inline(always)]
 pub fn error(ctx: &XdpContext, outer: &Packet) -> Verdict {
-    let Some(scratch) = ICMP_SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = this_cpu(&ICMP_SCRATCH, 0) else {
         return (xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated);
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let scratch = unsafe { &mut *scratch };
     if let Err(reason) = parse::parse_icmp_error(ctx, outer, &mut scratch.err) {
         return (xdp_action::XDP_PASS, reason);
     }
@@ -43,11 +42,8 @@ pub fn error(ctx: &XdpContext, outer: &Packet) -> Verdict {
         ..*q
     };
     let e = &scratch.err;
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = mem::now();
     if let Some(rev) = lookup::reverse(&scratch.reply_key) {
-        // SAFETY: a valid map value pointer for the duration of this run.
-        let rev = unsafe { &*rev };
         // About a flow of a client the service no longer admits: refused, as the
         // flow's own packets are.
         let restricted = BACKENDS

@@ -12,7 +12,7 @@ use lb_common::{StatIndex, FAMILY_V4, FAMILY_V6};
 use crate::{
     csum,
     maps::{L2_VIPS, SCRATCH},
-    mem::{bytes_mut, load, truncate},
+    mem::{bytes_mut, copied, load, this_cpu, truncate},
     packet::{Packet, Verdict, ETH_LEN, IPPROTO_ICMPV6},
     parse::Parsed,
 };
@@ -42,9 +42,7 @@ pub fn answer(ctx: &XdpContext, parsed: &Result<Parsed, StatIndex>) -> Option<Ve
 /// per-CPU scratch: the pipeline's stack has no room left for it.
 #[inline(always)]
 fn mac_for(ctx: &XdpContext, off: usize, family: u8) -> Option<[u8; 6]> {
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let key = unsafe { &mut (*scratch).l2 };
+    let key = &mut this_cpu(&SCRATCH, 0)?.l2;
     key.addr = [0; 4];
     if family == FAMILY_V4 {
         key.addr[0] = load::<u32>(ctx, off)?;
@@ -53,8 +51,7 @@ fn mac_for(ctx: &XdpContext, off: usize, family: u8) -> Option<[u8; 6]> {
     }
     key.ifindex = ctx.ingress_ifindex() as u32;
     key.family = family as u32;
-    // SAFETY: the value is copied out at once.
-    unsafe { L2_VIPS.get(key) }.map(|v| v.mac)
+    copied(&L2_VIPS, key).map(|v| v.mac)
 }
 
 /// An ARP request for an announced VIP becomes the reply, in place. None: not one.
@@ -163,7 +160,7 @@ fn neighbour_solicitation(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     // and the message.
     let pseudo = csum::sum_pseudo_tail((ND_LEN + 8) as u16, IPPROTO_ICMPV6);
     let summed = bytes_mut::<{ ICMP + ND_LEN + 8 - SRC }>(ctx, SRC)?;
-    let s = csum::sum_bytes(summed, 0) + pseudo;
+    let s = csum::sum_bytes(summed) + pseudo;
     let check = csum::finish(s);
     f[ICMP + 2..ICMP + 4].copy_from_slice(&check.to_ne_bytes());
     Some(())

@@ -9,6 +9,7 @@ use lb_common::{
 
 use crate::{
     maps::{REVERSE_NAT, SERVICES, VIP_FILTER},
+    mem::{copied, entry},
     packet::Verdict,
 };
 
@@ -42,9 +43,9 @@ pub fn service(key: &FlowKey, encapsulated: bool) -> Option<ServiceValue> {
         proto: key.proto,
         family: key.family | marker,
     };
-    // SAFETY: the value is copied out at once; a concurrent update replaces the element
-    // under RCU, so the copy is either the old or the new value.
-    unsafe { SERVICES.get(sk) }.copied()
+    // A concurrent update replaces the element under RCU: the copy is either the old
+    // or the new value.
+    copied(&SERVICES, &sk)
 }
 
 /// False when the packet cannot be a reply to a NAT flow: a nat reply comes to a port
@@ -59,6 +60,6 @@ pub fn may_be_reply(key: &FlowKey, cfg: &DatapathConfig) -> bool {
 
 /// The NAT entry whose reply 5-tuple is exactly this packet's.
 #[inline(always)]
-pub fn reverse(key: &FlowKey) -> Option<*mut ReverseNat> {
-    REVERSE_NAT.get_ptr_mut(key)
+pub fn reverse<'run>(key: &FlowKey) -> Option<&'run mut ReverseNat> {
+    entry(&REVERSE_NAT, key)
 }

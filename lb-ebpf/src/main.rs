@@ -8,7 +8,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
-// Below the stages: what they share, and the only `unsafe` memory access.
+// Below the stages: what they share, and every `unsafe` (mem.rs).
 mod csum;
 mod encap;
 mod maps;
@@ -38,7 +38,6 @@ mod redirect;
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::bpf_ktime_get_coarse_ns,
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -183,8 +182,7 @@ fn forward_path(
     len: u64,
 ) -> Option<Verdict> {
     let key = &pkt.key;
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = mem::now();
     let (ct, backend, service_id, new) = match conntrack::lookup(key, pkt.tcp_flags, now, cfg) {
         Some((ct, backend)) => {
             // The ranges may have changed since the flow began: it is cut.
@@ -249,11 +247,9 @@ fn new_flow<'run>(
     let snat = nat::source(backend, mode)?;
     let flooded = flood::check(now, cfg, mode)?;
     // Never missing: a per-CPU array of one.
-    let Some(scratch) = maps::SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = mem::this_cpu(&maps::SCRATCH, 0) else {
         return Err((xdp_action::XDP_DROP, StatIndex::DropPortAlloc));
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let scratch = unsafe { &mut *scratch };
     nat::reply_entry(&mut scratch.rev, key, (svc.id, backend_id), now);
     let source = nat::claim(key, (backend, mode), snat, cfg, &scratch.rev)?;
     let ct = conntrack::create(
@@ -300,14 +296,11 @@ fn send_to_backend(
 
 /// Backend → SNAT address (or → client, dnat): translate back to VIP → client and send.
 #[inline(always)]
-fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: *mut ReverseNat, len: u64) -> Verdict {
+fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: &mut ReverseNat, len: u64) -> Verdict {
     if pkt.ttl <= 1 {
         return TTL_EXCEEDED;
     }
-    // SAFETY: a valid map value pointer for the duration of this run.
-    let rev = unsafe { &mut *rev };
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let now = mem::now();
     rev.last_seen_ns = now;
     fragments::record(pkt, now);
     let to = Rewrite::to_client(rev);

@@ -12,7 +12,7 @@ use network_types::ip::Ipv4Hdr;
 use crate::{
     csum::Delta,
     maps::REVERSE_NAT,
-    mem::{bytes_mut, load, put_addr, store, zero},
+    mem::{bytes_mut, entry, load, put_addr, store, zero},
     packet::{IcmpError, Packet, Verdict, ETH_LEN, FRAG_LATER},
     stats,
 };
@@ -304,9 +304,7 @@ fn alloc_port(
         // The port may still be this very flow's, from before its conntrack entry was
         // evicted or expired: take it back, so the backend sees the same source port
         // and an established connection survives.
-        if let Some(old) = REVERSE_NAT.get_ptr_mut(rkey) {
-            // SAFETY: a valid map value pointer for the duration of this run.
-            let old = unsafe { &mut *old };
+        if let Some(old) = entry(&REVERSE_NAT, &rkey) {
             if old.client == rev.client
                 && old.client_port == rev.client_port
                 && old.vip == rev.vip

@@ -12,7 +12,7 @@ use network_types::{
 
 use crate::{
     maps::SCRATCH,
-    mem::load,
+    mem::{load, this_cpu},
     packet::{
         IcmpError, Packet, ETH_LEN, ETH_P_IP, ETH_P_IPV6, FRAG_FIRST, FRAG_LATER, FRAG_NONE,
         FRAG_OVERLAP, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
@@ -319,12 +319,10 @@ fn later_fragment(net: &Network) -> Result<Parsed, StatIndex> {
 /// pipeline's stack has no room for it, and whole packets need none.
 #[inline(always)]
 fn note_datagram(net: &Network) {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = this_cpu(&SCRATCH, 0) else {
         return;
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let key = unsafe { &mut (*scratch).frag };
-    *key = FragmentKey {
+    scratch.frag = FragmentKey {
         src: net.src,
         dst: net.dst,
         id: net.frag_id,

@@ -16,7 +16,7 @@ use aya_log_ebpf::{
 };
 use lb_common::{FlowKey, StatIndex, FAMILY_V4};
 
-use crate::maps::LOG_SCRATCH;
+use crate::{maps::LOG_SCRATCH, mem::this_cpu};
 
 /// Notes the packet's flow for `packet`; `None` for a packet without one.
 #[inline(always)]
@@ -24,11 +24,9 @@ pub fn note(key: Option<&FlowKey>) {
     if !level_enabled(Level::Debug) {
         return;
     }
-    let Some(flow) = LOG_SCRATCH.get_ptr_mut(0) else {
+    let Some(flow) = this_cpu(&LOG_SCRATCH, 0) else {
         return;
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let flow = unsafe { &mut *flow };
     let Some(k) = key else {
         flow.valid = 0;
         return;

@@ -106,7 +106,7 @@ fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Option<()> {
         let icmp = bytes_mut::<{ ICMP_HDR_LEN + QUOTE_V4 }>(ctx, ETH_LEN + IPV4_HDR_LEN)?;
         let m = mtu.to_be_bytes();
         icmp[..8].copy_from_slice(&[3, 4, 0, 0, 0, 0, m[0], m[1]]);
-        let check = csum::finish(csum::sum_bytes(icmp, 0));
+        let check = csum::finish(csum::sum_bytes(icmp));
         icmp[2..4].copy_from_slice(&check.to_ne_bytes());
         let h = bytes_mut::<IPV4_HDR_LEN>(ctx, ETH_LEN)?;
         ipv4_header(h, (HDRS + QUOTE_V4) as u16, false, IPPROTO_ICMP);
@@ -122,11 +122,11 @@ fn too_big(ctx: &XdpContext, pkt: &Packet, mtu: u16) -> Option<()> {
         // The pseudo-header: the addresses from the header just written (summed from
         // the frame: kept from the key, they would take stack), length, next header.
         let addrs = bytes_mut::<32>(ctx, ETH_LEN + 8)?;
-        let pseudo = csum::sum_bytes(addrs, 0) + csum::sum_pseudo_tail(payload, IPPROTO_ICMPV6);
+        let pseudo = csum::sum_bytes(addrs) + csum::sum_pseudo_tail(payload, IPPROTO_ICMPV6);
         let icmp = bytes_mut::<{ ICMP_HDR_LEN + QUOTE_V6 }>(ctx, ETH_LEN + IPV6_HDR_LEN)?;
         let m = (mtu as u32).to_be_bytes();
         icmp[..8].copy_from_slice(&[2, 0, 0, 0, m[0], m[1], m[2], m[3]]);
-        let check = csum::finish(csum::sum_bytes(icmp, 0) + pseudo);
+        let check = csum::finish(csum::sum_bytes(icmp) + pseudo);
         icmp[2..4].copy_from_slice(&check.to_ne_bytes());
     }
     Some(())
