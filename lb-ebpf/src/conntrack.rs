@@ -102,8 +102,10 @@ pub fn create<'run>(
     if flooded {
         stats::count(StatIndex::EventFloodStateless, len);
     } else {
-        // Failure only means the LRU could not take it now; the next packet retries.
-        let _ = CONNTRACK.insert(key, &*ct, 0);
+        // By reference: a copy would take stack. Failure only means the LRU could not
+        // take it now; the next packet retries.
+        let value: &ConnValue = ct;
+        let _ = CONNTRACK.insert(key, value, 0);
     }
     if key.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN == 0 {
         stats::count(StatIndex::EventFlowRecreated, len);
