@@ -3,8 +3,9 @@
 //! XDP, with the interface's MAC address, and sent back out (XDP_TX). The agent keeps
 //! XLB_L2_VIPS: (VIP, interface) → the MAC to answer with.
 //!
-//! A stage of its own after the parser: it looks at what the parser made of the frame
-//! (not IP, or ICMPv6) and answers, or leaves the packet to the next stages.
+//! A stage of its own after the parser, for what is not TCP or UDP: it looks at what
+//! the parser made of the frame (not IP, or ICMPv6) and answers, or leaves the packet
+//! to the ICMP stages.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{StatIndex, FAMILY_V4, FAMILY_V6};
@@ -14,7 +15,7 @@ use crate::{
     maps::{L2_VIPS, SCRATCH},
     mem::{bytes_mut, copied, load, this_cpu, truncate},
     packet::{Packet, Verdict, ETH_LEN, IPPROTO_ICMPV6},
-    parse::Parsed,
+    parse::Other,
 };
 
 const ARP_LEN: usize = 28;
@@ -26,12 +27,10 @@ const OPT_TARGET_LL: u8 = 2;
 /// An ARP request or a neighbour solicitation for a VIP announced on this interface
 /// is answered (XDP_TX). None: not one; the packet is untouched.
 #[inline(always)]
-pub fn answer(ctx: &XdpContext, parsed: &Result<Parsed, StatIndex>) -> Option<Verdict> {
-    let answered = match parsed {
-        Ok(Parsed::Icmp(pkt)) if pkt.key.proto == IPPROTO_ICMPV6 => {
-            neighbour_solicitation(ctx, pkt)
-        }
-        Err(StatIndex::PassNotIp) => arp(ctx),
+pub fn answer(ctx: &XdpContext, other: &Other) -> Option<Verdict> {
+    let answered = match other {
+        Other::Icmp(pkt) if pkt.key.proto == IPPROTO_ICMPV6 => neighbour_solicitation(ctx, pkt),
+        Other::Pass(StatIndex::PassNotIp) => arp(ctx),
         _ => None,
     };
     answered.map(|()| (xdp_action::XDP_TX, StatIndex::L2Answered))

@@ -49,7 +49,7 @@ use lb_common::{
 use crate::{
     nat::Rewrite,
     packet::{Packet, Verdict},
-    parse::Parsed,
+    parse::Other,
 };
 
 const TTL_EXCEEDED: Verdict = (xdp_action::XDP_PASS, StatIndex::PassTtlExceeded);
@@ -85,39 +85,39 @@ fn pipeline(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
 #[inline(always)]
 fn stages(
     ctx: &XdpContext,
-    parsed: Result<Parsed, StatIndex>,
+    parsed: Result<Packet, Other>,
     len: u64,
     decapsulated: bool,
 ) -> Verdict {
-    if !decapsulated {
-        if let Some(verdict) = l2::answer(ctx, &parsed) {
-            trace::note(parse::flow_key(&parsed));
-            return verdict;
-        }
+    let mut pkt = match parsed {
+        Ok(pkt) => pkt,
+        Err(_) if decapsulated => return decap::NOT_FOR_US,
+        Err(other) => return not_balanced(ctx, &other),
+    };
+    // A later fragment takes its first's ports first (one Packet for both kinds: the
+    // stack has no room for a second).
+    let followed = fragments::follow(&mut pkt);
+    trace::note(Some(&pkt.key));
+    match followed {
+        Ok(()) => balance(ctx, &pkt, len, decapsulated),
+        Err(verdict) => verdict,
     }
-    match parsed {
-        // A later fragment takes its first's ports first (one Packet for both kinds:
-        // the stack has no room for a second).
-        Ok(Parsed::Flow(mut pkt)) => {
-            let followed = fragments::follow(&mut pkt);
-            trace::note(Some(&pkt.key));
-            match followed {
-                Ok(()) => balance(ctx, &pkt, len, decapsulated),
-                Err(verdict) => verdict,
-            }
-        }
-        _ if decapsulated => decap::NOT_FOR_US,
-        Ok(Parsed::Icmp(pkt)) => {
-            trace::note(Some(&pkt.key));
-            match echo::answer(ctx, &pkt) {
-                Some(verdict) => verdict,
-                None => icmp::error(ctx, &pkt),
-            }
-        }
-        Err(reason) => {
-            trace::note(None);
-            (xdp_action::XDP_PASS, reason)
-        }
+}
+
+/// What is not TCP or UDP: the L2 answers, then ICMP's stages (echo, errors about our
+/// flows); the rest passes. Off the balanced packets' way: they pay nothing for it.
+#[inline(always)]
+fn not_balanced(ctx: &XdpContext, other: &Other) -> Verdict {
+    trace::note(other.key());
+    if let Some(verdict) = l2::answer(ctx, other) {
+        return verdict;
+    }
+    match other {
+        Other::Icmp(pkt) => match echo::answer(ctx, pkt) {
+            Some(verdict) => verdict,
+            None => icmp::error(ctx, pkt),
+        },
+        Other::Pass(reason) => (xdp_action::XDP_PASS, *reason),
     }
 }
 

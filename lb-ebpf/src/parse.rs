@@ -43,22 +43,32 @@ const IPV6_SRC_OFF: usize = 8;
 /// ICMP and ICMPv6 error headers are 8 bytes, then the packet that caused the error.
 const ICMP_ERROR_HDR_LEN: usize = 8;
 
-/// What the pipeline works on.
-pub enum Parsed {
+/// What the parser found besides a TCP or UDP packet (the balancer's): for the L2
+/// and ICMP stages, or passed.
+pub enum Other {
+    /// An ICMP or ICMPv6 packet; `parse_icmp_error` looks inside it.
+    Icmp(Packet),
+    /// Anything else, with the reason it is passed for (an ARP frame: PassNotIp).
+    Pass(StatIndex),
+}
+
+impl Other {
+    /// The packet's flow (ICMP's addresses), for the debug log.
+    #[inline(always)]
+    pub fn key(&self) -> Option<&FlowKey> {
+        match self {
+            Other::Icmp(pkt) => Some(&pkt.key),
+            Other::Pass(_) => None,
+        }
+    }
+}
+
+/// The parser's own result, split for the pipeline by `parse`.
+enum Parsed {
     /// TCP or UDP. For a later fragment (FRAG_LATER, FRAG_OVERLAP), `key`'s ports are
     /// zero until fragments::follow fills them in.
     Flow(Packet),
-    /// An ICMP or ICMPv6 packet; `parse_icmp_error` looks inside it.
     Icmp(Packet),
-}
-
-/// The flow of a parsed packet (TCP, UDP or ICMP), for the debug log.
-#[inline(always)]
-pub fn flow_key(parsed: &Result<Parsed, StatIndex>) -> Option<&FlowKey> {
-    match parsed {
-        Ok(Parsed::Flow(pkt) | Parsed::Icmp(pkt)) => Some(&pkt.key),
-        Err(_) => None,
-    }
 }
 
 /// An IP packet's network layer, before the transport is examined.
@@ -77,10 +87,22 @@ struct Network {
     ip_len: u16,
 }
 
-/// What the packet is (the `Seen*` counter) and, unless it is to be passed untouched
-/// at once, the parsed packet. The error is the pass reason.
+/// What the packet is (the `Seen*` counter), and a TCP or UDP packet to balance or
+/// what else it is.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Parsed, StatIndex>) {
+pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Packet, Other>) {
+    let (seen, parsed) = classify(ctx);
+    let parsed = match parsed {
+        Ok(Parsed::Flow(pkt)) => Ok(pkt),
+        Ok(Parsed::Icmp(pkt)) => Err(Other::Icmp(pkt)),
+        Err(reason) => Err(Other::Pass(reason)),
+    };
+    (seen, parsed)
+}
+
+/// The error is the reason the packet is passed untouched.
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> (StatIndex, Result<Parsed, StatIndex>) {
     let Some(eth) = load::<EthHdr>(ctx, 0) else {
         return (StatIndex::SeenNonIp, Err(StatIndex::PassParseError));
     };
