@@ -1,8 +1,9 @@
 //! xlb's XDP program. The pipeline reads top to bottom (see docs/design.md): decap →
-//! parse → L2 answers → fragments → VIP filter → conntrack, or on a miss service
-//! lookup, source ranges and Maglev → NAT rewrite (or dsr's encapsulation) → FIB
-//! forward, with the reverse path for replies and the ICMP stages (echo, errors) beside
-//! them. Each stage is a module; this file only wires them, in order.
+//! parse → fragments → VIP filter → conntrack, or on a miss service lookup, source
+//! ranges and Maglev → NAT rewrite (or dsr's encapsulation) → FIB forward, with the
+//! reverse path for replies; what is not TCP or UDP goes to the L2 answers and the
+//! ICMP stages (echo, errors) instead. Each stage is a module; this file only wires
+//! them, in order.
 // On the host (cargo clippy/build --workspace) this compiles as an empty binary, so
 // the code is still type-checked and linted; the real build is for target_arch = "bpf".
 #![cfg_attr(target_arch = "bpf", no_std)]
