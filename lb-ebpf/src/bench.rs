@@ -49,14 +49,11 @@ fn config(slot: u32) -> u32 {
 #[xdp]
 pub fn xlb_bench_gen(ctx: XdpContext) -> u32 {
     let flows = config(CFG_FLOWS).max(1);
-    let Some(n) = BENCH_GEN.get_ptr_mut(0) else {
+    let Some(n) = mem::this_cpu(&BENCH_GEN, 0) else {
         return xdp_action::XDP_ABORTED;
     };
-    // SAFETY: a per-CPU slot of this map, used by this CPU only, during this call.
-    let seq = unsafe {
-        *n = (*n).wrapping_add(1);
-        *n
-    };
+    *n = n.wrapping_add(1);
+    let seq = *n;
     let port = (10_000 + seq % flows) as u16;
     let (Some(headers), Some(template)) = (
         mem::bytes_mut::<{ ETH_IPV4_UDP + 8 }>(&ctx, 0),
@@ -86,9 +83,8 @@ pub fn xlb_bench_sink(ctx: XdpContext) -> u32 {
     let dport = u16::from_ne_bytes([p[ETH_IPV4_UDP + 2], p[ETH_IPV4_UDP + 3]]) as u32;
     let hit =
         word(26) == config(CFG_SRC) && word(30) == config(CFG_DST) && dport == config(CFG_DPORT);
-    if let Some(c) = BENCH_SINK.get_ptr_mut(if hit { 0 } else { 1 }) {
-        // SAFETY: a per-CPU slot, this CPU's only.
-        unsafe { *c += 1 };
+    if let Some(c) = mem::this_cpu(&BENCH_SINK, if hit { 0 } else { 1 }) {
+        *c += 1;
     }
     xdp_action::XDP_DROP
 }

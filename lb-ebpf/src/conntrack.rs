@@ -8,13 +8,15 @@
 //! table for an hour nor outlive established flows in it.
 
 use lb_common::{
-    Backend, ConnValue, DatapathConfig, FlowKey, CT_F_ESTABLISHED, CT_F_FIN_SEEN, CT_F_RST_SEEN,
-    PROTO_TCP,
+    Addr, Backend, ConnValue, DatapathConfig, FlowKey, ReverseNat, StatIndex, CT_F_ESTABLISHED,
+    CT_F_FIN_SEEN, CT_F_RST_SEEN, PROTO_TCP,
 };
 
 use crate::{
     maps::{BACKENDS, CONNTRACK, REVERSE_NAT},
-    parse::{TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    mem::{entry, zero},
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    stats,
 };
 
 const NS_PER_S: u64 = 1_000_000_000;
@@ -57,10 +59,8 @@ pub fn lookup<'run>(
     now: u64,
     cfg: &DatapathConfig,
 ) -> Option<(&'run mut ConnValue, &'static Backend)> {
-    let entry = CONNTRACK.get_ptr_mut(key)?;
-    // SAFETY: a valid map value pointer for the duration of this program run. Other
-    // CPUs may write the same entry: its fields are each written whole.
-    let ct = unsafe { &mut *entry };
+    // Other CPUs may write the same entry: its fields are each written whole.
+    let ct = entry(&CONNTRACK, key)?;
     if now.saturating_sub(ct.last_seen_ns) > timeout_ns(key.proto, ct.flags, cfg) {
         return None;
     }
@@ -75,19 +75,67 @@ pub fn lookup<'run>(
     Some((ct, backend))
 }
 
+/// A new flow's entry, written into `ct` (per-CPU scratch) and inserted from there,
+/// unless the flood guard is on (`flooded`): the next packet of the flow then picks
+/// the same backend by Maglev. Returns `ct`, the scratch copy.
+#[inline(always)]
+pub fn create<'run>(
+    ct: &'run mut ConnValue,
+    pkt: &Packet,
+    backend_id: u32,
+    (nat_addr, nat_port): (Addr, u16),
+    (now, flooded): (u64, bool),
+    len: u64,
+) -> &'run mut ConnValue {
+    let key = &pkt.key;
+    // The next hop is kept in the literal and zeroed after it (see nat::reply_entry).
+    *ct = ConnValue {
+        backend_id,
+        nat_port,
+        flags: flags_from_tcp(pkt.tcp_flags),
+        _pad: 0,
+        nat_addr,
+        last_seen_ns: now,
+        hop: ct.hop,
+    };
+    zero(&mut ct.hop);
+    if flooded {
+        stats::count(StatIndex::EventFloodStateless, len);
+    } else {
+        // By reference: a copy would take stack. Failure only means the LRU could not
+        // take it now; the next packet retries.
+        let value: &ConnValue = ct;
+        let _ = CONNTRACK.insert(key, value, 0);
+    }
+    if key.proto == PROTO_TCP && pkt.tcp_flags & TCP_SYN == 0 {
+        stats::count(StatIndex::EventFlowRecreated, len);
+    }
+    ct
+}
+
+/// A FIN or RST from the backend closes the flow as one from the client does: its
+/// conntrack entry (found from the reply entry `rev`) takes the short closing timeout.
+#[inline(always)]
+pub fn mark_reply(pkt: &Packet, rev: &ReverseNat) {
+    if pkt.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+        return;
+    }
+    let forward_key = FlowKey {
+        src: rev.client,
+        dst: rev.vip,
+        sport: rev.client_port,
+        dport: rev.vip_port,
+        ..pkt.key
+    };
+    mark(&forward_key, pkt.tcp_flags);
+}
+
 /// Records FIN/RST seen on the reply side in the forward entry.
 #[inline(always)]
 pub fn mark(key: &FlowKey, tcp_flags: u8) {
-    if let Some(entry) = CONNTRACK.get_ptr_mut(key) {
-        // SAFETY: a valid map value pointer for the duration of this program run.
-        unsafe { (*entry).flags |= flags_from_tcp(tcp_flags) };
+    if let Some(ct) = entry(&CONNTRACK, key) {
+        ct.flags |= flags_from_tcp(tcp_flags);
     }
-}
-
-#[inline(always)]
-pub fn insert(key: &FlowKey, value: &ConnValue) {
-    // Failure only means the LRU could not take it now; the next packet retries.
-    let _ = CONNTRACK.insert(key, value, 0);
 }
 
 /// Ends a flow at once: its entry, and the reply entry nat and dnat made for it (keyed

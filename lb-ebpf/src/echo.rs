@@ -4,46 +4,45 @@
 //! for requests without IP options or extension headers. The request is turned into
 //! the reply in place and sent back (XDP_TX).
 
-use aya_ebpf::programs::XdpContext;
-use lb_common::{FAMILY_V4, VIP_F_ECHO};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{StatIndex, FAMILY_V4, VIP_F_ECHO};
 
 use crate::{
+    csum::{self, Delta},
     maps::{SCRATCH, VIPS},
-    mem::{bytes_mut, load},
-    nat::fold,
-    parse::{Packet, ETH_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6},
-    tunnel::sum_words,
+    mem::{bytes_mut, copied, load, this_cpu},
+    packet::{Packet, Verdict, ETH_LEN, IPPROTO_ICMP, IPPROTO_ICMPV6, IPV4_HDR_LEN, IPV6_HDR_LEN},
 };
 
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
-const IPV4_HDR_LEN: usize = 20;
-const IPV6_HDR_LEN: usize = 40;
 const REPLY_TTL: u8 = 64;
 
 /// Whether the VIP `pkt` is addressed to answers echo requests. The key is built in
 /// per-CPU scratch (the stack has no room for it).
 #[inline(always)]
 fn answers(pkt: &Packet) -> bool {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = this_cpu(&SCRATCH, 0) else {
         return false;
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let key = unsafe { &mut (*scratch).vip };
+    let key = &mut scratch.vip;
     key.addr = pkt.key.dst;
     key.family = pkt.key.family as u32;
     // Looked up from the scratch slot itself: a copy would take stack.
-    let key: &lb_common::VipKey = key;
-    // SAFETY: the value is copied out at once.
-    unsafe { VIPS.get(key) }.is_some_and(|f| f & VIP_F_ECHO != 0)
+    copied(&VIPS, key).is_some_and(|f| f & VIP_F_ECHO != 0)
 }
 
-/// An echo request to a VIP that answers becomes the reply, in place. None: not one
-/// (the packet is then untouched).
+/// An echo request to a VIP that answers becomes the reply, in place, and is sent
+/// back (XDP_TX). None: not one (the packet is then untouched).
 #[inline(always)]
-pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
+pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Option<Verdict> {
+    reply(ctx, pkt).map(|()| (xdp_action::XDP_TX, StatIndex::IcmpEchoAnswered))
+}
+
+#[inline(always)]
+fn reply(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     let v4 = pkt.key.family == FAMILY_V4;
     let (request, reply, ip_len) = if v4 {
         (ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY, IPV4_HDR_LEN)
@@ -59,13 +58,13 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
         return None;
     }
     // The type changes; nothing else the checksum covers does (ICMPv6's pseudo-header
-    // holds the same two addresses, swapped). RFC 1624: HC' = ~(~HC + ~m + m').
-    let check = u16::from_ne_bytes([c0, c1]);
-    let (old, new) = (
-        u16::from_ne_bytes([request, 0]),
-        u16::from_ne_bytes([reply, 0]),
-    );
-    let check = !fold(!check as u64 + !old as u64 + new as u64);
+    // holds the same two addresses, swapped).
+    let check = Delta::new()
+        .half(
+            u16::from_ne_bytes([request, 0]),
+            u16::from_ne_bytes([reply, 0]),
+        )
+        .apply(u16::from_ne_bytes([c0, c1]));
     let icmp = bytes_mut::<4>(ctx, pkt.l4_off)?;
     icmp[0] = reply;
     icmp[2..4].copy_from_slice(&check.to_ne_bytes());
@@ -79,7 +78,7 @@ pub fn answer(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
         h[8] = REPLY_TTL;
         h[10] = 0;
         h[11] = 0;
-        let sum = !fold(sum_words(h));
+        let sum = csum::finish(csum::sum_words(h));
         h[10..12].copy_from_slice(&sum.to_ne_bytes());
     } else {
         let h = bytes_mut::<IPV6_HDR_LEN>(ctx, ETH_LEN)?;

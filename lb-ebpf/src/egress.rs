@@ -13,14 +13,13 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK},
-    helpers::{bpf_csum_diff, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
 use lb_common::{Addr, FlowKey, StatIndex, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    conntrack, lookup,
-    parse::{ETH_LEN, ETH_P_IP, ETH_P_IPV6},
+    conntrack, lookup, mem,
+    packet::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, TCP_FIN, TCP_RST},
     stats,
 };
 
@@ -100,15 +99,12 @@ fn translate(ctx: &TcContext) -> Option<()> {
     let r = parse(ctx)?;
     let k = &r.key;
     let rev = lookup::reverse(k)?;
-    // SAFETY: a valid map value pointer for the duration of this run.
-    let rev = unsafe { &mut *rev };
     // Only dnat's entries (the reply goes to the client itself); a nat entry's reply
     // goes to this host's SNAT address and never leaves it.
     if rev.client != k.dst || rev.client_port != k.dport {
         return None;
     }
-    // SAFETY: a plain helper call.
-    rev.last_seen_ns = unsafe { bpf_ktime_get_coarse_ns() };
+    rev.last_seen_ns = mem::now();
     let check_off = if k.proto == PROTO_TCP {
         r.l4_off + 16
     } else {
@@ -127,10 +123,7 @@ fn translate(ctx: &TcContext) -> Option<()> {
         ctx.l3_csum_replace(r.ip_check_off, from, to, 4).ok()?;
         ctx.store(r.src_off, &rev.vip[0], 0).ok()?;
     } else {
-        let mut from = k.src;
-        let mut to = rev.vip;
-        // SAFETY: two 16-byte buffers on this stack, sizes as given.
-        let diff = unsafe { bpf_csum_diff(from.as_mut_ptr(), 16, to.as_mut_ptr(), 16, 0) };
+        let diff = mem::csum_diff(&k.src, &rev.vip, 0);
         ctx.l4_csum_replace(check_off, 0, diff as u64, pseudo | mangled)
             .ok()?;
         ctx.store(r.src_off, &rev.vip, 0).ok()?;
@@ -138,7 +131,7 @@ fn translate(ctx: &TcContext) -> Option<()> {
     ctx.l4_csum_replace(check_off, k.sport as u64, rev.vip_port as u64, mangled | 2)
         .ok()?;
     ctx.store(r.l4_off, &rev.vip_port, 0).ok()?;
-    if r.tcp_flags & (crate::parse::TCP_FIN | crate::parse::TCP_RST) != 0 {
+    if r.tcp_flags & (TCP_FIN | TCP_RST) != 0 {
         let forward_key = FlowKey {
             src: rev.client,
             dst: rev.vip,

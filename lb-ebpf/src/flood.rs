@@ -5,31 +5,33 @@
 //! random sources cannot push them out of the table. As Katran's max_conn_rate, per
 //! CPU, so no two CPUs share a counter.
 
-use lb_common::DatapathConfig;
+use aya_ebpf::bindings::xdp_action;
+use lb_common::{DatapathConfig, StatIndex, MODE_NAT};
 
-use crate::maps::FLOOD;
+use crate::{maps::FLOOD, mem::this_cpu, packet::Verdict};
 
 const NS_PER_S: u64 = 1_000_000_000;
 
-/// This CPU's new flows in the current window.
-pub struct Window {
-    pub start_ns: u64,
-    pub new_flows: u32,
-    pub _pad: u32,
+/// Counts one new flow of a backend in `mode`. Ok(true): this CPU is above the limit
+/// in this second, and the flow gets no entry; Err: nor could it do without one (nat).
+#[inline(always)]
+pub fn check(now: u64, cfg: &DatapathConfig, mode: u8) -> Result<bool, Verdict> {
+    let flooded = over_limit(now, cfg);
+    if flooded && mode == MODE_NAT {
+        return Err((xdp_action::XDP_DROP, StatIndex::DropFloodNat));
+    }
+    Ok(flooded)
 }
 
-/// Counts one new flow; true if this CPU is above the limit in this second.
 #[inline(always)]
-pub fn over_limit(now: u64, cfg: &DatapathConfig) -> bool {
+fn over_limit(now: u64, cfg: &DatapathConfig) -> bool {
     let limit = cfg.new_flow_limit;
     if limit == 0 {
         return false;
     }
-    let Some(w) = FLOOD.get_ptr_mut(0) else {
+    let Some(w) = this_cpu(&FLOOD, 0) else {
         return false;
     };
-    // SAFETY: this CPU's slot of a per-CPU array; nothing else writes it during this run.
-    let w = unsafe { &mut *w };
     if now.wrapping_sub(w.start_ns) >= NS_PER_S {
         w.start_ns = now;
         w.new_flows = 0;

@@ -16,14 +16,13 @@
 
 use aya_ebpf::{
     bindings::{bpf_fib_lookup, xdp_action},
-    helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect},
     programs::XdpContext,
 };
 use lb_common::{Addr, NeighbourRequest, NextHop, StatIndex, FAMILY_V4};
 
 use crate::{
     maps::{NextHopKey, NEIGHBOUR_REQUESTS, NEXTHOP, SCRATCH},
-    mem::{bytes_mut, zero},
+    mem::{self, bytes_mut, copied, this_cpu, zero},
 };
 
 const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
@@ -103,11 +102,7 @@ pub fn resolve(
 /// answered "fragmentation needed".
 #[inline(always)]
 pub fn mtu_of_last_lookup() -> u16 {
-    match SCRATCH.get_ptr(0) {
-        // SAFETY: this CPU's scratch slot; the union field the FIB wrote on FRAG_NEEDED.
-        Some(p) => unsafe { (*p).fib.__bindgen_anon_1.mtu_result },
-        None => 0,
-    }
+    this_cpu(&SCRATCH, 0).map_or(0, |s| mem::fib_mtu(&s.fib))
 }
 
 /// Writes the hop's MAC addresses into the frame and sends it out of the hop's interface.
@@ -122,8 +117,7 @@ pub fn send(ctx: &XdpContext, hop: &NextHop, sent: StatIndex) -> (u32, StatIndex
     if hop.ifindex == ingress {
         (xdp_action::XDP_TX, sent)
     } else {
-        // SAFETY: a plain helper call.
-        (unsafe { bpf_redirect(hop.ifindex, 0) } as u32, sent)
+        (mem::redirect(hop.ifindex), sent)
     }
 }
 
@@ -147,9 +141,7 @@ fn shared_hop(
         ingress,
         family: route.family as u32,
     };
-    if let Some(h) = NEXTHOP.get_ptr(key) {
-        // SAFETY: a valid map value pointer for this run; copied out at once.
-        let hop = unsafe { *h };
+    if let Some(hop) = copied(&NEXTHOP, &key) {
         if usable(&hop, now, ingress, route.tot_len) {
             return Ok(hop);
         }
@@ -186,15 +178,7 @@ pub fn query(
         p.__bindgen_anon_3.ipv6_src = *src;
         p.__bindgen_anon_4.ipv6_dst = *dst;
     }
-    // SAFETY: ctx.ctx is the program's own context, p a valid struct of the given size.
-    unsafe {
-        fib_lookup(
-            ctx.ctx as *mut _,
-            p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    }
+    mem::fib(ctx, p)
 }
 
 /// Asks the FIB: the next hop, or the verdict when there is none to use.
@@ -208,11 +192,10 @@ fn fib(ctx: &XdpContext, route: &Route, ingress: u32) -> Result<NextHop, (u32, S
         tot_len,
         own_source,
     } = *route;
-    let Some(p) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = this_cpu(&SCRATCH, 0) else {
         return Err((xdp_action::XDP_DROP, StatIndex::DropFibFailure));
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let p = unsafe { &mut (*p).fib };
+    let p = &mut scratch.fib;
     let rc = query(ctx, p, (family, proto), (src, dst), ingress, tot_len);
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => Ok(NextHop {
@@ -229,13 +212,7 @@ fn fib(ctx: &XdpContext, route: &Route, ingress: u32) -> Result<NextHop, (u32, S
             // on a connected network) and its interface. A full ring only loses the
             // request: the next packet asks again.
             let request = NeighbourRequest {
-                addr: if family == FAMILY_V4 {
-                    // SAFETY: the union field this family's lookup filled in.
-                    [unsafe { p.__bindgen_anon_4.ipv4_dst }, 0, 0, 0]
-                } else {
-                    // SAFETY: as above.
-                    unsafe { p.__bindgen_anon_4.ipv6_dst }
-                },
+                addr: mem::fib_next_hop(p, family),
                 ifindex: p.ifindex,
                 family,
                 _pad: [0; 3],

@@ -9,12 +9,12 @@
 //! goes to the kernel (pass_fragment), as the host's own fragments do; for a VIP's
 //! datagram that loses the datagram, as a lost fragment would.
 
-use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use lb_common::{FragmentKey, FragmentValue, StatIndex, FRAGMENT_LIFETIME_S};
 
 use crate::{
     maps::{FRAGMENTS, SCRATCH},
-    parse::{Packet, FRAG_FIRST, FRAG_LATER, FRAG_OVERLAP},
+    mem::{self, copied, this_cpu},
+    packet::{Packet, FRAG_FIRST, FRAG_LATER, FRAG_OVERLAP},
     stats,
 };
 
@@ -23,9 +23,8 @@ const NS_PER_S: u64 = 1_000_000_000;
 /// The datagram's key, which the parser put in per-CPU scratch memory.
 #[inline(always)]
 fn key() -> Option<&'static FragmentKey> {
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot; only the parser wrote it during this run.
-    Some(unsafe { &(*scratch).frag })
+    // Only the parser wrote it during this run.
+    this_cpu(&SCRATCH, 0).map(|s| &s.frag)
 }
 
 /// A later fragment: its datagram's ports, from the first fragment's record. Err is
@@ -39,10 +38,8 @@ pub fn follow(pkt: &mut Packet) -> Result<(), (u32, StatIndex)> {
     }
     let unknown = (XDP_PASS, StatIndex::PassFragment);
     let key = key().ok_or(unknown)?;
-    // SAFETY: the value is copied out at once.
-    let rec = (unsafe { FRAGMENTS.get(key) }).copied().ok_or(unknown)?;
-    // SAFETY: a plain helper call.
-    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let rec = copied(&FRAGMENTS, key).ok_or(unknown)?;
+    let now = mem::now();
     if now.saturating_sub(rec.first_seen_ns) > FRAGMENT_LIFETIME_S * NS_PER_S {
         // Its room goes back to the map now, not when the LRU gets to it.
         let _ = FRAGMENTS.remove(key);

@@ -2,14 +2,20 @@
 //! neighbour solicitations (IPv6) for a VIP this node announces are answered here, in
 //! XDP, with the interface's MAC address, and sent back out (XDP_TX). The agent keeps
 //! XLB_L2_VIPS: (VIP, interface) → the MAC to answer with.
+//!
+//! A stage of its own after the parser, for what is not TCP or UDP: it looks at what
+//! the parser made of the frame (not IP, or ICMPv6) and answers, or leaves the packet
+//! to the ICMP stages.
 
-use aya_ebpf::{helpers::bpf_xdp_adjust_tail, programs::XdpContext};
-use lb_common::{FAMILY_V4, FAMILY_V6};
+use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
+use lb_common::{StatIndex, FAMILY_V4, FAMILY_V6};
 
 use crate::{
+    csum,
     maps::{L2_VIPS, SCRATCH},
-    mem::{bytes_mut, load},
-    parse::{Packet, ETH_LEN, IPPROTO_ICMPV6},
+    mem::{bytes_mut, copied, load, this_cpu, truncate},
+    packet::{Packet, Verdict, ETH_LEN, IPPROTO_ICMPV6},
+    parse::Other,
 };
 
 const ARP_LEN: usize = 28;
@@ -18,14 +24,24 @@ const ICMPV6_NA: u8 = 136;
 const ND_LEN: usize = 24;
 const OPT_TARGET_LL: u8 = 2;
 
+/// An ARP request or a neighbour solicitation for a VIP announced on this interface
+/// is answered (XDP_TX). None: not one; the packet is untouched.
+#[inline(always)]
+pub fn answer(ctx: &XdpContext, other: &Other) -> Option<Verdict> {
+    let answered = match other {
+        Other::Icmp(pkt) if pkt.key.proto == IPPROTO_ICMPV6 => neighbour_solicitation(ctx, pkt),
+        Other::Pass(StatIndex::PassNotIp) => arp(ctx),
+        _ => None,
+    };
+    answered.map(|()| (xdp_action::XDP_TX, StatIndex::L2Answered))
+}
+
 /// The MAC to answer with for the VIP at `addr` (4 network-order words from the
 /// packet at `off`, 1 for IPv4) on the ingress interface. The key is built in the
 /// per-CPU scratch: the pipeline's stack has no room left for it.
 #[inline(always)]
 fn mac_for(ctx: &XdpContext, off: usize, family: u8) -> Option<[u8; 6]> {
-    let scratch = SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let key = unsafe { &mut (*scratch).l2 };
+    let key = &mut this_cpu(&SCRATCH, 0)?.l2;
     key.addr = [0; 4];
     if family == FAMILY_V4 {
         key.addr[0] = load::<u32>(ctx, off)?;
@@ -34,13 +50,12 @@ fn mac_for(ctx: &XdpContext, off: usize, family: u8) -> Option<[u8; 6]> {
     }
     key.ifindex = ctx.ingress_ifindex() as u32;
     key.family = family as u32;
-    // SAFETY: the value is copied out at once.
-    unsafe { L2_VIPS.get(key) }.map(|v| v.mac)
+    copied(&L2_VIPS, key).map(|v| v.mac)
 }
 
 /// An ARP request for an announced VIP becomes the reply, in place. None: not one.
 #[inline(always)]
-pub fn arp(ctx: &XdpContext) -> Option<()> {
+fn arp(ctx: &XdpContext) -> Option<()> {
     let eth_type = load::<[u8; 2]>(ctx, 12)?;
     if eth_type[0] != 0x08 || eth_type[1] != 0x06 {
         return None;
@@ -52,8 +67,8 @@ pub fn arp(ctx: &XdpContext) -> Option<()> {
     }
     let mac = mac_for(ctx, ETH_LEN + 24, FAMILY_V4)?;
     let a = bytes_mut::<ARP_LEN>(ctx, ETH_LEN)?;
-    a[7] = 2; // reply
-              // Sender ↔ target: the requester becomes the target, the VIP the sender.
+    // A reply; sender ↔ target: the requester becomes the target, the VIP the sender.
+    a[7] = 2;
     let mut i = 0;
     while i < 10 {
         a.swap(8 + i, 18 + i);
@@ -74,7 +89,7 @@ pub fn arp(ctx: &XdpContext) -> Option<()> {
 /// override, with the target link-layer address option), from the VIP back to the
 /// solicitor (to all nodes for duplicate address detection). None: not one.
 #[inline(always)]
-pub fn neighbour_solicitation(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
+fn neighbour_solicitation(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     let k = &pkt.key;
     // RFC 4861: only with hop limit 255 (from the link itself), no extension headers.
     if k.family != FAMILY_V6 || pkt.ttl != 255 || pkt.l4_off != ETH_LEN + 40 {
@@ -90,12 +105,7 @@ pub fn neighbour_solicitation(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     // Exactly Ethernet + IPv6 + NA + one 8-byte option. The head stays where it is, so
     // the solicitation's fields are rearranged in place: no copies on the stack, which
     // the pipeline has no room left for.
-    let want = (ETH_LEN + 40 + ND_LEN + 8) as i32;
-    let len = (ctx.data_end() - ctx.data()) as i32;
-    // SAFETY: a plain helper call; pointers are re-derived after it.
-    if unsafe { bpf_xdp_adjust_tail(ctx.ctx, want - len) } != 0 {
-        return None;
-    }
+    truncate(ctx, ETH_LEN + 40 + ND_LEN + 8)?;
     let f = bytes_mut::<{ ETH_LEN + 40 + ND_LEN + 8 }>(ctx, 0)?;
     const SRC: usize = ETH_LEN + 8;
     const DST: usize = ETH_LEN + 24;
@@ -147,17 +157,10 @@ pub fn neighbour_solicitation(ctx: &XdpContext, pkt: &Packet) -> Option<()> {
     f[TARGET + 17] = 1;
     // The checksum over the pseudo-header (source, destination, length, next header)
     // and the message.
-    let mut s: u64 = u16::from_ne_bytes(((ND_LEN + 8) as u16).to_be_bytes()) as u64
-        + u16::from_ne_bytes((IPPROTO_ICMPV6 as u16).to_be_bytes()) as u64;
-    let mut i = SRC;
-    while i < ICMP + ND_LEN + 8 {
-        s += u16::from_ne_bytes([f[i], f[i + 1]]) as u64;
-        i += 2;
-    }
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    let check = !(s as u16);
+    let pseudo = csum::sum_pseudo_tail((ND_LEN + 8) as u16, IPPROTO_ICMPV6);
+    let summed = bytes_mut::<{ ICMP + ND_LEN + 8 - SRC }>(ctx, SRC)?;
+    let s = csum::sum_bytes(summed) + pseudo;
+    let check = csum::finish(s);
     f[ICMP + 2..ICMP + 4].copy_from_slice(&check.to_ne_bytes());
     Some(())
 }

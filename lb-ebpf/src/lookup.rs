@@ -1,12 +1,20 @@
 //! Stage 2: is this packet for a service (forward path) or a reply to a NAT flow
 //! (reverse path)?
 
+use aya_ebpf::bindings::xdp_action;
 use lb_common::{
     hash::{vip_filter_bit, vip_filter_slot},
-    DatapathConfig, FlowKey, ReverseNat, ServiceKey, ServiceValue, SVC_KEY_ENCAPSULATED,
+    DatapathConfig, FlowKey, ReverseNat, ServiceKey, ServiceValue, StatIndex, SVC_KEY_ENCAPSULATED,
 };
 
-use crate::maps::{REVERSE_NAT, SERVICES, VIP_FILTER};
+use crate::{
+    maps::{REVERSE_NAT, SERVICES, VIP_FILTER},
+    mem::{copied, entry},
+    packet::Verdict,
+};
+
+/// Neither a service's packet nor a reply: the host's own traffic, passed.
+pub const NOT_A_VIP: Verdict = (xdp_action::XDP_PASS, StatIndex::PassNotVip);
 
 /// False when the packet is for no service, known without the hashed lookup: the
 /// agent has filled the VIP filter and the packet's bit is clear. Most of a host's
@@ -35,13 +43,23 @@ pub fn service(key: &FlowKey, encapsulated: bool) -> Option<ServiceValue> {
         proto: key.proto,
         family: key.family | marker,
     };
-    // SAFETY: the value is copied out at once; a concurrent update replaces the element
-    // under RCU, so the copy is either the old or the new value.
-    unsafe { SERVICES.get(sk) }.copied()
+    // A concurrent update replaces the element under RCU: the copy is either the old
+    // or the new value.
+    copied(&SERVICES, &sk)
+}
+
+/// False when the packet cannot be a reply to a NAT flow: a nat reply comes to a port
+/// of the SNAT range, which is kept apart from the host's own ephemeral ports, so the
+/// rest of the host's traffic skips the lookup (unless dnat is in use, whose replies
+/// come to the client's own port).
+#[inline(always)]
+pub fn may_be_reply(key: &FlowKey, cfg: &DatapathConfig) -> bool {
+    let dport = u16::from_be(key.dport);
+    cfg.dnat_in_use != 0 || (dport >= cfg.snat_port_min && dport <= cfg.snat_port_max)
 }
 
 /// The NAT entry whose reply 5-tuple is exactly this packet's.
 #[inline(always)]
-pub fn reverse(key: &FlowKey) -> Option<*mut ReverseNat> {
-    REVERSE_NAT.get_ptr_mut(key)
+pub fn reverse<'run>(key: &FlowKey) -> Option<&'run mut ReverseNat> {
+    entry(&REVERSE_NAT, key)
 }

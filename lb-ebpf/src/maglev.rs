@@ -6,7 +6,10 @@ use lb_common::{
     flow_hash, Backend, FlowKey, MaglevKey, ServiceValue, MAGLEV_CHUNK_SLOTS, SVC_F_CLIENT_AFFINITY,
 };
 
-use crate::maps::{BACKENDS, MAGLEV};
+use crate::{
+    maps::{BACKENDS, MAGLEV},
+    mem::entry,
+};
 
 #[inline(always)]
 pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, &'static Backend)> {
@@ -26,9 +29,9 @@ pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, &'static Backend)
     if index >= MAGLEV_CHUNK_SLOTS {
         return None;
     }
-    let chunk = MAGLEV.get_ptr(chunk_key)?;
-    // SAFETY: a valid map value pointer; index < MAGLEV_CHUNK_SLOTS was checked above.
-    let id = unsafe { *(*chunk).slots.as_ptr().add(index) };
+    // In place: a chunk is 4 KiB. The check above makes this one redundant, and LLVM
+    // drops it.
+    let id = *entry(&MAGLEV, &chunk_key)?.slots.get(index)?;
     // Read in place, as conntrack::lookup does.
     let backend = BACKENDS.get(id).filter(|b| b.exists())?;
     Some((id, backend))

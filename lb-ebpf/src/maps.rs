@@ -1,7 +1,10 @@
 //! The maps, declared once. Sizes and names come from lb-common, so the agent opens
 //! exactly these. All are pinned by name, so a restarted agent finds them again.
+//!
+//! Below every stage: this file imports only packet.rs, and the value types the
+//! program alone uses (scratch memory, the flood guard's window) are declared here.
 
-use crate::parse::IcmpError;
+use crate::packet::IcmpError;
 use aya_ebpf::{
     bindings::bpf_fib_lookup,
     macros::map,
@@ -137,7 +140,14 @@ pub struct LogFlow {
 
 /// The flood guard's per-CPU window (flood.rs). Not pinned: a rate, not state.
 #[map(name = "XLB_FLOOD")]
-pub static FLOOD: PerCpuArray<crate::flood::Window> = PerCpuArray::with_max_entries(1, 0);
+pub static FLOOD: PerCpuArray<FloodWindow> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's new flows in the current window.
+pub struct FloodWindow {
+    pub start_ns: u64,
+    pub new_flows: u32,
+    pub _pad: u32,
+}
 
 /// Next hops bpf_fib_lookup resolved, shared by all flows to a destination; each flow
 /// also keeps its own copy in its entry (see forward.rs). Not pinned: a cache, and a new agent starts it cold.

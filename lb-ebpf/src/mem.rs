@@ -1,7 +1,18 @@
-//! The only place that touches packet memory through raw pointers. Every access is
-//! bounds-checked against `data_end` in the form the verifier recognises.
+//! Every `unsafe` of the programs, each in a small helper: packet memory (bounds-checked
+//! against `data_end` in the form the verifier recognises), map values in place,
+//! per-CPU slots, and the kernel helpers that take raw pointers. The stages call these
+//! and stay safe code.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{
+    bindings::bpf_fib_lookup,
+    helpers::{
+        bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns,
+        bpf_probe_read_kernel, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
+    maps::{HashMap, LruHashMap, PerCpuArray},
+    programs::XdpContext,
+};
+use lb_common::{Addr, FAMILY_V4};
 
 /// The deepest header offset the program reads (Ethernet + IPv6 + four extension
 /// headers of the largest size is far beyond any real packet; 4 KiB covers jumbo frames).
@@ -85,4 +96,174 @@ pub fn zero<T: Zeroable>(v: &mut T) {
         unsafe { words.add(i).write_volatile(0) };
         i += 1;
     }
+}
+
+/// Writes an address as the bytes it has on the wire (its words are in network
+/// order), one byte at a time: an unaligned store of a whole address is a memmove, a
+/// call to a byte loop on BPF (see `zero`).
+#[inline(always)]
+pub fn put_addr(out: &mut [u8], a: &Addr) {
+    let mut i = 0;
+    while i < 4 {
+        let b = a[i].to_ne_bytes();
+        out[i * 4] = b[0];
+        out[i * 4 + 1] = b[1];
+        out[i * 4 + 2] = b[2];
+        out[i * 4 + 3] = b[3];
+        i += 1;
+    }
+}
+
+/// Moves the frame's start by `delta` bytes (negative: room in front). Every pointer
+/// into the frame must be derived again afterwards: `load`, `store` and `bytes_mut`
+/// do, on each call.
+#[inline(always)]
+pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Option<()> {
+    // SAFETY: the helper only moves data/data_end; no pointer into the frame outlives
+    // this call in our code (each access bounds-checks afresh).
+    (unsafe { bpf_xdp_adjust_head(ctx.ctx, delta) } == 0).then_some(())
+}
+
+/// Moves the frame's end so that the frame is `len` bytes long. As `adjust_head`,
+/// pointers into the frame are derived again afterwards.
+#[inline(always)]
+pub fn truncate(ctx: &XdpContext, len: usize) -> Option<()> {
+    let delta = len as i32 - (ctx.data_end() - ctx.data()) as i32;
+    // SAFETY: as adjust_head's.
+    (unsafe { bpf_xdp_adjust_tail(ctx.ctx, delta) } == 0).then_some(())
+}
+
+/// A hash map, plain or LRU, whose values are used in place.
+pub trait HashLookup<K, V> {
+    fn lookup(&self, key: &K) -> Option<*mut V>;
+}
+
+impl<K, V> HashLookup<K, V> for HashMap<K, V> {
+    #[inline(always)]
+    fn lookup(&self, key: &K) -> Option<*mut V> {
+        self.get_ptr_mut(key)
+    }
+}
+
+impl<K, V> HashLookup<K, V> for LruHashMap<K, V> {
+    #[inline(always)]
+    fn lookup(&self, key: &K) -> Option<*mut V> {
+        self.get_ptr_mut(key)
+    }
+}
+
+/// The value under `key`, in the map itself: a copy would take stack, and writes must
+/// reach the map.
+#[inline(always)]
+pub fn entry<'run, K, V>(map: &impl HashLookup<K, V>, key: &K) -> Option<&'run mut V> {
+    // SAFETY: the kernel's pointer to the element stays valid until the program returns
+    // (the element is freed after an RCU grace period). Other CPUs may write the same
+    // element: the program writes whole fields, and every field read alone is usable.
+    map.lookup(key).map(|p| unsafe { &mut *p })
+}
+
+/// A copy of the value under `key`, taken at once: an element the agent replaces
+/// meanwhile is read either old or new, never reused for another key under us.
+#[inline(always)]
+pub fn copied<K, V: Copy>(map: &impl HashLookup<K, V>, key: &K) -> Option<V> {
+    // SAFETY: as `entry`'s; the value is copied before anything else runs.
+    map.lookup(key).map(|p| unsafe { *p })
+}
+
+/// This CPU's slot `index` of a per-CPU array: scratch memory, counters.
+#[inline(always)]
+pub fn this_cpu<'run, T>(map: &PerCpuArray<T>, index: u32) -> Option<&'run mut T> {
+    // SAFETY: the program runs to completion on one CPU, and no other program run
+    // touches this CPU's slot meanwhile. Stages that share a scratch slot each use
+    // fields of their own (maps.rs says whose).
+    map.get_ptr_mut(index).map(|p| unsafe { &mut *p })
+}
+
+/// The packet's one clock reading, in nanoseconds (coarse: the helper is not cheap).
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: no arguments, no memory touched.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+/// XDP_REDIRECT to `ifindex` (the helper's return value is the action).
+#[inline(always)]
+pub fn redirect(ifindex: u32) -> u32 {
+    // SAFETY: no memory touched; a bad ifindex makes the redirect fail, not the call.
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
+}
+
+/// bpf_fib_lookup with the query in `p`; returns the helper's code, the answer in `p`.
+#[inline(always)]
+pub fn fib(ctx: &XdpContext, p: &mut bpf_fib_lookup) -> i64 {
+    // SAFETY: ctx.ctx is the program's own context; `p` is a whole struct of the size
+    // passed, which the helper reads and writes.
+    unsafe {
+        fib_lookup(
+            ctx.ctx as *mut _,
+            p,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    }
+}
+
+/// The MTU a FIB lookup answered with when it said "fragmentation needed".
+#[inline(always)]
+pub fn fib_mtu(p: &bpf_fib_lookup) -> u16 {
+    // SAFETY: the union holds the MTU on that answer; any other time it is some u16.
+    unsafe { p.__bindgen_anon_1.mtu_result }
+}
+
+/// The next hop a FIB lookup of `family` filled in (the gateway, or the destination).
+#[inline(always)]
+pub fn fib_next_hop(p: &bpf_fib_lookup, family: u8) -> Addr {
+    if family == FAMILY_V4 {
+        // SAFETY: the union field an IPv4 lookup writes; plain integers either way.
+        [unsafe { p.__bindgen_anon_4.ipv4_dst }, 0, 0, 0]
+    } else {
+        // SAFETY: as above, for IPv6.
+        unsafe { p.__bindgen_anon_4.ipv6_dst }
+    }
+}
+
+/// The kernel's one's-complement sum (bpf_csum_diff) of `seed`, minus the bytes of
+/// `from`, plus the bytes of `to`, unfolded (32 bits). Plain data of sizes that are
+/// multiples of 4 (asserted), so the helper cannot fail; `from` may be `[u8; 0]`.
+#[inline(always)]
+pub fn csum_diff<F: Copy, T: Copy>(from: &F, to: &T, seed: u32) -> u32 {
+    let (from_len, to_len) = (core::mem::size_of::<F>(), core::mem::size_of::<T>());
+    const {
+        assert!(core::mem::size_of::<F>().is_multiple_of(4));
+        assert!(core::mem::size_of::<T>().is_multiple_of(4));
+    }
+    // The helper wants an empty `from` as null.
+    let from_ptr = if from_len == 0 {
+        core::ptr::null_mut()
+    } else {
+        from as *const F as *mut u32
+    };
+    // SAFETY: the helper only reads `from_len` bytes at `from` and `to_len` at `to`,
+    // each the whole of its argument (packet memory too, bounds-checked by bytes_mut).
+    let sum = unsafe {
+        bpf_csum_diff(
+            from_ptr,
+            from_len as u32,
+            to as *const T as *mut u32,
+            to_len as u32,
+            seed,
+        )
+    };
+    sum as u32
+}
+
+/// Copies a `T` from kernel memory at `addr`; None for an address the kernel refuses.
+#[inline(always)]
+pub fn read_kernel<T>(addr: u64) -> Option<T> {
+    if addr < 4096 {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-safe accessor and
+    // returns an error for a bad address; nothing is dereferenced directly.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }

@@ -1,22 +1,19 @@
 //! Stage 4: address and port translation, with incremental checksum updates
-//! (RFC 1624) and the SNAT port allocator.
-//!
-//! All words are handled as they sit in memory (network byte order loaded natively):
-//! the one's-complement sum is byte-order independent as long as every operand is
-//! loaded the same way.
+//! (csum.rs), and the SNAT port allocator.
 
-use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::bindings::{xdp_action, BPF_NOEXIST};
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
-    flow_hash, Addr, DatapathConfig, FlowKey, ReverseNat, StatIndex, FAMILY_V4, PROTO_TCP,
-    PROTO_UDP,
+    flow_hash, Addr, Backend, DatapathConfig, FlowKey, ReverseNat, StatIndex, FAMILY_V4, MODE_DNAT,
+    MODE_NAT, PROTO_TCP, PROTO_UDP,
 };
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
+    csum::Delta,
     maps::REVERSE_NAT,
-    mem::{bytes_mut, load, store},
-    parse::{IcmpError, Packet, ETH_LEN, FRAG_LATER},
+    mem::{bytes_mut, entry, load, put_addr, store, zero},
+    packet::{IcmpError, Packet, Verdict, ETH_LEN, FRAG_LATER},
     stats,
 };
 
@@ -30,56 +27,6 @@ const IPV6_SRC_OFF: usize = 8;
 /// flow); 32 (as Cilium uses) makes it ~1e-15 there and ~1e-9 at 50%.
 const PORT_PROBES: u32 = 32;
 
-#[inline(always)]
-pub fn fold(mut s: u64) -> u16 {
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s = (s & 0xffff) + (s >> 16);
-    s as u16
-}
-
-/// An incremental checksum update (RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m')) over
-/// several replaced words, summed unfolded and folded once in `apply`. Folding after
-/// each word made a chain of dependent adds per word: a profile of the established
-/// path put an eighth of the program's own time on the folds.
-#[derive(Clone, Copy)]
-struct Delta(u64);
-
-impl Delta {
-    #[inline(always)]
-    fn new() -> Self {
-        Delta(0)
-    }
-
-    /// The first `n` 32-bit words of `from` replaced by those of `to`.
-    #[inline(always)]
-    fn words(mut self, from: &[u32; 4], to: &[u32; 4], n: usize) -> Self {
-        let mut i = 0;
-        while i < 4 {
-            if i < n {
-                self.0 += (!from[i]) as u64 + to[i] as u64;
-            }
-            i += 1;
-        }
-        self
-    }
-
-    /// A 16-bit word replaced.
-    #[inline(always)]
-    fn half(mut self, from: u16, to: u16) -> Self {
-        self.0 += (!from) as u64 + to as u64;
-        self
-    }
-
-    /// The checksum `check` becomes. At most 20 words of under 2^32 each sum below
-    /// 2^37, which fold's four rounds bring under 2^16.
-    #[inline(always)]
-    fn apply(self, check: u16) -> u16 {
-        !fold(!check as u64 + self.0)
-    }
-}
-
 /// What a packet is rewritten to.
 pub struct Rewrite {
     pub src: Addr,
@@ -87,6 +34,88 @@ pub struct Rewrite {
     /// Network byte order.
     pub sport: u16,
     pub dport: u16,
+}
+
+impl Rewrite {
+    /// A client's packet: from the flow's source (nat's SNAT address and port, or
+    /// dnat's client: a conntrack entry's `nat_addr` and `nat_port`) to the backend.
+    #[inline(always)]
+    pub fn to_backend((src, sport): (Addr, u16), backend: &Backend) -> Self {
+        Rewrite {
+            src,
+            dst: backend.addr,
+            sport,
+            dport: backend.port,
+        }
+    }
+
+    /// A backend's reply: from the VIP back to the client.
+    #[inline(always)]
+    pub fn to_client(rev: &ReverseNat) -> Self {
+        Rewrite {
+            src: rev.vip,
+            dst: rev.client,
+            sport: rev.vip_port,
+            dport: rev.client_port,
+        }
+    }
+}
+
+/// A new flow's source towards `backend`: nat's SNAT address, and dsr's outer source;
+/// dnat keeps the client's and needs none.
+#[inline(always)]
+pub fn source(backend: &Backend, mode: u8) -> Result<Addr, Verdict> {
+    if backend.snat == [0; 4] && mode != MODE_DNAT {
+        return Err((xdp_action::XDP_DROP, StatIndex::DropNoSnatAddress));
+    }
+    Ok(backend.snat)
+}
+
+/// A new flow's reply entry, written into `rev` (per-CPU scratch) for `claim`. The
+/// next hop is kept in the literal and zeroed after it, word by word: a zeroed part
+/// of a literal is a memset (see mem::zero).
+#[inline(always)]
+pub fn reply_entry(rev: &mut ReverseNat, key: &FlowKey, ids: (u32, u32), now: u64) {
+    let (service_id, backend_id) = ids;
+    *rev = ReverseNat {
+        client: key.src,
+        vip: key.dst,
+        client_port: key.sport,
+        vip_port: key.dport,
+        service_id,
+        backend_id,
+        _pad: 0,
+        last_seen_ns: now,
+        hop: rev.hop,
+    };
+    zero(&mut rev.hop);
+}
+
+/// Where the backend's replies to a new flow are recognised, and the source the
+/// backend sees (address, port in network order): nat allocates a port of `snat` and
+/// dnat claims the client's own; dsr makes no entry (the backend answers the client
+/// itself).
+#[inline(always)]
+pub fn claim(
+    key: &FlowKey,
+    (backend, mode): (&Backend, u8),
+    snat: Addr,
+    cfg: &DatapathConfig,
+    rev: &ReverseNat,
+) -> Result<(Addr, u16), Verdict> {
+    match mode {
+        MODE_NAT => {
+            let Some(port) = alloc_port(key, backend.addr, backend.port, snat, cfg, rev) else {
+                return Err((xdp_action::XDP_DROP, StatIndex::DropPortAlloc));
+            };
+            Ok((snat, port))
+        }
+        MODE_DNAT => {
+            claim_reply(key, backend.addr, backend.port, rev);
+            Ok((key.src, key.sport))
+        }
+        _ => Ok((snat, 0)),
+    }
 }
 
 /// Rewrites the outer IP header's addresses, decrements TTL / hop limit and fixes the
@@ -209,24 +238,11 @@ pub fn rewrite_icmp_error(
     store(ctx, e.icmp_off + 2, icmp_check)
 }
 
-#[inline(always)]
-pub fn put_addr(out: &mut [u8], a: &Addr) {
-    let mut i = 0;
-    while i < 4 {
-        let b = a[i].to_ne_bytes();
-        out[i * 4] = b[0];
-        out[i * 4 + 1] = b[1];
-        out[i * 4 + 2] = b[2];
-        out[i * 4 + 3] = b[3];
-        i += 1;
-    }
-}
-
 /// dnat: the backend's replies come from `reply_src:reply_sport` to the client's own
 /// address and port. Claimed whatever was there: a stale entry for the same 4-tuple
 /// can only be an older flow of this same client port.
 #[inline(always)]
-pub fn claim_reply(key: &FlowKey, reply_src: Addr, reply_sport: u16, rev: &ReverseNat) {
+fn claim_reply(key: &FlowKey, reply_src: Addr, reply_sport: u16, rev: &ReverseNat) {
     let rkey = FlowKey {
         src: reply_src,
         dst: key.src,
@@ -244,7 +260,7 @@ pub fn claim_reply(key: &FlowKey, reply_src: Addr, reply_sport: u16, rev: &Rever
 /// reverse entry with BPF_NOEXIST, so two flows can never share a reply 5-tuple.
 /// Probes are hashed from the flow and bounded. Returns the port in network order.
 #[inline(always)]
-pub fn alloc_port(
+fn alloc_port(
     key: &FlowKey,
     reply_src: Addr,
     reply_sport: u16,
@@ -288,9 +304,7 @@ pub fn alloc_port(
         // The port may still be this very flow's, from before its conntrack entry was
         // evicted or expired: take it back, so the backend sees the same source port
         // and an established connection survives.
-        if let Some(old) = REVERSE_NAT.get_ptr_mut(rkey) {
-            // SAFETY: a valid map value pointer for the duration of this run.
-            let old = unsafe { &mut *old };
+        if let Some(old) = entry(&REVERSE_NAT, &rkey) {
             if old.client == rev.client
                 && old.client_port == rev.client_port
                 && old.vip == rev.vip

@@ -10,21 +10,18 @@ use network_types::{
     udp::UdpHdr,
 };
 
-use crate::{maps::SCRATCH, mem::load};
+use crate::{
+    maps::SCRATCH,
+    mem::{load, this_cpu},
+    packet::{
+        IcmpError, Packet, ETH_LEN, ETH_P_IP, ETH_P_IPV6, FRAG_FIRST, FRAG_LATER, FRAG_NONE,
+        FRAG_OVERLAP, IPPROTO_ICMP, IPPROTO_ICMPV6, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+    },
+};
 
-pub const ETH_LEN: usize = EthHdr::LEN;
-pub const ETH_P_IP: u16 = 0x0800;
-pub const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_ICMPV6: u8 = 58;
 const IPV6_HOPOPTS: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
@@ -46,56 +43,32 @@ const IPV6_SRC_OFF: usize = 8;
 /// ICMP and ICMPv6 error headers are 8 bytes, then the packet that caused the error.
 const ICMP_ERROR_HDR_LEN: usize = 8;
 
-/// Packet.frag: not a fragment (or IPv6's atomic fragment, which is whole).
-pub const FRAG_NONE: u8 = 0;
-/// Offset 0, more to come: it carries the transport header, and is balanced as any
-/// packet is (fragments.rs records its ports for the rest).
-pub const FRAG_FIRST: u8 = 1;
-/// A non-zero offset: no transport header; its ports come from the first's record.
-pub const FRAG_LATER: u8 = 2;
-/// A later fragment whose offset reaches into the transport header (fragments.rs).
-pub const FRAG_OVERLAP: u8 = 3;
+/// What the parser found besides a TCP or UDP packet (the balancer's): for the L2
+/// and ICMP stages, or passed.
+pub enum Other {
+    /// An ICMP or ICMPv6 packet; `parse_icmp_error` looks inside it.
+    Icmp(Packet),
+    /// Anything else, with the reason it is passed for (an ARP frame: PassNotIp).
+    Pass(StatIndex),
+}
 
-/// What the pipeline works on.
-pub enum Parsed {
+impl Other {
+    /// The packet's flow (ICMP's addresses), for the debug log.
+    #[inline(always)]
+    pub fn key(&self) -> Option<&FlowKey> {
+        match self {
+            Other::Icmp(pkt) => Some(&pkt.key),
+            Other::Pass(_) => None,
+        }
+    }
+}
+
+/// The parser's own result, split for the pipeline by `parse`.
+enum Parsed {
     /// TCP or UDP. For a later fragment (FRAG_LATER, FRAG_OVERLAP), `key`'s ports are
     /// zero until fragments::follow fills them in.
     Flow(Packet),
-    /// An ICMP or ICMPv6 packet; `parse_icmp_error` looks inside it.
     Icmp(Packet),
-}
-
-/// An ICMP error and the packet it quotes.
-#[derive(Clone, Copy)]
-pub struct IcmpError {
-    /// Outer addresses; the outer ports are unused.
-    pub outer: Packet,
-    /// Offset of the ICMP header.
-    pub icmp_off: usize,
-    /// Offset of the quoted IP header, and of its transport header.
-    pub inner_ip_off: usize,
-    pub inner_l4_off: usize,
-    /// The quoted packet's 5-tuple as it was sent.
-    pub inner: FlowKey,
-}
-
-/// A TCP or UDP packet we may balance.
-#[derive(Clone, Copy)]
-pub struct Packet {
-    /// The 5-tuple as it is on the wire (source = sender).
-    pub key: FlowKey,
-    /// Offset of the TCP/UDP header.
-    pub l4_off: usize,
-    /// TCP flags byte (0 for UDP).
-    pub tcp_flags: u8,
-    /// TTL or hop limit.
-    pub ttl: u8,
-    /// Length of the IP packet (for the FIB's MTU check).
-    pub ip_len: u16,
-    /// FRAG_*: whether this is a fragment, and which kind. A fragment's datagram key
-    /// (addresses, identification, protocol) is in per-CPU scratch memory, where the
-    /// parser put it (fragments.rs reads it): unfragmented packets carry nothing more.
-    pub frag: u8,
 }
 
 /// An IP packet's network layer, before the transport is examined.
@@ -114,10 +87,22 @@ struct Network {
     ip_len: u16,
 }
 
-/// What the packet is (the `Seen*` counter) and, unless it is to be passed untouched
-/// at once, the parsed packet. The error is the pass reason.
+/// What the packet is (the `Seen*` counter), and a TCP or UDP packet to balance or
+/// what else it is.
 #[inline(always)]
-pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Parsed, StatIndex>) {
+pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Packet, Other>) {
+    let (seen, parsed) = classify(ctx);
+    let parsed = match parsed {
+        Ok(Parsed::Flow(pkt)) => Ok(pkt),
+        Ok(Parsed::Icmp(pkt)) => Err(Other::Icmp(pkt)),
+        Err(reason) => Err(Other::Pass(reason)),
+    };
+    (seen, parsed)
+}
+
+/// The error is the reason the packet is passed untouched.
+#[inline(always)]
+fn classify(ctx: &XdpContext) -> (StatIndex, Result<Parsed, StatIndex>) {
     let Some(eth) = load::<EthHdr>(ctx, 0) else {
         return (StatIndex::SeenNonIp, Err(StatIndex::PassParseError));
     };
@@ -356,12 +341,10 @@ fn later_fragment(net: &Network) -> Result<Parsed, StatIndex> {
 /// pipeline's stack has no room for it, and whole packets need none.
 #[inline(always)]
 fn note_datagram(net: &Network) {
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    let Some(scratch) = this_cpu(&SCRATCH, 0) else {
         return;
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let key = unsafe { &mut (*scratch).frag };
-    *key = FragmentKey {
+    scratch.frag = FragmentKey {
         src: net.src,
         dst: net.dst,
         id: net.frag_id,

@@ -5,13 +5,14 @@
 //!
 //! Raw tracepoints take no tracefs, and their arguments are the TP_PROTO's.
 
-use aya_ebpf::{
-    helpers::bpf_probe_read_kernel, macros::raw_tracepoint, programs::RawTracePointContext,
-};
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use lb_common::{watch_key, StatIndex};
 
-use crate::maps::{NETDEV_LAYOUT, REDIRECT_WATCH};
-use crate::stats;
+use crate::{
+    maps::{NETDEV_LAYOUT, REDIRECT_WATCH},
+    mem::{copied, read_kernel},
+    stats,
+};
 
 /// xdp_devmap_xmit(from_dev, to_dev, int sent, int drops, int err): one bulk send,
 /// `drops` of its frames lost.
@@ -57,16 +58,5 @@ fn watched(dev: u64) -> bool {
     let Some(inum) = read_kernel::<u32>(net + layout.net_inum as u64) else {
         return false;
     };
-    // SAFETY: a read-only lookup whose value is not kept.
-    unsafe { REDIRECT_WATCH.get(watch_key(inum, ifindex)).is_some() }
-}
-
-#[inline(always)]
-fn read_kernel<T>(addr: u64) -> Option<T> {
-    if addr < 4096 {
-        return None;
-    }
-    // SAFETY: bpf_probe_read_kernel copies through the kernel's fault-safe accessor and
-    // returns an error for a bad address; nothing is dereferenced directly.
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+    copied(&REDIRECT_WATCH, &watch_key(inum, ifindex)).is_some()
 }

@@ -16,7 +16,10 @@ use aya_log_ebpf::{
 };
 use lb_common::{FlowKey, StatIndex, FAMILY_V4};
 
-use crate::maps::LOG_SCRATCH;
+use crate::{
+    maps::LOG_SCRATCH,
+    mem::{put_addr, this_cpu},
+};
 
 /// Notes the packet's flow for `packet`; `None` for a packet without one.
 #[inline(always)]
@@ -24,21 +27,21 @@ pub fn note(key: Option<&FlowKey>) {
     if !level_enabled(Level::Debug) {
         return;
     }
-    let Some(flow) = LOG_SCRATCH.get_ptr_mut(0) else {
+    let Some(flow) = this_cpu(&LOG_SCRATCH, 0) else {
         return;
     };
-    // SAFETY: this CPU's scratch slot; nothing else uses it during this run.
-    let flow = unsafe { &mut *flow };
     let Some(k) = key else {
         flow.valid = 0;
         return;
     };
+    // Written into the map byte by byte: a whole array built first would take stack
+    // in every stage that notes a flow.
     if k.family == FAMILY_V4 {
-        flow.src = mapped_v4(k.src[0]);
-        flow.dst = mapped_v4(k.dst[0]);
+        put_addr(&mut flow.src, &mapped_v4(k.src[0]));
+        put_addr(&mut flow.dst, &mapped_v4(k.dst[0]));
     } else {
-        flow.src = wire_bytes(&k.src);
-        flow.dst = wire_bytes(&k.dst);
+        put_addr(&mut flow.src, &k.src);
+        put_addr(&mut flow.dst, &k.dst);
     }
     flow.sport = u16::from_be(k.sport);
     flow.dport = u16::from_be(k.dport);
@@ -80,26 +83,8 @@ fn log_packet(action: u32, reason: u32) {
     );
 }
 
+/// ::ffff:a.b.c.d, as words in network order.
 #[inline(always)]
-fn mapped_v4(a: u32) -> [u8; 16] {
-    let b = a.to_ne_bytes();
-    [
-        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, b[0], b[1], b[2], b[3],
-    ]
-}
-
-/// An IPv6 address as the bytes it has on the wire.
-#[inline(always)]
-fn wire_bytes(a: &[u32; 4]) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    let mut i = 0;
-    while i < 4 {
-        let b = a[i].to_ne_bytes();
-        out[i * 4] = b[0];
-        out[i * 4 + 1] = b[1];
-        out[i * 4 + 2] = b[2];
-        out[i * 4 + 3] = b[3];
-        i += 1;
-    }
-    out
+fn mapped_v4(a: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), a]
 }
