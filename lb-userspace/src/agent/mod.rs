@@ -190,13 +190,6 @@ impl Agent {
             ms = t.elapsed().as_millis() as u64,
             "routes of new backends looked up"
         );
-        let keys: BTreeSet<health::BackendKey> = intent
-            .services
-            .iter()
-            .filter(|s| s.health_check.is_some())
-            .flat_map(|s| s.backends.iter().map(|b| (s.name.clone(), b.address)))
-            .collect();
-        self.health.retain(|k, _| keys.contains(k));
         // The checked services as their sources gave them: resolving takes an unhealthy
         // backend out, and its probe must go on.
         let checked: Vec<model::Service> = intent
@@ -223,6 +216,14 @@ impl Agent {
         };
         debug!(ms = t.elapsed().as_millis() as u64, "maps applied");
         self.desired = Some(desired);
+        // Only once the new state is applied: a rejected one leaves the running
+        // backends' routes followed and their health known.
+        self.nexthops.forget(&targets).await;
+        let keys: BTreeSet<health::BackendKey> = checked
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| (s.name.clone(), b.address)))
+            .collect();
+        self.health.retain(|k, _| keys.contains(k));
         self.checker = Some(health::start(
             &checked,
             &self.health,
@@ -249,7 +250,15 @@ impl Agent {
                 crate::conntrack::sweep(&mut self.dp, &desired.settings.timeouts)?;
                 self.dp.apply(desired)?
             }
-            other => other?,
+            Err(e) => {
+                // What the maps hold is read back at the next apply, without the ids
+                // waiting for a sweep: their flows go now.
+                if let Err(e) = crate::conntrack::sweep(&mut self.dp, &desired.settings.timeouts) {
+                    warn!("conntrack sweep after a failed apply failed: {e:#}");
+                }
+                return Err(e);
+            }
+            Ok(s) => s,
         };
         self.metrics
             .map_update_seconds

@@ -170,6 +170,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         housekeeping: Default::default(),
     };
     let file = agent.with_overrides(file.unwrap_or_default())?;
+    // Adopted maps: backend ids the last agent cleared may still have flows (it kept
+    // them out of use until its next sweep, which this agent cannot know of). One sweep
+    // now, before any id is given out again.
+    if adopting {
+        if let Err(e) = crate::conntrack::sweep(&mut agent.dp, &file.timeouts) {
+            warn!("conntrack sweep of the adopted maps failed: {e:#}");
+        }
+    }
     let services = file.services.len();
     if let Some(summary) = agent.adopt(file, None).await? {
         info!(?summary, services, "config applied");
@@ -257,6 +265,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .and_then(|p| read(p).ok())
         .map(digest);
     let mut last_stat = args.config.as_deref().map(crate::config::fingerprint);
+    let mut settling = false;
     let mut last_problem: Option<String> = None;
     let mut watch = tokio::time::interval(std::time::Duration::from_secs(1));
     let mut housekeeping = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -272,6 +281,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 if let Some(p) = args.config.as_deref() {
                     last_stat = Some(crate::config::fingerprint(p));
                     last_seen = read(p).ok().map(digest);
+                    settling = false;
                 }
                 agent.reload(args.config.as_deref()).await;
                 agent.announce().await;
@@ -296,10 +306,18 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
             _ = watch.tick(), if args.config.is_some() => {
                 let stat = args.config.as_deref().map(crate::config::fingerprint);
-                if stat == last_stat && last_problem.is_none() {
+                if stat != last_stat {
+                    // Read once it has not changed for a tick: a file written in place
+                    // (truncated, then written) must not be applied half-written, and
+                    // an empty or cut file can parse.
+                    last_stat = stat;
+                    settling = true;
                     continue;
                 }
-                last_stat = stat;
+                if !settling && last_problem.is_none() {
+                    continue;
+                }
+                settling = false;
                 match args.config.as_deref().map(read) {
                     None => {}
                     Some(Ok(bytes)) => {

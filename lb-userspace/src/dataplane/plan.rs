@@ -63,11 +63,12 @@ pub struct Applied {
     pub filter: Option<Vec<VipFilterWord>>,
     pub config: Option<DatapathConfig>,
     /// Backend ids cleared since the last conntrack sweep, with the backend each was
-    /// (service id, address). Not given to another backend until a sweep has deleted
+    /// (its service's key, not its id: a service id is given to the next new service at
+    /// once, and that one must not take the old one's flows; and address). Not given to another backend until a sweep has deleted
     /// their flows: a new backend must not inherit an old one's flows, and sweeping at
     /// once made every removal cost a walk of the whole conntrack table. The same
     /// backend back before the sweep gets its id again, flows and counters with it.
-    pub freed: BTreeMap<u32, (u32, std::net::SocketAddr)>,
+    pub freed: BTreeMap<u32, (ServiceKey, std::net::SocketAddr)>,
     /// Each service as last applied, with its backend ids and what its table was built
     /// with: an equal one is skipped. Empty after a restart.
     pub sources: BTreeMap<ServiceKey, Source>,
@@ -266,7 +267,7 @@ pub fn plan(
         let freed_here = after
             .freed
             .iter()
-            .filter(|(_, (sid, _))| *sid == id)
+            .filter(|(_, (k, _))| k == key)
             .map(|(bid, (_, a))| (*a, *bid));
         let known: BTreeMap<std::net::SocketAddr, u32> = match &last {
             Some(src) => src
@@ -279,17 +280,16 @@ pub fn plan(
             None if old.is_none() => freed_here.collect(),
             None => {
                 let index = backend_id_of.get_or_insert_with(|| {
-                    let freed = after.freed.iter().map(|(id, key)| (*key, *id));
                     after
                         .backends
                         .iter()
                         .map(|(id, b)| ((b.service_id, backend_addr(b)), *id))
-                        .chain(freed)
                         .collect()
                 });
                 svc.backends
                     .iter()
                     .filter_map(|b| index.get(&(id, b.address)).map(|bid| (b.address, *bid)))
+                    .chain(freed_here)
                     .collect()
             }
         };
@@ -427,6 +427,8 @@ pub fn plan(
         );
     }
     // Removals come last: nothing points at them any more.
+    let key_of: BTreeMap<u32, ServiceKey> =
+        after.services.iter().map(|(k, v)| (v.id, *k)).collect();
     let wanted_keys: BTreeSet<&ServiceKey> = keys.iter().collect();
     let removed: Vec<(ServiceKey, ServiceValue)> = after
         .services
@@ -452,7 +454,9 @@ pub fn plan(
     for id in &cleared {
         emit(Write::ClearBackend(*id))?;
         if let Some(b) = after.backends.remove(id) {
-            after.freed.insert(*id, (b.service_id, backend_addr(&b)));
+            // A backend of no known service waits all the same, matched by no service.
+            let k = key_of.get(&b.service_id).copied().unwrap_or_default();
+            after.freed.insert(*id, (k, backend_addr(&b)));
         }
         if after.tunnels_zeroed && after.tunnels.get(id).is_some_and(|t| *t != [0; 4]) {
             emit(Write::Tunnel(*id, [0; 4]))?;

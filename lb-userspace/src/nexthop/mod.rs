@@ -96,30 +96,27 @@ impl NextHops {
         }
     }
 
-    /// Follows the set of backends: looks up the routes of the ones not known yet,
-    /// forgets the ones gone, and keeps every next hop a managed neighbour entry. A
-    /// reload that adds one backend looks up one route. Returns whether any path
-    /// changed (then the maps need the new source addresses). Errors about single
-    /// backends are logged, never fatal: such a backend gets no SNAT address and its
-    /// new flows are counted as drop_no_snat_address.
+    /// Looks up the routes of the backends of `wanted` not known yet, and makes their
+    /// next hops managed neighbour entries: a reload that adds one backend looks up one
+    /// route. The ones no longer wanted are kept until `forget` (after the new state
+    /// applied: a rejected reload leaves the running backends followed). Returns
+    /// whether any path changed. Errors about single backends are logged, never fatal:
+    /// such a backend gets no SNAT address and its new flows are counted as
+    /// drop_no_snat_address.
     ///
     /// Then waits up to `wait` for the new next hops to resolve: a backend's first
     /// packet then finds its link-layer address (IPv6 neighbours on links that just
     /// came up take a second or two).
     pub async fn track(&mut self, wanted: &BTreeSet<IpAddr>, wait: std::time::Duration) -> bool {
-        let before = self.paths.len() + self.unroutable.len();
-        self.paths.retain(|a, _| wanted.contains(a));
-        self.unroutable.retain(|a| wanted.contains(a));
-        let gone = before != self.paths.len() + self.unroutable.len();
         let new: Vec<IpAddr> = wanted
             .iter()
             .filter(|a| !self.paths.contains_key(a) && !self.unroutable.contains(a))
             .copied()
             .collect();
         let hops_before = self.hops();
-        let changed = self.look_up(new).await || gone;
+        let changed = self.look_up(new).await;
         let hops = self.hops();
-        if hops != hops_before || changed {
+        if hops != hops_before {
             if let Err(e) = self.sync_neighbours(&hops).await {
                 warn!("keeping the backends' next hops resolved failed: {e:#}");
             }
@@ -129,6 +126,20 @@ impl NextHops {
             self.wait_resolved(&new_hops, wait).await;
         }
         changed
+    }
+
+    /// Stops following the backends not in `wanted` (the state without them applied),
+    /// and deletes the managed neighbour entries no backend needs any more.
+    pub async fn forget(&mut self, wanted: &BTreeSet<IpAddr>) {
+        let hops_before = self.hops();
+        self.paths.retain(|a, _| wanted.contains(a));
+        self.unroutable.retain(|a| wanted.contains(a));
+        let hops = self.hops();
+        if hops != hops_before {
+            if let Err(e) = self.sync_neighbours(&hops).await {
+                warn!("keeping the backends' next hops resolved failed: {e:#}");
+            }
+        }
     }
 
     /// Looks up again the paths an event may have changed. Returns whether any did.

@@ -422,3 +422,23 @@ fn a_backend_back_before_the_sweep_gets_its_id_again() {
         .iter()
         .any(|w| matches!(w, Write::Backend(1, b) if backend_addr(b) == gone.address)));
 }
+
+/// A removed service's id goes to the next new service at once; the backend ids it
+/// freed do not, even for the same address: they wait for a sweep.
+#[test]
+fn a_reused_service_id_does_not_take_the_old_services_backend_ids() {
+    let first = plan_of(
+        &Applied::default(),
+        &desired(vec![service(1, 2), service(2, 1)]),
+    )
+    .unwrap();
+    let gone = plan_of(&first.applied, &desired(vec![service(1, 2)])).unwrap();
+    let freed: Vec<u32> = gone.applied.freed.keys().copied().collect();
+    assert_eq!(freed.len(), 1);
+    // Another service (another VIP) with the removed one's backend.
+    let mut other = service(3, 0);
+    other.backends = service(2, 1).backends;
+    let p = plan_of(&gone.applied, &desired(vec![service(1, 2), other])).unwrap();
+    let ids: Vec<u32> = p.applied.backends.keys().copied().collect();
+    assert!(!ids.contains(&freed[0]), "{ids:?} took the freed {freed:?}");
+}
