@@ -6,10 +6,12 @@
 //! the hot path, and userspace converts at the edge.
 #![no_std]
 
+pub mod flows;
 pub mod hash;
 pub mod maps;
 pub mod stats;
 
+pub use flows::*;
 pub use hash::flow_hash;
 pub use maps::*;
 pub use stats::*;

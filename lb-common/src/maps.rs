@@ -122,7 +122,9 @@ pub const MAGLEV_MAX_CHUNKS: u32 = MAGLEV_MAX_TABLE_SIZE.div_ceil(MAGLEV_CHUNK_S
 pub const fn maglev_chunks(table_size: u32) -> u32 {
     table_size.div_ceil(MAGLEV_CHUNK_SLOTS as u32)
 }
-pub const CONNTRACK_MAX: u32 = 262_144;
+/// Flows each of XLB_CONNTRACK and XLB_REVERSE_NAT holds by default
+/// (`--conntrack-max`): 144 MiB each (flows.rs: 576-byte buckets of four).
+pub const CONNTRACK_MAX: u32 = 1_048_576;
 
 /// XLB_FRAGMENTS: the datagrams whose first fragment was balanced, so that their later
 /// fragments (which carry no ports) follow it. An LRU map of its own: a flood of
@@ -218,6 +220,9 @@ pub const SVC_F_CLIENT_AFFINITY: u8 = 1;
 /// Only clients inside the service's ranges in XLB_SOURCE_RANGES may reach it
 /// (`allow:`, `loadBalancerSourceRanges`). Unset: everyone, and no lookup is made.
 pub const SVC_F_SOURCE_RANGES: u8 = 2;
+/// `conntrack: false` (dsr and dnat only): new flows write no conntrack entry and
+/// every packet is balanced by Maglev alone (dnat still writes its replies' entry).
+pub const SVC_F_STATELESS: u8 = 4;
 
 /// SERVICES value.
 #[repr(C)]
@@ -384,7 +389,10 @@ pub struct ReverseNat {
     pub vip_port: u16,
     pub service_id: u32,
     pub backend_id: u32,
-    pub _pad: u32,
+    /// The flow's CT_F_* state as this side has seen it: what the table's eviction
+    /// ranks a reply entry by.
+    pub flags: u8,
+    pub _pad: [u8; 3],
     pub last_seen_ns: u64,
     /// Where this flow's replies go next (to the client).
     pub hop: NextHop,
@@ -432,6 +440,10 @@ pub struct DatapathConfig {
     /// Non-zero once XLB_VIP_FILTER holds the bit of every service in XLB_SERVICES;
     /// until then every packet goes to the service lookup.
     pub vip_filter: u32,
+    /// Buckets of XLB_CONNTRACK and XLB_REVERSE_NAT (powers of two; flows.rs), as the
+    /// agent created or adopted them.
+    pub conntrack_buckets: u32,
+    pub reverse_buckets: u32,
 }
 
 #[cfg(feature = "user")]

@@ -121,6 +121,16 @@ pub enum StatIndex {
     /// A later fragment found its datagram's record and followed the first fragment's
     /// flow (its reason says where it went).
     EventFragmentFollowed,
+    /// A new flow's entry could not be written: another CPU held its bucket for as
+    /// long as the datapath waits. The packet went on by Maglev alone (nat: dropped,
+    /// as its reply could not be found).
+    EventFlowTableBusy,
+    /// A new flow's entry took the way of a live flow that was closing or had not
+    /// completed its handshake (its bucket was full).
+    EventFlowEvicted,
+    /// A new flow's entry took the way of an established flow: its bucket was full of
+    /// established flows.
+    EventEstablishedEvicted,
     /// Keep last: the number of counters.
     Count,
 }
@@ -173,6 +183,9 @@ impl StatIndex {
         StatIndex::EventFloodStateless,
         StatIndex::EventFragmentRecorded,
         StatIndex::EventFragmentFollowed,
+        StatIndex::EventFlowTableBusy,
+        StatIndex::EventFlowEvicted,
+        StatIndex::EventEstablishedEvicted,
     ];
 
     /// Parser classification: every packet counts one of these.
@@ -237,6 +250,9 @@ impl StatIndex {
             StatIndex::EventFloodStateless => "event_flood_stateless",
             StatIndex::EventFragmentRecorded => "event_fragment_recorded",
             StatIndex::EventFragmentFollowed => "event_fragment_followed",
+            StatIndex::EventFlowTableBusy => "event_flow_table_busy",
+            StatIndex::EventFlowEvicted => "event_flow_evicted",
+            StatIndex::EventEstablishedEvicted => "event_established_evicted",
             StatIndex::Count => "count",
         }
     }

@@ -84,7 +84,8 @@ pub fn reply_entry(rev: &mut ReverseNat, key: &FlowKey, ids: (u32, u32), now: u6
         vip_port: key.dport,
         service_id,
         backend_id,
-        _pad: 0,
+        flags: 0,
+        _pad: [0; 3],
         last_seen_ns: now,
         hop: rev.hop,
     };

@@ -81,6 +81,9 @@ pub fn datapath_config(desired: &Desired) -> DatapathConfig {
                 .any(|b| backend_mode_flags(s.mode, b.local) & DNAT_FLAGS != 0)
         }) as u32,
         vip_filter: 1,
+        // The flow tables' geometry is the dataplane's (Dataplane::with_geometry).
+        conntrack_buckets: 0,
+        reverse_buckets: 0,
     }
 }
 
