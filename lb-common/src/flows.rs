@@ -73,6 +73,12 @@ pub const fn next_word(word: u64, tag: u32) -> u64 {
     ((tag as u64) << 32) | ((word + 1) & WAY_VERSION_MASK)
 }
 
+/// The word of a way emptied from `word` (an even one): tag 0, the version two on.
+#[inline(always)]
+pub const fn freed_word(word: u64) -> u64 {
+    (word + 2) & WAY_VERSION_MASK
+}
+
 /// Buckets for a table of `entries` flows: a power of two, at least one.
 pub const fn buckets_for(entries: u32) -> u32 {
     let b = entries.div_ceil(FLOW_WAYS as u32);
@@ -133,6 +139,10 @@ mod tests {
         let w = next_word(w, 7);
         assert!(!word_busy(w));
         assert_eq!(next_word(0xffff_ffff, 3), 3 << 32);
+        let freed = freed_word(w);
+        assert_eq!(word_tag(freed), 0);
+        assert!(!word_busy(freed));
+        assert_ne!(freed, w & WAY_VERSION_MASK);
         assert_eq!(buckets_for(16), 4);
         assert_eq!(buckets_for(1_048_576), 262_144);
         assert_eq!(buckets_for(1_000_000), 262_144);

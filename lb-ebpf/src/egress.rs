@@ -18,7 +18,9 @@ use aya_ebpf::{
 use lb_common::{Addr, FlowKey, StatIndex, FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    conntrack, lookup, mem,
+    conntrack, lookup,
+    maps::CONFIG,
+    mem,
     packet::{ETH_LEN, ETH_P_IP, ETH_P_IPV6, TCP_FIN, TCP_RST},
     stats,
 };
@@ -98,7 +100,8 @@ pub fn reply(ctx: &TcContext) -> i32 {
 fn translate(ctx: &TcContext) -> Option<()> {
     let r = parse(ctx)?;
     let k = &r.key;
-    let rev = lookup::reverse(k)?;
+    let cfg = CONFIG.get(0)?;
+    let rev = lookup::reverse(k, cfg)?;
     // Only dnat's entries (the reply goes to the client itself); a nat entry's reply
     // goes to this host's SNAT address and never leaves it.
     if rev.client != k.dst || rev.client_port != k.dport {
@@ -139,7 +142,7 @@ fn translate(ctx: &TcContext) -> Option<()> {
             dport: rev.vip_port,
             ..*k
         };
-        conntrack::mark(&forward_key, r.tcp_flags);
+        conntrack::mark(&forward_key, r.tcp_flags, cfg);
     }
     let len = ctx.len() as u64;
     stats::count_flow(rev.service_id, rev.backend_id, len, false);

@@ -8,7 +8,7 @@
 //! 512-byte stack beside the rest of the pipeline.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Addr, FlowKey, StatIndex, BACKEND_F_SVC_SOURCE_RANGES};
+use lb_common::{flow_hash, Addr, FlowKey, StatIndex, BACKEND_F_SVC_SOURCE_RANGES};
 
 use crate::{
     allow, conntrack, forward, lookup,
@@ -43,7 +43,10 @@ pub fn error(ctx: &XdpContext, outer: &Packet) -> Verdict {
     };
     let e = &scratch.err;
     let now = mem::now();
-    if let Some(rev) = lookup::reverse(&scratch.reply_key) {
+    let Some(cfg) = CONFIG.get(0) else {
+        return (xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated);
+    };
+    if let Some(rev) = lookup::reverse(&scratch.reply_key, cfg) {
         // About a flow of a client the service no longer admits: refused, as the
         // flow's own packets are.
         let restricted = BACKENDS
@@ -62,22 +65,21 @@ pub fn error(ctx: &XdpContext, outer: &Packet) -> Verdict {
         };
         return translate(ctx, e, (&rev.vip, &rev.client), &inner, now, false);
     }
-    if let Some(cfg) = CONFIG.get(0) {
-        if let Some((ct, backend)) = conntrack::lookup(&scratch.reply_key, 0, now, cfg) {
-            let restricted = backend.flags & BACKEND_F_SVC_SOURCE_RANGES != 0;
-            let (family, client) = (scratch.reply_key.family, &scratch.reply_key.src);
-            if let Err(verdict) = allow::check(restricted, backend.service_id, family, client) {
-                return verdict;
-            }
-            // To the backend, about its own backend → SNAT packet.
-            let inner = Rewrite {
-                src: backend.addr,
-                dst: ct.nat_addr,
-                sport: backend.port,
-                dport: ct.nat_port,
-            };
-            return translate(ctx, e, (&ct.nat_addr, &backend.addr), &inner, now, true);
+    let hash = flow_hash(&scratch.reply_key, false);
+    if let Some((ct, backend)) = conntrack::lookup(&scratch.reply_key, hash, 0, now, cfg) {
+        let restricted = backend.flags & BACKEND_F_SVC_SOURCE_RANGES != 0;
+        let (family, client) = (scratch.reply_key.family, &scratch.reply_key.src);
+        if let Err(verdict) = allow::check(restricted, backend.service_id, family, client) {
+            return verdict;
         }
+        // To the backend, about its own backend → SNAT packet.
+        let inner = Rewrite {
+            src: backend.addr,
+            dst: ct.nat_addr,
+            sport: backend.port,
+            dport: ct.nat_port,
+        };
+        return translate(ctx, e, (&ct.nat_addr, &backend.addr), &inner, now, true);
     }
     (xdp_action::XDP_PASS, StatIndex::PassIcmpNotRelated)
 }

@@ -3,13 +3,15 @@
 
 use aya_ebpf::bindings::xdp_action;
 use lb_common::{
+    flow_hash,
     hash::{vip_filter_bit, vip_filter_slot},
     DatapathConfig, FlowKey, ReverseNat, ServiceKey, ServiceValue, StatIndex, SVC_KEY_ENCAPSULATED,
 };
 
 use crate::{
-    maps::{REVERSE_NAT, SERVICES, VIP_FILTER},
-    mem::{copied, entry},
+    flows,
+    maps::{SERVICES, VIP_FILTER},
+    mem::copied,
     packet::Verdict,
 };
 
@@ -60,6 +62,7 @@ pub fn may_be_reply(key: &FlowKey, cfg: &DatapathConfig) -> bool {
 
 /// The NAT entry whose reply 5-tuple is exactly this packet's.
 #[inline(always)]
-pub fn reverse<'run>(key: &FlowKey) -> Option<&'run mut ReverseNat> {
-    entry(&REVERSE_NAT, key)
+pub fn reverse<'run>(key: &FlowKey, cfg: &DatapathConfig) -> Option<&'run mut ReverseNat> {
+    let hash = flow_hash(key, false);
+    flows::find(key, hash, cfg)
 }

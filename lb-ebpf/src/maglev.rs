@@ -11,12 +11,18 @@ use crate::{
     mem::entry,
 };
 
+/// `hash`: the flow's hash (flow_hash(key, false)), computed once per packet.
 #[inline(always)]
-pub fn pick(svc: &ServiceValue, key: &FlowKey) -> Option<(u32, &'static Backend)> {
+pub fn pick(svc: &ServiceValue, key: &FlowKey, hash: u32) -> Option<(u32, &'static Backend)> {
     if svc.table_size == 0 {
         return None;
     }
-    let slot = flow_hash(key, svc.flags & SVC_F_CLIENT_AFFINITY != 0) % svc.table_size;
+    let hash = if svc.flags & SVC_F_CLIENT_AFFINITY != 0 {
+        flow_hash(key, true)
+    } else {
+        hash
+    };
+    let slot = hash % svc.table_size;
     let chunk_key = MaglevKey {
         service_id: svc.id,
         chunk: (slot / MAGLEV_CHUNK_SLOTS as u32) as u16,

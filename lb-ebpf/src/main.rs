@@ -8,10 +8,14 @@
 // the code is still type-checked and linted; the real build is for target_arch = "bpf".
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The flow table's compare-and-swap (mem::cas): core's atomics have none on BPF.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 // Below the stages: what they share, and every `unsafe` (mem.rs).
 mod csum;
 mod encap;
+mod flows;
 mod maps;
 mod mem;
 mod packet;
@@ -43,8 +47,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use lb_common::{
-    Backend, ConnValue, DatapathConfig, NextHop, ReverseNat, ServiceValue, StatIndex,
-    BACKEND_F_SVC_SOURCE_RANGES, MODE_DSR, SVC_F_SOURCE_RANGES,
+    flow_hash, Backend, ConnValue, DatapathConfig, NextHop, ReverseNat, ServiceValue, StatIndex,
+    BACKEND_F_SVC_SOURCE_RANGES, MODE_DSR, MODE_NAT, SVC_F_SOURCE_RANGES, SVC_F_STATELESS,
 };
 
 use crate::{
@@ -60,7 +64,18 @@ const TTL_EXCEEDED: Verdict = (xdp_action::XDP_PASS, StatIndex::PassTtlExceeded)
 // leave no room for under the 512-byte limit on a chain of calls.
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
-    let out = pipeline(ctx.ctx);
+    let mut out = pipeline(ctx.ctx);
+    // What is not TCP or UDP, and a new flow, go on in calls of their own, side by
+    // side for the same reason: the frames of a chain of calls share 512 bytes, and
+    // the pipeline's takes most.
+    if out == OTHER {
+        out = other_stages(ctx.ctx);
+    } else if out == NEW_FLOW {
+        out = balance_new_flow();
+        if out == NEW_FLOW {
+            out = send_new_flow(ctx.ctx);
+        }
+    }
     let (action, reason) = (out as u32, (out >> 32) as u32);
     trace::packet_raw(action, reason);
     action
@@ -76,10 +91,44 @@ fn pipeline(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let len = (ctx.data_end() - ctx.data()) as u64;
     let (seen, parsed) = parse::parse(ctx);
     stats::count(seen, len);
-    let (action, reason) = stages(ctx, parsed, len, decapsulated);
+    let verdict = stages(ctx, parsed, len, decapsulated);
+    match verdict.0 {
+        NEW_FLOW_ACTION => NEW_FLOW,
+        OTHER_ACTION => OTHER,
+        _ => finish(verdict, len),
+    }
+}
+
+/// What is not TCP or UDP (pipeline's OTHER), as the parser left it in scratch
+/// memory: the pipeline's frame has no room for these stages' stack.
+#[inline(never)]
+fn other_stages(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
+    let ctx = &XdpContext { ctx: raw };
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    let Some(scratch) = mem::this_cpu(&maps::SCRATCH, 0) else {
+        return finish((xdp_action::XDP_PASS, StatIndex::PassParseError), len);
+    };
+    let other = match scratch.other.pass {
+        Some(reason) => Other::Pass(reason),
+        None => Other::Icmp(scratch.other.pkt),
+    };
+    finish(not_balanced(ctx, &other), len)
+}
+
+/// Counts the packet's reason; the verdict as a subprogram returns it.
+#[inline(always)]
+fn finish((action, reason): Verdict, len: u64) -> u64 {
     stats::count(reason, len);
     action as u64 | (reason as u64) << 32
 }
+
+/// What the pipeline returns for a new flow it left in scratch memory (maps::NewFlow)
+/// to balance: no XDP action is this.
+const NEW_FLOW_ACTION: u32 = u32::MAX;
+const NEW_FLOW: u64 = u64::MAX;
+/// What the pipeline returns for a packet that is not TCP or UDP (other_stages).
+const OTHER_ACTION: u32 = u32::MAX - 1;
+const OTHER: u64 = (u32::MAX - 1) as u64;
 
 /// What follows the parser. `decapsulated`: the packet came out of a tunnel to this
 /// host (decap.rs), and is for this host's `encapsulated` services or the kernel.
@@ -93,7 +142,19 @@ fn stages(
     let mut pkt = match parsed {
         Ok(pkt) => pkt,
         Err(_) if decapsulated => return decap::NOT_FOR_US,
-        Err(other) => return not_balanced(ctx, &other),
+        Err(other) => {
+            if let Some(scratch) = mem::this_cpu(&maps::SCRATCH, 0) {
+                scratch.other = match other {
+                    Other::Icmp(pkt) => maps::OtherPacket { pkt, pass: None },
+                    Other::Pass(reason) => maps::OtherPacket {
+                        pkt: scratch.other.pkt,
+                        pass: Some(reason),
+                    },
+                };
+                return (OTHER_ACTION, StatIndex::PassNotIp);
+            }
+            return (xdp_action::XDP_PASS, StatIndex::PassParseError);
+        }
     };
     // A later fragment takes its first's ports first (one Packet for both kinds: the
     // stack has no room for a second).
@@ -162,15 +223,15 @@ fn balance(ctx: &XdpContext, pkt: &Packet, len: u64, decapsulated: bool) -> Verd
         return decap::NOT_FOR_US;
     }
     if lookup::may_be_reply(&pkt.key, cfg) {
-        if let Some(rev) = lookup::reverse(&pkt.key) {
-            return reverse_path(ctx, pkt, rev, len);
+        if let Some(rev) = lookup::reverse(&pkt.key, cfg) {
+            return reverse_path(ctx, pkt, rev, cfg, len);
         }
     }
     lookup::NOT_A_VIP
 }
 
-/// Client → VIP: keep the flow's backend, or pick one for a new flow; then send.
-/// None: the packet is for no service. The flow's conntrack entry is looked up before
+/// Client → VIP: keep the flow's backend and send, or leave a new flow to the entry's
+/// next calls (NEW_FLOW_ACTION). None: the packet is for no service. The flow's conntrack entry is looked up before
 /// the service: an established flow's backend carries its service's id and mode, so
 /// its packets need one hashed lookup, not two. `svc`: the service, when the caller
 /// has had to look it up already (decapsulated packets).
@@ -184,16 +245,18 @@ fn forward_path(
 ) -> Option<Verdict> {
     let key = &pkt.key;
     let now = mem::now();
-    let (ct, backend, service_id, new) = match conntrack::lookup(key, pkt.tcp_flags, now, cfg) {
+    // The flow's hash: its conntrack bucket, and its Maglev slot if it is new.
+    let hash = flow_hash(key, false);
+    let (ct, backend) = match conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg) {
         Some((ct, backend)) => {
             // The ranges may have changed since the flow began: it is cut.
             let restricted = backend.flags & BACKEND_F_SVC_SOURCE_RANGES != 0;
             if let Err(verdict) = allow::check(restricted, backend.service_id, key.family, &key.src)
             {
-                conntrack::cut(key, ct, backend);
+                conntrack::cut(key, hash, ct, backend, cfg);
                 return Some(verdict);
             }
-            (ct, backend, backend.service_id, false)
+            (ct, backend)
         }
         None => {
             let svc = match svc {
@@ -204,10 +267,16 @@ fn forward_path(
             if let Err(verdict) = allow::check(restricted, svc.id, key.family, &key.src) {
                 return Some(verdict);
             }
-            match new_flow(pkt, &svc, cfg, len, now) {
-                Ok((ct, backend)) => (ct, backend, svc.id, true),
-                Err(verdict) => return Some(verdict),
-            }
+            // Balanced and sent from the entry (see there), from scratch memory.
+            let scratch = mem::this_cpu(&maps::SCRATCH, 0)?;
+            scratch.new = maps::NewFlow {
+                pkt: *pkt,
+                svc,
+                hash,
+                len,
+                now,
+            };
+            return Some((NEW_FLOW_ACTION, StatIndex::FwdForward));
         }
     };
     fragments::record(pkt, now);
@@ -218,50 +287,80 @@ fn forward_path(
     Some(send_to_backend(
         ctx,
         pkt,
-        (ct, new),
+        (ct, false),
         backend,
-        service_id,
+        backend.service_id,
         (len, now),
     ))
 }
 
 /// A new flow: its backend by Maglev, its source (and nat's SNAT port), and its
-/// entries (unless the flood guard is on). The returned entry is the scratch copy of
-/// what went into the map.
+/// entries (unless the flood guard is on or the service is stateless), from what the
+/// pipeline left in scratch memory; NEW_FLOW when it is to be sent. Its own BPF
+/// function, called from the entry: see there.
+#[inline(never)]
+fn balance_new_flow() -> u64 {
+    let (Some(scratch), Some(cfg)) = (mem::this_cpu(&maps::SCRATCH, 0), maps::CONFIG.get(0)) else {
+        return NEW_FLOW;
+    };
+    let maps::Scratch { new, rev, ct, .. } = scratch;
+    match decide_new_flow(new, cfg, (rev, ct)) {
+        Ok(()) => NEW_FLOW,
+        Err(verdict) => finish(verdict, new.len),
+    }
+}
+
 #[inline(always)]
-fn new_flow<'run>(
-    pkt: &Packet,
-    svc: &ServiceValue,
+fn decide_new_flow(
+    new: &maps::NewFlow,
     cfg: &DatapathConfig,
-    len: u64,
-    now: u64,
-) -> Result<(&'run mut ConnValue, &'static Backend), Verdict> {
+    (rev, ct): (&mut ReverseNat, &mut ConnValue),
+) -> Result<(), Verdict> {
+    let (pkt, hash, svc, now) = (&new.pkt, new.hash, &new.svc, new.now);
     // No entry for a packet that will not be forwarded (see forward_path).
     if pkt.ttl <= 1 {
         return Err(TTL_EXCEEDED);
     }
     let key = &pkt.key;
-    let Some((backend_id, backend)) = maglev::pick(svc, key) else {
+    let Some((backend_id, backend)) = maglev::pick(svc, key, hash) else {
         return Err((xdp_action::XDP_DROP, StatIndex::DropNoBackend));
     };
     let mode = backend.mode();
     let snat = nat::source(backend, mode)?;
-    let flooded = flood::check(now, cfg, mode)?;
-    // Never missing: a per-CPU array of one.
+    // A stateless service (dsr, dnat) has no flows to protect: every packet is new,
+    // and the flood guard does not count them. nat cannot be (its replies need the
+    // entry); the agent never sets the flag on it.
+    let stateless = svc.flags & SVC_F_STATELESS != 0 && mode != MODE_NAT;
+    let flooded = !stateless && flood::check(now, cfg, mode)?;
+    nat::reply_entry(rev, key, (svc.id, backend_id), now);
+    let source = nat::claim(key, (backend, mode), snat, cfg, rev)?;
+    let keep = conntrack::Keep { flooded, stateless };
+    conntrack::create(ct, (pkt, hash), backend_id, source, (now, keep, cfg), new.len);
+    Ok(())
+}
+
+/// A balanced new flow's first packet, sent as forward_path sends an established
+/// flow's. Its own BPF function, called from the entry: see there.
+#[inline(never)]
+fn send_new_flow(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
+    let ctx = &XdpContext { ctx: raw };
     let Some(scratch) = mem::this_cpu(&maps::SCRATCH, 0) else {
-        return Err((xdp_action::XDP_DROP, StatIndex::DropPortAlloc));
+        return NEW_FLOW;
     };
-    nat::reply_entry(&mut scratch.rev, key, (svc.id, backend_id), now);
-    let source = nat::claim(key, (backend, mode), snat, cfg, &scratch.rev)?;
-    let ct = conntrack::create(
-        &mut scratch.ct,
-        pkt,
-        backend_id,
-        source,
-        (now, flooded),
-        len,
+    let maps::Scratch { new, ct, .. } = scratch;
+    let Some(backend) = maps::BACKENDS.get(ct.backend_id) else {
+        return finish((xdp_action::XDP_DROP, StatIndex::DropNoBackend), new.len);
+    };
+    fragments::record(&new.pkt, new.now);
+    let verdict = send_to_backend(
+        ctx,
+        &new.pkt,
+        (ct, true),
+        backend,
+        new.svc.id,
+        (new.len, new.now),
     );
-    Ok((ct, backend))
+    finish(verdict, new.len)
 }
 
 /// DNAT + SNAT (nat, dnat) or encapsulation (dsr), then the route to the backend.
@@ -297,7 +396,13 @@ fn send_to_backend(
 
 /// Backend → SNAT address (or → client, dnat): translate back to VIP → client and send.
 #[inline(always)]
-fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: &mut ReverseNat, len: u64) -> Verdict {
+fn reverse_path(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    rev: &mut ReverseNat,
+    cfg: &DatapathConfig,
+    len: u64,
+) -> Verdict {
     if pkt.ttl <= 1 {
         return TTL_EXCEEDED;
     }
@@ -305,7 +410,7 @@ fn reverse_path(ctx: &XdpContext, pkt: &Packet, rev: &mut ReverseNat, len: u64) 
     rev.last_seen_ns = now;
     fragments::record(pkt, now);
     let to = Rewrite::to_client(rev);
-    conntrack::mark_reply(pkt, rev);
+    conntrack::mark_reply(pkt, rev, cfg);
     let ids = (rev.service_id, rev.backend_id);
     let flow_hop = Some(&mut rev.hop);
     translate_and_send(

@@ -4,16 +4,16 @@
 //! Below every stage: this file imports only packet.rs, and the value types the
 //! program alone uses (scratch memory, the flood guard's window) are declared here.
 
-use crate::packet::IcmpError;
+use crate::packet::{IcmpError, Packet};
 use aya_ebpf::{
-    bindings::bpf_fib_lookup,
+    bindings::{bpf_fib_lookup, BPF_F_MMAPABLE},
     macros::map,
     maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{Addr, Announced, L2Key, L2Value, NetdevLayout, VipKey};
 use lb_common::{
-    Backend, ConnValue, Counter, DatapathConfig, FlowKey, FragmentKey, FragmentValue, MaglevChunk,
-    MaglevKey, NextHop, ReverseNat, ServiceKey, ServiceName, ServiceValue, SourceRangeKey,
+    buckets_for, Backend, ConnValue, ConntrackBucket, Counter, DatapathConfig, FlowKey, FragmentKey, FragmentValue, MaglevChunk,
+    MaglevKey, NextHop, ReverseBucket, ReverseNat, ServiceKey, ServiceName, ServiceValue, SourceRangeKey,
     TrafficStats, VipFilterWord, CONNTRACK_MAX, FRAGMENTS_MAX, MAGLEV_MAX_CHUNKS, MAX_BACKENDS,
     MAX_SERVICES, SOURCE_RANGES_MAX, STAT_COUNT, VIPS_MAX, VIP_FILTER_WORDS,
 };
@@ -31,11 +31,15 @@ pub static BACKENDS: Array<Backend> = Array::pinned(MAX_BACKENDS, 0);
 pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
     HashMap::pinned(MAX_SERVICES * 2 * MAGLEV_MAX_CHUNKS, 1);
 
+/// The flow tables (flows.rs): buckets, sized by the agent from --conntrack-max and
+/// mapped by it (BPF_F_MMAPABLE) to sweep and count without a syscall per entry.
 #[map(name = "XLB_CONNTRACK")]
-pub static CONNTRACK: LruHashMap<FlowKey, ConnValue> = LruHashMap::pinned(CONNTRACK_MAX, 0);
+pub static CONNTRACK: Array<ConntrackBucket> =
+    Array::pinned(buckets_for(CONNTRACK_MAX), BPF_F_MMAPABLE as u32);
 
 #[map(name = "XLB_REVERSE_NAT")]
-pub static REVERSE_NAT: LruHashMap<FlowKey, ReverseNat> = LruHashMap::pinned(CONNTRACK_MAX, 0);
+pub static REVERSE_NAT: Array<ReverseBucket> =
+    Array::pinned(buckets_for(CONNTRACK_MAX), BPF_F_MMAPABLE as u32);
 
 /// See lb_common::MAP_FRAGMENTS. Sized from --fragments-max at load.
 #[map(name = "XLB_FRAGMENTS")]
@@ -100,6 +104,25 @@ pub struct IcmpScratch {
     pub reply_key: FlowKey,
 }
 
+/// A packet that is not TCP or UDP, from the parser to the stages for it (main.rs).
+pub struct OtherPacket {
+    /// An ICMP packet's header fields (when `pass` is None).
+    pub pkt: Packet,
+    /// Not ICMP: passed for this reason, unless the L2 stage answers it.
+    pub pass: Option<lb_common::StatIndex>,
+}
+
+pub struct NewFlow {
+    pub pkt: Packet,
+    pub svc: ServiceValue,
+    /// The flow's hash (flow_hash(key, false)).
+    pub hash: u32,
+    /// The frame's length.
+    pub len: u64,
+    /// The packet's clock reading.
+    pub now: u64,
+}
+
 /// Per-CPU scratch for what does not fit the 512-byte stack beside the rest of the
 /// pipeline: a new flow's entries, built before they are inserted, and the FIB query
 /// (not pinned: nothing in it outlives a packet).
@@ -107,6 +130,11 @@ pub struct IcmpScratch {
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 pub struct Scratch {
+    /// A new flow, from the pipeline that found it to the calls that balance and send
+    /// it (main.rs).
+    pub new: NewFlow,
+    /// What is not TCP or UDP, from the parser to its stages (main.rs).
+    pub other: OtherPacket,
     pub rev: ReverseNat,
     pub ct: ConnValue,
     pub fib: bpf_fib_lookup,

@@ -9,7 +9,7 @@ use aya_ebpf::{
         bpf_csum_diff, bpf_fib_lookup as fib_lookup, bpf_ktime_get_coarse_ns,
         bpf_probe_read_kernel, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
     },
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::XdpContext,
 };
 use lb_common::{Addr, FAMILY_V4};
@@ -168,6 +168,62 @@ pub fn entry<'run, K, V>(map: &impl HashLookup<K, V>, key: &K) -> Option<&'run m
 pub fn copied<K, V: Copy>(map: &impl HashLookup<K, V>, key: &K) -> Option<V> {
     // SAFETY: as `entry`'s; the value is copied before anything else runs.
     map.lookup(key).map(|p| unsafe { *p })
+}
+
+/// Slot `index` of an array map, in place: the flow tables' buckets, which every CPU
+/// reads and writes (flows.rs says how they agree).
+#[inline(always)]
+pub fn shared_slot<'run, T>(map: &Array<T>, index: u32) -> Option<&'run mut T> {
+    // SAFETY: an array's slots live as long as the map, which outlives the program
+    // run. Other CPUs write the same slot: the flow table reads its words only through
+    // `read_once` and validates what it matched (flows.rs), and writes them only
+    // through `copy_once` and `cas`.
+    map.get_ptr_mut(index).map(|p| unsafe { &mut *p })
+}
+
+/// `v` read from memory now, not from a copy the compiler kept: another CPU may have
+/// written it. Volatile accesses keep their order among themselves.
+#[inline(always)]
+pub fn read_once<T: Copy>(v: &T) -> T {
+    // SAFETY: a valid reference, read whole.
+    unsafe { core::ptr::read_volatile(v) }
+}
+
+/// Copies `src` into `dst` word by word, each word written now and in order (as
+/// volatile), without a copy of the whole on the stack. `T` is a whole number of
+/// 8-byte words (the flow table's keys and values).
+#[inline(always)]
+pub fn copy_once<T: Copy>(dst: &mut T, src: &T) {
+    const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 4) };
+    let words = core::mem::size_of::<T>() / 8;
+    let (d, s) = (dst as *mut T as *mut u64, src as *const T as *const u64);
+    let mut i = 0;
+    while i < words {
+        // SAFETY: both are valid for size_of::<T>() bytes; unaligned accesses because
+        // T may be only 4-aligned (FlowKey).
+        unsafe { core::ptr::write_volatile(d.add(i), s.add(i).read_unaligned()) };
+        i += 1;
+    }
+}
+
+/// Compare-and-swap (BPF_CMPXCHG, a full barrier): `v` becomes `new` if it is `old`.
+/// 64-bit: the width the BPF target has at its default CPU version.
+#[cfg(target_arch = "bpf")]
+#[inline(always)]
+pub fn cas(v: &mut u64, old: u64, new: u64) -> bool {
+    use core::intrinsics::{atomic_cxchg, AtomicOrdering::SeqCst};
+    // SAFETY: a valid, aligned u64.
+    unsafe { atomic_cxchg::<u64, { SeqCst }, { SeqCst }>(v, old, new).1 }
+}
+
+/// The host build only type-checks the program (main.rs).
+#[cfg(not(target_arch = "bpf"))]
+pub fn cas(v: &mut u64, old: u64, new: u64) -> bool {
+    use core::sync::atomic::{AtomicU64, Ordering::SeqCst};
+    // SAFETY: a valid, aligned u64, accessed only atomically while the reference lives.
+    unsafe { AtomicU64::from_ptr(v) }
+        .compare_exchange(old, new, SeqCst, SeqCst)
+        .is_ok()
 }
 
 /// This CPU's slot `index` of a per-CPU array: scratch memory, counters.

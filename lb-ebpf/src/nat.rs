@@ -1,7 +1,7 @@
 //! Stage 4: address and port translation, with incremental checksum updates
 //! (csum.rs), and the SNAT port allocator.
 
-use aya_ebpf::bindings::{xdp_action, BPF_NOEXIST};
+use aya_ebpf::bindings::xdp_action;
 use aya_ebpf::programs::XdpContext;
 use lb_common::{
     flow_hash, Addr, Backend, DatapathConfig, FlowKey, ReverseNat, StatIndex, FAMILY_V4, MODE_DNAT,
@@ -11,8 +11,8 @@ use network_types::ip::Ipv4Hdr;
 
 use crate::{
     csum::Delta,
-    maps::REVERSE_NAT,
-    mem::{bytes_mut, entry, load, put_addr, store, zero},
+    flows::{self, Insert},
+    mem::{bytes_mut, load, put_addr, store, zero},
     packet::{IcmpError, Packet, Verdict, ETH_LEN, FRAG_LATER},
     stats,
 };
@@ -106,13 +106,14 @@ pub fn claim(
 ) -> Result<(Addr, u16), Verdict> {
     match mode {
         MODE_NAT => {
-            let Some(port) = alloc_port(key, backend.addr, backend.port, snat, cfg, rev) else {
+            let to = (backend.addr, backend.port);
+            let Some(port) = alloc_port(key, to, snat, cfg, rev) else {
                 return Err((xdp_action::XDP_DROP, StatIndex::DropPortAlloc));
             };
             Ok((snat, port))
         }
         MODE_DNAT => {
-            claim_reply(key, backend.addr, backend.port, rev);
+            claim_reply(key, backend.addr, backend.port, cfg, rev);
             Ok((key.src, key.sport))
         }
         _ => Ok((snat, 0)),
@@ -243,7 +244,13 @@ pub fn rewrite_icmp_error(
 /// address and port. Claimed whatever was there: a stale entry for the same 4-tuple
 /// can only be an older flow of this same client port.
 #[inline(always)]
-fn claim_reply(key: &FlowKey, reply_src: Addr, reply_sport: u16, rev: &ReverseNat) {
+fn claim_reply(
+    key: &FlowKey,
+    reply_src: Addr,
+    reply_sport: u16,
+    cfg: &DatapathConfig,
+    rev: &ReverseNat,
+) {
     let rkey = FlowKey {
         src: reply_src,
         dst: key.src,
@@ -253,18 +260,18 @@ fn claim_reply(key: &FlowKey, reply_src: Addr, reply_sport: u16, rev: &ReverseNa
         family: key.family,
         _pad: [0; 2],
     };
-    // Failure only means the LRU could not take it now; the next new flow retries.
-    let _ = REVERSE_NAT.insert(rkey, rev, 0);
+    // Busy (counted) only means another CPU held the bucket; the next packet retries.
+    let _ = flows::insert((&rkey, flow_hash(&rkey, false)), rev, true, cfg);
 }
 
-/// Picks a free SNAT source port towards `backend` and claims it by inserting the
-/// reverse entry with BPF_NOEXIST, so two flows can never share a reply 5-tuple.
-/// Probes are hashed from the flow and bounded. Returns the port in network order.
+/// Picks a free SNAT source port towards the backend (`reply_src`, `reply_sport`) and
+/// claims it by inserting the reverse entry where there is none, so two flows can
+/// never share a reply 5-tuple. Probes are hashed from the flow and bounded. Returns
+/// the port in network order.
 #[inline(always)]
 fn alloc_port(
     key: &FlowKey,
-    reply_src: Addr,
-    reply_sport: u16,
+    (reply_src, reply_sport): (Addr, u16),
     snat: Addr,
     cfg: &DatapathConfig,
     rev: &ReverseNat,
@@ -299,24 +306,40 @@ fn alloc_port(
             family: key.family,
             _pad: [0; 2],
         };
-        if REVERSE_NAT.insert(rkey, rev, BPF_NOEXIST as u64).is_ok() {
-            return Some(port.to_be());
-        }
-        // The port may still be this very flow's, from before its conntrack entry was
-        // evicted or expired: take it back, so the backend sees the same source port
-        // and an established connection survives.
-        if let Some(old) = entry(&REVERSE_NAT, &rkey) {
-            if old.client == rev.client
-                && old.client_port == rev.client_port
-                && old.vip == rev.vip
-                && old.vip_port == rev.vip_port
-            {
-                *old = *rev;
-                stats::count(StatIndex::EventPortReclaimed, 0);
-                return Some(port.to_be());
-            }
+        // Probed by looking, not inserting: the verifier walks each call of the
+        // insert anew, and one call per probe took it past its limit.
+        let hash = flow_hash(&rkey, false);
+        let claim = match flows::find::<ReverseNat>(&rkey, hash, cfg) {
+            None => Some(false),
+            // The port may still be this very flow's, from before its conntrack entry
+            // was evicted or expired: take it back, so the backend sees the same
+            // source port and an established connection survives.
+            Some(old) if same_client(old, rev) => Some(true),
+            Some(_) => None,
+        };
+        if let Some(reclaimed) = claim {
+            // A flow of another CPU may have taken the port since: then it is Exists,
+            // and this flow gets no port (counted as a drop; its next packet retries).
+            return match flows::insert((&rkey, hash), rev, reclaimed, cfg) {
+                Insert::Written => {
+                    if reclaimed {
+                        stats::count(StatIndex::EventPortReclaimed, 0);
+                    }
+                    Some(port.to_be())
+                }
+                Insert::Exists | Insert::Busy => None,
+            };
         }
         i += 1;
     }
     None
+}
+
+/// Whether a reply entry is for the same client flow as `rev`.
+#[inline(always)]
+fn same_client(old: &ReverseNat, rev: &ReverseNat) -> bool {
+    old.client == rev.client
+        && old.client_port == rev.client_port
+        && old.vip == rev.vip
+        && old.vip_port == rev.vip_port
 }

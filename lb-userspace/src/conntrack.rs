@@ -1,20 +1,24 @@
-//! Sweeping the conntrack and reverse-NAT maps.
+//! Sweeping the flow tables (conntrack and reverse NAT), read through their mapping
+//! (flows.rs): no syscall per entry.
 //!
-//! The datapath treats an expired entry as a miss, and the LRU reclaims entries under
-//! pressure, so correctness never depends on this sweep. It keeps the tables honest:
-//! closed and idle flows, and flows of removed backends, leave the maps (and the
-//! occupancy metric) within one interval instead of lingering until evicted.
+//! The datapath treats an expired entry as a miss and a full bucket gives up expired
+//! and closing entries first, so correctness never depends on this sweep. It keeps the
+//! tables honest: closed and idle flows, and flows of removed backends, leave the
+//! tables (and the occupancy metric) within one interval instead of lingering.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
-use anyhow::{Context, Result};
-use aya::maps::{HashMap, MapData};
+use anyhow::Result;
 use lb_common::{
-    Backend, ConnValue, FlowKey, ReverseNat, CT_F_FIN_SEEN, CT_F_RST_SEEN, MAP_CONNTRACK,
-    MAP_REVERSE_NAT, PROTO_TCP,
+    Backend, ConnValue, FlowKey, ReverseNat, CT_F_ESTABLISHED, CT_F_FIN_SEEN, CT_F_RST_SEEN,
+    PROTO_TCP,
 };
 
-use crate::{dataplane::Dataplane, model::Timeouts};
+use crate::{
+    dataplane::Dataplane,
+    flows::{Conntrack, Entry},
+    model::Timeouts,
+};
 
 const NS_PER_S: u64 = 1_000_000_000;
 /// A reverse entry is made just before its conntrack entry: one younger than this is
@@ -32,7 +36,7 @@ pub struct Sweep {
 }
 
 /// The datapath's clock (bpf_ktime_get_coarse_ns is CLOCK_MONOTONIC_COARSE).
-fn now_ns() -> u64 {
+pub fn now_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -42,13 +46,13 @@ fn now_ns() -> u64 {
     ts.tv_sec as u64 * NS_PER_S + ts.tv_nsec as u64
 }
 
-/// The same timeout the datapath applies (lb-ebpf/src/conntrack.rs).
-fn timeout_ns(proto: u8, flags: u8, t: &Timeouts) -> u64 {
+/// The same timeout the datapath applies (lb-ebpf/src/flows.rs).
+pub fn timeout_ns(proto: u8, flags: u8, t: &Timeouts) -> u64 {
     let s = if proto != PROTO_TCP {
         t.udp_idle
     } else if flags & (CT_F_FIN_SEEN | CT_F_RST_SEEN) != 0 {
         t.tcp_closing
-    } else if flags & lb_common::CT_F_ESTABLISHED == 0 {
+    } else if flags & CT_F_ESTABLISHED == 0 {
         t.tcp_syn
     } else {
         t.tcp_idle
@@ -56,71 +60,67 @@ fn timeout_ns(proto: u8, flags: u8, t: &Timeouts) -> u64 {
     s as u64 * NS_PER_S
 }
 
-fn map<'a, K: aya::Pod, V: aya::Pod>(
-    dp: &'a mut Dataplane,
-    name: &str,
-) -> Result<HashMap<&'a mut MapData, K, V>> {
-    let m = dp
-        .ebpf
-        .map_mut(name)
-        .with_context(|| format!("map {name} missing"))?;
-    Ok(HashMap::try_from(m)?)
+/// The reply 5-tuple of a conntrack entry (what its reverse entry is keyed by).
+pub fn reply_key(key: &FlowKey, ct: &ConnValue, backend: &Backend) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: ct.nat_addr,
+        sport: backend.port,
+        dport: ct.nat_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
 }
 
 pub fn sweep(dp: &mut Dataplane, t: &Timeouts) -> Result<Sweep> {
     let now = now_ns();
     let backends: BTreeMap<u32, Backend> = dp.backends()?;
+    let ct = dp.conntrack()?;
+    let rev = dp.reverse_nat()?;
     let mut out = Sweep::default();
-
-    let flows: Vec<(FlowKey, ConnValue)> = map::<FlowKey, ConnValue>(dp, MAP_CONNTRACK)?
-        .iter()
-        .filter_map(Result::ok)
-        .collect();
-    let mut live_replies: HashSet<FlowKey> = HashSet::new();
-    let mut doomed: HashSet<FlowKey> = HashSet::new();
-    for (key, ct) in &flows {
-        let Some(b) = backends.get(&ct.backend_id) else {
-            out.orphaned += 1;
-            doomed.insert(*key);
-            continue;
-        };
-        if now.saturating_sub(ct.last_seen_ns) > timeout_ns(key.proto, ct.flags, t) {
-            out.expired += 1;
-            doomed.insert(*key);
-            continue;
-        }
-        live_replies.insert(FlowKey {
-            src: b.addr,
-            dst: ct.nat_addr,
-            sport: b.port,
-            dport: ct.nat_port,
-            proto: key.proto,
-            family: key.family,
-            _pad: [0; 2],
-        });
-    }
-    {
-        let mut ct = map::<FlowKey, ConnValue>(dp, MAP_CONNTRACK)?;
-        for key in &doomed {
-            // Gone already (LRU, or the datapath re-created it) is fine.
-            let _ = ct.remove(key);
+    for e in ct.entries() {
+        let gone = !backends.contains_key(&e.value.backend_id);
+        let expired =
+            now.saturating_sub(e.value.last_seen_ns) > timeout_ns(e.key.proto, e.value.flags, t);
+        // A way rewritten since it was read is another flow's now: kept.
+        if (gone || expired) && ct.remove(&e) {
+            if gone {
+                out.orphaned += 1;
+            } else {
+                out.expired += 1;
+            }
+        } else {
+            out.remaining += 1;
         }
     }
-    out.remaining = flows.len() - doomed.len();
-
-    let replies: Vec<(FlowKey, ReverseNat)> = map::<FlowKey, ReverseNat>(dp, MAP_REVERSE_NAT)?
-        .iter()
-        .filter_map(Result::ok)
-        .collect();
-    let mut rev = map::<FlowKey, ReverseNat>(dp, MAP_REVERSE_NAT)?;
-    for (key, r) in replies {
-        let old_enough = now.saturating_sub(r.last_seen_ns) > REVERSE_GRACE_NS;
-        let orphan = !backends.contains_key(&r.backend_id) || !live_replies.contains(&key);
-        if orphan && old_enough {
-            let _ = rev.remove(&key);
+    for e in rev.entries() {
+        let old_enough = now.saturating_sub(e.value.last_seen_ns) > REVERSE_GRACE_NS;
+        if old_enough && orphan(&e, &ct, &backends) && rev.remove(&e) {
             out.orphaned += 1;
         }
     }
     dp.swept();
     Ok(out)
+}
+
+/// Whether no live flow refers to this reply entry: its backend is gone, or the flow
+/// it names has no conntrack entry that leads back to it.
+fn orphan(e: &Entry<ReverseNat>, ct: &Conntrack, backends: &BTreeMap<u32, Backend>) -> bool {
+    let Some(backend) = backends.get(&e.value.backend_id) else {
+        return true;
+    };
+    let forward = FlowKey {
+        src: e.value.client,
+        dst: e.value.vip,
+        sport: e.value.client_port,
+        dport: e.value.vip_port,
+        proto: e.key.proto,
+        family: e.key.family,
+        _pad: [0; 2],
+    };
+    match ct.get(&forward) {
+        Some(f) => reply_key(&f.key, &f.value, backend) != e.key,
+        None => true,
+    }
 }

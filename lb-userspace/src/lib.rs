@@ -12,6 +12,7 @@ pub mod config;
 pub mod conntrack;
 pub mod dataplane;
 pub mod ebpf_log;
+pub mod flows;
 pub mod fuzzing;
 pub mod health;
 pub mod k8s;

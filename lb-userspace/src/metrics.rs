@@ -19,8 +19,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{ConnValue, FlowKey, MAP_CONNTRACK};
+use lb_common::MAP_CONNTRACK;
 use prometheus_client::{
     encoding::text::encode,
     metrics::{
@@ -306,11 +305,10 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
     Ok(out)
 }
 
-/// Counts CONNTRACK entries by walking its keys (bounded by the map's size).
+/// Counts the conntrack table's flows from its buckets' header lines, through its
+/// mapping (no syscall per entry).
 fn conntrack_entries(pin_path: &std::path::Path) -> Result<usize> {
-    let data = MapData::from_pin(pin_path.join(MAP_CONNTRACK))?;
-    let map = HashMap::<_, FlowKey, ConnValue>::try_from(Map::LruHashMap(data))?;
-    Ok(map.keys().filter(|k| k.is_ok()).count())
+    Ok(crate::flows::Conntrack::from_pin(&pin_path.join(MAP_CONNTRACK))?.occupied())
 }
 
 #[derive(Clone)]

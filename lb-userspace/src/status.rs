@@ -394,7 +394,7 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
         attachments,
         max_services: size(MAP_SERVICES)?,
         max_backends: size(MAP_BACKENDS)?,
-        conntrack_max: size(lb_common::MAP_CONNTRACK)?,
+        conntrack_max: size(lb_common::MAP_CONNTRACK)? * lb_common::FLOW_WAYS as u32,
         fragments: fragment_fill(pin_path),
         services,
         counters: read_global_counters(pin_path)?,

@@ -83,7 +83,8 @@ impl Dataplane {
     pub fn seed_config(&mut self, settings: &Settings) -> Result<bool> {
         let config_map: Array<&MapData, DatapathConfig> =
             Array::try_from(self.ebpf.map(MAP_CONFIG).context("config map")?)?;
-        if config_map.get(&0, 0)? != DatapathConfig::default() {
+        let running = config_map.get(&0, 0)?;
+        if self.with_geometry(running) != self.with_geometry(DatapathConfig::default()) {
             return Ok(false);
         }
         let pinned = self.pinned_services()?;
@@ -102,6 +103,7 @@ impl Dataplane {
         {
             dp_cfg.decap = 1;
         }
+        let dp_cfg = self.with_geometry(dp_cfg);
         let mut config_map: Array<&mut MapData, DatapathConfig> =
             Array::try_from(self.ebpf.map_mut(MAP_CONFIG).context("config map")?)?;
         config_map.set(0, dp_cfg, 0)?;
@@ -258,6 +260,7 @@ impl Dataplane {
                 Array::<&mut MapData, VipFilterWord>::try_from(map)?.set(i, word, 0)?;
             }
             Write::Config(c) => {
+                let c = self.with_geometry(c);
                 let map = self.ebpf.map_mut(MAP_CONFIG).context("config map")?;
                 Array::<&mut MapData, DatapathConfig>::try_from(map)?.set(0, c, 0)?;
             }

@@ -19,7 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES,
+    buckets_for, DatapathConfig, FLOW_WAYS, MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES,
     PROGRAM_NAME,
 };
 use tracing::{info, warn};
@@ -51,7 +51,8 @@ const EGRESS_PROGRAM: &str = "xlb_egress";
 pub struct LoadOptions {
     /// The program's aya-log level (0 = off; see `ebpf_log`).
     pub log_level: u8,
-    /// Entries of the conntrack and reverse-NAT LRU maps.
+    /// Flows each of the conntrack and reverse-NAT tables holds (rounded up to a
+    /// power of two buckets of lb_common::FLOW_WAYS).
     pub conntrack_max: u32,
     /// Entries of the service map and its Maglev and statistics maps.
     pub max_services: u32,
@@ -66,9 +67,9 @@ impl LoadOptions {
     /// object gives it).
     pub fn map_sizes(&self) -> [(&'static str, u32); 10] {
         [
-            (lb_common::MAP_CONNTRACK, self.conntrack_max),
+            (lb_common::MAP_CONNTRACK, buckets_for(self.conntrack_max)),
             (lb_common::MAP_FRAGMENTS, self.fragments_max),
-            (lb_common::MAP_REVERSE_NAT, self.conntrack_max),
+            (lb_common::MAP_REVERSE_NAT, buckets_for(self.conntrack_max)),
             (MAP_SERVICES, self.max_services),
             (MAP_MAGLEV, self.max_services * 2 * MAGLEV_MAX_CHUNKS),
             (lb_common::MAP_SERVICE_STATS, self.max_services),
@@ -111,7 +112,12 @@ pub struct Dataplane {
     /// The sizes of the service and backend maps as created (pinned maps keep theirs).
     pub max_services: u32,
     pub max_backends: u32,
+    /// Flows each flow table holds (its buckets × FLOW_WAYS).
     pub conntrack_max: u32,
+    /// The flow tables' buckets, as created or adopted (the datapath reads them from
+    /// its config: `with_geometry`).
+    pub conntrack_buckets: u32,
+    pub reverse_buckets: u32,
     /// The pins end with this process (see `ensure_bpffs`).
     pub private_pins: bool,
     /// The redirect-failure tracepoints are attached (see `watch_redirects`).
@@ -154,17 +160,22 @@ impl Dataplane {
             max_services: 0,
             max_backends: 0,
             conntrack_max: 0,
+            conntrack_buckets: 0,
+            reverse_buckets: 0,
             private_pins,
             watching_redirects: false,
             _lock: lock,
         };
         dp.max_services = dp.map_size(MAP_SERVICES)?;
         dp.max_backends = dp.map_size(MAP_BACKENDS)?;
-        dp.conntrack_max = dp.map_size(lb_common::MAP_CONNTRACK)?;
+        dp.conntrack_buckets = dp.map_size(lb_common::MAP_CONNTRACK)?;
+        dp.reverse_buckets = dp.map_size(lb_common::MAP_REVERSE_NAT)?;
+        dp.conntrack_max = dp.conntrack_buckets * FLOW_WAYS as u32;
+        let asked_flows = buckets_for(opts.conntrack_max) * FLOW_WAYS as u32;
         for (flag, asked, in_force) in [
             ("--max-services", opts.max_services, dp.max_services),
             ("--max-backends", opts.max_backends, dp.max_backends),
-            ("--conntrack-max", opts.conntrack_max, dp.conntrack_max),
+            ("--conntrack-max", asked_flows, dp.conntrack_max),
         ] {
             if asked != in_force {
                 warn!(
@@ -185,6 +196,7 @@ impl Dataplane {
             ),
             Err(e) => warn!(error = %e, "XDP program loaded; its info is unavailable"),
         }
+        dp.sync_geometry()?;
         let restored = dp.restore_derived_state()?;
         if restored.filter_words > 0 {
             info!(
@@ -194,6 +206,57 @@ impl Dataplane {
         }
         restrict_pins(pin_path)?;
         Ok(dp)
+    }
+
+    /// `cfg` with the flow tables' geometry, which only the maps know.
+    pub fn with_geometry(&self, mut cfg: DatapathConfig) -> DatapathConfig {
+        cfg.conntrack_buckets = self.conntrack_buckets;
+        cfg.reverse_buckets = self.reverse_buckets;
+        cfg
+    }
+
+    /// Gives a running datapath's config the geometry of the tables this load holds
+    /// (one of them may have been replaced: another layout). A config never written
+    /// is left for the first apply.
+    fn sync_geometry(&mut self) -> Result<()> {
+        use aya::maps::Array;
+        let (conntrack_buckets, reverse_buckets) = (self.conntrack_buckets, self.reverse_buckets);
+        let map = self
+            .ebpf
+            .map_mut(lb_common::MAP_CONFIG)
+            .context("config map")?;
+        let mut config = Array::<&mut MapData, DatapathConfig>::try_from(map)?;
+        let running = config.get(&0, 0)?;
+        let cfg = DatapathConfig {
+            conntrack_buckets,
+            reverse_buckets,
+            ..running
+        };
+        if running != DatapathConfig::default() && cfg != running {
+            config.set(0, cfg, 0)?;
+        }
+        Ok(())
+    }
+
+    /// The conntrack table, mapped.
+    pub fn conntrack(&self) -> Result<crate::flows::Conntrack> {
+        crate::flows::FlowTable::new(self.map_data(lb_common::MAP_CONNTRACK)?)
+    }
+
+    /// The reverse-NAT table, mapped.
+    pub fn reverse_nat(&self) -> Result<crate::flows::ReverseTable> {
+        crate::flows::FlowTable::new(self.map_data(lb_common::MAP_REVERSE_NAT)?)
+    }
+
+    fn map_data(&self, name: &str) -> Result<&MapData> {
+        match self
+            .ebpf
+            .map(name)
+            .with_context(|| format!("map {name} missing"))?
+        {
+            aya::maps::Map::Array(m) => Ok(m),
+            _ => bail!("map {name} is not an array"),
+        }
     }
 
     fn map_size(&self, name: &str) -> Result<u32> {
