@@ -635,10 +635,7 @@ mod tests {
             max_backends: 4096,
             conntrack_max: 1 << 20,
             fragments: FillView::default(),
-            services: vec![
-                service_view(0, "dns", true),
-                service_view(1, "web", false),
-            ],
+            services: vec![service_view(0, "dns", true), service_view(1, "web", false)],
             counters: BTreeMap::new(),
         };
         let text = render_text(&st);

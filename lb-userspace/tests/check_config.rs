@@ -177,7 +177,10 @@ fn conntrack_false_is_refused_on_nat_only() {
     };
     for mode in ["dsr", "dnat"] {
         let (ok, msg) = check(&with(mode));
-        assert!(ok && msg.contains("ok (1 services, 2 backends)"), "{mode}: {msg}");
+        assert!(
+            ok && msg.contains("ok (1 services, 2 backends)"),
+            "{mode}: {msg}"
+        );
     }
     rejects(
         &with("nat"),

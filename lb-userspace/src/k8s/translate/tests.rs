@@ -556,7 +556,10 @@ fn the_conntrack_annotation_makes_dsr_and_dnat_services_stateless_and_is_refused
     let d = run_with_nodes(&[svc], &[s], &nodes, &opts());
     assert_eq!(d.services.len(), 2);
     assert!(d.services.iter().any(|s| s.mode == Mode::Dsr));
-    assert!(d.services.iter().any(|s| s.mode == Mode::Dnat && s.encapsulated));
+    assert!(d
+        .services
+        .iter()
+        .any(|s| s.mode == Mode::Dnat && s.encapsulated));
     assert!(d.services.iter().all(|s| !s.conntrack), "{:?}", d.services);
     assert!(invalid_annotation(&d).is_empty());
     crate::model::validate::services(&d.services, &[]).unwrap();
