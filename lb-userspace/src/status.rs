@@ -48,6 +48,9 @@ pub struct ServiceView {
     /// The source ranges it admits (`allow:`, `loadBalancerSourceRanges`); None:
     /// everyone.
     pub allow: Option<Vec<String>>,
+    /// `conntrack: false` (`xlb.dev/conntrack: "false"`): its flows get no conntrack
+    /// entry, each packet is balanced by Maglev alone.
+    pub stateless: bool,
     pub stats: TrafficView,
     pub backends: Vec<BackendView>,
 }
@@ -264,6 +267,7 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
             table_size: v.table_size,
             allow: (v.flags & lb_common::SVC_F_SOURCE_RANGES != 0)
                 .then(|| ranges.get(&v.id).cloned().unwrap_or_default()),
+            stateless: v.flags & lb_common::SVC_F_STATELESS != 0,
             stats: traffic(&svc_stats, v.id)?,
             backends: bes,
         });
@@ -536,8 +540,14 @@ pub fn render_text(status: &Status) -> String {
         } else {
             String::new()
         };
+        // Last on the line: what scripts read before it stays where it was.
+        let stateless = if svc.stateless {
+            ", stateless (no conntrack)"
+        } else {
+            ""
+        };
         s.push_str(&format!(
-            "service #{} {} {}:{}/{} (M={}): {} pkts, {} new flows{denied}{allow}\n",
+            "service #{} {} {}:{}/{} (M={}): {} pkts, {} new flows{denied}{allow}{stateless}\n",
             svc.id,
             if svc.name.is_empty() { "-" } else { &svc.name },
             svc.vip,
@@ -589,5 +599,62 @@ mod tests {
         assert_eq!(age(185), "3 min 5 s");
         assert_eq!(age(7_800), "2 h 10 min");
         assert_eq!(age(3 * 86_400 + 4 * 3600 + 59), "3 d 4 h");
+    }
+
+    fn service_view(id: u32, name: &str, stateless: bool) -> ServiceView {
+        ServiceView {
+            id,
+            name: name.into(),
+            vip: "192.0.2.10".into(),
+            port: 53,
+            protocol: "udp",
+            mode: "dsr",
+            encapsulated: false,
+            table_size: 251,
+            allow: None,
+            stateless,
+            stats: TrafficView {
+                packets: 7,
+                new_flows: 3,
+                ..Default::default()
+            },
+            backends: Vec::new(),
+        }
+    }
+
+    /// A stateless service says so at the end of its line (what came before stays
+    /// where scripts read it) and in --json; a service with conntrack says nothing.
+    #[test]
+    fn a_stateless_service_is_shown_as_such() {
+        let st = Status {
+            pin_path: "/sys/fs/bpf/xlb".into(),
+            announced: Vec::new(),
+            drained: false,
+            attachments: Vec::new(),
+            max_services: 256,
+            max_backends: 4096,
+            conntrack_max: 1 << 20,
+            fragments: FillView::default(),
+            services: vec![service_view(0, "dns", true), service_view(1, "web", false)],
+            counters: BTreeMap::new(),
+        };
+        let text = render_text(&st);
+        let line = |name: &str| {
+            text.lines()
+                .find(|l| l.contains(&format!(" {name} ")))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .to_owned()
+        };
+        assert_eq!(
+            line("dns"),
+            "service #0 dns 192.0.2.10:53/udp (M=251): 7 pkts, 3 new flows, stateless (no conntrack)"
+        );
+        assert_eq!(
+            line("web"),
+            "service #1 web 192.0.2.10:53/udp (M=251): 7 pkts, 3 new flows"
+        );
+        let json = serde_json::to_value(&st).unwrap();
+        assert_eq!(json["services"][0]["stateless"], true);
+        assert_eq!(json["services"][1]["stateless"], false);
     }
 }

@@ -163,3 +163,32 @@ fn each_class_of_error_gets_a_specific_message() {
     assert!(ok, "{out}");
     assert!(out.contains("ok (300 services"), "{out}");
 }
+
+/// `conntrack: false`: accepted on dsr and dnat, refused on nat with why, at the line of
+/// `conntrack:`.
+#[test]
+fn conntrack_false_is_refused_on_nat_only() {
+    let with = |mode: &str| {
+        GOOD.replace(
+            "    protocol: tcp\n",
+            &format!("    protocol: udp\n    mode: {mode}\n    conntrack: false\n"),
+        )
+        .replace(":8080", ":80")
+    };
+    for mode in ["dsr", "dnat"] {
+        let (ok, msg) = check(&with(mode));
+        assert!(
+            ok && msg.contains("ok (1 services, 2 backends)"),
+            "{mode}: {msg}"
+        );
+    }
+    rejects(
+        &with("nat"),
+        &[
+            "line 10: services[0] (web)",
+            "field conntrack: false is refused for mode nat",
+            "SNAT port",
+            "use mode dsr or dnat",
+        ],
+    );
+}

@@ -127,6 +127,7 @@ pub struct Svc {
     backends: Vec<(SocketAddr, Option<u32>)>,
     allow: Vec<IpNet>,
     health_check: Option<HealthCheck>,
+    conntrack: Option<bool>,
 }
 
 impl Cfg {
@@ -257,6 +258,7 @@ impl Svc {
             backends: Vec::new(),
             allow: Vec::new(),
             health_check: None,
+            conntrack: None,
         }
     }
 
@@ -297,6 +299,12 @@ impl Svc {
         self
     }
 
+    /// `conntrack: false`: a stateless service (dsr and dnat only).
+    pub fn conntrack(mut self, on: bool) -> Self {
+        self.conntrack = Some(on);
+        self
+    }
+
     fn write(&self, t: &mut String) {
         writeln!(t, "  - name: {}", self.name).unwrap();
         writeln!(t, "    vip: \"{}\"", self.vip).unwrap();
@@ -304,6 +312,9 @@ impl Svc {
         writeln!(t, "    protocol: {}", self.protocol.name()).unwrap();
         if let Some(m) = self.mode {
             writeln!(t, "    mode: {}", m.name()).unwrap();
+        }
+        if let Some(on) = self.conntrack {
+            writeln!(t, "    conntrack: {on}").unwrap();
         }
         if !self.allow.is_empty() {
             let ranges: Vec<String> = self.allow.iter().map(|n| format!("\"{n}\"")).collect();

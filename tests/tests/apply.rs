@@ -209,3 +209,59 @@ fn privileged_backends_carry_their_service_mode_through_a_change() {
         "the same backend ids, rewritten in place"
     );
 }
+
+/// `conntrack: false` reaches the real service entries (SVC_F_STATELESS, read back by
+/// `xlb status`'s reader), and flipping it rewrites the entries in place: same ids, no
+/// table or backend written.
+#[test]
+fn privileged_conntrack_false_marks_the_service_entry_and_a_flip_rewrites_it_alone() {
+    if !privileged() {
+        return;
+    }
+    let config = |stateless: bool| {
+        Cfg::new()
+            .maglev_table_size(2039)
+            .service(
+                Svc::udp("dns", "10.200.0.1", 53)
+                    .mode(Mode::Dsr)
+                    .conntrack(!stateless)
+                    .backends(["172.16.0.1:53", "172.16.0.2:53"]),
+            )
+            .service(
+                Svc::udp("dns-dnat", "10.200.0.2", 53)
+                    .mode(Mode::Dnat)
+                    .conntrack(!stateless)
+                    .backends(["172.16.1.1:5353"]),
+            )
+            .service(Svc::tcp("web", "10.200.0.3", 80).backends(["172.16.2.1:8080"]))
+            .config()
+    };
+    let shown = |f: &Fixture| -> BTreeMap<String, (u32, bool)> {
+        xlb::status::read_services(f.pin_path())
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.name, (s.id, s.stateless)))
+            .collect()
+    };
+    let mut f = Fixture::new().unwrap();
+    f.apply(&config(true)).unwrap();
+    let on = shown(&f);
+    let flags: Vec<bool> = on.values().map(|(_, s)| *s).collect();
+    assert_eq!(flags, [true, true, false], "dns, dns-dnat, web: {on:?}");
+    let chunks = maglev_chunks_in_map(&mut f);
+
+    let summary = f.apply(&config(false)).unwrap();
+    let off = shown(&f);
+    assert!(off.values().all(|(_, s)| !s), "{off:?}");
+    assert_eq!(
+        off.values().map(|(id, _)| *id).collect::<Vec<_>>(),
+        on.values().map(|(id, _)| *id).collect::<Vec<_>>(),
+        "the same service ids"
+    );
+    assert_eq!(summary.tables_written, 0, "{summary:?}");
+    assert_eq!(summary.backends_added + summary.backends_removed, 0);
+    assert_eq!(maglev_chunks_in_map(&mut f), chunks);
+    // And back.
+    f.apply(&config(true)).unwrap();
+    assert_eq!(shown(&f), on);
+}

@@ -966,3 +966,114 @@ fn privileged_k8s_side_follows_a_reload_that_adds_file_services() {
     // The controller said why the Kubernetes port was left out.
     wait_event(&k.api, "InvalidService", "is a service of the config file");
 }
+
+/// `xlb.dev/conntrack` end to end: "false" on a Service forwarded by nat (Cluster, the
+/// default) is refused with the config file's reason as an Event and not served; with
+/// `externalTrafficPolicy: Local` (dnat) it is served and `xlb status` shows its
+/// entries stateless (the service entry's SVC_F_STATELESS); another value is an
+/// Event and keeps conntrack on; "false" again sets the flag and "true" clears it.
+#[test]
+fn privileged_k8s_conntrack_annotation_is_refused_on_nat_and_marks_dnat_stateless() {
+    if !privileged() {
+        return;
+    }
+    let k = K8sLab::new(&[]);
+    let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
+    let (b0, b1) = (k.b(0), k.b(1));
+    let annotated = |spec: serde_json::Value, value: &str| {
+        let mut s = service("dns", spec, &[VIP4]);
+        s.metadata.annotations =
+            Some([("xlb.dev/conntrack".to_string(), value.to_string())].into());
+        s
+    };
+    let local = || json!({"externalTrafficPolicy": "Local"});
+    k.api.apply(Kind::Service, &annotated(json!({}), "false"));
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("dns", "dns-1", false, &[ready(&b0), ready(&b1)]),
+    );
+    let agent = k.agent(&[]);
+    let (tcp, udp) = (format!("{VIP4}:80/tcp"), format!("{VIP4}:53/udp"));
+    wait_event(&k.api, "InvalidService", "refused for mode nat");
+    wait_event(&k.api, "InvalidService", "SNAT port");
+    let t = xlb::status::read_tables(&agent.pin_path).unwrap();
+    assert!(
+        !t.contains_key(&tcp) && !t.contains_key(&udp),
+        "a nat Service with the annotation is not served: {t:?}"
+    );
+
+    // The VIP's services in `xlb status --json`: (protocol, mode, stateless).
+    let shown = || -> Vec<(String, String, bool)> {
+        let st = agent.status().unwrap();
+        st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["vip"] == VIP4)
+            .map(|s| {
+                (
+                    s["protocol"].as_str().unwrap().to_owned(),
+                    s["mode"].as_str().unwrap().to_owned(),
+                    s["stateless"].as_bool().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let wait_shown = |stateless: bool| {
+        let want: Vec<(String, String, bool)> = ["tcp", "udp"]
+            .iter()
+            .map(|p| (p.to_string(), "dnat".to_owned(), stateless))
+            .collect();
+        let start = Instant::now();
+        loop {
+            let mut got = shown();
+            got.sort();
+            if got == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "status shows {got:?}, want {want:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // Local: dnat, served, stateless, and it answers.
+    k.api.apply(Kind::Service, &annotated(local(), "false"));
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(10),
+        "the Local Service",
+        |t| members(t, &udp) == addrs(&[b0, b1]) && members(t, &tcp) == addrs(&[b0, b1]),
+    );
+    wait_shown(true);
+    let vip: SocketAddr = format!("{VIP4}:53").parse().unwrap();
+    assert!(udp_backend(&k.lab, vip) < 2);
+    let out =
+        xlb_tests::agent::xlb_cmd(&["status", "--pin-path", agent.pin_path.to_str().unwrap()])
+            .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("service #") && l.contains(&format!(" {VIP4}:")))
+        .collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ends_with(", stateless (no conntrack)")),
+        "{text}"
+    );
+
+    // Another value: an Event, and conntrack is on again.
+    k.api.apply(Kind::Service, &annotated(local(), "off"));
+    wait_event(&k.api, "InvalidAnnotation", "keeping conntrack on");
+    wait_shown(false);
+    // "false" again, then "true".
+    k.api.apply(Kind::Service, &annotated(local(), "false"));
+    wait_shown(true);
+    k.api.apply(Kind::Service, &annotated(local(), "true"));
+    wait_shown(false);
+    assert!(udp_backend(&k.lab, vip) < 2);
+}

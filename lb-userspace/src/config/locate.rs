@@ -29,6 +29,7 @@ pub(super) struct LocatedService {
     pub(super) health_check: Here,
     pub(super) encapsulated: Here,
     pub(super) allow: Here,
+    pub(super) conntrack: Here,
     #[serde(default)]
     pub(super) backends: Vec<LocatedBackend>,
 }
@@ -70,6 +71,7 @@ impl Located {
                 ("health_check", &s.health_check),
                 ("encapsulated", &s.encapsulated),
                 ("allow", &s.allow),
+                ("conntrack", &s.conntrack),
             ];
             if let Some((name, _)) = fields.iter().find(|(_, h)| is_at(h)) {
                 return Some(format!("services[{i}].{name}"));

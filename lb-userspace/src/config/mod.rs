@@ -145,6 +145,7 @@ impl Config {
                     "vip" => s.vip.as_ref(),
                     "health_check" => s.health_check.as_ref(),
                     "allow" => s.allow.as_ref(),
+                    "conntrack" => s.conntrack.as_ref(),
                     _ => s.name.as_ref(),
                 })
                 .map(|sp| format!("line {}: ", sp.referenced.line()))
@@ -218,6 +219,7 @@ impl Config {
                     Place::Port => svc_line(e.service, "port"),
                     Place::Allow => svc_line(e.service, "allow"),
                     Place::HealthCheck => svc_line(e.service, "health_check"),
+                    Place::Conntrack => svc_line(e.service, "conntrack"),
                     Place::Name => svc_line(e.service, "name"),
                 };
                 anyhow::anyhow!("{line}{e}")

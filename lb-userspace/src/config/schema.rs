@@ -112,6 +112,13 @@ pub struct ServiceConfig {
     /// absent: everyone. Only the ranges of the VIP's family apply.
     #[serde(default, deserialize_with = "source_ranges")]
     pub allow: Vec<IpNet>,
+    /// `false` (dsr and dnat only): new flows write no conntrack entry and every
+    /// packet is balanced by Maglev alone, Katran's LRU bypass: for services such as
+    /// DNS over UDP, whose flows need not stay on a backend when the backend set
+    /// changes. dnat still writes the entry its replies are translated by. Refused on a
+    /// nat service: its replies come back to a SNAT port only the flow's entry maps.
+    #[serde(default = "yes")]
+    pub conntrack: bool,
 }
 
 impl ServiceConfig {
@@ -132,6 +139,7 @@ impl ServiceConfig {
             health_check: self.health_check.clone(),
             encapsulated: self.encapsulated,
             allow: self.allow.clone(),
+            conntrack: self.conntrack,
         }
     }
 }

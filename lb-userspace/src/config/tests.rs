@@ -299,3 +299,56 @@ fn parse_error_snippets_are_clean_and_cropped() {
     assert!(e.contains("1 | services: [\u{fffd}"), "{e:?}");
     assert!(!e.chars().any(|c| c.is_control() && c != '\n'), "{e:?}");
 }
+
+/// `conntrack: false`: on by default, accepted on dsr and dnat (the model and the
+/// plan see it), refused on nat with why and where.
+#[test]
+fn conntrack_false_is_for_dsr_and_dnat_and_refused_on_nat_with_its_line() {
+    let c = Config::parse(GOOD).unwrap();
+    assert!(c.services[0].conntrack, "on unless said");
+    assert!(c.services[0].to_model().conntrack);
+    assert!(c.desired().services[0].conntrack);
+    let with = |mode: &str, conntrack: &str| {
+        GOOD.replace(
+            "    protocol: tcp\n",
+            &format!("    protocol: tcp\n    mode: {mode}\n    conntrack: {conntrack}\n"),
+        )
+        // dsr sends the packet unchanged: the backends listen on the service's port.
+        .replace(":8080", ":80")
+    };
+    for mode in ["dsr", "dnat"] {
+        let c = Config::parse(&with(mode, "false")).unwrap();
+        assert!(!c.services[0].conntrack, "{mode}");
+        assert!(!c.desired().services[0].conntrack, "{mode}");
+        let c = Config::parse(&with(mode, "true")).unwrap();
+        assert!(c.desired().services[0].conntrack, "{mode}");
+    }
+    // nat, said or by default: refused, with the reason and the line of `conntrack:`.
+    Config::parse(&with("nat", "true")).unwrap();
+    let text = with("nat", "false");
+    let line = text
+        .lines()
+        .position(|l| l.contains("conntrack: false"))
+        .unwrap()
+        + 1;
+    let no_mode = text.replace("    mode: nat\n", "");
+    for text in [text, no_mode.clone()] {
+        let e = err(&text);
+        assert!(
+            e.contains("services[0] (web): field conntrack: false is refused for mode nat")
+                && e.contains("SNAT port")
+                && e.contains("use mode dsr or dnat"),
+            "{e}"
+        );
+        let line = text
+            .lines()
+            .position(|l| l.contains("conntrack: false"))
+            .unwrap()
+            + 1;
+        assert!(e.starts_with(&format!("line {line}: ")), "{e}");
+    }
+    assert_eq!(line, 10);
+    // Not a bool: the parser's error, at the field.
+    let e = err(&with("dsr", "maybe"));
+    assert!(e.contains("services[0].conntrack"), "{e}");
+}

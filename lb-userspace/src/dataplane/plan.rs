@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 use lb_common::{
     maglev_chunks, Addr, Backend, DatapathConfig, ServiceKey, ServiceValue, VipFilterWord,
     BACKEND_F_SVC_SOURCE_RANGES, BACKEND_F_UNHEALTHY, MAGLEV_MAX_CHUNKS, SVC_F_CLIENT_AFFINITY,
-    SVC_F_SOURCE_RANGES, VIP_F_ECHO,
+    SVC_F_SOURCE_RANGES, SVC_F_STATELESS, VIP_F_ECHO,
 };
 
 use crate::{
@@ -406,7 +406,8 @@ pub fn plan(
             flags: match svc.session_affinity {
                 SessionAffinity::None => 0,
                 SessionAffinity::ClientIp => SVC_F_CLIENT_AFFINITY,
-            } | if restricted { SVC_F_SOURCE_RANGES } else { 0 },
+            } | if restricted { SVC_F_SOURCE_RANGES } else { 0 }
+                | if svc.conntrack { 0 } else { SVC_F_STATELESS },
             generation,
             _pad: 0,
         };

@@ -104,6 +104,11 @@ pub struct Service {
     pub encapsulated: bool,
     /// Only clients inside these ranges reach the service; empty: everyone.
     pub allow: Vec<IpNet>,
+    /// True (the default): each flow gets a conntrack entry and stays on its backend.
+    /// False (dsr and dnat only): new flows write no conntrack entry and every packet
+    /// is balanced by Maglev alone, so a change of the backend set moves flows (dnat
+    /// still writes the entry its replies are translated by).
+    pub conntrack: bool,
 }
 
 impl Service {

@@ -14,6 +14,7 @@ pub enum Place {
     Port,
     Allow,
     HealthCheck,
+    Conntrack,
     Backend(usize),
 }
 
@@ -125,6 +126,13 @@ fn service(s: &Service, snat_addrs: &[IpAddr]) -> Result<(), (Place, String)> {
     }
     if s.port == 0 {
         return Err((Port, "field port: port 0 is not a service port".into()));
+    }
+    if !s.conntrack && s.mode == Mode::Nat {
+        return Err((
+            Conntrack,
+            "field conntrack: false is refused for mode nat: a nat flow cannot be stateless, because the backend's replies come back to a SNAT port that only the flow's conntrack entry maps back to the client; use mode dsr or dnat for a stateless service, or keep conntrack on"
+                .into(),
+        ));
     }
     if s.source_ranges().is_some_and(|r| r.is_empty()) {
         let fam = family(s.vip);

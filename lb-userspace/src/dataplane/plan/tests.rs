@@ -26,6 +26,7 @@ fn service(n: u32, backends: u32) -> Service {
         health_check: None,
         encapsulated: false,
         allow: Vec::new(),
+        conntrack: true,
     }
 }
 
@@ -441,4 +442,82 @@ fn a_reused_service_id_does_not_take_the_old_services_backend_ids() {
     let p = plan_of(&gone.applied, &desired(vec![service(1, 2), other])).unwrap();
     let ids: Vec<u32> = p.applied.backends.keys().copied().collect();
     assert!(!ids.contains(&freed[0]), "{ids:?} took the freed {freed:?}");
+}
+
+/// `conntrack: false` sets the service entry's SVC_F_STATELESS, beside its other
+/// flags; a service with conntrack has it clear.
+#[test]
+fn a_stateless_service_entry_carries_the_flag() {
+    let mut dsr = service(1, 2);
+    dsr.mode = Mode::Dsr;
+    dsr.port = 8080;
+    dsr.conntrack = false;
+    dsr.session_affinity = SessionAffinity::ClientIp;
+    let mut dnat = service(2, 2);
+    dnat.mode = Mode::Dnat;
+    dnat.conntrack = false;
+    let stateful = service(3, 2);
+    let d = desired(vec![dsr.clone(), dnat.clone(), stateful.clone()]);
+    let p = plan_of(&Applied::default(), &d).unwrap();
+    let flags = |s: &Service| p.applied.services[&codec::model_service_key(s)].flags;
+    assert_eq!(flags(&dsr), SVC_F_STATELESS | SVC_F_CLIENT_AFFINITY);
+    assert_eq!(flags(&dnat), SVC_F_STATELESS);
+    assert_eq!(flags(&stateful), 0);
+    // The entries written are the ones kept.
+    let written: Vec<u8> = p
+        .writes
+        .iter()
+        .filter_map(|w| match w {
+            Write::Service(_, v) => Some(v.flags & SVC_F_STATELESS),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(written.len(), 3);
+    assert_eq!(
+        written.iter().filter(|f| **f != 0).count(),
+        2,
+        "{written:?}"
+    );
+}
+
+/// Flipping `conntrack` is part of the service's digest, so it applies, and it costs
+/// one write: the service entry, with the same id, table generation and backends.
+#[test]
+fn flipping_conntrack_rewrites_the_service_entry_only() {
+    let mut s = service(1, 3);
+    s.mode = Mode::Dnat;
+    let others: Vec<Service> = (2..10).map(|n| service(n, 3)).collect();
+    let mut services = vec![s.clone()];
+    services.extend(others.iter().cloned());
+    let d = desired(services.clone());
+    let first = plan_of(&Applied::default(), &d).unwrap();
+    let key = codec::model_service_key(&s);
+    let before = first.applied.services[&key];
+    assert_eq!(before.flags & SVC_F_STATELESS, 0);
+
+    let mut off = d.clone();
+    off.services[0].conntrack = false;
+    let p = plan_of(&first.applied, &off).unwrap();
+    let after = p.applied.services[&key];
+    assert_eq!(
+        p.writes,
+        vec![Write::Service(
+            key,
+            ServiceValue {
+                flags: before.flags | SVC_F_STATELESS,
+                ..before
+            }
+        )]
+    );
+    assert_eq!(after.flags, SVC_F_STATELESS);
+    assert_eq!(p.summary, ApplySummary::default());
+    assert_eq!(p.applied.backends, first.applied.backends);
+    assert_eq!(p.applied.tables, first.applied.tables);
+    // The digest moved with it: the same state again writes nothing.
+    assert!(plan_of(&p.applied, &off).unwrap().writes.is_empty());
+
+    // And back on: the flag goes, the entry alone is written again.
+    let back = plan_of(&p.applied, &d).unwrap();
+    assert_eq!(back.writes, vec![Write::Service(key, before)]);
+    assert_eq!(back.applied.services, first.applied.services);
 }

@@ -26,6 +26,10 @@ pub const SHARED_IP_ANNOTATION: &str = "xlb.dev/allow-shared-ip";
 /// `dsr` or `nat`: how an `externalTrafficPolicy: Cluster` Service reaches endpoints
 /// on other nodes, overriding `--cluster-forwarding`.
 pub const FORWARDING_ANNOTATION: &str = "xlb.dev/forwarding";
+/// `"false"`: the Service's flows get no conntrack entry and every packet is balanced
+/// by Maglev alone (`conntrack: false` in the config file); `"true"`, or absent: they
+/// do. Refused, as in the file, where the Service is forwarded by nat.
+pub const CONNTRACK_ANNOTATION: &str = "xlb.dev/conntrack";
 /// The older way to give source ranges, read when `spec.loadBalancerSourceRanges` is
 /// empty (as kube-proxy does): a comma-separated list of CIDRs.
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
@@ -297,6 +301,27 @@ pub fn translate(
                 opts.cluster_forwarding
             }
         };
+        let conntrack = match c
+            .svc
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(CONNTRACK_ANNOTATION))
+            .map(String::as_str)
+        {
+            None | Some("true") => true,
+            Some("false") => false,
+            Some(other) => {
+                out.problems.push(Problem {
+                    service: c.sref.clone(),
+                    reason: "InvalidAnnotation",
+                    message: format!(
+                        "{CONNTRACK_ANNOTATION}: {other:?} is neither \"true\" nor \"false\"; keeping conntrack on"
+                    ),
+                });
+                true
+            }
+        };
         let Some(allow) = source_ranges(c.svc, &c.sref, &mut out.problems) else {
             continue;
         };
@@ -326,6 +351,7 @@ pub fn translate(
                     health_check: None,
                     encapsulated,
                     allow: allow.clone(),
+                    conntrack,
                 };
                 // Local: only this node's endpoints, which see the client's address.
                 if local {
