@@ -112,24 +112,28 @@ pub fn drop_incompatible_pins(pin_path: &Path) -> Result<Vec<String>> {
         // of it); any other map of another size was left by a version with another
         // fixed size, e.g. fewer counters, whose new entries would not exist.
         let sized_here = !operator_sized.contains(&name.as_str());
+        // The flags too: the flow tables are mmapable arrays (BPF_F_MMAPABLE), which
+        // the agent maps; an array without it could not be.
         let pinned = (
             info.map_type().map(|t| t as u32).ok(),
             info.key_size(),
             info.value_size(),
             sized_here.then(|| info.max_entries()),
+            info.map_flags(),
         );
         let wanted = (
             Some(def.map_type()),
             def.key_size(),
             def.value_size(),
             sized_here.then(|| def.max_entries()),
+            def.map_flags(),
         );
         if pinned != wanted {
             warn!(
                 map = %name,
                 ?pinned,
                 ?wanted,
-                "pinned map has another layout (type, key size, value size, fixed size): replacing it, its contents are lost"
+                "pinned map has another layout (type, key size, value size, fixed size, flags): replacing it, its contents are lost"
             );
             std::fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
             dropped.push(name.clone());
