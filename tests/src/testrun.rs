@@ -151,12 +151,7 @@ pub fn apply(dp: &mut Dataplane, cfg: &Config) -> Result<ApplySummary> {
 /// The XDP_PASS program in the same object (see lb-ebpf's main.rs).
 pub const BASELINE_PROGRAM: &str = "xlb_baseline_pass";
 
-fn run_program(
-    prog: &Xdp,
-    frame: &[u8],
-    repeat: u32,
-    ifindex: Option<u32>,
-) -> Result<RunResult> {
+fn run_program(prog: &Xdp, frame: &[u8], repeat: u32, ifindex: Option<u32>) -> Result<RunResult> {
     // Room for encapsulation the program might add later.
     let mut out = vec![0u8; frame.len() + 256];
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.

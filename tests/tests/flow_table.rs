@@ -221,7 +221,10 @@ fn drive(f: &Fixture, lab: &Lab, mode: Mode, flows: &[(usize, &Flow)]) -> Vec<Se
                 // Recorded as (source, source port, destination port): checked below.
                 seen.push((i, what, r.verdict, back.map(|(s, sp, _, dp)| (s, sp, dp))));
                 if let Some((_, _, dst, _)) = back {
-                    assert_eq!(dst, flow.frame.src, "flow {i}: the reply goes to the client");
+                    assert_eq!(
+                        dst, flow.frame.src,
+                        "flow {i}: the reply goes to the client"
+                    );
                 }
                 continue;
             }
@@ -273,7 +276,11 @@ fn concurrent_rounds(lab: &Lab, mode: Mode, shared: bool) -> Totals {
     let buckets = ct.buckets();
     assert_eq!(buckets as usize * lb_common::FLOW_WAYS, ct.capacity());
     assert_eq!(buckets, 64, "--conntrack-max {SMALL_TABLE}: 64 buckets");
-    let name = format!("{} {}", mode.name(), if shared { "shared" } else { "disjoint" });
+    let name = format!(
+        "{} {}",
+        mode.name(),
+        if shared { "shared" } else { "disjoint" }
+    );
     let mut totals = Totals::default();
     for round in 0..ROUNDS {
         let groups = plan_round(round, buckets, mode, &backend_refs);
@@ -361,7 +368,11 @@ fn concurrent_rounds(lab: &Lab, mode: Mode, shared: bool) -> Totals {
                 delta("event_flow_table_busy")
             );
         }
-        assert_eq!(per_flow.len(), flows.len(), "{name}, round {round}: every flow forwarded");
+        assert_eq!(
+            per_flow.len(),
+            flows.len(),
+            "{name}, round {round}: every flow forwarded"
+        );
 
         // The table: every flow once, nothing else.
         let mut count: HashMap<FlowKey, (usize, lb_common::ConnValue)> = HashMap::new();
@@ -397,27 +408,48 @@ fn concurrent_rounds(lab: &Lab, mode: Mode, shared: bool) -> Totals {
                     "{name}, round {round}, flow {i}: the client's port was free and kept \
                      (the plan of the reverse table's buckets counts on it)"
                 );
-                let rkey = flow_key(flow.backend.ip(), flow.backend.port(), SNAT.parse().unwrap(), port);
+                let rkey = flow_key(
+                    flow.backend.ip(),
+                    flow.backend.port(),
+                    SNAT.parse().unwrap(),
+                    port,
+                );
                 assert_eq!(
                     rcount.get(&rkey).copied().unwrap_or(0),
                     1,
                     "{name}, round {round}, flow {i}: its reply entry, once"
                 );
             }
-            assert_eq!(reverse.len(), flows.len(), "{name}, round {round}: reply entries");
+            assert_eq!(
+                reverse.len(),
+                flows.len(),
+                "{name}, round {round}: reply entries"
+            );
         } else {
             assert!(reverse.is_empty(), "{name}: dsr makes no reply entry");
         }
 
         // And afterwards, from one thread: each flow's next packet and its reply.
         for (i, flow) in flows.iter().enumerate() {
-            let r = f.run_on(&flow.frame.clone().flags(ACK).build(), lab.client_if).unwrap();
-            assert_eq!(r.verdict, XDP_REDIRECT, "{name}, round {round}, flow {i} after");
-            assert_eq!(translation(mode, &r.data), per_flow[&i], "{name}, round {round}, flow {i} after");
+            let r = f
+                .run_on(&flow.frame.clone().flags(ACK).build(), lab.client_if)
+                .unwrap();
+            assert_eq!(
+                r.verdict, XDP_REDIRECT,
+                "{name}, round {round}, flow {i} after"
+            );
+            assert_eq!(
+                translation(mode, &r.data),
+                per_flow[&i],
+                "{name}, round {round}, flow {i} after"
+            );
             if mode == Mode::Nat {
                 let reply = reply_frame(lab, flow, per_flow[&i].2).build();
                 let r = f.run_on(&reply, lab.backend_if).unwrap();
-                assert_eq!(r.verdict, XDP_REDIRECT, "{name}, round {round}, flow {i}: reply after");
+                assert_eq!(
+                    r.verdict, XDP_REDIRECT,
+                    "{name}, round {round}, flow {i}: reply after"
+                );
                 assert_back_to_client(lab, &decode(&r.data).unwrap(), &flow.frame);
             }
         }
@@ -454,12 +486,19 @@ fn read_counters(f: &Fixture) -> HashMap<&'static str, u64> {
 fn privileged_flow_table_both_cpus_insert_and_look_up_in_the_same_buckets() {
     in_lab(|lab| {
         let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert!(ncpu >= 2, "this test needs two CPUs, the machine has {ncpu}");
+        assert!(
+            ncpu >= 2,
+            "this test needs two CPUs, the machine has {ncpu}"
+        );
         let mut report = serde_json::Map::new();
         for mode in [Mode::Nat, Mode::Dsr] {
             for shared in [false, true] {
                 let t = concurrent_rounds(lab, mode, shared);
-                let name = format!("{}_{}", mode.name(), if shared { "shared" } else { "disjoint" });
+                let name = format!(
+                    "{}_{}",
+                    mode.name(),
+                    if shared { "shared" } else { "disjoint" }
+                );
                 println!("both CPUs, {name}: {t:?}");
                 report.insert(
                     name,
@@ -589,8 +628,14 @@ fn flood_run(lab: &Lab, mode: Mode, guard: Option<u32>, backends: &[String]) -> 
         assert_eq!(r.verdict, XDP_REDIRECT, "{label}: ACK of flow {i}");
         assert_eq!(translation(mode, &r.data), t, "{label}: flow {i}'s ACK");
         let key = flow_key(client, sport, vip, 80);
-        let e = ct.get(&key).unwrap_or_else(|| panic!("{label}: flow {i} in the table"));
-        assert_ne!(e.value.flags & CT_F_ESTABLISHED, 0, "{label}: flow {i} established");
+        let e = ct
+            .get(&key)
+            .unwrap_or_else(|| panic!("{label}: flow {i} in the table"));
+        assert_ne!(
+            e.value.flags & CT_F_ESTABLISHED,
+            0,
+            "{label}: flow {i} established"
+        );
         est.push(Established {
             ack,
             key,

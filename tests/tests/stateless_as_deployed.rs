@@ -245,7 +245,13 @@ fn stateless_udp_service(mode: Mode) -> serde_json::Value {
     let ct = Conntrack::from_pin(&pin.join(MAP_CONNTRACK)).unwrap();
     let rev = ReverseTable::from_pin(&pin.join(MAP_REVERSE_NAT)).unwrap();
     let entries: Vec<FlowKey> = ct.entries().map(|e| e.key).collect();
-    let client = |v: IpAddr| if v.is_ipv4() { lab.client4 } else { lab.client6 };
+    let client = |v: IpAddr| {
+        if v.is_ipv4() {
+            lab.client4
+        } else {
+            lab.client6
+        }
+    };
     let of_port = |port: u16| {
         entries
             .iter()
@@ -278,7 +284,11 @@ fn stateless_udp_service(mode: Mode) -> serde_json::Value {
     // Reply entries: dsr makes none; a stateless dnat service still claims its
     // replies' 5-tuples (the backend answers through the LB, which must translate
     // them back), one per source port.
-    let reply_entries = |port: u16| rev.entries().filter(|e| e.key.sport == port.to_be()).count();
+    let reply_entries = |port: u16| {
+        rev.entries()
+            .filter(|e| e.key.sport == port.to_be())
+            .count()
+    };
     let (rev_stateless, rev_stateful) = (reply_entries(STATELESS), reply_entries(STATEFUL));
     if mode == Mode::Dsr {
         assert_eq!(
@@ -327,5 +337,8 @@ fn privileged_stateless_udp_dsr_service_as_deployed() {
     if !privileged() {
         return;
     }
-    report("stateless_as_deployed_dsr", stateless_udp_service(Mode::Dsr));
+    report(
+        "stateless_as_deployed_dsr",
+        stateless_udp_service(Mode::Dsr),
+    );
 }
