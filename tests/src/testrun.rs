@@ -127,6 +127,18 @@ impl Fixture {
     fn run_full(&mut self, frame: &[u8], repeat: u32, ifindex: Option<u32>) -> Result<RunResult> {
         run_program(self.program()?, frame, repeat, ifindex)
     }
+
+    /// [`Fixture::run_on`] through a shared reference, for threads that run packets at
+    /// once (BPF_PROG_TEST_RUN runs the program on the calling thread's CPU).
+    pub fn run_shared_on(&self, frame: &[u8], ifindex: u32) -> Result<RunResult> {
+        let prog: &Xdp = self
+            .dp
+            .ebpf
+            .program(PROGRAM_NAME)
+            .with_context(|| format!("no program {PROGRAM_NAME}"))?
+            .try_into()?;
+        run_program(prog, frame, 1, Some(ifindex))
+    }
 }
 
 /// Programs `cfg` into `dp`'s maps. Every test and bench that applies a config to a
@@ -139,12 +151,7 @@ pub fn apply(dp: &mut Dataplane, cfg: &Config) -> Result<ApplySummary> {
 /// The XDP_PASS program in the same object (see lb-ebpf's main.rs).
 pub const BASELINE_PROGRAM: &str = "xlb_baseline_pass";
 
-fn run_program(
-    prog: &mut Xdp,
-    frame: &[u8],
-    repeat: u32,
-    ifindex: Option<u32>,
-) -> Result<RunResult> {
+fn run_program(prog: &Xdp, frame: &[u8], repeat: u32, ifindex: Option<u32>) -> Result<RunResult> {
     // Room for encapsulation the program might add later.
     let mut out = vec![0u8; frame.len() + 256];
     // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
