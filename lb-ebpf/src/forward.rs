@@ -22,7 +22,7 @@ use lb_common::{Addr, NeighbourRequest, NextHop, StatIndex, FAMILY_V4};
 
 use crate::{
     maps::{NextHopKey, NEIGHBOUR_REQUESTS, NEXTHOP, SCRATCH},
-    mem::{self, bytes_mut, copied, this_cpu, zero},
+    mem::{self, bytes_mut, copied, read_once, this_cpu, write_once, zero},
 };
 
 const NEXTHOP_TTL_NS: u64 = 1_000_000_000;
@@ -70,7 +70,7 @@ pub fn forward(
         Err(verdict) => return verdict,
     };
     if let Some(h) = flow_hop {
-        *h = hop;
+        store_hop(h, &hop);
     }
     send(ctx, &hop, sent)
 }
@@ -93,7 +93,7 @@ pub fn resolve(
     }
     let hop = shared_hop(ctx, route, now, ingress)?;
     if let Some(h) = flow_hop {
-        *h = hop;
+        store_hop(h, &hop);
     }
     Ok(hop)
 }
@@ -121,9 +121,25 @@ pub fn send(ctx: &XdpContext, hop: &NextHop, sent: StatIndex) -> (u32, StatIndex
     }
 }
 
+/// The expiry is read first: `store_hop` writes it last.
 #[inline(always)]
 fn usable(hop: &NextHop, now: u64, ingress: u32, tot_len: u16) -> bool {
-    hop.expires_ns > now && hop.ingress == ingress && tot_len <= hop.max_len
+    read_once(&hop.expires_ns) > now && hop.ingress == ingress && tot_len <= hop.max_len
+}
+
+/// Writes a flow's cached hop, which another CPU may be reading for a packet of the
+/// same flow: its expiry is cleared first and written last, so no reader finds an
+/// unexpired hop whose addresses are still being written (a reply once went out with
+/// zero MACs so).
+#[inline(always)]
+fn store_hop(h: &mut NextHop, hop: &NextHop) {
+    write_once(&mut h.expires_ns, 0);
+    write_once(&mut h.ifindex, hop.ifindex);
+    write_once(&mut h.ingress, hop.ingress);
+    write_once(&mut h.max_len, hop.max_len);
+    write_once(&mut h.smac, hop.smac);
+    write_once(&mut h.dmac, hop.dmac);
+    write_once(&mut h.expires_ns, hop.expires_ns);
 }
 
 /// The next hop from the cache shared by all flows to this destination, or from the

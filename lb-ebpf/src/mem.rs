@@ -189,19 +189,25 @@ pub fn read_once<T: Copy>(v: &T) -> T {
     unsafe { core::ptr::read_volatile(v) }
 }
 
+/// `x` written to memory now, in program order with the other volatile accesses.
+#[inline(always)]
+pub fn write_once<T: Copy>(v: &mut T, x: T) {
+    // SAFETY: a valid reference, written whole.
+    unsafe { core::ptr::write_volatile(v, x) }
+}
+
 /// Copies `src` into `dst` word by word, each word written now and in order (as
-/// volatile), without a copy of the whole on the stack. `T` is a whole number of
-/// 8-byte words (the flow table's keys and values).
+/// volatile), without a copy of the whole on the stack. 32-bit words: the keys are
+/// only 4-aligned, and an unaligned 64-bit access is eight byte accesses on BPF.
 #[inline(always)]
 pub fn copy_once<T: Copy>(dst: &mut T, src: &T) {
-    const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 4) };
-    let words = core::mem::size_of::<T>() / 8;
-    let (d, s) = (dst as *mut T as *mut u64, src as *const T as *const u64);
+    const { assert!(core::mem::size_of::<T>() % 4 == 0 && core::mem::align_of::<T>() >= 4) };
+    let words = core::mem::size_of::<T>() / 4;
+    let (d, s) = (dst as *mut T as *mut u32, src as *const T as *const u32);
     let mut i = 0;
     while i < words {
-        // SAFETY: both are valid for size_of::<T>() bytes; unaligned accesses because
-        // T may be only 4-aligned (FlowKey).
-        unsafe { core::ptr::write_volatile(d.add(i), s.add(i).read_unaligned()) };
+        // SAFETY: both are valid for size_of::<T>() bytes and at least 4-aligned.
+        unsafe { core::ptr::write_volatile(d.add(i), s.add(i).read()) };
         i += 1;
     }
 }
