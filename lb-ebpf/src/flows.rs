@@ -232,7 +232,10 @@ fn insert_way<V: FlowValue>(
             found = true;
             break;
         } else {
-            (rank_of(&way.key, &way.value, now, cfg), way.value.last_seen_ns())
+            (
+                rank_of(&way.key, &way.value, now, cfg),
+                way.value.last_seen_ns(),
+            )
         };
         if r < victim_rank || (r == victim_rank && seen < victim_seen) {
             victim = i;

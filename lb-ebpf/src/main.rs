@@ -335,7 +335,14 @@ fn decide_new_flow(
     nat::reply_entry(rev, key, (svc.id, backend_id), now);
     let source = nat::claim(key, (backend, mode), snat, cfg, rev)?;
     let keep = conntrack::Keep { flooded, stateless };
-    conntrack::create(ct, (pkt, hash), backend_id, source, (now, keep, cfg), new.len);
+    conntrack::create(
+        ct,
+        (pkt, hash),
+        backend_id,
+        source,
+        (now, keep, cfg),
+        new.len,
+    );
     Ok(())
 }
 

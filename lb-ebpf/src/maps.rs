@@ -10,13 +10,14 @@ use aya_ebpf::{
     macros::map,
     maps::{lpm_trie::Key as LpmKey, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf},
 };
-use lb_common::{Addr, Announced, L2Key, L2Value, NetdevLayout, VipKey};
 use lb_common::{
-    buckets_for, Backend, ConnValue, ConntrackBucket, Counter, DatapathConfig, FlowKey, FragmentKey, FragmentValue, MaglevChunk,
-    MaglevKey, NextHop, ReverseBucket, ReverseNat, ServiceKey, ServiceName, ServiceValue, SourceRangeKey,
-    TrafficStats, VipFilterWord, CONNTRACK_MAX, FRAGMENTS_MAX, MAGLEV_MAX_CHUNKS, MAX_BACKENDS,
-    MAX_SERVICES, SOURCE_RANGES_MAX, STAT_COUNT, VIPS_MAX, VIP_FILTER_WORDS,
+    buckets_for, Backend, ConnValue, ConntrackBucket, Counter, DatapathConfig, FlowKey,
+    FragmentKey, FragmentValue, MaglevChunk, MaglevKey, NextHop, ReverseBucket, ReverseNat,
+    ServiceKey, ServiceName, ServiceValue, SourceRangeKey, TrafficStats, VipFilterWord,
+    CONNTRACK_MAX, FRAGMENTS_MAX, MAGLEV_MAX_CHUNKS, MAX_BACKENDS, MAX_SERVICES, SOURCE_RANGES_MAX,
+    STAT_COUNT, VIPS_MAX, VIP_FILTER_WORDS,
 };
+use lb_common::{Addr, Announced, L2Key, L2Value, NetdevLayout, VipKey};
 
 #[map(name = "XLB_SERVICES")]
 pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(MAX_SERVICES, 0);

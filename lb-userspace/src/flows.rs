@@ -164,7 +164,12 @@ impl<V: Copy> FlowTable<V> {
     /// Removes `e` if its way still holds what was read. Returns whether it did.
     pub fn remove(&self, e: &Entry<V>) -> bool {
         self.word(e.bucket, e.way)
-            .compare_exchange(e.word, freed_word(e.word), Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(
+                e.word,
+                freed_word(e.word),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            )
             .is_ok()
     }
 
@@ -177,8 +182,7 @@ impl<V: Copy> FlowTable<V> {
         let way = (0..FLOW_WAYS)
             .find(|&w| self.read(b, w).is_some_and(|e| e.key == *key))
             .or_else(|| {
-                (0..FLOW_WAYS)
-                    .find(|&w| word_tag(self.word(b, w).load(Ordering::Relaxed)) == 0)
+                (0..FLOW_WAYS).find(|&w| word_tag(self.word(b, w).load(Ordering::Relaxed)) == 0)
             });
         let Some(way) = way else {
             return false;

@@ -19,8 +19,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use lb_common::{
-    buckets_for, DatapathConfig, FLOW_WAYS, MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_MAGLEV, MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES,
-    PROGRAM_NAME,
+    buckets_for, DatapathConfig, FLOW_WAYS, MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_MAGLEV,
+    MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, PROGRAM_NAME,
 };
 use tracing::{info, warn};
 
