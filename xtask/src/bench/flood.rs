@@ -111,13 +111,7 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
                     idle_lost += 1;
                 }
             }
-            let entries = {
-                use aya::maps::{HashMap, MapData};
-                let m = HashMap::<&MapData, lb_common::FlowKey, lb_common::ConnValue>::try_from(
-                    f.dp.ebpf.map(lb_common::MAP_CONNTRACK).unwrap(),
-                )?;
-                m.keys().count()
-            };
+            let entries = f.dp.conntrack()?.entries().count();
             runs.push(Run {
                 guard,
                 syns,
