@@ -194,7 +194,7 @@ pub fn read_once<T: Copy>(v: &T) -> T {
 /// 8-byte words (the flow table's keys and values).
 #[inline(always)]
 pub fn copy_once<T: Copy>(dst: &mut T, src: &T) {
-    const { assert!(core::mem::size_of::<T>() % 8 == 0 && core::mem::align_of::<T>() >= 4) };
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(8) && core::mem::align_of::<T>() >= 4) };
     let words = core::mem::size_of::<T>() / 8;
     let (d, s) = (dst as *mut T as *mut u64, src as *const T as *const u64);
     let mut i = 0;
