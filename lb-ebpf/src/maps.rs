@@ -36,11 +36,11 @@ pub static MAGLEV: HashMap<MaglevKey, MaglevChunk> =
 /// mapped by it (BPF_F_MMAPABLE) to sweep and count without a syscall per entry.
 #[map(name = "XLB_CONNTRACK")]
 pub static CONNTRACK: Array<ConntrackBucket> =
-    Array::pinned(buckets_for(CONNTRACK_MAX), BPF_F_MMAPABLE as u32);
+    Array::pinned(buckets_for(CONNTRACK_MAX), BPF_F_MMAPABLE);
 
 #[map(name = "XLB_REVERSE_NAT")]
 pub static REVERSE_NAT: Array<ReverseBucket> =
-    Array::pinned(buckets_for(CONNTRACK_MAX), BPF_F_MMAPABLE as u32);
+    Array::pinned(buckets_for(CONNTRACK_MAX), BPF_F_MMAPABLE);
 
 /// See lb_common::MAP_FRAGMENTS. Sized from --fragments-max at load.
 #[map(name = "XLB_FRAGMENTS")]

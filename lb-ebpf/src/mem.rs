@@ -201,7 +201,7 @@ pub fn write_once<T: Copy>(v: &mut T, x: T) {
 /// only 4-aligned, and an unaligned 64-bit access is eight byte accesses on BPF.
 #[inline(always)]
 pub fn copy_once<T: Copy>(dst: &mut T, src: &T) {
-    const { assert!(core::mem::size_of::<T>() % 4 == 0 && core::mem::align_of::<T>() >= 4) };
+    const { assert!(core::mem::size_of::<T>().is_multiple_of(4) && core::mem::align_of::<T>() >= 4) };
     let words = core::mem::size_of::<T>() / 4;
     let (d, s) = (dst as *mut T as *mut u32, src as *const T as *const u32);
     let mut i = 0;

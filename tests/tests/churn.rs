@@ -10,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData};
-use lb_common::{ConnValue, FlowKey, ReverseNat, MAP_CONNTRACK, MAP_REVERSE_NAT};
+use lb_common::{ConnValue, ReverseNat, MAP_CONNTRACK, MAP_REVERSE_NAT};
+use xlb::flows::FlowTable;
 use xlb_tests::{
     cfg::{Cfg, Svc, Timeouts},
     privileged,
@@ -51,11 +51,9 @@ fn udp_exchange(s: &UdpSocket, vip: SocketAddr, msg: &str) -> std::io::Result<us
 }
 
 fn entries(pin: &std::path::Path) -> (usize, usize) {
-    let ct = MapData::from_pin(pin.join(MAP_CONNTRACK)).unwrap();
-    let ct: HashMap<_, FlowKey, ConnValue> = HashMap::try_from(Map::LruHashMap(ct)).unwrap();
-    let rv = MapData::from_pin(pin.join(MAP_REVERSE_NAT)).unwrap();
-    let rv: HashMap<_, FlowKey, ReverseNat> = HashMap::try_from(Map::LruHashMap(rv)).unwrap();
-    (ct.keys().count(), rv.keys().count())
+    let ct = FlowTable::<ConnValue>::from_pin(&pin.join(MAP_CONNTRACK)).unwrap();
+    let rv = FlowTable::<ReverseNat>::from_pin(&pin.join(MAP_REVERSE_NAT)).unwrap();
+    (ct.entries().count(), rv.entries().count())
 }
 
 #[test]

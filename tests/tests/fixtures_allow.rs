@@ -43,12 +43,7 @@ fn config(mode: Mode, allow4: Option<&[&str]>, allow6: Option<&[&str]>) -> Confi
         .config()
 }
 fn conntrack_entries(f: &Fixture) -> usize {
-    use aya::maps::{HashMap, Map, MapData};
-    let data = MapData::from_pin(f.pin_path().join(lb_common::MAP_CONNTRACK)).unwrap();
-    let map =
-        HashMap::<_, lb_common::FlowKey, lb_common::ConnValue>::try_from(Map::LruHashMap(data))
-            .unwrap();
-    map.keys().filter(|k| k.is_ok()).count()
+    f.dp.conntrack().unwrap().entries().count()
 }
 
 fn denied(f: &Fixture, name: &str) -> u64 {

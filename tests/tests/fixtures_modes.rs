@@ -281,18 +281,8 @@ fn privileged_dsr_encapsulates_the_unchanged_packet() {
                 row.total("fwd_forward", 2)
                     // No reply entries: replies never come back through the LB.
                     .check(|f, _| {
-                        let rev = aya::maps::HashMap::<
-                            _,
-                            lb_common::FlowKey,
-                            lb_common::ReverseNat,
-                        >::try_from(aya::maps::Map::LruHashMap(
-                            aya::maps::MapData::from_pin(
-                                f.pin_path().join(lb_common::MAP_REVERSE_NAT),
-                            )
-                            .unwrap(),
-                        ))
-                        .unwrap();
-                        assert_eq!(rev.keys().count(), 0);
+                        let rev = f.dp.reverse_nat().unwrap();
+                        assert_eq!(rev.entries().count(), 0);
                     }),
             );
         }

@@ -11,10 +11,11 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use aya::maps::{HashMap as AyaHashMap, Map, MapData};
+use aya::maps::{Map, MapData};
 use lb_common::{
     ConnValue, FlowKey, ReverseNat, MAP_CONNTRACK, MAP_REVERSE_NAT, PROTO_TCP, PROTO_UDP,
 };
+use xlb::flows::FlowTable;
 use xlb_tests::{
     cfg::{Cfg, Svc, Timeouts},
     natlab::*,
@@ -664,19 +665,17 @@ fn privileged_next_hop_cache_expires_and_never_skips_the_mtu_check() {
     });
 }
 
-/// The one entry of a pinned LRU map (the test opens one flow).
-fn only_entry<V: aya::Pod>(f: &Fixture, map: &str) -> (FlowKey, V) {
-    let data = MapData::from_pin(f.pin_path().join(map)).unwrap();
-    let m: AyaHashMap<_, FlowKey, V> = AyaHashMap::try_from(Map::LruHashMap(data)).unwrap();
-    let all: Vec<_> = m.iter().map(|e| e.unwrap()).collect();
+/// The one entry of a pinned flow table (the test opens one flow).
+fn only_entry<V: Copy>(f: &Fixture, map: &str) -> (FlowKey, V) {
+    let table = FlowTable::<V>::from_pin(&f.pin_path().join(map)).unwrap();
+    let all: Vec<_> = table.entries().map(|e| (e.key, e.value)).collect();
     assert_eq!(all.len(), 1, "{map}: one flow");
     all[0]
 }
 
-fn write_entry<V: aya::Pod>(f: &Fixture, map: &str, key: &FlowKey, value: &V) {
-    let data = MapData::from_pin(f.pin_path().join(map)).unwrap();
-    let mut m: AyaHashMap<_, FlowKey, V> = AyaHashMap::try_from(Map::LruHashMap(data)).unwrap();
-    m.insert(key, value, 0).unwrap();
+fn write_entry<V: Copy>(f: &Fixture, map: &str, key: &FlowKey, value: &V) {
+    let table = FlowTable::<V>::from_pin(&f.pin_path().join(map)).unwrap();
+    assert!(table.insert(key, value), "{map}: written");
 }
 
 /// Each flow keeps its next hop in its own entries, both ways, so its packets need no
@@ -954,12 +953,8 @@ fn privileged_nat_rows() {
                 .packet(client(ack.build()).verdict(XDP_REDIRECT).note("balanced"))
                 .apply(dns_only.config())
                 .check(|f, _| {
-                    let ct: AyaHashMap<_, FlowKey, ConnValue> =
-                        AyaHashMap::try_from(Map::LruHashMap(
-                            MapData::from_pin(f.pin_path().join(MAP_CONNTRACK)).unwrap(),
-                        ))
-                        .unwrap();
-                    assert_eq!(ct.keys().count(), 1, "the flow's entry is still there");
+                    let ct = f.dp.conntrack().unwrap();
+                    assert_eq!(ct.entries().count(), 1, "the flow's entry is still there");
                 })
                 .packet(
                     client(ack.build())

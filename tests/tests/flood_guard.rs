@@ -7,8 +7,7 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use aya::maps::{HashMap, MapData};
-use lb_common::{ConnValue, FlowKey, MAP_CONNTRACK, PROTO_TCP};
+use lb_common::PROTO_TCP;
 use xlb::config::Config;
 use xlb_tests::{
     cfg::{Cfg, Svc},
@@ -36,10 +35,7 @@ fn config(mode: &str) -> Config {
 }
 
 fn entries(f: &Fixture) -> usize {
-    let m =
-        HashMap::<&MapData, FlowKey, ConnValue>::try_from(f.dp.ebpf.map(MAP_CONNTRACK).unwrap())
-            .unwrap();
-    m.keys().count()
+    f.dp.conntrack().unwrap().entries().count()
 }
 
 /// Where a forwarded frame goes and as whom: (outer destination for dsr, else the

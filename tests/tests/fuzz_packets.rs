@@ -20,9 +20,9 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use aya::maps::{HashMap, Map, MapData};
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
-use lb_common::{FlowKey, ReverseNat, StatIndex, MAP_CONNTRACK, MAP_REVERSE_NAT};
+use lb_common::{ConnValue, ReverseNat, StatIndex, MAP_CONNTRACK, MAP_REVERSE_NAT};
+use xlb::flows::FlowTable;
 use xlb::status::read_global_counters;
 use xlb_tests::{
     natlab::*,
@@ -260,12 +260,9 @@ fn flow_class(
 }
 
 fn entries(pin: &std::path::Path) -> usize {
-    let ct = MapData::from_pin(pin.join(MAP_CONNTRACK)).unwrap();
-    let ct: HashMap<_, FlowKey, lb_common::ConnValue> =
-        HashMap::try_from(Map::LruHashMap(ct)).unwrap();
-    let rv = MapData::from_pin(pin.join(MAP_REVERSE_NAT)).unwrap();
-    let rv: HashMap<_, FlowKey, ReverseNat> = HashMap::try_from(Map::LruHashMap(rv)).unwrap();
-    ct.keys().count() + rv.keys().count()
+    let ct = FlowTable::<ConnValue>::from_pin(&pin.join(MAP_CONNTRACK)).unwrap();
+    let rv = FlowTable::<ReverseNat>::from_pin(&pin.join(MAP_REVERSE_NAT)).unwrap();
+    ct.entries().count() + rv.entries().count()
 }
 
 fn totals(pin: &std::path::Path) -> (u64, u64) {

@@ -12,7 +12,10 @@ use std::{
 };
 
 use aya::maps::MapInfo;
-use lb_common::{ConnValue, FlowKey, ServiceKey, ServiceValue, MAP_CONNTRACK, MAP_SERVICES};
+use lb_common::{
+    ConnValue, ConntrackBucket, FlowKey, ReverseBucket, ServiceKey, ServiceValue, MAP_CONNTRACK,
+    MAP_REVERSE_NAT, MAP_SERVICES,
+};
 use xlb::dataplane::Dataplane;
 use xlb_tests::natlab::{BACKENDS_V4, BACKENDS_V6};
 
@@ -215,20 +218,38 @@ fn pin_raw_map(path: &Path, map_type: u32, key_size: u32, value_size: u32, max_e
 }
 
 /// Upgrading across a change of map layout: pinned maps an older xlb left with another
-/// value size are replaced (the program could not load against them), while the
-/// compatible ones are adopted as they are.
+/// type or value size are replaced (the program could not load against them), while
+/// the compatible ones are adopted as they are. The flow tables: conntrack as the LRU
+/// hash map xlb kept before its own table, reverse NAT as an array of buckets of
+/// another size (another number of ways).
 #[test]
 fn privileged_pinned_maps_of_another_layout_are_replaced() {
     if !privileged() {
         return;
     }
     const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
     const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
     let (pin, _cleanup) = own_pin_path();
     xlb::dataplane::ensure_bpffs(&pin).unwrap();
     let key = std::mem::size_of::<FlowKey>() as u32;
-    // The conntrack layout before flows carried their next hop: 32-byte values.
-    pin_raw_map(&pin.join(MAP_CONNTRACK), BPF_MAP_TYPE_LRU_HASH, key, 32, 64);
+    // The conntrack layout before xlb's own flow table: an LRU hash map of flows.
+    let value = std::mem::size_of::<ConnValue>() as u32;
+    pin_raw_map(
+        &pin.join(MAP_CONNTRACK),
+        BPF_MAP_TYPE_LRU_HASH,
+        key,
+        value,
+        64,
+    );
+    // A flow table of two-way buckets: a header line and two 128-byte ways.
+    pin_raw_map(
+        &pin.join(MAP_REVERSE_NAT),
+        BPF_MAP_TYPE_ARRAY,
+        4,
+        64 + 2 * 128,
+        64,
+    );
     pin_raw_map(
         &pin.join(MAP_SERVICES),
         BPF_MAP_TYPE_HASH,
@@ -240,8 +261,23 @@ fn privileged_pinned_maps_of_another_layout_are_replaced() {
 
     let mut dp = Dataplane::load(&pin, &Default::default())
         .expect("loads over pinned maps of an older layout");
-    let ct = MapInfo::from_pin(pin.join(MAP_CONNTRACK)).unwrap();
-    assert_eq!(ct.value_size() as usize, std::mem::size_of::<ConnValue>());
+    for (map, bucket) in [
+        (MAP_CONNTRACK, std::mem::size_of::<ConntrackBucket>()),
+        (MAP_REVERSE_NAT, std::mem::size_of::<ReverseBucket>()),
+    ] {
+        let info = MapInfo::from_pin(pin.join(map)).unwrap();
+        assert_eq!(
+            info.map_type().unwrap(),
+            aya::maps::MapType::Array,
+            "{map} replaced"
+        );
+        assert_eq!(info.value_size() as usize, bucket, "{map} replaced");
+    }
+    // Replaced at the size asked for (the default), and mapped by the agent.
+    let flows = (lb_common::buckets_for(lb_common::CONNTRACK_MAX) as usize) * lb_common::FLOW_WAYS;
+    assert_eq!(dp.conntrack().unwrap().capacity(), flows);
+    assert_eq!(dp.reverse_nat().unwrap().capacity(), flows);
+    assert_eq!(dp.conntrack().unwrap().occupied(), 0);
     assert_eq!(
         MapInfo::from_pin(pin.join(MAP_SERVICES)).unwrap().id(),
         services_id,

@@ -99,10 +99,15 @@ fn privileged_full_conntrack_recreates_flows_on_their_backend() {
             (c, b)
         })
         .collect();
-    // 200 short flows through a 64-entry table evict the long flows' entries.
+    // 200 more flows through a 64-entry table evict the long flows' entries. They stay
+    // open: a full bucket gives up closed and half-open flows before any established
+    // one, so only established flows, seen more recently than the long ones, push the
+    // long flows out.
+    let mut short = Vec::new();
     for i in 0..200 {
         let mut c = connect(&lab.client, vip);
         c.exchange(&format!("short {i}")).unwrap();
+        short.push(c);
     }
     // The long flows' next packets re-create their entries: Maglev gives the same
     // backend, and the reply entry, if it survived, gives back the same SNAT port.
@@ -114,6 +119,7 @@ fn privileged_full_conntrack_recreates_flows_on_their_backend() {
             kept += 1;
         }
     }
+    drop(short);
     let recreated = counter(&agent.pin_path, "event_flow_recreated");
     let reclaimed = counter(&agent.pin_path, "event_port_reclaimed");
     println!("conntrack full: {kept}/8 long flows survived; {recreated} re-created, {reclaimed} ports reclaimed");

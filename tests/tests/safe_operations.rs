@@ -160,7 +160,14 @@ fn privileged_sizes_of_adopted_maps_are_kept_warned_and_shown() {
         "{}",
         second.logs()
     );
-    assert_eq!(second.status().unwrap()["conntrack_max"], 1000);
+    // The first agent's table, in flows: 1000 rounded up to whole buckets (a power of
+    // two of them, lb_common::buckets_for), which 2000 is not.
+    let first_size = lb_common::buckets_for(1000) * lb_common::FLOW_WAYS as u32;
+    assert_ne!(
+        first_size,
+        lb_common::buckets_for(2000) * lb_common::FLOW_WAYS as u32
+    );
+    assert_eq!(second.status().unwrap()["conntrack_max"], first_size);
 }
 
 /// `ip netns exec` runs the agent in a mount namespace of its own, with a fresh /sys:

@@ -3,7 +3,8 @@
 //!
 //! BPF_PROG_TEST_RUN in the LB namespace, on one CPU (the guard counts per CPU), with
 //! the per-packet part's service (nat, 100 backends, M=65537) and the default
-//! conntrack size (262,144). First 1,000 established flows; then the flood, SYNs from a
+//! conntrack size (lb_common::CONNTRACK_MAX flows). First 1,000 established flows (SYN
+//! and ACK); then the flood, SYNs from a
 //! new source address each, as fast as one thread sends them. 100 of the established
 //! flows send a packet after every 10,000 flood SYNs ("active"); the other 900 one
 //! second after the flood ("idle"), when the guard's window has passed. A packet of an established flow is lost when it is not
@@ -76,7 +77,14 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
                 if r.verdict != XDP_REDIRECT {
                     bail!("establishing flow {i}: verdict {}", r.verdict);
                 }
-                est.push((syn.flags(ACK).build(), translation(&r.data)));
+                // The handshake's ACK: the flow is established, not half-open (a full
+                // bucket gives up half-open flows first, a flood's SYNs among them).
+                let ack = syn.flags(ACK).build();
+                let r2 = f.run_on(&ack, client_if)?;
+                if r2.verdict != XDP_REDIRECT || translation(&r2.data) != translation(&r.data) {
+                    bail!("establishing flow {i}: its ACK went elsewhere");
+                }
+                est.push((ack, translation(&r.data)));
             }
             // The guard's window starts afresh: the flood begins a second later.
             std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -111,13 +119,7 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
                     idle_lost += 1;
                 }
             }
-            let entries = {
-                use aya::maps::{HashMap, MapData};
-                let m = HashMap::<&MapData, lb_common::FlowKey, lb_common::ConnValue>::try_from(
-                    f.dp.ebpf.map(lb_common::MAP_CONNTRACK).unwrap(),
-                )?;
-                m.keys().count()
-            };
+            let entries = f.dp.conntrack()?.entries().count();
             runs.push(Run {
                 guard,
                 syns,

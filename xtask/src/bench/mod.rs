@@ -263,7 +263,7 @@ pub fn pin_to_this_cpu() -> Result<()> {
 }
 
 fn flood_report(runs: &[flood::Run]) -> String {
-    let mut md = String::from("## 5. SYN flood against established flows\n\nBPF_PROG_TEST_RUN on one CPU, nat service with 100 backends, conntrack 262,144. 1,000 established flows, then the flood (a new source address per SYN, as fast as one thread sends); 100 established flows send a packet after every 10,000 SYNs (active), the other 900 one second after the flood (idle). Lost: not forwarded with the flow's original backend and SNAT port.\n\n| flood guard (new flows/s per CPU) | SYNs | SYNs/s sent | flood SYNs forwarded | dropped by the guard | active packets lost | idle flows lost | conntrack entries after |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    let mut md = format!("## 5. SYN flood against established flows\n\nBPF_PROG_TEST_RUN on one CPU, nat service with 100 backends, conntrack {} flows. 1,000 established flows (SYN and ACK), then the flood (a new source address per SYN, as fast as one thread sends); 100 established flows send a packet after every 10,000 SYNs (active), the other 900 one second after the flood (idle). Lost: not forwarded with the flow's original backend and SNAT port.\n\n| flood guard (new flows/s per CPU) | SYNs | SYNs/s sent | flood SYNs forwarded | dropped by the guard | active packets lost | idle flows lost | conntrack entries after |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n", lb_common::CONNTRACK_MAX);
     println!(
         "  {}",
         [

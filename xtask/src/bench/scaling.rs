@@ -4,8 +4,6 @@
 //! holding 1k to 1M other flows.
 
 use anyhow::{bail, Context, Result};
-use aya::maps::{HashMap, MapData};
-use lb_common::{ConnValue, FlowKey, MAP_CONNTRACK};
 use serde::Serialize;
 use xlb::dataplane::LoadOptions;
 use xlb_tests::{
@@ -144,29 +142,38 @@ pub fn measure(vips: &[usize], flows: &[usize], calls: u32, rounds: u32) -> Resu
             bail!("opening the flow");
         }
         let (key, value) = {
-            let m: HashMap<&MapData, FlowKey, ConnValue> =
-                HashMap::try_from(f.dp.ebpf.map(MAP_CONNTRACK).context("conntrack")?)?;
-            m.iter().next().context("the flow is not in conntrack")??
+            let ct = f.dp.conntrack().context("conntrack")?;
+            let e = ct
+                .entries()
+                .next()
+                .context("the flow is not in conntrack")?;
+            (e.key, e.value)
         };
         let mut filled = 1usize;
+        // Other clients' addresses, one per attempt: a flow whose bucket is full (the
+        // table is never more than half full here) is skipped for the next address.
+        let mut next_src = 0u32;
         let mut points = Vec::new();
         for &n in &flows {
             {
-                let mut m: HashMap<&mut MapData, FlowKey, ConnValue> =
-                    HashMap::try_from(f.dp.ebpf.map_mut(MAP_CONNTRACK).context("conntrack")?)?;
-                while filled < n {
+                let ct = f.dp.conntrack().context("conntrack")?;
+                let attempts = 4 * n as u32;
+                while filled < n && next_src < attempts {
                     // Other clients' flows to the same service.
-                    let src = std::net::Ipv4Addr::from(0x0ac9_0000u32 + filled as u32);
+                    let src = std::net::Ipv4Addr::from(0x0ac9_0000u32 + next_src);
+                    next_src += 1;
                     let mut k = key;
                     k.src = xlb::codec::addr_to_words(src.into()).0;
-                    m.insert(k, value, 0)?;
-                    filled += 1;
+                    if ct.insert(&k, &value) {
+                        filled += 1;
+                    }
+                }
+                if filled < n {
+                    bail!("the conntrack table took {filled} of {n} flows");
                 }
             }
             let p = timed(&mut f, &est, ifindex, calls, rounds, n as u64)?;
-            let m: HashMap<&MapData, FlowKey, ConnValue> =
-                HashMap::try_from(f.dp.ebpf.map(MAP_CONNTRACK).context("conntrack")?)?;
-            if m.get(&key, 0).is_err() {
+            if f.dp.conntrack().context("conntrack")?.get(&key).is_none() {
                 bail!("the measured flow was evicted from conntrack at {n} flows");
             }
             println!(
