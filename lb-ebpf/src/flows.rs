@@ -16,7 +16,7 @@ use lb_common::{
 
 use crate::{
     maps::{CONNTRACK, REVERSE_NAT},
-    mem::{self, cas, copy_once, read_once, shared_slot},
+    mem::{self, cas, copy_once, read_once, shared_slot, write_once},
     stats,
 };
 
@@ -271,15 +271,18 @@ fn insert_way<V: FlowValue>(
     let way = &mut b.ways[victim];
     copy_once(&mut way.key, key);
     copy_once(&mut way.value, value);
-    // Even again: the way is whole. Nothing else moves a word that is odd.
-    cas(&mut b.words[victim], busy, next_word(busy, tag));
+    // Even again: the way is whole. Nothing else moves a word that is odd, so a plain
+    // store does, and the unlock too: x86 makes stores visible in program order (the
+    // way before its word, the word before the lock), and a compare-and-swap here would
+    // wait for the way's cache lines, which a new flow's way rarely has (measured).
+    write_once(&mut b.words[victim], next_word(busy, tag));
     unlock(b);
     victim as u32
 }
 
 #[inline(always)]
 fn unlock<V>(b: &mut FlowBucket<V>) {
-    cas(&mut b.lock, 1, 0);
+    write_once(&mut b.lock, 0);
 }
 
 /// Removes flow `key`, if the table holds it and no one rewrote its way meanwhile.

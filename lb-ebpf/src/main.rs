@@ -332,7 +332,9 @@ fn decide_new_flow(
     // entry); the agent never sets the flag on it.
     let stateless = svc.flags & SVC_F_STATELESS != 0 && mode != MODE_NAT;
     let flooded = !stateless && flood::check(now, cfg, mode)?;
-    nat::reply_entry(rev, key, (svc.id, backend_id), now);
+    if mode != MODE_DSR {
+        nat::reply_entry(rev, key, (svc.id, backend_id), now);
+    }
     let source = nat::claim(key, (backend, mode), snat, cfg, rev)?;
     let keep = conntrack::Keep { flooded, stateless };
     conntrack::create(
