@@ -442,3 +442,53 @@ fn a_reused_service_id_does_not_take_the_old_services_backend_ids() {
     let ids: Vec<u32> = p.applied.backends.keys().copied().collect();
     assert!(!ids.contains(&freed[0]), "{ids:?} took the freed {freed:?}");
 }
+
+/// The backends cleared are those a changed service no longer names and every one of a
+/// removed service, found from the services' records of their last apply, and the
+/// same as a walk of every backend finds (adopted maps, without records).
+#[test]
+fn cleared_backends_are_those_changed_and_removed_services_left() {
+    let first = plan_of(
+        &Applied::default(),
+        &desired(vec![service(1, 3), service(2, 2), service(3, 4)]),
+    )
+    .unwrap();
+    let mut changed = service(1, 3);
+    changed.backends[2].address = "172.31.0.9:8080".parse().unwrap();
+    let d = desired(vec![changed, service(3, 4)]);
+    let cleared = |p: &Planned| -> BTreeSet<u32> {
+        p.writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::ClearBackend(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    };
+    let by_id = |addr: &str, svc: &Applied| -> u32 {
+        let a: std::net::SocketAddr = addr.parse().unwrap();
+        *svc.backends
+            .iter()
+            .find(|(_, b)| backend_addr(b) == a)
+            .unwrap()
+            .0
+    };
+    let s1 = &service(1, 3).backends[2].address.to_string();
+    let s2: Vec<String> = service(2, 2)
+        .backends
+        .iter()
+        .map(|b| b.address.to_string())
+        .collect();
+    let expected: BTreeSet<u32> = [s1, &s2[0], &s2[1]]
+        .into_iter()
+        .map(|a| by_id(a, &first.applied))
+        .collect();
+    let recorded = plan_of(&first.applied, &d).unwrap();
+    assert_eq!(cleared(&recorded), expected);
+    assert_eq!(recorded.summary.backends_removed, 3);
+    let mut adopted = first.applied.clone();
+    adopted.sources.clear();
+    let walked = plan_of(&adopted, &d).unwrap();
+    assert_eq!(cleared(&walked), expected);
+    assert_eq!(recorded.applied.backends, walked.applied.backends);
+}
