@@ -234,10 +234,7 @@ pub fn plan_digested(
     // Whether every service in the maps has a record of its last apply (not so for
     // adopted maps): then the backends to clear are those that changed services and
     // removed ones no longer name, and the rest need not be walked.
-    let recorded = after
-        .services
-        .keys()
-        .all(|k| after.sources.contains_key(k))
+    let recorded = after.services.keys().all(|k| after.sources.contains_key(k))
         && after.sources.len() == after.services.len()
         && after
             .sources

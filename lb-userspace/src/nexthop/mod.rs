@@ -113,6 +113,9 @@ impl NextHops {
             .filter(|a| !self.paths.contains_key(a) && !self.unroutable.contains(a))
             .copied()
             .collect();
+        if new.is_empty() {
+            return false;
+        }
         let hops_before = self.hops();
         let changed = self.look_up(new).await;
         let hops = self.hops();
@@ -134,6 +137,27 @@ impl NextHops {
         let hops_before = self.hops();
         self.paths.retain(|a, _| wanted.contains(a));
         self.unroutable.retain(|a| wanted.contains(a));
+        let hops = self.hops();
+        if hops != hops_before {
+            if let Err(e) = self.sync_neighbours(&hops).await {
+                warn!("keeping the backends' next hops resolved failed: {e:#}");
+            }
+        }
+    }
+
+    /// Stops following these backends (no backend of the state applied has them), and
+    /// deletes the managed neighbour entries no backend needs any more: `forget` for a
+    /// change that knows what it removed.
+    pub async fn forget_these(&mut self, gone: &BTreeSet<IpAddr>) {
+        let mut removed = false;
+        let hops_before = self.hops();
+        for a in gone {
+            removed |= self.paths.remove(a).is_some();
+            self.unroutable.remove(a);
+        }
+        if !removed {
+            return;
+        }
         let hops = self.hops();
         if hops != hops_before {
             if let Err(e) = self.sync_neighbours(&hops).await {
