@@ -150,16 +150,25 @@ impl Agent {
         // Routes no backend of the new state has any more: of the file (as it says
         // them: health checks leave unhealthy ones out of `desired`) or of Kubernetes.
         let mut gone = candidates;
-        if !gone.is_empty() {
-            for s in &self.file.services {
-                for b in &s.backends {
-                    gone.remove(&b.via.unwrap_or(b.address.ip()));
-                }
+        for s in &changed {
+            for b in &s.backends {
+                gone.remove(&b.target());
             }
-            for s in &desired.services[files.min(desired.services.len())..] {
-                for b in &s.backends {
-                    gone.remove(&b.target());
-                }
+        }
+        for s in &self.file.services {
+            if gone.is_empty() {
+                break;
+            }
+            for b in &s.backends {
+                gone.remove(&b.via.unwrap_or(b.address.ip()));
+            }
+        }
+        for s in &desired.services[files.min(desired.services.len())..] {
+            if gone.is_empty() {
+                break;
+            }
+            for b in &s.backends {
+                gone.remove(&b.target());
             }
         }
         self.nexthops.forget_these(&gone).await;

@@ -149,20 +149,26 @@ impl NextHops {
     /// deletes the managed neighbour entries no backend needs any more: `forget` for a
     /// change that knows what it removed.
     pub async fn forget_these(&mut self, gone: &BTreeSet<IpAddr>) {
-        let mut removed = false;
-        let hops_before = self.hops();
+        let mut hops_gone = BTreeSet::new();
         for a in gone {
-            removed |= self.paths.remove(a).is_some();
+            if let Some(p) = self.paths.remove(a).filter(|p| !p.local) {
+                hops_gone.insert((p.ifindex, p.neighbour));
+            }
             self.unroutable.remove(a);
         }
-        if !removed {
+        // A next hop another backend still goes through stays (one gateway for
+        // 100,000 backends: the first path looked at says so).
+        hops_gone.retain(|h| {
+            !self
+                .paths
+                .values()
+                .any(|p| !p.local && (p.ifindex, p.neighbour) == *h)
+        });
+        if hops_gone.is_empty() {
             return;
         }
-        let hops = self.hops();
-        if hops != hops_before {
-            if let Err(e) = self.sync_neighbours(&hops).await {
-                warn!("keeping the backends' next hops resolved failed: {e:#}");
-            }
+        if let Err(e) = self.sync_neighbours(&self.hops()).await {
+            warn!("keeping the backends' next hops resolved failed: {e:#}");
         }
     }
 

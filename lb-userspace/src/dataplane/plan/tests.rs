@@ -492,3 +492,39 @@ fn cleared_backends_are_those_changed_and_removed_services_left() {
     assert_eq!(cleared(&walked), expected);
     assert_eq!(recorded.applied.backends, walked.applied.backends);
 }
+
+/// The digest that recognises an unchanged service tells apart what a change makes:
+/// one backend's address, port or weight, two backends swapped, one more backend.
+#[test]
+fn the_digest_tells_a_changed_service_apart() {
+    let base = service(1, 100);
+    let d = |s: &Service| digest(&(s, 0u8));
+    let mut seen = BTreeSet::from([d(&base)]);
+    let mut variants = Vec::new();
+    for i in [0usize, 50, 99] {
+        let mut s = base.clone();
+        s.backends[i].address.set_port(8081);
+        variants.push(s);
+        let mut s = base.clone();
+        s.backends[i].weight = 2;
+        variants.push(s);
+        let mut s = base.clone();
+        s.backends[i].snat = Some("10.0.0.1".parse().unwrap());
+        variants.push(s);
+    }
+    let mut s = base.clone();
+    s.backends.swap(3, 4);
+    variants.push(s);
+    variants.push(service(1, 101));
+    let mut s = base.clone();
+    s.name.push('x');
+    variants.push(s);
+    for v in &variants {
+        assert!(seen.insert(d(v)), "a collision for {:?}", v.name);
+    }
+    assert_eq!(
+        d(&base),
+        d(&base.clone()),
+        "the same service, the same digest"
+    );
+}
