@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use anyhow::Result;
 use tokio::sync::mpsc::UnboundedSender;
@@ -24,6 +25,7 @@ use crate::{
 };
 
 mod housekeeping;
+mod k8s_change;
 mod run;
 
 pub use run::run;
@@ -49,9 +51,15 @@ struct Agent {
     /// The file source: the last config file that applied, with the command line's
     /// overrides.
     file: Config,
-    /// The Kubernetes source: its services; `None` until the first sync, and nothing
-    /// is applied before it (the pinned maps keep the state of the last agent).
-    k8s: Option<Vec<model::Service>>,
+    /// The Kubernetes source: its services as last applied; `None` until the first
+    /// sync, and nothing is applied before it (the pinned maps keep the state of the
+    /// last agent).
+    k8s: Option<Vec<Arc<model::Service>>>,
+    /// What the controller last said (its updates are changes to this), applied or not.
+    k8s_word: Vec<Arc<model::Service>>,
+    /// The Kubernetes services in `desired` (those the file and the room left in), by
+    /// name, as their source gave them: a change is applied against these.
+    k8s_admitted: BTreeMap<String, Arc<model::Service>>,
     kubernetes: bool,
     /// What the sinks were last given: the file's and Kubernetes' services merged, with
     /// the facts resolved; None before the first apply. (The merge before resolving is
@@ -102,22 +110,34 @@ impl Agent {
     /// the room it leaves in the maps, is left out until the controller, which follows
     /// the file through `file_tx`, sends a list that fits (with Events for what it
     /// leaves out).
-    fn merged(&self, file: &Config, k8s: Option<&Vec<model::Service>>) -> Option<Desired> {
+    fn merged(&self, file: &Config, k8s: Option<&Vec<Arc<model::Service>>>) -> Option<Desired> {
         if self.kubernetes && k8s.is_none() {
             return None;
         }
         let mut d = file.desired();
-        let taken: BTreeSet<_> = d.services.iter().map(model::Service::slot).collect();
-        let names: BTreeSet<String> = d.services.iter().map(|s| s.name.clone()).collect();
-        let room = (self.dp.max_services as usize).saturating_sub(d.services.len());
         d.services.extend(
-            k8s.into_iter()
-                .flatten()
-                .filter(|s| !taken.contains(&s.slot()) && !names.contains(&s.name))
-                .take(room)
-                .cloned(),
+            self.admitted(file, k8s.map(Vec::as_slice).unwrap_or_default())
+                .into_iter()
+                .map(Arc::unwrap_or_clone),
         );
         Some(d)
+    }
+
+    /// The Kubernetes services that go beside the file's: not at one of its VIPs,
+    /// ports and protocols, nor of one of its names, and within the room it leaves.
+    fn admitted(&self, file: &Config, k8s: &[Arc<model::Service>]) -> Vec<Arc<model::Service>> {
+        let taken: BTreeSet<_> = file
+            .services
+            .iter()
+            .map(|s| (s.vip, s.port, s.protocol, s.encapsulated))
+            .collect();
+        let names: BTreeSet<&str> = file.services.iter().map(|s| s.name.as_str()).collect();
+        let room = (self.dp.max_services as usize).saturating_sub(file.services.len());
+        k8s.iter()
+            .filter(|s| !taken.contains(&s.slot()) && !names.contains(s.name.as_str()))
+            .take(room)
+            .cloned()
+            .collect()
     }
 
     /// Tells the Kubernetes controller the file as it now stands.
@@ -153,7 +173,7 @@ impl Agent {
     async fn adopt(
         &mut self,
         file: Config,
-        k8s: Option<Vec<model::Service>>,
+        k8s: Option<Vec<Arc<model::Service>>>,
     ) -> Result<Option<ApplySummary>> {
         let Some(intent) = self.merged(&file, k8s.as_ref()) else {
             // Waiting for Kubernetes: settings an upgrade emptied are written from the
@@ -229,6 +249,11 @@ impl Agent {
             &self.health,
             self.health_tx.clone(),
         ));
+        self.k8s_admitted = self
+            .admitted(&file, k8s.as_deref().unwrap_or_default())
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
         self.file = file;
         self.publish_file();
         self.k8s = k8s;
@@ -308,9 +333,16 @@ impl Agent {
         }
     }
 
-    async fn kubernetes_changed(&mut self, services: Vec<model::Service>) {
-        let n = services.len();
-        match self.adopt(self.file.clone(), Some(services)).await {
+    async fn kubernetes_changed(&mut self, update: crate::k8s::controller::Update) {
+        let n = update.order.len();
+        self.k8s_word = update.services(&self.k8s_word);
+        let adopted = if self.k8s.is_some() && self.desired.is_some() {
+            self.adopt_k8s_change().await
+        } else {
+            self.adopt(self.file.clone(), Some(self.k8s_word.clone()))
+                .await
+        };
+        match adopted {
             Ok(summary) => info!(?summary, services = n, "Kubernetes services applied"),
             Err(e) => {
                 self.metrics.applied(false);

@@ -152,6 +152,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         dp,
         file: Config::default(),
         k8s: None,
+        k8s_word: Vec::new(),
+        k8s_admitted: Default::default(),
         kubernetes: args.kubernetes,
         desired: None,
         health: BTreeMap::new(),

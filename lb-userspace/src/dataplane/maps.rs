@@ -208,7 +208,9 @@ impl Dataplane {
         // they are left, nothing is written and the caller sweeps first.
         let free =
             (self.max_backends as usize).saturating_sub(now.backends.len() + now.freed.len());
-        let needed = plan::backends_to_add(&now, desired);
+        // Each service's digest, once: an unchanged service is known by it.
+        let digests = plan::digests(desired);
+        let needed = plan::backends_to_add_digested(&now, desired, &digests);
         if needed > free {
             let waiting = now.freed.len();
             self.applied = Some(now);
@@ -216,7 +218,8 @@ impl Dataplane {
         }
         // Each write is made as the plan gives it. On an error the maps may hold part
         // of the change: the next apply reads them back.
-        let (applied, summary) = plan::plan(now, desired, limits, &mut |w| self.write(w))?;
+        let (applied, summary) =
+            plan::plan_digested(now, desired, &digests, limits, &mut |w| self.write(w))?;
         self.applied = Some(applied);
         Ok(summary)
     }

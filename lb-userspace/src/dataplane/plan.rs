@@ -87,7 +87,7 @@ pub struct Source {
     pub backend_ids: Vec<u32>,
 }
 
-/// 128 bits of two differently keyed hashes: an accidental match is not a concern.
+/// 128 bits (`digest`): an accidental match is not a concern.
 pub type Digest = (u64, u64);
 
 /// The settings a service's entries are built from, besides the service itself.
@@ -166,13 +166,40 @@ pub fn plan(
     limits: Limits,
     emit: &mut Emit,
 ) -> Result<(Applied, ApplySummary)> {
-    desired.check_capacity(limits.max_services, limits.max_backends)?;
+    plan_digested(now, desired, &digests(desired), limits, emit)
+}
+
+/// Each service's digest, with the settings its entries are built from: what an
+/// unchanged service is recognised by (`Source::digest`). Made once per apply, for
+/// `backends_to_add` and `plan_digested` both.
+pub fn digests(desired: &Desired) -> Vec<Digest> {
     let settings = &desired.settings;
     let inputs = Inputs {
         table_size: settings.maglev_table_size,
         snat: (settings.snat.ipv4, settings.snat.ipv6),
         icmp_echo: settings.icmp_echo,
     };
+    desired
+        .services
+        .iter()
+        .map(|svc| digest(&(svc, inputs)))
+        .collect()
+}
+
+/// `plan`, with `digests(desired)` already made.
+pub fn plan_digested(
+    now: Applied,
+    desired: &Desired,
+    digests: &[Digest],
+    limits: Limits,
+    emit: &mut Emit,
+) -> Result<(Applied, ApplySummary)> {
+    desired.check_capacity(limits.max_services, limits.max_backends)?;
+    anyhow::ensure!(
+        digests.len() == desired.services.len(),
+        "one digest per service"
+    );
+    let settings = &desired.settings;
     let mut summary = ApplySummary::default();
     let mut after = now;
 
@@ -199,15 +226,22 @@ pub fn plan(
         after.services.values().map(|v| v.id).collect(),
         limits.max_services,
     );
-    let mut backend_ids = IdAllocator::new(
-        after
-            .backends
-            .keys()
-            .chain(after.freed.keys())
-            .copied()
-            .collect(),
-        limits.max_backends,
-    );
+    // Backend ids are free when neither in the map nor waiting for a sweep: looked up
+    // as they are given out (a set of 100,000 ids made at every apply was a tenth of a
+    // one-backend change).
+    let mut backend_ids = IdAllocator::new(BTreeSet::new(), limits.max_backends);
+    // Whether every service in the maps has a record of its last apply (not so for
+    // adopted maps): then the backends to clear are those that changed services and
+    // removed ones no longer name, and the rest need not be walked.
+    let recorded = after.services.keys().all(|k| after.sources.contains_key(k))
+        && after.sources.len() == after.services.len()
+        && after
+            .sources
+            .values()
+            .map(|s| s.backend_ids.len())
+            .sum::<usize>()
+            == after.backends.len();
+    let mut dropped: BTreeSet<u32> = BTreeSet::new();
     // Built at the first service with no record of its last apply (adopted maps): an
     // apply that changes one known service need not index 100,000 backends.
     let mut backend_id_of: Option<BTreeMap<(u32, std::net::SocketAddr), u32>> = None;
@@ -251,16 +285,21 @@ pub fn plan(
             *wanted_vips.entry((family as u32, addr)).or_insert(0) |= flags;
         }
         // Unchanged since the last apply: nothing to write.
-        let digest = digest(&(svc, inputs));
+        let digest = digests[i];
         let last = after.sources.remove(key);
-        if let Some(src) = last
-            .as_ref()
-            .filter(|s| s.digest == digest && old.is_some())
-        {
-            wanted_backends.extend(src.backend_ids.iter().copied());
-            wanted_ranges.extend(mine);
-            sources.insert(*key, src.clone());
-            continue;
+        let last = match last {
+            Some(src) if src.digest == digest && old.is_some() => {
+                if !recorded {
+                    wanted_backends.extend(src.backend_ids.iter().copied());
+                }
+                wanted_ranges.extend(mine);
+                sources.insert(*key, src);
+                continue;
+            }
+            last => last,
+        };
+        if let Some(src) = &last {
+            dropped.extend(src.backend_ids.iter().copied());
         }
         // Its backends' ids: from its last apply, or (adopted maps) from an index of
         // every backend, made once.
@@ -313,7 +352,11 @@ pub fn plan(
                 }
                 None => {
                     summary.backends_added += 1;
-                    backend_ids.alloc().context("no free backend id")?
+                    backend_ids
+                        .alloc_where(|i| {
+                            !after.backends.contains_key(&i) && !after.freed.contains_key(&i)
+                        })
+                        .context("no free backend id")?
                 }
             };
             if after.backends.get(&bid) != Some(&value) {
@@ -335,7 +378,10 @@ pub fn plan(
             } else {
                 after.tunnels.insert(bid, tunnel);
             }
-            wanted_backends.insert(bid);
+            if !recorded {
+                wanted_backends.insert(bid);
+            }
+            dropped.remove(&bid);
             ids.push(bid);
         }
         let weighted: Vec<maglev::WeightedBackend> = svc
@@ -446,12 +492,27 @@ pub fn plan(
         after.names.remove(&value.id);
         summary.services_removed += 1;
     }
-    let cleared: Vec<u32> = after
-        .backends
-        .keys()
-        .filter(|id| !wanted_backends.contains(id))
-        .copied()
-        .collect();
+    let cleared: Vec<u32> = if recorded {
+        // What changed services no longer name, and every backend of a removed one (the
+        // records left are the removed services').
+        dropped.extend(
+            after
+                .sources
+                .values()
+                .flat_map(|s| s.backend_ids.iter().copied()),
+        );
+        dropped
+            .into_iter()
+            .filter(|id| after.backends.contains_key(id))
+            .collect()
+    } else {
+        after
+            .backends
+            .keys()
+            .filter(|id| !wanted_backends.contains(id))
+            .copied()
+            .collect()
+    };
     for id in &cleared {
         emit(Write::ClearBackend(*id))?;
         if let Some(b) = after.backends.remove(id) {
@@ -489,24 +550,52 @@ pub fn plan(
 /// How many backend ids `desired` needs that `now` does not have: every backend of a
 /// new service, and the new backends of the others.
 pub fn backends_to_add(now: &Applied, desired: &Desired) -> usize {
-    let known: BTreeSet<(u32, std::net::SocketAddr)> = now
-        .backends
-        .values()
-        .map(|b| (b.service_id, backend_addr(b)))
-        .collect();
+    backends_to_add_digested(now, desired, &digests(desired))
+}
+
+/// `backends_to_add`, with `digests(desired)` already made: a service unchanged since
+/// its last apply needs none, a changed one is compared with its own last backends,
+/// and only services with no record (adopted maps) with an index of every backend.
+pub fn backends_to_add_digested(now: &Applied, desired: &Desired, digests: &[Digest]) -> usize {
+    let mut index: Option<BTreeSet<(u32, std::net::SocketAddr)>> = None;
     desired
         .services
         .iter()
-        .map(
-            |svc| match now.services.get(&codec::model_service_key(svc)) {
-                Some(v) => svc
-                    .backends
-                    .iter()
-                    .filter(|b| !known.contains(&(v.id, b.address)))
-                    .count(),
-                None => svc.backends.len(),
-            },
-        )
+        .zip(digests)
+        .map(|(svc, digest)| {
+            let key = codec::model_service_key(svc);
+            let Some(v) = now.services.get(&key) else {
+                return svc.backends.len();
+            };
+            match now.sources.get(&key) {
+                Some(src) if src.digest == *digest => 0,
+                Some(src) => {
+                    let mine: BTreeSet<std::net::SocketAddr> = src
+                        .backend_ids
+                        .iter()
+                        .filter_map(|id| now.backends.get(id))
+                        .filter(|b| b.service_id == v.id)
+                        .map(backend_addr)
+                        .collect();
+                    svc.backends
+                        .iter()
+                        .filter(|b| !mine.contains(&b.address))
+                        .count()
+                }
+                None => {
+                    let known = index.get_or_insert_with(|| {
+                        now.backends
+                            .values()
+                            .map(|b| (b.service_id, backend_addr(b)))
+                            .collect()
+                    });
+                    svc.backends
+                        .iter()
+                        .filter(|b| !known.contains(&(v.id, b.address)))
+                        .count()
+                }
+            }
+        })
         .sum()
 }
 
@@ -609,14 +698,88 @@ fn filter_writes(
     Ok(())
 }
 
+/// 128 bits of `value`, from two lanes of a multiply-rotate hash (`Lanes`): SipHash
+/// fed field by field cost most of a one-backend change at 100,000 backends.
 fn digest(value: &impl Hash) -> Digest {
-    let keyed = |k: u8| {
-        let mut h = std::hash::DefaultHasher::new();
-        k.hash(&mut h);
-        value.hash(&mut h);
-        h.finish()
-    };
-    (keyed(1), keyed(2))
+    let mut h = Lanes::default();
+    value.hash(&mut h);
+    h.digest()
+}
+
+/// Two 64-bit lanes, each updated per word by a xor, a multiplication by an odd
+/// constant and a rotation: for a given word each step is a bijection of the lane, so
+/// two inputs of the same shape that differ in one word (a backend's address, say)
+/// never give the same digest; others collide by accident about once in 2^64 per
+/// lane. Not a defence against inputs made to collide (nor was the keyless SipHash
+/// before it): what is hashed comes from the operator and the API server.
+#[derive(Default)]
+struct Lanes {
+    a: u64,
+    b: u64,
+    len: u64,
+}
+
+impl Lanes {
+    #[inline]
+    fn word(&mut self, w: u64) {
+        self.a = (self.a ^ w)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(29);
+        self.b = (self.b ^ w.rotate_left(32))
+            .wrapping_mul(0xd6e8_feb8_6659_fd93)
+            .rotate_left(37);
+        self.len += 1;
+    }
+
+    fn digest(mut self) -> Digest {
+        let len = self.len;
+        self.word(len);
+        // A last mix, so the final words reach every bit.
+        let fin = |mut x: u64| {
+            x ^= x >> 33;
+            x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+            x ^= x >> 33;
+            x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+            x ^ (x >> 33)
+        };
+        (fin(self.a), fin(self.b))
+    }
+}
+
+impl Hasher for Lanes {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.word(u64::from_le_bytes(w));
+        }
+        // Where the bytes end: "ab" + "c" is not "a" + "bc".
+        self.word(bytes.len() as u64 | 1 << 63);
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.word(i as u64);
+    }
+
+    fn write_u16(&mut self, i: u16) {
+        self.word(i as u64);
+    }
+
+    fn write_u32(&mut self, i: u32) {
+        self.word(i as u64);
+    }
+
+    fn write_u64(&mut self, i: u64) {
+        self.word(i);
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.word(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        unreachable!("digest() reads both lanes")
+    }
 }
 
 fn hash_of(value: &impl Hash) -> u64 {
@@ -646,7 +809,13 @@ impl IdAllocator {
     }
 
     fn alloc(&mut self) -> Option<u32> {
-        let id = (self.next..self.limit).find(|i| !self.used.contains(i))?;
+        self.alloc_where(|_| true)
+    }
+
+    /// The lowest id from the cursor on that is neither taken here nor refused by
+    /// `free` (which knows what is taken elsewhere).
+    fn alloc_where(&mut self, free: impl Fn(u32) -> bool) -> Option<u32> {
+        let id = (self.next..self.limit).find(|i| !self.used.contains(i) && free(*i))?;
         self.used.insert(id);
         self.next = id + 1;
         Some(id)

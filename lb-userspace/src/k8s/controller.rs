@@ -11,8 +11,9 @@
 //!   state stays programmed.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::IpAddr,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -35,16 +36,42 @@ use tracing::{debug, info, warn};
 
 use super::{
     health_port::HealthPorts,
-    translate::{translate, Options, Problem, ServiceRef},
+    translate::{Cache, Options, Problem, ServiceRef},
 };
 use crate::model::{self, Desired};
 
-pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(20);
+pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(2);
 pub const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
 
-/// What the agent is sent: the services Kubernetes wants, each already checked
-/// against the agent's base config on its own.
-pub type Update = Vec<model::Service>;
+/// What the agent is sent: the services Kubernetes wants, each already checked against
+/// the agent's base config on its own, as a change to the last update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Update {
+    /// The names of every service Kubernetes wants now, oldest Service first.
+    pub order: Vec<String>,
+    /// The services new or changed since the last update (every one in the first).
+    /// A name in `order` and not here is the last update's service, unchanged.
+    pub changed: Vec<Arc<model::Service>>,
+}
+
+impl Update {
+    /// The services `order` names: `changed`, else `last`'s of that name.
+    pub fn services(&self, last: &[Arc<model::Service>]) -> Vec<Arc<model::Service>> {
+        let changed: BTreeMap<&str, &Arc<model::Service>> =
+            self.changed.iter().map(|s| (s.name.as_str(), s)).collect();
+        let last: BTreeMap<&str, &Arc<model::Service>> =
+            last.iter().map(|s| (s.name.as_str(), s)).collect();
+        self.order
+            .iter()
+            .filter_map(|n| {
+                changed
+                    .get(n.as_str())
+                    .or_else(|| last.get(n.as_str()))
+                    .map(|s| Arc::clone(s))
+            })
+            .collect()
+    }
+}
 
 /// Starts the controller. `base` is the agent's config file as it stands, followed
 /// through reloads (a channel, never a copy taken here): what a service is checked
@@ -118,7 +145,10 @@ async fn run(
         opts,
         base,
         max_services,
-        last_sent: None,
+        cache: Cache::default(),
+        checks: BTreeMap::new(),
+        checked_snat: Vec::new(),
+        sent: None,
         reported: BTreeSet::new(),
         health: HealthPorts::default(),
         tx,
@@ -177,13 +207,23 @@ async fn run(
     }
 }
 
+/// The services last sent to the agent: their names in order, and each by name.
+type Sent = (Vec<String>, BTreeMap<String, Arc<model::Service>>);
+
 struct State {
     client: Client,
     recorder: Recorder,
     opts: Options,
     base: Desired,
     max_services: usize,
-    last_sent: Option<Update>,
+    /// The last translation, kept: a change translates the Services it touches.
+    cache: Cache,
+    /// Each service's check on its own, against `checked_snat`, as last made: made
+    /// again when the translation made the service again or the SNAT addresses moved.
+    checks: BTreeMap<String, Result<(), String>>,
+    checked_snat: Vec<IpAddr>,
+    /// What the agent was last sent: the services in order, by name.
+    sent: Option<Sent>,
     /// Problems already reported as Events, so a steady problem is reported once.
     reported: BTreeSet<(String, &'static str, String)>,
     health: HealthPorts,
@@ -203,7 +243,16 @@ impl State {
         let svc_refs: Vec<&Service> = svcs.iter().map(|s| s.as_ref()).collect();
         let slice_refs: Vec<&EndpointSlice> = slices.iter().map(|s| s.as_ref()).collect();
         let node_refs: Vec<&Node> = nodes.iter().map(|s| s.as_ref()).collect();
-        let mut desired = translate(&svc_refs, &slice_refs, &node_refs, &self.opts);
+        let t = std::time::Instant::now();
+        let mut desired = self
+            .cache
+            .translate(&svc_refs, &slice_refs, &node_refs, &self.opts);
+        debug!(
+            services = desired.services.len(),
+            translated = desired.fresh.len(),
+            ms = t.elapsed().as_millis() as u64,
+            "Kubernetes objects translated"
+        );
 
         // Checked one by one, so one bad Service cannot block the others; a file
         // service's VIP, port and protocol stay the file's.
@@ -213,18 +262,27 @@ impl State {
             .iter()
             .map(model::Service::slot)
             .collect();
+        let snat = self.base.settings.snat.addresses();
+        if snat != self.checked_snat {
+            self.checks.clear();
+            self.checked_snat = snat.clone();
+        }
         let mut services = Vec::with_capacity(desired.services.len());
-        for s in desired.services {
+        for s in std::mem::take(&mut desired.services) {
             let checked = if taken.contains(&s.slot()) {
-                Err(anyhow::anyhow!(
+                Err(format!(
                     "{}:{}/{} is a service of the config file, which keeps it",
                     s.vip,
                     s.port,
                     s.protocol.name()
                 ))
             } else {
-                let snat = self.base.settings.snat.addresses();
-                model::validate::services(std::slice::from_ref(&s), &snat).map_err(Into::into)
+                if desired.fresh.contains(&s.name) || !self.checks.contains_key(&s.name) {
+                    let c = model::validate::services(std::slice::from_ref(&*s), &snat)
+                        .map_err(|e| format!("{:#}", anyhow::Error::from(e)));
+                    self.checks.insert(s.name.clone(), c);
+                }
+                self.checks[&s.name].clone()
             };
             match checked {
                 Ok(()) => services.push(s),
@@ -233,11 +291,15 @@ impl State {
                         desired.problems.push(Problem {
                             service: super::translate::service_ref_of(c),
                             reason: "InvalidService",
-                            message: format!("{}: {e:#}", s.name),
+                            message: format!("{}: {e}", s.name),
                         });
                     }
                 }
             }
+        }
+        if self.checks.len() > self.cache.len() * 4 + 64 {
+            let names: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+            self.checks.retain(|n, _| names.contains(n.as_str()));
         }
         if services.len() + self.base.services.len() > self.max_services {
             let room = self.max_services.saturating_sub(self.base.services.len());
@@ -247,13 +309,13 @@ impl State {
             );
             services.truncate(room);
         }
-        if self.last_sent.as_ref() != Some(&services) {
+        if let Some(update) = self.update(services) {
             debug!(
-                services = services.len(),
+                services = update.order.len(),
+                changed = update.changed.len(),
                 "sending Kubernetes services to the agent"
             );
-            let _ = self.tx.send(services.clone());
-            self.last_sent = Some(services);
+            let _ = self.tx.send(update);
         }
         self.health.update(&desired.health_ports).await;
         for (svc, ips) in desired.status {
@@ -272,6 +334,32 @@ impl State {
                 self.publish(&p).await;
             }
         }
+    }
+
+    /// What the agent must be told of `services`, if anything: the first time every
+    /// one, then those that differ from what it was last sent (the same service made
+    /// again by the translation is compared by content).
+    fn update(&mut self, services: Vec<Arc<model::Service>>) -> Option<Update> {
+        let order: Vec<String> = services.iter().map(|s| s.name.clone()).collect();
+        let changed: Vec<Arc<model::Service>> = match &self.sent {
+            None => services.clone(),
+            Some((_, last)) => services
+                .iter()
+                .filter(|s| {
+                    last.get(&s.name)
+                        .is_none_or(|l| !Arc::ptr_eq(l, s) && **l != ***s)
+                })
+                .cloned()
+                .collect(),
+        };
+        let first = self.sent.is_none();
+        let same_order = self.sent.as_ref().is_some_and(|(o, _)| *o == order);
+        let by_name = services.into_iter().map(|s| (s.name.clone(), s)).collect();
+        self.sent = Some((order.clone(), by_name));
+        if !first && same_order && changed.is_empty() {
+            return None;
+        }
+        Some(Update { order, changed })
     }
 
     /// Writes the VIPs into the Service's status. The resourceVersion makes the write
@@ -386,4 +474,43 @@ fn sref_prefix(svc: &Service) -> String {
         svc.metadata.namespace.as_deref().unwrap_or("default"),
         svc.metadata.name.as_deref().unwrap_or_default()
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Mode, Protocol, SessionAffinity};
+
+    fn svc(name: &str, port: u16) -> Arc<model::Service> {
+        Arc::new(model::Service {
+            name: name.into(),
+            vip: "192.0.2.1".parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+            mode: Mode::Nat,
+            backends: vec![],
+            session_affinity: SessionAffinity::None,
+            health_check: None,
+            encapsulated: false,
+            allow: vec![],
+            conntrack: true,
+        })
+    }
+
+    /// An update names every service and carries only the changed ones: the agent
+    /// rebuilds the list from its last one, in the update's order.
+    #[test]
+    fn an_update_is_the_last_list_with_its_changes() {
+        let last = vec![svc("a", 1), svc("b", 2), svc("c", 3)];
+        let b2 = svc("b", 20);
+        let u = Update {
+            order: vec!["d".into(), "b".into(), "a".into()],
+            changed: vec![b2.clone(), svc("d", 4)],
+        };
+        let now = u.services(&last);
+        let names: Vec<&str> = now.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["d", "b", "a"]);
+        assert!(Arc::ptr_eq(&now[1], &b2));
+        assert!(Arc::ptr_eq(&now[2], &last[0]), "unchanged: the same");
+    }
 }

@@ -41,17 +41,34 @@ impl Desired {
     /// Whether the maps can hold these services: the service and backend maps' sizes
     /// are set when they are created (`--max-services`, `--max-backends`).
     pub fn check_capacity(&self, max_services: u32, max_backends: u32) -> anyhow::Result<()> {
-        if self.services.len() > max_services as usize {
+        check_capacity(
+            self.services.len(),
+            self.services.iter().map(|s| s.backends.len()).sum(),
+            self.services.iter().map(|s| s.allow.len()).sum(),
+            max_services,
+            max_backends,
+        )
+    }
+}
+
+/// `Desired::check_capacity` of services counted elsewhere: so many services, backends
+/// in all and source ranges in all.
+pub fn check_capacity(
+    services: usize,
+    total_backends: usize,
+    total_ranges: usize,
+    max_services: u32,
+    max_backends: u32,
+) -> anyhow::Result<()> {
+    {
+        if services > max_services as usize {
             anyhow::bail!(
-                "field services: {} services, the maps hold {max_services} (--max-services)",
-                self.services.len()
+                "field services: {services} services, the maps hold {max_services} (--max-services)"
             );
         }
-        let total_backends: usize = self.services.iter().map(|s| s.backends.len()).sum();
         if total_backends > max_backends as usize {
             anyhow::bail!("field services: {total_backends} backends in all, the maps hold {max_backends} (--max-backends)");
         }
-        let total_ranges: usize = self.services.iter().map(|s| s.allow.len()).sum();
         if total_ranges > lb_common::SOURCE_RANGES_MAX as usize {
             anyhow::bail!(
                 "field services: {total_ranges} source ranges (allow) in all, the datapath holds {}",

@@ -64,8 +64,13 @@ impl<'a> Set<'a> {
         }
     }
 
-    /// Checks the next service, on its own and against those added before.
-    pub fn add(&mut self, s: &Service) -> Result<(), Invalid> {
+    /// Adds a service already checked on its own (and unchanged since): only against
+    /// those added before, for a name or a VIP, port and protocol twice.
+    pub fn add_checked(&mut self, s: &Service) -> Result<(), Invalid> {
+        self.unique(s)
+    }
+
+    fn unique(&mut self, s: &Service) -> Result<(), Invalid> {
         let fail = |place: Place, message: String| Invalid {
             service: self.names.len(),
             name: s.name.clone(),
@@ -78,7 +83,6 @@ impl<'a> Set<'a> {
                 format!("field name: duplicate service name {:?}", s.name),
             ));
         }
-        service(s, self.snat_addrs).map_err(|(place, message)| fail(place, message))?;
         if self.seen.contains(&s.slot()) {
             return Err(fail(
                 Place::Name,
@@ -93,6 +97,21 @@ impl<'a> Set<'a> {
         self.names.insert(s.name.clone());
         self.seen.insert(s.slot());
         Ok(())
+    }
+
+    /// Checks the next service, on its own and against those added before.
+    pub fn add(&mut self, s: &Service) -> Result<(), Invalid> {
+        // A name twice is said before what else is wrong with the second.
+        if self.names.contains(&s.name) {
+            return self.unique(s);
+        }
+        service(s, self.snat_addrs).map_err(|(place, message)| Invalid {
+            service: self.names.len(),
+            name: s.name.clone(),
+            place,
+            message,
+        })?;
+        self.unique(s)
     }
 }
 

@@ -113,6 +113,9 @@ impl NextHops {
             .filter(|a| !self.paths.contains_key(a) && !self.unroutable.contains(a))
             .copied()
             .collect();
+        if new.is_empty() {
+            return false;
+        }
         let hops_before = self.hops();
         let changed = self.look_up(new).await;
         let hops = self.hops();
@@ -139,6 +142,33 @@ impl NextHops {
             if let Err(e) = self.sync_neighbours(&hops).await {
                 warn!("keeping the backends' next hops resolved failed: {e:#}");
             }
+        }
+    }
+
+    /// Stops following these backends (no backend of the state applied has them), and
+    /// deletes the managed neighbour entries no backend needs any more: `forget` for a
+    /// change that knows what it removed.
+    pub async fn forget_these(&mut self, gone: &BTreeSet<IpAddr>) {
+        let mut hops_gone = BTreeSet::new();
+        for a in gone {
+            if let Some(p) = self.paths.remove(a).filter(|p| !p.local) {
+                hops_gone.insert((p.ifindex, p.neighbour));
+            }
+            self.unroutable.remove(a);
+        }
+        // A next hop another backend still goes through stays (one gateway for
+        // 100,000 backends: the first path looked at says so).
+        hops_gone.retain(|h| {
+            !self
+                .paths
+                .values()
+                .any(|p| !p.local && (p.ifindex, p.neighbour) == *h)
+        });
+        if hops_gone.is_empty() {
+            return;
+        }
+        if let Err(e) = self.sync_neighbours(&self.hops()).await {
+            warn!("keeping the backends' next hops resolved failed: {e:#}");
         }
     }
 

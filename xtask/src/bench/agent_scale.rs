@@ -8,6 +8,8 @@
 //! - the agent's peak RSS, and its CPU while nothing changes.
 //!
 //! `XLB_BENCH_AGENT=PATH` measures another build of the agent instead of this one's.
+//! `XLB_BENCH_AGENT_LOG=DIR` runs the agent with `RUST_LOG=xlb=debug` (its phase
+//! timings) and leaves its logs in DIR (`file.log`, `kubernetes.log`), for profiling.
 //!
 //! Latencies are read from the agent's own log timestamps against the time the change
 //! was made (both the system clock), not from polling its output.
@@ -119,6 +121,26 @@ fn waited_ms(agent: &mut Agent, needle: &str, n: usize, since: f64) -> Result<f6
     Ok((t - since) * 1e3)
 }
 
+/// `XLB_BENCH_AGENT_LOG`: the agent logs its phases (debug), kept in that directory.
+fn log_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("XLB_BENCH_AGENT_LOG").map(Into::into)
+}
+
+fn with_log(start: Start) -> Start {
+    match log_dir() {
+        Some(_) => start.env("RUST_LOG", "info,xlb=debug"),
+        None => start,
+    }
+}
+
+fn keep_log(agent: &Agent, name: &str) -> Result<()> {
+    if let Some(dir) = log_dir() {
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join(name), agent.logs())?;
+    }
+    Ok(())
+}
+
 fn kib(pid: u32, field: &str) -> Result<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let v: f64 = s
@@ -175,11 +197,13 @@ pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> R
         let path = &lab.config_path;
         std::fs::write(path, config_text(services, per, &[]))?;
         let started = Instant::now();
-        let mut agent = Start::new(&lab.lb, &lab.iface_arg())
-            .config(path)
-            .metrics_addr("off")
-            .args(&["--max-services", "1024", "--max-backends", "131072"])
-            .start()?;
+        let mut agent = with_log(
+            Start::new(&lab.lb, &lab.iface_arg())
+                .config(path)
+                .metrics_addr("off")
+                .args(&["--max-services", "1024", "--max-backends", "131072"]),
+        )
+        .start()?;
         r.file_start_ms = started.elapsed().as_secs_f64() * 1e3;
         println!(
             "  file: xlb run to \"xlb running\": {:.0} ms",
@@ -215,6 +239,7 @@ pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> R
             "  file: idle CPU {:.2}% of a core over {:.0} s; RSS {:.1} MiB, peak {:.1} MiB",
             r.idle_cpu_percent, r.idle_seconds, r.file_rss_mib, r.file_peak_rss_mib
         );
+        keep_log(&agent, "file.log")?;
         drop(agent);
     }
     // Kubernetes: the same services as Services and EndpointSlices.
@@ -256,7 +281,7 @@ pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> R
         }
         let kc = kubeconfig.to_str().context("path")?.to_owned();
         let started = Instant::now();
-        let mut agent = Start::new(&lab.lb, &lab.iface_arg())
+        let mut agent = with_log(Start::new(&lab.lb, &lab.iface_arg()))
             .metrics_addr("off")
             .args(&[
                 "--kubernetes",
@@ -295,6 +320,7 @@ pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> R
             "  Kubernetes: one endpoint changed, EndpointSlice to the maps ({changes}): p50 {:.0} ms, p99 {:.0} ms; peak RSS {:.1} MiB",
             r.k8s_change_ms_p50, r.k8s_change_ms_p99, r.k8s_peak_rss_mib
         );
+        keep_log(&agent, "kubernetes.log")?;
         drop(agent);
         let _ = std::fs::remove_dir_all(&dir);
     }

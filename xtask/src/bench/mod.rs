@@ -605,8 +605,9 @@ pub(crate) fn build_agent() -> Result<std::path::PathBuf> {
     }
     let status = cmd.current_dir(crate::workspace_root()).status()?;
     anyhow::ensure!(status.success(), "building the agent failed");
-    Ok(crate::workspace_root()
-        .join("target")
-        .join(PROFILE)
-        .join("xlb"))
+    // Where cargo put it: CARGO_TARGET_DIR when set (several worktrees share a machine).
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target"));
+    Ok(target.join(PROFILE).join("xlb"))
 }

@@ -521,3 +521,89 @@ fn flipping_conntrack_rewrites_the_service_entry_only() {
     assert_eq!(back.writes, vec![Write::Service(key, before)]);
     assert_eq!(back.applied.services, first.applied.services);
 }
+
+/// The backends cleared are those a changed service no longer names and every one of a
+/// removed service, found from the services' records of their last apply, and the
+/// same as a walk of every backend finds (adopted maps, without records).
+#[test]
+fn cleared_backends_are_those_changed_and_removed_services_left() {
+    let first = plan_of(
+        &Applied::default(),
+        &desired(vec![service(1, 3), service(2, 2), service(3, 4)]),
+    )
+    .unwrap();
+    let mut changed = service(1, 3);
+    changed.backends[2].address = "172.31.0.9:8080".parse().unwrap();
+    let d = desired(vec![changed, service(3, 4)]);
+    let cleared = |p: &Planned| -> BTreeSet<u32> {
+        p.writes
+            .iter()
+            .filter_map(|w| match w {
+                Write::ClearBackend(id) => Some(*id),
+                _ => None,
+            })
+            .collect()
+    };
+    let by_id = |addr: &str, svc: &Applied| -> u32 {
+        let a: std::net::SocketAddr = addr.parse().unwrap();
+        *svc.backends
+            .iter()
+            .find(|(_, b)| backend_addr(b) == a)
+            .unwrap()
+            .0
+    };
+    let s1 = &service(1, 3).backends[2].address.to_string();
+    let s2: Vec<String> = service(2, 2)
+        .backends
+        .iter()
+        .map(|b| b.address.to_string())
+        .collect();
+    let expected: BTreeSet<u32> = [s1, &s2[0], &s2[1]]
+        .into_iter()
+        .map(|a| by_id(a, &first.applied))
+        .collect();
+    let recorded = plan_of(&first.applied, &d).unwrap();
+    assert_eq!(cleared(&recorded), expected);
+    assert_eq!(recorded.summary.backends_removed, 3);
+    let mut adopted = first.applied.clone();
+    adopted.sources.clear();
+    let walked = plan_of(&adopted, &d).unwrap();
+    assert_eq!(cleared(&walked), expected);
+    assert_eq!(recorded.applied.backends, walked.applied.backends);
+}
+
+/// The digest that recognises an unchanged service tells apart what a change makes:
+/// one backend's address, port or weight, two backends swapped, one more backend.
+#[test]
+fn the_digest_tells_a_changed_service_apart() {
+    let base = service(1, 100);
+    let d = |s: &Service| digest(&(s, 0u8));
+    let mut seen = BTreeSet::from([d(&base)]);
+    let mut variants = Vec::new();
+    for i in [0usize, 50, 99] {
+        let mut s = base.clone();
+        s.backends[i].address.set_port(8081);
+        variants.push(s);
+        let mut s = base.clone();
+        s.backends[i].weight = 2;
+        variants.push(s);
+        let mut s = base.clone();
+        s.backends[i].snat = Some("10.0.0.1".parse().unwrap());
+        variants.push(s);
+    }
+    let mut s = base.clone();
+    s.backends.swap(3, 4);
+    variants.push(s);
+    variants.push(service(1, 101));
+    let mut s = base.clone();
+    s.name.push('x');
+    variants.push(s);
+    for v in &variants {
+        assert!(seen.insert(d(v)), "a collision for {:?}", v.name);
+    }
+    assert_eq!(
+        d(&base),
+        d(&base.clone()),
+        "the same service, the same digest"
+    );
+}

@@ -16,6 +16,8 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+use std::sync::Arc;
+
 use super::ipam;
 use crate::model::{self, Backend, Mode, Protocol, SessionAffinity};
 
@@ -159,8 +161,37 @@ pub fn translate(
     nodes: &[&Node],
     opts: &Options,
 ) -> Desired {
-    let mut out = Desired::default();
+    let t = Cache::default().translate(services, slices, nodes, opts);
+    Desired {
+        services: t.services.into_iter().map(Arc::unwrap_or_clone).collect(),
+        status: t.status,
+        problems: t.problems,
+        health_ports: t.health_ports,
+    }
+}
+
+/// `translate`'s result as `Cache::translate` gives it: the services shared with the
+/// cache, and the names of those made again by this translation (the rest are the
+/// last translation's, unchanged).
+#[derive(Debug, Default)]
+pub struct Translated {
+    pub services: Vec<Arc<model::Service>>,
+    pub status: Vec<(ServiceRef, Vec<IpAddr>)>,
+    pub problems: Vec<Problem>,
+    pub health_ports: BTreeMap<u16, HealthPort>,
+    pub fresh: BTreeSet<String>,
+}
+
+fn translate_cached(
+    cache: &mut Cache,
+    services: &[&Service],
+    slices: &[&EndpointSlice],
+    nodes: &[&Node],
+    opts: &Options,
+) -> Translated {
+    let mut out = Translated::default();
     let node_addrs = node_addresses(nodes);
+    cache.begin(&node_addrs);
     let mut ours: Vec<&Service> = services
         .iter()
         .copied()
@@ -252,95 +283,127 @@ pub fn translate(
         if !c.status_vips.is_empty() && (c.status_vips != current || !ip_mode_vip(c.svc)) {
             out.status.push((c.sref.clone(), c.status_vips.clone()));
         }
-        let vips: Vec<IpAddr> = c
-            .status_vips
-            .iter()
-            .chain(&c.external_vips)
-            .copied()
-            .collect();
-        if vips.is_empty() {
-            out.problems.push(Problem {
-                service: c.sref.clone(),
-                reason: "NoVIP",
-                message: "no address: none in status.loadBalancer.ingress, spec.loadBalancerIP \
-                          or spec.externalIPs, and no IPAM pool of its family"
-                    .into(),
-            });
-        }
-        let spec = c.svc.spec.as_ref().expect("is_ours checked the spec");
-        let local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let affinity = match spec.session_affinity.as_deref() {
-            Some("ClientIP") => SessionAffinity::ClientIp,
-            _ => SessionAffinity::None,
-        };
         let my_slices = slices_of
             .get(&(c.sref.namespace.clone(), c.sref.name.clone()))
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
-        let forwarding = match c
-            .svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(FORWARDING_ANNOTATION))
-            .map(String::as_str)
-        {
-            None => opts.cluster_forwarding,
-            Some("dsr") => ClusterForwarding::Dsr,
-            Some("nat") => ClusterForwarding::Nat,
-            Some(other) => {
-                out.problems.push(Problem {
-                    service: c.sref.clone(),
-                    reason: "InvalidAnnotation",
-                    message: format!(
-                        "{FORWARDING_ANNOTATION}: {other:?} is neither dsr nor nat; using {:?}",
-                        opts.cluster_forwarding
-                    ),
-                });
-                opts.cluster_forwarding
-            }
-        };
-        let conntrack = match c
-            .svc
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(CONNTRACK_ANNOTATION))
-            .map(String::as_str)
-        {
-            None | Some("true") => true,
-            Some("false") => false,
-            Some(other) => {
-                out.problems.push(Problem {
-                    service: c.sref.clone(),
-                    reason: "InvalidAnnotation",
-                    message: format!(
-                        "{CONNTRACK_ANNOTATION}: {other:?} is neither \"true\" nor \"false\"; keeping conntrack on"
-                    ),
-                });
-                true
-            }
-        };
-        let Some(allow) = source_ranges(c.svc, &c.sref, &mut out.problems) else {
+        let piece = cache.piece(c, my_slices, &node_addrs, opts);
+        out.services.extend(piece.services.iter().cloned());
+        out.problems.extend(piece.problems.iter().cloned());
+        if let Some((port, hp)) = &piece.health_port {
+            out.health_ports.insert(*port, hp.clone());
+        }
+    }
+    out.fresh = cache.done();
+    out.problems.sort();
+    out.problems.dedup();
+    out
+}
+
+/// What one Service gives, besides its status: its xlb services, its problems, its
+/// health check port. A function of the Service, its EndpointSlices, its VIPs (as the
+/// conflicts and pools left them), the nodes' addresses and the options only: what
+/// `Cache` keeps between translations.
+#[derive(Debug, Default)]
+pub(super) struct Piece {
+    pub(super) services: Vec<Arc<model::Service>>,
+    pub(super) problems: Vec<Problem>,
+    pub(super) health_port: Option<(u16, HealthPort)>,
+}
+
+fn serve(
+    c: &Candidate,
+    my_slices: &[&EndpointSlice],
+    node_addrs: &BTreeMap<String, Vec<IpAddr>>,
+    opts: &Options,
+) -> Piece {
+    let mut out = Piece::default();
+    let vips: Vec<IpAddr> = c
+        .status_vips
+        .iter()
+        .chain(&c.external_vips)
+        .copied()
+        .collect();
+    if vips.is_empty() {
+        out.problems.push(Problem {
+            service: c.sref.clone(),
+            reason: "NoVIP",
+            message: "no address: none in status.loadBalancer.ingress, spec.loadBalancerIP \
+                      or spec.externalIPs, and no IPAM pool of its family"
+                .into(),
+        });
+    }
+    let spec = c.svc.spec.as_ref().expect("is_ours checked the spec");
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let affinity = match spec.session_affinity.as_deref() {
+        Some("ClientIP") => SessionAffinity::ClientIp,
+        _ => SessionAffinity::None,
+    };
+    let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
+    let forwarding = match c
+        .svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(FORWARDING_ANNOTATION))
+        .map(String::as_str)
+    {
+        None => opts.cluster_forwarding,
+        Some("dsr") => ClusterForwarding::Dsr,
+        Some("nat") => ClusterForwarding::Nat,
+        Some(other) => {
+            out.problems.push(Problem {
+                service: c.sref.clone(),
+                reason: "InvalidAnnotation",
+                message: format!(
+                    "{FORWARDING_ANNOTATION}: {other:?} is neither dsr nor nat; using {:?}",
+                    opts.cluster_forwarding
+                ),
+            });
+            opts.cluster_forwarding
+        }
+    };
+    let conntrack = match c
+        .svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(CONNTRACK_ANNOTATION))
+        .map(String::as_str)
+    {
+        None | Some("true") => true,
+        Some("false") => false,
+        Some(other) => {
+            out.problems.push(Problem {
+                service: c.sref.clone(),
+                reason: "InvalidAnnotation",
+                message: format!(
+                    "{CONNTRACK_ANNOTATION}: {other:?} is neither \"true\" nor \"false\"; keeping conntrack on"
+                ),
+            });
+            true
+        }
+    };
+    let Some(allow) = source_ranges(c.svc, &c.sref, &mut out.problems) else {
+        return out;
+    };
+    for vip in &vips {
+        if !allow.is_empty() && !allow.iter().any(|n| n.addr().is_ipv4() == vip.is_ipv4()) {
+            out.problems.push(Problem {
+                service: c.sref.clone(),
+                reason: "SourceRangesOtherFamily",
+                message: format!(
+                    "loadBalancerSourceRanges has no {} range, so no client may reach {vip}: not serving it",
+                    if vip.is_ipv4() { "IPv4" } else { "IPv6" }
+                ),
+            });
             continue;
-        };
-        for vip in &vips {
-            if !allow.is_empty() && !allow.iter().any(|n| n.addr().is_ipv4() == vip.is_ipv4()) {
-                out.problems.push(Problem {
-                    service: c.sref.clone(),
-                    reason: "SourceRangesOtherFamily",
-                    message: format!(
-                        "loadBalancerSourceRanges has no {} range, so no client may reach {vip}: not serving it",
-                        if vip.is_ipv4() { "IPv4" } else { "IPv6" }
-                    ),
-                });
-                continue;
-            }
-            for p in &c.ports {
-                let name = format!("{}:{}/{}@{vip}", c.sref, p.port, p.protocol.name());
-                let eps = endpoints_for(my_slices, p, vip.is_ipv6(), local, opts, &mut local_ready);
-                let svc = |name: String, mode, backends, encapsulated| model::Service {
+        }
+        for p in &c.ports {
+            let name = format!("{}:{}/{}@{vip}", c.sref, p.port, p.protocol.name());
+            let eps = endpoints_for(my_slices, p, vip.is_ipv6(), local, opts, &mut local_ready);
+            let svc = |name: String, mode, backends, encapsulated| {
+                Arc::new(model::Service {
                     name,
                     vip: *vip,
                     port: p.port,
@@ -352,82 +415,78 @@ pub fn translate(
                     encapsulated,
                     allow: allow.clone(),
                     conntrack,
-                };
-                // Local: only this node's endpoints, which see the client's address.
-                if local {
-                    out.services
-                        .push(svc(name, Mode::Dnat, to_backends(eps), false));
+                })
+            };
+            // Local: only this node's endpoints, which see the client's address.
+            if local {
+                out.services
+                    .push(svc(name, Mode::Dnat, to_backends(eps), false));
+                continue;
+            }
+            if forwarding == ClusterForwarding::Nat {
+                out.services
+                    .push(svc(name, Mode::Nat, to_backends(eps), false));
+                continue;
+            }
+            // dsr across nodes: to each endpoint through the node that hosts it;
+            // this node's own endpoints by dnat. And the service that node runs
+            // for what arrives encapsulated: dnat to its own endpoints.
+            let mut remote = Vec::new();
+            let mut here = Vec::new();
+            for ep in &eps {
+                if ep.local {
+                    here.push(ep.clone());
+                    let mut b = to_backend(ep);
+                    b.local = true;
+                    remote.push(b);
                     continue;
                 }
-                if forwarding == ClusterForwarding::Nat {
-                    out.services
-                        .push(svc(name, Mode::Nat, to_backends(eps), false));
-                    continue;
-                }
-                // dsr across nodes: to each endpoint through the node that hosts it;
-                // this node's own endpoints by dnat. And the service that node runs
-                // for what arrives encapsulated: dnat to its own endpoints.
-                let mut remote = Vec::new();
-                let mut here = Vec::new();
-                for ep in &eps {
-                    if ep.local {
-                        here.push(ep.clone());
+                let via = ep
+                    .node
+                    .as_ref()
+                    .and_then(|n| node_addrs.get(n))
+                    .and_then(|ips| ips.iter().copied().find(|ip| ip.is_ipv4() == vip.is_ipv4()));
+                match via {
+                    Some(via) => {
                         let mut b = to_backend(ep);
-                        b.local = true;
+                        b.via = Some(via);
                         remote.push(b);
-                        continue;
                     }
-                    let via = ep
-                        .node
-                        .as_ref()
-                        .and_then(|n| node_addrs.get(n))
-                        .and_then(|ips| {
-                            ips.iter().copied().find(|ip| ip.is_ipv4() == vip.is_ipv4())
-                        });
-                    match via {
-                        Some(via) => {
-                            let mut b = to_backend(ep);
-                            b.via = Some(via);
-                            remote.push(b);
-                        }
-                        None => out.problems.push(Problem {
-                            service: c.sref.clone(),
-                            reason: "NodeAddressUnknown",
-                            message: format!(
-                                "endpoint {} is on node {:?}, which has no {} address in its status: not served over dsr",
-                                ep.address,
-                                ep.node.as_deref().unwrap_or("?"),
-                                if vip.is_ipv4() { "IPv4" } else { "IPv6" }
-                            ),
-                        }),
-                    }
+                    None => out.problems.push(Problem {
+                        service: c.sref.clone(),
+                        reason: "NodeAddressUnknown",
+                        message: format!(
+                            "endpoint {} is on node {:?}, which has no {} address in its status: not served over dsr",
+                            ep.address,
+                            ep.node.as_deref().unwrap_or("?"),
+                            if vip.is_ipv4() { "IPv4" } else { "IPv6" }
+                        ),
+                    }),
                 }
-                out.services.push(svc(
-                    format!("{name} (from tunnel)"),
-                    Mode::Dnat,
-                    to_backends(here),
-                    true,
-                ));
-                out.services.push(svc(name, Mode::Dsr, remote, false));
             }
-        }
-        if local {
-            if let Some(port) = spec
-                .health_check_node_port
-                .and_then(|p| u16::try_from(p).ok())
-            {
-                out.health_ports.insert(
-                    port,
-                    HealthPort {
-                        service: c.sref.to_string(),
-                        local_endpoints: local_ready.len(),
-                    },
-                );
-            }
+            out.services.push(svc(
+                format!("{name} (from tunnel)"),
+                Mode::Dnat,
+                to_backends(here),
+                true,
+            ));
+            out.services.push(svc(name, Mode::Dsr, remote, false));
         }
     }
-    out.problems.sort();
-    out.problems.dedup();
+    if local {
+        if let Some(port) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+        {
+            out.health_port = Some((
+                port,
+                HealthPort {
+                    service: c.sref.to_string(),
+                    local_endpoints: local_ready.len(),
+                },
+            ));
+        }
+    }
     out
 }
 
@@ -634,7 +693,9 @@ fn group_slices<'a>(
     out
 }
 
+mod cache;
 mod endpoints;
+pub use cache::Cache;
 use endpoints::{endpoints_for, to_backend, to_backends};
 
 #[cfg(test)]

@@ -627,3 +627,78 @@ fn the_conntrack_annotation_makes_dsr_and_dnat_services_stateless_and_is_refused
         "{e}"
     );
 }
+
+/// The cache translates again only the Services a change touches: the others' services
+/// are the last translation's, shared, and the whole is what `translate` makes.
+#[test]
+fn the_cache_translates_only_what_a_change_touches() {
+    let t = "2026-01-01T00:00:00Z";
+    let svcs = [
+        service("a", t, lb_spec(json!({})), Some("192.0.2.1")),
+        service("b", t, lb_spec(json!({})), Some("192.0.2.2")),
+    ];
+    let mk_slice = |svc: &str, ip: &str, rv: &str| {
+        let mut s = slice(
+            svc,
+            "IPv4",
+            json!([{"name": "http", "port": 8080}]),
+            json!([{"addresses": [ip]}]),
+        );
+        s.metadata.resource_version = Some(rv.into());
+        s
+    };
+    fn refs(v: &[EndpointSlice]) -> Vec<&EndpointSlice> {
+        v.iter().collect()
+    }
+    let svc_refs: Vec<&Service> = svcs.iter().collect();
+    let mut cache = Cache::default();
+    let slices = [
+        mk_slice("a", "10.1.0.1", "1"),
+        mk_slice("b", "10.2.0.1", "1"),
+    ];
+    let first = cache.translate(&svc_refs, &refs(&slices), &[], &opts());
+    assert_eq!(first.fresh.len(), 2, "{:?}", first.fresh);
+    // Nothing changed: nothing made again, the same services.
+    let again = cache.translate(&svc_refs, &refs(&slices), &[], &opts());
+    assert!(again.fresh.is_empty(), "{:?}", again.fresh);
+    assert!(first
+        .services
+        .iter()
+        .zip(&again.services)
+        .all(|(x, y)| Arc::ptr_eq(x, y)));
+    // b's slice changed: only b made again, a shared.
+    let slices = [
+        mk_slice("a", "10.1.0.1", "1"),
+        mk_slice("b", "10.2.0.9", "2"),
+    ];
+    let changed = cache.translate(&svc_refs, &refs(&slices), &[], &opts());
+    let b_name = "default/b:80/tcp@192.0.2.2";
+    assert_eq!(
+        changed.fresh.iter().map(String::as_str).collect::<Vec<_>>(),
+        [b_name]
+    );
+    let a = |d: &Translated| {
+        d.services
+            .iter()
+            .find(|s| s.name.starts_with("default/a:"))
+            .cloned()
+            .unwrap()
+    };
+    assert!(Arc::ptr_eq(&a(&first), &a(&changed)));
+    let whole = translate(&svc_refs, &refs(&slices), &[], &opts());
+    let cached: Vec<model::Service> = changed.services.iter().map(|s| (**s).clone()).collect();
+    assert_eq!(cached, whole.services);
+    assert_eq!(
+        backends(&whole, "192.0.2.2", 80),
+        [("10.2.0.9:8080".into(), 1)]
+    );
+    // A slice without a resourceVersion is translated every time.
+    let mut bare = slices.clone();
+    bare[0].metadata.resource_version = None;
+    cache.translate(&svc_refs, &refs(&bare), &[], &opts());
+    let next = cache.translate(&svc_refs, &refs(&bare), &[], &opts());
+    assert_eq!(next.fresh.len(), 1, "{:?}", next.fresh);
+    // A Service gone is dropped from the cache.
+    cache.translate(&svc_refs[..1], &refs(&slices), &[], &opts());
+    assert_eq!(cache.len(), 1);
+}
