@@ -135,6 +135,14 @@ pub fn measure(
         .chain([ipnet::IpNet::from(lab.client4)])
         .collect();
     cfg.services.push(ranged);
+    // A stateless dsr UDP service (`conntrack: false`, Katran's LRU bypass): every
+    // packet is balanced by Maglev, none writes an entry.
+    let mut stateless = cfg.services[1].clone();
+    stateless.name = "udp-v4-dsr-stateless".into();
+    stateless.port = xlb_tests::topology::BACKEND_PORT;
+    stateless.mode = xlb::model::Mode::Dsr;
+    stateless.conntrack = false;
+    cfg.services.push(stateless);
     hundred_backends(&lab, &mut cfg)?;
     cfg.maglev_table_size = 65537;
     // Every new flow inserted, as Katran's reference run with its rate limit raised.
@@ -186,6 +194,11 @@ pub fn measure(
             Frame::tcp(&c6, 40002, VIP6, 80).flags(ACK),
         );
         let (c4a, snat_s) = (c4.clone(), snat.to_string());
+        let stateless_one = Frame::udp(&c4, 40006, VIP4, dsr_port);
+        let stateless_new = move |i: u32| {
+            let (src, sport) = new_client(i);
+            Frame::udp(&src, sport, VIP4, dsr_port).build()
+        };
         let syn = |port: u16| {
             move |i: u32| {
                 let (src, sport) = new_client(i);
@@ -263,6 +276,20 @@ pub fn measure(
                 Box::new(move |_| est_dsr_one_arm.build()),
                 backend_if,
                 XDP_TX,
+                0,
+            ),
+            (
+                "dsr stateless: UDP datagram of one flow (conntrack: false)",
+                Box::new(move |_| stateless_one.build()),
+                client_if,
+                XDP_REDIRECT,
+                0,
+            ),
+            (
+                "dsr stateless: UDP datagram of a new flow (conntrack: false)",
+                Box::new(stateless_new),
+                client_if,
+                XDP_REDIRECT,
                 0,
             ),
             (
