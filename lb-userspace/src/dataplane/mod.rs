@@ -25,6 +25,7 @@ use lb_common::{
 use tracing::{info, warn};
 
 mod attach;
+mod carry;
 mod maps;
 mod pins;
 pub mod plan;
@@ -132,6 +133,7 @@ impl Dataplane {
     pub fn load(pin_path: &Path, opts: &LoadOptions) -> Result<Self> {
         let private_pins = ensure_bpffs(pin_path)?;
         let lock = lock_pin_path(pin_path)?;
+        let carried = carry::take(pin_path);
         drop_incompatible_pins(pin_path)?;
         let tunnels_created = !pin_path.join(lb_common::MAP_BACKEND_TUNNELS).exists();
         let mut loader = EbpfLoader::new();
@@ -197,6 +199,7 @@ impl Dataplane {
             Err(e) => warn!(error = %e, "XDP program loaded; its info is unavailable"),
         }
         dp.sync_geometry()?;
+        dp.put_carried(carried)?;
         let restored = dp.restore_derived_state()?;
         if restored.filter_words > 0 {
             info!(
