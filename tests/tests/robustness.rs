@@ -353,3 +353,69 @@ fn privileged_a_stream_of_bad_configs_keeps_the_last_good_state() {
         "most random files are invalid ({rejected}/{FILES})"
     );
 }
+
+/// A node whose kernel memory cannot hold the default flow tables (288 MiB): the agent
+/// tries half the flows, and half again, logs it, and runs with what fits. Its memory
+/// is capped by a cgroup (v1 memory controller; BPF maps are charged to the cgroup of
+/// the process that creates them).
+#[test]
+fn privileged_flow_tables_shrink_to_what_kernel_memory_allows() {
+    if !privileged() {
+        return;
+    }
+    let root = std::path::Path::new("/sys/fs/cgroup/memory");
+    if !root.join("memory.limit_in_bytes").exists() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "no cgroup v1 memory controller at {}",
+            root.display()
+        );
+        eprintln!("SKIPPED: no cgroup v1 memory controller");
+        return;
+    }
+    let cg = root.join(xlb_tests::unique_name("xlbmem"));
+    std::fs::create_dir(&cg).unwrap();
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            // Empty once the agent has exited (its drop comes first).
+            for _ in 0..50 {
+                if std::fs::remove_dir(&self.0).is_ok() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    let _cg = Remove(cg.clone());
+    // Room for the agent and half the default tables (144 MiB), not for all of them.
+    std::fs::write(cg.join("memory.limit_in_bytes"), "240M").unwrap();
+    let lab = LbLab::two_arm(1).unwrap();
+    lab.write(&one_service(&lab, &[0])).unwrap();
+    let _servers = lab.start_backends(Duration::from_secs(30)).unwrap();
+    let join = format!(
+        "echo $$ > {} && exec \"$@\"",
+        cg.join("cgroup.procs").display()
+    );
+    let agent = lab
+        .agent()
+        .xdp_mode("generic")
+        .wrapper(&["sh", "-c", &join, "sh"])
+        .start()
+        .unwrap();
+    let logs = agent.logs();
+    assert!(
+        logs.contains("could not allocate the flow tables"),
+        "no fallback logged:\n{logs}"
+    );
+    let max = agent.status().unwrap()["conntrack_max"].as_u64().unwrap();
+    assert!(
+        (65_536..lb_common::CONNTRACK_MAX as u64).contains(&max),
+        "tables of {max} flows"
+    );
+    // And it balances.
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    assert_eq!(connect(&lab.client, vip).exchange("fits").unwrap(), 0);
+    println!("flow tables under a 240M cgroup: {max} flows each");
+    drop(agent);
+}

@@ -94,6 +94,35 @@ impl Default for LoadOptions {
     }
 }
 
+/// The fewest flows the agent falls back to when the kernel cannot allocate more.
+const FLOWS_FLOOR: u32 = 65_536;
+
+fn load_object(pin_path: &Path, opts: &LoadOptions) -> Result<Ebpf> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(pin_path).override_global(
+        "AYA_LOG_LEVEL",
+        &opts.log_level,
+        true,
+    );
+    for (name, size) in opts.map_sizes() {
+        loader.map_max_entries(name, size);
+    }
+    loader.load(crate::EBPF_OBJECT).with_context(|| {
+        format!(
+            "loading the XDP program (maps pinned in {})",
+            pin_path.display()
+        )
+    })
+}
+
+/// Whether a load failed for want of kernel memory (ENOMEM creating a map).
+fn out_of_memory(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOMEM))
+    }) || format!("{e:#}").contains("Cannot allocate memory")
+}
+
 pub struct Dataplane {
     pub ebpf: Ebpf,
     pub pin_path: PathBuf,
@@ -136,21 +165,33 @@ impl Dataplane {
         let carried = carry::take(pin_path);
         drop_incompatible_pins(pin_path)?;
         let tunnels_created = !pin_path.join(lb_common::MAP_BACKEND_TUNNELS).exists();
-        let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(pin_path).override_global(
-            "AYA_LOG_LEVEL",
-            &opts.log_level,
-            true,
-        );
-        for (name, size) in opts.map_sizes() {
-            loader.map_max_entries(name, size);
-        }
-        let ebpf = loader.load(crate::EBPF_OBJECT).with_context(|| {
-            format!(
-                "loading the XDP program (maps pinned in {})",
-                pin_path.display()
-            )
-        })?;
+        // The flow tables are the largest allocation (288 MiB at the default): if the
+        // kernel cannot make them, half the size is tried, down to FLOWS_FLOOR, unless
+        // they are pinned already (adopted at their size).
+        let tables_pinned = pin_path.join(lb_common::MAP_CONNTRACK).exists();
+        let mut opts = *opts;
+        let ebpf = loop {
+            match load_object(pin_path, &opts) {
+                Ok(ebpf) => break ebpf,
+                Err(e)
+                    if !tables_pinned && opts.conntrack_max > FLOWS_FLOOR && out_of_memory(&e) =>
+                {
+                    let half = (opts.conntrack_max / 2).max(FLOWS_FLOOR);
+                    warn!(
+                        asked = opts.conntrack_max,
+                        trying = half,
+                        "the kernel could not allocate the flow tables (out of memory): trying half the flows (--conntrack-max)"
+                    );
+                    // A table made by the failed attempt is of the size that failed.
+                    for name in [lb_common::MAP_CONNTRACK, lb_common::MAP_REVERSE_NAT] {
+                        let _ = std::fs::remove_file(pin_path.join(name));
+                    }
+                    opts.conntrack_max = half;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let opts = &opts;
         let mut dp = Self {
             ebpf,
             pin_path: pin_path.to_owned(),
