@@ -84,6 +84,11 @@ pub const MAP_VIP_FILTER: &str = "XLB_VIP_FILTER";
 /// pinned map rather than have the program it replaces read bits placed by another
 /// hash; see dataplane::drop_incompatible_pins.)
 pub const VIP_FILTER_WORDS: u32 = 2048;
+/// The same bitmap for the stateless services (`conntrack: false`) alone: a packet
+/// whose bit is set looks its service up before conntrack, and a stateless service's
+/// packet then skips the conntrack lookup (a miss on a cold bucket, every packet).
+/// A bit shared with another service only costs that service's packets a lookup.
+pub const MAP_STATELESS_FILTER: &str = "XLB_STATELESS_FILTER";
 /// A word of XLB_VIP_FILTER.
 pub type VipFilterWord = u32;
 /// Bits per word of XLB_VIP_FILTER.

@@ -10,7 +10,7 @@ use lb_common::{
 
 use crate::{
     flows,
-    maps::{SERVICES, VIP_FILTER},
+    maps::{SERVICES, STATELESS_FILTER, VIP_FILTER},
     mem::copied,
     packet::Verdict,
 };
@@ -28,6 +28,13 @@ pub fn may_be_service(key: &FlowKey, cfg: &DatapathConfig) -> bool {
     }
     let (word, mask) = vip_filter_slot(vip_filter_bit(&key.dst, key.dport, key.proto));
     VIP_FILTER.get(word).is_none_or(|w| w & mask != 0)
+}
+
+/// Whether the packet may be for a stateless service (lb_common::MAP_STATELESS_FILTER).
+#[inline(always)]
+pub fn may_be_stateless(key: &FlowKey) -> bool {
+    let (word, mask) = vip_filter_slot(vip_filter_bit(&key.dst, key.dport, key.proto));
+    STATELESS_FILTER.get(word).is_some_and(|w| w & mask != 0)
 }
 
 /// The service a client's packet is for; `encapsulated`: the packet arrived in a tunnel

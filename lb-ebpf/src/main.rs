@@ -247,7 +247,20 @@ fn forward_path(
     let now = mem::now();
     // The flow's hash: its conntrack bucket, and its Maglev slot if it is new.
     let hash = flow_hash(key, false);
-    let (ct, backend) = match conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg) {
+    // The service first when it may be stateless: its packets have no conntrack entry
+    // to find, and the lookup's miss would cost every one of them a cold bucket.
+    let early = match svc {
+        Some(svc) => Some(*svc),
+        None if lookup::may_be_stateless(key) => lookup::service(key, false),
+        None => None,
+    };
+    let stateless = early.is_some_and(|s| s.flags & SVC_F_STATELESS != 0);
+    let found = if stateless {
+        None
+    } else {
+        conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg)
+    };
+    let (ct, backend) = match found {
         Some((ct, backend)) => {
             // The ranges may have changed since the flow began: it is cut.
             let restricted = backend.flags & BACKEND_F_SVC_SOURCE_RANGES != 0;
@@ -259,8 +272,8 @@ fn forward_path(
             (ct, backend)
         }
         None => {
-            let svc = match svc {
-                Some(svc) => *svc,
+            let svc = match early {
+                Some(svc) => svc,
                 None => lookup::service(key, false)?,
             };
             let restricted = svc.flags & SVC_F_SOURCE_RANGES != 0;

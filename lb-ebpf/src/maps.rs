@@ -46,6 +46,10 @@ pub static REVERSE_NAT: Array<ReverseBucket> =
 #[map(name = "XLB_FRAGMENTS")]
 pub static FRAGMENTS: LruHashMap<FragmentKey, FragmentValue> = LruHashMap::pinned(FRAGMENTS_MAX, 0);
 
+/// See lb_common::MAP_STATELESS_FILTER (lookup.rs).
+#[map(name = "XLB_STATELESS_FILTER")]
+pub static STATELESS_FILTER: Array<VipFilterWord> = Array::pinned(VIP_FILTER_WORDS, 0);
+
 /// See lb_common::MAP_VIPS (echo.rs).
 #[map(name = "XLB_VIPS")]
 pub static VIPS: HashMap<VipKey, u32> = HashMap::pinned(VIPS_MAX, 1);

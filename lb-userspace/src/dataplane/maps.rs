@@ -262,6 +262,13 @@ impl Dataplane {
                     .context("VIP filter map")?;
                 Array::<&mut MapData, VipFilterWord>::try_from(map)?.set(i, word, 0)?;
             }
+            Write::StatelessWord(i, word) => {
+                let map = self
+                    .ebpf
+                    .map_mut(lb_common::MAP_STATELESS_FILTER)
+                    .context("stateless filter map")?;
+                Array::<&mut MapData, VipFilterWord>::try_from(map)?.set(i, word, 0)?;
+            }
             Write::Config(c) => {
                 let c = self.with_geometry(c);
                 let map = self.ebpf.map_mut(MAP_CONFIG).context("config map")?;

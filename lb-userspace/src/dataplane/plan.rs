@@ -61,6 +61,9 @@ pub struct Applied {
     pub vips: VipEntries,
     /// None: every word is written.
     pub filter: Option<Vec<VipFilterWord>>,
+    /// The stateless services' bits (lb_common::MAP_STATELESS_FILTER). None: every
+    /// word is written.
+    pub stateless: Option<Vec<VipFilterWord>>,
     pub config: Option<DatapathConfig>,
     /// Backend ids cleared since the last conntrack sweep, with the backend each was
     /// (its service's key, not its id: a service id is given to the next new service at
@@ -111,6 +114,7 @@ pub struct WrittenTable {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Write {
     FilterWord(u32, VipFilterWord),
+    StatelessWord(u32, VipFilterWord),
     Config(DatapathConfig),
     AddRanges(Vec<RangeEntry>),
     Backend(u32, Backend),
@@ -543,6 +547,21 @@ pub fn plan_digested(
     after.vips = wanted_vips;
     filter_writes(emit, Some(&superset), &wanted_filter)?;
     after.filter = Some(wanted_filter);
+    // A hint only (the service entry's flag decides), so in any order.
+    let stateless = codec::vip_filter(
+        desired
+            .services
+            .iter()
+            .zip(&keys)
+            .filter(|(svc, _)| !svc.conntrack)
+            .map(|(_, k)| *k),
+    );
+    for (i, word) in stateless.iter().enumerate() {
+        if after.stateless.as_ref().is_none_or(|w| w[i] != *word) {
+            emit(Write::StatelessWord(i as u32, *word))?;
+        }
+    }
+    after.stateless = Some(stateless);
     after.sources = sources;
     Ok((after, summary))
 }

@@ -499,8 +499,18 @@ fn flipping_conntrack_rewrites_the_service_entry_only() {
     off.services[0].conntrack = false;
     let p = plan_of(&first.applied, &off).unwrap();
     let after = p.applied.services[&key];
+    // Besides the entry, the service's bit in the stateless filter: one word.
+    let (word, mask) = lb_common::hash::vip_filter_slot(lb_common::hash::vip_filter_bit(
+        &key.vip, key.port, key.proto,
+    ));
+    let (hints, writes): (Vec<Write>, Vec<Write>) = p
+        .writes
+        .iter()
+        .cloned()
+        .partition(|w| matches!(w, Write::StatelessWord(..)));
+    assert_eq!(hints, vec![Write::StatelessWord(word, mask)]);
     assert_eq!(
-        p.writes,
+        writes,
         vec![Write::Service(
             key,
             ServiceValue {
@@ -518,7 +528,10 @@ fn flipping_conntrack_rewrites_the_service_entry_only() {
 
     // And back on: the flag goes, the entry alone is written again.
     let back = plan_of(&p.applied, &d).unwrap();
-    assert_eq!(back.writes, vec![Write::Service(key, before)]);
+    assert_eq!(
+        back.writes,
+        vec![Write::Service(key, before), Write::StatelessWord(word, 0)]
+    );
     assert_eq!(back.applied.services, first.applied.services);
 }
 
