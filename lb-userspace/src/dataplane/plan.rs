@@ -17,7 +17,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    hash::{Hash, Hasher},
+    hash::Hash,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
@@ -618,61 +618,6 @@ pub fn backends_to_add_digested(now: &Applied, desired: &Desired, digests: &[Dig
         .sum()
 }
 
-/// Services whose Maglev tables are built ahead, on every CPU, a batch at a time: a
-/// full sync of 1,000 tables spent half its time building them one after another,
-/// and a batch bounds the tables held at once.
-const PREBUILD_BATCH: usize = 32;
-
-/// The tables of the new services among `services[from..from + PREBUILD_BATCH]` (a
-/// new service has no table to keep, so its table is certainly built; a table depends
-/// only on the backends, their weights and the size), by index.
-fn prebuild(
-    services: &[model::Service],
-    keys: &[ServiceKey],
-    from: usize,
-    now: &Applied,
-    m: u32,
-) -> BTreeMap<usize, Result<Vec<u32>, maglev::MaglevError>> {
-    let todo: Vec<(usize, Vec<maglev::WeightedBackend>)> =
-        (from..services.len().min(from + PREBUILD_BATCH))
-            .filter(|i| !now.services.contains_key(&keys[*i]))
-            .map(|i| {
-                let weighted = services[i]
-                    .backends
-                    .iter()
-                    .map(|b| maglev::WeightedBackend {
-                        addr: b.address,
-                        weight: b.weight,
-                    })
-                    .collect();
-                (i, weighted)
-            })
-            .collect();
-    if todo.len() < 2 {
-        return BTreeMap::new();
-    }
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(todo.len());
-    let per = todo.len().div_ceil(threads);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = todo
-            .chunks(per)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|(i, w)| (*i, maglev::build(w, m)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("a Maglev build does not panic"))
-            .collect()
-    })
-}
-
 /// A backend's map entry. Its mode flags say how the datapath treats the backend's
 /// flows (`codec::backend_mode_flags`); the rest is health, ranges and SNAT source.
 fn backend_value(
@@ -717,129 +662,13 @@ fn filter_writes(
     Ok(())
 }
 
-/// 128 bits of `value`, from two lanes of a multiply-rotate hash (`Lanes`): SipHash
-/// fed field by field cost most of a one-backend change at 100,000 backends.
-fn digest(value: &impl Hash) -> Digest {
-    let mut h = Lanes::default();
-    value.hash(&mut h);
-    h.digest()
-}
+mod digest;
+mod ids;
+mod prebuild;
 
-/// Two 64-bit lanes, each updated per word by a xor, a multiplication by an odd
-/// constant and a rotation: for a given word each step is a bijection of the lane, so
-/// two inputs of the same shape that differ in one word (a backend's address, say)
-/// never give the same digest; others collide by accident about once in 2^64 per
-/// lane. Not a defence against inputs made to collide (nor was the keyless SipHash
-/// before it): what is hashed comes from the operator and the API server.
-#[derive(Default)]
-struct Lanes {
-    a: u64,
-    b: u64,
-    len: u64,
-}
-
-impl Lanes {
-    #[inline]
-    fn word(&mut self, w: u64) {
-        self.a = (self.a ^ w)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(29);
-        self.b = (self.b ^ w.rotate_left(32))
-            .wrapping_mul(0xd6e8_feb8_6659_fd93)
-            .rotate_left(37);
-        self.len += 1;
-    }
-
-    fn digest(mut self) -> Digest {
-        let len = self.len;
-        self.word(len);
-        // A last mix, so the final words reach every bit.
-        let fin = |mut x: u64| {
-            x ^= x >> 33;
-            x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-            x ^= x >> 33;
-            x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-            x ^ (x >> 33)
-        };
-        (fin(self.a), fin(self.b))
-    }
-}
-
-impl Hasher for Lanes {
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut w = [0u8; 8];
-            w[..chunk.len()].copy_from_slice(chunk);
-            self.word(u64::from_le_bytes(w));
-        }
-        // Where the bytes end: "ab" + "c" is not "a" + "bc".
-        self.word(bytes.len() as u64 | 1 << 63);
-    }
-
-    fn write_u8(&mut self, i: u8) {
-        self.word(i as u64);
-    }
-
-    fn write_u16(&mut self, i: u16) {
-        self.word(i as u64);
-    }
-
-    fn write_u32(&mut self, i: u32) {
-        self.word(i as u64);
-    }
-
-    fn write_u64(&mut self, i: u64) {
-        self.word(i);
-    }
-
-    fn write_usize(&mut self, i: usize) {
-        self.word(i as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        unreachable!("digest() reads both lanes")
-    }
-}
-
-fn hash_of(value: &impl Hash) -> u64 {
-    // Every DefaultHasher::new() hashes alike: the same input gives the same value for
-    // the life of the process, which is all a comparison with the last apply needs.
-    let mut h = std::hash::DefaultHasher::new();
-    value.hash(&mut h);
-    h.finish()
-}
-
-/// Hands out the lowest free ids below `limit`. Ids are only taken during one plan
-/// (removals come after), so a cursor that never moves back finds each in turn:
-/// allocating n ids is O(n log n), not the O(n²) of searching from 0 each time.
-struct IdAllocator {
-    used: BTreeSet<u32>,
-    next: u32,
-    limit: u32,
-}
-
-impl IdAllocator {
-    fn new(used: BTreeSet<u32>, limit: u32) -> Self {
-        Self {
-            used,
-            next: 0,
-            limit,
-        }
-    }
-
-    fn alloc(&mut self) -> Option<u32> {
-        self.alloc_where(|_| true)
-    }
-
-    /// The lowest id from the cursor on that is neither taken here nor refused by
-    /// `free` (which knows what is taken elsewhere).
-    fn alloc_where(&mut self, free: impl Fn(u32) -> bool) -> Option<u32> {
-        let id = (self.next..self.limit).find(|i| !self.used.contains(i) && free(*i))?;
-        self.used.insert(id);
-        self.next = id + 1;
-        Some(id)
-    }
-}
+use digest::{digest, hash_of};
+use ids::IdAllocator;
+use prebuild::{prebuild, PREBUILD_BATCH};
 
 #[cfg(test)]
 mod tests;

@@ -340,50 +340,8 @@ fn serve(
         _ => SessionAffinity::None,
     };
     let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
-    let forwarding = match c
-        .svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(FORWARDING_ANNOTATION))
-        .map(String::as_str)
-    {
-        None => opts.cluster_forwarding,
-        Some("dsr") => ClusterForwarding::Dsr,
-        Some("nat") => ClusterForwarding::Nat,
-        Some(other) => {
-            out.problems.push(Problem {
-                service: c.sref.clone(),
-                reason: "InvalidAnnotation",
-                message: format!(
-                    "{FORWARDING_ANNOTATION}: {other:?} is neither dsr nor nat; using {:?}",
-                    opts.cluster_forwarding
-                ),
-            });
-            opts.cluster_forwarding
-        }
-    };
-    let conntrack = match c
-        .svc
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(CONNTRACK_ANNOTATION))
-        .map(String::as_str)
-    {
-        None | Some("true") => true,
-        Some("false") => false,
-        Some(other) => {
-            out.problems.push(Problem {
-                service: c.sref.clone(),
-                reason: "InvalidAnnotation",
-                message: format!(
-                    "{CONNTRACK_ANNOTATION}: {other:?} is neither \"true\" nor \"false\"; keeping conntrack on"
-                ),
-            });
-            true
-        }
-    };
+    let forwarding = annotations::forwarding(c, opts, &mut out.problems);
+    let conntrack = annotations::conntrack(c, &mut out.problems);
     let Some(allow) = source_ranges(c.svc, &c.sref, &mut out.problems) else {
         return out;
     };
@@ -693,6 +651,7 @@ fn group_slices<'a>(
     out
 }
 
+mod annotations;
 mod cache;
 mod endpoints;
 pub use cache::Cache;
