@@ -110,6 +110,17 @@ pub fn fragment_fill(pin_path: &Path) -> FillView {
     FillView { entries, max }
 }
 
+/// The conntrack table's flows (its buckets' header lines, through its mapping).
+/// Zero when it cannot be mapped (pins from an older version).
+pub fn flow_fill(pin_path: &Path) -> FillView {
+    crate::flows::Conntrack::from_pin(&pin_path.join(lb_common::MAP_CONNTRACK))
+        .map(|t| FillView {
+            entries: t.occupied() as u64,
+            max: t.capacity() as u32,
+        })
+        .unwrap_or_default()
+}
+
 /// A VIP announced as a route (docs/announce.md).
 #[derive(Serialize, Debug)]
 pub struct AnnouncedView {
@@ -135,6 +146,9 @@ pub struct Status {
     pub max_services: u32,
     pub max_backends: u32,
     pub conntrack_max: u32,
+    /// Flows in the conntrack table now (expired ones included, until the sweep or a
+    /// full bucket takes them), and how many it holds; read through its mapping.
+    pub flows: FillView,
     /// Datagrams whose later fragments xlb can follow now, and how many it can hold
     /// (`--fragments-max`); a table near full loses the oldest records first.
     pub fragments: FillView,
@@ -399,6 +413,7 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
         max_services: size(MAP_SERVICES)?,
         max_backends: size(MAP_BACKENDS)?,
         conntrack_max: size(lb_common::MAP_CONNTRACK)? * lb_common::FLOW_WAYS as u32,
+        flows: flow_fill(pin_path),
         fragments: fragment_fill(pin_path),
         services,
         counters: read_global_counters(pin_path)?,
@@ -526,6 +541,10 @@ pub fn render_text(status: &Status) -> String {
         status.max_services, status.max_backends, status.conntrack_max
     ));
     s.push_str(&format!(
+        "flows in the conntrack table: {} of {}\n",
+        status.flows.entries, status.flows.max
+    ));
+    s.push_str(&format!(
         "fragment records in use: {} of {} (datagrams whose later fragments can be followed)\n",
         status.fragments.entries, status.fragments.max
     ));
@@ -634,6 +653,7 @@ mod tests {
             max_services: 256,
             max_backends: 4096,
             conntrack_max: 1 << 20,
+            flows: FillView::default(),
             fragments: FillView::default(),
             services: vec![service_view(0, "dns", true), service_view(1, "web", false)],
             counters: BTreeMap::new(),

@@ -1,10 +1,15 @@
 //! `xlb status` as an operator reads it: the XDP mode of each attachment, named where
 //! it can be told and explained where it cannot, and announcements with a time and age.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use xlb_tests::{
-    agent::xlb_bin, netns::Netns, privileged, topology::LbLab, unique_name, RemoveOnDrop,
+    agent::xlb_bin,
+    netns::Netns,
+    privileged,
+    topology::{LbLab, VIP4},
+    traffic::connect,
+    unique_name, RemoveOnDrop,
 };
 
 /// `xlb status ARGS --pin-path PIN`, in `ns` (only its network namespace joined) or in
@@ -63,6 +68,28 @@ fn privileged_status_names_the_xdp_mode_and_when_announced() {
         assert_eq!(a["xdp_mode"], "generic", "{st:#}");
         assert!(a["xdp_mode_unknown"].is_null(), "{st:#}");
     }
+    // The conntrack table's flows, read through its mapping: none yet, then the one
+    // a connection makes.
+    assert_eq!(st["flows"]["entries"], 0, "{st:#}");
+    assert_eq!(st["flows"]["max"], st["conntrack_max"], "{st:#}");
+    let _servers = lab.start_backends(Duration::from_secs(30)).unwrap();
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    connect(&lab.client, vip).exchange("counted").unwrap();
+    let after: serde_json::Value =
+        serde_json::from_str(&status(Some(&lab.lb), &pin, true)).unwrap();
+    assert!(
+        after["flows"]["entries"].as_u64().unwrap() >= 1,
+        "{:#}",
+        after["flows"]
+    );
+    let flows_line = status(Some(&lab.lb), &pin, false);
+    assert!(
+        flows_line.contains(&format!(
+            "flows in the conntrack table: {} of {}",
+            after["flows"]["entries"], after["flows"]["max"]
+        )),
+        "{flows_line}"
+    );
     // The kernel agrees (ip -d link says xdpgeneric).
     for i in &ifaces {
         let l = String::from_utf8(lab.lb.ip(&["link", "show", i]).unwrap().stdout).unwrap();
