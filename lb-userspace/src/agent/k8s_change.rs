@@ -140,10 +140,7 @@ impl Agent {
             Ok(s) => s,
             Err(e) => {
                 drop(desired);
-                self.desired = self
-                    .merged(&self.file, self.k8s.as_ref())
-                    .map(|i| self.resolved(i));
-                return Err(e);
+                return Err(self.rebuild_after_failed_apply(e));
             }
         };
         debug!(ms = t.elapsed().as_millis() as u64, "maps applied");

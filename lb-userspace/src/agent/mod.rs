@@ -110,6 +110,15 @@ impl Agent {
     /// the room it leaves in the maps, is left out until the controller, which follows
     /// the file through `file_tx`, sends a list that fits (with Events for what it
     /// leaves out).
+    /// After a failed apply: the running state made again from the sources' last
+    /// words (they change only once an apply succeeds); returns the error.
+    fn rebuild_after_failed_apply(&mut self, e: anyhow::Error) -> anyhow::Error {
+        self.desired = self
+            .merged(&self.file, self.k8s.as_ref())
+            .map(|i| self.resolved(i));
+        e
+    }
+
     fn merged(&self, file: &Config, k8s: Option<&Vec<Arc<model::Service>>>) -> Option<Desired> {
         if self.kubernetes && k8s.is_none() {
             return None;
@@ -228,10 +237,7 @@ impl Agent {
             Ok(s) => s,
             Err(e) => {
                 drop(desired);
-                self.desired = self
-                    .merged(&self.file, self.k8s.as_ref())
-                    .map(|i| self.resolved(i));
-                return Err(e);
+                return Err(self.rebuild_after_failed_apply(e));
             }
         };
         debug!(ms = t.elapsed().as_millis() as u64, "maps applied");
