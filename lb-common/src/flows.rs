@@ -17,7 +17,10 @@
 //! - Removals (the datapath's cut, the agent's sweep) and rewrites of a way move its
 //!   word by compare-and-swap, so a removal loses to a rewrite it raced with.
 
-use crate::maps::{ConnValue, FlowKey, ReverseNat};
+use crate::maps::{
+    Backend, ConnValue, DatapathConfig, FlowKey, ReverseNat, CT_F_ESTABLISHED, CT_F_FIN_SEEN,
+    CT_F_RST_SEEN, PROTO_TCP,
+};
 
 /// Ways per bucket. Four: a 64-byte header and four 128-byte ways, 576 bytes.
 pub const FLOW_WAYS: usize = 4;
@@ -93,6 +96,36 @@ pub const fn buckets_for(entries: u32) -> u32 {
 #[inline(always)]
 pub const fn bucket_of(hash: u32, buckets: u32) -> u32 {
     hash & buckets.wrapping_sub(1)
+}
+
+/// The idle timeout, in seconds, of a flow in this state under the datapath's
+/// settings: one function for the datapath's checks and the agent's sweep.
+#[inline(always)]
+pub const fn idle_timeout_s(proto: u8, flags: u8, cfg: &DatapathConfig) -> u32 {
+    if proto != PROTO_TCP {
+        cfg.udp_idle_timeout_s
+    } else if flags & (CT_F_FIN_SEEN | CT_F_RST_SEEN) != 0 {
+        cfg.tcp_closing_timeout_s
+    } else if flags & CT_F_ESTABLISHED == 0 {
+        cfg.tcp_syn_timeout_s
+    } else {
+        cfg.tcp_idle_timeout_s
+    }
+}
+
+/// The reply 5-tuple of a conntrack entry: what nat's and dnat's reply entry for the
+/// flow `key` to `backend` is keyed by (backend → the source it saw).
+#[inline(always)]
+pub const fn reply_key(key: &FlowKey, ct: &ConnValue, backend: &Backend) -> FlowKey {
+    FlowKey {
+        src: backend.addr,
+        dst: ct.nat_addr,
+        sport: backend.port,
+        dport: ct.nat_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    }
 }
 
 /// How readily a way is given up when its bucket is full: the lowest goes first.

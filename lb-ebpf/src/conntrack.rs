@@ -8,7 +8,7 @@
 //! established flow.
 
 use lb_common::{
-    flow_hash, Addr, Backend, ConnValue, DatapathConfig, FlowKey, ReverseNat, StatIndex,
+    flow_hash, reply_key, Addr, Backend, ConnValue, DatapathConfig, FlowKey, ReverseNat, StatIndex,
     CT_F_ESTABLISHED, CT_F_FIN_SEEN, CT_F_RST_SEEN, MODE_DSR, PROTO_TCP,
 };
 
@@ -72,19 +72,6 @@ fn reply_established(key: &FlowKey, ct: &ConnValue, backend: &Backend, cfg: &Dat
     let hash = flow_hash(&rkey, false);
     if let Some(rev) = flows::find::<ReverseNat>(&rkey, hash, cfg) {
         rev.flags |= CT_F_ESTABLISHED;
-    }
-}
-
-#[inline(always)]
-fn reply_key(key: &FlowKey, ct: &ConnValue, backend: &Backend) -> FlowKey {
-    FlowKey {
-        src: backend.addr,
-        dst: ct.nat_addr,
-        sport: backend.port,
-        dport: ct.nat_port,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
     }
 }
 

@@ -10,8 +10,9 @@
 
 use aya_ebpf::maps::Array;
 use lb_common::{
-    bucket_of, flow_tag, next_word, rank, word_busy, word_tag, DatapathConfig, FlowBucket, FlowKey,
-    StatIndex, CT_F_ESTABLISHED, CT_F_FIN_SEEN, CT_F_RST_SEEN, FLOW_WAYS, PROTO_TCP,
+    bucket_of, flow_tag, idle_timeout_s, next_word, rank, word_busy, word_tag, DatapathConfig,
+    FlowBucket, FlowKey, StatIndex, CT_F_ESTABLISHED, CT_F_FIN_SEEN, CT_F_RST_SEEN, FLOW_WAYS,
+    PROTO_TCP,
 };
 
 use crate::{
@@ -73,19 +74,10 @@ impl FlowValue for lb_common::ReverseNat {
     }
 }
 
-/// The idle timeout of a flow in this state (the agent's sweep applies the same).
+/// The idle timeout of a flow in this state, in nanoseconds.
 #[inline(always)]
 pub fn timeout_ns(proto: u8, flags: u8, cfg: &DatapathConfig) -> u64 {
-    let s = if proto != PROTO_TCP {
-        cfg.udp_idle_timeout_s
-    } else if flags & (CT_F_FIN_SEEN | CT_F_RST_SEEN) != 0 {
-        cfg.tcp_closing_timeout_s
-    } else if flags & CT_F_ESTABLISHED == 0 {
-        cfg.tcp_syn_timeout_s
-    } else {
-        cfg.tcp_idle_timeout_s
-    };
-    s as u64 * NS_PER_S
+    idle_timeout_s(proto, flags, cfg) as u64 * NS_PER_S
 }
 
 /// How readily a live way is given up (lb_common::rank).

@@ -9,10 +9,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::Result;
-use lb_common::{
-    Backend, ConnValue, FlowKey, ReverseNat, CT_F_ESTABLISHED, CT_F_FIN_SEEN, CT_F_RST_SEEN,
-    PROTO_TCP,
-};
+pub use lb_common::reply_key;
+use lb_common::{idle_timeout_s, Backend, DatapathConfig, FlowKey, ReverseNat};
 
 use crate::{
     dataplane::Dataplane,
@@ -46,31 +44,16 @@ pub fn now_ns() -> u64 {
     ts.tv_sec as u64 * NS_PER_S + ts.tv_nsec as u64
 }
 
-/// The same timeout the datapath applies (lb-ebpf/src/flows.rs).
+/// The timeout the datapath applies (lb_common::idle_timeout_s), for `t`.
 pub fn timeout_ns(proto: u8, flags: u8, t: &Timeouts) -> u64 {
-    let s = if proto != PROTO_TCP {
-        t.udp_idle
-    } else if flags & (CT_F_FIN_SEEN | CT_F_RST_SEEN) != 0 {
-        t.tcp_closing
-    } else if flags & CT_F_ESTABLISHED == 0 {
-        t.tcp_syn
-    } else {
-        t.tcp_idle
+    let cfg = DatapathConfig {
+        tcp_idle_timeout_s: t.tcp_idle,
+        udp_idle_timeout_s: t.udp_idle,
+        tcp_closing_timeout_s: t.tcp_closing,
+        tcp_syn_timeout_s: t.tcp_syn,
+        ..Default::default()
     };
-    s as u64 * NS_PER_S
-}
-
-/// The reply 5-tuple of a conntrack entry (what its reverse entry is keyed by).
-pub fn reply_key(key: &FlowKey, ct: &ConnValue, backend: &Backend) -> FlowKey {
-    FlowKey {
-        src: backend.addr,
-        dst: ct.nat_addr,
-        sport: backend.port,
-        dport: ct.nat_port,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    }
+    idle_timeout_s(proto, flags, &cfg) as u64 * NS_PER_S
 }
 
 pub fn sweep(dp: &mut Dataplane, t: &Timeouts) -> Result<Sweep> {
