@@ -213,6 +213,48 @@ pub struct RunArgs {
     pub detach_on_exit: bool,
 }
 
+impl RunArgs {
+    /// The agent's options from the flags: the one place that reads them.
+    pub fn options(self) -> crate::agent::Options {
+        use crate::agent::{KubernetesOptions, MetricsServing};
+        let metrics = match self.metrics_addr {
+            Some(MetricsAddr(Some(addr))) => MetricsServing::At(addr),
+            Some(MetricsAddr(None)) => MetricsServing::Off,
+            None => MetricsServing::Default(DEFAULT_METRICS_ADDR.parse().expect("a valid address")),
+        };
+        let kubernetes = self.kubernetes.then(|| KubernetesOptions {
+            translate: crate::k8s::translate::Options {
+                class: self.served.lb_class.clone(),
+                default_class: self.served.default_class,
+                node_name: self.node_name.clone(),
+                pools: self.ipam_pool.clone(),
+                cluster_forwarding: self.cluster_forwarding.into(),
+            },
+            lease_namespace: self.served.lease_namespace.clone(),
+        });
+        crate::agent::Options {
+            ifaces: self.ifaces,
+            xdp_mode: self.xdp_mode.into(),
+            pin_path: self.pin_path,
+            config: self.config,
+            max_config_bytes: self.max_config_bytes,
+            announce_routes_table: self.announce_routes_table,
+            announce_l2: self.announce_l2,
+            decap: self.decap,
+            kubernetes,
+            node_name: self.node_name,
+            snat_ipv4: self.snat_ipv4,
+            snat_ipv6: self.snat_ipv6,
+            metrics,
+            conntrack_max: self.conntrack_max,
+            fragments_max: self.fragments_max,
+            max_services: self.max_services,
+            max_backends: self.max_backends,
+            detach_on_exit: self.detach_on_exit,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
     #[arg(long, default_value = DEFAULT_PIN_PATH)]

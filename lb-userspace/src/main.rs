@@ -39,7 +39,7 @@ async fn real_main() -> Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Command::Run(args) => xlb::agent::run(*args).await,
+        Command::Run(args) => xlb::agent::run(args.options()).await,
         Command::Status(args) => status_cmd(args).await,
         Command::Maglev(args) => maglev_cmd(args),
         Command::Detach(args) => xlb::uninstall::detach_node(&args.pin_path, args.force).await,

@@ -26,8 +26,10 @@ use crate::{
 
 mod housekeeping;
 mod k8s_change;
+mod options;
 mod run;
 
+pub use options::{KubernetesOptions, MetricsServing, Options};
 pub use run::run;
 
 /// Gives the memory an apply freed back to the system: the next reload then starts

@@ -6,10 +6,8 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{debug, error, info, warn};
 
-use super::Agent;
-use crate::{
-    cli::RunArgs, config::Config, dataplane::Dataplane, metrics::AgentMetrics, nexthop::NextHops,
-};
+use super::{Agent, MetricsServing, Options};
+use crate::{config::Config, dataplane::Dataplane, metrics::AgentMetrics, nexthop::NextHops};
 
 /// The signal that came during start-up, if one did (SIGTERM or SIGINT).
 fn stop_requested(
@@ -53,7 +51,7 @@ fn stop_during_start(
     Ok(())
 }
 
-pub async fn run(args: RunArgs) -> Result<()> {
+pub async fn run(args: Options) -> Result<()> {
     // First of all: a SIGTERM or SIGINT during start-up must not end the process by its
     // default action, halfway, with maps pinned and nothing said (stop_during_start).
     let mut term = signal(SignalKind::terminate())?;
@@ -72,7 +70,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         check_interface(iface)?;
     }
     crate::privileges::check()?;
-    let client = if args.kubernetes {
+    let client = if args.kubernetes.is_some() {
         Some(
             kube::Client::try_default()
                 .await
@@ -125,19 +123,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         );
     }
     let metrics = AgentMetrics::default();
-    match args.metrics_addr {
-        // Asked for: failing to serve it is an error.
-        Some(crate::cli::MetricsAddr(Some(addr))) => {
+    match args.metrics {
+        MetricsServing::At(addr) => {
             crate::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await?;
             info!(%addr, "serving /metrics, /healthz, /readyz");
         }
-        Some(crate::cli::MetricsAddr(None)) => info!("metrics off"),
-        // The default: the port may be another agent's (one per namespace), so a
-        // failure is only worth a warning.
-        None => {
-            let addr = crate::cli::DEFAULT_METRICS_ADDR
-                .parse()
-                .expect("a valid address");
+        MetricsServing::Off => info!("metrics off"),
+        MetricsServing::Default(addr) => {
             match crate::metrics::serve(addr, args.pin_path.clone(), metrics.clone()).await {
                 Ok(()) => info!(%addr, "serving /metrics, /healthz, /readyz"),
                 Err(e) => warn!("not serving metrics at the default {addr}: {e:#}"),
@@ -154,7 +146,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         k8s: None,
         k8s_word: Vec::new(),
         k8s_admitted: Default::default(),
-        kubernetes: args.kubernetes,
+        kubernetes: args.kubernetes.is_some(),
         desired: None,
         health: BTreeMap::new(),
         checker: None,
@@ -196,15 +188,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.node_name.clone(),
         ));
     }
-    let mut k8s_rx = if args.kubernetes {
+    let mut k8s_rx = if let Some(k8s) = &args.kubernetes {
         let client = client.expect("made above when --kubernetes is given");
-        let opts = crate::k8s::translate::Options {
-            class: args.served.lb_class.clone(),
-            default_class: args.served.default_class,
-            node_name: args.node_name.clone(),
-            pools: args.ipam_pool.clone(),
-            cluster_forwarding: args.cluster_forwarding.into(),
-        };
+        let opts = k8s.translate.clone();
         info!(class = %opts.class, default_class = opts.default_class, node = ?opts.node_name,
               pools = ?opts.pools, "watching Kubernetes Services and EndpointSlices");
         let (file_tx, file_rx) = tokio::sync::watch::channel(agent.file.desired());
@@ -219,7 +205,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         None
     };
     for iface in &args.ifaces {
-        agent.dp.attach(iface, args.xdp_mode.into())?;
+        agent.dp.attach(iface, args.xdp_mode)?;
     }
     if !l2_ifaces.is_empty() {
         let leases = match lease_client {
@@ -227,11 +213,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let me = args.node_name.clone().context(
                     "--announce-l2 with --kubernetes needs --node-name (the Lease holder)",
                 )?;
-                Some(crate::k8s::lease::VipLeases::new(
-                    client,
-                    &args.served.lease_namespace,
-                    &me,
-                ))
+                let namespace = args
+                    .kubernetes
+                    .as_ref()
+                    .map_or("xlb-system", |k| k.lease_namespace.as_str());
+                Some(crate::k8s::lease::VipLeases::new(client, namespace, &me))
             }
             None => None,
         };
