@@ -84,7 +84,7 @@ struct Agent {
     /// The L2 sink (l2.rs): ARP/NDP answers on these interfaces.
     l2: Option<crate::l2::L2Sink>,
     /// In Kubernetes: Events on the Services whose VIPs this node announces.
-    events: Option<crate::k8s::controller::AnnounceEvents>,
+    events: Option<crate::k8s::sink::AnnounceEvents>,
     /// The file as last adopted, to the Kubernetes controller (None without it).
     file_tx: Option<tokio::sync::watch::Sender<Desired>>,
     /// The drain switch as last seen, to log its changes.

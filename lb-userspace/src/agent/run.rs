@@ -183,7 +183,7 @@ pub async fn run(args: Options) -> Result<()> {
     }
     let lease_client = client.clone();
     if let Some(c) = &client {
-        agent.events = Some(crate::k8s::controller::AnnounceEvents::new(
+        agent.events = Some(crate::k8s::sink::AnnounceEvents::new(
             c.clone(),
             args.node_name.clone(),
         ));

@@ -19,13 +19,11 @@ use std::{
 
 use futures::{stream, StreamExt};
 use k8s_openapi::api::{
-    core::v1::{Node, ObjectReference, Service},
+    core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    api::{Patch, PatchParams},
     runtime::{
-        events::{Event as K8sEvent, EventType, Recorder, Reporter},
         reflector::{self, Store},
         watcher, WatchStreamExt,
     },
@@ -35,10 +33,13 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::{
-    health_port::HealthPorts,
-    translate::{Cache, Options, Problem, ServiceRef},
+    sink::{KubernetesSink, Wanted},
+    translate::{Cache, Options, Problem},
 };
-use crate::model::{self, Desired};
+use crate::{
+    model::{self, Desired},
+    sink::Sink,
+};
 
 pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(2);
 pub const DEBOUNCE_MAX: Duration = Duration::from_millis(200);
@@ -135,13 +136,8 @@ async fn run(
         stream::select(svc_events, eps_events),
         node_events
     ));
-    let reporter = Reporter {
-        controller: super::REPORTING_CONTROLLER.into(),
-        instance: opts.node_name.clone(),
-    };
     let mut state = State {
-        client: client.clone(),
-        recorder: Recorder::new(client, reporter),
+        sink: KubernetesSink::new(client, opts.node_name.clone()),
         opts,
         base,
         max_services,
@@ -149,8 +145,6 @@ async fn run(
         checks: BTreeMap::new(),
         checked_snat: Vec::new(),
         sent: None,
-        reported: BTreeSet::new(),
-        health: HealthPorts::default(),
         tx,
     };
     let (mut svc_listed, mut eps_listed, mut nodes_listed) = (false, false, false);
@@ -211,8 +205,6 @@ async fn run(
 type Sent = (Vec<String>, BTreeMap<String, Arc<model::Service>>);
 
 struct State {
-    client: Client,
-    recorder: Recorder,
     opts: Options,
     base: Desired,
     max_services: usize,
@@ -224,9 +216,8 @@ struct State {
     checked_snat: Vec<IpAddr>,
     /// What the agent was last sent: the services in order, by name.
     sent: Option<Sent>,
-    /// Problems already reported as Events, so a steady problem is reported once.
-    reported: BTreeSet<(String, &'static str, String)>,
-    health: HealthPorts,
+    /// What is written back to the API and served for it: status, Events, health ports.
+    sink: KubernetesSink,
     tx: mpsc::UnboundedSender<Update>,
 }
 
@@ -317,22 +308,13 @@ impl State {
             );
             let _ = self.tx.send(update);
         }
-        self.health.update(&desired.health_ports).await;
-        for (svc, ips) in desired.status {
-            self.write_status(&svc, &ips).await;
-        }
-        let live: BTreeSet<String> = desired
-            .problems
-            .iter()
-            .map(|p| p.service.uid.clone())
-            .collect();
-        self.reported.retain(|(uid, _, _)| live.contains(uid));
-        for p in desired.problems {
-            let key = (p.service.uid.clone(), p.reason, p.message.clone());
-            if self.reported.insert(key) {
-                warn!(service = %p.service, reason = p.reason, "{}", p.message);
-                self.publish(&p).await;
-            }
+        let wanted = Wanted {
+            status: desired.status,
+            problems: desired.problems,
+            health_ports: desired.health_ports,
+        };
+        if let Ok(written) = self.sink.apply(&wanted).await {
+            debug!(?written, "Kubernetes sink applied");
         }
     }
 
@@ -360,111 +342,6 @@ impl State {
             return None;
         }
         Some(Update { order, changed })
-    }
-
-    /// Writes the VIPs into the Service's status. The resourceVersion makes the write
-    /// conditional: when another agent wrote first, this one gets 409 and loses.
-    async fn write_status(&self, svc: &ServiceRef, ips: &[IpAddr]) {
-        let api: Api<Service> = Api::namespaced(self.client.clone(), &svc.namespace);
-        let ingress: Vec<_> = ips
-            .iter()
-            // ipMode VIP: the node's own traffic to the VIP is sent to it too (kube-proxy
-            // routes it locally otherwise), as for any balancer that answers the VIP.
-            .map(|ip| serde_json::json!({"ip": ip.to_string(), "ipMode": "VIP"}))
-            .collect();
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": svc.resource_version},
-            "status": {"loadBalancer": {"ingress": ingress}},
-        });
-        match api
-            .patch_status(&svc.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => info!(service = %svc, ?ips, "wrote status.loadBalancer.ingress"),
-            Err(kube::Error::Api(e)) if e.code == 409 => {
-                debug!(service = %svc, "status changed meanwhile (another agent wrote it); rereading")
-            }
-            Err(e) => warn!(service = %svc, "writing the status failed: {e}"),
-        }
-    }
-
-    async fn publish(&self, p: &Problem) {
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Service".into()),
-            namespace: Some(p.service.namespace.clone()),
-            name: Some(p.service.name.clone()),
-            uid: Some(p.service.uid.clone()),
-            ..Default::default()
-        };
-        let ev = K8sEvent {
-            type_: EventType::Warning,
-            reason: p.reason.into(),
-            note: Some(p.message.chars().take(1024).collect()),
-            action: "Serve".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &reference).await {
-            warn!(service = %p.service, "could not create an Event: {e}");
-        }
-    }
-}
-
-/// Events on a Service when this node starts or stops announcing its VIP.
-pub struct AnnounceEvents {
-    recorder: Recorder,
-    node: String,
-}
-
-impl AnnounceEvents {
-    pub fn new(client: Client, node: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: super::REPORTING_CONTROLLER.into(),
-            instance: node.clone(),
-        };
-        Self {
-            recorder: Recorder::new(client, reporter),
-            node: node.unwrap_or_else(|| "this node".into()),
-        }
-    }
-
-    /// One Event per Service (named `namespace/name:...` by translate) that has `vip`.
-    pub async fn announced(&self, cfg: &Desired, vip: IpAddr, up: bool, how: &str) {
-        let mut services = BTreeSet::new();
-        for s in cfg
-            .services
-            .iter()
-            .filter(|s| s.vip == vip && !s.encapsulated)
-        {
-            if let Some((ns, rest)) = s.name.split_once('/') {
-                if let Some((name, _)) = rest.split_once(':') {
-                    services.insert((ns.to_owned(), name.to_owned()));
-                }
-            }
-        }
-        for (namespace, name) in services {
-            let reference = ObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Service".into()),
-                namespace: Some(namespace),
-                name: Some(name.clone()),
-                ..Default::default()
-            };
-            let ev = K8sEvent {
-                type_: EventType::Normal,
-                reason: if up { "Announced" } else { "Withdrawn" }.into(),
-                note: Some(format!(
-                    "{vip} {} by {} {how}",
-                    if up { "announced" } else { "withdrawn" },
-                    self.node
-                )),
-                action: "Announce".into(),
-                secondary: None,
-            };
-            if let Err(e) = self.recorder.publish(&ev, &reference).await {
-                warn!(service = %name, "could not create an Event: {e}");
-            }
-        }
     }
 }
 

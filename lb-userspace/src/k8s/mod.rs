@@ -1,12 +1,14 @@
 //! Kubernetes mode: Services of type LoadBalancer, served from EndpointSlices.
 //!
 //! `translate` and `ipam` are pure functions of the API objects; `controller` watches
-//! the API and feeds the agent; `health_port` answers `externalTrafficPolicy: Local`
+//! the API and feeds the agent; `sink` writes Service status and Events and serves the
+//! health check node ports; `health_port` answers `externalTrafficPolicy: Local`
 //! health checks; `lease` makes one node the L2 owner of each VIP.
 pub mod controller;
 pub mod health_port;
 pub mod ipam;
 pub mod lease;
+pub mod sink;
 pub mod translate;
 
 /// The controller name on every Event xlb records (`xlb uninstall` deletes them by it).
