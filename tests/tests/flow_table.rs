@@ -13,6 +13,8 @@
 //!   default table size, for dsr and for nat: none of the 1,900 is lost (each is still
 //!   in the table with its backend, and its next packet goes where its first went).
 //!   Then once more with the flood guard at its default. Both runs are printed.
+//! - **Reading it keeps the agent small.** Scanning the default table (what a sweep,
+//!   a scrape and `xlb status` do) adds a window to the reader's RSS, not the table.
 
 use std::{
     collections::HashMap,
@@ -780,5 +782,66 @@ fn privileged_flow_table_syn_flood_loses_no_established_or_idle_flow() {
                 r.guard
             );
         }
+    });
+}
+
+/// The process's resident memory, in KiB (VmRSS: its own pages and the mapped ones).
+fn rss_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/self/status")
+}
+
+/// The agent reads the default tables (144 MiB each) through a window: a sweep, a
+/// scrape or `xlb status` must not add the whole table to its RSS (mapping all of it
+/// did: the agent's peak RSS read 350 MiB at 1,000 × 100).
+#[test]
+fn privileged_flow_table_reading_it_keeps_the_agents_rss_small() {
+    in_lab(|_lab| {
+        let f = Fixture::new().unwrap();
+        let before = rss_kib();
+        let ct = f.dp.conntrack().unwrap();
+        let rev = f.dp.reverse_nat().unwrap();
+        let value = lb_common::ConnValue {
+            backend_id: 1,
+            flags: CT_F_ESTABLISHED,
+            ..Default::default()
+        };
+        let vip: IpAddr = VIP.parse().unwrap();
+        let mut written = 0;
+        // Flows spread over the whole table: every window is read.
+        for i in 0..50_000u32 {
+            let src = IpAddr::from([10, 100 + (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+            if ct.insert(&flow_key(src, 40_000, vip, 80), &value) {
+                written += 1;
+            }
+        }
+        let mut peak = rss_kib();
+        let mut read = 0;
+        for (n, _) in ct.entries().enumerate() {
+            read += 1;
+            if n % 5_000 == 0 {
+                peak = peak.max(rss_kib());
+            }
+        }
+        assert_eq!(read, written, "every flow written is read back");
+        assert_eq!(ct.occupied(), written);
+        peak = peak.max(rss_kib());
+        assert_eq!(rev.occupied(), 0);
+        peak = peak.max(rss_kib());
+        let grew_mib = peak.saturating_sub(before) / 1024;
+        println!(
+            "flow table read: {written} flows over {} buckets; RSS grew {grew_mib} MiB",
+            ct.buckets()
+        );
+        assert!(
+            grew_mib < 32,
+            "reading a {} MiB table added {grew_mib} MiB to the RSS",
+            ct.buckets() as usize
+                * std::mem::size_of::<lb_common::FlowBucket<lb_common::ConnValue>>()
+                >> 20
+        );
     });
 }
