@@ -57,7 +57,7 @@ def main():
     lines = {}
     edges = defaultdict(set)
     for path, text in files(rev):
-        if path.endswith("/tests.rs") or path.endswith("main.rs"):
+        if path.endswith("/tests.rs") or "/tests/" in path or path.endswith("main.rs"):
             continue
         mod = module_of(path)
         lines[mod] = text.count("\n")
