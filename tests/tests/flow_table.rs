@@ -839,8 +839,8 @@ fn privileged_flow_table_reading_it_keeps_the_agents_rss_small() {
         assert!(
             grew_mib < 32,
             "reading a {} MiB table added {grew_mib} MiB to the RSS",
-            ct.buckets() as usize
-                * std::mem::size_of::<lb_common::FlowBucket<lb_common::ConnValue>>()
+            (ct.buckets() as usize
+                * std::mem::size_of::<lb_common::FlowBucket<lb_common::ConnValue>>())
                 >> 20
         );
     });

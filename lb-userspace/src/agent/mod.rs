@@ -186,6 +186,29 @@ impl Agent {
         file: Config,
         k8s: Option<Vec<Arc<model::Service>>>,
     ) -> Result<Option<ApplySummary>> {
+        // Before the maps: a new backend's SNAT source and resolved next hop must be
+        // there for its first packet; at start they get longer to resolve.
+        let wait = if self.desired.is_none() {
+            STARTUP_RESOLVE_WAIT
+        } else {
+            RELOAD_RESOLVE_WAIT
+        };
+        // The running state is let go before the new one is made: the two at once were
+        // the peak of a reload (two copies of 100,000 backends). On an error it is made
+        // again from the sources' last words, which change only once this succeeds.
+        let running = self.desired.take().is_some();
+        match self.adopt_checked(file, k8s, wait).await {
+            Err(e) if running && self.desired.is_none() => Err(self.rebuild_after_failed_apply(e)),
+            other => other,
+        }
+    }
+
+    async fn adopt_checked(
+        &mut self,
+        file: Config,
+        k8s: Option<Vec<Arc<model::Service>>>,
+        wait: std::time::Duration,
+    ) -> Result<Option<ApplySummary>> {
         let Some(intent) = self.merged(&file, k8s.as_ref()) else {
             // Waiting for Kubernetes: settings an upgrade emptied are written from the
             // file now, before the program is attached (see Dataplane::seed_config).
@@ -202,13 +225,7 @@ impl Agent {
             model::validate::services(&intent.services, &intent.settings.snat.addresses())?;
         }
         intent.check_capacity(self.dp.max_services, self.dp.max_backends)?;
-        // Before the maps: a new backend's SNAT source and resolved next hop must be
-        // there for its first packet. Only new backends are looked up.
-        let wait = if self.desired.is_none() {
-            STARTUP_RESOLVE_WAIT
-        } else {
-            RELOAD_RESOLVE_WAIT
-        };
+        // Only new backends' routes are looked up.
         let targets: BTreeSet<IpAddr> = intent
             .services
             .iter()
@@ -229,17 +246,13 @@ impl Agent {
             .filter(|s| s.health_check.is_some())
             .cloned()
             .collect();
-        // The last state is let go before the new one is made (two copies of 100,000
-        // backends at once were the peak of a reload); on an error it is made again
-        // from the sources' last words, which change only once this succeeds.
-        self.desired = None;
         let desired = self.resolved(intent);
         let t = std::time::Instant::now();
         let summary = match self.apply_maps(&desired) {
             Ok(s) => s,
             Err(e) => {
                 drop(desired);
-                return Err(self.rebuild_after_failed_apply(e));
+                return Err(e);
             }
         };
         debug!(ms = t.elapsed().as_millis() as u64, "maps applied");

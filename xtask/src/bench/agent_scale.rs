@@ -35,6 +35,8 @@ pub struct Results {
     pub file_reload_ms_p99: f64,
     pub file_reloads: usize,
     pub file_peak_rss_mib: f64,
+    /// The peak by "xlb running", before any reload.
+    pub file_start_peak_rss_mib: f64,
     pub file_rss_mib: f64,
     /// CPU time over wall time while nothing changes, in percent of one core.
     pub idle_cpu_percent: f64,
@@ -205,9 +207,10 @@ pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> R
         )
         .start()?;
         r.file_start_ms = started.elapsed().as_secs_f64() * 1e3;
+        r.file_start_peak_rss_mib = kib(agent.pid(), "VmHWM:")?;
         println!(
-            "  file: xlb run to \"xlb running\": {:.0} ms",
-            r.file_start_ms
+            "  file: xlb run to \"xlb running\": {:.0} ms; peak RSS by then {:.1} MiB",
+            r.file_start_ms, r.file_start_peak_rss_mib
         );
         let mut changed = Vec::new();
         let mut lat = Vec::new();
