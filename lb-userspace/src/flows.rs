@@ -217,33 +217,53 @@ impl<V: Copy> FlowTable<V> {
         })
     }
 
-    /// The flows in bucket `b`, each as it was when read.
-    fn read_bucket(&self, b: u32) -> Vec<Entry<V>> {
-        self.at(b, |p| {
-            (0..FLOW_WAYS)
-                // SAFETY: p is bucket b inside the mapping, held for this closure.
-                .filter_map(|w| unsafe { read_way(p, b, w) })
-                .collect()
-        })
+    /// Runs `f` on each bucket of window `n` (buckets n × WINDOW_BUCKETS onwards), under
+    /// one lock and one mapping.
+    fn each_in_window(&self, n: u32, mut f: impl FnMut(u32, *mut FlowBucket<V>)) {
+        let first = n * WINDOW_BUCKETS;
+        let last = (first + WINDOW_BUCKETS).min(self.buckets);
+        self.at(first, |p| {
+            for b in first..last {
+                // SAFETY: the window that holds `first` holds every bucket up to `last`
+                // (windows start at multiples of WINDOW_BUCKETS), mapped while the
+                // lock is held.
+                f(b, unsafe { p.add((b - first) as usize) });
+            }
+        });
     }
 
-    /// Every flow the table holds, each as it was when read.
+    fn windows(&self) -> u32 {
+        self.buckets.div_ceil(WINDOW_BUCKETS)
+    }
+
+    /// Every flow the table holds, each as it was when read; read a window at a time.
     pub fn entries(&self) -> impl Iterator<Item = Entry<V>> + '_ {
-        (0..self.buckets).flat_map(move |b| self.read_bucket(b))
+        (0..self.windows()).flat_map(move |n| {
+            let mut out = Vec::new();
+            self.each_in_window(n, |b, p| {
+                for w in 0..FLOW_WAYS {
+                    // SAFETY: p is bucket b inside the mapping, held for this call.
+                    if let Some(e) = unsafe { read_way(p, b, w) } {
+                        out.push(e);
+                    }
+                }
+            });
+            out
+        })
     }
 
     /// How many ways hold a flow (expired ones included), from the header lines only.
     pub fn occupied(&self) -> usize {
-        (0..self.buckets)
-            .map(|b| {
-                self.at(b, |p| {
-                    (0..FLOW_WAYS)
-                        // SAFETY: p is bucket b inside the mapping, held for this closure.
-                        .filter(|&w| word_tag(unsafe { word(p, w) }.load(Ordering::Relaxed)) != 0)
-                        .count()
-                })
-            })
-            .sum()
+        let mut n = 0;
+        for window in 0..self.windows() {
+            self.each_in_window(window, |_, p| {
+                // SAFETY: p is a bucket inside the mapping, held for this call.
+                n += (0..FLOW_WAYS)
+                    .filter(|&w| word_tag(unsafe { word(p, w) }.load(Ordering::Relaxed)) != 0)
+                    .count();
+            });
+        }
+        n
     }
 
     /// The flow `key`, as the datapath finds it. Its bucket is copied by a map lookup

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::Agent;
 
@@ -30,8 +30,16 @@ impl Agent {
         let timeouts = self.file.timeouts;
         if self.housekeeping.since_sweep >= timeouts.gc_interval.max(1) {
             self.housekeeping.since_sweep = 0;
+            let t = std::time::Instant::now();
             match crate::conntrack::sweep(&mut self.dp, &timeouts) {
                 Ok(sweep) => {
+                    debug!(
+                        ms = t.elapsed().as_millis() as u64,
+                        expired = sweep.expired,
+                        orphaned = sweep.orphaned,
+                        remaining = sweep.remaining,
+                        "conntrack swept"
+                    );
                     let swept = &self.metrics.conntrack_swept;
                     for (why, n) in [("expired", sweep.expired), ("orphaned", sweep.orphaned)] {
                         swept
