@@ -12,7 +12,8 @@ use network_types::ip::Ipv4Hdr;
 use crate::{
     csum::Delta,
     flows::{self, Insert},
-    mem::{bytes_mut, load, put_addr, store, zero},
+    maps::{CONFIG, SCRATCH},
+    mem::{self, bytes_mut, load, put_addr, store, zero},
     packet::{IcmpError, Packet, Verdict, ETH_LEN, FRAG_LATER},
     stats,
 };
@@ -281,58 +282,120 @@ fn alloc_port(
     if max < min {
         return None;
     }
-    let range = max - min + 1;
-    let h = flow_hash(key, false);
     // The client's own port first, where the range has it, as MASQUERADE does: a
     // backend that still holds the previous connection of this 4-tuple in TIME_WAIT
     // then sees the same client's next connection, whose sequence numbers follow on
     // and reopen it. A hashed port would reuse some other client's 4-tuple, whose
     // TIME_WAIT refuses the SYN (the connection then waits for a retransmission).
     let client_port = u16::from_be(key.sport) as u32;
-    let keep = client_port >= min && client_port <= max;
-    let mut i = 0;
-    while i < PORT_PROBES {
-        let port = if keep && i == 0 {
-            client_port as u16
+    let mut probe = PortProbe {
+        reply_src,
+        snat,
+        reply_sport,
+        proto: key.proto,
+        family: key.family,
+        min,
+        range: max - min + 1,
+        hash: flow_hash(key, false),
+        first: if client_port >= min && client_port <= max {
+            client_port
         } else {
-            (min + h.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % range) as u16
-        };
-        let rkey = FlowKey {
-            src: reply_src,
-            dst: snat,
-            sport: reply_sport,
-            dport: port.to_be(),
-            proto: key.proto,
-            family: key.family,
-            _pad: [0; 2],
-        };
-        // Probed by looking, not inserting: the verifier walks each call of the
-        // insert anew, and one call per probe took it past its limit.
-        let hash = flow_hash(&rkey, false);
-        let claim = match flows::find::<ReverseNat>(&rkey, hash, cfg) {
-            None => Some(false),
-            // The port may still be this very flow's, from before its conntrack entry
-            // was evicted or expired: take it back, so the backend sees the same
-            // source port and an established connection survives.
-            Some(old) if same_client(old, rev) => Some(true),
-            Some(_) => None,
-        };
-        if let Some(reclaimed) = claim {
-            // A flow of another CPU may have taken the port since: then it is Exists,
-            // and this flow gets no port (counted as a drop; its next packet retries).
-            return match flows::insert((&rkey, hash), rev, reclaimed, cfg) {
-                Insert::Written => {
-                    if reclaimed {
-                        stats::count(StatIndex::EventPortReclaimed, 0);
-                    }
-                    Some(port.to_be())
-                }
-                Insert::Exists | Insert::Busy => None,
-            };
-        }
-        i += 1;
+            NO_PORT
+        },
+        result: 0,
+    };
+    // A loop of the kernel's (bpf_loop), not ours: the verifier walked an inline
+    // probe loop once per probe, 300,000 of its million instructions.
+    mem::repeat(PORT_PROBES, probe_port, &mut probe);
+    if probe.result & PROBE_FOUND == 0 {
+        return None;
     }
-    None
+    let port = probe.result as u16;
+    let reclaimed = probe.result & PROBE_RECLAIM != 0;
+    let rkey = reply_key(&probe, port);
+    // Claimed here, not in the probe: an insert's frame on top of the loop's was more
+    // stack than BPF allows. A flow of another CPU may have taken the port since: then
+    // it is Exists, and this flow gets no port (counted as a drop; its next packet
+    // retries).
+    match flows::insert((&rkey, flow_hash(&rkey, false)), rev, reclaimed, cfg) {
+        Insert::Written => {
+            if reclaimed {
+                stats::count(StatIndex::EventPortReclaimed, 0);
+            }
+            Some(port)
+        }
+        Insert::Exists | Insert::Busy => None,
+    }
+}
+
+/// The reply 5-tuple of a flow given `port` (network order) as its SNAT source port.
+#[inline(always)]
+fn reply_key(p: &PortProbe, port: u16) -> FlowKey {
+    FlowKey {
+        src: p.reply_src,
+        dst: p.snat,
+        sport: p.reply_sport,
+        dport: port,
+        proto: p.proto,
+        family: p.family,
+        _pad: [0; 2],
+    }
+}
+
+/// What the port probes share, on the allocating frame's stack.
+struct PortProbe {
+    reply_src: Addr,
+    snat: Addr,
+    reply_sport: u16,
+    proto: u8,
+    family: u8,
+    min: u32,
+    range: u32,
+    /// The flow's hash, which spreads the probes.
+    hash: u32,
+    /// The client's own port (host order), tried first, or NO_PORT.
+    first: u32,
+    /// The port found (network order) | PROBE_FOUND (| PROBE_RECLAIM), or 0.
+    result: u32,
+}
+
+const NO_PORT: u32 = u32::MAX;
+const PROBE_FOUND: u32 = 1 << 16;
+/// The port found is this flow's own already (its reply entry outlived its conntrack
+/// entry): the insert takes it back.
+const PROBE_RECLAIM: u32 = 1 << 17;
+
+crate::loop_body!(probe_port, PortProbe, probe_one_port);
+
+/// Probe `i`: looks at one port. Returns true (stop) once it found one free, or this
+/// flow's own.
+#[inline(always)]
+fn probe_one_port(i: u32, p: &mut PortProbe) -> bool {
+    // The loop's body is a function of its own: it reads the settings and the reverse
+    // entry (written by reply_entry, in this CPU's scratch) where the caller does.
+    let (Some(cfg), Some(scratch)) = (CONFIG.get(0), mem::this_cpu(&SCRATCH, 0)) else {
+        return true;
+    };
+    let port = if i == 0 && p.first != NO_PORT {
+        p.first as u16
+    } else if p.range == 0 {
+        return true;
+    } else {
+        (p.min + p.hash.wrapping_add(i.wrapping_mul(0x9e37_79b1)) % p.range) as u16
+    };
+    let rkey = reply_key(p, port.to_be());
+    // Probed by looking: the claim (an insert, under the bucket's lock) follows.
+    match flows::find::<ReverseNat>(&rkey, flow_hash(&rkey, false), cfg) {
+        None => p.result = PROBE_FOUND | port.to_be() as u32,
+        // The port may still be this very flow's, from before its conntrack entry
+        // was evicted or expired: take it back, so the backend sees the same
+        // source port and an established connection survives.
+        Some(old) if same_client(old, &scratch.rev) => {
+            p.result = PROBE_FOUND | PROBE_RECLAIM | port.to_be() as u32
+        }
+        Some(_) => return false,
+    }
+    true
 }
 
 /// Whether a reply entry is for the same client flow as `rev`.
