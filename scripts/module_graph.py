@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The agent's module graph, from its imports: each module of lb-userspace/src and the
-crate modules it names (`crate::x`, `super::x` at the top level). Reads the working
-tree, or a git revision: `scripts/module_graph.py [REV]`. Tests (`tests.rs`,
-`#[cfg(test)]` blocks) are left out. Prints one line per module:
+crate modules it names as `crate::x` (a `super::x` names the module's parent or a
+sibling inside the same top module, and is not counted). Reads the working
+tree, or a git revision: `scripts/module_graph.py [REV]`. Tests (`tests.rs`, `tests/`
+directories, `#[cfg(test)]` blocks) are left out. Prints one line per module:
 
     module (lines) -> imported modules
 

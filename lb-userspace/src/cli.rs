@@ -181,10 +181,12 @@ pub struct RunArgs {
     #[arg(long, env = "XLB_SNAT_IPV6")]
     pub snat_ipv6: Option<std::net::Ipv6Addr>,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz (read-only, GET) here;
-    /// `off` to serve nothing. Loopback by default: expose it on purpose.
+    /// `off` to serve nothing. Default 127.0.0.1:9464 (loopback: expose it on purpose;
+    /// a taken default port only warns).
     #[arg(long, value_parser = parse_metrics_addr)]
     pub metrics_addr: Option<MetricsAddr>,
-    /// Flows the conntrack (and reverse-NAT) tables hold, each about 100 bytes. Fixed
+    /// Flows the conntrack (and reverse-NAT) tables hold each: 144 bytes per flow per
+    /// table (288 MiB for both at the default), in kernel memory. Fixed
     /// when the maps are first created: an agent adopting pinned maps keeps their size.
     #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216))]
     pub conntrack_max: u32,

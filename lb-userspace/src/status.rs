@@ -439,8 +439,9 @@ async fn attachment_mode(
         let ours = std::fs::read_link("/proc/self/ns/net").ok()?;
         (theirs != ours).then(|| {
             format!(
-                "the agent (pid {pid}) runs in another network namespace ({}); run `nsenter --net=/proc/{pid}/ns/net xlb status` there",
-                theirs.display()
+                "the agent (pid {pid}) runs in another network namespace ({}); run `nsenter --net=/proc/{pid}/ns/net xlb status --pin-path {}` there",
+                theirs.display(),
+                pin_path.display()
             )
         })
     };

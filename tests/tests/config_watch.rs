@@ -160,3 +160,51 @@ fn privileged_a_fifo_at_the_config_path_does_not_block_the_control_loop() {
     let (code, body) = get(&lab, "/healthz");
     assert_eq!(code, 200, "{body}");
 }
+
+/// A config file emptied in place (truncated, as a failed write or `: > file` leaves
+/// it) would parse as the defaults, which serve nothing: it is rejected, and the
+/// services kept. A file that says it serves nothing (`services: []`) is applied, with
+/// a warning that every service went.
+#[test]
+fn privileged_an_emptied_config_file_is_rejected_and_the_services_kept() {
+    if !privileged() {
+        return;
+    }
+    let lab = LbLab::two_arm(1).unwrap();
+    lab.write_config(&[0]).unwrap();
+    let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
+    let mut agent = start(&lab);
+    let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
+    let mut conn = connect(&lab.client, vip);
+    assert_eq!(conn.exchange("before").unwrap(), 0);
+    let programmed = backends_programmed(&agent);
+    assert_eq!(programmed, 1);
+
+    for emptied in ["", "\n\n", "# nothing yet\n---\n"] {
+        let before = agent.count_log("the file is empty");
+        std::fs::write(&lab.config_path, emptied).unwrap();
+        agent
+            .wait_for_log_count("the file is empty", before + 1, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("{emptied:?}: {e:#}\n{}", agent.logs()));
+        assert_eq!(backends_programmed(&agent), programmed, "{emptied:?}: kept");
+        assert_eq!(conn.exchange("during").unwrap(), 0, "{emptied:?}: the flow");
+        assert_eq!(connect(&lab.client, vip).exchange("new").unwrap(), 0);
+        // SIGHUP reads it the same way.
+        assert!(agent.reload().is_err(), "{emptied:?}: SIGHUP");
+        assert_eq!(backends_programmed(&agent), programmed);
+    }
+    assert!(
+        agent.logs().contains("services: []"),
+        "the error says how to serve nothing"
+    );
+
+    // Said on purpose: applied, and the removal is a warning.
+    lab.replace_config("services: []\n").unwrap();
+    agent.reload().unwrap();
+    assert_eq!(backends_programmed(&agent), 0);
+    assert!(
+        agent.logs().contains("every service it had is removed"),
+        "{}",
+        agent.logs()
+    );
+}

@@ -107,11 +107,6 @@ impl Agent {
         Ok(cfg)
     }
 
-    /// The file's services and Kubernetes', if it is time to program anything. The
-    /// file wins: a Kubernetes service at one of its VIPs, ports and protocols, or past
-    /// the room it leaves in the maps, is left out until the controller, which follows
-    /// the file through `file_tx`, sends a list that fits (with Events for what it
-    /// leaves out).
     /// After a failed apply: the running state made again from the sources' last
     /// words (they change only once an apply succeeds); returns the error.
     fn rebuild_after_failed_apply(&mut self, e: anyhow::Error) -> anyhow::Error {
@@ -121,6 +116,11 @@ impl Agent {
         e
     }
 
+    /// The file's services and Kubernetes', if it is time to program anything. The
+    /// file wins: a Kubernetes service at one of its VIPs, ports and protocols, or past
+    /// the room it leaves in the maps, is left out until the controller, which follows
+    /// the file through `file_tx`, sends a list that fits (with Events for what it
+    /// leaves out).
     fn merged(&self, file: &Config, k8s: Option<&Vec<Arc<model::Service>>>) -> Option<Desired> {
         if self.kubernetes && k8s.is_none() {
             return None;
@@ -341,12 +341,24 @@ impl Agent {
         };
         let loaded = Config::load_limited(path, self.max_config_bytes)
             .and_then(|cfg| self.with_overrides(cfg));
+        let had = self.file.services.len();
         let adopted = match loaded {
             Ok(file) => self.adopt(file, self.k8s.clone()).await,
             Err(e) => Err(e),
         };
         match adopted {
-            Ok(summary) => info!(?summary, "config reloaded"),
+            Ok(summary) => {
+                if had > 0 && self.file.services.is_empty() {
+                    warn!(
+                        removed = had,
+                        "the config file now has no services: every service it had is removed"
+                    );
+                }
+                match summary {
+                    Some(summary) => info!(?summary, "config reloaded"),
+                    None => info!("config reloaded (applied with the first Kubernetes sync)"),
+                }
+            }
             Err(e) => {
                 self.metrics.applied(false);
                 error!("config reload rejected, keeping the running state: {e:#}");

@@ -108,6 +108,12 @@ pub(super) fn describe_parse_error(
         inner = error;
     }
     let msg = clean(&serde_saphyr::DefaultMessageFormatter.format_message(inner));
+    // The parser's advice to its own caller ("set DuplicateKeyPolicy in Options if
+    // acceptable") is not the operator's to follow: the key is said twice, that is all.
+    let msg = match msg.split_once(", set DuplicateKeyPolicy") {
+        Some((head, _)) => format!("{head} (a key may be given once)"),
+        None => msg,
+    };
     let Some(at) = e.location().filter(|l| l.line() > 0 && l.column() > 0) else {
         return msg;
     };

@@ -38,6 +38,15 @@ fn parse_options() -> serde_saphyr::Options {
     }
 }
 
+/// Whether a YAML text holds no document content: blank lines, comments and document
+/// markers only.
+fn is_empty_document(text: &str) -> bool {
+    text.lines().all(|l| {
+        let t = l.trim();
+        t.is_empty() || t.starts_with('#') || t == "---" || t == "..."
+    })
+}
+
 /// What changes when a file at `path` is written or replaced: its identity, size and
 /// times (of what a symlink points at). None when it cannot be read.
 pub fn fingerprint(path: &Path) -> Option<(u64, u64, u64, i64, i64, i64, i64)> {
@@ -120,6 +129,12 @@ impl Config {
     /// Parses `text`, read from the file `source` if given (named in the snippet of a
     /// parse error).
     pub fn parse_named(text: &str, source: Option<&str>) -> Result<Self> {
+        // An empty file parses as the defaults, which serve nothing: almost always a
+        // file cut or truncated by accident, and applied it would remove every service.
+        // A config meant to serve nothing says so.
+        if is_empty_document(text) {
+            bail!("the file is empty (nothing but blank lines or comments): nothing applied; a config that serves nothing says `services: []`");
+        }
         let mut cfg: Config = serde_saphyr::from_str_with_options(text, parse_options())
             .map_err(|e| anyhow::anyhow!("{}", describe_parse_error(&e, text, source)))?;
         // A list parsed grows by doubling: 100 backends take the room of 128. The file

@@ -352,3 +352,29 @@ fn conntrack_false_is_for_dsr_and_dnat_and_refused_on_nat_with_its_line() {
     let e = err(&with("dsr", "maybe"));
     assert!(e.contains("services[0].conntrack"), "{e}");
 }
+
+/// An empty file would parse as the defaults and serve nothing: refused, with the way
+/// to say so on purpose. A file of settings alone is a config.
+#[test]
+fn an_empty_file_is_refused_and_says_how_to_serve_nothing() {
+    for text in ["", "\n  \n", "# a comment\n", "---\n...\n"] {
+        let e = format!("{:#}", Config::parse(text).unwrap_err());
+        assert!(e.contains("the file is empty"), "{text:?}: {e}");
+        assert!(e.contains("services: []"), "{text:?}: {e}");
+    }
+    assert!(Config::parse("services: []\n").unwrap().services.is_empty());
+    assert!(Config::parse("decap: true\n").unwrap().decap);
+}
+
+/// A key given twice says so, without the parser's advice to its own caller.
+#[test]
+fn a_duplicate_key_is_named_plainly() {
+    let e = format!(
+        "{:#}",
+        Config::parse("services:\n  - name: a\n    vip: 192.0.2.1\n    port: 80\n    port: 81\n    protocol: tcp\n    backends: []\n")
+            .unwrap_err()
+    );
+    assert!(e.contains("duplicate"), "{e}");
+    assert!(!e.contains("DuplicateKeyPolicy"), "{e}");
+    assert!(e.contains("a key may be given once"), "{e}");
+}
