@@ -114,6 +114,14 @@ pub struct MaglevArgs {
     pub json: bool,
 }
 
+// `xlb run --help` in groups: twenty flags in one list was hard to read.
+const DATAPATH: &str = "Datapath";
+const SERVICES: &str = "Services and SNAT";
+const ANNOUNCING: &str = "Announcing";
+const KUBERNETES: &str = "Kubernetes";
+const METRICS: &str = "Metrics";
+const MAP_SIZES: &str = "Map sizes (fixed when the maps are first created)";
+
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("source").required(true).multiple(true).args(["config", "kubernetes", "decap"])))]
 pub struct RunArgs {
@@ -123,22 +131,22 @@ pub struct RunArgs {
         env = "XLB_IFACE",
         value_delimiter = ',',
         required = true,
-        help_heading = "Datapath"
+        help_heading = DATAPATH
     )]
     pub ifaces: Vec<String>,
     /// XDP attach mode. `auto` tries native and falls back to generic.
-    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto, env = "XLB_XDP_MODE", help_heading = "Datapath")]
+    #[arg(long, value_enum, default_value_t = XdpModeArg::Auto, env = "XLB_XDP_MODE", help_heading = DATAPATH)]
     pub xdp_mode: XdpModeArg,
     /// bpffs directory for the maps (mounted if bpffs is not there yet).
-    #[arg(long, default_value = DEFAULT_PIN_PATH, help_heading = "Datapath")]
+    #[arg(long, default_value = DEFAULT_PIN_PATH, help_heading = DATAPATH)]
     pub pin_path: PathBuf,
     /// Static YAML config: services, backends, SNAT (see README).
-    #[arg(long, help_heading = "Services and SNAT")]
+    #[arg(long, help_heading = SERVICES)]
     pub config: Option<PathBuf>,
     /// Announce the VIPs this node can serve as host routes in this kernel routing
     /// table (protocol 248), for BIRD or FRR to export over BGP (docs/announce.md).
     /// Overrides `announce.routes.table` in the config.
-    #[arg(long, env = "XLB_ANNOUNCE_ROUTES_TABLE", help_heading = "Announcing")]
+    #[arg(long, env = "XLB_ANNOUNCE_ROUTES_TABLE", help_heading = ANNOUNCING)]
     pub announce_routes_table: Option<u32>,
     /// Answer ARP and neighbour solicitations for the VIPs this node announces on these
     /// interfaces (each also an --iface), and send gratuitous ARP / unsolicited
@@ -148,32 +156,32 @@ pub struct RunArgs {
         long,
         value_delimiter = ',',
         env = "XLB_ANNOUNCE_L2",
-        help_heading = "Announcing"
+        help_heading = ANNOUNCING
     )]
     pub announce_l2: Vec<String>,
     /// Decapsulate IP-in-IP and IPv6-in-IPv6 packets addressed to this host and pass
     /// the inner packet to the kernel: the backend's side of `mode: dsr`. Needs no
     /// --config (`decap: true` in a config file does the same).
-    #[arg(long, help_heading = "Datapath")]
+    #[arg(long, help_heading = DATAPATH)]
     pub decap: bool,
     /// The largest config file read, in bytes.
-    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_CONFIG_BYTES, help_heading = "Services and SNAT")]
+    #[arg(long, default_value_t = crate::config::DEFAULT_MAX_CONFIG_BYTES, help_heading = SERVICES)]
     pub max_config_bytes: u64,
     /// Serve Kubernetes Services of type LoadBalancer, from the in-cluster config or
     /// KUBECONFIG. With --config too, the file adds its settings and static services.
-    #[arg(long, help_heading = "Kubernetes")]
+    #[arg(long, help_heading = KUBERNETES)]
     pub kubernetes: bool,
-    #[command(flatten, next_help_heading = "Kubernetes")]
+    #[command(flatten, next_help_heading = KUBERNETES)]
     pub served: ServedArgs,
     /// How externalTrafficPolicy: Cluster Services reach endpoints: `nat` (source
     /// NAT; replies return through this node) or `dsr` (encapsulated to the endpoint's
     /// node, whose xlb DNATs to the pod and answers the client directly, with the
     /// client's address at the pod). The annotation xlb.dev/forwarding overrides it.
-    #[arg(long, value_enum, default_value_t = ClusterForwardingArg::Nat, env = "XLB_CLUSTER_FORWARDING", help_heading = "Kubernetes")]
+    #[arg(long, value_enum, default_value_t = ClusterForwardingArg::Nat, env = "XLB_CLUSTER_FORWARDING", help_heading = KUBERNETES)]
     pub cluster_forwarding: ClusterForwardingArg,
     /// This node's name, for externalTrafficPolicy: Local (the DaemonSet passes it
     /// from the downward API).
-    #[arg(long, env = "NODE_NAME", help_heading = "Kubernetes")]
+    #[arg(long, env = "NODE_NAME", help_heading = KUBERNETES)]
     pub node_name: Option<String>,
     /// Address pools for Services that have no VIP yet, CIDRs, comma separated or
     /// repeated (one per family at least, to allocate in that family).
@@ -181,31 +189,31 @@ pub struct RunArgs {
         long,
         env = "XLB_IPAM_POOLS",
         value_delimiter = ',',
-        help_heading = "Kubernetes"
+        help_heading = KUBERNETES
     )]
     pub ipam_pool: Vec<ipnet::IpNet>,
     /// SNAT source address for IPv4, overriding the file (per node: the DaemonSet
     /// passes the node's address).
-    #[arg(long, env = "XLB_SNAT_IPV4", help_heading = "Services and SNAT")]
+    #[arg(long, env = "XLB_SNAT_IPV4", help_heading = SERVICES)]
     pub snat_ipv4: Option<std::net::Ipv4Addr>,
     /// SNAT source address for IPv6, overriding the file.
-    #[arg(long, env = "XLB_SNAT_IPV6", help_heading = "Services and SNAT")]
+    #[arg(long, env = "XLB_SNAT_IPV6", help_heading = SERVICES)]
     pub snat_ipv6: Option<std::net::Ipv6Addr>,
     /// Serve Prometheus metrics (/metrics), /healthz and /readyz (read-only, GET) here;
     /// `off` to serve nothing. Default 127.0.0.1:9464 (loopback: expose it on purpose;
     /// a taken default port only warns).
-    #[arg(long, value_parser = parse_metrics_addr, help_heading = "Metrics")]
+    #[arg(long, value_parser = parse_metrics_addr, help_heading = METRICS)]
     pub metrics_addr: Option<MetricsAddr>,
     /// Flows the conntrack (and reverse-NAT) tables hold each: 144 bytes per flow per
     /// table (288 MiB for both at the default), in kernel memory. Fixed
     /// when the maps are first created: an agent adopting pinned maps keeps their size.
-    #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216), help_heading = "Map sizes (fixed when the maps are first created)")]
+    #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216), help_heading = MAP_SIZES)]
     pub conntrack_max: u32,
     /// Fragmented datagrams (first fragment seen, later ones expected) followed at
     /// once, 16 to 4194304, each record about 100 bytes. An LRU map: when it is full the
     /// least recently used records go first (approximately: the kernel's LRU works per
     /// CPU). Fixed when the map is first created.
-    #[arg(long, default_value_t = lb_common::FRAGMENTS_MAX, value_parser = clap::value_parser!(u32).range(16..=4_194_304), help_heading = "Map sizes (fixed when the maps are first created)")]
+    #[arg(long, default_value_t = lb_common::FRAGMENTS_MAX, value_parser = clap::value_parser!(u32).range(16..=4_194_304), help_heading = MAP_SIZES)]
     pub fragments_max: u32,
     /// Services (VIP, port, protocol) the maps hold. A service's Maglev table takes
     /// memory only while it exists, in 4 KiB chunks of 1008 slots: 68 KiB at the
@@ -213,16 +221,16 @@ pub struct RunArgs {
     /// table replaces it). The per-CPU
     /// statistics take 32 bytes per CPU per slot. Fixed when the maps are first created.
     #[arg(long, default_value_t = lb_common::MAX_SERVICES, env = "XLB_MAX_SERVICES",
-          value_parser = clap::value_parser!(u32).range(1..=65_536), help_heading = "Map sizes (fixed when the maps are first created)")]
+          value_parser = clap::value_parser!(u32).range(1..=65_536), help_heading = MAP_SIZES)]
     pub max_services: u32,
     /// Backends, over all services, the maps hold. Fixed when the maps are first created.
     #[arg(long, default_value_t = lb_common::MAX_BACKENDS, env = "XLB_MAX_BACKENDS",
-          value_parser = clap::value_parser!(u32).range(1..=1_048_576), help_heading = "Map sizes (fixed when the maps are first created)")]
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576), help_heading = MAP_SIZES)]
     pub max_backends: u32,
     /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
     /// for a restart or an upgrade; SIGINT always detaches. Detaching removes every pin
     /// of xlb's, maps included, as `xlb detach` does.
-    #[arg(long, help_heading = "Datapath")]
+    #[arg(long, help_heading = DATAPATH)]
     pub detach_on_exit: bool,
 }
 
