@@ -248,13 +248,8 @@ impl Agent {
             .collect();
         let desired = self.resolved(intent);
         let t = std::time::Instant::now();
-        let summary = match self.apply_maps(&desired) {
-            Ok(s) => s,
-            Err(e) => {
-                drop(desired);
-                return Err(e);
-            }
-        };
+        // On an error `adopt` makes the running state again (this one is dropped first).
+        let summary = self.apply_maps(&desired)?;
         debug!(ms = t.elapsed().as_millis() as u64, "maps applied");
         self.desired = Some(desired);
         // Only once the new state is applied: a rejected one leaves the running

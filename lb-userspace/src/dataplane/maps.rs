@@ -253,21 +253,21 @@ impl Dataplane {
         })
     }
 
+    /// Word `i` of one of the bitmap arrays (the VIP filter, the stateless filter).
+    fn set_word(&mut self, map: &str, i: u32, word: VipFilterWord) -> Result<()> {
+        let m = self
+            .ebpf
+            .map_mut(map)
+            .with_context(|| format!("map {map}"))?;
+        Array::<&mut MapData, VipFilterWord>::try_from(m)?.set(i, word, 0)?;
+        Ok(())
+    }
+
     fn write(&mut self, write: Write) -> Result<()> {
         match write {
-            Write::FilterWord(i, word) => {
-                let map = self
-                    .ebpf
-                    .map_mut(lb_common::MAP_VIP_FILTER)
-                    .context("VIP filter map")?;
-                Array::<&mut MapData, VipFilterWord>::try_from(map)?.set(i, word, 0)?;
-            }
+            Write::FilterWord(i, word) => self.set_word(lb_common::MAP_VIP_FILTER, i, word)?,
             Write::StatelessWord(i, word) => {
-                let map = self
-                    .ebpf
-                    .map_mut(lb_common::MAP_STATELESS_FILTER)
-                    .context("stateless filter map")?;
-                Array::<&mut MapData, VipFilterWord>::try_from(map)?.set(i, word, 0)?;
+                self.set_word(lb_common::MAP_STATELESS_FILTER, i, word)?
             }
             Write::Config(c) => {
                 let c = self.with_geometry(c);

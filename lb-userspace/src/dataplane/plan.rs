@@ -388,14 +388,7 @@ pub fn plan_digested(
             dropped.remove(&bid);
             ids.push(bid);
         }
-        let weighted: Vec<maglev::WeightedBackend> = svc
-            .backends
-            .iter()
-            .map(|b| maglev::WeightedBackend {
-                addr: b.address,
-                weight: b.weight,
-            })
-            .collect();
+        let weighted = svc.weighted_backends();
         let input = hash_of(&(&weighted, settings.maglev_table_size, &ids));
         let previous = after.tables.get(&id).copied();
         let live = old.map_or(0, |v| v.generation);

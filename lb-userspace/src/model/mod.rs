@@ -129,6 +129,17 @@ pub struct Service {
 }
 
 impl Service {
+    /// What its Maglev table is built from: each backend's address and weight.
+    pub fn weighted_backends(&self) -> Vec<crate::maglev::WeightedBackend> {
+        self.backends
+            .iter()
+            .map(|b| crate::maglev::WeightedBackend {
+                addr: b.address,
+                weight: b.weight,
+            })
+            .collect()
+    }
+
     /// The ranges that apply to this service's VIP: those of its family. `None`: the
     /// service is open to everyone. `Some` and empty: it admits no one (its ranges are
     /// all of the other family).

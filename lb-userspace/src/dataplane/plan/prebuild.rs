@@ -25,17 +25,7 @@ pub(super) fn prebuild(
     let todo: Vec<(usize, Vec<maglev::WeightedBackend>)> =
         (from..services.len().min(from + PREBUILD_BATCH))
             .filter(|i| !now.services.contains_key(&keys[*i]))
-            .map(|i| {
-                let weighted = services[i]
-                    .backends
-                    .iter()
-                    .map(|b| maglev::WeightedBackend {
-                        addr: b.address,
-                        weight: b.weight,
-                    })
-                    .collect();
-                (i, weighted)
-            })
+            .map(|i| (i, services[i].weighted_backends()))
             .collect();
     if todo.len() < 2 {
         return BTreeMap::new();
