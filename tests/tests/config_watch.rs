@@ -12,7 +12,7 @@ use std::{
 use xlb_tests::{
     agent::Agent,
     privileged,
-    topology::{LbLab, VIP4},
+    topology::{LbLab, Network, VIP4},
     traffic::connect,
 };
 
@@ -170,10 +170,11 @@ fn privileged_an_emptied_config_file_is_rejected_and_the_services_kept() {
     if !privileged() {
         return;
     }
-    let lab = LbLab::two_arm(1).unwrap();
+    // As a user's network is: no static neighbours, `snat: auto`, default flags.
+    let lab = LbLab::two_arm_on(1, Network::AsDeployed).unwrap();
     lab.write_config(&[0]).unwrap();
     let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
-    let mut agent = start(&lab);
+    let mut agent = lab.agent().start().unwrap();
     let vip: SocketAddr = format!("{VIP4}:80").parse().unwrap();
     let mut conn = connect(&lab.client, vip);
     assert_eq!(conn.exchange("before").unwrap(), 0);
