@@ -456,9 +456,13 @@ fn privileged_k8s_ipam_assigns_and_bad_objects_raise_events() {
         json!({"ipFamilies": ["IPv4", "IPv6"], "ipFamilyPolicy": "RequireDualStack"}),
         &[],
     );
-    web.spec.as_mut().unwrap().ports.as_mut().unwrap().push(
-        serde_json::from_value(json!({"name": "sig", "port": 9, "protocol": "SCTP"})).unwrap(),
-    );
+    // Two of them: two problems of one reason are two Events, each naming its port.
+    for (name, port) in [("sig", 9), ("sig2", 3868)] {
+        web.spec.as_mut().unwrap().ports.as_mut().unwrap().push(
+            serde_json::from_value(json!({"name": name, "port": port, "protocol": "SCTP"}))
+                .unwrap(),
+        );
+    }
     k.api.apply(Kind::Service, &web);
     k.api.apply(
         Kind::EndpointSlice,
@@ -544,29 +548,38 @@ fn privileged_k8s_ipam_assigns_and_bad_objects_raise_events() {
         "{writes:?}"
     );
 
-    // Events: SCTP on web, the bad address on broken.
+    // Events: each SCTP port on web, the bad address on broken.
     let start = Instant::now();
-    let (sctp, bad) = loop {
+    let (sctp, sctp2, bad) = loop {
         let evs = k.api.events();
-        let find = |name: &str, reason: &str| {
-            evs.iter()
-                .any(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        let find = |name: &str, reason: &str, note: &str| {
+            evs.iter().any(|e| {
+                e["regarding"]["name"] == name
+                    && e["reason"] == reason
+                    && e["note"].as_str().is_some_and(|n| n.contains(note))
+            })
         };
         let got = (
-            find("web", "UnsupportedProtocol"),
-            find("broken", "InvalidVIP"),
+            find("web", "UnsupportedProtocol", "(9): protocol SCTP"),
+            find("web", "UnsupportedProtocol", "(3868): protocol SCTP"),
+            find("broken", "InvalidVIP", ""),
         );
-        if got == (true, true) || start.elapsed() > Duration::from_secs(10) {
+        if got == (true, true, true) || start.elapsed() > Duration::from_secs(10) {
             break got;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(sctp, "an Event for the SCTP port: {:?}", k.api.events());
+    assert!(
+        sctp2,
+        "an Event of its own for the second SCTP port: {:?}",
+        k.api.events()
+    );
     assert!(bad, "an Event for the bad externalIP: {:?}", k.api.events());
     let tables = xlb::status::read_tables(&agent.pin_path).unwrap();
     assert!(!tables
         .keys()
-        .any(|key| key.ends_with(":9/tcp") || key.ends_with(":9/udp")));
+        .any(|key| key.ends_with(":9/tcp") || key.ends_with(":9/udp") || key.contains(":3868/")));
 }
 
 #[test]

@@ -425,7 +425,7 @@ impl Agent {
         }
         if let Some(events) = &self.events {
             for (vip, up, how) in changes {
-                events.announced(desired, vip, up, how).await;
+                events.announced(desired, vip, up, how);
             }
         }
     }

@@ -182,9 +182,12 @@ pub async fn run(args: Options) -> Result<()> {
         return stop_during_start(sig, agent.dp, &args.pin_path, adopting);
     }
     let lease_client = client.clone();
-    if let Some(c) = &client {
+    let events = client
+        .as_ref()
+        .map(|c| crate::k8s::events::EventWriter::spawn(c.clone(), args.node_name.clone()));
+    if let Some(events) = &events {
         agent.events = Some(crate::k8s::sink::AnnounceEvents::new(
-            c.clone(),
+            events.clone(),
             args.node_name.clone(),
         ));
     }
@@ -197,6 +200,7 @@ pub async fn run(args: Options) -> Result<()> {
         agent.file_tx = Some(file_tx);
         Some(crate::k8s::controller::spawn(
             client,
+            events.expect("made with the client"),
             opts,
             file_rx,
             agent.dp.max_services as usize,

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use super::{
+    events::EventWriter,
     sink::{KubernetesSink, Wanted},
     translate::{Cache, Options, Problem},
 };
@@ -82,12 +83,13 @@ impl Update {
 /// included.
 pub fn spawn(
     client: Client,
+    events: EventWriter,
     opts: Options,
     base: watch::Receiver<Desired>,
     max_services: usize,
 ) -> mpsc::UnboundedReceiver<Update> {
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(run(client, opts, base, max_services, tx));
+    tokio::spawn(run(client, events, opts, base, max_services, tx));
     rx
 }
 
@@ -100,6 +102,7 @@ enum Change {
 
 async fn run(
     client: Client,
+    events: EventWriter,
     opts: Options,
     mut base_rx: watch::Receiver<Desired>,
     max_services: usize,
@@ -137,7 +140,7 @@ async fn run(
         node_events
     ));
     let mut state = State {
-        sink: KubernetesSink::new(client, opts.node_name.clone()),
+        sink: KubernetesSink::new(client, events),
         opts,
         base,
         max_services,

@@ -14,12 +14,13 @@ use std::{
 use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use kube::{
     api::{Patch, PatchParams},
-    runtime::events::{Event as K8sEvent, EventType, Recorder, Reporter},
+    runtime::events::{Event as K8sEvent, EventType},
     Api, Client,
 };
 use tracing::{debug, info, warn};
 
 use super::{
+    events::EventWriter,
     health_port::HealthPorts,
     translate::{HealthPort, Problem, ServiceRef},
 };
@@ -45,20 +46,16 @@ pub struct Written {
 
 pub struct KubernetesSink {
     client: Client,
-    recorder: Recorder,
+    events: EventWriter,
     /// Problems already reported as Events, so a steady problem is reported once.
     reported: BTreeSet<(String, &'static str, String)>,
     health: HealthPorts,
 }
 
 impl KubernetesSink {
-    pub fn new(client: Client, node: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: super::REPORTING_CONTROLLER.into(),
-            instance: node,
-        };
+    pub fn new(client: Client, events: EventWriter) -> Self {
         Self {
-            recorder: Recorder::new(client.clone(), reporter),
+            events,
             client,
             reported: BTreeSet::new(),
             health: HealthPorts::default(),
@@ -98,7 +95,7 @@ impl KubernetesSink {
         }
     }
 
-    async fn publish(&self, p: &Problem) {
+    fn publish(&self, p: &Problem) {
         let reference = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Service".into()),
@@ -114,9 +111,7 @@ impl KubernetesSink {
             action: "Serve".into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&ev, &reference).await {
-            warn!(service = %p.service, "could not create an Event: {e}");
-        }
+        self.events.publish(ev, reference);
     }
 }
 
@@ -144,7 +139,7 @@ impl Sink<Wanted> for KubernetesSink {
             let key = (p.service.uid.clone(), p.reason, p.message.clone());
             if self.reported.insert(key) {
                 warn!(service = %p.service, reason = p.reason, "{}", p.message);
-                self.publish(p).await;
+                self.publish(p);
                 written.events += 1;
             }
         }
@@ -154,24 +149,20 @@ impl Sink<Wanted> for KubernetesSink {
 
 /// Events on a Service when this node starts or stops announcing its VIP.
 pub struct AnnounceEvents {
-    recorder: Recorder,
+    events: EventWriter,
     node: String,
 }
 
 impl AnnounceEvents {
-    pub fn new(client: Client, node: Option<String>) -> Self {
-        let reporter = Reporter {
-            controller: super::REPORTING_CONTROLLER.into(),
-            instance: node.clone(),
-        };
+    pub fn new(events: EventWriter, node: Option<String>) -> Self {
         Self {
-            recorder: Recorder::new(client, reporter),
+            events,
             node: node.unwrap_or_else(|| "this node".into()),
         }
     }
 
     /// One Event per Service (named `namespace/name:...` by translate) that has `vip`.
-    pub async fn announced(&self, cfg: &Desired, vip: IpAddr, up: bool, how: &str) {
+    pub fn announced(&self, cfg: &Desired, vip: IpAddr, up: bool, how: &str) {
         let mut services = BTreeSet::new();
         for s in cfg
             .services
@@ -203,9 +194,7 @@ impl AnnounceEvents {
                 action: "Announce".into(),
                 secondary: None,
             };
-            if let Err(e) = self.recorder.publish(&ev, &reference).await {
-                warn!(service = %name, "could not create an Event: {e}");
-            }
+            self.events.publish(ev, reference);
         }
     }
 }
