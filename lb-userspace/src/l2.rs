@@ -149,7 +149,7 @@ impl Sink for L2Sink {
 
     async fn apply(&mut self, desired: &Desired) -> Result<Self::Changes> {
         let owned = match self.leases.as_mut() {
-            Some(leases) => leases.update(&desired.announce).await,
+            Some(leases) => leases.pass(&desired.announce).await,
             None => desired.announce.clone(),
         };
         Ok(self.answer(&owned))

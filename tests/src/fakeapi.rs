@@ -77,6 +77,9 @@ struct Shared {
     /// Bumped on every change, to wake watches.
     changed: watch::Sender<u64>,
     bookmark_every: Duration,
+    /// True: requests are read and never answered (watches already open go on), as
+    /// from an API server that is overloaded or behind a stuck proxy.
+    hung: watch::Sender<bool>,
 }
 
 pub struct FakeApi {
@@ -109,6 +112,7 @@ impl FakeApi {
             }),
             changed: watch::channel(100).0,
             bookmark_every: Duration::from_millis(500),
+            hung: watch::channel(false).0,
         });
         let mut api = FakeApi {
             shared,
@@ -140,6 +144,11 @@ impl FakeApi {
         self.port = port;
         self.stop = Some(stop_tx);
         Ok(())
+    }
+
+    /// From now on, every new request is read and left unanswered until `hang(false)`.
+    pub fn hang(&self, hung: bool) {
+        self.shared.hung.send_replace(hung);
     }
 
     /// Closes the listeners and every open connection and watch: the API server is down.
@@ -348,6 +357,14 @@ async fn handle(
     stop: watch::Receiver<bool>,
 ) -> Result<Response<Body>, Infallible> {
     shared.store.lock().unwrap().requests += 1;
+    let mut hung = shared.hung.subscribe();
+    let mut stopped = stop.clone();
+    while *hung.borrow_and_update() {
+        tokio::select! {
+            r = hung.changed() => if r.is_err() { break },
+            _ = stopped.changed() => break,
+        }
+    }
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let query: BTreeMap<String, String> = req

@@ -523,3 +523,111 @@ fn wait_for_announced(api: &FakeApi, node: &str, vip: &str, agent: &Agent) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// An API server that takes requests and never answers (overloaded, or behind a stuck
+/// proxy) while this node holds a VIP's Lease. kube's client has no read timeout by
+/// default, and the Lease is renewed from the agent's loop: before the fix the loop
+/// waited on the renewal for good, so a reload, the sweeps and a stop were never
+/// served. Now a pass at the Leases is bounded, the VIPs held go on being answered,
+/// and the loop turns.
+#[test]
+fn privileged_k8s_l2_hung_api_server_keeps_the_loop_turning() {
+    if !privileged() {
+        return;
+    }
+    let lab = SegmentLab::new(1, 1).unwrap();
+    let client = lab.client_on_segment().unwrap();
+    let _servers = serve(
+        &lab.backends[0].ns,
+        0,
+        80,
+        &[] as &[SocketAddr],
+        Duration::from_secs(60),
+    );
+    let api = FakeApi::start(&[&lab.lbs[0].ns]).unwrap();
+    let dir = std::env::temp_dir().join(unique_name("xk8h"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _dir = RemoveOnDrop(dir.clone());
+    const VIP: &str = "10.61.0.101";
+    let mut svc: serde_json::Value = serde_json::to_value(service("Cluster", None)).unwrap();
+    svc["status"]["loadBalancer"]["ingress"] = json!([{ "ip": VIP }]);
+    svc["spec"]["ipFamilies"] = json!(["IPv4"]);
+    svc["spec"]["ports"] =
+        json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 80}]);
+    api.apply(Kind::Service, &svc);
+    let b = &lab.backends[0];
+    api.apply(
+        Kind::EndpointSlice,
+        &json!({
+            "metadata": {"name": "web-v4", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+            "endpoints": [{"addresses": [b.addr4.to_string()], "nodeName": "node-x",
+                           "conditions": {"ready": true}}],
+        }),
+    );
+    let config = dir.join("xlb.yaml");
+    std::fs::write(&config, "services: []\n").unwrap();
+    let kubeconfig = api.kubeconfig(&dir).unwrap();
+    let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xk8h")));
+    let _pin = RemoveOnDrop(pin.clone());
+    let n = &lab.lbs[0];
+    let mut agent = n
+        .agent()
+        .config(&config)
+        .args(&["--kubernetes", "--node-name", NODES[0]])
+        .args(&["--announce-l2", &n.iface])
+        .env("KUBECONFIG", kubeconfig.to_str().unwrap())
+        .pin_path(&pin)
+        .start()
+        .unwrap();
+    let lease = xlb::k8s::lease::lease_name(VIP.parse().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while api.lease_holder("xlb-system", &lease).as_deref() != Some(NODES[0]) {
+        assert!(Instant::now() < deadline, "no Lease:\n{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let vip: IpAddr = VIP.parse().unwrap();
+    let reached = |n: usize| {
+        one_try_each(&client.ns, client.addr4, vip, n, 3)
+            .per_backend
+            .iter()
+            .sum::<usize>()
+    };
+    assert_eq!(reached(3), 3, "reachable before:\n{}", agent.logs());
+
+    api.hang(true);
+    // Several renewals' worth (the Lease is renewed every second).
+    std::thread::sleep(Duration::from_secs(4));
+    let t0 = Instant::now();
+    agent
+        .reload()
+        .unwrap_or_else(|e| panic!("the loop stopped turning: {e}"));
+    let reload_took = t0.elapsed();
+    assert!(
+        agent.count_log("renewing the VIP Leases took longer than") > 0,
+        "the stalled renewal is said:\n{}",
+        agent.logs()
+    );
+    // The VIP held is still answered: its clients are not cut off by the API's trouble.
+    client
+        .ns
+        .ip(&["neigh", "flush", "dev", &client.iface])
+        .unwrap();
+    assert_eq!(
+        reached(3),
+        3,
+        "reachable while the API hangs:\n{}",
+        agent.logs()
+    );
+    // A stop is served too (the Leases' release is bounded the same way).
+    let t0 = Instant::now();
+    agent.stop_with(libc::SIGTERM).unwrap();
+    let stop_took = t0.elapsed();
+    api.hang(false);
+    report(
+        "k8s_l2_hung_api",
+        json!({"reload_ms": reload_took.as_millis() as u64, "stop_ms": stop_took.as_millis() as u64}),
+    );
+}

@@ -13,6 +13,13 @@
 //!
 //! With LEASE_SECONDS = 3: a node that stops renewing loses its VIPs at most
 //! 3 s (expiry, counted from its last renewal) + 1 s (the others' next look) later.
+//!
+//! A pass runs in the agent's loop, and kube's client has no read timeout: an API
+//! server that takes requests and never answers would hold the loop (reloads, health,
+//! sweeps, signals) for good. So a pass is given PASS_BUDGET; one that runs out keeps
+//! answering the VIPs this node held, as a failed read does (clients stay served while
+//! the API is in trouble; a node that cannot renew loses its Leases to the others by
+//! expiry all the same), and the Leases are left alone for PASS_BACKOFF.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -32,6 +39,10 @@ use kube::{
 use tracing::{debug, info, warn};
 
 pub const LEASE_SECONDS: i32 = 3;
+/// The longest a pass at the Leases (or their release) may hold the agent's loop.
+pub const PASS_BUDGET: Duration = Duration::from_millis(1500);
+/// How long the Leases are left alone after a pass ran out of time.
+const PASS_BACKOFF: Duration = Duration::from_secs(2);
 /// The label on every Lease xlb creates (`xlb uninstall` deletes them by it).
 pub const LABEL: (&str, &str) = ("app.kubernetes.io/name", "xlb");
 const SPREAD_MS: u64 = 500;
@@ -49,6 +60,8 @@ pub struct VipLeases {
     held: BTreeSet<IpAddr>,
     /// When each free Lease was first seen free (for the spread delay).
     free_since: BTreeMap<IpAddr, Instant>,
+    /// Set when a pass ran out of time: no pass before this instant.
+    stalled_until: Option<Instant>,
 }
 
 impl VipLeases {
@@ -58,6 +71,7 @@ impl VipLeases {
             me: me.to_owned(),
             held: BTreeSet::new(),
             free_since: BTreeMap::new(),
+            stalled_until: None,
         }
     }
 
@@ -94,8 +108,37 @@ impl VipLeases {
         }
     }
 
+    /// Renews, takes and releases Leases within PASS_BUDGET (module comment); returns
+    /// the VIPs this node answers for now.
+    pub async fn pass(&mut self, candidates: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+        let held_of = |held: &BTreeSet<IpAddr>| held.intersection(candidates).copied().collect();
+        match self.stalled_until {
+            Some(t) if Instant::now() < t => return held_of(&self.held),
+            _ => {}
+        }
+        match tokio::time::timeout(PASS_BUDGET, self.update(candidates)).await {
+            Ok(owned) => {
+                if self.stalled_until.take().is_some() {
+                    info!("the Kubernetes API server answers again: the VIP Leases are renewed");
+                }
+                owned
+            }
+            Err(_) => {
+                if self.stalled_until.is_none() {
+                    warn!(
+                        budget = ?PASS_BUDGET,
+                        "renewing the VIP Leases took longer than {PASS_BUDGET:?}: the Kubernetes API server is not answering; this node goes on answering for the VIPs it held, and tries again every {PASS_BACKOFF:?}"
+                    );
+                }
+                self.stalled_until = Some(Instant::now() + PASS_BACKOFF);
+                held_of(&self.held)
+            }
+        }
+    }
+
     /// Renews, takes and releases Leases; returns the VIPs this node owns now.
-    pub async fn update(&mut self, candidates: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+    /// Cancellable at any await: `held` changes only once a write is answered.
+    async fn update(&mut self, candidates: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
         let pp = PostParams::default();
         for vip in self.held.clone() {
             if !candidates.contains(&vip) {
@@ -193,10 +236,16 @@ impl VipLeases {
         self.held.remove(&vip);
     }
 
-    /// Releases every Lease held (drain, detach).
+    /// Releases every Lease held (drain, detach), within PASS_BUDGET: a Lease not
+    /// released expires.
     pub async fn release_all(&mut self) {
-        for vip in self.held.clone() {
-            self.release(vip).await;
+        let all = async {
+            for vip in self.held.clone() {
+                self.release(vip).await;
+            }
+        };
+        if tokio::time::timeout(PASS_BUDGET, all).await.is_err() {
+            warn!("releasing the VIP Leases took longer than {PASS_BUDGET:?}: the Kubernetes API server is not answering; they expire in {LEASE_SECONDS} s instead");
         }
     }
 }
