@@ -19,13 +19,20 @@ use crate::{
     k8s::{lease::LABEL as LEASE_LABEL, translate, REPORTING_CONTROLLER},
 };
 
+/// How long `xlb uninstall` waits for the API server's answer to one request.
+const API_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn run(args: UninstallArgs) -> Result<()> {
     // The cluster first: with the Services' status cleared, nothing points clients at
     // this node's VIPs any more when its datapath goes.
     if args.kubernetes {
-        let client = Client::try_default()
+        let mut config = kube::Config::infer()
             .await
             .context("connecting to Kubernetes (no in-cluster config, and KUBECONFIG or ~/.kube/config gave none that works)")?;
+        // Plain requests only (no watch): one the server never answers fails the
+        // uninstall with a reason, instead of hanging it (kube sets no read timeout).
+        config.read_timeout = Some(API_READ_TIMEOUT);
+        let client = Client::try_from(config).context("connecting to Kubernetes")?;
         let opts = translate::Options {
             class: args.served.lb_class.clone(),
             default_class: args.served.default_class,

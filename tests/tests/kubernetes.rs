@@ -1090,3 +1090,61 @@ fn privileged_k8s_conntrack_annotation_is_refused_on_nat_and_marks_dnat_stateles
     wait_shown(false);
     assert!(udp_backend(&k.lab, vip) < 2);
 }
+
+/// An API server that takes requests and never answers, while the controller has a
+/// status to write: kube's client has no read timeout, and before the fix that write
+/// held the controller for good, so no EndpointSlice change reached the maps after it
+/// (the watches still deliver them). Now a status write has 2 s, then waits 5 s.
+#[test]
+fn privileged_k8s_hung_status_write_does_not_stop_endpoint_updates() {
+    if !privileged() {
+        return;
+    }
+    let k = K8sLab::new(&[]);
+    let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
+    let (b0, b1) = (k.b(0), k.b(1));
+    k.api
+        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0)]),
+    );
+    let agent = k.agent(&["--ipam-pool", "10.100.9.0/29"]);
+    let tcp = format!("{VIP4}:80/tcp");
+    wait_tables(&agent.pin_path, Duration::from_secs(10), "web", |t| {
+        members(t, &tcp) == addrs(&[b0])
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !k.api.status_writes().iter().any(|(_, n)| n == "web") {
+        assert!(Instant::now() < deadline, "web's status:\n{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    k.api.hang(true);
+    // A Service that needs an address: its status write will not be answered.
+    k.api.apply(Kind::Service, &service("web2", json!({}), &[]));
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web2", "web2-1", false, &[ready(&b1)]),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    k.api.apply(
+        Kind::EndpointSlice,
+        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
+    );
+    let t0 = Instant::now();
+    wait_tables(
+        &agent.pin_path,
+        Duration::from_secs(15),
+        "web's new endpoint while a status write hangs",
+        |t| members(t, &tcp) == addrs(&[b0, b1]),
+    );
+    let took = t0.elapsed();
+    assert!(
+        agent.logs().contains("writing the status took longer than"),
+        "the stalled write is said:\n{}",
+        agent.logs()
+    );
+    k.api.hang(false);
+    eprintln!("web's endpoint reached the maps {took:?} after its change");
+}

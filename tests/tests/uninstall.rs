@@ -258,3 +258,57 @@ fn privileged_uninstall_removes_what_xlb_wrote_and_nothing_else() {
     let again = uninstall();
     assert_eq!(again.trim(), "", "a second run removed: {again}");
 }
+
+/// `xlb uninstall --kubernetes` against an API server that takes requests and never
+/// answers: it fails within its read timeout and says what it was doing, rather than
+/// hanging (kube's client has no read timeout of its own).
+#[test]
+fn privileged_uninstall_against_a_hung_api_server_fails_and_says_why() {
+    if !privileged() {
+        return;
+    }
+    let ns = xlb_tests::netns::Netns::new("xuh").unwrap();
+    let api = FakeApi::start(&[&ns]).unwrap();
+    let dir = std::env::temp_dir().join(unique_name("xuh"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let _dir = RemoveOnDrop(dir.clone());
+    let kubeconfig = api.kubeconfig(&dir).unwrap();
+    api.hang(true);
+    let t0 = Instant::now();
+    let mut child = ns
+        .command(xlb_bin().unwrap().to_str().unwrap())
+        .args(["uninstall", "--kubernetes", "--pin-path"])
+        .arg(dir.join("no-pins"))
+        .env("KUBECONFIG", &kubeconfig)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            api.hang(false);
+            panic!("xlb uninstall still waiting on the API server after 40 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let took = t0.elapsed();
+    api.hang(false);
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !status.success(),
+        "it cannot have cleared anything:\n{text}"
+    );
+    assert!(
+        text.contains("Service") && text.to_lowercase().contains("timed out"),
+        "says what it was doing and why it stopped:\n{text}"
+    );
+    eprintln!("failed after {took:?}:\n{text}");
+}

@@ -50,7 +50,15 @@ pub struct KubernetesSink {
     /// Problems already reported as Events, so a steady problem is reported once.
     reported: BTreeSet<(String, &'static str, String)>,
     health: HealthPorts,
+    /// Set when a status write ran out of STATUS_WRITE_BUDGET: none before this instant.
+    status_stalled_until: Option<std::time::Instant>,
 }
+
+/// The longest one status write may hold the controller, whose syncs also carry
+/// every EndpointSlice change to the maps (kube's client has no read timeout).
+const STATUS_WRITE_BUDGET: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long status writes are left alone after one ran out of time.
+const STATUS_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl KubernetesSink {
     pub fn new(client: Client, events: EventWriter) -> Self {
@@ -59,12 +67,14 @@ impl KubernetesSink {
             client,
             reported: BTreeSet::new(),
             health: HealthPorts::default(),
+            status_stalled_until: None,
         }
     }
 
     /// Writes the VIPs into the Service's status. The resourceVersion makes the write
     /// conditional: when another agent wrote first, this one gets 409 and loses.
-    async fn write_status(&self, svc: &ServiceRef, ips: &[IpAddr]) -> bool {
+    /// Ok(written); Err: the API server did not answer in time (the caller backs off).
+    async fn write_status(&self, svc: &ServiceRef, ips: &[IpAddr]) -> Result<bool, ()> {
         let api: Api<Service> = Api::namespaced(self.client.clone(), &svc.namespace);
         let ingress: Vec<_> = ips
             .iter()
@@ -76,21 +86,24 @@ impl KubernetesSink {
             "metadata": {"resourceVersion": svc.resource_version},
             "status": {"loadBalancer": {"ingress": ingress}},
         });
-        match api
-            .patch_status(&svc.name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
+        let (pp, merge) = (PatchParams::default(), Patch::Merge(&patch));
+        let write = api.patch_status(&svc.name, &pp, &merge);
+        let Ok(result) = tokio::time::timeout(STATUS_WRITE_BUDGET, write).await else {
+            warn!(service = %svc, "writing the status took longer than {STATUS_WRITE_BUDGET:?}: the Kubernetes API server is not answering; status writes wait {STATUS_BACKOFF:?}, and the Services go on being served");
+            return Err(());
+        };
+        match result {
             Ok(_) => {
                 info!(service = %svc, ?ips, "wrote status.loadBalancer.ingress");
-                true
+                Ok(true)
             }
             Err(kube::Error::Api(e)) if e.code == 409 => {
                 debug!(service = %svc, "status changed meanwhile (another agent wrote it); rereading");
-                false
+                Ok(false)
             }
             Err(e) => {
                 warn!(service = %svc, "writing the status failed: {e}");
-                false
+                Ok(false)
             }
         }
     }
@@ -123,9 +136,20 @@ impl Sink<Wanted> for KubernetesSink {
     async fn apply(&mut self, wanted: &Wanted) -> anyhow::Result<Written> {
         let mut written = Written::default();
         self.health.update(&wanted.health_ports).await;
-        for (svc, ips) in &wanted.status {
-            if self.write_status(svc, ips).await {
-                written.statuses += 1;
+        let stalled = self
+            .status_stalled_until
+            .is_some_and(|t| std::time::Instant::now() < t);
+        if !stalled {
+            for (svc, ips) in &wanted.status {
+                match self.write_status(svc, ips).await {
+                    Ok(true) => written.statuses += 1,
+                    Ok(false) => {}
+                    Err(()) => {
+                        self.status_stalled_until =
+                            Some(std::time::Instant::now() + STATUS_BACKOFF);
+                        break;
+                    }
+                }
             }
         }
         let live: BTreeSet<&str> = wanted
