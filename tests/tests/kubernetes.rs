@@ -125,6 +125,15 @@ impl K8sLab {
     fn b(&self, i: usize) -> IpAddr {
         self.lab.backend(i, false).ip()
     }
+
+    /// The Service `web` at VIP4, served by `ready_eps` (the EndpointSlice `web-1`).
+    fn serve_web(&self, ready_eps: &[IpAddr]) {
+        self.api
+            .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
+        let eps: Vec<Ep> = ready_eps.iter().map(ready).collect();
+        self.api
+            .apply(Kind::EndpointSlice, &slice("web", "web-1", false, &eps));
+    }
 }
 
 impl Drop for K8sLab {
@@ -186,12 +195,7 @@ fn privileged_k8s_service_serves_and_scaling_keeps_established_flows() {
     let k = K8sLab::new(&[]);
     let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
     let (b0, b1, b2) = (k.b(0), k.b(1), k.b(2));
-    k.api
-        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
-    k.api.apply(
-        Kind::EndpointSlice,
-        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
-    );
+    k.serve_web(&[b0, b1]);
     let agent = k.agent(&[]);
     let tcp = format!("{VIP4}:80/tcp");
     let udp = format!("{VIP4}:53/udp");
@@ -281,12 +285,7 @@ fn privileged_k8s_terminating_endpoints_drain() {
     let k = K8sLab::new(&[]);
     let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
     let (b0, b1) = (k.b(0), k.b(1));
-    k.api
-        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
-    k.api.apply(
-        Kind::EndpointSlice,
-        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
-    );
+    k.serve_web(&[b0, b1]);
     let agent = k.agent(&[]);
     let tcp = format!("{VIP4}:80/tcp");
     wait_tables(
@@ -357,12 +356,7 @@ fn privileged_k8s_api_outage_keeps_forwarding_and_relists_after_410() {
     let mut k = K8sLab::new(&[]);
     let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
     let (b0, b1, b2) = (k.b(0), k.b(1), k.b(2));
-    k.api
-        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
-    k.api.apply(
-        Kind::EndpointSlice,
-        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
-    );
+    k.serve_web(&[b0, b1]);
     let mut agent = k.agent(&[]);
     let tcp = format!("{VIP4}:80/tcp");
     wait_tables(
@@ -662,11 +656,7 @@ fn privileged_k8s_endpointslice_to_map_latency() {
     let ips: Vec<IpAddr> = (0..12)
         .map(|i| format!("10.60.1.{}", i + 10).parse().unwrap())
         .collect();
-    k.api
-        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
-    let eps: Vec<Ep> = ips[..6].iter().map(ready).collect();
-    k.api
-        .apply(Kind::EndpointSlice, &slice("web", "web-1", false, &eps));
+    k.serve_web(&ips[..6]);
     let agent = k.agent(&[]);
     let tcp = format!("{VIP4}:80/tcp");
     wait_tables(
@@ -939,12 +929,7 @@ fn privileged_k8s_side_follows_a_reload_that_adds_file_services() {
     let k = K8sLab::new(&[]);
     let (b0, b1) = (k.b(0), k.b(1));
     // Two Service ports (TCP 80, UDP 53) on VIP4.
-    k.api
-        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
-    k.api.apply(
-        Kind::EndpointSlice,
-        &slice("web", "web-1", false, &[ready(&b0), ready(&b1)]),
-    );
+    k.serve_web(&[b0, b1]);
     let cfg = k.dir.join("base.yaml");
     std::fs::write(&cfg, "services: []\n").unwrap();
     let mut agent = k.agent(&["--config", cfg.to_str().unwrap(), "--max-services", "3"]);
@@ -1103,12 +1088,7 @@ fn privileged_k8s_hung_status_write_does_not_stop_endpoint_updates() {
     let k = K8sLab::new(&[]);
     let _servers = k.lab.start_backends(Duration::from_secs(60)).unwrap();
     let (b0, b1) = (k.b(0), k.b(1));
-    k.api
-        .apply(Kind::Service, &service("web", json!({}), &[VIP4]));
-    k.api.apply(
-        Kind::EndpointSlice,
-        &slice("web", "web-1", false, &[ready(&b0)]),
-    );
+    k.serve_web(&[b0]);
     let agent = k.agent(&["--ipam-pool", "10.100.9.0/29"]);
     let tcp = format!("{VIP4}:80/tcp");
     wait_tables(&agent.pin_path, Duration::from_secs(10), "web", |t| {

@@ -1,9 +1,10 @@
 //! Kubernetes mode: Services of type LoadBalancer, served from EndpointSlices.
 //!
 //! `translate` and `ipam` are pure functions of the API objects; `controller` watches
-//! the API and feeds the agent; `events` writes Events off the agent's loop; `sink` writes Service status and Events and serves the
-//! health check node ports; `health_port` answers `externalTrafficPolicy: Local`
-//! health checks; `lease` makes one node the L2 owner of each VIP.
+//! the API and feeds the agent; `sink` writes Service status and Events and serves the
+//! health check node ports; `events` writes the Events, off the agent's loop;
+//! `health_port` answers `externalTrafficPolicy: Local` health checks; `lease` makes
+//! one node the L2 owner of each VIP.
 pub mod controller;
 pub mod events;
 pub mod health_port;
