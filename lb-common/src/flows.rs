@@ -28,6 +28,13 @@ pub const FLOW_WAYS: usize = 4;
 /// The version half of a way's word.
 pub const WAY_VERSION_MASK: u64 = 0xffff_ffff;
 
+/// What bucket 0's `format` word holds in a table whose flows are bucketed by this
+/// version's [`crate::flow_hash`]. 0, in a table made before the word existed: the
+/// earlier hash (ten murmur3 rounds), whose buckets the agent carries over into a new
+/// table at start (dataplane/carry.rs) rather than adopt: this version would look
+/// for those flows in other buckets.
+pub const FLOW_TABLE_FORMAT: u64 = 2;
+
 /// One flow: its key and value.
 #[repr(C, align(64))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -45,7 +52,10 @@ pub struct FlowBucket<V> {
     pub lock: u64,
     /// Per way: `tag << 32 | version` (module comment).
     pub words: [u64; FLOW_WAYS],
-    pub _pad: [u64; 3],
+    /// Bucket 0's only: [`FLOW_TABLE_FORMAT`] once the agent has stamped the table.
+    /// The datapath never writes it.
+    pub format: u64,
+    pub _pad: [u64; 2],
     pub ways: [FlowWay<V>; FLOW_WAYS],
 }
 
@@ -161,6 +171,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<ConntrackBucket>(), 64 + 4 * 128);
         assert_eq!(core::mem::size_of::<ReverseBucket>(), 64 + 4 * 128);
         assert_eq!(core::mem::offset_of!(ConntrackBucket, ways), 64);
+        // Where the tables before the format word had padding (zero).
+        assert_eq!(core::mem::offset_of!(ConntrackBucket, format), 40);
     }
 
     #[test]

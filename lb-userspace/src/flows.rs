@@ -21,7 +21,7 @@ use anyhow::{bail, Context, Result};
 use aya::maps::{MapData, MapInfo};
 use lb_common::{
     bucket_of, flow_hash, flow_tag, freed_word, next_word, word_busy, word_tag, ConnValue,
-    FlowBucket, FlowKey, ReverseNat, FLOW_WAYS,
+    FlowBucket, FlowKey, ReverseNat, FLOW_TABLE_FORMAT, FLOW_WAYS,
 };
 use tracing::warn;
 
@@ -177,6 +177,27 @@ impl<V: Copy> FlowTable<V> {
 
     pub fn buckets(&self) -> u32 {
         self.buckets
+    }
+
+    /// Whether the table's flows are bucketed by this version's flow hash: it was
+    /// stamped (`stamp`) by an agent of this version or later. An earlier table's
+    /// flows are carried over, not adopted (dataplane/carry.rs).
+    pub fn current_format(&self) -> Result<bool> {
+        self.with_bucket(0, |p| {
+            // SAFETY: bucket 0 inside the mapping, held for this closure; an aligned
+            // u64 that only the agent writes, atomically.
+            let format = unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).format)) };
+            format.load(Ordering::Acquire) == FLOW_TABLE_FORMAT
+        })
+    }
+
+    /// Marks the table as bucketed by this version's flow hash (`current_format`).
+    pub fn stamp(&self) -> Result<()> {
+        self.with_bucket(0, |p| {
+            // SAFETY: as in `current_format`; the datapath never writes this word.
+            let format = unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).format)) };
+            format.store(FLOW_TABLE_FORMAT, Ordering::Release);
+        })
     }
 
     /// How many flows the table holds at most.

@@ -25,6 +25,8 @@ pub const XDP_REDIRECT: u32 = 4;
 pub struct Fixture {
     pub dp: Dataplane,
     pin: PathBuf,
+    /// Leave the pins when dropped (`keep_pins`).
+    keep: bool,
 }
 
 #[derive(Debug)]
@@ -47,7 +49,30 @@ impl Fixture {
         let dp = Dataplane::load(&pin, opts).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&pin);
         })?;
-        Ok(Self { dp, pin })
+        Ok(Self {
+            dp,
+            pin,
+            keep: false,
+        })
+    }
+
+    /// Loaded on pins another fixture left (`keep_pins`), as a restarted agent loads
+    /// on its predecessor's; removed on drop.
+    pub fn on_pins(pin: PathBuf, opts: &xlb::dataplane::LoadOptions) -> Result<Self> {
+        let dp = Dataplane::load(&pin, opts).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&pin);
+        })?;
+        Ok(Self {
+            dp,
+            pin,
+            keep: false,
+        })
+    }
+
+    /// Drops the program and the pin lock but leaves the pinned maps, for `on_pins`.
+    pub fn keep_pins(mut self) -> PathBuf {
+        self.keep = true;
+        self.pin.clone()
     }
 
     pub fn pin_path(&self) -> &std::path::Path {
@@ -177,6 +202,9 @@ fn run_program(prog: &Xdp, frame: &[u8], repeat: u32, ifindex: Option<u32>) -> R
 
 impl Drop for Fixture {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.pin);
     }
 }

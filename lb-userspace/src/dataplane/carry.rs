@@ -1,7 +1,13 @@
-//! Flows carried over from the kernel LRU maps that agents before xlb's own flow table
-//! pinned as XLB_CONNTRACK and XLB_REVERSE_NAT: an upgrade replaces those maps (another
-//! layout), and their flows would be lost with them. They are read before the old maps
-//! are unpinned, and written into the new tables before the new program is attached.
+//! Flows carried over from what earlier agents pinned as XLB_CONNTRACK and
+//! XLB_REVERSE_NAT, which an upgrade replaces:
+//! - the kernel LRU maps of the agents before xlb's own flow table (another layout);
+//! - flow tables of this layout whose flows are bucketed by the earlier flow hash
+//!   (bucket 0's format word is not lb_common::FLOW_TABLE_FORMAT): adopted as they
+//!   are, this version would look for each flow in another bucket.
+//!
+//! Their flows would be lost with them. They are read before the old maps are
+//! unpinned, and written into the new tables (each into the bucket of its new hash)
+//! before the new program is attached.
 //! The old program keeps running on the old maps until then: a flow it makes in that
 //! window is not carried (its next packet makes it again).
 
@@ -9,10 +15,13 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use aya::maps::{HashMap, Map, MapData, MapInfo, MapType};
-use lb_common::{ConnValue, FlowKey, ReverseNat, CT_F_ESTABLISHED, MAP_CONNTRACK, MAP_REVERSE_NAT};
+use lb_common::{
+    ConnValue, FlowBucket, FlowKey, ReverseNat, CT_F_ESTABLISHED, MAP_CONNTRACK, MAP_REVERSE_NAT,
+};
 use tracing::{info, warn};
 
 use super::Dataplane;
+use crate::flows::FlowTable;
 
 /// The old maps' flows, as read.
 #[derive(Default)]
@@ -21,8 +30,8 @@ pub struct Carried {
     replies: Vec<(FlowKey, ReverseNat)>,
 }
 
-/// Reads the flows of pinned LRU maps of the old layout (same key and values as the
-/// table's), if that is what is pinned. Anything else carries nothing.
+/// Reads the flows of what is pinned, if it is one of the earlier tables (module
+/// comment). Anything else carries nothing.
 pub fn take(pin_path: &Path) -> Carried {
     let mut out = Carried::default();
     match read::<ConnValue>(&pin_path.join(MAP_CONNTRACK)) {
@@ -43,6 +52,10 @@ fn read<V: aya::Pod>(pin: &Path) -> Result<Option<Vec<(FlowKey, V)>>> {
         return Ok(None);
     }
     let info = MapInfo::from_pin(pin)?;
+    if earlier_hash::<V>(pin, &info)? {
+        let table = FlowTable::<V>::from_pin(pin)?;
+        return Ok(Some(table.entries().map(|e| (e.key, e.value)).collect()));
+    }
     let old_layout = matches!(info.map_type(), Ok(MapType::LruHash))
         && info.key_size() as usize == std::mem::size_of::<FlowKey>()
         && info.value_size() as usize == std::mem::size_of::<V>();
@@ -55,6 +68,15 @@ fn read<V: aya::Pod>(pin: &Path) -> Result<Option<Vec<(FlowKey, V)>>> {
         .collect::<Result<Vec<_>, _>>()
         .context("reading the entries")?;
     Ok(Some(entries))
+}
+
+/// Whether the map pinned at `pin` (of `info`) is a flow table of this layout whose
+/// flows are bucketed by the earlier flow hash (module comment): to be replaced, its
+/// flows carried.
+pub fn earlier_hash<V: Copy>(pin: &Path, info: &MapInfo) -> Result<bool> {
+    let table = matches!(info.map_type(), Ok(MapType::Array))
+        && info.value_size() as usize == std::mem::size_of::<FlowBucket<V>>();
+    Ok(table && !FlowTable::<V>::from_pin(pin)?.current_format()?)
 }
 
 impl Dataplane {

@@ -240,6 +240,10 @@ impl Dataplane {
             Err(e) => warn!(error = %e, "XDP program loaded; its info is unavailable"),
         }
         dp.sync_geometry()?;
+        // New tables, and adopted ones of this version: their flows are bucketed by
+        // this version's hash (carry.rs).
+        dp.conntrack()?.stamp()?;
+        dp.reverse_nat()?.stamp()?;
         dp.put_carried(carried)?;
         let restored = dp.restore_derived_state()?;
         if restored.filter_words > 0 {

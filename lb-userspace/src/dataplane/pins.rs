@@ -128,7 +128,19 @@ pub fn drop_incompatible_pins(pin_path: &Path) -> Result<Vec<String>> {
             sized_here.then(|| def.max_entries()),
             def.map_flags(),
         );
-        if pinned != wanted {
+        let flow_table =
+            [lb_common::MAP_CONNTRACK, lb_common::MAP_REVERSE_NAT].contains(&name.as_str());
+        if pinned == wanted
+            && flow_table
+            && super::carry::earlier_hash::<lb_common::ConnValue>(&pin, &info)?
+        {
+            info!(
+                map = %name,
+                "pinned flow table is bucketed by an earlier version's flow hash: replacing it, its flows are carried over"
+            );
+            std::fs::remove_file(&pin).with_context(|| format!("unpinning {}", pin.display()))?;
+            dropped.push(name.clone());
+        } else if pinned != wanted {
             warn!(
                 map = %name,
                 ?pinned,
