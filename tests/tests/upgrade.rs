@@ -1,9 +1,11 @@
 //! An upgrade as a DaemonSet rollout does it, end to end: the xlb of an older commit,
 //! built from this repository's own history (`scripts/upgrade_base.sh`, once, into
-//! target/upgrade-base/), runs with nat, dnat and dsr services and long-lived TCP
+//! target/upgrade-base/bin/), runs with nat, dnat and dsr services and long-lived TCP
 //! flows; it is stopped with SIGTERM (the datapath stays pinned) and this build starts
 //! on the same pins. Every flow keeps its backend: 0 broken, and 0 re-created
-//! (`event_flow_recreated`).
+//! (`event_flow_recreated`). Once from each older commit the script builds: one with
+//! the kernel's LRU maps under the flows, one with xlb's own table bucketed by the
+//! earlier flow hash.
 
 use std::{
     io::{Read, Write},
@@ -25,10 +27,23 @@ use xlb_tests::{
 const MODES: [(&str, u16); 3] = [("nat", 80), ("dnat", 81), ("dsr", 82)];
 const FLOWS: usize = 8;
 
-fn old_xlb() -> Option<PathBuf> {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/upgrade-base/target/debug/xlb");
-    p.exists().then_some(p)
+/// The commits scripts/upgrade_base.sh builds by default.
+const BASES: usize = 2;
+
+/// The older builds there are: (commit, binary).
+fn old_xlbs() -> Vec<(String, PathBuf)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/upgrade-base/bin");
+    let mut out: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let commit = path.file_name()?.to_str()?.strip_prefix("xlb-")?.to_owned();
+            (!commit.ends_with(".tmp")).then_some((commit, path))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 fn exchange(s: &mut TcpStream, msg: &str) -> Option<usize> {
@@ -44,14 +59,24 @@ fn privileged_upgrade_from_an_older_commit_keeps_every_flow() {
     if !privileged() {
         return;
     }
-    let Some(old) = old_xlb() else {
+    let olds = old_xlbs();
+    if olds.len() < BASES {
         assert!(
             std::env::var("CI").is_err(),
-            "target/upgrade-base has no older xlb: scripts/test.sh builds it (scripts/upgrade_base.sh)"
+            "target/upgrade-base/bin has {} older xlb builds of {BASES}: scripts/test.sh builds them (scripts/upgrade_base.sh)",
+            olds.len()
         );
-        eprintln!("SKIPPED: no older xlb built; run scripts/upgrade_base.sh");
-        return;
-    };
+        if olds.is_empty() {
+            eprintln!("SKIPPED: no older xlb built; run scripts/upgrade_base.sh");
+            return;
+        }
+    }
+    for (commit, old) in &olds {
+        upgrade_from(commit, old);
+    }
+}
+
+fn upgrade_from(commit: &str, old: &std::path::Path) {
     let lab = SegmentLab::new(1, 2).unwrap();
     lab.backends_return_via(0).unwrap();
     lab.vips_on_backends().unwrap();
@@ -80,7 +105,7 @@ fn privileged_upgrade_from_an_older_commit_keeps_every_flow() {
     let lb = &lab.lbs[0];
     // Both on the same pins, with the same arguments.
     let agent = || lb.agent().config(&cfg).pin_path(&pin);
-    let mut older = agent().bin(&old).start().unwrap();
+    let mut older = agent().bin(old).start().unwrap();
 
     // Long-lived flows through the older agent, each on its backend.
     let vip: IpAddr = VIP4.parse().unwrap();
@@ -93,10 +118,12 @@ fn privileged_upgrade_from_an_older_commit_keeps_every_flow() {
                     TcpStream::connect_timeout(&SocketAddr::new(vip, port), Duration::from_secs(5))
                 })
                 .unwrap()
-                .unwrap_or_else(|e| panic!("{mode} flow {i}: {e}\n{}", older.logs()));
+                .unwrap_or_else(|e| {
+                    panic!("from {commit}: {mode} flow {i}: {e}\n{}", older.logs())
+                });
             s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             let b = exchange(&mut s, &format!("{mode}{i}"))
-                .unwrap_or_else(|| panic!("{mode} flow {i} before"));
+                .unwrap_or_else(|| panic!("from {commit}: {mode} flow {i} before"));
             flows.push((mode, s, b));
         }
     }
@@ -115,13 +142,16 @@ fn privileged_upgrade_from_an_older_commit_keeps_every_flow() {
         .unwrap();
     assert!(
         broken.is_empty(),
-        "broken by the upgrade: {broken:?}\n{}",
+        "broken by the upgrade from {commit}: {broken:?}\n{}",
         newer.logs()
     );
-    assert_eq!(recreated, 0, "flows re-created after the upgrade");
+    assert_eq!(
+        recreated, 0,
+        "flows re-created after the upgrade from {commit}"
+    );
     report(
         "upgrade",
-        serde_json::json!({"from": std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/upgrade-base/commit")).unwrap_or_default().trim(),
+        serde_json::json!({"from": commit,
                            "flows": flows.len(), "broken": broken.len(), "recreated": recreated}),
     );
 }
