@@ -37,19 +37,46 @@ fn ptr_at<T>(ctx: &XdpContext, offset: usize) -> Option<*mut T> {
     Some((start + offset) as *mut T)
 }
 
-/// Copies a header out of the packet.
+/// Copies a header out of the packet. A `T` of 4-byte alignment (a header read as
+/// `[u32; N]`, addresses as `[u32; 4]`) is read a word per instruction; anything else
+/// byte by byte, which is how LLVM's BPF target copies a value it may not assume
+/// aligned (a shift and an or per byte to put a word back together: 22 instructions
+/// for the two addresses of an IPv4 header, 2 for them as words). Not 2-byte types:
+/// with `u16` reads wide, LLVM left a register unset on a path the verifier then
+/// refused (`R4 !read_ok`).
 #[inline(always)]
 pub fn load<T: Copy>(ctx: &XdpContext, offset: usize) -> Option<T> {
-    // SAFETY: ptr_at checked that size_of::<T>() bytes at offset are inside the packet;
-    // read_unaligned because packet headers have no alignment guarantee.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::read_unaligned(p) })
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: ptr_at checked that size_of::<T>() bytes at offset are inside the packet.
+    // A word-aligned T is read as aligned, which a header in a frame does not promise
+    // (the IPv4 addresses are 2 bytes past a word boundary): the read C XDP programs
+    // make through `struct iphdr *`, which BPF allows. The verifier checks the
+    // alignment of packet accesses only under BPF_F_STRICT_ALIGNMENT or on
+    // architectures without efficient unaligned access (neither x86-64 nor arm64),
+    // and the JITs emit the plain load.
+    Some(unsafe {
+        if core::mem::align_of::<T>() >= 4 {
+            p.read()
+        } else {
+            core::ptr::read_unaligned(p)
+        }
+    })
 }
 
-/// Writes a header back into the packet.
+/// Writes a header back into the packet (a word-aligned `T` a word at a time, as
+/// `load` reads it).
 #[inline(always)]
 pub fn store<T: Copy>(ctx: &XdpContext, offset: usize, value: T) -> Option<()> {
-    // SAFETY: bounds checked by ptr_at; the frame is ours to modify during the call.
-    ptr_at::<T>(ctx, offset).map(|p| unsafe { core::ptr::write_unaligned(p, value) })
+    let p = ptr_at::<T>(ctx, offset)?;
+    // SAFETY: as `load`'s; the frame is ours to modify during the call.
+    unsafe {
+        if core::mem::align_of::<T>() >= 4 {
+            p.write(value);
+        } else {
+            core::ptr::write_unaligned(p, value);
+        }
+    }
+    Some(())
 }
 
 /// Mutable access to `N` bytes of the packet, for several writes under one bounds

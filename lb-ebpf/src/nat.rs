@@ -126,20 +126,21 @@ pub fn claim(
 #[inline(always)]
 fn rewrite_ip(ctx: &XdpContext, family: u8, to_src: &Addr, to_dst: &Addr) -> Option<()> {
     if family == FAMILY_V4 {
-        let mut ip = load::<Ipv4Hdr>(ctx, ETH_LEN)?;
-        let from_src = [u32::from_ne_bytes(ip.src_addr), 0, 0, 0];
-        let from_dst = [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0];
-        let old_ttl = u16::from_ne_bytes([ip.ttl, ip.proto]);
-        ip.ttl -= 1;
+        // TTL, protocol and checksum, then the two addresses: three words (mem::load).
+        let [ttl_proto_check, from_src, from_dst] = load::<[u32; 3]>(ctx, ETH_LEN + 8)?;
+        let [ttl, proto, c0, c1] = ttl_proto_check.to_ne_bytes();
+        let ttl_after = ttl.wrapping_sub(1);
         let check = Delta::new()
-            .half(old_ttl, u16::from_ne_bytes([ip.ttl, ip.proto]))
-            .words(&from_src, to_src, 1)
-            .words(&from_dst, to_dst, 1)
-            .apply(u16::from_ne_bytes(ip.check));
-        ip.check = check.to_ne_bytes();
-        ip.src_addr = to_src[0].to_ne_bytes();
-        ip.dst_addr = to_dst[0].to_ne_bytes();
-        store(ctx, ETH_LEN, ip)
+            .half(
+                u16::from_ne_bytes([ttl, proto]),
+                u16::from_ne_bytes([ttl_after, proto]),
+            )
+            .words(&[from_src, 0, 0, 0], to_src, 1)
+            .words(&[from_dst, 0, 0, 0], to_dst, 1)
+            .apply(u16::from_ne_bytes([c0, c1]))
+            .to_ne_bytes();
+        let ttl_proto_check = u32::from_ne_bytes([ttl_after, proto, check[0], check[1]]);
+        store(ctx, ETH_LEN + 8, [ttl_proto_check, to_src[0], to_dst[0]])
     } else {
         // Field by field: a whole 40-byte header copy costs stack the ICMP path lacks.
         let hop_limit = load::<[u8; 2]>(ctx, ETH_LEN + IPV6_NEXT_HDR_OFF)?;

@@ -162,13 +162,17 @@ fn seen_counter(family: u8, proto: u8) -> StatIndex {
 /// Err carries the family, for the `Seen*` counter of a malformed header.
 #[inline(always)]
 fn parse_ipv4(ctx: &XdpContext) -> Result<Network, u8> {
-    let ip = load::<Ipv4Hdr>(ctx, ETH_LEN).ok_or(FAMILY_V4)?;
-    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
-    let tot_len = u16::from_be_bytes(ip.tot_len) as usize;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl {
+    // The fixed header as five words, a load each (mem::load).
+    let [w0, w1, w2, src, dst] = load::<[u32; 5]>(ctx, ETH_LEN).ok_or(FAMILY_V4)?;
+    let [vihl, _tos, len_hi, len_lo] = w0.to_ne_bytes();
+    let [id0, id1, frags_hi, frags_lo] = w1.to_ne_bytes();
+    let [ttl, proto, _, _] = w2.to_ne_bytes();
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    let tot_len = u16::from_be_bytes([len_hi, len_lo]);
+    if vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || (tot_len as usize) < ihl {
         return Err(FAMILY_V4);
     }
-    let frags = u16::from_be_bytes(ip.frags);
+    let frags = u16::from_be_bytes([frags_hi, frags_lo]);
     // Most packets are whole: one test, and nothing else computed for them.
     let (frag, frag_id) = if frags & (IPV4_MORE_FRAGMENTS | IPV4_OFFSET_MASK) == 0 {
         (FRAG_NONE, 0)
@@ -177,20 +181,20 @@ fn parse_ipv4(ctx: &XdpContext) -> Result<Network, u8> {
         let more = frags & IPV4_MORE_FRAGMENTS != 0;
         // The field's 16 bits where IPv6's 32 sit (the key compares them whole).
         (
-            fragment_kind(offset, more, ip.proto),
-            u16::from_ne_bytes(ip.id) as u32,
+            fragment_kind(offset, more, proto),
+            u16::from_ne_bytes([id0, id1]) as u32,
         )
     };
     Ok(Network {
         family: FAMILY_V4,
-        proto: ip.proto,
-        src: [u32::from_ne_bytes(ip.src_addr), 0, 0, 0],
-        dst: [u32::from_ne_bytes(ip.dst_addr), 0, 0, 0],
+        proto,
+        src: [src, 0, 0, 0],
+        dst: [dst, 0, 0, 0],
         l4_off: ETH_LEN + ihl,
         frag,
         frag_id,
-        ttl: ip.ttl,
-        ip_len: u16::from_be_bytes(ip.tot_len),
+        ttl,
+        ip_len: tot_len,
     })
 }
 
@@ -263,33 +267,40 @@ fn parse_transport(ctx: &XdpContext, net: &Network) -> Result<Parsed, StatIndex>
         PROTO_TCP => {
             // Length checks after the load, on the copy: checked before it, LLVM merges
             // them with the load's own bounds check into a form the verifier refuses.
-            let tcp = load::<TcpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
+            // Ports, sequence and acknowledgement numbers, then data offset and flags:
+            // four words, a load each (mem::load).
+            let [ports, _, _, w3] =
+                load::<[u32; 4]>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
+            let [doff_byte, flags, _, _] = w3.to_ne_bytes();
             // A data offset under 5 words, or past the packet, is no TCP the backend
             // will take: pass it for the kernel to drop, with no state made.
-            let doff = (tcp.doff() as usize) * 4;
+            let doff = ((doff_byte >> 4) as usize) * 4;
             if doff < TcpHdr::LEN || net.l4_off + doff > ip_end {
                 return Err(StatIndex::PassParseError);
             }
-            key.sport = u16::from_ne_bytes(tcp.source);
-            key.dport = u16::from_ne_bytes(tcp.dest);
-            // From the copy: a second packet load here loses the verifier's range.
-            (tcp.fin() as u8 * TCP_FIN)
-                | (tcp.syn() as u8 * TCP_SYN)
-                | (tcp.rst() as u8 * TCP_RST)
-                | (tcp.ack() as u8 * TCP_ACK)
+            let [s0, s1, d0, d1] = ports.to_ne_bytes();
+            key.sport = u16::from_ne_bytes([s0, s1]);
+            key.dport = u16::from_ne_bytes([d0, d1]);
+            // From the copy: a second packet load here loses the verifier's range. The
+            // flags are the wire's bits (packet.rs).
+            flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK)
         }
         PROTO_UDP => {
-            let udp = load::<UdpHdr>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
+            // Ports, then length and checksum: two words.
+            let [ports, len_check] =
+                load::<[u32; 2]>(ctx, net.l4_off).ok_or(StatIndex::PassParseError)?;
             // As the kernel's UDP receive does: a length outside [8, the IP payload]
             // is a malformed datagram.
             // A first fragment's UDP length is the whole datagram's, past this packet.
-            let udp_len = u16::from_be_bytes(udp.len) as usize;
+            let [l0, l1, _, _] = len_check.to_ne_bytes();
+            let udp_len = u16::from_be_bytes([l0, l1]) as usize;
             let whole = net.frag == FRAG_NONE;
             if udp_len < UdpHdr::LEN || (whole && net.l4_off + udp_len > ip_end) {
                 return Err(StatIndex::PassParseError);
             }
-            key.sport = u16::from_ne_bytes(udp.src);
-            key.dport = u16::from_ne_bytes(udp.dst);
+            let [s0, s1, d0, d1] = ports.to_ne_bytes();
+            key.sport = u16::from_ne_bytes([s0, s1]);
+            key.dport = u16::from_ne_bytes([d0, d1]);
             0
         }
         // ICMP in fragments is never an error we translate (errors are small).
