@@ -28,7 +28,11 @@ for base in $BASES; do
   rm -rf "$src"
   mkdir -p "$src"
   git archive "$base" | tar -x -C "$src"
-  # One target directory for every base: their dependencies are built once.
+  # One target directory for every base: their dependencies are built once. git
+  # archive dates every file at its commit's time, and cargo keeps a workspace crate
+  # built from another base (same relative path) if its sources are older than that
+  # build: dated now, they are newer, and rebuilt.
+  find "$src" -type f -exec touch {} +
   (cd "$src" && CARGO_TARGET_DIR="$PWD/../target" cargo build --quiet --bin xlb -p lb-userspace)
   cp "$root/target/debug/xlb" "$bin.tmp"
   mv "$bin.tmp" "$bin"

@@ -44,21 +44,14 @@ impl Fixture {
     /// Loaded with map sizes of the caller's choice.
     pub fn with_options(opts: &xlb::dataplane::LoadOptions) -> Result<Self> {
         let pin = PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xlbt")));
-        // A failed load may already have pinned maps: remove them, there is no Fixture
-        // to drop.
-        let dp = Dataplane::load(&pin, opts).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&pin);
-        })?;
-        Ok(Self {
-            dp,
-            pin,
-            keep: false,
-        })
+        Self::on_pins(pin, opts)
     }
 
     /// Loaded on pins another fixture left (`keep_pins`), as a restarted agent loads
     /// on its predecessor's; removed on drop.
     pub fn on_pins(pin: PathBuf, opts: &xlb::dataplane::LoadOptions) -> Result<Self> {
+        // A failed load may already have pinned maps: remove them, there is no Fixture
+        // to drop.
         let dp = Dataplane::load(&pin, opts).inspect_err(|_| {
             let _ = std::fs::remove_dir_all(&pin);
         })?;
