@@ -205,8 +205,10 @@ mod tests {
 
     #[test]
     fn every_input_bit_moves_every_output_bit_about_half_the_time() {
-        // Flip each of the key's 304 meaningful bits in 200 random keys; each output
-        // bit must change in 40-60% of the flips of each input bit.
+        // Flip each of the key's 296 meaningful bits in 200 random keys; each output
+        // bit must change in 35-65% of the flips of each input bit: over 200 flips, a
+        // fair coin lands outside that 4.2 standard deviations out. The keys are fixed,
+        // so the test gives the same answer every run.
         let mut seed = 1;
         let keys: Vec<FlowKey> = (0..200).map(|_| random_key(&mut seed)).collect();
         let words = |k: &FlowKey| {

@@ -111,6 +111,16 @@ unsafe fn word<'a, V>(b: *mut FlowBucket<V>, way: usize) -> &'a AtomicU64 {
     unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*b).words[way])) }
 }
 
+/// The table's format word, in bucket 0 at `b` (lb_common::FLOW_TABLE_FORMAT).
+///
+/// # Safety
+/// `b` points to bucket 0 inside a live mapping.
+unsafe fn format_word<'a, V>(b: *mut FlowBucket<V>) -> &'a AtomicU64 {
+    // SAFETY: an aligned u64 inside the mapping, which only the agent writes,
+    // atomically; the datapath never touches it.
+    unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*b).format)) }
+}
+
 /// The way, if it held a whole flow while it was read.
 ///
 /// # Safety
@@ -183,20 +193,17 @@ impl<V: Copy> FlowTable<V> {
     /// stamped (`stamp`) by an agent of this version or later. An earlier table's
     /// flows are carried over, not adopted (dataplane/carry.rs).
     pub fn current_format(&self) -> Result<bool> {
+        // SAFETY: p is bucket 0 inside the mapping, held for this closure.
         self.with_bucket(0, |p| {
-            // SAFETY: bucket 0 inside the mapping, held for this closure; an aligned
-            // u64 that only the agent writes, atomically.
-            let format = unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).format)) };
-            format.load(Ordering::Acquire) == FLOW_TABLE_FORMAT
+            unsafe { format_word(p) }.load(Ordering::Acquire) == FLOW_TABLE_FORMAT
         })
     }
 
     /// Marks the table as bucketed by this version's flow hash (`current_format`).
     pub fn stamp(&self) -> Result<()> {
+        // SAFETY: p is bucket 0 inside the mapping, held for this closure.
         self.with_bucket(0, |p| {
-            // SAFETY: as in `current_format`; the datapath never writes this word.
-            let format = unsafe { AtomicU64::from_ptr(std::ptr::addr_of_mut!((*p).format)) };
-            format.store(FLOW_TABLE_FORMAT, Ordering::Release);
+            unsafe { format_word(p) }.store(FLOW_TABLE_FORMAT, Ordering::Release)
         })
     }
 

@@ -893,7 +893,7 @@ where
         Array::try_from(f.dp.ebpf.map_mut(name).unwrap()).unwrap();
     let buckets = table.len();
     for b in 0..buckets {
-        table.set(b, bytemuck_zeroed(), 0).unwrap();
+        table.set(b, zeroed_bucket(), 0).unwrap();
     }
     let mut moved = Vec::new();
     for (key, value) in entries {
@@ -915,7 +915,7 @@ where
 }
 
 /// An all-zero bucket: an empty way everywhere, and no format word.
-fn bytemuck_zeroed<V: Copy>() -> lb_common::FlowBucket<V> {
+fn zeroed_bucket<V: Copy>() -> lb_common::FlowBucket<V> {
     // SAFETY: FlowBucket is plain integers and arrays of them (its Pod impl says so),
     // for which all-zero bytes are a value.
     unsafe { std::mem::zeroed() }

@@ -52,8 +52,7 @@ fn read<V: aya::Pod>(pin: &Path) -> Result<Option<Vec<(FlowKey, V)>>> {
         return Ok(None);
     }
     let info = MapInfo::from_pin(pin)?;
-    if earlier_hash::<V>(pin, &info)? {
-        let table = FlowTable::<V>::from_pin(pin)?;
+    if let Some(table) = earlier_hash_table::<V>(pin, &info)? {
         return Ok(Some(table.entries().map(|e| (e.key, e.value)).collect()));
     }
     let old_layout = matches!(info.map_type(), Ok(MapType::LruHash))
@@ -72,11 +71,21 @@ fn read<V: aya::Pod>(pin: &Path) -> Result<Option<Vec<(FlowKey, V)>>> {
 
 /// Whether the map pinned at `pin` (of `info`) is a flow table of this layout whose
 /// flows are bucketed by the earlier flow hash (module comment): to be replaced, its
-/// flows carried.
-pub fn earlier_hash<V: Copy>(pin: &Path, info: &MapInfo) -> Result<bool> {
+/// flows carried. Either table: the format word is in the bucket's header, which is
+/// the same for both value types.
+pub fn earlier_hash(pin: &Path, info: &MapInfo) -> Result<bool> {
+    Ok(earlier_hash_table::<ConnValue>(pin, info)?.is_some())
+}
+
+/// `earlier_hash`'s table, opened (for its flows); None for anything else.
+fn earlier_hash_table<V: Copy>(pin: &Path, info: &MapInfo) -> Result<Option<FlowTable<V>>> {
     let table = matches!(info.map_type(), Ok(MapType::Array))
         && info.value_size() as usize == std::mem::size_of::<FlowBucket<V>>();
-    Ok(table && !FlowTable::<V>::from_pin(pin)?.current_format()?)
+    if !table {
+        return Ok(None);
+    }
+    let table = FlowTable::<V>::from_pin(pin)?;
+    Ok((!table.current_format()?).then_some(table))
 }
 
 impl Dataplane {

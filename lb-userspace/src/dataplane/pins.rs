@@ -130,10 +130,7 @@ pub fn drop_incompatible_pins(pin_path: &Path) -> Result<Vec<String>> {
         );
         let flow_table =
             [lb_common::MAP_CONNTRACK, lb_common::MAP_REVERSE_NAT].contains(&name.as_str());
-        if pinned == wanted
-            && flow_table
-            && super::carry::earlier_hash::<lb_common::ConnValue>(&pin, &info)?
-        {
+        if pinned == wanted && flow_table && super::carry::earlier_hash(&pin, &info)? {
             info!(
                 map = %name,
                 "pinned flow table is bucketed by an earlier version's flow hash: replacing it, its flows are carried over"
