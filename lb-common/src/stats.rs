@@ -137,45 +137,6 @@ pub enum StatIndex {
 
 pub const STAT_COUNT: u32 = StatIndex::Count as u32;
 
-/// The `Seen*` counters are StatIndex 0..SEEN_COUNT.
-pub const SEEN_COUNT: u32 = StatIndex::SeenNonIp as u32 + 1;
-/// The reasons are StatIndex FIRST_REASON..FIRST_REASON + REASON_COUNT.
-pub const FIRST_REASON: u32 = StatIndex::PassNotIp as u32;
-pub const REASON_COUNT: u32 = StatIndex::EventFlowRecreated as u32 - FIRST_REASON;
-
-/// XLB_GLOBAL_STATS's size. Its first STAT_COUNT entries are indexed by StatIndex, and
-/// the datapath counts only events there. Every packet is counted once, in the entry of
-/// its (seen, reason) pair after them ([`packet_index`]): one counter update per packet
-/// where there were two. Userspace sums the pairs into each `Seen*` and each reason
-/// (`pair_of` says which pair an entry is), so what it reports is indexed as before.
-pub const GLOBAL_STATS_ENTRIES: u32 = STAT_COUNT + SEEN_COUNT * REASON_COUNT;
-
-/// The entry of XLB_GLOBAL_STATS that counts packets seen as `seen` (a `Seen*` index)
-/// that went on with `reason` (a reason's index); u32::MAX, past the map, for a value
-/// that is neither, so that a bug's value is refused by the datapath's lookup rather
-/// than counted as some other pair or event.
-#[inline(always)]
-pub const fn packet_index(seen: u32, reason: u32) -> u32 {
-    let r = reason.wrapping_sub(FIRST_REASON);
-    if seen >= SEEN_COUNT || r >= REASON_COUNT {
-        return u32::MAX;
-    }
-    STAT_COUNT + seen * REASON_COUNT + r
-}
-
-/// The (seen, reason) pair a packet entry of XLB_GLOBAL_STATS counts, for an index at or
-/// past STAT_COUNT; None for the StatIndex entries and past the end.
-pub fn pair_of(index: u32) -> Option<(StatIndex, StatIndex)> {
-    if !(STAT_COUNT..GLOBAL_STATS_ENTRIES).contains(&index) {
-        return None;
-    }
-    let i = index - STAT_COUNT;
-    Some((
-        StatIndex::ALL[(i / REASON_COUNT) as usize],
-        StatIndex::ALL[(FIRST_REASON + i % REASON_COUNT) as usize],
-    ))
-}
-
 impl StatIndex {
     pub const ALL: [StatIndex; STAT_COUNT as usize] = [
         StatIndex::SeenIpv4Tcp,
@@ -294,41 +255,6 @@ impl StatIndex {
             StatIndex::EventEstablishedEvicted => "event_established_evicted",
             StatIndex::Count => "count",
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    extern crate std;
-
-    #[test]
-    fn every_pair_has_its_own_entry_and_reads_back() {
-        let mut taken = std::collections::BTreeSet::new();
-        for seen in StatIndex::ALL.into_iter().filter(|i| i.is_seen()) {
-            for reason in StatIndex::ALL.into_iter().filter(|i| i.is_reason()) {
-                let idx = packet_index(seen as u32, reason as u32);
-                assert!((STAT_COUNT..GLOBAL_STATS_ENTRIES).contains(&idx));
-                assert!(taken.insert(idx), "{seen:?} {reason:?} share {idx}");
-                assert_eq!(pair_of(idx), Some((seen, reason)));
-            }
-        }
-        assert_eq!(taken.len() as u32, GLOBAL_STATS_ENTRIES - STAT_COUNT);
-        assert_eq!(pair_of(STAT_COUNT - 1), None);
-        assert_eq!(pair_of(GLOBAL_STATS_ENTRIES), None);
-    }
-
-    #[test]
-    fn a_value_that_is_not_a_seen_or_a_reason_has_no_entry() {
-        let (seen, reason) = (StatIndex::SeenIpv4Tcp as u32, StatIndex::FwdForward as u32);
-        assert_eq!(packet_index(SEEN_COUNT, reason), u32::MAX);
-        assert_eq!(packet_index(seen, FIRST_REASON - 1), u32::MAX);
-        assert_eq!(packet_index(seen, FIRST_REASON + REASON_COUNT), u32::MAX);
-        assert_eq!(
-            packet_index(seen, StatIndex::EventFlowRecreated as u32),
-            u32::MAX
-        );
-        assert_eq!(packet_index(u32::MAX, u32::MAX), u32::MAX);
     }
 }
 

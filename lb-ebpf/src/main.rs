@@ -56,59 +56,43 @@ use crate::{
     parse::Other,
 };
 
-// The entry: the pipeline, then the packet's count and the debug log. Calls side by
-// side, not nested: the log's subprogram needs a frame of its own (80 bytes), which the
-// pipeline's would leave no room for under the 512-byte limit on a chain of calls.
+// The entry: the pipeline, then the debug log. Two calls side by side, not nested: the
+// log's subprogram needs a frame of its own (80 bytes), which the pipeline's would
+// leave no room for under the 512-byte limit on a chain of calls.
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
-    let first = pipeline(ctx.ctx);
+    let mut out = pipeline(ctx.ctx);
     // What is not TCP or UDP, and a new flow, go on in calls of their own, side by
     // side for the same reason: the frames of a chain of calls share 512 bytes, and
     // the pipeline's takes most.
-    let out = match action_of(first) {
-        OTHER => other_stages(ctx.ctx),
-        NEW_FLOW => match balance_new_flow() {
-            out if action_of(out) == NEW_FLOW => send_new_flow(ctx.ctx),
-            out => out,
-        },
-        _ => first,
-    };
-    let (action, reason) = (action_of(out), (out >> 8) as u32 & 0xff);
-    // Counted here, once for every packet, whichever call decided it.
-    stats::count_packet(reason, first >> 32);
+    if out == OTHER {
+        out = other_stages(ctx.ctx);
+    } else if out == NEW_FLOW {
+        out = balance_new_flow();
+        if out == NEW_FLOW {
+            out = send_new_flow(ctx.ctx);
+        }
+    }
+    let (action, reason) = (out as u32, (out >> 32) as u32);
     trace::packet_raw(action, reason);
     action
 }
 
-// What a BPF function returns is one register, so the verdict is packed in it: the
-// action in bits 0..8 (or NEW_FLOW, OTHER), the reason's index in 8..16. The pipeline
-// adds the packet's length in bits 32..64, for the entry's count.
-#[inline(always)]
-fn action_of(out: u64) -> u32 {
-    out as u32 & 0xff
-}
-
-/// The verdict as a BPF function returns it (see action_of).
-#[inline(always)]
-fn finish((action, reason): Verdict) -> u64 {
-    action as u64 & 0xff | (reason as u64) << 8
-}
-
 // A BPF subprogram of its own, taking the context pointer itself (a pointer to the
-// entry's stack is what the verifier refused here).
+// entry's stack is what the verifier refused here). Returns the action in the low 32
+// bits, the reason's index in the high 32: a subprogram returns one register.
 #[inline(never)]
 fn pipeline(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
     let decapsulated = decap::run(ctx);
     let len = (ctx.data_end() - ctx.data()) as u64;
     let (seen, parsed) = parse::parse(ctx);
-    stats::note_seen(seen);
+    stats::count(seen, len);
     let verdict = stages(ctx, parsed, len, decapsulated);
-    let len = len << 32;
     match verdict.0 {
-        NEW_FLOW_ACTION => NEW_FLOW as u64 | len,
-        OTHER_ACTION => OTHER as u64 | len,
-        _ => finish(verdict) | len,
+        NEW_FLOW_ACTION => NEW_FLOW,
+        OTHER_ACTION => OTHER,
+        _ => finish(verdict, len),
     }
 }
 
@@ -117,23 +101,30 @@ fn pipeline(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
 #[inline(never)]
 fn other_stages(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
+    let len = (ctx.data_end() - ctx.data()) as u64;
     let Some(scratch) = mem::this_cpu(&maps::SCRATCH, 0) else {
-        return finish((xdp_action::XDP_PASS, StatIndex::PassParseError));
+        return finish((xdp_action::XDP_PASS, StatIndex::PassParseError), len);
     };
     let other = match scratch.other.pass {
         Some(reason) => Other::Pass(reason),
         None => Other::Icmp(scratch.other.pkt),
     };
-    finish(not_balanced(ctx, &other))
+    finish(not_balanced(ctx, &other), len)
 }
 
-/// The action for a new flow the pipeline left in scratch memory (maps::NewFlow) to
-/// balance (balance::NEW_FLOW_ACTION).
-const NEW_FLOW: u32 = 0xff;
-/// The action for a packet that is not TCP or UDP (other_stages).
-const OTHER: u32 = 0xfe;
-/// What stages() returns for one (pipeline turns it into OTHER).
+/// Counts the packet's reason; the verdict as a subprogram returns it.
+#[inline(always)]
+fn finish((action, reason): Verdict, len: u64) -> u64 {
+    stats::count(reason, len);
+    action as u64 | (reason as u64) << 32
+}
+
+/// What the pipeline returns for a new flow it left in scratch memory (maps::NewFlow)
+/// to balance (balance::NEW_FLOW_ACTION).
+const NEW_FLOW: u64 = u64::MAX;
+/// What the pipeline returns for a packet that is not TCP or UDP (other_stages).
 const OTHER_ACTION: u32 = u32::MAX - 1;
+const OTHER: u64 = (u32::MAX - 1) as u64;
 
 /// What follows the parser. `decapsulated`: the packet came out of a tunnel to this
 /// host (decap.rs), and is for this host's `encapsulated` services or the kernel.
@@ -207,12 +198,12 @@ pub fn xlb_baseline_pass(_ctx: XdpContext) -> u32 {
 #[inline(never)]
 fn balance_new_flow() -> u64 {
     let (Some(scratch), Some(cfg)) = (mem::this_cpu(&maps::SCRATCH, 0), maps::CONFIG.get(0)) else {
-        return NEW_FLOW as u64;
+        return NEW_FLOW;
     };
     let maps::Scratch { new, rev, ct, .. } = scratch;
     match balance::decide_new_flow(new, cfg, (rev, ct)) {
-        Ok(()) => NEW_FLOW as u64,
-        Err(verdict) => finish(verdict),
+        Ok(()) => NEW_FLOW,
+        Err(verdict) => finish(verdict, new.len),
     }
 }
 
@@ -222,10 +213,10 @@ fn balance_new_flow() -> u64 {
 fn send_new_flow(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
     let Some(scratch) = mem::this_cpu(&maps::SCRATCH, 0) else {
-        return NEW_FLOW as u64;
+        return NEW_FLOW;
     };
     let maps::Scratch { new, ct, .. } = scratch;
-    finish(balance::send_new_flow(ctx, new, ct))
+    finish(balance::send_new_flow(ctx, new, ct), new.len)
 }
 
 #[cfg(target_arch = "bpf")]

@@ -14,8 +14,8 @@ use lb_common::{
     buckets_for, Backend, ConnValue, ConntrackBucket, Counter, DatapathConfig, FlowKey,
     FragmentKey, FragmentValue, MaglevChunk, MaglevKey, NextHop, ReverseBucket, ReverseNat,
     ServiceKey, ServiceName, ServiceValue, SourceRangeKey, TrafficStats, VipFilterWord,
-    CONNTRACK_MAX, FRAGMENTS_MAX, GLOBAL_STATS_ENTRIES, MAGLEV_MAX_CHUNKS, MAX_BACKENDS,
-    MAX_SERVICES, SOURCE_RANGES_MAX, VIPS_MAX, VIP_FILTER_WORDS,
+    CONNTRACK_MAX, FRAGMENTS_MAX, MAGLEV_MAX_CHUNKS, MAX_BACKENDS, MAX_SERVICES, SOURCE_RANGES_MAX,
+    STAT_COUNT, VIPS_MAX, VIP_FILTER_WORDS,
 };
 use lb_common::{Addr, Announced, L2Key, L2Value, NetdevLayout, VipKey};
 
@@ -90,7 +90,7 @@ pub static VIP_FILTER: Array<VipFilterWord> = Array::pinned(VIP_FILTER_WORDS, 0)
 pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 
 #[map(name = "XLB_GLOBAL_STATS")]
-pub static GLOBAL_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(GLOBAL_STATS_ENTRIES, 0);
+pub static GLOBAL_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(STAT_COUNT, 0);
 
 #[map(name = "XLB_SERVICE_STATS")]
 pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
@@ -151,8 +151,6 @@ pub struct Scratch {
     pub allow: SourceRangeLpmKey,
     /// An echo request's VIP (echo.rs).
     pub vip: VipKey,
-    /// What the parser saw the packet as, for its count after the pipeline (stats.rs).
-    pub seen: u32,
 }
 
 /// Per-CPU scratch for the debug log: the packet's flow, noted before the pipeline

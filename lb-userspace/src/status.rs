@@ -5,11 +5,10 @@ use std::{collections::BTreeMap, path::Path};
 use anyhow::{Context, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use lb_common::{
-    maglev_chunks, pair_of, Backend, Counter, MaglevChunk, MaglevKey, ServiceKey, ServiceName,
-    ServiceValue, StatIndex, TrafficStats, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR,
-    BACKEND_F_UNHEALTHY, GLOBAL_STATS_ENTRIES, MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS,
-    MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES, MAP_SERVICE_STATS, PROTO_TCP, STAT_COUNT,
-    SVC_KEY_ENCAPSULATED,
+    maglev_chunks, Backend, Counter, MaglevChunk, MaglevKey, ServiceKey, ServiceName, ServiceValue,
+    StatIndex, TrafficStats, BACKEND_F_SVC_DNAT, BACKEND_F_SVC_DSR, BACKEND_F_UNHEALTHY,
+    MAP_BACKENDS, MAP_BACKEND_STATS, MAP_GLOBAL_STATS, MAP_MAGLEV, MAP_SERVICES, MAP_SERVICE_NAMES,
+    MAP_SERVICE_STATS, PROTO_TCP, SVC_KEY_ENCAPSULATED,
 };
 
 use crate::{
@@ -169,42 +168,24 @@ fn open_pinned(pin_path: &Path, name: &str) -> Result<MapData> {
     })
 }
 
-/// Sums each per-CPU counter over all CPUs. The datapath counts a packet once, in the
-/// entry of its (seen, reason) pair (lb_common::packet_index): each pair is added to
-/// both its `Seen*` counter and its reason, so every packet still counts one of each.
+/// Sums each per-CPU counter over all CPUs.
 pub fn read_global_counters(pin_path: &Path) -> Result<BTreeMap<&'static str, CounterView>> {
     let map = PerCpuArray::<_, Counter>::try_from(Map::PerCpuArray(open_pinned(
         pin_path,
         MAP_GLOBAL_STATS,
     )?))?;
-    let sum = |idx: u32| -> Result<CounterView> {
-        Ok(map
-            .get(&idx, 0)?
+    let mut out = BTreeMap::new();
+    for idx in StatIndex::ALL {
+        let per_cpu = map.get(&(idx as u32), 0)?;
+        let sum = per_cpu
             .iter()
             .fold(CounterView::default(), |acc, c| CounterView {
                 packets: acc.packets + c.packets,
                 bytes: acc.bytes + c.bytes,
-            }))
-    };
-    let mut totals = [CounterView::default(); STAT_COUNT as usize];
-    for idx in StatIndex::ALL {
-        totals[idx as usize] = sum(idx as u32)?;
+            });
+        out.insert(idx.name(), sum);
     }
-    for idx in STAT_COUNT..GLOBAL_STATS_ENTRIES {
-        let Some((seen, reason)) = pair_of(idx) else {
-            continue;
-        };
-        let pair = sum(idx)?;
-        for counter in [seen, reason] {
-            let total = &mut totals[counter as usize];
-            total.packets += pair.packets;
-            total.bytes += pair.bytes;
-        }
-    }
-    Ok(StatIndex::ALL
-        .into_iter()
-        .map(|idx| (idx.name(), totals[idx as usize]))
-        .collect())
+    Ok(out)
 }
 
 fn traffic(map: &PerCpuArray<MapData, TrafficStats>, idx: u32) -> Result<TrafficView> {
