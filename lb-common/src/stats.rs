@@ -37,6 +37,9 @@ pub enum StatIndex {
     SeenNonIp,
     // Why a packet was passed to the kernel untouched.
     PassNotIp,
+    /// Neither for a service nor a reply: the host's own traffic, most of what a node
+    /// sees. The datapath does not count it (a counter update is a tenth of such a
+    /// packet's cost); userspace derives it ([`StatIndex::is_derived`]).
     PassNotVip,
     /// A later fragment (non-zero offset) of a datagram xlb holds no record of: not
     /// balanced, or its first fragment has not arrived (yet). The kernel gets it, as it
@@ -201,6 +204,13 @@ impl StatIndex {
     /// Why a packet was passed, dropped or sent: every packet counts exactly one.
     pub const fn is_reason(self) -> bool {
         !self.is_seen() && !self.is_event()
+    }
+
+    /// The one reason the datapath leaves uncounted (PassNotVip). Since every packet
+    /// counts one `Seen*` and one reason, its packets and bytes are the `Seen*` totals
+    /// less every other reason's; its own entry in XLB_GLOBAL_STATS is not read.
+    pub const fn is_derived(self) -> bool {
+        matches!(self, StatIndex::PassNotVip)
     }
 
     /// Stable snake_case name, used in `xlb status --json` and metric labels.

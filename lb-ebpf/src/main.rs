@@ -112,10 +112,13 @@ fn other_stages(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     finish(not_balanced(ctx, &other), len)
 }
 
-/// Counts the packet's reason; the verdict as a subprogram returns it.
+/// Counts the packet's reason; the verdict as a subprogram returns it. The host's own
+/// traffic (PassNotVip) is not counted: userspace derives it (StatIndex::is_derived).
 #[inline(always)]
 fn finish((action, reason): Verdict, len: u64) -> u64 {
-    stats::count(reason, len);
+    if !reason.is_derived() {
+        stats::count(reason, len);
+    }
     action as u64 | (reason as u64) << 32
 }
 

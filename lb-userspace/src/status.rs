@@ -168,7 +168,8 @@ fn open_pinned(pin_path: &Path, name: &str) -> Result<MapData> {
     })
 }
 
-/// Sums each per-CPU counter over all CPUs.
+/// Sums each per-CPU counter over all CPUs. The one the datapath does not count
+/// (StatIndex::is_derived) is the `Seen*` totals less every other reason's.
 pub fn read_global_counters(pin_path: &Path) -> Result<BTreeMap<&'static str, CounterView>> {
     let map = PerCpuArray::<_, Counter>::try_from(Map::PerCpuArray(open_pinned(
         pin_path,
@@ -185,7 +186,48 @@ pub fn read_global_counters(pin_path: &Path) -> Result<BTreeMap<&'static str, Co
             });
         out.insert(idx.name(), sum);
     }
+    let total = |pick: fn(&StatIndex) -> bool| {
+        StatIndex::ALL
+            .iter()
+            .filter(|i| pick(i))
+            .fold(CounterView::default(), |acc, i| CounterView {
+                packets: acc.packets + out[i.name()].packets,
+                bytes: acc.bytes + out[i.name()].bytes,
+            })
+    };
+    let seen = total(|i| i.is_seen());
+    let counted = total(|i| i.is_reason() && !i.is_derived());
+    let derived = CounterView {
+        packets: seen.packets.saturating_sub(counted.packets),
+        bytes: seen.bytes.saturating_sub(counted.bytes),
+    };
+    for idx in StatIndex::ALL.into_iter().filter(|i| i.is_derived()) {
+        out.insert(idx.name(), monotonic(pin_path, seen.packets, derived));
+    }
     Ok(out)
+}
+
+/// The derived counter, never lower than this process last reported for the same
+/// maps. The counters are read one after another while packets are counted, so a
+/// reason read after a packet's `Seen*` was can make one reading short by the packets
+/// in between, and the next one long: a counter that went down would read as a reset
+/// to Prometheus. `seen` (the `Seen*` total, which only grows while the maps live)
+/// going down means the maps were replaced: their counters start again from zero.
+fn monotonic(pin_path: &Path, seen: u64, derived: CounterView) -> CounterView {
+    static LAST: std::sync::Mutex<BTreeMap<std::path::PathBuf, (u64, CounterView)>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let (last_seen, last_derived) = last.entry(pin_path.to_path_buf()).or_default();
+    let out = if seen >= *last_seen {
+        CounterView {
+            packets: derived.packets.max(last_derived.packets),
+            bytes: derived.bytes.max(last_derived.bytes),
+        }
+    } else {
+        derived
+    };
+    (*last_seen, *last_derived) = (seen, out);
+    out
 }
 
 fn traffic(map: &PerCpuArray<MapData, TrafficStats>, idx: u32) -> Result<TrafficView> {
