@@ -642,6 +642,25 @@ pub fn render_text(status: &Status) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_derived_counter_never_goes_down_while_the_maps_live() {
+        let pin = Path::new("/nonexistent/monotonic-test");
+        let v = |packets, bytes| CounterView { packets, bytes };
+        assert_eq!(monotonic(pin, 10, v(5, 500)), v(5, 500));
+        // A reading short by packets counted between two reads: held at the last.
+        assert_eq!(monotonic(pin, 12, v(4, 400)), v(5, 500));
+        assert_eq!(monotonic(pin, 13, v(7, 700)), v(7, 700));
+        // Fewer seen: new maps, counting from zero again.
+        assert_eq!(monotonic(pin, 3, v(1, 100)), v(1, 100));
+        assert_eq!(monotonic(pin, 4, v(2, 200)), v(2, 200));
+        // Another pin path keeps its own.
+        assert_eq!(
+            monotonic(Path::new("/nonexistent/other"), 1, v(0, 0)),
+            v(0, 0)
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -265,19 +265,22 @@ fn entries(pin: &std::path::Path) -> usize {
     ct.entries().count() + rv.entries().count()
 }
 
-fn totals(pin: &std::path::Path) -> (u64, u64) {
+/// Packets counted: every `Seen*`, every reason, and the reasons of the packets passed
+/// (`pass_*`, the derived one among them).
+fn totals(pin: &std::path::Path) -> (u64, u64, u64) {
     let c = read_global_counters(pin).unwrap();
-    let seen: u64 = StatIndex::ALL
-        .iter()
-        .filter(|i| i.is_seen())
-        .map(|i| c[i.name()].packets)
-        .sum();
-    let reasons: u64 = StatIndex::ALL
-        .iter()
-        .filter(|i| i.is_reason())
-        .map(|i| c[i.name()].packets)
-        .sum();
-    (seen, reasons)
+    let sum = |pick: &dyn Fn(&StatIndex) -> bool| -> u64 {
+        StatIndex::ALL
+            .iter()
+            .filter(|i| pick(i))
+            .map(|i| c[i.name()].packets)
+            .sum()
+    };
+    (
+        sum(&|i| i.is_seen()),
+        sum(&|i| i.is_reason()),
+        sum(&|i| i.is_reason() && i.name().starts_with("pass_")),
+    )
 }
 
 struct Harness<'a> {
@@ -605,8 +608,8 @@ fn privileged_hostile_packets_never_break_the_invariants() {
             by_verdict: [0; 5],
         };
         let seeds = seeds(&mut h);
-        let (seen0, reasons0) = totals(&pin);
-        let run0 = h.run;
+        let (seen0, reasons0, passed0) = totals(&pin);
+        let (run0, pass0) = (h.run, h.by_verdict[XDP_PASS as usize]);
 
         // 1. The corpus. Malformed and stateless frames first, with the map entries
         //    counted around them: none may appear.
@@ -655,11 +658,20 @@ fn privileged_hostile_packets_never_break_the_invariants() {
             }
         }
 
-        // 3. Every packet counted exactly once as seen and once with a reason.
-        let (seen, reasons) = totals(&pin);
+        // 3. Every packet counted exactly once as seen and once with a reason. The one
+        //    reason userspace derives (pass_not_vip) makes the second equality hold by
+        //    construction; the passed packets' reasons, it among them, must still add
+        //    up to the packets passed: a packet sent or dropped without its reason
+        //    counted would be taken for the host's own and break this.
+        let (seen, reasons, passed) = totals(&pin);
         let ran = h.run - run0;
         assert_eq!(seen - seen0, ran, "seen counters vs packets run");
         assert_eq!(reasons - reasons0, ran, "reason counters vs packets run");
+        assert_eq!(
+            passed - passed0,
+            h.by_verdict[XDP_PASS as usize] - pass0,
+            "pass_* reasons vs packets passed"
+        );
         println!(
             "fuzz: {} packets run ({} corpus, {stateless} of them malformed or stateless; {mutations} mutations, seed {seed:#x}), {} refused by the kernel (< 14 bytes), {} modified; verdicts: pass {}, drop {}, tx {}, redirect {}; failures: 0",
             h.run, corpus.len(), h.refused, h.modified,
