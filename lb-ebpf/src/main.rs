@@ -48,7 +48,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::StatIndex;
+use lb_common::{DatapathConfig, StatIndex};
 
 use crate::{
     balance::NEW_FLOW_ACTION,
@@ -84,11 +84,14 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[inline(never)]
 fn pipeline(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
-    let decapsulated = decap::run(ctx);
+    // Looked up once for the whole pipeline: a lookup costs a packet that is not for a
+    // VIP about a nanosecond of its thirty.
+    let cfg = maps::CONFIG.get(0);
+    let decapsulated = decap::run(ctx, cfg);
     let len = (ctx.data_end() - ctx.data()) as u64;
     let (seen, parsed) = parse::parse(ctx);
     stats::count(seen, len);
-    let verdict = stages(ctx, parsed, len, decapsulated);
+    let verdict = stages(ctx, parsed, (len, cfg), decapsulated);
     match verdict.0 {
         NEW_FLOW_ACTION => NEW_FLOW,
         OTHER_ACTION => OTHER,
@@ -135,7 +138,7 @@ const OTHER: u64 = (u32::MAX - 1) as u64;
 fn stages(
     ctx: &XdpContext,
     parsed: Result<Packet, Other>,
-    len: u64,
+    (len, cfg): (u64, Option<&DatapathConfig>),
     decapsulated: bool,
 ) -> Verdict {
     let mut pkt = match parsed {
@@ -160,7 +163,7 @@ fn stages(
     let followed = fragments::follow(&mut pkt);
     trace::note(Some(&pkt.key));
     match followed {
-        Ok(()) => balance::balance(ctx, &pkt, len, decapsulated),
+        Ok(()) => balance::balance(ctx, &pkt, (len, cfg), decapsulated),
         Err(verdict) => verdict,
     }
 }
