@@ -31,14 +31,9 @@ pub const NEW_FLOW_ACTION: u32 = u32::MAX;
 /// us. One call of the forward path for both kinds of packet, so that it is inlined
 /// once.
 #[inline(always)]
-pub fn balance(
-    ctx: &XdpContext,
-    pkt: &Packet,
-    (len, cfg): (u64, Option<&DatapathConfig>),
-    decapsulated: bool,
-) -> Verdict {
+pub fn balance(ctx: &XdpContext, pkt: &Packet, len: u64, decapsulated: bool) -> Verdict {
     // A reference into the map, not a copy: the stack is the scarce resource.
-    let Some(cfg) = cfg else {
+    let Some(cfg) = maps::CONFIG.get(0) else {
         return lookup::NOT_A_VIP;
     };
     let decap_svc = if decapsulated {

@@ -4,11 +4,11 @@
 //! services only, and anything else of it goes to the kernel (a VIP on its loopback).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{Addr, DatapathConfig, StatIndex, FAMILY_V4, FAMILY_V6};
+use lb_common::{Addr, StatIndex, FAMILY_V4, FAMILY_V6};
 
 use crate::{
     encap, forward,
-    maps::SCRATCH,
+    maps::{CONFIG, SCRATCH},
     mem::{load, this_cpu},
     packet::{
         Verdict, ETH_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6, IPV4_HDR_LEN,
@@ -25,8 +25,8 @@ pub const NOT_FOR_US: Verdict = (xdp_action::XDP_PASS, StatIndex::PassDecapsulat
 /// Whether the packet came out of a tunnel to this host (its outer header is gone
 /// then). Only with decapsulation configured; anything else is left as it is.
 #[inline(always)]
-pub fn run(ctx: &XdpContext, cfg: Option<&DatapathConfig>) -> bool {
-    cfg.is_some_and(|c| c.decap != 0) && decapsulate(ctx).is_some()
+pub fn run(ctx: &XdpContext) -> bool {
+    CONFIG.get(0).is_some_and(|c| c.decap != 0) && decapsulate(ctx).is_some()
 }
 
 /// None: not a tunnel's packet to this host (it goes through the pipeline as any other).

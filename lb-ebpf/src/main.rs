@@ -48,7 +48,7 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use lb_common::{DatapathConfig, StatIndex};
+use lb_common::StatIndex;
 
 use crate::{
     balance::NEW_FLOW_ACTION,
@@ -84,14 +84,11 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 #[inline(never)]
 fn pipeline(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
-    // Looked up once for the whole pipeline: a lookup costs a packet that is not for a
-    // VIP about a nanosecond of its thirty.
-    let cfg = maps::CONFIG.get(0);
-    let decapsulated = decap::run(ctx, cfg);
+    let decapsulated = decap::run(ctx);
     let len = (ctx.data_end() - ctx.data()) as u64;
     let (seen, parsed) = parse::parse(ctx);
     stats::count(seen, len);
-    let verdict = stages(ctx, parsed, (len, cfg), decapsulated);
+    let verdict = stages(ctx, parsed, len, decapsulated);
     match verdict.0 {
         NEW_FLOW_ACTION => NEW_FLOW,
         OTHER_ACTION => OTHER,
@@ -138,7 +135,7 @@ const OTHER: u64 = (u32::MAX - 1) as u64;
 fn stages(
     ctx: &XdpContext,
     parsed: Result<Packet, Other>,
-    (len, cfg): (u64, Option<&DatapathConfig>),
+    len: u64,
     decapsulated: bool,
 ) -> Verdict {
     let mut pkt = match parsed {
@@ -163,7 +160,7 @@ fn stages(
     let followed = fragments::follow(&mut pkt);
     trace::note(Some(&pkt.key));
     match followed {
-        Ok(()) => balance::balance(ctx, &pkt, (len, cfg), decapsulated),
+        Ok(()) => balance::balance(ctx, &pkt, len, decapsulated),
         Err(verdict) => verdict,
     }
 }
