@@ -184,14 +184,7 @@ pub fn is_drained(pin_path: &std::path::Path) -> bool {
 }
 
 fn control(pin_path: &std::path::Path) -> Result<aya::maps::Array<aya::maps::MapData, u32>> {
-    let path = pin_path.join(lb_common::MAP_CONTROL);
-    let data = aya::maps::MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening {} (is `xlb run` running with --pin-path {}?)",
-            path.display(),
-            pin_path.display()
-        )
-    })?;
+    let data = crate::dataplane::open_pinned(pin_path, lb_common::MAP_CONTROL)?;
     Ok(aya::maps::Array::try_from(aya::maps::Map::Array(data))?)
 }
 

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod conntrack;
+pub mod counters;
 pub mod dataplane;
 pub mod ebpf_log;
 pub mod flows;

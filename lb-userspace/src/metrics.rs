@@ -169,7 +169,7 @@ pub fn render(pin_path: &std::path::Path, agent: &AgentMetrics) -> Result<String
     let reasons = Family::<Labels, Counter>::default();
     let reason_bytes = Family::<Labels, Counter>::default();
     let events = Family::<Labels, Counter>::default();
-    for (name, c) in status::read_global_counters(pin_path)? {
+    for (name, c) in crate::counters::read_global_counters(pin_path)? {
         if let Some(event) = name.strip_prefix("event_") {
             let l = labels(&[("event", event.to_string())]);
             events.get_or_create(&l).inc_by(c.packets);

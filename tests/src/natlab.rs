@@ -8,9 +8,9 @@ use lb_common::{flow_hash, FlowKey};
 use xlb::{
     codec::addr_to_words,
     config::Config,
+    counters::read_global_counters,
     maglev::{build, WeightedBackend},
     model::Mode,
-    status::read_global_counters,
 };
 
 use crate::{

@@ -14,7 +14,7 @@ use std::{
 
 use xlb::{
     config::Config,
-    status::{read_global_counters, CounterView},
+    counters::{read_global_counters, CounterView},
 };
 
 use crate::testrun::{Fixture, RunResult, XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX};

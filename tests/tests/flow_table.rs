@@ -477,7 +477,7 @@ fn concurrent_rounds(lab: &Lab, mode: Mode, shared: bool) -> Totals {
 }
 
 fn read_counters(f: &Fixture) -> HashMap<&'static str, u64> {
-    xlb::status::read_global_counters(f.pin_path())
+    xlb::counters::read_global_counters(f.pin_path())
         .unwrap()
         .into_iter()
         .map(|(k, v)| (k, v.packets))

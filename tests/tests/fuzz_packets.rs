@@ -22,8 +22,8 @@ use std::{
 
 use etherparse::{NetSlice, SlicedPacket, TransportSlice};
 use lb_common::{ConnValue, ReverseNat, StatIndex, MAP_CONNTRACK, MAP_REVERSE_NAT};
+use xlb::counters::read_global_counters;
 use xlb::flows::FlowTable;
-use xlb::status::read_global_counters;
 use xlb_tests::{
     natlab::*,
     packet::{decode, Frame, ACK},

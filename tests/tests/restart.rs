@@ -417,7 +417,7 @@ fn privileged_a_pinned_statistics_map_with_fewer_counters_is_replaced() {
     let _dp = Dataplane::load(&pin, &Default::default()).unwrap();
     let info = MapInfo::from_pin(pin.join(MAP_GLOBAL_STATS)).unwrap();
     assert_eq!(info.max_entries(), STAT_COUNT, "a counter for every index");
-    let counters = xlb::status::read_global_counters(&pin).expect("every counter reads");
+    let counters = xlb::counters::read_global_counters(&pin).expect("every counter reads");
     assert_eq!(counters.len(), STAT_COUNT as usize);
 }
 

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb::status::read_global_counters;
+use xlb::counters::read_global_counters;
 use xlb_tests::{
     agent::Agent,
     cfg::{Cfg, Svc},

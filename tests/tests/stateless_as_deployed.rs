@@ -309,7 +309,7 @@ fn stateless_udp_service(mode: Mode) -> serde_json::Value {
         );
     }
     assert_eq!(
-        xlb::status::read_global_counters(&pin).unwrap()["event_flood_stateless"].packets,
+        xlb::counters::read_global_counters(&pin).unwrap()["event_flood_stateless"].packets,
         0,
         "a stateless service is not the flood guard's"
     );

@@ -54,7 +54,7 @@ impl Agent {
                 Err(e) => warn!("conntrack sweep failed: {e:#}"),
             }
         }
-        let Ok(counters) = crate::status::read_global_counters(&self.dp.pin_path) else {
+        let Ok(counters) = crate::counters::read_global_counters(&self.dp.pin_path) else {
             return;
         };
         let now: BTreeMap<&'static str, u64> =

@@ -33,7 +33,8 @@ pub mod plan;
 pub use attach::{driver_name, mode_name, XdpAttachMode};
 pub use maps::{live_backends, Restored};
 pub use pins::{
-    detach_all, drop_incompatible_pins, ensure_bpffs, pin_lock_holder, try_lock_pin_path,
+    detach_all, drop_incompatible_pins, ensure_bpffs, open_pinned, pin_lock_holder,
+    try_lock_pin_path,
 };
 pub use plan::ApplySummary;
 

@@ -3,6 +3,19 @@
 
 use super::*;
 
+/// A map a running agent pinned, for the commands that read it (`xlb status`, the
+/// announcement's drain flag): a missing pin says which path was looked at.
+pub fn open_pinned(pin_path: &Path, name: &str) -> Result<MapData> {
+    let path = pin_path.join(name);
+    MapData::from_pin(&path).with_context(|| {
+        format!(
+            "opening {} (is `xlb run` running with --pin-path {}?)",
+            path.display(),
+            pin_path.display()
+        )
+    })
+}
+
 /// Whether `name` is one xlb pins: a map of its object (`maps`), a map of another
 /// version (`XLB_` prefix), or `link_<iface>` / `tclink_<iface>`.
 fn is_xlb_pin(name: &str, maps: &BTreeSet<String>) -> bool {

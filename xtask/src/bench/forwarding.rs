@@ -679,7 +679,7 @@ fn connections(lab: &LbLab, seconds: f64, clients: usize, label: &str) -> Result
 }
 
 fn port_alloc_drops(f: &Fixture) -> Result<u64> {
-    Ok(xlb::status::read_global_counters(f.pin_path())?
+    Ok(xlb::counters::read_global_counters(f.pin_path())?
         .get("drop_port_alloc")
         .map_or(0, |c| c.packets))
 }

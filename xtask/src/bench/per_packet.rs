@@ -402,7 +402,7 @@ pub fn time_round(
         for i in start..end {
             let r = f.run_on(at(i), ifindex)?;
             if r.verdict != want {
-                let drops: Vec<_> = xlb::status::read_global_counters(f.pin_path())?
+                let drops: Vec<_> = xlb::counters::read_global_counters(f.pin_path())?
                     .into_iter()
                     .filter(|(k, c)| k.starts_with("drop_") && c.packets > 0)
                     .collect();
