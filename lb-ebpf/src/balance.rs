@@ -15,7 +15,7 @@ use crate::{
     allow, conntrack, decap, flood, forward, fragments, lookup, maglev, maps, mem,
     nat::{self, Rewrite},
     packet::{Packet, Verdict},
-    stats, tunnel,
+    parse, stats, tunnel,
 };
 
 /// Untouched, so the kernel answers with ICMP time exceeded from the right address.
@@ -90,51 +90,91 @@ fn forward_path(
     } else {
         conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg)
     };
-    let (ct, backend) = match found {
-        Some((ct, backend)) => {
-            // The ranges may have changed since the flow began: it is cut.
-            let restricted = backend.flags & BACKEND_F_SVC_SOURCE_RANGES != 0;
-            if let Err(verdict) = allow::check(restricted, backend.service_id, key.family, &key.src)
-            {
-                conntrack::cut(key, hash, ct, backend, cfg);
-                return Some(verdict);
-            }
-            (ct, backend)
-        }
-        None => {
-            let svc = match early {
-                Some(svc) => svc,
-                None => lookup::service(key, false)?,
-            };
-            let restricted = svc.flags & SVC_F_SOURCE_RANGES != 0;
-            if let Err(verdict) = allow::check(restricted, svc.id, key.family, &key.src) {
-                return Some(verdict);
-            }
-            // Balanced and sent from the entry (see there), from scratch memory.
-            let scratch = mem::this_cpu(&maps::SCRATCH, 0)?;
-            scratch.new = maps::NewFlow {
-                pkt: *pkt,
-                svc,
-                hash,
-                len,
-                now,
-            };
-            return Some((NEW_FLOW_ACTION, StatIndex::FwdForward));
-        }
+    if let Some(flow) = found {
+        return Some(established(ctx, pkt, flow, (hash, cfg), (len, now)));
+    }
+    let svc = match early {
+        Some(svc) => svc,
+        None => lookup::service(key, false)?,
     };
+    let restricted = svc.flags & SVC_F_SOURCE_RANGES != 0;
+    if let Err(verdict) = allow::check(restricted, svc.id, key.family, &key.src) {
+        return Some(verdict);
+    }
+    // Balanced and sent from the entry (see there), from scratch memory.
+    let scratch = mem::this_cpu(&maps::SCRATCH, 0)?;
+    scratch.new = maps::NewFlow {
+        pkt: *pkt,
+        svc,
+        hash,
+        len,
+        now,
+    };
+    Some((NEW_FLOW_ACTION, StatIndex::FwdForward))
+}
+
+/// A packet of an established flow (its entry and backend, from conntrack::lookup):
+/// checked against its service's source ranges, then sent to its backend.
+#[inline(always)]
+fn established(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    (ct, backend): (&mut ConnValue, &Backend),
+    (hash, cfg): (u32, &DatapathConfig),
+    (len, now): (u64, u64),
+) -> Verdict {
+    let key = &pkt.key;
+    // The ranges may have changed since the flow began: it is cut.
+    let restricted = backend.flags & BACKEND_F_SVC_SOURCE_RANGES != 0;
+    if let Err(verdict) = allow::check(restricted, backend.service_id, key.family, &key.src) {
+        conntrack::cut(key, hash, ct, backend, cfg);
+        return verdict;
+    }
     fragments::record(pkt, now);
     // Untouched, so the kernel answers with ICMP time exceeded from the right address.
     if pkt.ttl <= 1 {
-        return Some(TTL_EXCEEDED);
+        return TTL_EXCEEDED;
     }
-    Some(send_to_backend(
+    send_to_backend(
         ctx,
         pkt,
         (ct, false),
         backend,
         backend.service_id,
         (len, now),
-    ))
+    )
+}
+
+/// The entry's fast path (main.rs): the common packet (parse::common) of an
+/// established flow, a reply to a NAT flow, or the host's own traffic, as the
+/// pipeline would handle it, in a BPF function small enough for its values to stay
+/// in registers. Returns the packet's `Seen*` counter and its verdict; None when the
+/// pipeline is to handle the packet from the start (anything else, a stateless
+/// service's, a new flow's): nothing has been changed or counted then.
+#[inline(always)]
+pub fn common(ctx: &XdpContext, len: u64) -> Option<(StatIndex, Verdict)> {
+    let (seen, pkt) = parse::common(ctx)?;
+    let cfg = maps::CONFIG.get(0)?;
+    let key = &pkt.key;
+    // As `balance`, for a packet that is not decapsulated: a TCP or UDP packet never is.
+    let verdict = if lookup::may_be_service(key, cfg) {
+        if lookup::may_be_stateless(key) {
+            return None;
+        }
+        let now = mem::now();
+        let hash = flow_hash(key, false);
+        // A miss changes nothing (conntrack::lookup): the pipeline looks again.
+        let flow = conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg)?;
+        established(ctx, &pkt, flow, (hash, cfg), (len, now))
+    } else if lookup::may_be_reply(key, cfg) {
+        match lookup::reverse(key, cfg) {
+            Some(rev) => reverse_path(ctx, &pkt, rev, cfg, len),
+            None => lookup::NOT_A_VIP,
+        }
+    } else {
+        lookup::NOT_A_VIP
+    };
+    Some((seen, verdict))
 }
 
 #[inline(always)]

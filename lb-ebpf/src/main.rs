@@ -61,7 +61,16 @@ use crate::{
 // leave no room for under the 512-byte limit on a chain of calls.
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
-    let mut out = pipeline(ctx.ctx);
+    // The common packet first, on its own way; the debug log follows every packet
+    // through the pipeline, which notes its flow.
+    let mut out = if trace::enabled() {
+        PIPELINE
+    } else {
+        common_packet(ctx.ctx)
+    };
+    if out == PIPELINE {
+        out = pipeline(ctx.ctx);
+    }
     // What is not TCP or UDP, and a new flow, go on in calls of their own, side by
     // side for the same reason: the frames of a chain of calls share 512 bytes, and
     // the pipeline's takes most.
@@ -76,6 +85,24 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     let (action, reason) = (out as u32, (out >> 32) as u32);
     trace::packet_raw(action, reason);
     action
+}
+
+/// The fast path: an established flow's packet, a reply, or the host's own traffic,
+/// when it is a whole IPv4 TCP or UDP packet (balance::common); PIPELINE for anything
+/// else. Its own BPF function: the pipeline's, which handles every packet, keeps
+/// most of its values on the stack, and this one's stay in registers (measured:
+/// docs/datapath.md, "The common packet's own way").
+#[inline(never)]
+fn common_packet(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
+    let ctx = &XdpContext { ctx: raw };
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    match balance::common(ctx, len) {
+        Some((seen, verdict)) => {
+            stats::count(seen, len);
+            finish(verdict, len)
+        }
+        None => PIPELINE,
+    }
 }
 
 // A BPF subprogram of its own, taking the context pointer itself (a pointer to the
@@ -125,6 +152,9 @@ fn finish((action, reason): Verdict, len: u64) -> u64 {
 /// What the pipeline returns for a new flow it left in scratch memory (maps::NewFlow)
 /// to balance (balance::NEW_FLOW_ACTION).
 const NEW_FLOW: u64 = u64::MAX;
+/// What the fast path returns for a packet the pipeline is to handle: no verdict is
+/// this (a reason's index is far below u32::MAX).
+const PIPELINE: u64 = u64::MAX - 1;
 /// What the pipeline returns for a packet that is not TCP or UDP (other_stages).
 const OTHER_ACTION: u32 = u32::MAX - 1;
 const OTHER: u64 = (u32::MAX - 1) as u64;

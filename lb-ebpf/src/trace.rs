@@ -21,10 +21,16 @@ use crate::{
     mem::{put_addr, this_cpu},
 };
 
+/// Whether packets are logged (a constant: see above).
+#[inline(always)]
+pub fn enabled() -> bool {
+    level_enabled(Level::Debug)
+}
+
 /// Notes the packet's flow for `packet`; `None` for a packet without one.
 #[inline(always)]
 pub fn note(key: Option<&FlowKey>) {
-    if !level_enabled(Level::Debug) {
+    if !enabled() {
         return;
     }
     let Some(flow) = this_cpu(&LOG_SCRATCH, 0) else {
@@ -52,7 +58,7 @@ pub fn note(key: Option<&FlowKey>) {
 /// Logs the noted flow with the verdict and its reason (the StatIndex's value).
 #[inline(always)]
 pub fn packet_raw(action: u32, reason: u32) {
-    if level_enabled(Level::Debug) {
+    if enabled() {
         log_packet(action, reason);
     }
 }

@@ -22,13 +22,17 @@ use tracing::{debug, trace, warn, Level};
 /// The target the program's records are logged under.
 pub const TARGET: &str = "xlb::ebpf";
 
+/// `AYA_LOG_LEVEL` for the program's per-packet records (the lowest that logs them).
+/// The program then takes every packet through its pipeline, not its fast path.
+pub const LEVEL_DEBUG: u8 = aya_log::Level::Debug as u8;
+
 /// The `AYA_LOG_LEVEL` value matching what the tracing filter enables for
 /// [`TARGET`]: 0 (off), or aya-log's Level number (Debug = 4, Trace = 5).
 pub fn level_from_filter() -> u8 {
     if tracing::enabled!(target: "xlb::ebpf", Level::TRACE) {
         aya_log::Level::Trace as u8
     } else if tracing::enabled!(target: "xlb::ebpf", Level::DEBUG) {
-        aya_log::Level::Debug as u8
+        LEVEL_DEBUG
     } else {
         0
     }
