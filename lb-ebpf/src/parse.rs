@@ -101,16 +101,16 @@ pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Packet, Other>) {
 }
 
 /// The common packet alone, for the entry's fast path (balance::common): a whole IPv4
-/// packet without options, TCP or UDP, checked as `parse` checks it. None: anything
-/// else, which `parse` then takes in full.
+/// packet without options or an IPv6 packet without extension headers, TCP or UDP,
+/// checked as `parse` checks it. None: anything else, which `parse` then takes in full.
 #[inline(always)]
 pub fn common(ctx: &XdpContext) -> Option<(StatIndex, Packet)> {
-    if u16::from_be(load::<u16>(ctx, 12)?) != ETH_P_IP {
-        return None;
-    }
-    let net = parse_ipv4(ctx).ok()?;
-    // A constant transport offset from here on: the loads below need no arithmetic.
-    if net.l4_off != ETH_LEN + Ipv4Hdr::LEN
+    let (net, fixed_len) = match u16::from_be(load::<u16>(ctx, 12)?) {
+        ETH_P_IP => (parse_ipv4(ctx).ok()?, Ipv4Hdr::LEN),
+        ETH_P_IPV6 => (ipv6_alone(ctx)?, Ipv6Hdr::LEN),
+        _ => return None,
+    };
+    if net.l4_off != ETH_LEN + fixed_len
         || net.frag != FRAG_NONE
         || ETH_LEN + net.ip_len as usize > frame_len(ctx)
     {
@@ -267,13 +267,38 @@ fn parse_ipv6(ctx: &XdpContext) -> Result<Network, u8> {
             _ => break,
         }
     }
-    let addrs = load::<[[u32; 4]; 2]>(ctx, ETH_LEN + IPV6_SRC_OFF).ok_or(FAMILY_V6)?;
-    Ok(Network {
+    ipv6_network(ctx, (next, off), (frag, frag_id), (hop_limit, payload_len)).ok_or(FAMILY_V6)
+}
+
+/// An IPv6 packet whose transport header, TCP or UDP, follows the fixed header (no
+/// extension headers): `parse_ipv6` without the walk, for `common`.
+#[inline(always)]
+fn ipv6_alone(ctx: &XdpContext) -> Option<Network> {
+    let [vcf, _, _, _, len_hi, len_lo, next, hop_limit] = load::<[u8; 8]>(ctx, ETH_LEN)?;
+    if vcf >> 4 != 6 || (next != PROTO_TCP && next != PROTO_UDP) {
+        return None;
+    }
+    let payload_len = u16::from_be_bytes([len_hi, len_lo]) as usize;
+    let l4 = (next, ETH_LEN + Ipv6Hdr::LEN);
+    ipv6_network(ctx, l4, (FRAG_NONE, 0), (hop_limit, payload_len))
+}
+
+/// The network layer of an IPv6 packet whose transport (protocol `next`) starts at
+/// `l4_off`: the addresses are read last (see parse_ipv6).
+#[inline(always)]
+fn ipv6_network(
+    ctx: &XdpContext,
+    (next, l4_off): (u8, usize),
+    (frag, frag_id): (u8, u32),
+    (hop_limit, payload_len): (u8, usize),
+) -> Option<Network> {
+    let addrs = load::<[[u32; 4]; 2]>(ctx, ETH_LEN + IPV6_SRC_OFF)?;
+    Some(Network {
         family: FAMILY_V6,
         proto: next,
         src: addrs[0],
         dst: addrs[1],
-        l4_off: off,
+        l4_off,
         frag,
         frag_id,
         ttl: hop_limit,
