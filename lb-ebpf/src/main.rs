@@ -88,10 +88,10 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 }
 
 /// The fast path: an established flow's packet, a reply, or the host's own traffic,
-/// when it is a whole IPv4 TCP or UDP packet (balance::common); PIPELINE for anything
+/// when it is a whole TCP or UDP packet (parse::common); PIPELINE for anything
 /// else. Its own BPF function: the pipeline's, which handles every packet, keeps
 /// most of its values on the stack, and this one's stay in registers (measured:
-/// docs/datapath.md, "The common packet's own way").
+/// docs/datapath.md, "The common packet has its own way").
 #[inline(never)]
 fn common_packet(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
