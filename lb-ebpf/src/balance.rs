@@ -15,7 +15,7 @@ use crate::{
     allow, conntrack, decap, flood, forward, fragments, lookup, maglev, maps, mem,
     nat::{self, Rewrite},
     packet::{Packet, Verdict},
-    parse, stats, tunnel,
+    stats, tunnel,
 };
 
 /// Untouched, so the kernel answers with ICMP time exceeded from the right address.
@@ -145,15 +145,20 @@ fn established(
     )
 }
 
-/// The entry's fast path (main.rs): the common packet (parse::common) of an
+/// The entry's fast path (main.rs): the common packet (`parsed` by parse::common_v4
+/// or common_v6) of an
 /// established flow, a reply to a NAT flow, or the host's own traffic, as the
 /// pipeline would handle it, in a BPF function small enough for its values to stay
 /// in registers. Returns the packet's `Seen*` counter and its verdict; None when the
 /// pipeline is to handle the packet from the start (anything else, a stateless
 /// service's, a new flow's): nothing has been changed or counted then.
 #[inline(always)]
-pub fn common(ctx: &XdpContext, len: u64) -> Option<(StatIndex, Verdict)> {
-    let (seen, pkt) = parse::common(ctx)?;
+pub fn common(
+    ctx: &XdpContext,
+    len: u64,
+    parsed: Option<(StatIndex, Packet)>,
+) -> Option<(StatIndex, Verdict)> {
+    let (seen, pkt) = parsed?;
     let cfg = maps::CONFIG.get(0)?;
     let key = &pkt.key;
     // As `balance`, for a packet that is not decapsulated: a TCP or UDP packet never is.

@@ -52,7 +52,7 @@ use lb_common::StatIndex;
 
 use crate::{
     balance::NEW_FLOW_ACTION,
-    packet::{Packet, Verdict},
+    packet::{Packet, Verdict, ETH_P_IP, ETH_P_IPV6},
     parse::Other,
 };
 
@@ -88,7 +88,7 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 }
 
 /// The fast path: an established flow's packet, a reply, or the host's own traffic,
-/// when it is a whole TCP or UDP packet (parse::common); PIPELINE for anything
+/// when it is a whole TCP or UDP packet (parse::common_v4, common_v6); PIPELINE for anything
 /// else. Its own BPF function: the pipeline's, which handles every packet, keeps
 /// most of its values on the stack, and this one's stay in registers (measured:
 /// docs/datapath.md, "The common packet has its own way").
@@ -96,7 +96,12 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 fn common_packet(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
     let len = (ctx.data_end() - ctx.data()) as u64;
-    match balance::common(ctx, len) {
+    let common = match parse::ether_type(ctx) {
+        Some(ETH_P_IP) => balance::common(ctx, len, parse::common_v4(ctx)),
+        Some(ETH_P_IPV6) => balance::common(ctx, len, parse::common_v6(ctx)),
+        _ => None,
+    };
+    match common {
         Some((seen, verdict)) => {
             stats::count(seen, len);
             finish(verdict, len)

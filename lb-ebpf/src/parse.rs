@@ -72,6 +72,7 @@ enum Parsed {
 }
 
 /// An IP packet's network layer, before the transport is examined.
+#[derive(Clone, Copy)]
 struct Network {
     family: u8,
     proto: u8,
@@ -101,21 +102,37 @@ pub fn parse(ctx: &XdpContext) -> (StatIndex, Result<Packet, Other>) {
 }
 
 /// The common packet alone, for the entry's fast path (balance::common): a whole IPv4
-/// packet without options or an IPv6 packet without extension headers, TCP or UDP,
-/// checked as `parse` checks it. None: anything else, which `parse` then takes in full.
+/// packet without options (`common_v4`) or IPv6 packet without extension headers
+/// (`common_v6`), TCP or UDP, checked as `parse` checks it. None: anything else, which
+/// `parse` then takes in full. One function per family, so that the fast path is
+/// inlined once for each with its family a constant: one copy for both families cost
+/// an IPv4 packet 6 ns (measured).
 #[inline(always)]
-pub fn common(ctx: &XdpContext) -> Option<(StatIndex, Packet)> {
-    let (net, fixed_len) = match u16::from_be(load::<u16>(ctx, 12)?) {
-        ETH_P_IP => (parse_ipv4(ctx).ok()?, Ipv4Hdr::LEN),
-        ETH_P_IPV6 => (ipv6_alone(ctx)?, Ipv6Hdr::LEN),
-        _ => return None,
-    };
-    if net.l4_off != ETH_LEN + fixed_len
+pub fn common_v4(ctx: &XdpContext) -> Option<(StatIndex, Packet)> {
+    whole(ctx, &parse_ipv4(ctx).ok()?, ETH_LEN + Ipv4Hdr::LEN)
+}
+
+#[inline(always)]
+pub fn common_v6(ctx: &XdpContext) -> Option<(StatIndex, Packet)> {
+    whole(ctx, &ipv6_alone(ctx)?, ETH_LEN + Ipv6Hdr::LEN)
+}
+
+/// The frame's EtherType (host order).
+#[inline(always)]
+pub fn ether_type(ctx: &XdpContext) -> Option<u16> {
+    load::<u16>(ctx, 12).map(u16::from_be)
+}
+
+/// `net`'s TCP or UDP packet, if it is whole and its transport header is at `l4_off`.
+#[inline(always)]
+fn whole(ctx: &XdpContext, net: &Network, l4_off: usize) -> Option<(StatIndex, Packet)> {
+    if net.l4_off != l4_off
         || net.frag != FRAG_NONE
         || ETH_LEN + net.ip_len as usize > frame_len(ctx)
     {
         return None;
     }
+    let net = Network { l4_off, ..*net };
     match parse_transport(ctx, &net) {
         Ok(Parsed::Flow(pkt)) => Some((seen_counter(net.family, net.proto), pkt)),
         _ => None,
