@@ -56,9 +56,9 @@ use crate::{
     parse::Other,
 };
 
-// The entry: the pipeline, then the debug log. Two calls side by side, not nested: the
-// log's subprogram needs a frame of its own (80 bytes), which the pipeline's would
-// leave no room for under the 512-byte limit on a chain of calls.
+// The entry: the common packet's way, or the pipeline; then the debug log. Calls side
+// by side, not nested: the log's subprogram needs a frame of its own (80 bytes), which
+// the pipeline's would leave no room for under the 512-byte limit on a chain of calls.
 #[xdp]
 pub fn xlb(ctx: XdpContext) -> u32 {
     // The common packet first, on its own way; the debug log follows every packet

@@ -690,11 +690,15 @@ fn privileged_hostile_packets_never_break_the_invariants() {
 }
 
 /// The entry's fast path (an established flow's packet, a reply, the host's own
-/// traffic, when it is a whole TCP or UDP packet: parse::common_v4 and common_v6) and the pipeline (everything
-/// else, and every packet while the debug log is on) must agree. The same frames go
-/// through two programs with maps of their own, one with the log on, in each mode:
-/// valid ones, the corpus and seeded mutations. Packet by packet, the same verdict and
-/// the same bytes out; at the end, the same counters and the same flows.
+/// traffic, when it is a whole TCP or UDP packet: parse::common_v4 and common_v6) and
+/// the pipeline (everything else, and every packet while the debug log is on) must
+/// agree. The same frames go through two programs with maps of their own, one with
+/// the log on, in each mode, with source ranges on the web services and (dnat, dsr) a
+/// stateless dns: valid frames, the corpus, then seeded mutations, half of them after
+/// the ranges narrow to leave the clients out (their flows are cut). Packet by
+/// packet, the same verdict and the same bytes out; at the end, the same counters
+/// (global, per service, per backend) and the same flows, field by field (clocks
+/// aside).
 #[test]
 fn privileged_the_fast_path_and_the_pipeline_agree_on_every_packet() {
     let mutations: usize = std::env::var("XLB_FUZZ_PACKETS")
@@ -713,32 +717,9 @@ fn privileged_the_fast_path_and_the_pipeline_agree_on_every_packet() {
             ..Default::default()
         };
         for mode in [None, Some(Mode::Dnat), Some(Mode::Dsr)] {
-            // dsr leaves the port as it is: its backends listen on the service's.
-            let at = |list: &[&str], port: u16| -> Vec<String> {
-                list.iter()
-                    .map(|b| {
-                        let a: SocketAddr = b.parse().unwrap();
-                        let p = if mode == Some(Mode::Dsr) {
-                            port
-                        } else {
-                            a.port()
-                        };
-                        SocketAddr::new(a.ip(), p).to_string()
-                    })
-                    .collect()
-            };
-            let lists = [
-                at(&BACKENDS_V4, 80),
-                at(&BACKENDS_V4, 53),
-                at(&BACKENDS_V6, 80),
-                at(&BACKENDS_V6, 53),
-            ];
-            let refs: Vec<Vec<&str>> = lists
-                .iter()
-                .map(|l| l.iter().map(String::as_str).collect())
-                .collect();
-            let b = [&refs[0][..], &refs[1], &refs[2], &refs[3]];
-            let cfg = lab_services(mode, b).config();
+            let cfg = differential_config(mode, ["10.10.0.0/24", "fd10::/64"]);
+            // Later: the clients (10.10.0.5, fd10::5) outside the web services' ranges.
+            let narrowed = differential_config(mode, ["10.10.0.128/25", "fd10::8000/113"]);
             let mut fast = Fixture::new().unwrap();
             let mut full = Fixture::with_options(&logged).unwrap();
             fast.apply(&cfg).unwrap();
@@ -750,22 +731,43 @@ fn privileged_the_fast_path_and_the_pipeline_agree_on_every_packet() {
                 "{mode:?}: the flows opened differ"
             );
             let mut rng = Rng(seed);
-            let frames = corpus(&seeds)
+            let frames: Vec<Vec<u8>> = corpus(&seeds)
                 .into_iter()
                 .map(|(_, f)| f)
                 .chain(seeds.iter().cloned())
                 .chain((0..mutations).map(|_| {
                     let base = rng.below(seeds.len());
                     mutate(&mut rng, &seeds[base])
-                }));
+                }))
+                .collect();
+            let narrow_at = frames.len() - mutations / 2;
             let mut compared = 0;
-            for (i, frame) in frames.enumerate() {
-                let ifindex = if classify(&frame, &backends) == Class::Reply {
+            for (i, frame) in frames.iter().enumerate() {
+                if i == narrow_at {
+                    fast.apply(&narrowed).unwrap();
+                    full.apply(&narrowed).unwrap();
+                    // Every seed again: each established flow's next packet is cut.
+                    for s in &seeds {
+                        let ifindex = if classify(s, &backends) == Class::Reply {
+                            lab.backend_if
+                        } else {
+                            lab.client_if
+                        };
+                        let (a, b) = (fast.run_on(s, ifindex), full.run_on(s, ifindex));
+                        let (a, b) = (a.unwrap(), b.unwrap());
+                        assert_eq!(
+                            (a.verdict, a.data),
+                            (b.verdict, b.data),
+                            "{mode:?}: narrowed, {s:02x?}"
+                        );
+                    }
+                }
+                let ifindex = if classify(frame, &backends) == Class::Reply {
                     lab.backend_if
                 } else {
                     lab.client_if
                 };
-                let (a, b) = (fast.run_on(&frame, ifindex), full.run_on(&frame, ifindex));
+                let (a, b) = (fast.run_on(frame, ifindex), full.run_on(frame, ifindex));
                 let (Ok(a), Ok(b)) = (a, b) else {
                     assert!(frame.len() < 14, "{mode:?}, frame {i}: a run failed");
                     continue;
@@ -783,16 +785,110 @@ fn privileged_the_fast_path_and_the_pipeline_agree_on_every_packet() {
                 counters(&full),
                 "{mode:?}: counters differ"
             );
-            assert_eq!(
-                entries(fast.pin_path()),
-                entries(full.pin_path()),
-                "{mode:?}: flows differ"
+            let (sa, sb) = (per_service(fast.pin_path()), per_service(full.pin_path()));
+            assert!(
+                sa.iter().any(|s| s.1.denied > 0),
+                "{mode:?}: no packet was refused: {sa:?}"
             );
+            assert_eq!(
+                sa, sb,
+                "{mode:?}: per-service or per-backend counters differ"
+            );
+            let (fa, fb) = (flows(fast.pin_path()), flows(full.pin_path()));
+            assert!(!fa.is_empty(), "{mode:?}: no flows");
+            assert_eq!(fa, fb, "{mode:?}: flows differ");
             assert!(
                 compared > mutations / 2,
                 "{mode:?}: only {compared} frames compared"
             );
-            println!("{mode:?}: {compared} frames, the same verdicts, bytes, counters and flows");
+            println!(
+                "{mode:?}: {compared} frames, the same verdicts, bytes, counters and {} flows",
+                fa.len()
+            );
         }
     });
+}
+
+/// The fixtures' services in `mode`, the web services admitting `ranges` only, and in
+/// dnat and dsr the dns services stateless.
+fn differential_config(mode: Option<Mode>, ranges: [&str; 2]) -> xlb::config::Config {
+    // dsr leaves the port as it is: its backends listen on the service's.
+    let at = |list: &[&str], port: u16| -> Vec<String> {
+        list.iter()
+            .map(|b| {
+                let a: SocketAddr = b.parse().unwrap();
+                let p = if mode == Some(Mode::Dsr) {
+                    port
+                } else {
+                    a.port()
+                };
+                SocketAddr::new(a.ip(), p).to_string()
+            })
+            .collect()
+    };
+    let lists = [
+        at(&BACKENDS_V4, 80),
+        at(&BACKENDS_V4, 53),
+        at(&BACKENDS_V6, 80),
+        at(&BACKENDS_V6, 53),
+    ];
+    let refs: Vec<Vec<&str>> = lists
+        .iter()
+        .map(|l| l.iter().map(String::as_str).collect())
+        .collect();
+    let mut cfg = lab_services(mode, [&refs[0][..], &refs[1], &refs[2], &refs[3]]).config();
+    for svc in &mut cfg.services {
+        if svc.name.starts_with("web") {
+            svc.allow = ranges.iter().map(|r| r.parse().unwrap()).collect();
+        } else if mode.is_some() {
+            svc.conntrack = false;
+        }
+    }
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// Each service's counters and its backends', by name and address.
+type Counts = (
+    String,
+    xlb::status::TrafficView,
+    Vec<(String, xlb::status::TrafficView)>,
+);
+
+fn per_service(pin: &std::path::Path) -> Vec<Counts> {
+    xlb::status::read_services(pin)
+        .unwrap()
+        .into_iter()
+        .map(|s| {
+            let backends = s
+                .backends
+                .into_iter()
+                .map(|b| (b.address, b.stats))
+                .collect();
+            (s.name, s.stats, backends)
+        })
+        .collect()
+}
+
+/// Every flow of both tables, clocks cleared (the two programs ran at other times).
+fn flows(pin: &std::path::Path) -> Vec<String> {
+    let ct = FlowTable::<ConnValue>::from_pin(&pin.join(MAP_CONNTRACK)).unwrap();
+    let rv = FlowTable::<ReverseNat>::from_pin(&pin.join(MAP_REVERSE_NAT)).unwrap();
+    let mut out: Vec<String> = ct
+        .entries()
+        .map(|e| {
+            let mut v = e.value;
+            v.last_seen_ns = 0;
+            v.hop.expires_ns = 0;
+            format!("{:?} {v:?} {}/{}", e.key, e.bucket, e.way)
+        })
+        .chain(rv.entries().map(|e| {
+            let mut v = e.value;
+            v.last_seen_ns = 0;
+            v.hop.expires_ns = 0;
+            format!("{:?} {v:?} {}/{}", e.key, e.bucket, e.way)
+        }))
+        .collect();
+    out.sort();
+    out
 }
