@@ -52,6 +52,12 @@ pub fn balance(ctx: &XdpContext, pkt: &Packet, len: u64, decapsulated: bool) -> 
     if decapsulated {
         return decap::NOT_FOR_US;
     }
+    reply_or_not_a_vip(ctx, pkt, cfg, len)
+}
+
+/// A packet for no service: a backend's reply to a NAT flow, or the host's own traffic.
+#[inline(always)]
+fn reply_or_not_a_vip(ctx: &XdpContext, pkt: &Packet, cfg: &DatapathConfig, len: u64) -> Verdict {
     if lookup::may_be_reply(&pkt.key, cfg) {
         if let Some(rev) = lookup::reverse(&pkt.key, cfg) {
             return reverse_path(ctx, pkt, rev, cfg, len);
@@ -146,9 +152,8 @@ fn established(
 }
 
 /// The entry's fast path (main.rs): the common packet (`parsed` by parse::common_v4
-/// or common_v6) of an
-/// established flow, a reply to a NAT flow, or the host's own traffic, as the
-/// pipeline would handle it, in a BPF function small enough for its values to stay
+/// or common_v6) of an established flow, a reply to a NAT flow, or the host's own
+/// traffic, as the pipeline would handle it, in a BPF function small enough for its values to stay
 /// in registers. Returns the packet's `Seen*` counter and its verdict; None when the
 /// pipeline is to handle the packet from the start (anything else, a stateless
 /// service's, a new flow's): nothing has been changed or counted then.
@@ -171,13 +176,8 @@ pub fn common(
         // A miss changes nothing (conntrack::lookup): the pipeline looks again.
         let flow = conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg)?;
         established(ctx, &pkt, flow, (hash, cfg), (len, now))
-    } else if lookup::may_be_reply(key, cfg) {
-        match lookup::reverse(key, cfg) {
-            Some(rev) => reverse_path(ctx, &pkt, rev, cfg, len),
-            None => lookup::NOT_A_VIP,
-        }
     } else {
-        lookup::NOT_A_VIP
+        reply_or_not_a_vip(ctx, &pkt, cfg, len)
     };
     Some((seen, verdict))
 }

@@ -88,8 +88,8 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 }
 
 /// The fast path: an established flow's packet, a reply, or the host's own traffic,
-/// when it is a whole TCP or UDP packet (parse::common_v4, common_v6); PIPELINE for anything
-/// else. Its own BPF function: the pipeline's, which handles every packet, keeps
+/// when it is a whole TCP or UDP packet (parse::common_v4, common_v6); PIPELINE for
+/// anything else. Its own BPF function: the pipeline's, which handles every packet, keeps
 /// most of its values on the stack, and this one's stay in registers (measured:
 /// docs/datapath.md, "The common packet has its own way").
 #[inline(never)]

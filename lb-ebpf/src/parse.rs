@@ -72,7 +72,6 @@ enum Parsed {
 }
 
 /// An IP packet's network layer, before the transport is examined.
-#[derive(Clone, Copy)]
 struct Network {
     family: u8,
     proto: u8,
@@ -132,8 +131,7 @@ fn whole(ctx: &XdpContext, net: &Network, l4_off: usize) -> Option<(StatIndex, P
     {
         return None;
     }
-    let net = Network { l4_off, ..*net };
-    match parse_transport(ctx, &net) {
+    match parse_transport(ctx, net) {
         Ok(Parsed::Flow(pkt)) => Some((seen_counter(net.family, net.proto), pkt)),
         _ => None,
     }
