@@ -8,6 +8,7 @@ mod chart;
 mod control_plane;
 mod flood;
 mod forwarding;
+mod memory;
 mod per_packet;
 mod scaling;
 
@@ -64,6 +65,9 @@ enum Part {
     /// The real agent at 1,000 services x 100 backends: start, reload, EndpointSlice
     /// change, memory, idle CPU.
     AgentScale,
+    /// The machine's latency for a read of a random cache line, by working-set size:
+    /// the floor under a new flow's bucket read.
+    Memory,
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
@@ -105,6 +109,40 @@ pub fn run(args: BenchArgs) -> Result<()> {
         md.push_str(&pp_md);
         report["per_packet"] = pp_json;
         est_ratio = ratio;
+    }
+    if wanted(Part::Memory) {
+        let (sizes, reads): (&[usize], usize) = if args.quick {
+            (&[1, 8], 200_000)
+        } else {
+            (&[1, 8, 32, 151], 2_000_000)
+        };
+        println!("memory: a read of a random cache line, {reads} dependent reads per size:");
+        let rows = memory::measure(sizes, reads)?;
+        for r in &rows {
+            println!(
+                "  {} MB: {:.0} ns (4 KiB pages), {:.0} ns (2 MiB pages{})",
+                r.megabytes,
+                r.small_pages_ns,
+                r.huge_pages_ns,
+                if r.huge_pages_given {
+                    ""
+                } else {
+                    ", not given"
+                }
+            );
+        }
+        md.push_str(&memory_report(&rows));
+        report["memory"] = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "megabytes": r.megabytes,
+                    "small_pages_ns": r.small_pages_ns,
+                    "huge_pages_ns": r.huge_pages_ns,
+                    "huge_pages_given": r.huge_pages_given,
+                })
+            })
+            .collect();
     }
     if wanted(Part::Forwarding) {
         println!("2. forwarding through generator -> LB -> sink, {seconds} s per measurement:");
@@ -245,6 +283,24 @@ pub fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn memory_report(rows: &[memory::Row]) -> String {
+    let mut md = String::from(
+        "\n## Memory: a read of a random cache line\n\nA pointer chase through a working set of each size (every read waits for the last, as a new flow's bucket read waits for its hash). The flow table at its default size is 151 MB: a new flow's bucket is such a line.\n\n| working set | 4 KiB pages | 2 MiB pages |\n| --- | --- | --- |\n",
+    );
+    for r in rows {
+        let huge = if r.huge_pages_given {
+            format!("{:.0} ns", r.huge_pages_ns)
+        } else {
+            format!("{:.0} ns (no huge pages given)", r.huge_pages_ns)
+        };
+        md.push_str(&format!(
+            "| {} MB | {:.0} ns | {huge} |\n",
+            r.megabytes, r.small_pages_ns
+        ));
+    }
+    md
+}
+
 /// Pins the calling thread to the CPU it runs on (per-CPU state: the flood guard).
 pub fn pin_to_this_cpu() -> Result<()> {
     // SAFETY: sched_getcpu has no preconditions; the set is ours and initialised.
@@ -367,6 +423,9 @@ fn forwarding_report(r: &forwarding::Results) -> (String, serde_json::Value, Opt
         "## 2. Forwarding rate and connections per second\n\nGenerator → LB → sink, three namespaces on veth. The generator sends live frames (BPF_PROG_TEST_RUN with BPF_F_TEST_XDP_LIVE_FRAMES, XDP_TX out of the client's veth) as fast as it can, UDP to the VIP over {} flows, for {:.1} s per LB; the sink is an XDP program on the backend's veth that counts frames arriving translated (to the backend, from the SNAT address). The LB's receive NAPI runs threaded on its own CPU; its CPU time per delivered packet is the LB's cost. Same NAT for all: DNAT to the backend and SNAT to the LB's address. Ratios are to nftables.\n\n| LB | Mpps delivered | drop rate | LB CPU ns/packet | wrong | rate ÷ nftables | drop rate ÷ nftables | CPU ÷ nftables |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
         r.flows, r.seconds
     );
+    if let Some(why) = &r.rates_not_measured {
+        md.push_str(&format!("| not measured: {why} | | | | | | | |\n"));
+    }
     for x in &r.rates {
         md.push_str(&format!(
             "| {} | {:.3} | {:.1}% | {:.0} | {} | {} | {} | {} |\n",
@@ -405,7 +464,7 @@ fn forwarding_report(r: &forwarding::Results) -> (String, serde_json::Value, Opt
     let json = json!({
         "method": "live frames generator -> LB netns -> XDP sink; LB NAPI threaded, CPU from schedstat",
         "flows": r.flows, "seconds": r.seconds, "iptables": r.iptables_variant,
-        "rates": r.rates, "connections": r.conns,
+        "rates": r.rates, "rates_not_measured": r.rates_not_measured, "connections": r.conns,
         "native_rate_over_nftables": rate_ratio,
     });
     (md, json, rate_ratio)
