@@ -92,15 +92,32 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 /// anything else. Its own BPF function: the pipeline's, which handles every packet, keeps
 /// most of its values on the stack, and this one's stay in registers (measured:
 /// docs/datapath.md, "The common packet has its own way").
-#[inline(never)]
+#[inline(always)]
 fn common_packet(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
+    match parse::ether_type(ctx) {
+        Some(ETH_P_IP) => common_v4(raw),
+        Some(ETH_P_IPV6) => common_v6(raw),
+        _ => PIPELINE,
+    }
+}
+
+#[inline(never)]
+fn common_v4(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
+    let ctx = &XdpContext { ctx: raw };
     let len = (ctx.data_end() - ctx.data()) as u64;
-    let common = match parse::ether_type(ctx) {
-        Some(ETH_P_IP) => balance::common(ctx, len, parse::common_v4(ctx)),
-        Some(ETH_P_IPV6) => balance::common(ctx, len, parse::common_v6(ctx)),
-        _ => None,
-    };
+    common_finish(balance::common(ctx, len, parse::common_v4(ctx)), len)
+}
+
+#[inline(never)]
+fn common_v6(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
+    let ctx = &XdpContext { ctx: raw };
+    let len = (ctx.data_end() - ctx.data()) as u64;
+    common_finish(balance::common(ctx, len, parse::common_v6(ctx)), len)
+}
+
+#[inline(always)]
+fn common_finish(common: Option<(StatIndex, Verdict)>, len: u64) -> u64 {
     match common {
         Some((seen, verdict)) => {
             stats::count(seen, len);
