@@ -89,9 +89,10 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 
 /// The fast path: an established flow's packet, a reply, or the host's own traffic,
 /// when it is a whole TCP or UDP packet (parse::common_v4, common_v6); PIPELINE for
-/// anything else. Its own BPF function: the pipeline's, which handles every packet, keeps
-/// most of its values on the stack, and this one's stay in registers (measured:
-/// docs/datapath.md, "The common packet has its own way").
+/// anything else. A BPF function of its own per family: the pipeline's, which handles
+/// every packet, keeps most of its values on the stack, and these keep theirs in
+/// registers; one function for both families spilled more (measured: docs/datapath.md,
+/// "The common packet has its own way").
 #[inline(always)]
 fn common_packet(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
@@ -116,6 +117,8 @@ fn common_v6(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     common_finish(balance::common(ctx, len, parse::common_v6(ctx)), len)
 }
 
+/// The fast path's packet counted as the pipeline counts it (its `seen_*`, its reason);
+/// PIPELINE, uncounted, for one it left untouched.
 #[inline(always)]
 fn common_finish(common: Option<(StatIndex, Verdict)>, len: u64) -> u64 {
     match common {
