@@ -90,8 +90,8 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 /// The fast path: an established flow's packet, a reply, or the host's own traffic,
 /// when it is a whole TCP or UDP packet (parse::common_v4, common_v6); PIPELINE for
 /// anything else. A BPF function of its own per family: the pipeline's, which handles
-/// every packet, keeps most of its values on the stack, and these keep theirs in
-/// registers; one function for both families spilled more (measured: docs/datapath.md,
+/// every packet, keeps most of its values on the stack, and these spill less; one
+/// function for both families spilled more than two (measured: docs/datapath.md,
 /// "The common packet has its own way").
 #[inline(always)]
 fn common_packet(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {

@@ -537,35 +537,35 @@ fn live_frames_refused(
     ifindex: u32,
 ) -> Result<Option<String>> {
     client.run_scoped(|| -> Result<Option<String>> {
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
-            .iter()
-            .flat_map(|w| w.to_ne_bytes())
-            .collect();
-        let prog = xdp(f, "xlb_bench_gen")?;
-        let mut opts = TestRunOptions::new();
-        opts.data_in = Some(frame);
-        opts.ctx_in = Some(&ctx);
-        opts.repeat = 1;
-        opts.attrs = TestRunAttrs::new().xdp_live_frames(BATCH);
-        match prog.test_run(opts) {
-            Ok(_) => Ok(None),
-            Err(e) if is_eperm(&e) => Ok(Some(
+        match send_live(f, frame, ifindex, 1) {
+            Ok(()) => Ok(None),
+            Err(e) if e.chain().any(is_eperm) => Ok(Some(
                 "this kernel refuses live-frames test runs (BPF_F_TEST_XDP_LIVE_FRAMES: EPERM), the generator's way of sending".into(),
             )),
-            Err(e) => Err(e).context("probing live-frames test runs"),
+            Err(e) => Err(e.context("probing live-frames test runs")),
         }
     })?
 }
 
+/// `n` live frames from the generator, sent out of interface `ifindex`.
+fn send_live(f: &mut Fixture, frame: &[u8], ifindex: u32, n: u32) -> Result<()> {
+    let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
+    let prog = xdp(f, "xlb_bench_gen")?;
+    let mut opts = TestRunOptions::new();
+    opts.data_in = Some(frame);
+    opts.ctx_in = Some(&ctx);
+    opts.repeat = n;
+    opts.attrs = TestRunAttrs::new().xdp_live_frames(BATCH);
+    prog.test_run(opts).context("live-frames test run")?;
+    Ok(())
+}
+
 fn is_eperm(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            return io.raw_os_error() == Some(libc::EPERM);
-        }
-        cur = err.source();
-    }
-    false
+    e.downcast_ref::<std::io::Error>()
+        .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
 }
 
 /// Sends live frames for `seconds` and counts what the sink received.
@@ -580,20 +580,7 @@ fn rate(
 ) -> Result<RateRow> {
     client.run_scoped(|| {
         pin_to_cpu(0, 0)?;
-        let ctx: Vec<u8> = [0, frame.len() as u32, 0, ifindex, 0, 0]
-            .iter()
-            .flat_map(|w| w.to_ne_bytes())
-            .collect();
-        let send = |f: &mut Fixture, n: u32| -> Result<()> {
-            let prog = xdp(f, "xlb_bench_gen")?;
-            let mut opts = TestRunOptions::new();
-            opts.data_in = Some(frame);
-            opts.ctx_in = Some(&ctx);
-            opts.repeat = n;
-            opts.attrs = TestRunAttrs::new().xdp_live_frames(BATCH);
-            prog.test_run(opts).context("live-frames test run")?;
-            Ok(())
-        };
+        let send = |f: &mut Fixture, n: u32| send_live(f, frame, ifindex, n);
         // Warm-up (flows created, caches warm), not counted.
         send(f, 20_000)?;
         std::thread::sleep(Duration::from_millis(100));

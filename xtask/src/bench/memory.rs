@@ -2,7 +2,7 @@
 //! working set of a given size, with 4 KiB pages and with 2 MiB (transparent huge)
 //! pages. A new flow's bucket is such a line in the flow table (151 MB at the default
 //! size), so this is the floor under a new flow's cost on this machine, measured
-//! beside the per-packet figures (BENCHMARKS.md, "Where a new flow's time goes").
+//! beside the per-packet figures (BENCHMARKS.md, "A new flow's floor").
 //!
 //! A pointer chase: each line holds the address of the next, in a random cyclic
 //! order, so every read waits for the one before it, as a bucket read waits for the
@@ -15,33 +15,41 @@ pub struct Row {
     pub megabytes: usize,
     pub small_pages_ns: f64,
     pub huge_pages_ns: f64,
-    /// Whether the kernel gave the huge-page run huge pages (AnonHugePages > 0).
+    /// Whether the kernel backed the whole huge-page working set with huge pages.
     pub huge_pages_given: bool,
 }
 
 const LINE: usize = 64;
 const HUGE: usize = 2 << 20;
 
+/// Each size twice per page size, in the order small, huge, huge, small, so that
+/// neither comes first every time; the mean of the two.
 pub fn measure(sizes_mb: &[usize], reads: usize) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     for &mb in sizes_mb {
-        let (small, _) = chase(mb << 20, false, reads)?;
-        let (huge, given) = chase(mb << 20, true, reads)?;
+        let size = mb << 20;
+        let (s1, _) = chase(size, false, reads)?;
+        let (h1, given1) = chase(size, true, reads)?;
+        let (h2, given2) = chase(size, true, reads)?;
+        let (s2, _) = chase(size, false, reads)?;
         rows.push(Row {
             megabytes: mb,
-            small_pages_ns: small,
-            huge_pages_ns: huge,
-            huge_pages_given: given,
+            small_pages_ns: (s1 + s2) / 2.0,
+            huge_pages_ns: (h1 + h2) / 2.0,
+            huge_pages_given: given1 && given2,
         });
     }
     Ok(rows)
 }
 
-/// ns per dependent read of a random line in `size` bytes; whether huge pages backed it.
+/// ns per dependent read of a random line in `size` bytes; whether huge pages backed
+/// all of it (`huge` only).
 fn chase(size: usize, huge: bool, reads: usize) -> Result<(f64, bool)> {
-    let len = size + HUGE;
-    // SAFETY: an anonymous private mapping of our own, unmapped below; no other
-    // reference to it exists.
+    // One huge page of slack, to start the working set on a huge-page boundary, and
+    // the advice over whole huge pages (a 1 MB set lies inside one).
+    let advised = size.div_ceil(HUGE) * HUGE;
+    let len = advised + HUGE;
+    // SAFETY: an anonymous private mapping of our own, unmapped below.
     let base = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -61,59 +69,80 @@ fn chase(size: usize, huge: bool, reads: usize) -> Result<(f64, bool)> {
     } else {
         libc::MADV_NOHUGEPAGE
     };
-    // SAFETY: [start, start + size) lies inside the mapping; the slice is the only
-    // view of it and ends before the munmap.
-    let result = unsafe {
-        libc::madvise(start as *mut libc::c_void, size, advice);
-        let lines = std::slice::from_raw_parts_mut(start as *mut usize, size / 8);
-        walk(lines, start, size / LINE, reads)
-    };
-    let given = huge && anon_huge_kb() > 0;
+    // SAFETY: [start, start + advised) lies inside the mapping (start - base < HUGE).
+    unsafe { libc::madvise(start as *mut libc::c_void, advised, advice) };
+    // SAFETY: every line the walk touches lies in [start, start + size), inside the
+    // mapping, which nothing else references and which is unmapped only after it.
+    let ns = unsafe { walk(start as *mut u8, size / LINE, reads) };
+    let given = huge && huge_kb_of(start) >= (advised >> 10) as u64;
     // SAFETY: the mapping made above, no longer referenced.
     unsafe { libc::munmap(base, len) };
-    Ok((result, given))
+    Ok((ns, given))
 }
 
-/// Links every line to the next of a random cycle (xorshift, fixed seed), then times
-/// `reads` reads along it.
-fn walk(words: &mut [usize], start: usize, n: usize, reads: usize) -> f64 {
-    let per_line = LINE / 8;
-    let mut order: Vec<u32> = (0..n as u32).collect();
+/// Links `lines` lines from `base` into one random cycle (xorshift, fixed seed), each
+/// line's first word the address of the next, then times `reads` reads along it.
+///
+/// # Safety
+/// `base` must be 64-byte aligned and valid for reads and writes of `lines * 64` bytes.
+unsafe fn walk(base: *mut u8, lines: usize, reads: usize) -> f64 {
+    let mut order: Vec<u32> = (0..lines as u32).collect();
     let mut s: u64 = 0x9e37_79b9_7f4a_7c15;
-    for i in (1..n).rev() {
+    for i in (1..lines).rev() {
         s ^= s << 13;
         s ^= s >> 7;
         s ^= s << 17;
         order.swap(i, (s % (i as u64 + 1)) as usize);
     }
-    for i in 0..n {
-        let next = order[(i + 1) % n] as usize;
-        words[order[i] as usize * per_line] = start + next * LINE;
+    let line = |i: u32| base.wrapping_add(i as usize * LINE) as *mut *const u8;
+    for i in 0..lines {
+        let next = order[(i + 1) % lines];
+        // SAFETY: both lines lie inside the region the caller vouched for.
+        unsafe { line(order[i]).write(line(next) as *const u8) };
     }
-    let mut p = start + order[0] as usize * LINE;
+    let mut p = line(order[0]) as *const u8;
     // Warm the page tables and caches as a running table would be: a lap, at most
     // `reads` long.
-    for _ in 0..reads.min(n) {
-        // SAFETY: p is always a line start inside `words` (the cycle's own links).
-        p = unsafe { std::ptr::read_volatile(p as *const usize) };
+    for _ in 0..reads.min(lines) {
+        // SAFETY: p is always a line of the cycle written above.
+        p = unsafe { std::ptr::read_volatile(p as *const *const u8) };
     }
     let t = Instant::now();
     for _ in 0..reads {
         // SAFETY: as above.
-        p = unsafe { std::ptr::read_volatile(p as *const usize) };
+        p = unsafe { std::ptr::read_volatile(p as *const *const u8) };
     }
     let ns = t.elapsed().as_nanos() as f64 / reads as f64;
     std::hint::black_box(p);
     ns
 }
 
-fn anon_huge_kb() -> u64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("AnonHugePages:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
+/// AnonHugePages (kB) of the mapping holding `addr`, from /proc/self/smaps.
+fn huge_kb_of(addr: usize) -> u64 {
+    let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+        return 0;
+    };
+    let mut inside = false;
+    for l in smaps.lines() {
+        let range = l
+            .split_whitespace()
+            .next()
+            .and_then(|r| r.split_once('-'))
+            .and_then(|(a, b)| {
+                Some((
+                    usize::from_str_radix(a, 16).ok()?,
+                    usize::from_str_radix(b, 16).ok()?,
+                ))
+            });
+        if let Some((a, b)) = range {
+            inside = (a..b).contains(&addr);
+        } else if inside && l.starts_with("AnonHugePages:") {
+            return l
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
+    }
+    0
 }

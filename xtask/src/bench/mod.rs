@@ -20,7 +20,8 @@ pub struct BenchArgs {
     /// Calls per per-packet case, over all rounds (at least 1M for a report).
     #[arg(long, default_value_t = 1_000_000)]
     packets: u32,
-    /// Rounds per per-packet case; the median of the rounds' medians is reported.
+    /// Rounds per per-packet case; the median of the rounds' typical calls is reported
+    /// (per_packet::typical: the mean of a round's calls below their 90th percentile).
     #[arg(long, default_value_t = 5)]
     rounds: u32,
     /// Seconds per forwarding-rate and connections-per-second measurement.
@@ -110,50 +111,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
         report["per_packet"] = pp_json;
         est_ratio = ratio;
     }
-    if wanted(Part::Memory) {
-        let (sizes, reads): (&[usize], usize) = if args.quick {
-            (&[1, 8], 200_000)
-        } else {
-            (&[1, 8, 32, 151], 2_000_000)
-        };
-        println!("memory: a read of a random cache line, {reads} dependent reads per size:");
-        let rows = memory::measure(sizes, reads)?;
-        for r in &rows {
-            println!(
-                "  {} MB: {:.0} ns (4 KiB pages), {:.0} ns (2 MiB pages{})",
-                r.megabytes,
-                r.small_pages_ns,
-                r.huge_pages_ns,
-                if r.huge_pages_given {
-                    ""
-                } else {
-                    ", not given"
-                }
-            );
-        }
-        md.push_str(&memory_report(&rows));
-        report["memory"] = rows
-            .iter()
-            .map(|r| {
-                json!({
-                    "megabytes": r.megabytes,
-                    "small_pages_ns": r.small_pages_ns,
-                    "huge_pages_ns": r.huge_pages_ns,
-                    "huge_pages_given": r.huge_pages_given,
-                })
-            })
-            .collect();
-    }
     if wanted(Part::Forwarding) {
         println!("2. forwarding through generator -> LB -> sink, {seconds} s per measurement:");
         let fwd = forwarding::measure(seconds, 4)?;
         let (fwd_md, fwd_json, ratio) = forwarding_report(&fwd);
-        panels.push(chart::Panel::Bars(chart::Bars {
-            title: "2. Forwarding rate through the LB (Mpps, higher is better)".into(),
-            y_label: "Mpps delivered".into(),
-            labels: fwd.rates.iter().map(|r| short_lb(&r.lb)).collect(),
-            series: vec![("Mpps".into(), fwd.rates.iter().map(|r| r.mpps).collect())],
-        }));
+        if !fwd.rates.is_empty() {
+            panels.push(chart::Panel::Bars(chart::Bars {
+                title: "2. Forwarding rate through the LB (Mpps, higher is better)".into(),
+                y_label: "Mpps delivered".into(),
+                labels: fwd.rates.iter().map(|r| short_lb(&r.lb)).collect(),
+                series: vec![("Mpps".into(), fwd.rates.iter().map(|r| r.mpps).collect())],
+            }));
+        }
         panels.push(chart::Panel::Bars(chart::Bars {
             title: "2. TCP connections per second through the LB".into(),
             y_label: "connections/s".into(),
@@ -253,6 +222,41 @@ pub fn run(args: BenchArgs) -> Result<()> {
         report["flood"] = serde_json::to_value(&runs)?;
     }
 
+    if wanted(Part::Memory) {
+        let (sizes, reads): (&[usize], usize) = if args.quick {
+            (&[1, 8], 200_000)
+        } else {
+            (&[1, 8, 32, 151], 2_000_000)
+        };
+        println!("7. memory: a read of a random cache line, {reads} dependent reads per size:");
+        let rows = memory::measure(sizes, reads)?;
+        for r in &rows {
+            println!(
+                "  {} MB: {:.0} ns (4 KiB pages), {:.0} ns (2 MiB pages{})",
+                r.megabytes,
+                r.small_pages_ns,
+                r.huge_pages_ns,
+                if r.huge_pages_given {
+                    ""
+                } else {
+                    ", not given"
+                }
+            );
+        }
+        md.push_str(&memory_report(&rows));
+        report["memory"] = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "megabytes": r.megabytes,
+                    "small_pages_ns": r.small_pages_ns,
+                    "huge_pages_ns": r.huge_pages_ns,
+                    "huge_pages_given": r.huge_pages_given,
+                })
+            })
+            .collect();
+    }
+
     report["targets"] = json!({
         "established_within_3x_xdp_pass": {"measured_ratio": est_ratio, "met": est_ratio.map(|r| r <= 3.0)},
         "forwarding_rate_4x_nftables": {"measured_ratio": rate_ratio, "met": rate_ratio.map(|r| r >= 4.0)},
@@ -285,7 +289,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 fn memory_report(rows: &[memory::Row]) -> String {
     let mut md = String::from(
-        "\n## Memory: a read of a random cache line\n\nA pointer chase through a working set of each size (every read waits for the last, as a new flow's bucket read waits for its hash). The flow table at its default size is 151 MB: a new flow's bucket is such a line.\n\n| working set | 4 KiB pages | 2 MiB pages |\n| --- | --- | --- |\n",
+        "\n## 7. Memory: a read of a random cache line\n\nA pointer chase through a working set of each size (every read waits for the last, as a new flow's bucket read waits for its hash). The flow table at its default size is 151 MB: a new flow's bucket is such a line.\n\n| working set | 4 KiB pages | 2 MiB pages |\n| --- | --- | --- |\n",
     );
     for r in rows {
         let huge = if r.huge_pages_given {
@@ -380,7 +384,7 @@ fn per_packet_report(
     conntrack_max: u32,
 ) -> (String, serde_json::Value, Option<f64>) {
     let mut md = format!(
-        "## 1. Per-packet cost\n\nBPF_PROG_TEST_RUN, single-packet calls, {packets} calls per case in {rounds} rounds, median of the rounds' medians; XDP_PASS measured in the same run. Conntrack and reverse-NAT maps of {conntrack_max} entries each.\n\n| case | xlb ns | XDP_PASS ns | net ns | ratio |\n| --- | --- | --- | --- | --- |\n"
+        "## 1. Per-packet cost\n\nBPF_PROG_TEST_RUN, single-packet calls, {packets} calls per case in {rounds} rounds, median of the rounds' typical calls (a round's mean below its 90th percentile: this machine's clock may step by 10 ns); XDP_PASS measured in the same run. Conntrack and reverse-NAT maps of {conntrack_max} entries each.\n\n| case | xlb ns | XDP_PASS ns | net ns | ratio |\n| --- | --- | --- | --- | --- |\n"
     );
     let w = rows.iter().map(|r| r.name.len()).max().unwrap_or(4);
     println!(
@@ -408,7 +412,7 @@ fn per_packet_report(
         .map(|est| est.xlb_ns as f64 / est.pass_ns.max(1) as f64);
     md.push_str("\nDESIGN.md's reference for Katran on this kind of machine (measured with `repeat`, so its XDP_PASS is 23 ns): 135 ns established, 289 ns new flow, 70 ns not a VIP.\n\n");
     let json = json!({
-        "method": "BPF_PROG_TEST_RUN single-packet calls, median of round medians",
+        "method": "BPF_PROG_TEST_RUN single-packet calls, median of the rounds' typical calls (mean below the 90th percentile)",
         "calls_per_case": packets, "rounds": rounds, "conntrack_max": conntrack_max, "cases": cases,
     });
     (md, json, est_ratio)
@@ -606,7 +610,7 @@ fn scaling_report(r: &scaling::Results) -> String {
         t
     };
     format!(
-        "## 4. Scaling\n\nThe established TCP flow of part 1, {} calls per point in {} rounds (median of round medians), as the tables grow. The ratio to XDP_PASS, measured beside each point, cancels the machine's drift between points.\n\n{}\nWith the largest service count, the service and Maglev maps took about {:.0} MiB of kernel memory (MemAvailable drop; a table of the default M=16381 is 17 chunks of 4 KiB).\n\n{}\nThe filler flows are other clients' flows to the same service, written into the conntrack map (an LRU sized at twice the largest count); the measured flow is checked to be still there after each point.\n\n",
+        "## 4. Scaling\n\nThe established TCP flow of part 1, {} calls per point in {} rounds (median of the rounds' typical calls), as the tables grow. The ratio to XDP_PASS, measured beside each point, cancels the machine's drift between points.\n\n{}\nWith the largest service count, the service and Maglev maps took about {:.0} MiB of kernel memory (MemAvailable drop; a table of the default M=16381 is 17 chunks of 4 KiB).\n\n{}\nThe filler flows are other clients' flows to the same service, written into the conntrack map (an LRU sized at twice the largest count); the measured flow is checked to be still there after each point.\n\n",
         r.calls_per_point,
         r.rounds,
         table("services", &r.vips),

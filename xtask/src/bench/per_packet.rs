@@ -32,7 +32,7 @@ pub fn median(mut v: Vec<u64>) -> u64 {
 }
 
 /// A round's typical call: the mean of its calls below their 90th percentile (the rest
-/// are interrupts and preemptions). Not their median: a call's duration is read off
+/// are mostly interrupts and preemptions). Not their median: a call's duration is read off
 /// the kernel's clock, which on some machines advances in steps (10 ns on the 2.6 GHz
 /// EPYC VMs seen here: consecutive clock_gettime readings differ by 20 or 30 ns), so
 /// the median of single calls is a multiple of the step, while their mean is not
