@@ -7,8 +7,8 @@ guard off), takes the program the agent attached from its pinned link, loads its
 two-instruction XDP_PASS program, and times both with BPF_PROG_TEST_RUN, one packet
 per call (raw bpf(2) through ctypes). Within each round the two programs run in
 alternating blocks; each round's typical call (the mean below the 90th percentile,
-see `typical`) is kept and the median of the rounds reported, with the ratio xlb / XDP_PASS. It also times XDP_PASS
-alone (no xlb calls in between), the "plain" reading.
+see `typical`) is kept and the median of the rounds reported, with the ratio
+xlb / XDP_PASS. It also times XDP_PASS alone (no xlb calls in between), the "plain" reading.
 
     python3 scripts/perpacket_harness.py --xlb target/release/xlb [--rounds 5] [--calls 20000]
 

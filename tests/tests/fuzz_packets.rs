@@ -65,6 +65,16 @@ enum Class {
     Other,
 }
 
+/// The interface a frame of `class` arrives on: a backend's reply on the backends'
+/// side, anything else on the clients'.
+fn ingress(class: Class, lab: &Lab) -> u32 {
+    if class == Class::Reply {
+        lab.backend_if
+    } else {
+        lab.client_if
+    }
+}
+
 fn classify(frame: &[u8], backends: &BTreeSet<IpAddr>) -> Class {
     if frame.len() >= 14 && u16::from_be_bytes([frame[12], frame[13]]) == 0x86dd {
         return classify_v6(frame, backends);
@@ -298,11 +308,7 @@ impl Harness<'_> {
     /// Runs one frame and checks the per-packet invariants. Returns its class.
     fn check(&mut self, frame: &[u8], what: &str) -> Class {
         let class = classify(frame, &self.backends);
-        let ifindex = if class == Class::Reply {
-            self.lab.backend_if
-        } else {
-            self.lab.client_if
-        };
+        let ifindex = ingress(class, self.lab);
         let res = match self.f.run_on(frame, ifindex) {
             Ok(r) => r,
             Err(e) => {
@@ -748,11 +754,7 @@ fn privileged_the_fast_path_and_the_pipeline_agree_on_every_packet() {
                     full.apply(&narrowed).unwrap();
                     // Every seed again: each established flow's next packet is cut.
                     for s in &seeds {
-                        let ifindex = if classify(s, &backends) == Class::Reply {
-                            lab.backend_if
-                        } else {
-                            lab.client_if
-                        };
+                        let ifindex = ingress(classify(s, &backends), lab);
                         let (a, b) = (fast.run_on(s, ifindex), full.run_on(s, ifindex));
                         let (a, b) = (a.unwrap(), b.unwrap());
                         assert_eq!(
@@ -762,11 +764,7 @@ fn privileged_the_fast_path_and_the_pipeline_agree_on_every_packet() {
                         );
                     }
                 }
-                let ifindex = if classify(frame, &backends) == Class::Reply {
-                    lab.backend_if
-                } else {
-                    lab.client_if
-                };
+                let ifindex = ingress(classify(frame, &backends), lab);
                 let (a, b) = (fast.run_on(frame, ifindex), full.run_on(frame, ifindex));
                 let (Ok(a), Ok(b)) = (a, b) else {
                     assert!(frame.len() < 14, "{mode:?}, frame {i}: a run failed");

@@ -2,7 +2,8 @@
 //! working set of a given size, with 4 KiB pages and with 2 MiB (transparent huge)
 //! pages. A new flow's bucket is such a line in the flow table (151 MB at the default
 //! size), so this is the floor under a new flow's cost on this machine, measured
-//! beside the per-packet figures (BENCHMARKS.md, "A new flow's floor").
+//! beside the per-packet figures (BENCHMARKS.md, "Another machine, a function per
+//! family, and a new flow's floor").
 //!
 //! A pointer chase: each line holds the address of the next, in a random cyclic
 //! order, so every read waits for the one before it, as a bucket read waits for the
@@ -11,6 +12,7 @@
 use anyhow::{bail, Result};
 use std::time::Instant;
 
+#[derive(serde::Serialize)]
 pub struct Row {
     pub megabytes: usize,
     pub small_pages_ns: f64,

@@ -244,17 +244,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
             );
         }
         md.push_str(&memory_report(&rows));
-        report["memory"] = rows
-            .iter()
-            .map(|r| {
-                json!({
-                    "megabytes": r.megabytes,
-                    "small_pages_ns": r.small_pages_ns,
-                    "huge_pages_ns": r.huge_pages_ns,
-                    "huge_pages_given": r.huge_pages_given,
-                })
-            })
-            .collect();
+        report["memory"] = serde_json::to_value(&rows)?;
     }
 
     report["targets"] = json!({
