@@ -153,10 +153,11 @@ fn established(
 
 /// The entry's fast path (main.rs): the common packet (`parsed` by parse::common_v4
 /// or common_v6) of an established flow, a reply to a NAT flow, or the host's own
-/// traffic, as the pipeline would handle it, in a BPF function small enough for its values to stay
-/// in registers. Returns the packet's `Seen*` counter and its verdict; None when the
-/// pipeline is to handle the packet from the start (anything else, a stateless
-/// service's, a new flow's): nothing has been changed or counted then.
+/// traffic, as the pipeline would handle it, in a BPF function small enough for its
+/// values to stay in registers; and a stateless dsr service's packet (`stateless`).
+/// Returns the packet's `Seen*` counter and its verdict; None when the pipeline is to
+/// handle the packet from the start (anything else, a new flow's): nothing has been
+/// changed or counted then.
 #[inline(always)]
 pub fn common(
     ctx: &XdpContext,
@@ -168,11 +169,13 @@ pub fn common(
     let key = &pkt.key;
     // As `balance`, for a packet that is not decapsulated: a TCP or UDP packet never is.
     let verdict = if lookup::may_be_service(key, cfg) {
-        if lookup::may_be_stateless(key) {
-            return None;
-        }
         let now = mem::now();
         let hash = flow_hash(key, false);
+        if lookup::may_be_stateless(key) {
+            let svc = lookup::service(key, false);
+            let verdict = stateless(ctx, &pkt, (svc, hash), (len, now))?;
+            return Some((seen, verdict));
+        }
         // A miss changes nothing (conntrack::lookup): the pipeline looks again.
         let flow = conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg)?;
         established(ctx, &pkt, flow, (hash, cfg), (len, now))
@@ -180,6 +183,48 @@ pub fn common(
         reply_or_not_a_vip(ctx, &pkt, cfg, len)
     };
     Some((seen, verdict))
+}
+
+/// A stateless dsr service's packet (`conntrack: false`), on the fast path: Maglev
+/// picks its backend and it is encapsulated and sent, with no entry and no scratch
+/// memory, as the pipeline's new flow would be. None (nothing changed or counted)
+/// for anything the pipeline is to decide: no such service or a stateful one that
+/// shares its filter bit, no backend, a dnat service (whose replies need an entry).
+#[inline(always)]
+fn stateless(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    (svc, hash): (Option<ServiceValue>, u32),
+    (len, now): (u64, u64),
+) -> Option<Verdict> {
+    let svc = svc.filter(|s| s.flags & SVC_F_STATELESS != 0)?;
+    let key = &pkt.key;
+    let (backend_id, backend) = maglev::pick(&svc, key, hash)?;
+    if backend.mode() != MODE_DSR {
+        return None;
+    }
+    // In the pipeline's order from here: the ranges, the TTL, the source address.
+    let restricted = svc.flags & SVC_F_SOURCE_RANGES != 0;
+    if let Err(verdict) = allow::check(restricted, svc.id, key.family, &key.src) {
+        return Some(verdict);
+    }
+    if pkt.ttl <= 1 {
+        return Some(TTL_EXCEEDED);
+    }
+    let snat = match nat::source(backend, MODE_DSR) {
+        Ok(snat) => snat,
+        Err(verdict) => return Some(verdict),
+    };
+    let outer_dst = tunnel::outer_destination(backend_id, &backend.addr);
+    let ids = (svc.id, backend_id);
+    Some(tunnel::send(
+        ctx,
+        pkt,
+        (&snat, &outer_dst),
+        ids,
+        (len, now),
+        None,
+    ))
 }
 
 #[inline(always)]
