@@ -204,37 +204,54 @@ fn insert_way<V: FlowValue>(
             return BUSY;
         }
     }
-    let now = mem::now();
     let tag = flow_tag(hash);
     // Only lock holders take a way for a new flow, so no other CPU adds this flow
-    // while the scan runs; removals and rewrites (which take no lock) only move a
+    // while the scans run; removals and rewrites (which take no lock) only move a
     // way's word, and a way whose word moved is rechecked when it is written.
-    let mut victim = 0;
-    let mut victim_rank = u8::MAX;
-    let mut victim_seen = u64::MAX;
+    // First the words alone (the bucket's first line): the flow's own way, else the
+    // first empty one. Only a full bucket reads its ways' states to rank them: two
+    // more cache lines a way, cold for a new flow.
+    let mut victim = FLOW_WAYS;
     let mut found = false;
     let mut i = 0;
     while i < FLOW_WAYS {
         let w = read_once(&b.words[i]);
-        let way = &b.ways[i];
-        let (r, seen) = if word_tag(w) == 0 {
-            (rank::EMPTY, 0)
-        } else if word_tag(w) == tag && same_flow(&way.key, key) {
+        if word_tag(w) == tag && same_flow(&b.ways[i].key, key) {
             victim = i;
             found = true;
             break;
-        } else {
-            (
-                rank_of(&way.key, &way.value, now, cfg),
-                way.value.last_seen_ns(),
-            )
-        };
-        if r < victim_rank || (r == victim_rank && seen < victim_seen) {
+        }
+        if word_tag(w) == 0 && victim == FLOW_WAYS {
             victim = i;
-            victim_rank = r;
-            victim_seen = seen;
         }
         i += 1;
+    }
+    let mut victim_rank = rank::EMPTY;
+    if victim == FLOW_WAYS {
+        let now = mem::now();
+        victim = 0;
+        victim_rank = u8::MAX;
+        let mut victim_seen = u64::MAX;
+        let mut i = 0;
+        while i < FLOW_WAYS {
+            let w = read_once(&b.words[i]);
+            let way = &b.ways[i];
+            // A way a removal emptied since the first scan ranks as empty.
+            let (r, seen) = if word_tag(w) == 0 {
+                (rank::EMPTY, 0)
+            } else {
+                (
+                    rank_of(&way.key, &way.value, now, cfg),
+                    way.value.last_seen_ns(),
+                )
+            };
+            if r < victim_rank || (r == victim_rank && seen < victim_seen) {
+                victim = i;
+                victim_rank = r;
+                victim_seen = seen;
+            }
+            i += 1;
+        }
     }
     let victim = victim & (FLOW_WAYS - 1);
     if found && !overwrite {

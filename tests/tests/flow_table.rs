@@ -15,6 +15,9 @@
 //!   default table size, for dsr and for nat: none of the 1,900 is lost (each is still
 //!   in the table with its backend, and its next packet goes where its first went).
 //!   Then once more with the flood guard at its default. Both runs are printed.
+//! - **Eviction by state.** One bucket filled with flows in known states, then new
+//!   flows' SYNs: the way given up is the expired one, else the closing one, else the
+//!   oldest half-open one, else the least recently seen established one.
 //! - **Reading it keeps the agent small.** Scanning the default table (what a sweep,
 //!   a scrape and `xlb status` do) adds a window to the reader's RSS, not the table.
 
@@ -31,7 +34,7 @@ use xlb_tests::{
     cfg::{Cfg, Svc},
     natlab::*,
     netns::sh,
-    packet::{decode, Frame, ACK},
+    packet::{decode, Frame, TcpFlags, ACK, SYN},
     testrun::{Fixture, RunResult, XDP_DROP, XDP_REDIRECT},
 };
 
@@ -1087,6 +1090,150 @@ fn privileged_flow_table_of_the_earlier_hash_is_carried_into_new_buckets() {
         xlb_tests::report(
             "flow_table_earlier_hash_carried",
             serde_json::Value::Object(report),
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------
+// Eviction by state, in one bucket.
+// ---------------------------------------------------------------------------------
+
+/// A full bucket gives up a way in this order: an expired one, a closing one (FIN or
+/// RST seen), a half-open one (SYN only; the oldest first), and only then the least
+/// recently seen established one. Each row: the flows in one bucket of the 64-bucket
+/// table, by state, then the new flow's SYN, then which flow lost its way and the
+/// eviction counters. The datapath's clock is coarse (a tick of up to 10 ms), so
+/// packets whose order matters are 30 ms apart.
+#[test]
+fn privileged_flow_table_full_bucket_gives_up_ways_by_state() {
+    in_lab(|lab| {
+        let backends: Vec<String> = BACKENDS_V4
+            .iter()
+            .map(|b| b.replace(":8080", ":80"))
+            .collect();
+        let mut f = Fixture::with_options(&LoadOptions {
+            conntrack_max: SMALL_TABLE,
+            ..Default::default()
+        })
+        .unwrap();
+        let timeouts = xlb_tests::cfg::Timeouts {
+            tcp_idle: 3600,
+            tcp_closing: 60,
+            udp_idle: 60,
+            tcp_syn: 1,
+            ..Default::default()
+        };
+        let cfg = Cfg::new()
+            .snat4(SNAT)
+            .maglev_table_size(M)
+            .timeouts(timeouts)
+            .service(
+                Svc::tcp("web", VIP, 80)
+                    .mode(Mode::Dsr)
+                    .backends(backends.iter().map(String::as_str)),
+            )
+            .config();
+        f.apply(&cfg).unwrap();
+        let ct = f.dp.conntrack().unwrap();
+        let buckets = ct.buckets();
+        // Nine flows of one bucket, named by letter.
+        let (client, vip): (IpAddr, IpAddr) = (CLIENT.parse().unwrap(), VIP.parse().unwrap());
+        let target = bucket_of(flow_hash(&flow_key(client, 40000, vip, 80), false), buckets);
+        let ports: Vec<u16> = (40000..60000u16)
+            .filter(|&p| {
+                bucket_of(flow_hash(&flow_key(client, p, vip, 80), false), buckets) == target
+            })
+            .take(9)
+            .collect();
+        assert_eq!(ports.len(), 9, "nine client ports of bucket {target}");
+        let port = |name: char| ports[(name as u8 - b'A') as usize];
+        let send = |f: &Fixture, name: char, flags: TcpFlags| {
+            let frame = Frame::tcp(CLIENT, port(name), VIP, 80).flags(flags).build();
+            let r = f.run_shared_on(&frame, lab.client_if).unwrap();
+            assert_eq!(r.verdict, XDP_REDIRECT, "flow {name}: forwarded");
+            std::thread::sleep(std::time::Duration::from_millis(30));
+        };
+        const FIN: TcpFlags = TcpFlags {
+            syn: false,
+            ack: true,
+            fin: true,
+            rst: false,
+        };
+        let in_bucket = || -> String {
+            let mut names: Vec<char> = ct
+                .entries()
+                .map(|e| {
+                    let p = u16::from_be(e.key.sport);
+                    let i = ports.iter().position(|&q| q == p).expect("a flow of ours");
+                    (b'A' + i as u8) as char
+                })
+                .collect();
+            names.sort();
+            names.into_iter().collect()
+        };
+        let evictions = |f: &Fixture| {
+            let c = read_counters(f);
+            (c["event_flow_evicted"], c["event_established_evicted"])
+        };
+
+        // A and D established, B closing, C half-open.
+        for (name, flags) in [('A', SYN), ('A', ACK), ('B', SYN), ('B', ACK), ('B', FIN)] {
+            send(&f, name, flags);
+        }
+        send(&f, 'C', SYN);
+        send(&f, 'D', SYN);
+        send(&f, 'D', ACK);
+        assert_eq!(in_bucket(), "ABCD", "four flows fill the bucket");
+        let start = evictions(&f);
+
+        // Each row: the new flow, what is left, (state evictions, established ones).
+        let rows: [(char, &str, (u64, u64)); 3] = [
+            // The closing way goes before the half-open one and the established ones.
+            ('E', "ACDE", (1, 0)),
+            // Then the half-open ways, the oldest (C) first.
+            ('F', "ADEF", (2, 0)),
+            ('G', "ADFG", (3, 0)),
+        ];
+        for (new, left, (state, est)) in rows {
+            send(&f, new, SYN);
+            assert_eq!(in_bucket(), left, "{new}'s SYN into a full bucket");
+            let now = evictions(&f);
+            assert_eq!(
+                (now.0 - start.0, now.1 - start.1),
+                (state, est),
+                "{new}: evictions counted by state"
+            );
+        }
+
+        // All established now: F, G, then A and D seen again; the least recently
+        // seen (F) goes, and is counted as an established flow lost.
+        for name in ['F', 'G', 'A', 'D'] {
+            send(&f, name, ACK);
+        }
+        send(&f, 'H', SYN);
+        assert_eq!(
+            in_bucket(),
+            "ADGH",
+            "the least recently seen established way"
+        );
+        let now = evictions(&f);
+        assert_eq!((now.0 - start.0, now.1 - start.1), (3, 1));
+
+        // An expired way goes first of all: H (half-open) outlives the SYN timeout
+        // while A closes; I's SYN takes H's way, not the closing A's.
+        send(&f, 'A', FIN);
+        std::thread::sleep(std::time::Duration::from_millis(1_300));
+        send(&f, 'I', SYN);
+        assert_eq!(
+            in_bucket(),
+            "ADGI",
+            "the expired way goes before the closing one"
+        );
+        let now = evictions(&f);
+        assert_eq!(
+            (now.0 - start.0, now.1 - start.1),
+            (3, 1),
+            "an expired way's reuse is not counted as an eviction"
         );
     });
 }
