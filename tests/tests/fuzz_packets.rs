@@ -437,6 +437,23 @@ fn corpus(seeds: &[Vec<u8>]) -> Vec<(String, Vec<u8>)> {
                 ));
             }
         }
+        // The last hop's TTL (hop limit): passed for the kernel's time-exceeded, on
+        // every path (established, new, stateless) before any entry is made.
+        let mut last_hop = frame.clone();
+        if v4 {
+            last_hop[14 + 8] = 1;
+            let ihl = ((last_hop[14] & 0x0f) as usize) * 4;
+            last_hop[24..26].copy_from_slice(&[0, 0]);
+            let sum = last_hop[14..14 + ihl]
+                .chunks(2)
+                .fold(0u32, |a, w| a + u16::from_be_bytes([w[0], w[1]]) as u32);
+            let sum = (sum & 0xffff) + (sum >> 16);
+            let sum = (sum & 0xffff) + (sum >> 16);
+            last_hop[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+        } else {
+            last_hop[14 + 7] = 1;
+        }
+        out.push((format!("seed {s} with TTL 1"), last_hop));
         // Truncated at every byte (frames shorter than 14 bytes included).
         for n in 0..frame.len() {
             out.push((format!("seed {s} truncated to {n}"), frame[..n].to_vec()));
@@ -699,8 +716,9 @@ fn privileged_hostile_packets_never_break_the_invariants() {
 /// traffic, when it is a whole TCP or UDP packet: parse::common_v4 and common_v6) and
 /// the pipeline (everything else, and every packet while the debug log is on) must
 /// agree. The same frames go through two programs with maps of their own, one with
-/// the log on, in each mode, with source ranges on the web services and (dnat, dsr) a
-/// stateless dns: valid frames, the corpus, then seeded mutations, half of them after
+/// the log on, in each mode, with source ranges on the web services and (dnat, dsr)
+/// stateless dns services, one of them with ranges too: valid frames (and each with
+/// TTL 1), the corpus, then seeded mutations, half of them after
 /// the ranges narrow to leave the clients out (their flows are cut). Packet by
 /// packet, the same verdict and the same bytes out; at the end, the same counters
 /// (global, per service, per backend) and the same flows, field by field (clocks
@@ -840,6 +858,11 @@ fn differential_config(mode: Option<Mode>, ranges: [&str; 2]) -> xlb::config::Co
             svc.allow = ranges.iter().map(|r| r.parse().unwrap()).collect();
         } else if mode.is_some() {
             svc.conntrack = false;
+            // One stateless service restricted too: its packets are refused on the
+            // fast path once the ranges narrow.
+            if svc.name == "dns6" {
+                svc.allow = ranges.iter().map(|r| r.parse().unwrap()).collect();
+            }
         }
     }
     cfg.validate().unwrap();
