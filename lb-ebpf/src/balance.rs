@@ -173,11 +173,8 @@ pub fn common(
         let hash = flow_hash(key, false);
         if lookup::may_be_stateless(key) {
             let svc = lookup::service(key, false);
-            // A stateful service that shares the filter bit goes on to conntrack.
-            if let Some(svc) = svc.filter(|s| s.flags & SVC_F_STATELESS != 0) {
-                let verdict = stateless(ctx, &pkt, (&svc, hash), (len, now))?;
-                return Some((seen, verdict));
-            }
+            let verdict = stateless(ctx, &pkt, (svc, hash), (len, now))?;
+            return Some((seen, verdict));
         }
         // A miss changes nothing (conntrack::lookup): the pipeline looks again.
         let flow = conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg)?;
@@ -191,17 +188,18 @@ pub fn common(
 /// A stateless dsr service's packet (`conntrack: false`), on the fast path: Maglev
 /// picks its backend and it is encapsulated and sent, with no entry and no scratch
 /// memory, as the pipeline's new flow would be. None (nothing changed or counted)
-/// for what the pipeline is to decide: no backend, or a dnat service (whose replies
-/// need an entry); the pipeline then repeats the lookups.
+/// for anything the pipeline is to decide: no such service or a stateful one that
+/// shares its filter bit, no backend, a dnat service (whose replies need an entry).
 #[inline(always)]
 fn stateless(
     ctx: &XdpContext,
     pkt: &Packet,
-    (svc, hash): (&ServiceValue, u32),
+    (svc, hash): (Option<ServiceValue>, u32),
     (len, now): (u64, u64),
 ) -> Option<Verdict> {
+    let svc = svc.filter(|s| s.flags & SVC_F_STATELESS != 0)?;
     let key = &pkt.key;
-    let (backend_id, backend) = maglev::pick(svc, key, hash)?;
+    let (backend_id, backend) = maglev::pick(&svc, key, hash)?;
     if backend.mode() != MODE_DSR {
         return None;
     }
