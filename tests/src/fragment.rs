@@ -10,7 +10,8 @@ const FRAG_HDR: usize = 8;
 const NEXT_FRAGMENT: u8 = 44;
 const DEST_OPTS: u8 = 60;
 
-fn ipv4_checksum(h: &[u8]) -> u16 {
+/// The checksum of IPv4 header `h` (its checksum field, bytes 10-11, skipped).
+pub fn ipv4_checksum(h: &[u8]) -> u16 {
     let mut sum = 0u32;
     for (i, c) in h.chunks(2).enumerate() {
         if i != 5 {

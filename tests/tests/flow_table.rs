@@ -1199,6 +1199,10 @@ fn privileged_flow_table_full_bucket_gives_up_ways_by_state() {
         send(&f, 'D', ACK);
         assert_eq!(in_bucket(), "ABCD", "four flows fill the bucket");
         let start = evictions(&f);
+        let evicted = |f: &Fixture| {
+            let now = evictions(f);
+            (now.0 - start.0, now.1 - start.1)
+        };
 
         // Each row: the new flow, what is left, (state evictions, established ones).
         let rows: [(char, &str, (u64, u64)); 3] = [
@@ -1211,9 +1215,8 @@ fn privileged_flow_table_full_bucket_gives_up_ways_by_state() {
         for (new, left, (state, est)) in rows {
             send(&f, new, SYN);
             assert_eq!(in_bucket(), left, "{new}'s SYN into a full bucket");
-            let now = evictions(&f);
             assert_eq!(
-                (now.0 - start.0, now.1 - start.1),
+                evicted(&f),
                 (state, est),
                 "{new}: evictions counted by state"
             );
@@ -1230,8 +1233,7 @@ fn privileged_flow_table_full_bucket_gives_up_ways_by_state() {
             "ADGH",
             "the least recently seen established way"
         );
-        let now = evictions(&f);
-        assert_eq!((now.0 - start.0, now.1 - start.1), (3, 1));
+        assert_eq!(evicted(&f), (3, 1));
 
         // An expired way goes first of all: H (half-open) outlives the SYN timeout
         // while A closes; I's SYN takes H's way, not the closing A's.
@@ -1243,9 +1245,8 @@ fn privileged_flow_table_full_bucket_gives_up_ways_by_state() {
             "ADGI",
             "the expired way goes before the closing one"
         );
-        let now = evictions(&f);
         assert_eq!(
-            (now.0 - start.0, now.1 - start.1),
+            evicted(&f),
             (3, 1),
             "an expired way's reuse is not counted as an eviction"
         );

@@ -443,13 +443,8 @@ fn corpus(seeds: &[Vec<u8>]) -> Vec<(String, Vec<u8>)> {
         if v4 {
             last_hop[14 + 8] = 1;
             let ihl = ((last_hop[14] & 0x0f) as usize) * 4;
-            last_hop[24..26].copy_from_slice(&[0, 0]);
-            let sum = last_hop[14..14 + ihl]
-                .chunks(2)
-                .fold(0u32, |a, w| a + u16::from_be_bytes([w[0], w[1]]) as u32);
-            let sum = (sum & 0xffff) + (sum >> 16);
-            let sum = (sum & 0xffff) + (sum >> 16);
-            last_hop[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+            let sum = xlb_tests::fragment::ipv4_checksum(&last_hop[14..14 + ihl]);
+            last_hop[24..26].copy_from_slice(&sum.to_be_bytes());
         } else {
             last_hop[14 + 7] = 1;
         }
