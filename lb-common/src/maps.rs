@@ -10,6 +10,11 @@ pub const MAP_REVERSE_NAT: &str = "XLB_REVERSE_NAT";
 pub const MAP_GLOBAL_STATS: &str = "XLB_GLOBAL_STATS";
 pub const MAP_SERVICE_STATS: &str = "XLB_SERVICE_STATS";
 pub const MAP_BACKEND_STATS: &str = "XLB_BACKEND_STATS";
+/// Per service id, the traffic of the backends it no longer has (their counters are
+/// moved here when the agent clears them): a service's traffic is this plus its
+/// backends' XLB_BACKEND_STATS. Written by the agent only; absent in pins from before
+/// the datapath stopped counting per service (the agent's load converts those).
+pub const MAP_SERVICE_RETIRED: &str = "XLB_SERVICE_RETIRED";
 pub const MAP_CONFIG: &str = "XLB_CONFIG";
 pub const MAP_NEIGHBOUR_REQUESTS: &str = "XLB_NEIGH_REQ";
 pub const MAP_XDP_IFACES: &str = "XLB_XDP_IFACES";

@@ -8,7 +8,9 @@ pub struct Counter {
     pub bytes: u64,
 }
 
-/// Per service and per backend: traffic plus new flows.
+/// Per backend: traffic plus new flows, both directions (the datapath's). Per service:
+/// `denied` (the datapath's) and, in XLB_SERVICE_RETIRED, the agent's sum of the
+/// traffic of backends the service had.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrafficStats {
@@ -18,6 +20,28 @@ pub struct TrafficStats {
     /// Per service: packets dropped because their source is outside its ranges
     /// (drop_source_denied). Unused per backend.
     pub denied: u64,
+}
+
+impl TrafficStats {
+    /// Each counter added to `o`'s (wrapping, as the datapath's own additions).
+    pub const fn plus(self, o: Self) -> Self {
+        Self {
+            packets: self.packets.wrapping_add(o.packets),
+            bytes: self.bytes.wrapping_add(o.bytes),
+            new_flows: self.new_flows.wrapping_add(o.new_flows),
+            denied: self.denied.wrapping_add(o.denied),
+        }
+    }
+
+    /// Each counter less `o`'s, at least 0.
+    pub const fn less(self, o: Self) -> Self {
+        Self {
+            packets: self.packets.saturating_sub(o.packets),
+            bytes: self.bytes.saturating_sub(o.bytes),
+            new_flows: self.new_flows.saturating_sub(o.new_flows),
+            denied: self.denied.saturating_sub(o.denied),
+        }
+    }
 }
 
 /// Index into GLOBAL_STATS. Every packet bumps exactly one of the `Seen*` protocol

@@ -141,14 +141,7 @@ fn established(
     if pkt.ttl <= 1 {
         return TTL_EXCEEDED;
     }
-    send_to_backend(
-        ctx,
-        pkt,
-        (ct, false),
-        backend,
-        backend.service_id,
-        (len, now),
-    )
+    send_to_backend(ctx, pkt, (ct, false), backend, (len, now))
 }
 
 /// The entry's fast path (main.rs): the common packet (`parsed` by parse::common_v4
@@ -216,12 +209,11 @@ fn stateless(
         Err(verdict) => return Some(verdict),
     };
     let outer_dst = tunnel::outer_destination(backend_id, &backend.addr);
-    let ids = (svc.id, backend_id);
     Some(tunnel::send(
         ctx,
         pkt,
         (&snat, &outer_dst),
-        ids,
+        backend_id,
         (len, now),
         None,
     ))
@@ -273,14 +265,7 @@ pub fn send_new_flow(ctx: &XdpContext, new: &maps::NewFlow, ct: &mut ConnValue) 
         return (xdp_action::XDP_DROP, StatIndex::DropNoBackend);
     };
     fragments::record(&new.pkt, new.now);
-    send_to_backend(
-        ctx,
-        &new.pkt,
-        (ct, true),
-        backend,
-        new.svc.id,
-        (new.len, new.now),
-    )
+    send_to_backend(ctx, &new.pkt, (ct, true), backend, (new.len, new.now))
 }
 
 /// DNAT + SNAT (nat, dnat) or encapsulation (dsr), then the route to the backend.
@@ -292,22 +277,20 @@ fn send_to_backend(
     pkt: &Packet,
     (ct, new_flow): (&mut ConnValue, bool),
     backend: &Backend,
-    service_id: u32,
     (len, now): (u64, u64),
 ) -> Verdict {
-    let ids = (service_id, ct.backend_id);
     let flow_hop = (!new_flow).then_some(&mut ct.hop);
     if backend.mode() == MODE_DSR {
         let outer_dst = tunnel::outer_destination(ct.backend_id, &backend.addr);
         let outer = (&ct.nat_addr, &outer_dst);
-        return tunnel::send(ctx, pkt, outer, ids, (len, now), flow_hop);
+        return tunnel::send(ctx, pkt, outer, ct.backend_id, (len, now), flow_hop);
     }
     let to = Rewrite::to_backend((ct.nat_addr, ct.nat_port), backend);
     translate_and_send(
         ctx,
         pkt,
         &to,
-        ids,
+        ct.backend_id,
         (len, now),
         flow_hop,
         StatIndex::FwdForward,
@@ -331,13 +314,13 @@ fn reverse_path(
     fragments::record(pkt, now);
     let to = Rewrite::to_client(rev);
     conntrack::mark_reply(pkt, rev, cfg);
-    let ids = (rev.service_id, rev.backend_id);
+    let backend_id = rev.backend_id;
     let flow_hop = Some(&mut rev.hop);
     translate_and_send(
         ctx,
         pkt,
         &to,
-        ids,
+        backend_id,
         (len, now),
         flow_hop,
         StatIndex::FwdReverse,
@@ -351,7 +334,7 @@ fn translate_and_send(
     ctx: &XdpContext,
     pkt: &Packet,
     to: &Rewrite,
-    (service_id, backend_id): (u32, u32),
+    backend_id: u32,
     (len, now): (u64, u64),
     flow_hop: Option<&mut NextHop>,
     sent: StatIndex,
@@ -362,7 +345,7 @@ fn translate_and_send(
     if nat::rewrite(ctx, pkt, to).is_none() {
         return (xdp_action::XDP_PASS, StatIndex::PassParseError);
     }
-    stats::count_flow(service_id, backend_id, len, new_flow);
+    stats::count_flow(backend_id, len, new_flow);
     let k = &pkt.key;
     let route = forward::Route {
         family: k.family,

@@ -145,7 +145,7 @@ fn translate(ctx: &TcContext) -> Option<()> {
         conntrack::mark(&forward_key, r.tcp_flags, cfg);
     }
     let len = ctx.len() as u64;
-    stats::count_flow(rev.service_id, rev.backend_id, len, false);
+    stats::count_flow(rev.backend_id, len, false);
     stats::count(StatIndex::EventEgressTranslated, len);
     Some(())
 }

@@ -92,8 +92,14 @@ pub static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
 #[map(name = "XLB_GLOBAL_STATS")]
 pub static GLOBAL_STATS: PerCpuArray<Counter> = PerCpuArray::pinned(STAT_COUNT, 0);
 
+/// Per service, the packets its source ranges refused (`denied`); its traffic is its
+/// backends' (BACKEND_STATS, stats::count_flow).
 #[map(name = "XLB_SERVICE_STATS")]
 pub static SERVICE_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_SERVICES, 0);
+
+/// See lb_common::MAP_SERVICE_RETIRED: the agent's alone, never read here.
+#[map(name = "XLB_SERVICE_RETIRED")]
+pub static SERVICE_RETIRED: Array<TrafficStats> = Array::pinned(MAX_SERVICES, 0);
 
 #[map(name = "XLB_BACKEND_STATS")]
 pub static BACKEND_STATS: PerCpuArray<TrafficStats> = PerCpuArray::pinned(MAX_BACKENDS, 0);

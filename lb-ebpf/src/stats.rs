@@ -23,14 +23,13 @@ pub fn count_n(idx: StatIndex, n: u64) {
     }
 }
 
+/// A balanced packet, in either direction, on its backend's counters. Not on its
+/// service's as well: the agent sums a service's traffic from its backends' counters
+/// (and those of backends it had, XLB_SERVICE_RETIRED), which spares every packet a
+/// second counter.
 #[inline(always)]
-pub fn count_flow(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+pub fn count_flow(backend_id: u32, bytes: u64, new_flow: bool) {
     let n = new_flow as u64;
-    if let Some(s) = this_cpu(&SERVICE_STATS, service_id) {
-        s.packets += 1;
-        s.bytes += bytes;
-        s.new_flows += n;
-    }
     if let Some(b) = this_cpu(&BACKEND_STATS, backend_id) {
         b.packets += 1;
         b.bytes += bytes;
@@ -38,7 +37,8 @@ pub fn count_flow(service_id: u32, backend_id: u32, bytes: u64, new_flow: bool) 
     }
 }
 
-/// A packet refused by its service's source ranges (allow.rs), per service.
+/// A packet refused by its service's source ranges (allow.rs), per service: the only
+/// counter the datapath keeps per service.
 #[inline(always)]
 pub fn count_denied(service_id: u32) {
     if let Some(s) = this_cpu(&SERVICE_STATS, service_id) {

@@ -45,7 +45,7 @@ pub fn send(
     ctx: &XdpContext,
     pkt: &Packet,
     (outer_src, outer_dst): (&Addr, &Addr),
-    (service_id, backend_id): (u32, u32),
+    backend_id: u32,
     (len, now): (u64, u64),
     flow_hop: Option<&mut NextHop>,
 ) -> Verdict {
@@ -78,7 +78,7 @@ pub fn send(
     if encap::encapsulate(ctx, pkt, outer_src, outer_dst).is_none() {
         return (xdp_action::XDP_DROP, StatIndex::DropEncapFailed);
     }
-    stats::count_flow(service_id, backend_id, len, new_flow);
+    stats::count_flow(backend_id, len, new_flow);
     forward::send(ctx, &hop, StatIndex::FwdForward)
 }
 

@@ -152,16 +152,19 @@ pub struct Status {
     pub counters: BTreeMap<&'static str, CounterView>,
 }
 
+impl From<TrafficStats> for TrafficView {
+    fn from(s: TrafficStats) -> Self {
+        Self {
+            packets: s.packets,
+            bytes: s.bytes,
+            new_flows: s.new_flows,
+            denied: s.denied,
+        }
+    }
+}
+
 fn traffic(map: &PerCpuArray<MapData, TrafficStats>, idx: u32) -> Result<TrafficView> {
-    Ok(map
-        .get(&idx, 0)?
-        .iter()
-        .fold(TrafficView::default(), |a, s| TrafficView {
-            packets: a.packets + s.packets,
-            bytes: a.bytes + s.bytes,
-            new_flows: a.new_flows + s.new_flows,
-            denied: a.denied + s.denied,
-        }))
+    Ok(crate::dataplane::traffic::summed(map, idx)?.into())
 }
 
 pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
@@ -177,6 +180,17 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
         PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_path, MAP_SERVICE_STATS)?))?;
     let be_stats =
         PerCpuArray::try_from(Map::PerCpuArray(open_pinned(pin_path, MAP_BACKEND_STATS)?))?;
+    // A service's traffic is its backends' and its retired backends'
+    // (dataplane/traffic.rs); in pins from before, the datapath counted it per service.
+    let by_service = match open_pinned(pin_path, lb_common::MAP_SERVICE_RETIRED) {
+        Ok(m) => Some(crate::dataplane::traffic::service_traffic(
+            &Array::<_, TrafficStats>::try_from(Map::Array(m))?,
+            &be_stats,
+            &backends,
+            services.iter().filter_map(|e| e.ok()).map(|(_, v)| v.id),
+        )?),
+        Err(_) => None,
+    };
     let all_backends: Vec<(u32, Backend)> = backends.into_iter().collect();
     let tunnels = open_pinned(pin_path, lb_common::MAP_BACKEND_TUNNELS)
         .ok()
@@ -246,7 +260,16 @@ pub fn read_services(pin_path: &Path) -> Result<Vec<ServiceView>> {
             allow: (v.flags & lb_common::SVC_F_SOURCE_RANGES != 0)
                 .then(|| ranges.get(&v.id).cloned().unwrap_or_default()),
             stateless: v.flags & lb_common::SVC_F_STATELESS != 0,
-            stats: traffic(&svc_stats, v.id)?,
+            stats: {
+                let counted = traffic(&svc_stats, v.id)?;
+                match by_service.as_ref().and_then(|t| t.get(&v.id)) {
+                    Some(t) => TrafficView {
+                        denied: counted.denied,
+                        ..(*t).into()
+                    },
+                    None => counted,
+                }
+            },
             backends: bes,
         });
     }

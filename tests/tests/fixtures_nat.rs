@@ -967,3 +967,212 @@ fn privileged_nat_rows() {
         rows::run(rows);
     });
 }
+
+/// The fixtures' dns service alone (UDP 192.0.2.10:53, admitting 10.10.0.0/24) on
+/// `backends`, or `other` in its place.
+fn counted_services(backends: &[&str], other: bool) -> xlb::config::Config {
+    let svc = if other {
+        Svc::udp("ntp", "192.0.2.10", 123).backends(backends.iter().copied())
+    } else {
+        Svc::udp("dns", "192.0.2.10", 53)
+            .backends(backends.iter().copied())
+            .allow(["10.10.0.0/24"])
+    };
+    Cfg::new()
+        .maglev_table_size(M)
+        .snat4("10.20.0.1")
+        .snat6("fd20::1")
+        .service(svc)
+        .config()
+}
+
+fn service_view(f: &Fixture, name: &str) -> xlb::status::ServiceView {
+    xlb::status::read_services(f.pin_path())
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no service {name}"))
+}
+
+/// (packets, new flows, denied) of a service, as `xlb status` shows them.
+fn totals(f: &Fixture, name: &str) -> (u64, u64, u64) {
+    let s = service_view(f, name).stats;
+    (s.packets, s.new_flows, s.denied)
+}
+
+/// `n` new one-datagram UDP flows to dns from `client`, from source port `first` on.
+fn dns_flows(f: &mut Fixture, lab: &Lab, client: &str, first: u16, n: u16) -> Vec<Frame> {
+    let admitted = client.starts_with("10.10.0.");
+    (first..first + n)
+        .map(|port| {
+            let frame = Frame::udp(client, port, "192.0.2.10", 53);
+            let verdict = f.run_on(&frame.build(), lab.client_if).unwrap().verdict;
+            let want = if admitted { XDP_REDIRECT } else { XDP_DROP };
+            assert_eq!(verdict, want, "{client}:{port} → dns");
+            frame
+        })
+        .collect()
+}
+
+/// The datapath counts a balanced packet on its backend alone; a service's totals are
+/// its backends' and those of the backends it had. A backend removed keeps its packets
+/// in its service's totals (and comes back from zero), a restarted agent reads the
+/// same totals, and a new service given a removed one's id starts from zero, `denied`
+/// too.
+#[test]
+fn privileged_service_totals_outlive_backends_restarts_and_their_id() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.apply(&counted_services(&BACKENDS_V4, false)).unwrap();
+        let sent = dns_flows(&mut f, lab, "10.10.0.5", 40000, 30);
+        dns_flows(&mut f, lab, "10.99.0.5", 40000, 3);
+        assert_eq!(totals(&f, "dns"), (30, 30, 3));
+        // The backend to remove, and how many of the flows Maglev gave it.
+        let gone = BACKENDS_V4[2];
+        let on_gone = sent
+            .iter()
+            .filter(|fr| predicted_backend(&BACKENDS_V4, fr, PROTO_UDP).to_string() == gone)
+            .count() as u64;
+        assert!(on_gone > 0, "none of 30 flows went to {gone}");
+        let per_backend = |f: &Fixture, addr: &str| {
+            service_view(f, "dns")
+                .backends
+                .iter()
+                .find(|b| b.address == addr)
+                .map(|b| (b.stats.packets, b.stats.new_flows))
+        };
+        assert_eq!(per_backend(&f, gone), Some((on_gone, on_gone)));
+
+        f.apply(&counted_services(&BACKENDS_V4[..2], false))
+            .unwrap();
+        assert_eq!(
+            totals(&f, "dns"),
+            (30, 30, 3),
+            "a removed backend's packets stay in its service's totals"
+        );
+        let left: u64 = service_view(&f, "dns")
+            .backends
+            .iter()
+            .map(|b| b.stats.packets)
+            .sum();
+        assert_eq!(left, 30 - on_gone);
+        dns_flows(&mut f, lab, "10.10.0.6", 40000, 10);
+        assert_eq!(totals(&f, "dns"), (40, 40, 3));
+
+        // A restart on the same pins reads the same totals.
+        let pin = f.keep_pins();
+        let mut f = Fixture::on_pins(pin, &Default::default()).unwrap();
+        f.apply(&counted_services(&BACKENDS_V4[..2], false))
+            .unwrap();
+        assert_eq!(totals(&f, "dns"), (40, 40, 3), "after a restart");
+
+        // The backend back: from zero, and the service's totals go on from theirs.
+        f.apply(&counted_services(&BACKENDS_V4, false)).unwrap();
+        assert_eq!(per_backend(&f, gone), Some((0, 0)));
+        assert_eq!(totals(&f, "dns"), (40, 40, 3));
+        dns_flows(&mut f, lab, "10.10.0.7", 40000, 5);
+        assert_eq!(totals(&f, "dns"), (45, 45, 3));
+
+        // The service goes, and the next new one is given its id: from zero.
+        let id = service_view(&f, "dns").id;
+        f.apply(&counted_services(&BACKENDS_V4, true)).unwrap();
+        f.apply(&counted_services(&BACKENDS_V4, false)).unwrap();
+        let dns = service_view(&f, "dns");
+        assert_eq!(
+            dns.id, id,
+            "dns was not given its old id back: nothing tested"
+        );
+        assert_eq!(totals(&f, "dns"), (0, 0, 0));
+        for b in &dns.backends {
+            assert_eq!(
+                (b.stats.packets, b.stats.new_flows),
+                (0, 0),
+                "{}",
+                b.address
+            );
+        }
+    });
+}
+
+/// Pins left by an earlier datapath, which counted every packet per service as well
+/// and had no XLB_SERVICE_RETIRED: the agent that adopts them converts the counters, so
+/// a service's totals carry on (the traffic of backends it no longer has included),
+/// and a backend id's stale counters are zeroed before another backend gets the id.
+#[test]
+fn privileged_service_totals_carry_over_from_pins_that_counted_per_service() {
+    use aya::maps::{PerCpuArray, PerCpuValues};
+    use lb_common::{TrafficStats, MAP_BACKEND_STATS, MAP_SERVICE_RETIRED, MAP_SERVICE_STATS};
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.apply(&counted_services(&BACKENDS_V4, false)).unwrap();
+        dns_flows(&mut f, lab, "10.10.0.5", 40000, 20);
+        let id = service_view(&f, "dns").id;
+        let pin = f.keep_pins();
+        // As the earlier datapath left them: the service counted its 20 packets and 7
+        // of a backend it no longer has, whose id (the last) kept them.
+        std::fs::remove_file(pin.join(MAP_SERVICE_RETIRED)).unwrap();
+        let cpus = aya::util::nr_cpus().unwrap();
+        let one_cpu = |t: TrafficStats| {
+            let mut v = vec![TrafficStats::default(); cpus];
+            v[0] = t;
+            PerCpuValues::try_from(v).unwrap()
+        };
+        let open = |name: &str| {
+            PerCpuArray::<MapData, TrafficStats>::try_from(Map::PerCpuArray(
+                xlb::dataplane::open_pinned(&pin, name).unwrap(),
+            ))
+            .unwrap()
+        };
+        let (mut svc_stats, mut be_stats) = (open(MAP_SERVICE_STATS), open(MAP_BACKEND_STATS));
+        let counted = svc_stats
+            .get(&id, 0)
+            .unwrap()
+            .iter()
+            .fold(TrafficStats::default(), |a, s| a.plus(*s));
+        assert_eq!(
+            (counted.packets, counted.denied),
+            (0, 0),
+            "this datapath counts no traffic per service"
+        );
+        let earlier = TrafficStats {
+            packets: 27,
+            bytes: 27 * 60,
+            new_flows: 27,
+            denied: 2,
+        };
+        svc_stats.set(id, one_cpu(earlier), 0).unwrap();
+        let stale = be_stats.len() - 1;
+        let seven = TrafficStats {
+            packets: 7,
+            bytes: 7 * 60,
+            new_flows: 7,
+            denied: 0,
+        };
+        be_stats.set(stale, one_cpu(seven), 0).unwrap();
+        drop((svc_stats, be_stats));
+
+        let mut f = Fixture::on_pins(pin.clone(), &Default::default()).unwrap();
+        f.apply(&counted_services(&BACKENDS_V4, false)).unwrap();
+        assert_eq!(
+            totals(&f, "dns"),
+            (27, 27, 2),
+            "the earlier totals carry on"
+        );
+        let stale_now = open(MAP_BACKEND_STATS)
+            .get(&stale, 0)
+            .unwrap()
+            .iter()
+            .fold(TrafficStats::default(), |a, s| a.plus(*s));
+        assert_eq!(
+            stale_now,
+            TrafficStats::default(),
+            "backend id {stale} kept stale counters"
+        );
+        dns_flows(&mut f, lab, "10.10.0.6", 40000, 5);
+        assert_eq!(totals(&f, "dns"), (32, 32, 2));
+        // Converted once: a restart reads the same.
+        let pin = f.keep_pins();
+        let f = Fixture::on_pins(pin, &Default::default()).unwrap();
+        assert_eq!(totals(&f, "dns"), (32, 32, 2), "after a second restart");
+    });
+}

@@ -127,6 +127,24 @@ fn upgrade_from(commit: &str, old: &std::path::Path) {
             flows.push((mode, s, b));
         }
     }
+    // Each service's (packets, new flows) as the older datapath counted them.
+    let totals = || -> Vec<(String, u64, u64)> {
+        let st = status_json(&pin).unwrap();
+        st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let n = |k: &str| s["stats"][k].as_u64().unwrap();
+                (
+                    s["name"].as_str().unwrap().to_owned(),
+                    n("packets"),
+                    n("new_flows"),
+                )
+            })
+            .collect()
+    };
+    let before = totals();
     // The rollout: the old pod goes (SIGTERM keeps the datapath), the new one adopts it.
     assert!(older.stop_with(libc::SIGTERM).unwrap().success());
     let newer = agent().start().unwrap();
@@ -135,6 +153,26 @@ fn upgrade_from(commit: &str, old: &std::path::Path) {
         if exchange(s, &format!("after{k}")) != Some(*b) {
             broken.push(format!("{mode} flow {k}"));
         }
+    }
+    // The counters carry on: this datapath counts a service's traffic on its backends
+    // alone, and the agent converted the older one's per-service counts.
+    let after = totals();
+    assert_eq!(
+        after.len(),
+        before.len(),
+        "services before {before:?}, after {after:?}"
+    );
+    for ((name, packets, new_flows), (_, packets_after, new_flows_after)) in
+        before.iter().zip(&after)
+    {
+        assert_eq!(
+            new_flows_after, new_flows,
+            "{name}: new flows across the upgrade from {commit}"
+        );
+        assert!(
+            packets_after > packets,
+            "{name}: {packets} packets before the upgrade from {commit}, {packets_after} after"
+        );
     }
     let st = status_json(&pin).unwrap();
     let recreated = st["counters"]["event_flow_recreated"]["packets"]

@@ -111,14 +111,14 @@ impl Dataplane {
     }
 
     /// The services in the pinned map, as the running program sees them.
-    fn pinned_services(&mut self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
+    pub(super) fn pinned_services(&mut self) -> Result<Vec<(ServiceKey, ServiceValue)>> {
         self.hash_map::<ServiceKey, ServiceValue>(MAP_SERVICES)?
             .iter()
             .collect::<Result<_, _>>()
             .context("reading the pinned services")
     }
 
-    fn backends_map(&mut self) -> Result<Array<&mut MapData, Backend>> {
+    pub(super) fn backends_map(&mut self) -> Result<Array<&mut MapData, Backend>> {
         let map = self
             .ebpf
             .map_mut(MAP_BACKENDS)
@@ -284,7 +284,11 @@ impl Dataplane {
                 .backends_map()?
                 .set(id, b, 0)
                 .with_context(|| format!("writing backend {id}"))?,
-            Write::ClearBackend(id) => self.backends_map()?.set(id, Backend::default(), 0)?,
+            Write::ClearBackend(id, service_id) => {
+                self.backends_map()?.set(id, Backend::default(), 0)?;
+                self.retire_backend_counters(id, service_id)?;
+            }
+            Write::ResetServiceCounters(id) => self.reset_service_counters(id)?,
             Write::Tunnel(id, addr) => {
                 let map = self
                     .ebpf

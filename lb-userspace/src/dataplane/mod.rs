@@ -29,6 +29,7 @@ mod carry;
 mod maps;
 mod pins;
 pub mod plan;
+pub mod traffic;
 
 pub use attach::{driver_name, mode_name, XdpAttachMode};
 pub use maps::{live_backends, Restored};
@@ -67,7 +68,7 @@ pub struct LoadOptions {
 impl LoadOptions {
     /// The maps these options size, and their sizes (every other map has the size the
     /// object gives it).
-    pub fn map_sizes(&self) -> [(&'static str, u32); 10] {
+    pub fn map_sizes(&self) -> [(&'static str, u32); 11] {
         [
             (lb_common::MAP_CONNTRACK, buckets_for(self.conntrack_max)),
             (lb_common::MAP_FRAGMENTS, self.fragments_max),
@@ -75,6 +76,7 @@ impl LoadOptions {
             (MAP_SERVICES, self.max_services),
             (MAP_MAGLEV, self.max_services * 2 * MAGLEV_MAX_CHUNKS),
             (lb_common::MAP_SERVICE_STATS, self.max_services),
+            (lb_common::MAP_SERVICE_RETIRED, self.max_services),
             (lb_common::MAP_SERVICE_NAMES, self.max_services),
             (MAP_BACKENDS, self.max_backends),
             (lb_common::MAP_BACKEND_STATS, self.max_backends),
@@ -166,6 +168,9 @@ impl Dataplane {
         let carried = carry::take(pin_path);
         drop_incompatible_pins(pin_path)?;
         let tunnels_created = !pin_path.join(lb_common::MAP_BACKEND_TUNNELS).exists();
+        // Counters of a datapath that counted per service as well (traffic.rs).
+        let counted_per_service = pin_path.join(lb_common::MAP_SERVICE_STATS).exists()
+            && !pin_path.join(lb_common::MAP_SERVICE_RETIRED).exists();
         // The flow tables are the largest allocation (288 MiB at the default): if the
         // kernel cannot make them, half the size is tried, down to FLOWS_FLOOR, unless
         // they are pinned already (adopted at their size).
@@ -247,6 +252,9 @@ impl Dataplane {
         dp.reverse_nat()?.stamp()?;
         dp.put_carried(carried)?;
         let restored = dp.restore_derived_state()?;
+        if counted_per_service {
+            dp.convert_service_counters()?;
+        }
         if restored.filter_words > 0 {
             info!(
                 words = restored.filter_words,

@@ -70,7 +70,8 @@ pub struct Applied {
     /// once, and that one must not take the old one's flows; and address). Not given to another backend until a sweep has deleted
     /// their flows: a new backend must not inherit an old one's flows, and sweeping at
     /// once made every removal cost a walk of the whole conntrack table. The same
-    /// backend back before the sweep gets its id again, flows and counters with it.
+    /// backend back before the sweep gets its id again, and its flows with it (its
+    /// counters were moved to its service's retired traffic when it was cleared).
     pub freed: BTreeMap<u32, (ServiceKey, std::net::SocketAddr)>,
     /// Each service as last applied, with its backend ids and what its table was built
     /// with: an equal one is skipped. Empty after a restart.
@@ -137,7 +138,12 @@ pub enum Write {
     /// Both generations of a removed service's table, and its name.
     RemoveTables(u32),
     RemoveName(u32),
-    ClearBackend(u32),
+    /// A new service's id: the counters a removed service left under it are zeroed
+    /// before anything names it.
+    ResetServiceCounters(u32),
+    /// A backend id cleared (backend id, its service's id): its counters move to the
+    /// service's retired traffic, so the service's totals stay whole.
+    ClearBackend(u32, u32),
     RemoveRanges(Vec<RangeEntry>),
     Vip((u32, Addr), u32),
     RemoveVip((u32, Addr)),
@@ -269,7 +275,9 @@ pub fn plan_digested(
             Some(v) => v.id,
             None => {
                 summary.services_added += 1;
-                service_ids.alloc().context("no free service id")?
+                let id = service_ids.alloc().context("no free service id")?;
+                emit(Write::ResetServiceCounters(id))?;
+                id
             }
         };
         let ranges = svc.source_ranges();
@@ -511,8 +519,8 @@ pub fn plan_digested(
             .collect()
     };
     for id in &cleared {
-        emit(Write::ClearBackend(*id))?;
         if let Some(b) = after.backends.remove(id) {
+            emit(Write::ClearBackend(*id, b.service_id))?;
             // A backend of no known service waits all the same, matched by no service.
             let k = key_of.get(&b.service_id).copied().unwrap_or_default();
             after.freed.insert(*id, (k, backend_addr(&b)));

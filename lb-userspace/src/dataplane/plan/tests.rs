@@ -552,7 +552,7 @@ fn cleared_backends_are_those_changed_and_removed_services_left() {
         p.writes
             .iter()
             .filter_map(|w| match w {
-                Write::ClearBackend(id) => Some(*id),
+                Write::ClearBackend(id, _) => Some(*id),
                 _ => None,
             })
             .collect()
