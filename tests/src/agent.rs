@@ -286,14 +286,23 @@ pub fn xlb_cmd(args: &[&str]) -> Result<std::process::Output> {
 }
 
 pub fn status_json(pin_path: &std::path::Path) -> Result<serde_json::Value> {
-    let out = std::process::Command::new(xlb_bin()?)
+    status_json_of(&xlb_bin()?, pin_path)
+}
+
+/// `status_json`, as the xlb binary `bin` (another build's) reads the pins.
+pub fn status_json_of(
+    bin: &std::path::Path,
+    pin_path: &std::path::Path,
+) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(bin)
         .args(["status", "--json", "--pin-path"])
         .arg(pin_path)
         .output()?;
     if !out.status.success() {
         bail!(
-            "xlb status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
+            "xlb status failed: {}{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
         );
     }
     Ok(serde_json::from_slice(&out.stdout)?)
