@@ -83,7 +83,7 @@ pub fn sweep(dp: &mut Dataplane, t: &Timeouts) -> Result<Sweep> {
             out.orphaned += 1;
         }
     }
-    dp.swept();
+    dp.swept()?;
     Ok(out)
 }
 

@@ -1151,12 +1151,32 @@ fn privileged_service_totals_carry_over_from_pins_that_counted_per_service() {
         be_stats.set(stale, one_cpu(seven), 0).unwrap();
         drop((svc_stats, be_stats));
 
-        let mut f = Fixture::on_pins(pin.clone(), &Default::default()).unwrap();
+        // With --max-services smaller than the adopted services map: the new map of
+        // retired traffic takes the adopted map's size, or service ids past its end
+        // could not be read.
+        let smaller = xlb::dataplane::LoadOptions {
+            max_services: 1,
+            ..Default::default()
+        };
+        let mut f = Fixture::on_pins(pin.clone(), &smaller).unwrap();
         f.apply(&counted_services(&BACKENDS_V4, false)).unwrap();
         assert_eq!(
             totals(&f, "dns"),
             (27, 27, 2),
             "the earlier totals carry on"
+        );
+        let left = open(MAP_SERVICE_STATS)
+            .get(&id, 0)
+            .unwrap()
+            .iter()
+            .fold(TrafficStats::default(), |a, s| a.plus(*s));
+        assert_eq!(
+            left,
+            TrafficStats {
+                denied: 2,
+                ..Default::default()
+            },
+            "the earlier traffic is converted once (denied kept)"
         );
         let stale_now = open(MAP_BACKEND_STATS)
             .get(&stale, 0)
@@ -1174,5 +1194,64 @@ fn privileged_service_totals_carry_over_from_pins_that_counted_per_service() {
         let pin = f.keep_pins();
         let f = Fixture::on_pins(pin, &Default::default()).unwrap();
         assert_eq!(totals(&f, "dns"), (32, 32, 2), "after a second restart");
+    });
+}
+
+/// A removed backend's reply entries outlive it until the conntrack sweep, and its
+/// replies are counted on its cleared id meanwhile: the sweep moves them to its
+/// service, so the next backend given the id starts from zero and no service's total
+/// jumps with another's packets.
+#[test]
+fn privileged_a_removed_backends_late_replies_stay_in_its_service() {
+    in_lab(|lab| {
+        let mut f = Fixture::new().unwrap();
+        f.apply(&counted_services(&BACKENDS_V4, false)).unwrap();
+        let frame = Frame::udp("10.10.0.5", 40000, "192.0.2.10", 53);
+        let gone = predicted_backend(&BACKENDS_V4, &frame, PROTO_UDP);
+        let res = f.run_on(&frame.build(), lab.client_if).unwrap();
+        assert_eq!(res.verdict, XDP_REDIRECT);
+        let out = decode(&res.data).unwrap();
+        let id_of = |f: &Fixture, addr: &str| {
+            service_view(f, "dns")
+                .backends
+                .iter()
+                .find(|b| b.address == addr)
+                .map(|b| (b.id, b.stats.packets))
+        };
+        let (gone_id, _) = id_of(&f, &gone.to_string()).unwrap();
+        let rest: Vec<&str> = BACKENDS_V4
+            .iter()
+            .copied()
+            .filter(|b| *b != gone.to_string())
+            .collect();
+        f.apply(&counted_services(&rest, false)).unwrap();
+
+        // The removed backend answers, through its reply entry.
+        let mut reply = frame.clone();
+        reply.src = gone.ip();
+        reply.sport = gone.port();
+        reply.dst = out.src;
+        reply.dport = out.sport;
+        reply.src_mac = backend_mac(gone.ip());
+        reply.dst_mac = lab.backend_side_mac;
+        let res = f.run_on(&reply.build(), lab.backend_if).unwrap();
+        assert_eq!(res.verdict, XDP_REDIRECT, "the reply is still translated");
+        assert_eq!(totals(&f, "dns"), (1, 1, 0), "before the sweep");
+
+        xlb::conntrack::sweep(&mut f.dp, &Default::default()).unwrap();
+        assert_eq!(
+            totals(&f, "dns"),
+            (2, 1, 0),
+            "the late reply, in its service's totals"
+        );
+        let new_backend = "10.20.0.9:8080";
+        let with_new: Vec<&str> = rest.iter().copied().chain([new_backend]).collect();
+        f.apply(&counted_services(&with_new, false)).unwrap();
+        assert_eq!(
+            id_of(&f, new_backend),
+            Some((gone_id, 0)),
+            "the next backend is given the removed one's id ({gone_id}), from zero"
+        );
+        assert_eq!(totals(&f, "dns"), (2, 1, 0));
     });
 }

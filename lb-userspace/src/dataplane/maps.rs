@@ -225,11 +225,22 @@ impl Dataplane {
     }
 
     /// A conntrack sweep has deleted the flows of every backend id cleared before it:
-    /// those ids can be given out again.
-    pub fn swept(&mut self) {
-        if let Some(a) = self.applied.as_mut() {
-            a.freed.clear();
+    /// those ids can be given out again. What their reply entries counted on them since
+    /// they were cleared moves to their services (if they still have one), so that the
+    /// next backend given the id starts from zero.
+    pub fn swept(&mut self) -> Result<()> {
+        let Some(a) = self.applied.as_mut() else {
+            return Ok(());
+        };
+        let freed = std::mem::take(&mut a.freed);
+        let owners: Vec<(u32, Option<u32>)> = freed
+            .iter()
+            .map(|(id, (key, _))| (*id, a.services.get(key).map(|v| v.id)))
+            .collect();
+        for (id, service_id) in owners {
+            self.retire_backend_counters(id, service_id)?;
         }
+        Ok(())
     }
 
     /// Backend ids cleared and not yet swept.
@@ -285,8 +296,10 @@ impl Dataplane {
                 .set(id, b, 0)
                 .with_context(|| format!("writing backend {id}"))?,
             Write::ClearBackend(id, service_id) => {
-                self.backends_map()?.set(id, Backend::default(), 0)?;
+                // Its counters first: until the entry is cleared the id still counts in
+                // its service's traffic, so no reading in between misses them.
                 self.retire_backend_counters(id, service_id)?;
+                self.backends_map()?.set(id, Backend::default(), 0)?;
             }
             Write::ResetServiceCounters(id) => self.reset_service_counters(id)?,
             Write::Tunnel(id, addr) => {

@@ -110,6 +110,10 @@ fn load_object(pin_path: &Path, opts: &LoadOptions) -> Result<Ebpf> {
     for (name, size) in opts.map_sizes() {
         loader.map_max_entries(name, size);
     }
+    // Made beside an adopted services map (pins of an earlier version): its size.
+    if let Ok(info) = aya::maps::MapInfo::from_pin(pin_path.join(MAP_SERVICES)) {
+        loader.map_max_entries(lb_common::MAP_SERVICE_RETIRED, info.max_entries());
+    }
     loader.load(crate::EBPF_OBJECT).with_context(|| {
         format!(
             "loading the XDP program (maps pinned in {})",
@@ -168,9 +172,6 @@ impl Dataplane {
         let carried = carry::take(pin_path);
         drop_incompatible_pins(pin_path)?;
         let tunnels_created = !pin_path.join(lb_common::MAP_BACKEND_TUNNELS).exists();
-        // Counters of a datapath that counted per service as well (traffic.rs).
-        let counted_per_service = pin_path.join(lb_common::MAP_SERVICE_STATS).exists()
-            && !pin_path.join(lb_common::MAP_SERVICE_RETIRED).exists();
         // The flow tables are the largest allocation (288 MiB at the default): if the
         // kernel cannot make them, half the size is tried, down to FLOWS_FLOOR, unless
         // they are pinned already (adopted at their size).
@@ -252,9 +253,8 @@ impl Dataplane {
         dp.reverse_nat()?.stamp()?;
         dp.put_carried(carried)?;
         let restored = dp.restore_derived_state()?;
-        if counted_per_service {
-            dp.convert_service_counters()?;
-        }
+        // Counters an earlier version's datapath left (traffic.rs).
+        dp.convert_service_counters()?;
         if restored.filter_words > 0 {
             info!(
                 words = restored.filter_words,

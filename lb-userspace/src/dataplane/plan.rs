@@ -142,8 +142,10 @@ pub enum Write {
     /// before anything names it.
     ResetServiceCounters(u32),
     /// A backend id cleared (backend id, its service's id): its counters move to the
-    /// service's retired traffic, so the service's totals stay whole.
-    ClearBackend(u32, u32),
+    /// service's retired traffic, so the service's totals stay whole. No service: the
+    /// id its entry names was given to a new service in this apply (the entry was left
+    /// by a failed apply), and its counters are only zeroed.
+    ClearBackend(u32, Option<u32>),
     RemoveRanges(Vec<RangeEntry>),
     Vip((u32, Addr), u32),
     RemoveVip((u32, Addr)),
@@ -252,6 +254,8 @@ pub fn plan_digested(
             .sum::<usize>()
             == after.backends.len();
     let mut dropped: BTreeSet<u32> = BTreeSet::new();
+    // Service ids given out in this apply (`Write::ClearBackend`).
+    let mut created: BTreeSet<u32> = BTreeSet::new();
     // Built at the first service with no record of its last apply (adopted maps): an
     // apply that changes one known service need not index 100,000 backends.
     let mut backend_id_of: Option<BTreeMap<(u32, std::net::SocketAddr), u32>> = None;
@@ -277,6 +281,7 @@ pub fn plan_digested(
                 summary.services_added += 1;
                 let id = service_ids.alloc().context("no free service id")?;
                 emit(Write::ResetServiceCounters(id))?;
+                created.insert(id);
                 id
             }
         };
@@ -520,7 +525,8 @@ pub fn plan_digested(
     };
     for id in &cleared {
         if let Some(b) = after.backends.remove(id) {
-            emit(Write::ClearBackend(*id, b.service_id))?;
+            let owner = (!created.contains(&b.service_id)).then_some(b.service_id);
+            emit(Write::ClearBackend(*id, owner))?;
             // A backend of no known service waits all the same, matched by no service.
             let k = key_of.get(&b.service_id).copied().unwrap_or_default();
             after.freed.insert(*id, (k, backend_addr(&b)));

@@ -6,7 +6,11 @@
 //! again starts from zero. A new service's id is zeroed too, whatever a removed
 //! service left under it.
 
-use std::{borrow::Borrow, collections::BTreeMap};
+use std::{
+    borrow::Borrow,
+    collections::BTreeMap,
+    sync::{Mutex, MutexGuard},
+};
 
 use anyhow::{Context, Result};
 use aya::maps::{Array, MapData, PerCpuArray, PerCpuValues};
@@ -14,6 +18,17 @@ use lb_common::{Backend, TrafficStats, MAP_BACKEND_STATS, MAP_SERVICE_RETIRED, M
 use tracing::info;
 
 use super::Dataplane;
+
+/// Held while counters move (a backend's to its service's retired traffic) and while
+/// a service's traffic is summed: a reading in the agent's process (its metrics) never
+/// sees them halfway, in both places (counted twice) or, had the order been the other,
+/// in neither (a total that went down, which Prometheus takes for a reset). `xlb
+/// status`, another process, can read them halfway, at the instant of a removal.
+static MOVING: Mutex<()> = Mutex::new(());
+
+fn moving() -> MutexGuard<'static, ()> {
+    MOVING.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Entry `idx` of a per-CPU counter map, summed over the CPUs.
 pub fn summed<T: Borrow<MapData>>(
@@ -34,9 +49,17 @@ pub fn service_traffic<T: Borrow<MapData>, U: Borrow<MapData>>(
     backends: &BTreeMap<u32, Backend>,
     service_ids: impl IntoIterator<Item = u32>,
 ) -> Result<BTreeMap<u32, TrafficStats>> {
+    let _moving = moving();
     let mut out = BTreeMap::new();
     for id in service_ids {
-        out.insert(id, retired.get(&id, 0)?);
+        // An id past the map's end has retired nothing (a map made smaller than the
+        // services map by an earlier version would otherwise fail every reading).
+        let r = match retired.get(&id, 0) {
+            Ok(r) => r,
+            Err(aya::maps::MapError::OutOfBounds { .. }) => TrafficStats::default(),
+            Err(e) => return Err(e.into()),
+        };
+        out.insert(id, r);
     }
     for (bid, b) in backends {
         if let Some(t) = out.get_mut(&b.service_id) {
@@ -80,18 +103,25 @@ impl Dataplane {
             .with_context(|| format!("zeroing {name}[{idx}]"))
     }
 
-    /// Backend id `id` (of service `service_id`) was cleared: its counters move to the
-    /// service's retired traffic. Added there before they are zeroed: an agent stopped
+    /// Backend id `id`'s counters move to service `service_id`'s retired traffic (None:
+    /// they are only zeroed). Added there before they are zeroed: an agent stopped
     /// between the two counts them twice, rather than not at all. A packet the
     /// datapath counts between the read and the zeroing is lost to the totals.
-    pub(super) fn retire_backend_counters(&mut self, id: u32, service_id: u32) -> Result<()> {
+    pub(super) fn retire_backend_counters(
+        &mut self,
+        id: u32,
+        service_id: Option<u32>,
+    ) -> Result<()> {
+        let _moving = moving();
         let counted = summed(&self.counters(MAP_BACKEND_STATS)?, id)?;
         if counted == TrafficStats::default() {
             return Ok(());
         }
-        let mut retired = self.retired_map()?;
-        let total = retired.get(&service_id, 0)?.plus(counted);
-        retired.set(service_id, total, 0)?;
+        if let Some(service_id) = service_id {
+            let mut retired = self.retired_map()?;
+            let total = retired.get(&service_id, 0)?.plus(counted);
+            retired.set(service_id, total, 0)?;
+        }
         self.zero_per_cpu(MAP_BACKEND_STATS, id)
     }
 
@@ -101,40 +131,72 @@ impl Dataplane {
         self.zero_per_cpu(MAP_SERVICE_STATS, id)
     }
 
-    /// Pins made by a datapath that counted every packet per service as well (before
-    /// XLB_SERVICE_RETIRED existed): each service's retired traffic becomes what it
-    /// counted less what its live backends did, so its totals carry on; the counters
-    /// of backend ids no backend holds (cleared ones, which the datapath then did not
-    /// zero) are zeroed. Returns the services converted.
+    /// Pins a datapath of an earlier version counted in: it counted every packet per
+    /// service as well, so a service's XLB_SERVICE_STATS holds traffic, which this
+    /// datapath never writes there. Each such service's retired traffic gains what it
+    /// counted less what its live backends did, so its totals carry on, and its
+    /// traffic there is zeroed (`denied` kept); the counters of backend ids no backend
+    /// holds (cleared ones, which that datapath did not zero) are zeroed. Run at every
+    /// load: a load stopped midway converts the rest at the next, and pins an earlier
+    /// version counted in again (a downgrade) are converted again. Returns the
+    /// services converted.
     pub(super) fn convert_service_counters(&mut self) -> Result<usize> {
         let services = self.pinned_services()?;
-        let backends = super::live_backends(&self.backends_map()?)?;
-        let ids = services.iter().map(|(_, v)| v.id);
-        // The retired traffic is all zeros here: the map was just made.
-        let retired_now = self
-            .ebpf
-            .map(MAP_SERVICE_RETIRED)
-            .with_context(|| format!("map {MAP_SERVICE_RETIRED} missing"))?;
-        let from_backends = service_traffic(
-            &Array::<&MapData, TrafficStats>::try_from(retired_now)?,
-            &self.counters(MAP_BACKEND_STATS)?,
-            &backends,
-            ids,
-        )?;
-        let mut retired = Vec::new();
+        let ids: Vec<u32> = services.iter().map(|(_, v)| v.id).collect();
+        let mut counted = Vec::new();
         {
             let service_stats = self.counters(MAP_SERVICE_STATS)?;
-            for (id, live) in from_backends {
-                let counted = TrafficStats {
-                    denied: 0,
-                    ..summed(&service_stats, id)?
-                };
-                retired.push((id, counted.less(live)));
+            for id in &ids {
+                let t = summed(&service_stats, *id)?;
+                if (t.packets, t.bytes, t.new_flows) != (0, 0, 0) {
+                    counted.push((*id, TrafficStats { denied: 0, ..t }));
+                }
             }
         }
-        let mut map = self.retired_map()?;
-        for (id, t) in &retired {
-            map.set(*id, *t, 0)?;
+        if counted.is_empty() {
+            return Ok(0);
+        }
+        let backends = super::live_backends(&self.backends_map()?)?;
+        let live = {
+            let retired_now = self
+                .ebpf
+                .map(MAP_SERVICE_RETIRED)
+                .with_context(|| format!("map {MAP_SERVICE_RETIRED} missing"))?;
+            // Retired plus live backends, less the retired part: the live backends'.
+            let retired = Array::<&MapData, TrafficStats>::try_from(retired_now)?;
+            let with_retired = service_traffic(
+                &retired,
+                &self.counters(MAP_BACKEND_STATS)?,
+                &backends,
+                counted.iter().map(|(id, _)| *id),
+            )?;
+            let mut live = BTreeMap::new();
+            for (id, t) in with_retired {
+                let r = retired.get(&id, 0).unwrap_or_default();
+                live.insert(id, t.less(r));
+            }
+            live
+        };
+        for (id, c) in &counted {
+            let from_backends = live.get(id).copied().unwrap_or_default();
+            {
+                let _moving = moving();
+                let mut retired = self.retired_map()?;
+                let total = retired.get(id, 0)?.plus(c.less(from_backends));
+                retired.set(*id, total, 0)?;
+            }
+            // Each CPU's `denied` kept (a refusal counted between the read and the
+            // write is lost: at this conversion only).
+            let mut stats = self.per_cpu(MAP_SERVICE_STATS)?;
+            let per_cpu: Vec<TrafficStats> = stats
+                .get(id, 0)?
+                .iter()
+                .map(|t| TrafficStats {
+                    denied: t.denied,
+                    ..TrafficStats::default()
+                })
+                .collect();
+            stats.set(*id, PerCpuValues::try_from(per_cpu)?, 0)?;
         }
         let max_backends = self.max_backends;
         let mut stale = Vec::new();
@@ -150,10 +212,10 @@ impl Dataplane {
             self.zero_per_cpu(MAP_BACKEND_STATS, *id)?;
         }
         info!(
-            services = retired.len(),
+            services = counted.len(),
             cleared_backend_ids = stale.len(),
-            "service counters converted: the datapath now counts per backend, and a service's traffic is its backends'"
+            "service counters converted from an earlier version's: the datapath counts per backend, and a service's traffic is its backends'"
         );
-        Ok(retired.len())
+        Ok(counted.len())
     }
 }
