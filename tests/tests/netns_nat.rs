@@ -194,18 +194,34 @@ fn balance_through_namespaces(lab: LbLab, mode: &str) {
         .iter()
         .find(|s| s["vip"] == VIP4 && s["port"] == 80)
         .unwrap();
-    let new_flows: u64 = tcp4["backends"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["stats"]["new_flows"].as_u64().unwrap())
-        .sum();
+    let backend_flows = |addr: &str| {
+        tcp4["backends"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["address"] == addr)
+            .map(|b| b["stats"]["new_flows"].as_u64().unwrap())
+    };
+    let per_backend: Vec<Option<u64>> = (0..3)
+        .map(|i| backend_flows(&lab.backend(i, false).to_string()))
+        .collect();
     // 30 short + the long-lived + 15 new, plus the flows that were on b1 and got
-    // rebalanced when they spoke again (none: they stayed silent).
+    // rebalanced when they spoke again (none: they stayed silent). In the service's
+    // totals: b1's flows stayed there when it was removed, and b1 came back from zero.
     assert_eq!(
-        new_flows,
+        tcp4["stats"]["new_flows"].as_u64().unwrap(),
         30 + long.len() as u64 + 15,
-        "new flows counted per backend: {tcp4}"
+        "new flows in the service's totals: {tcp4}"
+    );
+    assert_eq!(
+        per_backend[1],
+        Some(0),
+        "b1, back after its removal: {tcp4}"
+    );
+    let counted: u64 = per_backend.iter().flatten().sum();
+    assert!(
+        counted < 30 + long.len() as u64 + 15,
+        "the backends' own counters hold b1's flows from before its removal too: {tcp4}"
     );
     assert!(st["counters"]["fwd_reverse"]["packets"].as_u64().unwrap() > 0);
     drop((servers, lb_server));
