@@ -192,6 +192,18 @@ pub fn assert_back_to_client(lab: &Lab, back: &Decoded, sent: &Frame) {
     );
 }
 
+/// `frame` (its flags and payload) as backend `from` sends it back to `to` (the SNAT
+/// address and port, or the client), from the backend's MAC to the backend side's.
+pub fn backend_reply(lab: &Lab, frame: &Frame, from: SocketAddr, to: (IpAddr, u16)) -> Frame {
+    let mut reply = frame.clone();
+    reply.src = from.ip();
+    reply.sport = from.port();
+    (reply.dst, reply.dport) = to;
+    reply.src_mac = backend_mac(from.ip());
+    reply.dst_mac = lab.backend_side_mac;
+    reply
+}
+
 pub fn backend_mac(addr: IpAddr) -> [u8; 6] {
     let last = match addr {
         IpAddr::V4(a) => a.octets()[3],

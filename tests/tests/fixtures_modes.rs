@@ -81,13 +81,12 @@ fn dnat_flow<'a>(
         );
     };
     // The backend answers the client directly: backend → client becomes VIP → client.
-    let mut reply = frame.clone().flags(ACK);
-    reply.src = want.ip();
-    reply.sport = want.port();
-    reply.dst = frame.src;
-    reply.dport = frame.sport;
-    reply.src_mac = backend_mac(want.ip());
-    reply.dst_mac = lab.backend_side_mac;
+    let reply = backend_reply(
+        lab,
+        &frame.clone().flags(ACK),
+        want,
+        (frame.src, frame.sport),
+    );
     // A backend on this host: its reply leaves through the TC egress program, which
     // translates it the same way (TTL and MACs are the kernel's business there).
     let (sent, replied) = (frame.clone(), reply.clone());

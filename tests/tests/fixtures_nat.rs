@@ -71,13 +71,7 @@ fn new_flow_then_established_then_reply(
     );
 
     // The reply, backend → SNAT address:port, becomes VIP → client.
-    let mut reply = frame.clone().flags(ACK);
-    reply.src = want.ip();
-    reply.sport = want.port();
-    reply.dst = snat;
-    reply.dport = out.sport;
-    reply.src_mac = backend_mac(want.ip());
-    reply.dst_mac = lab.backend_side_mac;
+    let reply = backend_reply(lab, &frame.clone().flags(ACK), want, (snat, out.sport));
     let res = f.run_on(&reply.build(), lab.backend_if).unwrap();
     assert_eq!(
         res.verdict, XDP_REDIRECT,
@@ -1102,6 +1096,7 @@ fn privileged_service_totals_outlive_backends_restarts_and_their_id() {
 fn privileged_service_totals_carry_over_from_pins_that_counted_per_service() {
     use aya::maps::{PerCpuArray, PerCpuValues};
     use lb_common::{TrafficStats, MAP_BACKEND_STATS, MAP_SERVICE_RETIRED, MAP_SERVICE_STATS};
+    use xlb::dataplane::traffic::summed;
     in_lab(|lab| {
         let mut f = Fixture::new().unwrap();
         f.apply(&counted_services(&BACKENDS_V4, false)).unwrap();
@@ -1124,11 +1119,7 @@ fn privileged_service_totals_carry_over_from_pins_that_counted_per_service() {
             .unwrap()
         };
         let (mut svc_stats, mut be_stats) = (open(MAP_SERVICE_STATS), open(MAP_BACKEND_STATS));
-        let counted = svc_stats
-            .get(&id, 0)
-            .unwrap()
-            .iter()
-            .fold(TrafficStats::default(), |a, s| a.plus(*s));
+        let counted = summed(&svc_stats, id).unwrap();
         assert_eq!(
             (counted.packets, counted.denied),
             (0, 0),
@@ -1165,11 +1156,7 @@ fn privileged_service_totals_carry_over_from_pins_that_counted_per_service() {
             (27, 27, 2),
             "the earlier totals carry on"
         );
-        let left = open(MAP_SERVICE_STATS)
-            .get(&id, 0)
-            .unwrap()
-            .iter()
-            .fold(TrafficStats::default(), |a, s| a.plus(*s));
+        let left = summed(&open(MAP_SERVICE_STATS), id).unwrap();
         assert_eq!(
             left,
             TrafficStats {
@@ -1178,11 +1165,7 @@ fn privileged_service_totals_carry_over_from_pins_that_counted_per_service() {
             },
             "the earlier traffic is converted once (denied kept)"
         );
-        let stale_now = open(MAP_BACKEND_STATS)
-            .get(&stale, 0)
-            .unwrap()
-            .iter()
-            .fold(TrafficStats::default(), |a, s| a.plus(*s));
+        let stale_now = summed(&open(MAP_BACKEND_STATS), stale).unwrap();
         assert_eq!(
             stale_now,
             TrafficStats::default(),
@@ -1227,13 +1210,7 @@ fn privileged_a_removed_backends_late_replies_stay_in_its_service() {
         f.apply(&counted_services(&rest, false)).unwrap();
 
         // The removed backend answers, through its reply entry.
-        let mut reply = frame.clone();
-        reply.src = gone.ip();
-        reply.sport = gone.port();
-        reply.dst = out.src;
-        reply.dport = out.sport;
-        reply.src_mac = backend_mac(gone.ip());
-        reply.dst_mac = lab.backend_side_mac;
+        let reply = backend_reply(lab, &frame, gone, (out.src, out.sport));
         let res = f.run_on(&reply.build(), lab.backend_if).unwrap();
         assert_eq!(res.verdict, XDP_REDIRECT, "the reply is still translated");
         assert_eq!(totals(&f, "dns"), (1, 1, 0), "before the sweep");

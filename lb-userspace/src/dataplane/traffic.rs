@@ -157,26 +157,19 @@ impl Dataplane {
             return Ok(0);
         }
         let backends = super::live_backends(&self.backends_map()?)?;
-        let live = {
-            let retired_now = self
-                .ebpf
-                .map(MAP_SERVICE_RETIRED)
-                .with_context(|| format!("map {MAP_SERVICE_RETIRED} missing"))?;
-            // Retired plus live backends, less the retired part: the live backends'.
-            let retired = Array::<&MapData, TrafficStats>::try_from(retired_now)?;
-            let with_retired = service_traffic(
-                &retired,
-                &self.counters(MAP_BACKEND_STATS)?,
-                &backends,
-                counted.iter().map(|(id, _)| *id),
-            )?;
-            let mut live = BTreeMap::new();
-            for (id, t) in with_retired {
-                let r = retired.get(&id, 0).unwrap_or_default();
-                live.insert(id, t.less(r));
+        // What each converted service's live backends counted.
+        let mut live: BTreeMap<u32, TrafficStats> = counted
+            .iter()
+            .map(|(id, _)| (*id, TrafficStats::default()))
+            .collect();
+        {
+            let stats = self.counters(MAP_BACKEND_STATS)?;
+            for (bid, b) in &backends {
+                if let Some(t) = live.get_mut(&b.service_id) {
+                    *t = t.plus(summed(&stats, *bid)?);
+                }
             }
-            live
-        };
+        }
         for (id, c) in &counted {
             let from_backends = live.get(id).copied().unwrap_or_default();
             {
