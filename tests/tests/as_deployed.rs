@@ -306,6 +306,60 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
     );
     check("after_restart", 100, &agent);
 
+    // 4. A backend removed: its traffic stays in its services' totals (the agent sums a
+    // service's from its backends' counters, and a removed one's move to its service).
+    let services = |st: &serde_json::Value| -> Vec<(String, u64, u64, u64)> {
+        st["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let n = |k: &str| s["stats"][k].as_u64().unwrap();
+                let gone: u64 = s["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|b| {
+                        b["address"]
+                            .as_str()
+                            .unwrap()
+                            .contains(&lab.backend(1, false).ip().to_string())
+                            || b["address"]
+                                .as_str()
+                                .unwrap()
+                                .contains(&lab.backend(1, true).ip().to_string())
+                    })
+                    .map(|b| b["stats"]["new_flows"].as_u64().unwrap())
+                    .sum();
+                (
+                    s["name"].as_str().unwrap().to_owned(),
+                    n("packets"),
+                    n("new_flows"),
+                    gone,
+                )
+            })
+            .collect()
+    };
+    let before = services(&agent.status().unwrap());
+    assert!(
+        before.iter().any(|(_, _, _, gone)| *gone > 0),
+        "backend 1 had no flows to keep: {before:?}"
+    );
+    let mut agent = agent;
+    lab.write_config(&[0, 2]).unwrap();
+    agent.reload().unwrap();
+    let after = services(&agent.status().unwrap());
+    assert_eq!(after.len(), before.len());
+    for ((name, packets, new_flows, _), (_, packets_after, new_flows_after, gone_after)) in
+        before.iter().zip(&after)
+    {
+        assert!(
+            packets_after >= packets && new_flows_after >= new_flows,
+            "{name}: (packets, new flows) {packets}, {new_flows} before backend 1's removal, {packets_after}, {new_flows_after} after"
+        );
+        assert_eq!(*gone_after, 0, "{name}: backend 1 still listed");
+    }
+
     // Generic mode delivered what it forwarded.
     assert_eq!(counter(&pin, "event_redirect_failed"), 0);
     let drops = counter(&pin, "drop_neighbour_unknown");
