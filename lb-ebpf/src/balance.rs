@@ -103,11 +103,18 @@ fn forward_path(
         Some(svc) => svc,
         None => lookup::service(key, false)?,
     };
+    new_flow(pkt, svc, hash, (len, now))
+}
+
+/// A new flow of service `svc`, once its source is admitted: left in scratch memory
+/// for the entry's next calls, which balance and send it (NEW_FLOW_ACTION).
+#[inline(always)]
+fn new_flow(pkt: &Packet, svc: ServiceValue, hash: u32, (len, now): (u64, u64)) -> Option<Verdict> {
+    let key = &pkt.key;
     let restricted = svc.flags & SVC_F_SOURCE_RANGES != 0;
     if let Err(verdict) = allow::check(restricted, svc.id, key.family, &key.src) {
         return Some(verdict);
     }
-    // Balanced and sent from the entry (see there), from scratch memory.
     let scratch = mem::this_cpu(&maps::SCRATCH, 0)?;
     scratch.new = maps::NewFlow {
         pkt: *pkt,
@@ -147,10 +154,11 @@ fn established(
 /// The entry's fast path (main.rs): the common packet (`parsed` by parse::common_v4
 /// or common_v6) of an established flow, a reply to a NAT flow, or the host's own
 /// traffic, as the pipeline would handle it, in a BPF function small enough for its
-/// values to stay in registers; and a stateless dsr service's packet (`stateless`).
-/// Returns the packet's `Seen*` counter and its verdict; None when the pipeline is to
-/// handle the packet from the start (anything else, a new flow's): nothing has been
-/// changed or counted then.
+/// values to stay in registers; a stateless dsr service's packet (`stateless`); and a
+/// new flow's first packet, up to what the pipeline's forward path leaves for the
+/// entry's next calls (NEW_FLOW_ACTION). Returns the packet's `Seen*` counter and its
+/// verdict; None when the pipeline is to handle the packet from the start (anything
+/// else): nothing has been changed or counted then.
 #[inline(always)]
 pub fn common(
     ctx: &XdpContext,
@@ -169,9 +177,13 @@ pub fn common(
             let verdict = stateless(ctx, &pkt, (svc, hash), (len, now))?;
             return Some((seen, verdict));
         }
-        // A miss changes nothing (conntrack::lookup): the pipeline looks again.
-        let flow = conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg)?;
-        established(ctx, &pkt, flow, (hash, cfg), (len, now))
+        match conntrack::lookup(key, hash, pkt.tcp_flags, now, cfg) {
+            Some(flow) => established(ctx, &pkt, flow, (hash, cfg), (len, now)),
+            // A new flow goes on to its calls from here, not from the pipeline's start
+            // (its parse and lookups again). A miss changes nothing (conntrack::lookup):
+            // no service, and the pipeline takes the packet from the start.
+            None => new_flow(&pkt, lookup::service(key, false)?, hash, (len, now))?,
+        }
     } else {
         reply_or_not_a_vip(ctx, &pkt, cfg, len)
     };

@@ -124,6 +124,9 @@ fn common_finish(common: Option<(StatIndex, Verdict)>, len: u64) -> u64 {
     match common {
         Some((seen, verdict)) => {
             stats::count(seen, len);
+            if verdict.0 == NEW_FLOW_ACTION {
+                return NEW_FLOW;
+            }
             finish(verdict, len)
         }
         None => PIPELINE,
