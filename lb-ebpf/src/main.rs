@@ -87,9 +87,9 @@ pub fn xlb(ctx: XdpContext) -> u32 {
     action
 }
 
-/// The fast path: an established flow's packet, a reply, or the host's own traffic,
-/// when it is a whole TCP or UDP packet (parse::common_v4, common_v6); PIPELINE for
-/// anything else. A BPF function of its own per family: the pipeline's, which handles
+/// The fast path: an established flow's packet, a reply, the host's own traffic, or a
+/// new flow's first packet up to its own calls (NEW_FLOW), when it is a whole TCP or
+/// UDP packet (parse::common_v4, common_v6); PIPELINE for anything else. A BPF function of its own per family: the pipeline's, which handles
 /// every packet, keeps most of its values on the stack, and these spill less; one
 /// function for both families spilled more than two (measured: docs/datapath.md,
 /// "The common packet has its own way").
@@ -117,8 +117,9 @@ fn common_v6(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     common_finish(balance::common(ctx, len, parse::common_v6(ctx)), len)
 }
 
-/// The fast path's packet counted as the pipeline counts it (its `seen_*`, its reason);
-/// PIPELINE, uncounted, for one it left untouched.
+/// The fast path's packet counted as the pipeline counts it (its `seen_*`, its reason;
+/// a new flow's `seen_*` alone, and NEW_FLOW, as the pipeline returns it); PIPELINE,
+/// uncounted, for one it left untouched.
 #[inline(always)]
 fn common_finish(common: Option<(StatIndex, Verdict)>, len: u64) -> u64 {
     match common {
@@ -177,8 +178,8 @@ fn finish((action, reason): Verdict, len: u64) -> u64 {
     action as u64 | (reason as u64) << 32
 }
 
-/// What the pipeline returns for a new flow it left in scratch memory (maps::NewFlow)
-/// to balance (balance::NEW_FLOW_ACTION).
+/// What the fast path or the pipeline returns for a new flow it left in scratch memory
+/// (maps::NewFlow) to balance (balance::NEW_FLOW_ACTION).
 const NEW_FLOW: u64 = u64::MAX;
 /// What the fast path returns for a packet the pipeline is to handle: no verdict is
 /// this (a reason's index is far below u32::MAX).
@@ -254,7 +255,7 @@ pub fn xlb_baseline_pass(_ctx: XdpContext) -> u32 {
 
 /// A new flow: its backend by Maglev, its source (and nat's SNAT port), and its
 /// entries (unless the flood guard is on or the service is stateless), from what the
-/// pipeline left in scratch memory; NEW_FLOW when it is to be sent. Its own BPF
+/// fast path or the pipeline left in scratch memory; NEW_FLOW when it is to be sent. Its own BPF
 /// function, called from the entry: see there.
 #[inline(never)]
 fn balance_new_flow() -> u64 {

@@ -141,8 +141,8 @@ pub struct NewFlow {
 pub static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
 
 pub struct Scratch {
-    /// A new flow, from the pipeline that found it to the calls that balance and send
-    /// it (main.rs).
+    /// A new flow, from the fast path or the pipeline that found it to the calls that
+    /// balance and send it (main.rs).
     pub new: NewFlow,
     /// What is not TCP or UDP, from the parser to its stages (main.rs).
     pub other: OtherPacket,

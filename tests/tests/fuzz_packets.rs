@@ -708,7 +708,8 @@ fn privileged_hostile_packets_never_break_the_invariants() {
 }
 
 /// The entry's fast path (an established flow's packet, a reply, the host's own
-/// traffic, when it is a whole TCP or UDP packet: parse::common_v4 and common_v6) and
+/// traffic, a new flow's first packet up to its own calls, when it is a whole TCP or
+/// UDP packet: parse::common_v4 and common_v6) and
 /// the pipeline (everything else, and every packet while the debug log is on) must
 /// agree. The same frames go through two programs with maps of their own, one with
 /// the log on, in each mode, with source ranges on the web services and (dnat, dsr)
