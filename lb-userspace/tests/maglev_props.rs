@@ -106,10 +106,11 @@ proptest! {
         let survivors_moved = before.iter().zip(&after).filter(|(b, a)| b != a && !removed.contains(b)).count();
         // Maglev is not minimally disruptive: survivors also trade slots, about as many
         // as the removed backends held. Over 3000 random cases (N 5..120, k 1..3,
-        // M 16381), the worst was (moved - 1% of M) = 1.24 × the removed share; the
-        // bound allows 1.5 ×. (It was 1.0 ×, which a random case broke.)
+        // M 16381), the worst was (moved - 1% of M) = 1.24 × the removed share, of
+        // 4,000 more 1.17 ×; the bound allows 2 ×, as for an addition, whose tail a CI
+        // run found past 1.5 × (below). (It was 1.0 ×, then 1.5 ×.)
         let ideal_removed = m as f64 * k as f64 / ids.len() as f64;
-        prop_assert!((survivors_moved as f64) <= 1.5 * ideal_removed + 0.01 * m as f64,
+        prop_assert!((survivors_moved as f64) <= 2.0 * ideal_removed + 0.01 * m as f64,
             "survivors moved {survivors_moved} slots, removed backends held ~{ideal_removed:.0}");
     }
 
@@ -126,8 +127,12 @@ proptest! {
         let moved_elsewhere = before.iter().zip(&after).filter(|(b, a)| b != a && **a != new).count();
         let ideal_new = m as f64 / ids.len() as f64;
         prop_assert!((moved_to_new as f64) <= ideal_new * 1.02 + 1.0);
-        // As for removal: the worst of 3000 random cases was 1.24 × the new share.
-        prop_assert!((moved_elsewhere as f64) <= 1.5 * ideal_new + 0.01 * m as f64,
+        // As for removal, a tail: the worst of 3000 random cases was 1.24 × the new
+        // share, of two later sets of 4,000 cases 1.17 × and 1.49 ×, and a CI run drew
+        // 1.56 × (N 89: 451 slots moved, kept in maglev_props.proptest-regressions and
+        // replayed every run). The bound allows 2 ×; a table that is not Maglev's (a
+        // hash modulo N, say) moves most of its slots on any change.
+        prop_assert!((moved_elsewhere as f64) <= 2.0 * ideal_new + 0.01 * m as f64,
             "{moved_elsewhere} slots moved between old backends; the new one took {moved_to_new}");
     }
 
