@@ -89,10 +89,11 @@ pub fn xlb(ctx: XdpContext) -> u32 {
 
 /// The fast path: an established flow's packet, a reply, the host's own traffic, or a
 /// new flow's first packet up to its own calls (NEW_FLOW), when it is a whole TCP or
-/// UDP packet (parse::common_v4, common_v6); PIPELINE for anything else. A BPF function of its own per family: the pipeline's, which handles
-/// every packet, keeps most of its values on the stack, and these spill less; one
-/// function for both families spilled more than two (measured: docs/datapath.md,
-/// "The common packet has its own way").
+/// UDP packet (parse::common_v4, common_v6); PIPELINE for anything else. A BPF
+/// function of its own per family: the pipeline's, which handles every packet, keeps
+/// most of its values on the stack, and these spill less; one function for both
+/// families spilled more than two (measured: docs/datapath.md, "The common packet has
+/// its own way").
 #[inline(always)]
 fn common_packet(raw: *mut aya_ebpf::bindings::xdp_md) -> u64 {
     let ctx = &XdpContext { ctx: raw };
@@ -255,8 +256,8 @@ pub fn xlb_baseline_pass(_ctx: XdpContext) -> u32 {
 
 /// A new flow: its backend by Maglev, its source (and nat's SNAT port), and its
 /// entries (unless the flood guard is on or the service is stateless), from what the
-/// fast path or the pipeline left in scratch memory; NEW_FLOW when it is to be sent. Its own BPF
-/// function, called from the entry: see there.
+/// fast path or the pipeline left in scratch memory; NEW_FLOW when it is to be sent.
+/// Its own BPF function, called from the entry: see there.
 #[inline(never)]
 fn balance_new_flow() -> u64 {
     let (Some(scratch), Some(cfg)) = (mem::this_cpu(&maps::SCRATCH, 0), maps::CONFIG.get(0)) else {

@@ -319,3 +319,20 @@ impl Drop for Agent {
         }
     }
 }
+
+/// Each service's (name, packets, new flows) from an `xlb status --json` document.
+pub fn service_totals(status: &serde_json::Value) -> Vec<(String, u64, u64)> {
+    status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let n = |k: &str| s["stats"][k].as_u64().unwrap();
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                n("packets"),
+                n("new_flows"),
+            )
+        })
+        .collect()
+}

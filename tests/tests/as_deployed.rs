@@ -308,36 +308,24 @@ fn privileged_as_deployed_cold_neighbours_storm_and_restart() {
 
     // 4. A backend removed: its traffic stays in its services' totals (the agent sums a
     // service's from its backends' counters, and a removed one's move to its service).
+    let backend_1 = [lab.backend(1, false), lab.backend(1, true)].map(|b| b.ip().to_string());
     let services = |st: &serde_json::Value| -> Vec<(String, u64, u64, u64)> {
-        st["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| {
-                let n = |k: &str| s["stats"][k].as_u64().unwrap();
-                let gone: u64 = s["backends"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .filter(|b| {
-                        b["address"]
-                            .as_str()
-                            .unwrap()
-                            .contains(&lab.backend(1, false).ip().to_string())
-                            || b["address"]
-                                .as_str()
-                                .unwrap()
-                                .contains(&lab.backend(1, true).ip().to_string())
-                    })
-                    .map(|b| b["stats"]["new_flows"].as_u64().unwrap())
-                    .sum();
-                (
-                    s["name"].as_str().unwrap().to_owned(),
-                    n("packets"),
-                    n("new_flows"),
-                    gone,
-                )
-            })
+        let gone = st["services"].as_array().unwrap().iter().map(|s| {
+            s["backends"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|b| {
+                    let addr = b["address"].as_str().unwrap();
+                    backend_1.iter().any(|ip| addr.contains(ip.as_str()))
+                })
+                .map(|b| b["stats"]["new_flows"].as_u64().unwrap())
+                .sum::<u64>()
+        });
+        xlb_tests::agent::service_totals(st)
+            .into_iter()
+            .zip(gone)
+            .map(|((name, packets, new_flows), gone)| (name, packets, new_flows, gone))
             .collect()
     };
     let before = services(&agent.status().unwrap());

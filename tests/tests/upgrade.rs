@@ -129,21 +129,8 @@ fn upgrade_from(commit: &str, old: &std::path::Path) {
     }
     // Each service's (packets, new flows), as `bin`'s `xlb status` reads the pins (this
     // build's cannot read the oldest's layouts).
-    let totals = |bin: &std::path::Path| -> Vec<(String, u64, u64)> {
-        let st = status_json_of(bin, &pin).unwrap();
-        st["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| {
-                let n = |k: &str| s["stats"][k].as_u64().unwrap();
-                (
-                    s["name"].as_str().unwrap().to_owned(),
-                    n("packets"),
-                    n("new_flows"),
-                )
-            })
-            .collect()
+    let totals = |bin: &std::path::Path| {
+        xlb_tests::agent::service_totals(&status_json_of(bin, &pin).unwrap())
     };
     let before = totals(old);
     // The rollout: the old pod goes (SIGTERM keeps the datapath), the new one adopts it.
