@@ -47,6 +47,18 @@ pub struct Results {
     pub incremental_updates: usize,
     /// The same config applied again (nothing to change).
     pub noop_apply_ms: f64,
+    /// Half the services removed at once (their backends' ids cleared, their counters
+    /// moved to the services' retired traffic), applied on top of the full config.
+    pub mass_removal_services: usize,
+    pub mass_removal_backends: usize,
+    pub mass_removal_apply_ms: f64,
+    /// The conntrack sweep after it, which frees the cleared ids (an empty flow table:
+    /// the ids' work and the table's scan).
+    pub mass_removal_sweep_ms: f64,
+    /// A sweep with no id to free, the same table: what the ids add to the one above.
+    pub idle_sweep_ms: f64,
+    /// The removed half added back, applied.
+    pub mass_addition_apply_ms: f64,
     /// A real `xlb run` with this config: from start to "config applied".
     pub agent_start_to_applied_ms: f64,
     pub agent_rss_mib: f64,
@@ -133,7 +145,7 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
             max_backends: ((services * per) as u32).next_power_of_two().max(16384),
             ..Default::default()
         };
-        let (full_sync_ms, tables_written, kernel_memory_mib, inc, noop_apply_ms) = {
+        let (full_sync_ms, tables_written, kernel_memory_mib, inc, noop_apply_ms, mass) = {
             let mut f = Fixture::with_options(&opts)?;
             let before = mem_available_kib()?;
             let start = Instant::now();
@@ -155,14 +167,44 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
             f.apply(&cfg)?;
             f.apply(&cfg)?;
             let noop = ms(start.elapsed()) / 2.0;
-            (full, summary.tables_written, kmem, inc, noop)
+            // An operator's mass change: half the services go (a namespace deleted),
+            // the sweep frees their backends' ids, then they come back.
+            let start = Instant::now();
+            xlb::conntrack::sweep(&mut f.dp, &xlb::model::Timeouts::default())?;
+            let idle_sweep = ms(start.elapsed());
+            let mut half = cfg.clone();
+            half.services.truncate(services - services / 2);
+            let start = Instant::now();
+            f.apply(&half)?;
+            let removal = ms(start.elapsed());
+            let start = Instant::now();
+            xlb::conntrack::sweep(&mut f.dp, &xlb::model::Timeouts::default())?;
+            let sweep = ms(start.elapsed());
+            let start = Instant::now();
+            f.apply(&cfg)?;
+            let addition = ms(start.elapsed());
+            (
+                full,
+                summary.tables_written,
+                kmem,
+                inc,
+                noop,
+                (removal, sweep, idle_sweep, addition),
+            )
         };
+        let removed = services / 2;
+        let (mass_removal_apply_ms, mass_removal_sweep_ms, idle_sweep_ms, mass_addition_apply_ms) =
+            mass;
         println!(
             "  config load ({services} services x {per} backends): {config_load_ms:.0} ms; full sync into the maps: {full_sync_ms:.0} ms ({tables_written} tables, ~{kernel_memory_mib:.0} MiB kernel memory)"
         );
         let inc_max = inc.iter().copied().max().unwrap_or(0) as f64 / 1e3;
         let inc_median = median(inc) as f64 / 1e3;
         println!("  incremental update (one backend replaced), {updates} updates: median {inc_median:.1} ms, max {inc_max:.1} ms; no-op apply {noop_apply_ms:.1} ms");
+        println!(
+            "  {removed} services ({} backends) removed at once: apply {mass_removal_apply_ms:.0} ms, the sweep after it {mass_removal_sweep_ms:.0} ms (one with nothing to free {idle_sweep_ms:.0} ms); added back: apply {mass_addition_apply_ms:.0} ms",
+            removed * per
+        );
 
         // The real agent with this config.
         let bin = super::build_agent()?;
@@ -196,6 +238,12 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
             incremental_ms_max: inc_max,
             incremental_updates: updates,
             noop_apply_ms,
+            mass_removal_services: removed,
+            mass_removal_backends: removed * per,
+            mass_removal_apply_ms,
+            mass_removal_sweep_ms,
+            idle_sweep_ms,
+            mass_addition_apply_ms,
             agent_start_to_applied_ms: applied,
             agent_rss_mib: rss,
             agent_peak_rss_mib: hwm,

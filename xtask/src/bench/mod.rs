@@ -558,6 +558,19 @@ fn control_plane_report(r: &control_plane::Results) -> String {
             format!("{:.1} ms", r.noop_apply_ms),
         ),
         (
+            format!(
+                "{} services ({} backends) removed at once: apply; the conntrack sweep that frees their ids (one with nothing to free); added back",
+                r.mass_removal_services, r.mass_removal_backends
+            ),
+            format!(
+                "{:.0} ms; {:.0} ms ({:.0} ms); {:.0} ms",
+                r.mass_removal_apply_ms,
+                r.mass_removal_sweep_ms,
+                r.idle_sweep_ms,
+                r.mass_addition_apply_ms
+            ),
+        ),
+        (
             "real agent (`xlb run`): start to \"config applied\"".into(),
             format!("{:.0} ms", r.agent_start_to_applied_ms),
         ),
