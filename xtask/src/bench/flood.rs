@@ -34,6 +34,9 @@ pub struct Run {
     pub syn_rate: f64,
     pub flood_forwarded: u64,
     pub flood_dropped: u64,
+    /// The drops by their counters' reasons (`drop_*` that moved), e.g. the guard's
+    /// `drop_flood_nat`, or `drop_port_alloc` where a backend's SNAT ports ran short.
+    pub drop_reasons: Vec<(String, u64)>,
     pub active_checks: u64,
     pub active_lost: u64,
     pub idle_lost: u64,
@@ -120,6 +123,12 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
                 }
             }
             let entries = f.dp.conntrack()?.entries().count();
+            // Nothing dropped before the flood (every establishing packet was checked).
+            let drop_reasons = xlb::counters::read_global_counters(f.pin_path())?
+                .into_iter()
+                .filter(|(name, c)| name.starts_with("drop_") && c.packets > 0)
+                .map(|(name, c)| (name.to_owned(), c.packets))
+                .collect();
             runs.push(Run {
                 guard,
                 syns,
@@ -127,6 +136,7 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
                 syn_rate: syns as f64 / seconds,
                 flood_forwarded: forwarded,
                 flood_dropped: dropped,
+                drop_reasons,
                 active_checks: checks,
                 active_lost,
                 idle_lost,

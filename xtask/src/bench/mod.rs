@@ -313,7 +313,7 @@ pub fn pin_to_this_cpu() -> Result<()> {
 }
 
 fn flood_report(runs: &[flood::Run]) -> String {
-    let mut md = format!("## 5. SYN flood against established flows\n\nBPF_PROG_TEST_RUN on one CPU, nat service with 100 backends, conntrack {} flows. 1,000 established flows (SYN and ACK), then the flood (a new source address per SYN, as fast as one thread sends); 100 established flows send a packet after every 10,000 SYNs (active), the other 900 one second after the flood (idle). Lost: not forwarded with the flow's original backend and SNAT port.\n\n| flood guard (new flows/s per CPU) | SYNs | SYNs/s sent | flood SYNs forwarded | dropped by the guard | active packets lost | idle flows lost | conntrack entries after |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n", lb_common::CONNTRACK_MAX);
+    let mut md = format!("## 5. SYN flood against established flows\n\nBPF_PROG_TEST_RUN on one CPU, nat service with 100 backends, conntrack {} flows. 1,000 established flows (SYN and ACK), then the flood (a new source address per SYN, as fast as one thread sends); 100 established flows send a packet after every 10,000 SYNs (active), the other 900 one second after the flood (idle). Lost: not forwarded with the flow's original backend and SNAT port.\n\n| flood guard (new flows/s per CPU) | SYNs | SYNs/s sent | flood SYNs forwarded | dropped (by reason) | active packets lost | idle flows lost | conntrack entries after |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n", lb_common::CONNTRACK_MAX);
     println!(
         "  {}",
         [
@@ -340,7 +340,16 @@ fn flood_report(runs: &[flood::Run]) -> String {
             r.syns.to_string(),
             format!("{:.0}", r.syn_rate),
             r.flood_forwarded.to_string(),
-            r.flood_dropped.to_string(),
+            if r.drop_reasons.is_empty() {
+                r.flood_dropped.to_string()
+            } else {
+                let why: Vec<String> = r
+                    .drop_reasons
+                    .iter()
+                    .map(|(n, c)| format!("{n} {c}"))
+                    .collect();
+                format!("{} ({})", r.flood_dropped, why.join(", "))
+            },
             format!("{} of {}", r.active_lost, r.active_checks),
             format!("{} of 900", r.idle_lost),
             r.conntrack_entries.to_string(),
