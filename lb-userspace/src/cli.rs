@@ -204,9 +204,10 @@ pub struct RunArgs {
     /// a taken default port only warns).
     #[arg(long, value_parser = parse_metrics_addr, help_heading = METRICS)]
     pub metrics_addr: Option<MetricsAddr>,
-    /// Flows the conntrack (and reverse-NAT) tables hold each: 144 bytes per flow per
-    /// table (288 MiB for both at the default), in kernel memory. Fixed
-    /// when the maps are first created: an agent adopting pinned maps keeps their size.
+    /// Flows the conntrack (and reverse-NAT) tables hold each, 16 to 16777216, rounded
+    /// up to a power of two: 144 bytes per flow per table (288 MiB for both at the
+    /// default), in kernel memory. Fixed when the maps are first created: an agent
+    /// adopting pinned maps keeps their size.
     #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216), help_heading = MAP_SIZES)]
     pub conntrack_max: u32,
     /// Fragmented datagrams (first fragment seen, later ones expected) followed at

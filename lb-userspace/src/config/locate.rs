@@ -119,15 +119,17 @@ pub(super) fn describe_parse_error(
     };
     let (line, col) = (at.line(), at.column());
     // Which field, when the value it points at is one the located parse knows.
+    let src_line = text.lines().nth(line as usize - 1);
     let field = serde_saphyr::from_str_with_options::<Located>(text, parse_options())
         .ok()
-        .and_then(|l| l.field_at(&at));
+        .and_then(|l| l.field_at(&at))
+        .or_else(|| src_line.and_then(|l| key_of_line(l, col as usize)));
     let head = match field {
         // The message may already name the field ("port 70000 is out of range").
         Some(f) => format!("line {line} column {col}: {f}: {msg}"),
         None => format!("line {line} column {col}: {msg}"),
     };
-    let Some(src_line) = text.lines().nth(line as usize - 1) else {
+    let Some(src_line) = src_line else {
         return head;
     };
     // A window of the line around the column, so a long (flow-style) line stays
@@ -153,6 +155,18 @@ pub(super) fn describe_parse_error(
         " ".repeat(caret_at),
         "^".repeat(width)
     )
+}
+
+/// The key of a block mapping's line (`  conntrack: null`, `- name: web`) when column
+/// `col` (1-based) is at or after it: the field of a value the located parse does not
+/// keep a place for (a null reads as an absent field there).
+fn key_of_line(line: &str, col: usize) -> Option<String> {
+    let body = line.trim_start();
+    let body = body.strip_prefix("- ").map_or(body, str::trim_start);
+    let start = line.len() - body.len();
+    let (key, _) = body.split_once(':')?;
+    let ok = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    (ok && col > start).then(|| key.to_owned())
 }
 
 /// Text from the file or the parser, safe for a terminal or a log: control characters

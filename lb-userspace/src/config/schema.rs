@@ -28,7 +28,7 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Decapsulate IP-in-IP and IPv6-in-IPv6 packets addressed to this host in XDP and
     /// pass the inner packet to the kernel: the backend's side of `mode: dsr`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "boolean")]
     pub decap: bool,
     /// How this node announces the VIPs it can serve (docs/announce.md).
     #[serde(default)]
@@ -38,7 +38,7 @@ pub struct Config {
     pub flood_guard: FloodGuard,
     /// Answer ICMP echo (ping) to a VIP from XDP while one of its services can take new
     /// flows. On by default; `icmp_echo: false` leaves echo requests to the host.
-    #[serde(default = "yes")]
+    #[serde(default = "yes", deserialize_with = "boolean")]
     pub icmp_echo: bool,
 }
 
@@ -105,7 +105,7 @@ pub struct ServiceConfig {
     /// This service serves packets that arrive encapsulated to this host (from another
     /// node's dsr service with `via`: this host), not clients' packets. Turns on
     /// decapsulation.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "boolean")]
     pub encapsulated: bool,
     /// Only clients inside these ranges reach the service (Kubernetes'
     /// `loadBalancerSourceRanges`); the rest are dropped in XDP and counted. Empty or
@@ -117,7 +117,7 @@ pub struct ServiceConfig {
     /// DNS over UDP, whose flows need not stay on a backend when the backend set
     /// changes. dnat still writes the entry its replies are translated by. Refused on a
     /// nat service: its replies come back to a SNAT port only the flow's entry maps.
-    #[serde(default = "yes")]
+    #[serde(default = "yes", deserialize_with = "boolean")]
     pub conntrack: bool,
 }
 
@@ -208,7 +208,7 @@ struct HealthCheckDef {
     rise: u32,
     #[serde(default = "default_fall")]
     fall: u32,
-    #[serde(default = "yes")]
+    #[serde(default = "yes", deserialize_with = "boolean")]
     keep_established: bool,
 }
 
@@ -296,6 +296,48 @@ fn one() -> u32 {
 }
 fn yes() -> bool {
     true
+}
+
+/// A boolean: `true` or `false` (and YAML 1.1's unquoted `yes`, `no`, `on`, `off`,
+/// which the parser reads as booleans). A quoted value is a string in every YAML
+/// version, so `conntrack: "no"` is refused here rather than read as false: the
+/// parser's own boolean would take it, and a typo would turn a setting off unseen.
+fn boolean<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    struct Visitor;
+    impl serde::de::Visitor<'_> for Visitor {
+        type Value = bool;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("true or false")
+        }
+        fn visit_bool<E: serde::de::Error>(self, v: bool) -> std::result::Result<bool, E> {
+            Ok(v)
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<bool, E> {
+            Err(E::custom(not_a_boolean(format!("the string {v:?}"))))
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> std::result::Result<bool, E> {
+            Err(E::custom(not_a_boolean(n)))
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> std::result::Result<bool, E> {
+            Err(E::custom(not_a_boolean(n)))
+        }
+        fn visit_f64<E: serde::de::Error>(self, n: f64) -> std::result::Result<bool, E> {
+            Err(E::custom(not_a_boolean(n)))
+        }
+        fn visit_unit<E: serde::de::Error>(self) -> std::result::Result<bool, E> {
+            Err(E::custom(not_a_boolean(
+                "null (leave the field out for its default)",
+            )))
+        }
+        fn visit_none<E: serde::de::Error>(self) -> std::result::Result<bool, E> {
+            self.visit_unit()
+        }
+    }
+    d.deserialize_any(Visitor)
+}
+
+fn not_a_boolean(v: impl std::fmt::Display) -> String {
+    format!("{v} is not a boolean: write true or false, unquoted")
 }
 
 /// A range in the config file: as `parse_source_range`, but one with host bits set is

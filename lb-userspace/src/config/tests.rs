@@ -378,3 +378,55 @@ fn a_duplicate_key_is_named_plainly() {
     assert!(!e.contains("DuplicateKeyPolicy"), "{e}");
     assert!(e.contains("a key may be given once"), "{e}");
 }
+
+/// A boolean is `true` or `false` unquoted (YAML 1.1's unquoted yes/no too); a quoted
+/// value, a number or null is refused with the field's name, not read as a boolean.
+#[test]
+fn booleans_are_booleans_not_strings() {
+    let dsr = GOOD
+        .replace("protocol: tcp", "protocol: tcp\n    mode: dnat")
+        .replace(":8080", ":80");
+    for (v, want) in [
+        ("false", false),
+        ("true", true),
+        ("no", false),
+        ("False", false),
+    ] {
+        let c = Config::parse(&dsr.replace(
+            "protocol: tcp",
+            &format!("protocol: tcp\n    conntrack: {v}"),
+        ))
+        .unwrap();
+        assert_eq!(c.services[0].conntrack, want, "conntrack: {v}");
+    }
+    for v in [
+        "\"no\"",
+        "\"false\"",
+        "'off'",
+        "\"No \"",
+        "0",
+        "1",
+        "null",
+        "~",
+        "[]",
+        "{}",
+    ] {
+        let e = err(&dsr.replace(
+            "protocol: tcp",
+            &format!("protocol: tcp\n    conntrack: {v}"),
+        ));
+        // Named in the message's first line, not only in the quoted source line.
+        let head = e.lines().next().unwrap_or_default();
+        assert!(
+            head.contains("conntrack") && head.contains("line"),
+            "conntrack: {v}: {e}"
+        );
+    }
+    for field in ["decap", "icmp_echo"] {
+        let e = err(&format!("{field}: \"yes\"\n{GOOD}"));
+        assert!(
+            e.contains(field) && e.contains("not a boolean"),
+            "{field}: {e}"
+        );
+    }
+}
