@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use xlb::counters::read_global_counters;
+use xlb::{counters::read_global_counters, model::Timeouts};
 use xlb_tests::{
     agent::Agent,
     cfg::{Cfg, Svc},
@@ -87,7 +87,13 @@ fn privileged_full_conntrack_recreates_flows_on_their_backend() {
         return;
     }
     let lab = LbLab::two_arm(3).unwrap();
-    lab.write(&one_service(&lab, &[0, 1, 2])).unwrap();
+    // A sweep a second, so the table's occupancy is read while the test runs.
+    let sweeps = Timeouts {
+        gc_interval: 1,
+        ..Default::default()
+    };
+    lab.write(&one_service(&lab, &[0, 1, 2]).timeouts(sweeps))
+        .unwrap();
     let _servers = lab.start_backends(Duration::from_secs(60)).unwrap();
     // A tiny table: 64 flows.
     let mut agent = start(&lab, &["--conntrack-max", "64"]);
@@ -136,6 +142,18 @@ fn privileged_full_conntrack_recreates_flows_on_their_backend() {
     agent
         .wait_for_log("re-created mid-stream", Duration::from_secs(10))
         .unwrap();
+    // The full table is said once, with how ways are given up, not at every sweep.
+    agent
+        .wait_for_log("over 90% full", Duration::from_secs(10))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let logs = agent.logs();
+    let said: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("over 90% full"))
+        .collect();
+    assert_eq!(said.len(), 1, "{said:?}");
+    assert!(said[0].contains("half-open"), "{}", said[0]);
     // Still a working load balancer.
     assert!(connect(&lab.client, vip).exchange("new").unwrap() < 3);
 }

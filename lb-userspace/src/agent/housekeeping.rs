@@ -14,6 +14,8 @@ pub(super) struct State {
     /// Seconds since the last conntrack sweep, and the datapath counters last seen.
     since_sweep: u32,
     last_counters: BTreeMap<&'static str, u64>,
+    /// Whether the last sweep found the conntrack table over 90% full.
+    table_full: bool,
     /// While the datapath's flood guard is on: since when, and its two counters then.
     flood_since: Option<(std::time::Instant, u64, u64)>,
 }
@@ -47,9 +49,17 @@ impl Agent {
                             .inc_by(n as u64);
                     }
                     let max = self.dp.conntrack_max as usize;
-                    if sweep.remaining * 10 >= max * 9 {
-                        warn!(entries = sweep.remaining, max, "conntrack is over 90% full: the least recently used flows are being evicted (they are re-created on their next packet; see xlb_datapath_events_total)");
+                    let full = sweep.remaining * 10 >= max * 9;
+                    // Said when it starts and when it ends, not at every sweep between.
+                    if full && !self.housekeeping.table_full {
+                        warn!(entries = sweep.remaining, max, "conntrack is over 90% full: a new flow whose bucket is full takes an expired way, else a closing one, else a half-open one, and only then the least recently seen established flow (xlb_datapath_events_total{{event=\"established_evicted\"}} counts those). A larger --conntrack-max applies to maps created afresh: after a stop by SIGINT or `xlb detach`, which lose the flows");
+                    } else if !full && self.housekeeping.table_full {
+                        info!(
+                            entries = sweep.remaining,
+                            max, "conntrack is below 90% full again"
+                        );
                     }
+                    self.housekeeping.table_full = full;
                 }
                 Err(e) => warn!("conntrack sweep failed: {e:#}"),
             }
