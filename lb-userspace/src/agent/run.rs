@@ -24,6 +24,32 @@ fn stop_requested(
     }
 }
 
+/// Runs `f` on a thread of its own that does not take the stop signals. The verifier
+/// gives up a load when a signal is pending on its thread, and aya then loads the
+/// program again with the verifier's log on, about 4 s a try at this program's size:
+/// a SIGTERM during the load took 12 s to act on. Blocked there, the signal goes to
+/// another thread (the runtime's handler), the load completes, and the start's next
+/// check finds it.
+fn without_stop_signals<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: the set is initialised by sigemptyset before it is read, and the
+            // mask changed is this new thread's alone.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+                    libc::sigaddset(&mut set, sig);
+                }
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// Ends a start that a signal interrupted, before anything was attached: the maps this
 /// start created are unpinned (no datapath used them); an earlier agent's, adopted, are
 /// left as they were, still forwarding through its pinned links.
@@ -112,7 +138,7 @@ pub async fn run(args: Options) -> Result<()> {
     // Pins already there are an earlier agent's running datapath: a start that stops
     // early leaves them as they are.
     let adopting = args.pin_path.join(lb_common::MAP_SERVICES).exists();
-    let mut dp = Dataplane::load(&args.pin_path, &load)?;
+    let mut dp = without_stop_signals(|| Dataplane::load(&args.pin_path, &load))?;
     if let Some(sig) = stop_requested(&mut term, &mut int) {
         return stop_during_start(sig, dp, &args.pin_path, adopting);
     }

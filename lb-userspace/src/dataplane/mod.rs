@@ -22,7 +22,7 @@ use lb_common::{
     buckets_for, DatapathConfig, FLOW_WAYS, MAGLEV_MAX_CHUNKS, MAP_BACKENDS, MAP_MAGLEV,
     MAP_SERVICES, MAX_BACKENDS, MAX_SERVICES, PROGRAM_NAME,
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 mod attach;
 mod carry;
@@ -237,6 +237,7 @@ impl Dataplane {
             }
         }
         let prog = dp.program()?;
+        debug!("loading the XDP program (the verifier takes about a second)");
         prog.load().context("the kernel rejected the XDP program")?;
         match prog.info() {
             Ok(info) => info!(
