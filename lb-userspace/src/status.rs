@@ -376,7 +376,10 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
         });
     }
     let size = |name: &str| -> Result<u32> {
-        Ok(aya::maps::MapInfo::from_pin(pin_path.join(name))?.max_entries())
+        let path = pin_path.join(name);
+        Ok(aya::maps::MapInfo::from_pin(&path)
+            .with_context(|| format!("reading the size of {} (not pinned: a pin removed by hand? the next `xlb run` makes it afresh)", path.display()))?
+            .max_entries())
     };
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

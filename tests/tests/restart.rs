@@ -464,3 +464,51 @@ fn privileged_maps_sized_by_the_operator_are_adopted_at_any_size() {
         (1024, 8, 64)
     );
 }
+
+/// A map made beside adopted ones of its group (its pin removed by hand, or replaced
+/// for its layout) takes the adopted ones' size, not the flags': the two flow tables
+/// stay one size, and a service map's companions the services map's.
+#[test]
+fn privileged_a_lost_pin_is_made_again_at_its_groups_adopted_size() {
+    if !privileged() {
+        return;
+    }
+    let (pin, _cleanup) = own_pin_path();
+    let small = xlb::dataplane::LoadOptions {
+        conntrack_max: 1024,
+        max_services: 8,
+        max_backends: 64,
+        ..Default::default()
+    };
+    drop(Dataplane::load(&pin, &small).unwrap());
+    let size = |name: &str| MapInfo::from_pin(pin.join(name)).unwrap().max_entries();
+    // Each flow table in turn, with a service companion and a backend one.
+    for (lost, companions) in [
+        (
+            lb_common::MAP_REVERSE_NAT,
+            [lb_common::MAP_SERVICE_STATS, lb_common::MAP_BACKEND_STATS],
+        ),
+        (
+            lb_common::MAP_CONNTRACK,
+            [lb_common::MAP_SERVICE_NAMES, lb_common::MAP_BACKEND_TUNNELS],
+        ),
+    ] {
+        for name in [lost].iter().chain(&companions) {
+            std::fs::remove_file(pin.join(name)).unwrap();
+        }
+        let dp = Dataplane::load(&pin, &Default::default()).unwrap();
+        assert_eq!(
+            (dp.conntrack_max, dp.max_services, dp.max_backends),
+            (1024, 8, 64)
+        );
+        assert_eq!(
+            size(lb_common::MAP_CONNTRACK),
+            size(lb_common::MAP_REVERSE_NAT),
+            "{lost} made again at the other table's size"
+        );
+        assert_eq!(dp.conntrack_buckets, dp.reverse_buckets);
+        assert_eq!(size(companions[0]), 8, "{}", companions[0]);
+        assert_eq!(size(companions[1]), 64, "{}", companions[1]);
+        drop(dp);
+    }
+}

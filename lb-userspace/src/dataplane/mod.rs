@@ -97,6 +97,47 @@ impl Default for LoadOptions {
     }
 }
 
+/// The size a pinned map was created with, if it is pinned.
+fn pinned_size(pin_path: &Path, name: &str) -> Option<u32> {
+    aya::maps::MapInfo::from_pin(pin_path.join(name))
+        .ok()
+        .map(|i| i.max_entries())
+}
+
+/// The sizes a load makes new maps at: the operator's, except where a map of the same
+/// group is pinned already and adopted at its own size. A group's maps must agree, so a
+/// map made beside an adopted one takes the adopted one's size: a flow table whose
+/// pin was lost (or replaced for its layout) beside the other, and a service or
+/// backend map's companions (e.g. XLB_SERVICE_RETIRED, which earlier versions lacked).
+fn sized_by_pins(pin_path: &Path, opts: &LoadOptions) -> LoadOptions {
+    let mut o = *opts;
+    let ct = pinned_size(pin_path, lb_common::MAP_CONNTRACK);
+    let rev = pinned_size(pin_path, lb_common::MAP_REVERSE_NAT);
+    if let Some(buckets) = ct.or(rev) {
+        o.conntrack_max = buckets * FLOW_WAYS as u32;
+        if ct.is_none() || rev.is_none() {
+            let (adopted, made) = if ct.is_some() {
+                (lb_common::MAP_CONNTRACK, lb_common::MAP_REVERSE_NAT)
+            } else {
+                (lb_common::MAP_REVERSE_NAT, lb_common::MAP_CONNTRACK)
+            };
+            warn!(
+                adopted,
+                made,
+                flows = o.conntrack_max,
+                "one flow table is pinned and the other is not (a pin removed, or replaced for its layout): the missing one is made afresh at the adopted one's size, and the flows it held are lost (they are re-created on their next packets)"
+            );
+        }
+    }
+    if let Some(n) = pinned_size(pin_path, MAP_SERVICES) {
+        o.max_services = n;
+    }
+    if let Some(n) = pinned_size(pin_path, MAP_BACKENDS) {
+        o.max_backends = n;
+    }
+    o
+}
+
 /// The fewest flows the agent falls back to when the kernel cannot allocate more.
 const FLOWS_FLOOR: u32 = 65_536;
 
@@ -109,10 +150,6 @@ fn load_object(pin_path: &Path, opts: &LoadOptions) -> Result<Ebpf> {
     );
     for (name, size) in opts.map_sizes() {
         loader.map_max_entries(name, size);
-    }
-    // Made beside an adopted services map (pins of an earlier version): its size.
-    if let Ok(info) = aya::maps::MapInfo::from_pin(pin_path.join(MAP_SERVICES)) {
-        loader.map_max_entries(lb_common::MAP_SERVICE_RETIRED, info.max_entries());
     }
     loader.load(crate::EBPF_OBJECT).with_context(|| {
         format!(
@@ -175,8 +212,10 @@ impl Dataplane {
         // The flow tables are the largest allocation (288 MiB at the default): if the
         // kernel cannot make them, half the size is tried, down to FLOWS_FLOOR, unless
         // they are pinned already (adopted at their size).
-        let tables_pinned = pin_path.join(lb_common::MAP_CONNTRACK).exists();
-        let mut opts = *opts;
+        let tables_pinned = pin_path.join(lb_common::MAP_CONNTRACK).exists()
+            || pin_path.join(lb_common::MAP_REVERSE_NAT).exists();
+        let asked = *opts;
+        let mut opts = sized_by_pins(pin_path, opts);
         let ebpf = loop {
             match load_object(pin_path, &opts) {
                 Ok(ebpf) => break ebpf,
@@ -198,7 +237,6 @@ impl Dataplane {
                 Err(e) => return Err(e),
             }
         };
-        let opts = &opts;
         let mut dp = Self {
             ebpf,
             pin_path: pin_path.to_owned(),
@@ -221,18 +259,25 @@ impl Dataplane {
         dp.conntrack_buckets = dp.map_size(lb_common::MAP_CONNTRACK)?;
         dp.reverse_buckets = dp.map_size(lb_common::MAP_REVERSE_NAT)?;
         dp.conntrack_max = dp.conntrack_buckets * FLOW_WAYS as u32;
-        let asked_flows = buckets_for(opts.conntrack_max) * FLOW_WAYS as u32;
-        for (flag, asked, in_force) in [
-            ("--max-services", opts.max_services, dp.max_services),
-            ("--max-backends", opts.max_backends, dp.max_backends),
-            ("--conntrack-max", asked_flows, dp.conntrack_max),
+        // Against what the operator asked (a flag or its default). Tables made afresh
+        // at less than asked were said above (out of memory).
+        let asked_flows = buckets_for(asked.conntrack_max) * FLOW_WAYS as u32;
+        for (flag, asked, in_force, adopted) in [
+            ("--max-services", asked.max_services, dp.max_services, true),
+            ("--max-backends", asked.max_backends, dp.max_backends, true),
+            (
+                "--conntrack-max",
+                asked_flows,
+                dp.conntrack_max,
+                tables_pinned,
+            ),
         ] {
-            if asked != in_force {
+            if adopted && asked != in_force {
                 warn!(
                     flag,
                     asked,
                     in_force,
-                    "the pinned maps were created with another size and are kept (with their flows): {flag} is ignored; `xlb detach` and a restart apply it, losing established flows"
+                    "the pinned maps were created with another size and are kept (with their flows): {flag} (given, or its default) is ignored; `xlb detach` and a restart apply it, losing established flows"
                 );
             }
         }
