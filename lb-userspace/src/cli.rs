@@ -208,13 +208,13 @@ pub struct RunArgs {
     /// up to a power of two: 144 bytes per flow per table (288 MiB for both at the
     /// default), in kernel memory. Fixed when the maps are first created: an agent
     /// adopting pinned maps keeps their size.
-    #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216), help_heading = MAP_SIZES)]
+    #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216), help_heading = MAP_SIZES, allow_negative_numbers = true)]
     pub conntrack_max: u32,
     /// Fragmented datagrams (first fragment seen, later ones expected) followed at
     /// once, 16 to 4194304, each record about 100 bytes. An LRU map: when it is full the
     /// least recently used records go first (approximately: the kernel's LRU works per
     /// CPU). Fixed when the map is first created.
-    #[arg(long, default_value_t = lb_common::FRAGMENTS_MAX, value_parser = clap::value_parser!(u32).range(16..=4_194_304), help_heading = MAP_SIZES)]
+    #[arg(long, default_value_t = lb_common::FRAGMENTS_MAX, value_parser = clap::value_parser!(u32).range(16..=4_194_304), help_heading = MAP_SIZES, allow_negative_numbers = true)]
     pub fragments_max: u32,
     /// Services (VIP, port, protocol) the maps hold. A service's Maglev table takes
     /// memory only while it exists, in 4 KiB chunks of 1008 slots: 68 KiB at the
@@ -222,11 +222,11 @@ pub struct RunArgs {
     /// table replaces it). The per-CPU
     /// statistics take 32 bytes per CPU per slot. Fixed when the maps are first created.
     #[arg(long, default_value_t = lb_common::MAX_SERVICES, env = "XLB_MAX_SERVICES",
-          value_parser = clap::value_parser!(u32).range(1..=65_536), help_heading = MAP_SIZES)]
+          value_parser = clap::value_parser!(u32).range(1..=65_536), help_heading = MAP_SIZES, allow_negative_numbers = true)]
     pub max_services: u32,
     /// Backends, over all services, the maps hold. Fixed when the maps are first created.
     #[arg(long, default_value_t = lb_common::MAX_BACKENDS, env = "XLB_MAX_BACKENDS",
-          value_parser = clap::value_parser!(u32).range(1..=1_048_576), help_heading = MAP_SIZES)]
+          value_parser = clap::value_parser!(u32).range(1..=1_048_576), help_heading = MAP_SIZES, allow_negative_numbers = true)]
     pub max_backends: u32,
     /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
     /// for a restart or an upgrade; SIGINT always detaches. Detaching removes every pin

@@ -277,7 +277,7 @@ impl Dataplane {
                     flag,
                     asked,
                     in_force,
-                    "the pinned maps were created with another size and are kept (with their flows): {flag} (given, or its default) is ignored; `xlb detach` and a restart apply it, losing established flows"
+                    "the pinned maps were created with another size and are kept (with their flows): {flag} is ignored (given, or at its default); `xlb detach` and a restart apply it, losing established flows"
                 );
             }
         }
