@@ -5,7 +5,10 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
-use plotters::prelude::*;
+use plotters::{
+    prelude::*,
+    style::text_anchor::{HPos, Pos, VPos},
+};
 
 const FONT: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const COLORS: [RGBColor; 4] = [
@@ -73,10 +76,12 @@ fn bars(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, b: &Bars) -> 
         .max(1e-9)
         * 1.15;
     let labels = b.labels.clone();
+    // A dozen cases side by side overlap: their labels are turned on their side.
+    let turned = n > 6;
     let mut chart = ChartBuilder::on(area)
         .caption(&b.title, ("sans-serif", 22))
         .margin(12)
-        .x_label_area_size(70)
+        .x_label_area_size(if turned { 130 } else { 70 })
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..n as f64, 0.0..top)
         .map_err(|e| anyhow!("{e}"))?;
@@ -85,9 +90,10 @@ fn bars(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, b: &Bars) -> 
         .disable_x_mesh()
         .x_labels(n * 2 + 1)
         .x_label_formatter(&|x| {
-            // A label under the middle of each group only.
+            // A label under the middle of each group only; turned on their side
+            // (drawn below) when there are many.
             let i = x.floor() as usize;
-            if (x - x.floor() - 0.5).abs() < 1e-6 && i < labels.len() {
+            if !turned && (x - x.floor() - 0.5).abs() < 1e-6 && i < labels.len() {
                 labels[i].clone()
             } else {
                 String::new()
@@ -97,6 +103,25 @@ fn bars(area: &DrawingArea<BitMapBackend, plotters::coord::Shift>, b: &Bars) -> 
         .y_desc(&b.y_label)
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
+    if turned {
+        // The mesh centres a label on its tick whatever its rotation; these start just
+        // below the axis and read downwards.
+        let style = ("sans-serif", 13)
+            .into_font()
+            .transform(FontTransform::Rotate90)
+            .into_text_style(area)
+            .pos(Pos::new(HPos::Left, VPos::Center));
+        let (bx, by) = area.get_base_pixel();
+        for (i, label) in labels.iter().enumerate() {
+            let (x, y) = chart.backend_coord(&(i as f64 + 0.5, 0.0));
+            area.draw(&Text::new(
+                label.clone(),
+                (x - bx, y - by + 8),
+                style.clone(),
+            ))
+            .map_err(|e| anyhow!("{e}"))?;
+        }
+    }
     let width = 0.8 / k as f64;
     for (s, (name, values)) in b.series.iter().enumerate() {
         let color = COLORS[s % COLORS.len()];

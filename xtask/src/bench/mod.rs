@@ -622,7 +622,7 @@ fn scaling_report(r: &scaling::Results) -> String {
         t
     };
     format!(
-        "## 4. Scaling\n\nThe established TCP flow of part 1, {} calls per point in {} rounds (median of the rounds' typical calls), as the tables grow. The ratio to XDP_PASS, measured beside each point, cancels the machine's drift between points.\n\n{}\nWith the largest service count, the service and Maglev maps took about {:.0} MiB of kernel memory (MemAvailable drop; a table of the default M=16381 is 17 chunks of 4 KiB).\n\n{}\nThe filler flows are other clients' flows to the same service, written into the conntrack map (an LRU sized at twice the largest count); the measured flow is checked to be still there after each point.\n\n",
+        "## 4. Scaling\n\nThe established TCP flow of part 1, {} calls per point in {} rounds (median of the rounds' typical calls), as the tables grow. The ratio to XDP_PASS, measured beside each point, cancels the machine's drift between points.\n\n{}\nWith the largest service count, the service and Maglev maps took about {:.0} MiB of kernel memory (MemAvailable drop; a table of the default M=16381 is 17 chunks of 4 KiB).\n\n{}\nThe filler flows are other clients' flows to the same service, written into xlb's flow table (sized for at least twice the largest count, so a full bucket only skips a filler's address); the measured flow is checked to be still there after each point.\n\n",
         r.calls_per_point,
         r.rounds,
         table("services", &r.vips),
@@ -635,7 +635,13 @@ fn short_case(name: &str) -> &'static str {
     match name {
         n if n.starts_with("not a VIP") => "not a VIP",
         n if n.starts_with("established TCP flow (IPv4)") => "est. TCP v4",
+        n if n.starts_with("established UDP") && n.contains("source ranges") => {
+            "est. UDP, 100 ranges"
+        }
         n if n.starts_with("established UDP") => "est. UDP v4",
+        n if n.starts_with("later fragment") => "later fragment",
+        n if n.starts_with("dsr stateless") && n.contains("new flow") => "stateless, new",
+        n if n.starts_with("dsr stateless") => "stateless, one flow",
         n if n.starts_with("established TCP flow (IPv6)") => "est. TCP v6",
         n if n.starts_with("reply") => "reply",
         n if n.starts_with("one-arm: established") => "est. v4 1-arm",
@@ -643,8 +649,8 @@ fn short_case(name: &str) -> &'static str {
         n if n.starts_with("dsr: established") => "dsr est. v4",
         n if n.starts_with("dsr: new") && n.contains("200k") => "dsr new, 200k",
         n if n.starts_with("dsr: new") => "dsr new, 20k",
-        n if n.starts_with("new") && n.contains("200k") => "new, 200k",
-        n if n.starts_with("new") => "new, 20k",
+        n if n.starts_with("new") && n.contains("200k") => "nat new, 200k",
+        n if n.starts_with("new") => "nat new, 20k",
         _ => "other",
     }
 }
