@@ -378,7 +378,7 @@ pub async fn read(pin_path: &Path) -> Result<Status> {
     let size = |name: &str| -> Result<u32> {
         let path = pin_path.join(name);
         Ok(aya::maps::MapInfo::from_pin(&path)
-            .with_context(|| format!("reading the size of {} (not pinned: a pin removed by hand? the next `xlb run` makes it afresh)", path.display()))?
+            .with_context(|| format!("reading the size of {} (not pinned? a pin removed by hand is made afresh by the next `xlb run`)", path.display()))?
             .max_entries())
     };
     let now = std::time::SystemTime::now()

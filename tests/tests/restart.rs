@@ -492,6 +492,12 @@ fn privileged_a_lost_pin_is_made_again_at_its_groups_adopted_size() {
             lb_common::MAP_CONNTRACK,
             [lb_common::MAP_SERVICE_NAMES, lb_common::MAP_BACKEND_TUNNELS],
         ),
+        // The groups' first maps themselves (replaced for their layout by an upgrade,
+        // say): sized by their adopted companions.
+        (
+            lb_common::MAP_REVERSE_NAT,
+            [MAP_SERVICES, lb_common::MAP_BACKENDS],
+        ),
     ] {
         for name in [lost].iter().chain(&companions) {
             std::fs::remove_file(pin.join(name)).unwrap();

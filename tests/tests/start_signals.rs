@@ -46,15 +46,15 @@ fn signal_during_start(
     (status, log)
 }
 
-/// Starts `xlb run` and sends `sig` once its log says `at` (then, if `waiting`, half a
-/// second later, when start-up must still be waiting for the neighbour); the exit
-/// status, the log, and the time from the signal to the exit.
-fn signal_at(
+/// `xlb run` in `ns`, once its log says `at`: the process and its log so far and to come.
+fn spawn_until(
     ns: &Netns,
     (cfg, pin): (&std::path::Path, &std::path::Path),
-    sig: i32,
-    (at, waiting): (&str, bool),
-) -> (std::process::ExitStatus, String, Duration) {
+    at: &str,
+) -> (
+    std::process::Child,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
     let mut child = ns
         .command(xlb_bin().unwrap().to_str().unwrap())
         .args(["run", "--iface", "s0", "--metrics-addr", "off", "--config"])
@@ -71,9 +71,26 @@ fn signal_at(
     let text = || log.lock().unwrap().join("\n");
     let deadline = Instant::now() + Duration::from_secs(20);
     while !text().contains(at) {
-        assert!(Instant::now() < deadline, "never said {at:?}:\n{}", text());
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("never said {at:?}:\n{}", text());
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
+    (child, log)
+}
+
+/// Starts `xlb run` and sends `sig` once its log says `at` (then, if `waiting`, half a
+/// second later, when start-up must still be waiting for the neighbour); the exit
+/// status, the log, and the time from the signal to the exit.
+fn signal_at(
+    ns: &Netns,
+    (cfg, pin): (&std::path::Path, &std::path::Path),
+    sig: i32,
+    (at, waiting): (&str, bool),
+) -> (std::process::ExitStatus, String, Duration) {
+    let (mut child, log) = spawn_until(ns, (cfg, pin), at);
+    let text = || log.lock().unwrap().join("\n");
     if waiting {
         std::thread::sleep(Duration::from_millis(500));
         assert!(
@@ -187,6 +204,11 @@ fn privileged_a_signal_during_the_programs_load_stops_the_start_when_it_loads() 
     // The log's own times: from the line before the load to the program loaded.
     let load = between(&log, "loading the XDP program", "XDP program loaded");
     println!("signal to exit {took:?}; the load itself {load:?}");
+    // And the start stopped at the load's end, not after the neighbour wait (5 s).
+    assert!(
+        took < load + Duration::from_secs(2),
+        "stopped {took:?} after the signal, the load took {load:?}:\n{log}"
+    );
     // The load was not started over with the verifier's log: it took no longer than
     // one more plain load would (a verbose retry alone takes seconds), measured against
     // this machine's own load in the same test.
@@ -219,4 +241,47 @@ fn between(log: &str, from: &str, to: &str) -> Duration {
     let (a, b) = (at(from), at(to));
     // Within one hour: the minutes wrap at most once between two lines a test apart.
     Duration::from_secs_f64((b - a).rem_euclid(3600.0))
+}
+
+/// A SIGHUP during start-up (a reload racing a restart) neither ends the agent by its
+/// default action nor stops the start: the agent comes up and reads the file again.
+#[test]
+fn privileged_a_sighup_during_start_up_is_a_reload_once_running() {
+    if !privileged() {
+        return;
+    }
+    let (ns, cfg, _cfg_guard) = setup();
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique_name("xsg")));
+    let _guard = RemoveOnDrop(pin.clone());
+    let (mut child, log) = spawn_until(&ns, (&cfg, &pin), "loading the XDP program");
+    let text = || log.lock().unwrap().join("\n");
+    // SAFETY: signalling our own child by its PID.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !text().contains("config reloaded") && !text().contains("config unchanged") {
+        if let Some(st) = child.try_wait().unwrap() {
+            panic!("xlb ended ({st}) on a SIGHUP during start-up:\n{}", text());
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the SIGHUP was never taken as a reload:\n{}", text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(text().contains("xlb running"), "{}", text());
+    // SAFETY: as above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("xlb did not exit on SIGINT:\n{}", text());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}:\n{}", text());
+    assert_eq!(pinned_maps(&pin), 0, "SIGINT removes the pins");
 }

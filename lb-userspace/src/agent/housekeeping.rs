@@ -14,7 +14,7 @@ pub(super) struct State {
     /// Seconds since the last conntrack sweep, and the datapath counters last seen.
     since_sweep: u32,
     last_counters: BTreeMap<&'static str, u64>,
-    /// Whether the last sweep found the conntrack table over 90% full.
+    /// Whether the conntrack table was last said to be full (over 90%, until under 85%).
     table_full: bool,
     /// While the datapath's flood guard is on: since when, and its two counters then.
     flood_since: Option<(std::time::Instant, u64, u64)>,
@@ -49,14 +49,20 @@ impl Agent {
                             .inc_by(n as u64);
                     }
                     let max = self.dp.conntrack_max as usize;
-                    let full = sweep.remaining * 10 >= max * 9;
-                    // Said when it starts and when it ends, not at every sweep between.
-                    if full && !self.housekeeping.table_full {
+                    // Said when it passes 90% and when it is back under 85%, not at every
+                    // sweep between, nor at every sweep of a table that hovers at 90%.
+                    let was = self.housekeeping.table_full;
+                    let full = if was {
+                        sweep.remaining * 100 >= max * 85
+                    } else {
+                        sweep.remaining * 10 >= max * 9
+                    };
+                    if full && !was {
                         warn!(entries = sweep.remaining, max, "conntrack is over 90% full: a new flow whose bucket is full takes an expired way, else a closing one, else a half-open one, and only then the least recently seen established flow (xlb_datapath_events_total{{event=\"established_evicted\"}} counts those). A larger --conntrack-max applies to maps created afresh: after a stop by SIGINT or `xlb detach`, which lose the flows");
-                    } else if !full && self.housekeeping.table_full {
+                    } else if !full && was {
                         info!(
                             entries = sweep.remaining,
-                            max, "conntrack is below 90% full again"
+                            max, "conntrack is below 85% full again"
                         );
                     }
                     self.housekeeping.table_full = full;

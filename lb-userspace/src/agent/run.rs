@@ -24,7 +24,8 @@ fn stop_requested(
     }
 }
 
-/// Runs `f` on a thread of its own that does not take the stop signals. The verifier
+/// Runs `f` on a thread of its own that does not take the signals the agent handles
+/// (SIGTERM, SIGINT, SIGHUP). The verifier
 /// gives up a load when a signal is pending on its thread, and aya then loads the
 /// program again with the verifier's log on, about 4 s a try at this program's size:
 /// a SIGTERM during the load took 12 s to act on. Blocked there, the signal goes to
@@ -38,7 +39,7 @@ fn without_stop_signals<T: Send>(f: impl FnOnce() -> T + Send) -> T {
             unsafe {
                 let mut set: libc::sigset_t = std::mem::zeroed();
                 libc::sigemptyset(&mut set);
-                for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT] {
+                for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
                     libc::sigaddset(&mut set, sig);
                 }
                 libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
@@ -82,6 +83,9 @@ pub async fn run(args: Options) -> Result<()> {
     // default action, halfway, with maps pinned and nothing said (stop_during_start).
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // A SIGHUP too (a reload racing a restart): by its default action it would end the
+    // process the same way. Taken here, it is a reload once the agent runs.
+    let mut hup = signal(SignalKind::hangup())?;
     // Everything that can be checked is checked before anything is touched: a failed
     // start leaves no maps pinned and no config written.
     let max_bytes = args.max_config_bytes;
@@ -264,7 +268,6 @@ pub async fn run(args: Options) -> Result<()> {
         agent.record_announced();
         agent.announce().await;
     }
-    let mut hup = signal(SignalKind::hangup())?;
     agent
         .metrics
         .ready

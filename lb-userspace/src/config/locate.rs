@@ -120,10 +120,22 @@ pub(super) fn describe_parse_error(
     let (line, col) = (at.line(), at.column());
     // Which field, when the value it points at is one the located parse knows.
     let src_line = text.lines().nth(line as usize - 1);
+    // A missing, unknown or repeated key is located at a key (for a missing one, the
+    // last key read), which is no field at fault: only a value's error names its line's.
+    let at_a_key = matches!(
+        inner,
+        serde_saphyr::Error::SerdeMissingField { .. }
+            | serde_saphyr::Error::SerdeUnknownField { .. }
+            | serde_saphyr::Error::DuplicateMappingKey { .. }
+    );
     let field = serde_saphyr::from_str_with_options::<Located>(text, parse_options())
         .ok()
         .and_then(|l| l.field_at(&at))
-        .or_else(|| src_line.and_then(|l| key_of_line(l, col as usize)));
+        .or_else(|| {
+            src_line
+                .filter(|_| !at_a_key)
+                .and_then(|l| key_of_line(l, col as usize))
+        });
     let head = match field {
         // The message may already name the field ("port 70000 is out of range").
         Some(f) => format!("line {line} column {col}: {f}: {msg}"),

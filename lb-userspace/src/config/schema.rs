@@ -298,10 +298,10 @@ fn yes() -> bool {
     true
 }
 
-/// A boolean: `true` or `false` (and YAML 1.1's unquoted `yes`, `no`, `on`, `off`,
-/// which the parser reads as booleans). A quoted value is a string in every YAML
-/// version, so `conntrack: "no"` is refused here rather than read as false: the
-/// parser's own boolean would take it, and a typo would turn a setting off unseen.
+/// A boolean: `true` or `false` (and what the parser itself reads as one unquoted:
+/// YAML 1.1's `yes`, `no`, `on`, `off`, `y`, `n` in any case, or a `!!bool` tag). A
+/// quoted value is a string in every YAML version, so `conntrack: "no"` is refused here
+/// rather than read as false: the parser's own boolean would take it.
 fn boolean<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
     struct Visitor;
     impl serde::de::Visitor<'_> for Visitor {

@@ -383,7 +383,7 @@ fn a_duplicate_key_is_named_plainly() {
 /// value, a number or null is refused with the field's name, not read as a boolean.
 #[test]
 fn booleans_are_booleans_not_strings() {
-    let dsr = GOOD
+    let dnat = GOOD
         .replace("protocol: tcp", "protocol: tcp\n    mode: dnat")
         .replace(":8080", ":80");
     for (v, want) in [
@@ -392,7 +392,7 @@ fn booleans_are_booleans_not_strings() {
         ("no", false),
         ("False", false),
     ] {
-        let c = Config::parse(&dsr.replace(
+        let c = Config::parse(&dnat.replace(
             "protocol: tcp",
             &format!("protocol: tcp\n    conntrack: {v}"),
         ))
@@ -411,7 +411,7 @@ fn booleans_are_booleans_not_strings() {
         "[]",
         "{}",
     ] {
-        let e = err(&dsr.replace(
+        let e = err(&dnat.replace(
             "protocol: tcp",
             &format!("protocol: tcp\n    conntrack: {v}"),
         ));
@@ -429,4 +429,19 @@ fn booleans_are_booleans_not_strings() {
             "{field}: {e}"
         );
     }
+}
+
+/// A missing or unknown key is not blamed on the key of the line the parser stopped at.
+#[test]
+fn a_missing_key_names_no_other_field() {
+    let e = err(&GOOD.replace("    protocol: tcp\n", ""));
+    let head = e.lines().next().unwrap_or_default();
+    assert!(head.contains("protocol"), "{e}");
+    assert!(!head.contains("backends:"), "{e}");
+    let e = err(&GOOD.replace(
+        "      - address: 198.51.100.3:8080\n",
+        "      - weight: 3\n",
+    ));
+    let head = e.lines().next().unwrap_or_default();
+    assert!(head.contains("address") && !head.contains("weight:"), "{e}");
 }

@@ -129,10 +129,39 @@ fn sized_by_pins(pin_path: &Path, opts: &LoadOptions) -> LoadOptions {
             );
         }
     }
-    if let Some(n) = pinned_size(pin_path, MAP_SERVICES) {
+    // The first of a group's maps that is pinned gives its size: the services map may
+    // be replaced for its layout while its companions are adopted. (The Maglev map is
+    // left out: its size is a multiple of the services', by a factor versions chose.)
+    let group = |names: &[&str]| -> Option<u32> {
+        let sizes: Vec<(&str, u32)> = names
+            .iter()
+            .filter_map(|n| pinned_size(pin_path, n).map(|s| (*n, s)))
+            .collect();
+        let &(first, size) = sizes.first()?;
+        if let Some(&(other, other_size)) = sizes.iter().find(|(_, s)| *s != size) {
+            warn!(
+                first,
+                size,
+                other,
+                other_size,
+                "pinned maps of one group have different sizes (pins of different starts): new ones are made at the first's"
+            );
+        }
+        Some(size)
+    };
+    if let Some(n) = group(&[
+        MAP_SERVICES,
+        lb_common::MAP_SERVICE_STATS,
+        lb_common::MAP_SERVICE_NAMES,
+        lb_common::MAP_SERVICE_RETIRED,
+    ]) {
         o.max_services = n;
     }
-    if let Some(n) = pinned_size(pin_path, MAP_BACKENDS) {
+    if let Some(n) = group(&[
+        MAP_BACKENDS,
+        lb_common::MAP_BACKEND_STATS,
+        lb_common::MAP_BACKEND_TUNNELS,
+    ]) {
         o.max_backends = n;
     }
     o

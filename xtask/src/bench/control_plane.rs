@@ -169,6 +169,10 @@ pub fn measure(services: usize, per: usize, updates: usize, builds: usize) -> Re
             let noop = ms(start.elapsed()) / 2.0;
             // An operator's mass change: half the services go (a namespace deleted),
             // the sweep frees their backends' ids, then they come back.
+            // The incremental updates' replaced backends wait for a sweep: this one frees
+            // them, so that the timed one has nothing to free.
+            xlb::conntrack::sweep(&mut f.dp, &xlb::model::Timeouts::default())?;
+            anyhow::ensure!(f.dp.freed_backends() == 0, "ids left to free");
             let start = Instant::now();
             xlb::conntrack::sweep(&mut f.dp, &xlb::model::Timeouts::default())?;
             let idle_sweep = ms(start.elapsed());

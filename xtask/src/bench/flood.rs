@@ -34,13 +34,23 @@ pub struct Run {
     pub syn_rate: f64,
     pub flood_forwarded: u64,
     pub flood_dropped: u64,
-    /// The drops by their counters' reasons (`drop_*` that moved), e.g. the guard's
-    /// `drop_flood_nat`, or `drop_port_alloc` where a backend's SNAT ports ran short.
+    /// The flood's drops by their counters' reasons (`drop_*` that moved during it),
+    /// e.g. the guard's `drop_flood_nat`, or `drop_port_alloc` where a backend's SNAT
+    /// ports ran short.
     pub drop_reasons: Vec<(String, u64)>,
     pub active_checks: u64,
     pub active_lost: u64,
     pub idle_lost: u64,
     pub conntrack_entries: usize,
+}
+
+/// The datapath's drop counters (`drop_*`), by name.
+fn drops(f: &Fixture) -> Result<Vec<(String, u64)>> {
+    Ok(xlb::counters::read_global_counters(f.pin_path())?
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("drop_"))
+        .map(|(name, c)| (name.to_owned(), c.packets))
+        .collect())
 }
 
 /// Where a forwarded frame went and as whom: (destination, source port).
@@ -91,6 +101,7 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
             }
             // The guard's window starts afresh: the flood begins a second later.
             std::thread::sleep(std::time::Duration::from_millis(1100));
+            let drops_before = drops(&f)?;
             let (mut forwarded, mut dropped, mut checks, mut active_lost) = (0, 0, 0, 0);
             let started = Instant::now();
             for i in 0..syns {
@@ -112,6 +123,15 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
                 }
             }
             let seconds = started.elapsed().as_secs_f64();
+            // The flood's drops (its SYNs, and any active check lost with them).
+            let drop_reasons = drops(&f)?
+                .into_iter()
+                .map(|(name, n)| {
+                    let before = drops_before.iter().find(|(b, _)| *b == name);
+                    (name, n - before.map_or(0, |(_, b)| *b))
+                })
+                .filter(|(_, n)| *n > 0)
+                .collect();
             // A second later, when a retransmission would come: the guard's window has
             // passed, so what is lost now is the flow itself, not one packet.
             std::thread::sleep(std::time::Duration::from_millis(1100));
@@ -123,12 +143,7 @@ pub fn measure(syns: u32) -> Result<Vec<Run>> {
                 }
             }
             let entries = f.dp.conntrack()?.entries().count();
-            // Nothing dropped before the flood (every establishing packet was checked).
-            let drop_reasons = xlb::counters::read_global_counters(f.pin_path())?
-                .into_iter()
-                .filter(|(name, c)| name.starts_with("drop_") && c.packets > 0)
-                .map(|(name, c)| (name.to_owned(), c.packets))
-                .collect();
+
             runs.push(Run {
                 guard,
                 syns,
