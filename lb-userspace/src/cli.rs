@@ -207,9 +207,9 @@ pub struct RunArgs {
     /// Flows the conntrack (and reverse-NAT) tables hold each, 16 to 16777216, rounded
     /// up to a power of two: 144 bytes per flow per table (288 MiB for both at the
     /// default), in kernel memory. Fixed when the maps are first created: an agent
-    /// adopting pinned maps keeps their size.
-    #[arg(long, default_value_t = lb_common::CONNTRACK_MAX, value_parser = clap::value_parser!(u32).range(16..=16_777_216), help_heading = MAP_SIZES, allow_negative_numbers = true)]
-    pub conntrack_max: u32,
+    /// adopting pinned maps keeps their size. [default: 1048576]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..=16_777_216), help_heading = MAP_SIZES, allow_negative_numbers = true)]
+    pub conntrack_max: Option<u32>,
     /// Fragmented datagrams (first fragment seen, later ones expected) followed at
     /// once, 16 to 4194304, each record about 100 bytes. An LRU map: when it is full the
     /// least recently used records go first (approximately: the kernel's LRU works per
@@ -221,13 +221,15 @@ pub struct RunArgs {
     /// default table size 16381, 264 KiB at 65537 (twice that for a moment while a new
     /// table replaces it). The per-CPU
     /// statistics take 32 bytes per CPU per slot. Fixed when the maps are first created.
-    #[arg(long, default_value_t = lb_common::MAX_SERVICES, env = "XLB_MAX_SERVICES",
+    /// [default: 256]
+    #[arg(long, env = "XLB_MAX_SERVICES",
           value_parser = clap::value_parser!(u32).range(1..=65_536), help_heading = MAP_SIZES, allow_negative_numbers = true)]
-    pub max_services: u32,
+    pub max_services: Option<u32>,
     /// Backends, over all services, the maps hold. Fixed when the maps are first created.
-    #[arg(long, default_value_t = lb_common::MAX_BACKENDS, env = "XLB_MAX_BACKENDS",
+    /// [default: 16384]
+    #[arg(long, env = "XLB_MAX_BACKENDS",
           value_parser = clap::value_parser!(u32).range(1..=1_048_576), help_heading = MAP_SIZES, allow_negative_numbers = true)]
-    pub max_backends: u32,
+    pub max_backends: Option<u32>,
     /// Detach on SIGTERM too. By default SIGTERM leaves the datapath running (pinned)
     /// for a restart or an upgrade; SIGINT always detaches. Detaching removes every pin
     /// of xlb's, maps included, as `xlb detach` does.
@@ -268,10 +270,15 @@ impl RunArgs {
             snat_ipv4: self.snat_ipv4,
             snat_ipv6: self.snat_ipv6,
             metrics,
-            conntrack_max: self.conntrack_max,
+            conntrack_max: self.conntrack_max.unwrap_or(lb_common::CONNTRACK_MAX),
             fragments_max: self.fragments_max,
-            max_services: self.max_services,
-            max_backends: self.max_backends,
+            max_services: self.max_services.unwrap_or(lb_common::MAX_SERVICES),
+            max_backends: self.max_backends.unwrap_or(lb_common::MAX_BACKENDS),
+            sizes_asked: crate::dataplane::SizesAsked {
+                conntrack_max: self.conntrack_max.is_some(),
+                max_services: self.max_services.is_some(),
+                max_backends: self.max_backends.is_some(),
+            },
             detach_on_exit: self.detach_on_exit,
         }
     }

@@ -48,6 +48,8 @@ pub struct Options {
     pub fragments_max: u32,
     pub max_services: u32,
     pub max_backends: u32,
+    /// Which of the three sizes above were given rather than defaults.
+    pub sizes_asked: crate::dataplane::SizesAsked,
     /// Detach on SIGTERM too (SIGINT always detaches).
     pub detach_on_exit: bool,
 }

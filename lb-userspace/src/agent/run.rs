@@ -138,6 +138,7 @@ pub async fn run(args: Options) -> Result<()> {
         max_services: args.max_services,
         max_backends: args.max_backends,
         fragments_max: args.fragments_max,
+        asked: args.sizes_asked,
     };
     // Pins already there are an earlier agent's running datapath: a start that stops
     // early leaves them as they are.

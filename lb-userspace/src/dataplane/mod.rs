@@ -63,6 +63,29 @@ pub struct LoadOptions {
     pub max_backends: u32,
     /// Datagrams whose later fragments can be followed at once (XLB_FRAGMENTS).
     pub fragments_max: u32,
+    /// Which sizes the operator asked for: an adopted map of another size is said in
+    /// the log only for those (a default the pins differ from is no request).
+    pub asked: SizesAsked,
+}
+
+/// Which of the operator-sized maps' sizes were asked for (a flag or its environment
+/// variable) rather than left at their defaults.
+#[derive(Debug, Clone, Copy)]
+pub struct SizesAsked {
+    pub conntrack_max: bool,
+    pub max_services: bool,
+    pub max_backends: bool,
+}
+
+impl Default for SizesAsked {
+    /// All asked: a caller that sets sizes in code hears of every one the pins override.
+    fn default() -> Self {
+        Self {
+            conntrack_max: true,
+            max_services: true,
+            max_backends: true,
+        }
+    }
 }
 
 impl LoadOptions {
@@ -93,6 +116,7 @@ impl Default for LoadOptions {
             max_services: MAX_SERVICES,
             max_backends: MAX_BACKENDS,
             fragments_max: lb_common::FRAGMENTS_MAX,
+            asked: SizesAsked::default(),
         }
     }
 }
@@ -288,25 +312,37 @@ impl Dataplane {
         dp.conntrack_buckets = dp.map_size(lb_common::MAP_CONNTRACK)?;
         dp.reverse_buckets = dp.map_size(lb_common::MAP_REVERSE_NAT)?;
         dp.conntrack_max = dp.conntrack_buckets * FLOW_WAYS as u32;
-        // Against what the operator asked (a flag or its default). Tables made afresh
-        // at less than asked were said above (out of memory).
+        // Against what the operator asked for (not a default the pins differ from, as
+        // after a start that fell back to smaller tables). Tables made afresh at less
+        // than asked were said above (out of memory).
         let asked_flows = buckets_for(asked.conntrack_max) * FLOW_WAYS as u32;
-        for (flag, asked, in_force, adopted) in [
-            ("--max-services", asked.max_services, dp.max_services, true),
-            ("--max-backends", asked.max_backends, dp.max_backends, true),
+        let given = asked.asked;
+        for (flag, asked, in_force, said) in [
+            (
+                "--max-services",
+                asked.max_services,
+                dp.max_services,
+                given.max_services,
+            ),
+            (
+                "--max-backends",
+                asked.max_backends,
+                dp.max_backends,
+                given.max_backends,
+            ),
             (
                 "--conntrack-max",
                 asked_flows,
                 dp.conntrack_max,
-                tables_pinned,
+                given.conntrack_max && tables_pinned,
             ),
         ] {
-            if adopted && asked != in_force {
+            if said && asked != in_force {
                 warn!(
                     flag,
                     asked,
                     in_force,
-                    "the pinned maps were created with another size and are kept (with their flows): {flag} is ignored (given, or at its default); `xlb detach` and a restart apply it, losing established flows"
+                    "the pinned maps were created with another size and are kept (with their flows): {flag} is ignored; `xlb detach` and a restart apply it, losing established flows"
                 );
             }
         }
