@@ -421,6 +421,16 @@ fn privileged_a_pinned_statistics_map_with_fewer_counters_is_replaced() {
     assert_eq!(counters.len(), STAT_COUNT as usize);
 }
 
+/// Operator-sized maps far below the defaults: 1024 flows, 8 services, 64 backends.
+fn small_maps() -> xlb::dataplane::LoadOptions {
+    xlb::dataplane::LoadOptions {
+        conntrack_max: 1024,
+        max_services: 8,
+        max_backends: 64,
+        ..Default::default()
+    }
+}
+
 /// The maps the operator sizes (`--conntrack-max`, `--max-services`, `--max-backends`)
 /// keep the size they were created with when the next agent asks for another: they are
 /// adopted with their contents, not taken for maps of another version.
@@ -430,12 +440,7 @@ fn privileged_maps_sized_by_the_operator_are_adopted_at_any_size() {
         return;
     }
     let (pin, _cleanup) = own_pin_path();
-    let small = xlb::dataplane::LoadOptions {
-        conntrack_max: 1024,
-        max_services: 8,
-        max_backends: 64,
-        ..Default::default()
-    };
+    let small = small_maps();
     let ids = |pin: &Path| -> Vec<u32> {
         let mut ids = Vec::new();
         for entry in std::fs::read_dir(pin).unwrap() {
@@ -474,12 +479,7 @@ fn privileged_a_lost_pin_is_made_again_at_its_groups_adopted_size() {
         return;
     }
     let (pin, _cleanup) = own_pin_path();
-    let small = xlb::dataplane::LoadOptions {
-        conntrack_max: 1024,
-        max_services: 8,
-        max_backends: 64,
-        ..Default::default()
-    };
+    let small = small_maps();
     drop(Dataplane::load(&pin, &small).unwrap());
     let size = |name: &str| MapInfo::from_pin(pin.join(name)).unwrap().max_entries();
     // Each flow table in turn, with a service companion and a backend one.

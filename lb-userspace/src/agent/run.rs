@@ -25,13 +25,12 @@ fn stop_requested(
 }
 
 /// Runs `f` on a thread of its own that does not take the signals the agent handles
-/// (SIGTERM, SIGINT, SIGHUP). The verifier
-/// gives up a load when a signal is pending on its thread, and aya then loads the
-/// program again with the verifier's log on, about 4 s a try at this program's size:
-/// a SIGTERM during the load took 12 s to act on. Blocked there, the signal goes to
-/// another thread (the runtime's handler), the load completes, and the start's next
-/// check finds it.
-fn without_stop_signals<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+/// (SIGTERM, SIGINT, SIGHUP). The verifier gives up a load when a signal is pending on
+/// its thread, and aya then loads the program again with the verifier's log on, about
+/// 4 s a try at this program's size: a SIGTERM during the load took 12 s to act on.
+/// Blocked there, the signal goes to another thread (the runtime's handler), the load
+/// completes, and the start's next check finds it.
+fn without_handled_signals<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     std::thread::scope(|s| {
         s.spawn(|| {
             // SAFETY: the set is initialised by sigemptyset before it is read, and the
@@ -143,7 +142,7 @@ pub async fn run(args: Options) -> Result<()> {
     // Pins already there are an earlier agent's running datapath: a start that stops
     // early leaves them as they are.
     let adopting = args.pin_path.join(lb_common::MAP_SERVICES).exists();
-    let mut dp = without_stop_signals(|| Dataplane::load(&args.pin_path, &load))?;
+    let mut dp = without_handled_signals(|| Dataplane::load(&args.pin_path, &load))?;
     if let Some(sig) = stop_requested(&mut term, &mut int) {
         return stop_during_start(sig, dp, &args.pin_path, adopting);
     }

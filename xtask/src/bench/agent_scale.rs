@@ -20,7 +20,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::json;
 use xlb_tests::{
-    agent::{Agent, Start},
+    agent::{log_time, Agent, Start},
     fakeapi::{FakeApi, Kind},
     topology::{LbLab, Network},
 };
@@ -80,28 +80,6 @@ fn config_text(services: usize, per: usize, changed: &[(usize, usize)]) -> Strin
         t.push_str("]}\n");
     }
     t
-}
-
-/// Seconds since the epoch of a log line's leading RFC 3339 UTC timestamp.
-fn log_time(line: &str) -> Option<f64> {
-    let ts = line.split_whitespace().next()?;
-    let (date, time) = ts.trim_end_matches('Z').split_once('T')?;
-    let mut d = date.split('-').map(|x| x.parse::<i64>());
-    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
-    let mut t = time.split(':');
-    let (h, min) = (
-        t.next()?.parse::<f64>().ok()?,
-        t.next()?.parse::<f64>().ok()?,
-    );
-    let s = t.next()?.parse::<f64>().ok()?;
-    // Days from the civil date (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(days as f64 * 86_400.0 + h * 3600.0 + min * 60.0 + s)
 }
 
 fn now_s() -> f64 {
@@ -328,14 +306,4 @@ pub fn measure(services: usize, per: usize, changes: usize, idle: Duration) -> R
         let _ = std::fs::remove_dir_all(&dir);
     }
     Ok(r)
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn log_time_reads_the_agents_timestamps() {
-        let t = super::log_time("2026-12-06T08:24:13.852491Z  INFO xlb: x").unwrap();
-        // 2026-12-06T00:00:00Z is 1,796,515,200 s after the epoch.
-        assert!((t - (1_796_515_200.0 + 8.0 * 3600.0 + 24.0 * 60.0 + 13.852491)).abs() < 1e-6);
-    }
 }
